@@ -1,0 +1,43 @@
+"""resprobe: measure why deep plain networks degrade and residual networks do not.
+
+Example:
+    >>> import probe
+    >>> model = probe.zoo.create("resnet20")
+    >>> [n for n, _ in probe.list_layers(model, "stages.0.*")]
+    ['stages.0.0', 'stages.0.1', 'stages.0.2']
+"""
+
+from probe import zoo
+from probe.capture import capture
+from probe.errors import ProbeError
+from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
+from probe.probes import Activations, BlockTensors, Call, ChannelStats, Gradients, GradNorms, Probe, ResidualNorms
+from probe.session import HookSession, InPlaceWarning
+from probe.stats import Moments, response_std
+from probe.store import open_capture as open
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activations",
+    "BlockTensors",
+    "Call",
+    "ChannelStats",
+    "GradNorms",
+    "Gradients",
+    "HookSession",
+    "InPlaceWarning",
+    "Moments",
+    "Probe",
+    "ProbeError",
+    "ResidualNorms",
+    "ResidualSpec",
+    "capture",
+    "find_blocks",
+    "list_layers",
+    "open",
+    "register_residual",
+    "response_std",
+    "select_modules",
+    "zoo",
+]

@@ -1,0 +1,3 @@
+from probe.cli.main import cli
+
+cli(prog_name="probe")

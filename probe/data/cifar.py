@@ -1,0 +1,193 @@
+"""CIFAR-10/100 from the official python-pickle layout or from a class-folder image tree.
+
+Layouts read:
+    * pickle: ``<root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}`` or
+      ``<root>/cifar-100-python/{train,test,meta}`` (what torchvision downloads);
+    * folders: ``<root>/train/<class>/*.{jpg,png}`` and ``<root>/test/<class>/*``, or a ``.tar.gz``
+      holding such a tree (e.g. CIFAR-10 as JPEG).
+Decoded arrays are cached as ``.npz`` under the data root so images are decoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from probe.data.arrays import ImageArrays
+from probe.errors import ProbeError
+
+__all__ = ["load_cifar_pickle", "load_image_tree", "download_cifar", "PICKLE_DIRS"]
+
+PICKLE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_URLS = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+_IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Only allows the numpy reconstruction functions the official CIFAR batches need."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise ProbeError(f"Refusing to unpickle {module}.{name}: not part of the CIFAR batch format.")
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _SafeUnpickler(f, encoding="bytes").load()
+
+
+def _rows_to_images(rows: np.ndarray) -> np.ndarray:
+    return np.asarray(rows, dtype=np.uint8).reshape(-1, 3, 32, 32)
+
+
+def load_cifar_pickle(root: str | os.PathLike, name: str = "cifar10") -> ImageArrays:
+    """Read CIFAR-10 or CIFAR-100 from the official python-pickle layout under ``root``.
+
+    Example:
+        >>> ds = load_cifar_pickle("data", "cifar10")  # doctest: +SKIP
+    """
+    folder = Path(root) / PICKLE_DIRS[name]
+    if not folder.is_dir():
+        raise ProbeError(
+            f"No {name} pickle folder at {folder}. Put the extracted official archive there "
+            f"(the folder {PICKLE_DIRS[name]!r} that torchvision downloads), pass --data to a "
+            "class-folder tree or .tar.gz, or allow the download."
+        )
+    try:
+        if name == "cifar10":
+            train = [_unpickle(folder / f"data_batch_{i}") for i in range(1, 6)]
+            test = _unpickle(folder / "test_batch")
+            meta = _unpickle(folder / "batches.meta")
+            classes = [c.decode() for c in meta[b"label_names"]]
+            label_key = b"labels"
+        else:
+            train = [_unpickle(folder / "train")]
+            test = _unpickle(folder / "test")
+            meta = _unpickle(folder / "meta")
+            classes = [c.decode() for c in meta[b"fine_label_names"]]
+            label_key = b"fine_labels"
+    except FileNotFoundError as e:
+        raise ProbeError(f"Incomplete {name} pickle folder {folder}: missing {Path(e.filename).name}.") from e
+    x_tr = np.concatenate([_rows_to_images(b[b"data"]) for b in train])
+    y_tr = np.concatenate([np.asarray(b[label_key]) for b in train])
+    return ImageArrays(
+        name, x_tr, y_tr, _rows_to_images(test[b"data"]), np.asarray(test[label_key]), classes,
+        augment=True, source=str(folder),
+    )
+
+
+def download_cifar(root: str | os.PathLike, name: str = "cifar10") -> Path:
+    """Download and extract the official archive into ``root``; clear error without a network."""
+    url, md5 = _URLS[name]
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    archive = root / Path(url).name
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            payload = r.read()
+    except OSError as e:
+        raise ProbeError(
+            f"Could not download {name} from {url} ({e}). Without a network, place the extracted "
+            f"folder {PICKLE_DIRS[name]!r} under {root}, or pass --data to a class-folder tree or "
+            ".tar.gz of images."
+        ) from e
+    if hashlib.md5(payload).hexdigest() != md5:
+        raise ProbeError(f"Checksum mismatch for {url}; the download is corrupt. Try again.")
+    archive.write_bytes(payload)
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    archive.unlink()
+    return root / PICKLE_DIRS[name]
+
+
+def _decode(payload: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(payload)) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+
+
+def _iter_tree(path: Path):
+    """Yield (split, class, bytes) from a folder tree or a tar archive of one."""
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            rel = file.relative_to(path).parts
+            if file.suffix.lower() in _IMAGE_EXT and len(rel) >= 3:
+                yield rel[-3], rel[-2], file.read_bytes()
+    else:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                if member.isfile() and Path(member.name).suffix.lower() in _IMAGE_EXT and len(parts) >= 3:
+                    yield parts[-3], parts[-2], tar.extractfile(member).read()
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def load_image_tree(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                    name: str | None = None) -> ImageArrays:
+    """Read ``train/<class>/*`` and ``test/<class>/*`` images from a folder or ``.tar.gz``.
+
+    Class indices follow the sorted class-folder names. Decoded arrays are cached in
+    ``cache_dir`` (keyed by path, size and mtime) so a second load is fast.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ProbeError(f"Dataset path {str(path)!r} does not exist.")
+    name = name or path.name.split(".")[0]
+    cache = Path(cache_dir) / f"{name}-{_cache_key(path)}.npz" if cache_dir else None
+    if cache is not None and cache.exists():
+        z = np.load(cache, allow_pickle=False)
+        return ImageArrays(name, z["x_train"], z["y_train"], z["x_test"], z["y_test"],
+                           [str(c) for c in z["classes"]], augment=True, source=str(path))
+    images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    labels: dict[str, list[str]] = {"train": [], "test": []}
+    for split, cls, payload in _iter_tree(path):
+        if split in images:
+            images[split].append(_decode(payload))
+            labels[split].append(cls)
+    if not images["train"] or not images["test"]:
+        raise ProbeError(
+            f"No images found under {path} in the layout train/<class>/*.jpg and test/<class>/*.jpg "
+            f"(found {len(images['train'])} train and {len(images['test'])} test images)."
+        )
+    classes = sorted(set(labels["train"]))
+    index = {c: i for i, c in enumerate(classes)}
+    shapes = {im.shape for split in images.values() for im in split}
+    if len(shapes) != 1:
+        raise ProbeError(f"Images under {path} have different sizes {sorted(shapes)[:4]}; resize them first.")
+    arrays = {}
+    for split in ("train", "test"):
+        arrays[f"x_{split}"] = np.ascontiguousarray(np.stack(images[split]).transpose(0, 3, 1, 2))
+        unknown = set(labels[split]) - set(index)
+        if unknown:
+            raise ProbeError(f"Test classes {sorted(unknown)} under {path} have no training images.")
+        arrays[f"y_{split}"] = np.array([index[c] for c in labels[split]], dtype=np.int64)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")
+        np.savez(tmp, classes=np.array(classes), **arrays)
+        os.replace(tmp, cache)
+    return ImageArrays(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                       classes, augment=True, source=str(path))

@@ -1,0 +1,76 @@
+"""Select modules by dotted name: glob, regular expression (``re:`` prefix), list, or predicate.
+
+Dotted names from ``named_modules()`` are the one key everywhere: hooks, HDF5 groups, tables,
+figure labels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from probe.errors import ProbeError, did_you_mean
+
+__all__ = ["LayerSpec", "list_layers", "select_modules"]
+
+LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+def list_layers(model: nn.Module, pattern: str = "*") -> list[tuple[str, str]]:
+    """(dotted name, class name) of every submodule whose name matches the glob ``pattern``.
+
+    Example:
+        >>> from probe.zoo import create
+        >>> list_layers(create("resnet20"), "stages.0.0.branch.*")[:2]
+        [('stages.0.0.branch.conv1', 'Conv2d'), ('stages.0.0.branch.bn1', 'BatchNorm2d')]
+    """
+    return [(n, type(m).__name__) for n, m in model.named_modules()
+            if n and fnmatch.fnmatchcase(n, pattern)]
+
+
+def _matcher(spec: str) -> Callable[[str], bool]:
+    if spec.startswith("re:"):
+        try:
+            rx = re.compile(spec[3:])
+        except re.error as e:
+            raise ProbeError(f"Invalid regular expression {spec[3:]!r} in layer spec: {e}.") from e
+        return lambda name: rx.fullmatch(name) is not None
+    return lambda name: fnmatch.fnmatchcase(name, spec)
+
+
+def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Module]]:
+    """Modules of ``model`` (in forward-definition order) selected by ``spec``.
+
+    ``spec`` is a glob (``"stages.*.*"``), a regular expression prefixed ``re:``, a list of
+    either (union), or a predicate ``(name, module) -> bool``. Raises :class:`ProbeError` with a
+    did-you-mean hint when a pattern matches nothing.
+
+    Example:
+        >>> from probe.zoo import create
+        >>> [n for n, _ in select_modules(create("resnet20"), "stages.2.*")]
+        ['stages.2.0', 'stages.2.1', 'stages.2.2']
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    if callable(spec) and not isinstance(spec, str):
+        return [(n, m) for n, m in named if spec(n, m)]
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    if not patterns:
+        raise ProbeError("Empty layer selection; give at least one pattern. See probe.list_layers(model).")
+    chosen: set[str] = set()
+    names = [n for n, _ in named]
+    for pattern in patterns:
+        match = _matcher(pattern)
+        hits = {n for n in names if match(n)}
+        if not hits:
+            # Suggest the closest names, and globs built from them (replace digits with '*').
+            globs = sorted({re.sub(r"\d+", "*", n) for n in names})
+            hint = did_you_mean(pattern, globs + names)
+            raise ProbeError(
+                f"No module matches {pattern!r} in {type(model).__name__}.{hint} "
+                "See probe.list_layers(model) for the dotted names."
+            )
+        chosen |= hits
+    return [(n, m) for n, m in named if n in chosen]

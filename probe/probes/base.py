@@ -1,0 +1,92 @@
+"""The probe protocol: what a hook sees (:class:`Call`) and what a probe returns.
+
+A probe is a small dataclass. Its ``forward(call)`` returns a dict of per-sample tensors (sample
+axis first, ``[N, ...]``); the store writes each under ``layers/<layer>/<quantity>`` with no extra
+code. Probes with ``needs_grad = True`` also get ``backward(call)`` after the loss gradient has
+been propagated, with ``call.grad_output`` (dL/dy) and, for blocks, ``call.grad_input`` (dL/dx).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["Probe", "Call", "BlockTensors"]
+
+
+@dataclass
+class BlockTensors:
+    """The four tensors of a residual block (or a plain pseudo-block), all ``[N, ...]``.
+
+    ``s`` is S(x), the shortcut's output; in a plain block the shortcut is not part of the forward
+    pass, but S(x) is still computed so that both nets are measured against the same map.
+    """
+
+    x: torch.Tensor  # block input
+    f: torch.Tensor  # branch output F(x)
+    s: torch.Tensor  # shortcut output S(x)
+    y: torch.Tensor  # block output
+    residual: bool  # whether the block adds S(x)
+    shortcut: nn.Module | None  # the module computing S (None: identity)
+
+
+@dataclass
+class Call:
+    """One call of one hooked module during a captured forward pass."""
+
+    name: str  # layer key: the dotted module name, plus '@k' for the k-th repeated call
+    module: nn.Module
+    input: torch.Tensor | None  # first positional input, [N, ...]
+    output: torch.Tensor  # [N, ...]
+    sample_offset: int  # samples captured before this batch
+    block: BlockTensors | None = None
+    grad_output: torch.Tensor | None = None  # dL/d(output), set before backward()
+    grad_input: torch.Tensor | None = None  # dL/d(input), blocks only
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.output.shape[0])
+
+
+@dataclass
+class Probe:
+    """Base class of every probe; subclass it as a dataclass.
+
+    Class attributes:
+        name: short identifier used by the CLI (``--probe name:key=value``).
+        needs_grad: whether ``backward`` must run (forces a backward pass in the capture).
+        dims: dimension labels per quantity (sample axis first) written to the HDF5 file.
+
+    Example:
+        >>> @dataclass
+        ... class MeanAbs(Probe):
+        ...     name: ClassVar[str] = "mean_abs"
+        ...     def forward(self, call):
+        ...         return {"mean_abs": call.output.abs().flatten(1).mean(1)}
+        >>> MeanAbs().forward(Call("fc", nn.Identity(), None, torch.ones(2, 3), 0))["mean_abs"]
+        tensor([1., 1.])
+    """
+
+    name: ClassVar[str] = "probe"
+    needs_grad: ClassVar[bool] = False
+    dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        return {}
+
+    def backward(self, call: Call) -> dict[str, torch.Tensor]:
+        return {}
+
+    def applies_to(self, call: Call) -> bool:
+        """Whether this probe has anything to say about ``call`` (default: every call)."""
+        return True
+
+    def config(self) -> dict:
+        """The probe's parameters, recorded in the capture's provenance."""
+        import dataclasses
+
+        return {"probe": self.name, **dataclasses.asdict(self)}

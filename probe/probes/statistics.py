@@ -1,0 +1,115 @@
+"""On-device statistics: per-sample norms, per-channel moments and gradient norms.
+
+All are computed in float32 inside the hook, so only a few numbers per sample leave the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from probe.probes.base import Call, Probe
+
+__all__ = ["ResidualNorms", "ChannelStats", "GradNorms", "per_sample_norm", "per_sample_cos",
+           "channel_moments"]
+
+
+def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample over all non-batch dims, in float32. [N, ...] -> [N]"""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32)
+
+
+def per_sample_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Cosine similarity of each sample's flattened tensors, in float32. [N, ...] x2 -> [N]"""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+
+
+def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and population variance over spatial positions.
+
+    [N, C, H, W] -> ([N, C], [N, C]); a 2-D [N, C] input has one position (variance 0).
+    """
+    t = t.float()
+    if t.ndim == 2:
+        return t, torch.zeros_like(t)
+    flat = t.flatten(2)  # [N, C, HW]
+    var, mean = torch.var_mean(flat, dim=2, correction=0)
+    return mean, var
+
+
+@dataclass
+class ResidualNorms(Probe):
+    """Per-sample norms of a block's x, F(x), S(x), y and the identity-closeness quantities.
+
+    For blocks: ``x_norm``, ``f_norm``, ``s_norm``, ``y_norm``, ``dev_norm`` = ||y - S(x)||,
+    ``cos_ys`` = cos(y, S(x)) and ``cos_fs`` = cos(F(x), S(x)). For any other layer: ``x_norm`` and
+    ``y_norm`` (input and output). Residual magnitude ||F||/||S|| follows Jastrzebski et al.
+    (ICLR 2018); d = ||y - S(x)||/||S(x)|| is the identity-closeness of the analyses.
+    """
+
+    name: ClassVar[str] = "residual"
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        b = call.block
+        if b is None:
+            out = {"y_norm": per_sample_norm(call.output)}
+            if call.input is not None and call.input.shape[0] == call.batch_size:
+                out["x_norm"] = per_sample_norm(call.input)
+            return out
+        return {
+            "x_norm": per_sample_norm(b.x),
+            "f_norm": per_sample_norm(b.f),
+            "s_norm": per_sample_norm(b.s),
+            "y_norm": per_sample_norm(b.y),
+            "dev_norm": per_sample_norm(b.y - b.s),
+            "cos_ys": per_sample_cos(b.y, b.s),
+            "cos_fs": per_sample_cos(b.f, b.s),
+        }
+
+
+@dataclass
+class ChannelStats(Probe):
+    """Per-sample, per-channel mean and variance over H x W of the output (and of F(x) for blocks).
+
+    Merged exactly over the dataset (:class:`probe.stats.Moments`), they give the signal-propagation
+    statistics of Brock et al. (ICLR 2021) -- average channel squared mean and average channel
+    variance -- and the layer-response std of He et al. (2016, Fig. 7), pooled and per channel.
+    """
+
+    name: ClassVar[str] = "channel"
+    dims: ClassVar = {q: ("sample", "channel") for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")}
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        mean, var = channel_moments(call.output)
+        out = {"channel_mean": mean, "channel_var": var}
+        if call.block is not None:
+            out["f_channel_mean"], out["f_channel_var"] = channel_moments(call.block.f)
+        return out
+
+
+@dataclass
+class GradNorms(Probe):
+    """Per-sample norms of dL/dy per layer and dL/dx per block, with L = sum of per-sample losses.
+
+    In eval mode every sample's loss depends only on that sample, so row n is the gradient of
+    sample n's own loss. For blocks it also records ``cos_f_grad`` = cos(F(x), dL/dy), the
+    iterative-refinement cosine of Jastrzebski et al. (ICLR 2018), negative when a block moves
+    features down the loss gradient. The gradient is taken at the block output, where F is added
+    (it has F's shape also in downsampling blocks, where dL/dx does not).
+    """
+
+    name: ClassVar[str] = "grad"
+    needs_grad: ClassVar[bool] = True
+
+    def backward(self, call: Call) -> dict[str, torch.Tensor]:
+        out = {}
+        if call.grad_output is not None:
+            out["grad_y_norm"] = per_sample_norm(call.grad_output)
+            if call.block is not None and call.block.f.shape == call.grad_output.shape:
+                out["cos_f_grad"] = per_sample_cos(call.block.f, call.grad_output)
+        if call.grad_input is not None:
+            out["grad_x_norm"] = per_sample_norm(call.grad_input)
+        return out

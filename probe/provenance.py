@@ -1,0 +1,40 @@
+"""Provenance recorded with every checkpoint, capture and report: versions, revision, command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["library_versions", "code_revision", "command_line"]
+
+_PACKAGES = ("resprobe", "torch", "numpy", "h5py", "safetensors", "scipy", "einops")
+
+
+def library_versions() -> dict[str, str]:
+    """Installed versions of the packages a result depends on."""
+    out = {"python": sys.version.split()[0]}
+    for pkg in _PACKAGES:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def code_revision() -> str:
+    """The git revision of the source tree this package runs from ('+dirty' if modified)."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)

@@ -1,0 +1,206 @@
+"""Read captures lazily: :func:`open_capture` (exported as ``probe.open``) and the in-memory twin.
+
+Both readers share one interface (:class:`CaptureReader`), so analyses work on a file or on the
+result of an in-memory capture alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from probe.errors import ProbeError
+from probe.stats import Moments
+from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, is_compatible
+
+__all__ = ["CaptureReader", "H5Capture", "MemoryCapture", "open_capture"]
+
+
+def _decode(arr: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+class CaptureReader:
+    """Common read API: layers, quantities, arrays, attributes and exact channel moments."""
+
+    attrs: dict
+    layers: list[str]
+
+    def quantities(self, layer: str) -> list[str]:
+        raise NotImplementedError
+
+    def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def layer_attrs(self, layer: str) -> dict:
+        raise NotImplementedError
+
+    def has(self, layer: str, quantity: str) -> bool:
+        return layer in self.layers and quantity in self.quantities(layer)
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self.attrs.get("config", "{}"))
+
+    @property
+    def provenance(self) -> dict:
+        return json.loads(self.attrs.get("provenance", "{}"))
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.layers:
+            from probe.errors import did_you_mean
+
+            raise ProbeError(f"Layer {layer!r} is not in this capture.{did_you_mean(layer, self.layers)}"
+                             f" Captured layers: {', '.join(self.layers[:6])}{' ...' if len(self.layers) > 6 else ''}.")
+
+    def channel_moments(self, layer: str, prefix: str = "", block_rows: int = 4096) -> Moments:
+        """Exact per-channel mean/variance over (N, H, W), merged chunk by chunk (Chan et al.)."""
+        mean_q, var_q = f"{prefix}channel_mean", f"{prefix}channel_var"
+        if not self.has(layer, mean_q):
+            raise ProbeError(f"Layer {layer!r} has no {mean_q!r}; capture it with the 'channel' probe.")
+        spatial = int(self.layer_attrs(layer).get(f"{prefix}spatial_size", 1)) or 1
+        n = self.shape(layer, mean_q)[0]
+        m = Moments.empty(self.shape(layer, mean_q)[1])
+        for start in range(0, n, block_rows):
+            rows = slice(start, min(n, start + block_rows))
+            m.update_from_groups(self.read(layer, mean_q, rows), self.read(layer, var_q, rows), spatial)
+        return m
+
+    def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def sample_index(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class H5Capture(CaptureReader):
+    """A capture file opened read-only; arrays are read on demand."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ProbeError(f"No capture file at {self.path}.")
+        try:
+            import hdf5plugin  # noqa: F401  (registers the Blosc filter for compressed captures)
+        except ImportError:
+            pass
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ProbeError(f"{self.path} is not a readable HDF5 file ({e}). Was it truncated?") from e
+        a = dict(self._f.attrs)
+        try:
+            if a.get("format") != FORMAT:
+                raise ProbeError(f"{self.path} is not a {FORMAT} file (format={a.get('format')!r}).")
+            if not is_compatible(a.get("format_version", "")):
+                raise ProbeError(
+                    f"{self.path} has format version {a.get('format_version')!r}; this resprobe reads "
+                    f"{FORMAT_VERSION} (same major version). Upgrade resprobe or re-capture."
+                )
+            if not bool(a.get("complete", False)):
+                raise ProbeError(
+                    f"{self.path} is incomplete: the capture that wrote it did not finish. Re-run the capture."
+                )
+        except ProbeError:
+            self._f.close()
+            raise
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+        order = json.loads(self.attrs.get("layer_order", "[]"))
+        present = list(self._f[LAYERS].keys()) if LAYERS in self._f else []
+        self.layers = [n for n in order if n in present] + [n for n in present if n not in order]
+
+    def quantities(self, layer: str) -> list[str]:
+        self._check_layer(layer)
+        return list(self._f[f"{LAYERS}/{layer}"].keys())
+
+    def dataset(self, layer: str, quantity: str) -> h5py.Dataset:
+        """The lazy h5py dataset (slice it to read)."""
+        self._check_layer(layer)
+        key = f"{LAYERS}/{layer}/{quantity}"
+        if key not in self._f:
+            raise ProbeError(f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self.quantities(layer))}.")
+        return self._f[key]
+
+    def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
+        d = self.dataset(layer, quantity)
+        arr = d[rows] if rows is not None else d[()]
+        return _decode(np.asarray(arr), d.attrs.get("encoding", ""))
+
+    def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
+        return tuple(self.dataset(layer, quantity).shape)
+
+    def layer_attrs(self, layer: str) -> dict:
+        self._check_layer(layer)
+        return dict(self._f[f"{LAYERS}/{layer}"].attrs)
+
+    def sample_index(self) -> np.ndarray:
+        return self._f["sample_index"][()]
+
+    def labels(self) -> np.ndarray:
+        return self._f["labels"][()]
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class MemoryCapture(CaptureReader):
+    """A capture held in memory (``capture(..., out=None)``)."""
+
+    def __init__(self, data: dict[str, dict[str, np.ndarray]], layer_attrs: dict[str, dict],
+                 sample_index: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
+        self._data, self._layer_attrs = data, layer_attrs
+        self._sample_index, self._labels = sample_index, labels
+        self.attrs = attrs
+        self.layers = list(data)
+
+    def quantities(self, layer: str) -> list[str]:
+        self._check_layer(layer)
+        return list(self._data[layer])
+
+    def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
+        self._check_layer(layer)
+        if quantity not in self._data[layer]:
+            raise ProbeError(f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self._data[layer])}.")
+        arr = self._data[layer][quantity]
+        return arr[rows] if rows is not None else arr
+
+    def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
+        return tuple(self.read(layer, quantity).shape)
+
+    def layer_attrs(self, layer: str) -> dict:
+        self._check_layer(layer)
+        return dict(self._layer_attrs.get(layer, {}))
+
+    def sample_index(self) -> np.ndarray:
+        return self._sample_index
+
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+
+def open_capture(path: str | os.PathLike) -> H5Capture:
+    """Open a capture file lazily; refuses incomplete files and unknown format versions.
+
+    Example:
+        >>> with probe.open("run.h5") as cap:  # doctest: +SKIP
+        ...     cap.read("stages.0.0", "f_norm")
+    """
+    return H5Capture(path)

@@ -1,0 +1,276 @@
+"""Streaming HDF5 writer: a background thread owns the file, fed by a byte-bounded queue.
+
+The GPU loop never calls h5py (h5py serialises all calls behind one global lock, so a call from
+the hook thread could stall behind a large write). Tensors leave the device through pinned,
+non-blocking copies; the writer thread waits on each copy's CUDA event before touching the data.
+Rows are buffered per dataset and written in chunk-aligned blocks (a partial-chunk write costs a
+read-modify-write). Crash safety: the file is written as ``<out>.tmp-<pid>``, ``complete`` is set
+last, then the file is flushed, fsynced and atomically renamed to ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from probe.errors import ProbeError, check_option
+from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS
+
+__all__ = ["H5Writer", "WriterOptions", "to_host"]
+
+_CHUNK_TARGET = 2 << 20  # ~2 MiB per chunk: within h5py's advice and the measured sweet spot
+
+
+@dataclass
+class WriterOptions:
+    compression: str | None = None  # None, "zstd" (Blosc-Zstd via hdf5plugin) or "gzip"; lossless
+    queue_bytes: int = 512 << 20  # back-pressure: submit() blocks while this much is pending
+    chunk_bytes: int = _CHUNK_TARGET
+
+    def __post_init__(self) -> None:
+        check_option("compression", self.compression, [None, "zstd", "gzip"])
+
+    def filter_kwargs(self) -> dict:
+        if self.compression == "gzip":
+            return {"compression": "gzip", "compression_opts": 1}
+        if self.compression == "zstd":
+            import hdf5plugin
+
+            return dict(hdf5plugin.Blosc(cname="zstd", clevel=1, shuffle=hdf5plugin.Blosc.SHUFFLE))
+        return {}
+
+
+class _HostTensor:
+    """A tensor on its way to host memory: waits for the device copy before exposing numpy."""
+
+    __slots__ = ("tensor", "event", "encoding")
+
+    def __init__(self, tensor: torch.Tensor, event: object, encoding: str) -> None:
+        self.tensor, self.event, self.encoding = tensor, event, encoding
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.tensor.numpy()
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+
+def to_host(t: torch.Tensor) -> _HostTensor:
+    """Start a copy of ``t`` to host memory (pinned + non-blocking on CUDA).
+
+    bfloat16 has no numpy type: it travels as its raw 16 bits (uint16) and is tagged so the
+    reader restores float32 values exactly.
+    """
+    encoding = ""
+    if t.dtype == torch.bfloat16:
+        t, encoding = t.view(torch.int16), "bfloat16"
+    elif t.dtype not in (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32,
+                         torch.int16, torch.uint8, torch.bool):
+        t = t.float()
+    if t.is_cuda:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _HostTensor(host, event, encoding)
+    return _HostTensor(t.detach().contiguous().clone() if t.requires_grad else t.detach().contiguous(), None, encoding)
+
+
+@dataclass
+class _Buffer:
+    parts: list[np.ndarray] = field(default_factory=list)
+    rows: int = 0
+    written: int = 0
+
+
+class H5Writer:
+    """Write per-sample rows to ``path`` from a background thread.
+
+    Example:
+        >>> import tempfile
+        >>> w = H5Writer(tempfile.mkdtemp() + "/x.h5", attrs={"config": "{}"})
+        >>> w.submit({"fc": {"y_norm": torch.ones(3)}}, torch.arange(3))
+        >>> w.close()
+        >>> import h5py; h5py.File(w.path)["layers/fc/y_norm"].shape
+        (3,)
+    """
+
+    def __init__(self, path: str | os.PathLike, attrs: dict | None = None, options: WriterOptions | None = None,
+                 layer_attrs: dict[str, dict] | None = None, dims: dict[str, tuple[str, ...]] | None = None) -> None:
+        self.path = Path(path)
+        self.options = options or WriterOptions()
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.layer_attrs = dict(layer_attrs or {})
+        self.dims = dict(dims or {})
+        self._filters = self.options.filter_kwargs()
+        self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._buffers: dict[str, _Buffer] = {}
+        self._encodings: dict[str, str] = {}
+        self._layer_order: list[str] = []
+        self._n_samples = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = h5py.File(self.tmp, "w", libver=("v110", "latest"))
+        except OSError as e:
+            raise ProbeError(
+                f"Cannot write the capture to {self.path}: {e.strerror or e}. Choose a writable --out location."
+            ) from e
+        self._file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard_rank": 0,
+                                 "shard_count": 1, **(attrs or {})})
+        self._index = self._file.create_dataset("sample_index", shape=(0,), maxshape=(None,), dtype="i8",
+                                                chunks=(65536,))
+        self._labels = self._file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="i8",
+                                                 chunks=(65536,))
+        self._thread = threading.Thread(target=self._run, name="resprobe-h5-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side (GPU loop) -------------------------------------------------------------
+    def submit(self, results: dict[str, dict[str, torch.Tensor]], sample_index: torch.Tensor,
+               labels: torch.Tensor | None = None) -> None:
+        """Queue one batch: {layer: {quantity: [N, ...]}} plus the dataset index of each sample."""
+        self._raise_if_failed()
+        item = {"index": to_host(sample_index.to(torch.int64)),
+                "labels": to_host(labels.to(torch.int64)) if labels is not None else None,
+                "rows": {(layer, q): to_host(t) for layer, qs in results.items() for q, t in qs.items()}}
+        size = sum(h.nbytes for h in item["rows"].values())
+        with self._cond:
+            while self._pending > self.options.queue_bytes and self._error is None and self._pending > 0:
+                self._cond.wait(timeout=0.5)
+            self._pending += size
+        self._raise_if_failed()
+        self._queue.put((item, size))
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise ProbeError(f"Writing {self.path} failed: {self._error}") from self._error
+
+    # -- writer thread ----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            got = self._queue.get()
+            if got is None:
+                return
+            item, size = got
+            try:
+                if self._error is None:
+                    self._write_item(item)
+            except BaseException as e:  # surfaced to the producer on its next call
+                self._error = e
+            finally:
+                with self._cond:
+                    self._pending -= size
+                    self._cond.notify_all()
+
+    def _append(self, dset: h5py.Dataset, arr: np.ndarray) -> None:
+        n = dset.shape[0]
+        dset.resize(n + len(arr), axis=0)
+        dset[n:] = arr
+
+    def _write_item(self, item: dict) -> None:
+        index = item["index"].numpy()
+        self._append(self._index, index)
+        if item["labels"] is not None:
+            self._append(self._labels, item["labels"].numpy())
+        self._n_samples += len(index)
+        for (layer, q), host in item["rows"].items():
+            key = f"{LAYERS}/{layer}/{q}"
+            arr = host.numpy()
+            if host.encoding == "bfloat16":
+                arr = arr.view(np.uint16)
+            self._encodings[key] = host.encoding
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = _Buffer()
+                if layer not in self._layer_order:
+                    self._layer_order.append(layer)
+                self._create(key, layer, q, arr)
+            buf.parts.append(arr)
+            buf.rows += len(arr)
+            self._flush(key, buf, final=False)
+
+    def _create(self, key: str, layer: str, q: str, arr: np.ndarray) -> None:
+        feat = arr.shape[1:]
+        row_bytes = max(1, int(np.prod(feat, dtype=np.int64)) * arr.dtype.itemsize)
+        rows = max(1, self.options.chunk_bytes // row_bytes)
+        dset = self._file.create_dataset(key, shape=(0, *feat), maxshape=(None, *feat), dtype=arr.dtype,
+                                         chunks=(rows, *feat), **self._filters)
+        labels = self.dims.get(q) or ("sample", *(f"dim{i}" for i in range(1, arr.ndim)))
+        for i, label in enumerate(labels[: arr.ndim]):
+            dset.dims[i].label = label
+        if self._encodings.get(key):
+            dset.attrs["encoding"] = self._encodings[key]
+        group = self._file[f"{LAYERS}/{layer}"]
+        for k, v in self.layer_attrs.get(layer, {}).items():
+            group.attrs[k] = v
+
+    def _flush(self, key: str, buf: _Buffer, final: bool) -> None:
+        dset = self._file[key]
+        rows_per_chunk = dset.chunks[0]
+        n_write = buf.rows if final else (buf.rows // rows_per_chunk) * rows_per_chunk
+        if n_write == 0:
+            return
+        data = np.concatenate(buf.parts) if len(buf.parts) > 1 else buf.parts[0]
+        self._append(dset, data[:n_write])
+        rest = data[n_write:]
+        buf.parts, buf.rows, buf.written = ([rest] if len(rest) else []), len(rest), buf.written + n_write
+
+    # -- finishing --------------------------------------------------------------------------
+    def close(self, extra_attrs: dict | None = None) -> Path:
+        """Drain the queue, write remainders, mark complete, fsync and rename into place."""
+        self._queue.put(None)
+        self._thread.join()
+        try:
+            self._raise_if_failed()
+            for key, buf in self._buffers.items():
+                self._flush(key, buf, final=True)
+            self._file.attrs["layer_order"] = json.dumps(self._layer_order)
+            self._file.attrs["n_samples"] = self._n_samples
+            for k, v in (extra_attrs or {}).items():
+                self._file.attrs[k] = v
+            self._file.attrs["complete"] = True  # last: a file without it was interrupted
+            self._file.flush()
+            self._file.close()
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise ProbeError(
+                f"Cannot finish writing {self.path}: {e.strerror or e} (disk full or not writable?). "
+                "Nothing was left behind; free space or choose another --out."
+            ) from e
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Stop the writer and delete the temporary file; the final path is never created."""
+        if self._thread.is_alive():
+            self._error = self._error or RuntimeError("aborted")
+            self._queue.put(None)
+            self._thread.join()
+        try:
+            self._file.close()
+        except Exception:  # the file may already be closed or broken
+            pass
+        self.tmp.unlink(missing_ok=True)

@@ -1,0 +1,21 @@
+"""Training: recipes, checkpoints (safetensors + JSON) and the resumable trainer."""
+
+from probe.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from probe.train.recipes import RECIPES, Recipe, get_recipe, lr_at
+from probe.train.trainer import TrainConfig, TrainResult, evaluate, parse_save_at, resolve_device, train
+
+__all__ = [
+    "RECIPES",
+    "Recipe",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "get_recipe",
+    "load_checkpoint",
+    "lr_at",
+    "parse_save_at",
+    "read_checkpoint_meta",
+    "resolve_device",
+    "save_checkpoint",
+    "train",
+]

@@ -1,0 +1,151 @@
+"""Checkpoints as safetensors weights plus a JSON config; nothing is ever unpickled.
+
+A checkpoint ``stem`` is two files: ``stem.safetensors`` (the state dict) and ``stem.json`` (model
+name and options, recipe, seed, epoch, metrics, library versions, code revision and the SHA-256 of
+the weights). Both are written under temporary names and renamed into place, the JSON last, so a
+checkpoint whose JSON exists is complete. Loading validates the weights against the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from probe.errors import ProbeError
+from probe.zoo import NetConfig
+from probe.zoo.cifar_resnet import CifarResNet
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "checkpoint_paths", "file_sha256"]
+
+FORMAT = "resprobe-checkpoint"
+FORMAT_VERSION = 1
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, json) for a checkpoint given as its stem, its .json or its .safetensors."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".json", ".safetensors") else p
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(stem: str | os.PathLike, model: nn.Module, meta: dict,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``stem.safetensors`` and ``stem.json``; returns the JSON path.
+
+    ``meta`` must hold ``model`` (the :class:`NetConfig` as a dict) and may hold anything
+    JSON-serialisable (recipe, seed, epoch, metrics ...). ``extra_tensors`` (e.g. optimizer
+    momentum) are stored under an ``extra.`` prefix.
+
+    Example:
+        >>> from probe.zoo import create
+        >>> import tempfile
+        >>> net = create("resnet20")
+        >>> p = save_checkpoint(tempfile.mkdtemp() + "/ck", net, {"model": net.config.to_dict()})
+        >>> load_checkpoint(p)[0].config.depth
+        20
+    """
+    weights, js = checkpoint_paths(stem)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v.detach().to("cpu").contiguous()
+    tmp = weights.with_name(weights.name + f".tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, weights)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ProbeError(f"Could not write checkpoint {weights}: {e}") from e
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "sha256": file_sha256(weights),
+           "weights": weights.name}
+    _atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
+    return js
+
+
+def read_checkpoint_meta(path: str | os.PathLike) -> dict:
+    """The JSON config of a checkpoint, validated for format and version."""
+    _, js = checkpoint_paths(path)
+    if not js.exists():
+        raise ProbeError(
+            f"No checkpoint config {js}. A checkpoint is a .safetensors file plus a .json beside it; "
+            "an interrupted save leaves no .json and is not a checkpoint."
+        )
+    try:
+        meta = json.loads(js.read_text())
+    except json.JSONDecodeError as e:
+        raise ProbeError(f"Checkpoint config {js} is not valid JSON: {e}") from e
+    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        raise ProbeError(
+            f"{js} is not a {FORMAT} v{FORMAT_VERSION} config (format={meta.get('format')!r}, "
+            f"version={meta.get('format_version')!r})."
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
+                    verify_hash: bool = True) -> tuple[CifarResNet, dict]:
+    """Build the model described by the config and load its weights, validating both.
+
+    Raises :class:`ProbeError` when the weights are missing, were modified after saving (hash),
+    or do not fit the architecture (missing, unexpected or mis-shaped tensors).
+    """
+    weights, js = checkpoint_paths(path)
+    meta = read_checkpoint_meta(js)
+    if not weights.exists():
+        raise ProbeError(f"Checkpoint weights {weights} are missing (config {js} exists).")
+    if verify_hash and file_sha256(weights) != meta.get("sha256"):
+        raise ProbeError(
+            f"Checkpoint weights {weights} do not match the hash in {js}: the file was modified or "
+            "belongs to another checkpoint."
+        )
+    try:
+        config = NetConfig(**meta["model"])
+    except (KeyError, TypeError) as e:
+        raise ProbeError(f"Invalid model config in {js}: {e}") from e
+    model = CifarResNet(config)
+    state = {k: v for k, v in load_file(str(weights), device=str(device)).items() if not k.startswith("extra.")}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            if keys
+        )
+        raise ProbeError(
+            f"Weights {weights} do not fit the config in {js} ({config}): {detail}. "
+            "Was the .json copied from another run?"
+        )
+    model.load_state_dict(state)
+    return model.to(device), meta
+
+
+def load_extra_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The ``extra.`` tensors of a checkpoint (optimizer state for resuming)."""
+    weights, _ = checkpoint_paths(path)
+    return {k[6:]: v for k, v in load_file(str(weights), device=str(device)).items() if k.startswith("extra.")}

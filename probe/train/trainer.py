@@ -1,0 +1,294 @@
+"""The trainer behind ``probe train``: recipes, device-resident data, checkpoints, resume.
+
+A run directory holds ``run.json`` (the configuration and environment), ``history.json`` (one
+record per epoch), ``checkpoints/epoch-XXXX.{safetensors,json}`` at the requested epochs and
+``resume.{safetensors,json}`` (weights, momentum and position, rewritten after every epoch).
+An interrupted run started again with the same configuration continues after its last finished
+epoch; a finished run returns at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.data import DeviceLoader, ImageArrays, load_dataset
+from probe.errors import ProbeError
+from probe.provenance import code_revision, command_line, library_versions
+from probe.train.checkpoint import load_checkpoint, load_extra_tensors, save_checkpoint
+from probe.train.recipes import Recipe, get_recipe, lr_at
+from probe.zoo import create, parse_name
+
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "parse_save_at", "resolve_device"]
+
+Callback = Callable[[str, dict], None]
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, how; every field is recorded in ``run.json``."""
+
+    model: str = "plain20"  # registry name, e.g. resnet56, plain56, preresnet110
+    dataset: str = "digits"  # digits, cifar10, cifar100, or a path to an image tree / .tar.gz
+    recipe: str = "digits"  # he2016, fast, digits
+    seed: int = 0
+    model_options: dict = field(default_factory=dict)  # NetConfig overrides (shortcut, width, ...)
+    recipe_overrides: dict = field(default_factory=dict)  # Recipe overrides (epochs, lr, ...)
+    save_at: str = "0,last"  # epochs to checkpoint; 0 is the initialisation, "last" the end
+    out: str = ""  # run directory; default data/runs/<model>-<dataset>-<recipe>-s<seed>
+    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
+    compile: bool = False  # torch.compile the model (GPU)
+    eval_batch_size: int = 1024
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    history: list[dict]
+    checkpoints: dict[int, Path]
+    wall_s: float
+    resumed_from: int | None = None
+
+    @property
+    def final(self) -> dict:
+        """The last epoch record that carries eval-mode metrics."""
+        return next(r for r in reversed(self.history) if "train_error" in r)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbeError(f"Device {device!r} requested but CUDA is not available; use --device cpu.")
+    return dev
+
+
+def parse_save_at(spec: str, epochs: int) -> list[int]:
+    """'0,1,5,last' -> sorted epochs within [0, epochs].
+
+    Example:
+        >>> parse_save_at("0,1,5,last", 12)
+        [0, 1, 5, 12]
+    """
+    out = set()
+    for tok in str(spec).split(","):
+        tok = tok.strip()
+        if not tok:
+            continue
+        if tok == "last":
+            out.add(epochs)
+            continue
+        try:
+            e = int(tok)
+        except ValueError as exc:
+            raise ProbeError(f"Invalid --save-at entry {tok!r} in {spec!r}; use epochs like '0,1,5,last'.") from exc
+        if not 0 <= e <= epochs:
+            raise ProbeError(f"--save-at epoch {e} is outside 0..{epochs} (the recipe trains {epochs} epochs).")
+        out.add(e)
+    return sorted(out)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, float]:
+    """Mean cross-entropy and error of ``model`` in eval mode over ``loader``; restores the mode."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=loader.device, dtype=torch.float64)
+    wrong = torch.zeros((), device=loader.device, dtype=torch.int64)
+    try:
+        for x, y, _ in loader:
+            with _autocast(loader.device):
+                out = model(x)
+            loss += F.cross_entropy(out.float(), y, reduction="sum").double()
+            wrong += (out.argmax(1) != y).sum()
+    finally:
+        model.train(was_training)
+    n = loader.num_samples
+    return {"loss": loss.item() / n, "error": wrong.item() / n}
+
+
+def _param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
+    if recipe.wd_on_bn:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": recipe.weight_decay}]
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _default_out(cfg: TrainConfig) -> Path:
+    from probe.data import data_root
+
+    name = Path(cfg.dataset).name.split(".")[0]
+    return data_root() / "runs" / f"{cfg.model}-{name}-{cfg.recipe}-s{cfg.seed}"
+
+
+def _momentum_state(opt: torch.optim.SGD, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            buf = opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum.{names[id(p)]}"] = buf
+    return out
+
+
+def _restore_momentum(opt: torch.optim.SGD, names: dict[int, str], extra: dict[str, torch.Tensor]) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            key = f"momentum.{names[id(p)]}"
+            if key in extra:
+                opt.state[p]["momentum_buffer"] = extra[key].to(p.device, p.dtype)
+
+
+def _write_json(path: Path, doc: object) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays | None = None) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.recipe``; resume if interrupted.
+
+    ``callback(event, info)`` receives ``"start"``, ``"step"`` (every few iterations), ``"epoch"``
+    and ``"end"`` events so a caller can draw progress; the library itself never prints.
+
+    Example:
+        >>> cfg = TrainConfig(model="resnet8", recipe_overrides={"epochs": 1}, out="/tmp/rp-doc")
+        >>> train(cfg).final["epoch"]  # doctest: +SKIP
+        1
+    """
+    t0 = time.perf_counter()
+    callback = callback or (lambda event, info: None)
+    _, depth = parse_name(cfg.model)
+    recipe = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides)
+    device = resolve_device(cfg.device)
+    data = data if data is not None else load_dataset(cfg.dataset)
+    run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = -(-len(data.y_train) // recipe.batch_size)
+    epochs = recipe.epochs
+    if recipe.max_iters is not None:
+        epochs = min(epochs, -(-recipe.max_iters // steps_per_epoch))
+    total_iters = min(epochs * steps_per_epoch, recipe.max_iters or 1 << 62)
+    save_at = parse_save_at(cfg.save_at, epochs)
+
+    run_doc = {"config": cfg.to_dict(), "recipe": recipe.to_dict(), "dataset": {
+        "name": data.name, "source": data.source, "train": int(len(data.y_train)), "test": int(len(data.y_test))}}
+    run_json = run_dir / "run.json"
+    if run_json.exists():
+        previous = json.loads(run_json.read_text())
+        if previous.get("config") != run_doc["config"] or previous.get("recipe") != run_doc["recipe"]:
+            raise ProbeError(
+                f"{run_dir} holds a run with a different configuration; choose another --out or "
+                "delete that directory to start over."
+            )
+    _write_json(run_json, {**run_doc, "versions": library_versions(), "revision": code_revision(),
+                           "command": command_line()})
+
+    torch.manual_seed(cfg.seed)
+    options = {"num_classes": data.num_classes, "in_channels": data.image_shape[0], **cfg.model_options}
+    model = create(cfg.model, **options).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    opt = torch.optim.SGD(_param_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
+                          nesterov=recipe.nesterov and recipe.momentum > 0)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    history: list[dict] = []
+    start_epoch, resumed_from = 0, None
+    resume = run_dir / "resume.json"
+    if resume.exists():
+        restored, meta = load_checkpoint(resume, device=device)
+        model.load_state_dict(restored.state_dict())
+        _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
+        start_epoch = resumed_from = int(meta["epoch"])
+        history = json.loads((run_dir / "history.json").read_text())[: start_epoch + 1]
+    checkpoints = {e: run_dir / "checkpoints" / f"epoch-{e:04d}.json" for e in save_at
+                   if (run_dir / "checkpoints" / f"epoch-{e:04d}.json").exists()}
+    loader_kw = dict(mean=data.mean, std=data.std, device=device, channels_last=device.type == "cuda")
+    train_loader = DeviceLoader(data.x_train, data.y_train, recipe.batch_size, shuffle=True,
+                                augment=data.augment, seed=cfg.seed, **loader_kw)
+    eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
+    eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
+    step_fn = torch.compile(model) if cfg.compile else model
+    meta_base = {"model": model.config.to_dict(), "model_name": cfg.model, "recipe": recipe.to_dict(),
+                 "seed": cfg.seed, "dataset": run_doc["dataset"], "versions": library_versions(),
+                 "revision": code_revision()}
+
+    def checkpoint(epoch: int, record: dict) -> None:
+        record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
+        record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
+        metrics = {k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")}
+        stem = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+        checkpoints[epoch] = save_checkpoint(stem, model, {**meta_base, "epoch": epoch, "metrics": metrics})
+
+    callback("start", {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps_per_epoch,
+                       "run_dir": str(run_dir)})
+    if start_epoch == 0 and not history:
+        record = {"epoch": 0, "lr": 0.0}
+        if 0 in save_at:
+            checkpoint(0, record)
+        history.append(record)
+    it = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch + 1, epochs + 1):
+        te = time.perf_counter()
+        model.train()
+        train_loader.set_epoch(epoch)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        wrong = torch.zeros((), device=device, dtype=torch.int64)
+        seen = 0
+        for x, y, _ in train_loader:
+            if it >= total_iters:
+                break
+            lr = lr_at(recipe, it, total_iters)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with _autocast(device):
+                out = step_fn(x)
+                loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach().double() * len(y)
+            wrong += (out.detach().argmax(1) != y).sum()
+            seen += len(y)
+            it += 1
+            if it % 10 == 0:
+                callback("step", {"epoch": epoch, "iter": it, "loss": loss_sum.item() / seen,
+                                  "error": wrong.item() / seen})
+        if not torch.isfinite(loss_sum):
+            raise ProbeError(f"Training diverged at epoch {epoch} (loss is not finite); lower the lr.")
+        record = {"epoch": epoch, "lr": lr, "batch_loss": loss_sum.item() / max(seen, 1),
+                  "batch_error": wrong.item() / max(seen, 1)}
+        if epoch in save_at:
+            checkpoint(epoch, record)
+        record["seconds"] = time.perf_counter() - te
+        history.append(record)
+        _write_json(run_dir / "history.json", history)
+        save_checkpoint(run_dir / "resume", model, {**meta_base, "epoch": epoch},
+                        extra_tensors=_momentum_state(opt, names))
+        callback("epoch", record)
+    _write_json(run_dir / "history.json", history)
+    result = TrainResult(run_dir, history, dict(sorted(checkpoints.items())), time.perf_counter() - t0, resumed_from)
+    callback("end", {"wall_s": result.wall_s, "final": result.final})
+    return result

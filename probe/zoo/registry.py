@@ -1,0 +1,96 @@
+"""A small model registry: create by name, list by pattern, did-you-mean errors.
+
+Names are ``{family}{depth}`` with depth = 6n+2, e.g. ``resnet56``, ``plain56``, ``preresnet110``,
+``preplain20``. Options of :class:`~probe.zoo.cifar_resnet.NetConfig` are passed as keyword
+arguments (``shortcut="B"``, ``zero_init=True``, ``width=8``, ``in_channels=1``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from probe.errors import ProbeError, did_you_mean
+from probe.zoo.cifar_resnet import CifarResNet, NetConfig
+
+__all__ = ["register_family", "create", "list_models", "parse_name", "model_name"]
+
+STANDARD_DEPTHS = (20, 32, 44, 56, 110, 1202)
+_FAMILIES: dict[str, dict] = {}
+
+
+def register_family(prefix: str, builder: Callable[..., nn.Module], **fixed: object) -> None:
+    """Register ``prefix{depth}`` names; ``fixed`` options are applied before user options."""
+    if prefix in _FAMILIES:
+        raise ProbeError(f"Model family {prefix!r} is already registered.")
+    _FAMILIES[prefix] = {"builder": builder, "fixed": fixed}
+
+
+def _build(**options: object) -> nn.Module:
+    return CifarResNet(NetConfig(**options))
+
+
+register_family("resnet", _build, residual=True, preact=False)
+register_family("plain", _build, residual=False, preact=False)
+register_family("preresnet", _build, residual=True, preact=True)
+register_family("preplain", _build, residual=False, preact=True)
+
+_NAME = re.compile(r"^([a-z]+?)(\d+)$")
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered names at the standard depths that match a glob ``pattern``.
+
+    Example:
+        >>> list_models("plain5*")
+        ['plain56']
+    """
+    names = [f"{p}{d}" for p in _FAMILIES for d in STANDARD_DEPTHS]
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
+
+def parse_name(name: str) -> tuple[str, int]:
+    """Split a model name into (family, depth); raise a helpful error for unknown names."""
+    m = _NAME.match(name)
+    if not m or m.group(1) not in _FAMILIES:
+        raise ProbeError(
+            f"Unknown model {name!r}; names are family+depth with families "
+            f"{', '.join(sorted(_FAMILIES))} (e.g. 'resnet56', 'plain20').{did_you_mean(name, list_models())}"
+            " See probe.zoo.list_models()."
+        )
+    return m.group(1), int(m.group(2))
+
+
+def model_name(config: NetConfig) -> str:
+    """The registry name of a config (options beyond family and depth are not encoded)."""
+    family = ("pre" if config.preact else "") + ("resnet" if config.residual else "plain")
+    return f"{family}{config.depth}"
+
+
+def create(name: str, **options: object) -> nn.Module:
+    """Create a registered model by name.
+
+    Example:
+        >>> net = create("plain56")
+        >>> net.config.residual, net.config.depth
+        (False, 56)
+    """
+    family, depth = parse_name(name)
+    entry = _FAMILIES[family]
+    clash = set(options) & (set(entry["fixed"]) | {"depth"})
+    if clash:
+        raise ProbeError(
+            f"Option(s) {sorted(clash)} are fixed by the name {name!r}; choose another name instead."
+        )
+    allowed = set(NetConfig.__dataclass_fields__)
+    unknown = set(options) - allowed
+    if unknown:
+        bad = sorted(unknown)[0]
+        raise ProbeError(
+            f"Unknown model option {bad!r} for {name!r}; allowed: {', '.join(sorted(allowed - {'depth'}))}."
+            + did_you_mean(bad, allowed)
+        )
+    return entry["builder"](depth=depth, **entry["fixed"], **options)
