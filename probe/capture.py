@@ -116,7 +116,8 @@ def capture(
     with HookSession(model, layers, probes, mode=mode, loss_fn=loss_fn) as session:
         dims = {q: d for p in probes for q, d in type(p).dims.items()}
         if out is not None:
-            writer = H5Writer(out, attrs, WriterOptions(compression=compression, queue_bytes=queue_bytes), dims=dims)
+            writer = H5Writer(out, attrs, WriterOptions(compression=compression, queue_bytes=queue_bytes,
+                                                         expected_rows=total), dims=dims)
         try:
             seen = 0
             for x, y, idx in _batches(data, device):

@@ -120,6 +120,10 @@ class HookSession:
         self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out.float(), y, reduction="sum"))
         self.layers, self.unclassified = resolve_layers(model, layers)
         self.needs_grad = any(p.needs_grad for p in probes)
+        # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
+        self.layer_probes = [p for p in probes if getattr(p, "scope", "layer") == "layer"]
+        self.model_probes = [p for p in probes if getattr(p, "scope", "layer") == "model"]
+        self._model_info = LayerInfo("model", model, None, -1)
         self.inplace = sorted({n for info in self.layers for n in inplace_modules(info.module)})
         self._handles: list = []
         self._flags: dict[nn.Module, bool] = {}
@@ -215,7 +219,7 @@ class HookSession:
             self._info[key] = info
             results = self._results[key]
             with self._suspend():
-                for p in self.probes:
+                for p in self.layer_probes:
                     if p.applies_to(call):
                         self._merge(results, p.forward(call), p, key, call.batch_size)
             if self.needs_grad and y.requires_grad:
@@ -287,12 +291,20 @@ class HookSession:
                     torch.autograd.grad(loss, [inp], allow_unused=True)
                 for call in self._calls:
                     with self._suspend():
-                        for p in self.probes:
+                        for p in self.layer_probes:
                             if p.needs_grad and p.applies_to(call):
                                 self._merge(self._results[call.name], p.backward(call), p, call.name, call.batch_size)
             else:
                 with torch.no_grad():
                     out = self.model(x)
+            if self.model_probes:
+                call = Call("model", self.model, x.detach(), out.detach(), sample_offset)
+                self._info["model"] = self._model_info
+                self.shapes.setdefault("model", (tuple(out.shape[1:]), None))
+                with self._suspend():
+                    for p in self.model_probes:
+                        if p.applies_to(call):
+                            self._merge(self._results["model"], p.forward(call), p, "model", call.batch_size)
             return dict(self._results), out.detach()
         finally:
             self._calls = []  # drop references to the graph and activations
@@ -301,4 +313,6 @@ class HookSession:
 
     def layer_info(self, key: str) -> LayerInfo:
         """The :class:`LayerInfo` behind a result key (``name`` or ``name@k``)."""
+        if key == "model":
+            return self._model_info
         return self._info.get(key) or next(i for i in self.layers if i.name == key.split("@")[0])

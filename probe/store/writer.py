@@ -35,6 +35,7 @@ class WriterOptions:
     compression: str | None = None  # None, "zstd" (Blosc-Zstd via hdf5plugin) or "gzip"; lossless
     queue_bytes: int = 512 << 20  # back-pressure: submit() blocks while this much is pending
     chunk_bytes: int = _CHUNK_TARGET
+    expected_rows: int | None = None  # when known, chunks never exceed the whole dataset
 
     def __post_init__(self) -> None:
         check_option("compression", self.compression, [None, "zstd", "gzip"])
@@ -133,10 +134,11 @@ class H5Writer:
         self._file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
                                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard_rank": 0,
                                  "shard_count": 1, **(attrs or {})})
+        index_chunk = (min(65536, max(1, self.options.expected_rows or 65536)),)
         self._index = self._file.create_dataset("sample_index", shape=(0,), maxshape=(None,), dtype="i8",
-                                                chunks=(65536,))
+                                                chunks=index_chunk)
         self._labels = self._file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="i8",
-                                                 chunks=(65536,))
+                                                 chunks=index_chunk)
         self._thread = threading.Thread(target=self._run, name="resprobe-h5-writer", daemon=True)
         self._thread.start()
 
@@ -208,6 +210,8 @@ class H5Writer:
         feat = arr.shape[1:]
         row_bytes = max(1, int(np.prod(feat, dtype=np.int64)) * arr.dtype.itemsize)
         rows = max(1, self.options.chunk_bytes // row_bytes)
+        if self.options.expected_rows:
+            rows = min(rows, max(1, self.options.expected_rows))
         dset = self._file.create_dataset(key, shape=(0, *feat), maxshape=(None, *feat), dtype=arr.dtype,
                                          chunks=(rows, *feat), **self._filters)
         labels = self.dims.get(q) or ("sample", *(f"dim{i}" for i in range(1, arr.ndim)))

@@ -232,7 +232,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays 
     eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
     step_fn = torch.compile(model) if cfg.compile else model
     meta_base = {"model": model.config.to_dict(), "model_name": cfg.model, "recipe": recipe.to_dict(),
-                 "seed": cfg.seed, "dataset": run_doc["dataset"], "versions": library_versions(),
+                 "seed": cfg.seed, "dataset": run_doc["dataset"], "dataset_spec": cfg.dataset, "versions": library_versions(),
                  "revision": code_revision()}
 
     def checkpoint(epoch: int, record: dict) -> None:

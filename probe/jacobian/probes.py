@@ -1,0 +1,114 @@
+"""Jacobian probes that write into the same capture as every other probe.
+
+``--probe jacobian`` records, per sample and block: ``jac_fro2``, ``jac_dev2`` (||J - P||_F^2 with P
+the shortcut's Jacobian, defined for plain blocks too), ``jac_p_fro2``, ``jac_trace`` (square
+blocks) and their standard errors; optionally the top-k singular values (``top_k``) and a
+stochastic-Lanczos spectral density of J^T J (``slq_steps``). ``--probe shattered`` records the
+input-gradient autocorrelation along a line through input space (Balduzzi et al., ICML 2017).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from probe.jacobian.estimators import hutchinson, lanczos_spectrum, per_sample_probes, top_singular_values
+from probe.jacobian.shattered import shattered_profile
+from probe.probes.base import Call, Probe
+from probe.probes.registry import register_probe
+
+__all__ = ["JacobianNorms", "ShatteredGradients"]
+
+
+@register_probe
+@dataclass
+class JacobianNorms(Probe):
+    """Hutchinson estimates of a layer's Jacobian (eval mode), with standard errors.
+
+    Args:
+        n_probes: Rademacher probe vectors per sample (the standard error shrinks as 1/sqrt(m)).
+        seed: seed of the probe vectors (recorded in the capture).
+        top_k: also estimate the top-k singular values (subspace iteration, ``iters`` steps).
+        slq_steps: also estimate the spectral density of J^T J with this many Lanczos steps.
+        max_samples: only the first ``max_samples`` samples of the capture (Jacobians are costly).
+        chunk_size: probe vectors evaluated at once (bounds memory).
+    """
+
+    name: ClassVar[str] = "jacobian"
+    requires_eval: ClassVar[bool] = True
+    dims: ClassVar = {"jac_top_sv": ("sample", "k"), "jac_slq_nodes": ("sample", "node"),
+                      "jac_slq_weights": ("sample", "node")}
+    n_probes: int = 16
+    seed: int = 0
+    top_k: int = 0
+    iters: int = 30
+    slq_steps: int = 0
+    slq_vectors: int = 2
+    max_samples: int | None = 256
+    chunk_size: int | None = 8
+
+    def applies_to(self, call: Call) -> bool:
+        return call.input is not None and call.input.shape[0] == call.batch_size and call.input.is_floating_point()
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        keep = call.batch_size if self.max_samples is None else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        if keep == 0:
+            return {}
+        x = call.input[:keep].detach()
+        f = call.module
+        off = call.sample_offset
+        shortcut = call.block.shortcut if call.block is not None else None
+        identity = call.block is not None and (shortcut is None or isinstance(shortcut, nn.Identity))
+        with torch.no_grad():
+            r = hutchinson(f, x, self.n_probes, shortcut=None if identity else shortcut, identity_shortcut=identity,
+                           chunk_size=self.chunk_size, v=per_sample_probes(self.n_probes, x, self.seed, off))
+            out = {"jac_fro2": r.fro2, "jac_fro2_se": r.fro2_se}
+            if r.dev2 is not None:
+                out.update(jac_dev2=r.dev2, jac_dev2_se=r.dev2_se, jac_p_fro2=r.p_fro2)
+            if r.trace is not None:
+                out.update(jac_trace=r.trace, jac_trace_se=r.trace_se)
+            if self.top_k:
+                u0 = per_sample_probes(self.top_k + 4, x, self.seed + 1, off, kind="normal")
+                out["jac_top_sv"] = top_singular_values(f, x, self.top_k, self.iters, chunk_size=self.chunk_size, u0=u0)
+            if self.slq_steps:
+                q0 = per_sample_probes(self.slq_vectors, x, self.seed + 2, off)
+                out["jac_slq_nodes"], out["jac_slq_weights"] = lanczos_spectrum(
+                    f, x, self.slq_steps, self.slq_vectors, chunk_size=self.chunk_size, q0=q0)
+        return {k: v.float() for k, v in out.items()}
+
+
+@register_probe
+@dataclass
+class ShatteredGradients(Probe):
+    """Input gradients along a line through input space and their autocorrelation (model level).
+
+    For sample n the line runs along a random direction d_n of the same norm as x_n (seeded by the
+    sample's position, so results do not depend on batching), or towards the next sample of the
+    batch with ``direction="next"``: x_t = x_n + t d_n, t in [0, span], ``n_points`` points.
+    Records ``acf`` [N, max_lag] (autocorrelation of <G_t, u> for a fixed random unit u),
+    ``cos_lag`` [N, max_lag] (mean cosine between centred gradients Delta apart), and
+    ``corr_length`` [N] (first lag where cos_lag < 1/e; Balduzzi et al. 2017).
+    """
+
+    name: ClassVar[str] = "shattered"
+    scope: ClassVar[str] = "model"
+    requires_eval: ClassVar[bool] = True
+    dims: ClassVar = {"acf": ("sample", "lag"), "cos_lag": ("sample", "lag")}
+    n_points: int = 128
+    span: float = 1.0
+    max_lag: int = 32
+    direction: str = "random"  # "random" (per-sample seeded) or "next" sample of the batch
+    max_samples: int | None = 16
+    seed: int = 0
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        keep = call.batch_size if self.max_samples is None else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        if keep == 0 or call.input is None:
+            return {}
+        res = shattered_profile(call.module, call.input.detach(), keep, n_points=self.n_points, span=self.span,
+                                max_lag=self.max_lag, direction=self.direction, seed=self.seed,
+                                first_index=call.sample_offset)
+        return {k: v.float() for k, v in res.items()}

@@ -1,0 +1,88 @@
+"""Conformance checks every probe -- built-in or user-written -- must pass.
+
+``check_probe(probe)`` runs the probe through the real capture path on tiny plain and residual zoo
+nets and checks the contract: per-sample tensors with the sample axis first, no autograd history,
+results independent of batch composition (eval mode), identical after an HDF5 round trip, a JSON-
+serialisable config, and no hook left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from probe.capture import capture
+from probe.errors import ProbeError
+from probe.probes.base import Probe
+from probe.session import HookSession
+from probe.zoo import create
+
+__all__ = ["check_probe"]
+
+
+def _tiny_models() -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [create(name, in_channels=1, width=4, num_classes=3).eval() for name in ("resnet8", "plain8")]
+
+
+def _fail(probe: Probe, what: str) -> None:
+    raise AssertionError(f"Probe {type(probe).__name__} ({probe.name!r}) {what}")
+
+
+def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
+    """Raise ``AssertionError`` with an explanation if ``probe`` breaks the probe contract.
+
+    Example:
+        >>> from probe.probes import ResidualNorms
+        >>> check_probe(ResidualNorms())
+    """
+    if not isinstance(probe, Probe):
+        _fail(probe, "is not a probe.Probe subclass instance.")
+    try:
+        json.dumps(probe.config())
+    except TypeError as e:
+        _fail(probe, f"has a config() that is not JSON-serialisable: {e}")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    for model in _tiny_models():
+        before = {n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+        with HookSession(model, layers, [probe]) as session:
+            full, _ = session.run_batch(x, y)
+            halves = [session.run_batch(x[:3], y[:3], 0)[0], session.run_batch(x[3:], y[3:], 3)[0]]
+        after = {n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+        if before != after:
+            _fail(probe, "left hooks behind.")
+        if not any(full.values()):
+            _fail(probe, "produced nothing on any layer of a tiny zoo net.")
+        for layer, qs in full.items():
+            for q, t in qs.items():
+                if t.requires_grad:
+                    _fail(probe, f"returned {layer}/{q} with autograd history; detach it.")
+                if t.shape[0] not in (6, 0) and not getattr(probe, "max_samples", None):
+                    _fail(probe, f"returned {layer}/{q} with {t.shape[0]} rows for 6 samples.")
+                parts = [h.get(layer, {}).get(q) for h in halves]
+                if any(p is None for p in parts):
+                    continue
+                joined = torch.cat(parts).float()
+                if joined.shape == t.shape and not torch.allclose(joined, t.float(), rtol=rtol, atol=1e-5):
+                    _fail(probe, f"gives different {layer}/{q} when the batch is split; rows must be per sample.")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "check.h5"
+            cap = capture(model, [(x, y)], layers=layers, probes=[probe], out=path)
+            with cap:
+                for layer, qs in full.items():
+                    for q, t in qs.items():
+                        stored = cap.read(layer, q)
+                        ref = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+                        if stored.shape != ref.shape or not np.allclose(stored.astype(np.float64), ref.astype(np.float64),
+                                                                        rtol=rtol, atol=1e-6, equal_nan=True):
+                            _fail(probe, f"changes {layer}/{q} in the HDF5 round trip.")
+    try:
+        type(probe)(**{k: v for k, v in probe.config().items() if k != "probe"})
+    except (TypeError, ProbeError) as e:
+        _fail(probe, f"cannot be rebuilt from its config(): {e}")
