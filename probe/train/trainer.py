@@ -193,6 +193,7 @@ def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays 
 
     run_doc = {"config": cfg.to_dict(), "recipe": recipe.to_dict(), "dataset": {
         "name": data.name, "source": data.source, "train": int(len(data.y_train)), "test": int(len(data.y_test))}}
+    run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
     run_json = run_dir / "run.json"
     if run_json.exists():
         previous = json.loads(run_json.read_text())

@@ -79,6 +79,13 @@ def create(name: str, **options: object) -> nn.Module:
         (False, 56)
     """
     family, depth = parse_name(name)
+    if depth < 8 or (depth - 2) % 6:
+        lower = max(8, depth - (depth - 2) % 6)
+        near = sorted({f"{family}{lower}", f"{family}{lower + 6}"})
+        raise ProbeError(
+            f"Invalid depth in {name!r}: He et al. CIFAR nets have depth 6n+2 (8, 14, 20, 32, 44, 56, 110, ...). "
+            f"Did you mean {' or '.join(repr(n) for n in near)}?"
+        )
     entry = _FAMILIES[family]
     clash = set(options) & (set(entry["fixed"]) | {"depth"})
     if clash:

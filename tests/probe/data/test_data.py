@@ -1,0 +1,117 @@
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from probe.data import DeviceLoader, load_cifar_pickle, load_dataset, load_digits, load_image_tree
+from probe.errors import ProbeError
+
+
+def _write_cifar10_pickle(root, n=4):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                                                      b"labels": [0] * n}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    return folder
+
+
+def test_cifar10_pickle_layout(tmp_path):
+    _write_cifar10_pickle(tmp_path)
+    ds = load_cifar_pickle(tmp_path, "cifar10")
+    assert ds.x_train.shape == (20, 3, 32, 32) and ds.x_test.shape == (4, 3, 32, 32)
+    assert ds.classes[3] == "c3" and ds.augment
+
+
+def test_cifar100_pickle_layout(tmp_path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.zeros((3, 3072), np.uint8)
+    for split in ("train", "test"):
+        (folder / split).write_bytes(pickle.dumps({b"data": data, b"fine_labels": [1, 2, 3]}))
+    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"k{i}".encode() for i in range(100)]}))
+    ds = load_cifar_pickle(tmp_path, "cifar100")
+    assert ds.num_classes == 100 and list(ds.y_test) == [1, 2, 3]
+
+
+def test_pickle_reader_refuses_arbitrary_objects(tmp_path):
+    folder = _write_cifar10_pickle(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [ProbeError]}))
+    with pytest.raises(ProbeError, match="Refusing to unpickle"):
+        load_cifar_pickle(tmp_path, "cifar10")
+
+
+def test_missing_pickle_folder_says_what_to_put_where(tmp_path):
+    with pytest.raises(ProbeError, match="cifar-10-batches-py"):
+        load_dataset("cifar10", root=tmp_path, download=False)
+
+
+def _write_tree(root, fmt="png"):
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((4, 4, 3), 40 * i + (cls == "dog") * 100, np.uint8)).save(d / f"{i}.{fmt}")
+
+
+def test_image_tree_folder_and_cache(tmp_path):
+    _write_tree(tmp_path / "tree")
+    ds = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    assert ds.x_train.shape == (6, 3, 4, 4) and ds.classes == ["cat", "dog"]
+    assert sorted(ds.y_test.tolist()) == [0, 0, 1, 1]
+    assert list((tmp_path / "cache").glob("*.npz"))
+    again = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.x_train, ds.x_train)
+
+
+def test_image_tree_targz(tmp_path):
+    _write_tree(tmp_path / "src" / "cifar-mini", fmt="jpg")
+    archive = tmp_path / "mini.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-mini", arcname="cifar-mini")
+    ds = load_dataset(str(archive), root=tmp_path)
+    assert ds.x_train.shape == (6, 3, 4, 4) and ds.x_test.shape == (4, 3, 4, 4)
+
+
+def test_empty_tree_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProbeError, match="train/<class>"):
+        load_image_tree(tmp_path / "empty")
+
+
+def test_unknown_dataset_suggests_a_name():
+    with pytest.raises(ProbeError, match="Did you mean 'digits'"):
+        load_dataset("digit")
+
+
+def test_digits_split_is_fixed():
+    a, b = load_digits(), load_digits()
+    assert a.x_train.shape == (1437, 1, 8, 8) and a.x_test.shape == (360, 1, 8, 8)
+    assert np.array_equal(a.y_test, b.y_test)
+
+
+def test_loader_is_deterministic_for_a_seed_and_augments():
+    x = np.random.default_rng(0).integers(0, 256, (20, 3, 8, 8), dtype=np.uint8)
+    y = np.arange(20)
+
+    def run(seed):
+        loader = DeviceLoader(x, y, 8, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=seed)
+        return [b[0] for b in loader]
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+    assert not all(torch.equal(p, q) for p, q in zip(a, c))
+
+
+def test_loader_without_augmentation_normalises_exactly():
+    x = np.full((2, 1, 2, 2), 255, np.uint8)
+    (batch, _, idx), = list(DeviceLoader(x, np.zeros(2), 2, mean=[0.5], std=[0.5]))
+    assert torch.allclose(batch, torch.ones_like(batch)) and idx.tolist() == [0, 1]

@@ -1,0 +1,294 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probe
+from probe.errors import ProbeError
+from probe.hooks import ResidualSpec, register_residual
+from probe.probes import ChannelStats, GradNorms, ResidualNorms
+from probe.store.writer import H5Writer
+
+
+def _model(name="resnet8"):
+    return probe.zoo.create(name, in_channels=1, width=4).eval()
+
+
+def _batches(n_batches=3, size=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n_batches)]
+
+
+def _hook_counts(model):
+    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+
+
+@pytest.mark.parametrize("name", ["resnet8", "plain8"])
+def test_capture_to_hdf5_equals_direct_computation(tmp_path, name):
+    model = _model(name)
+    batches = _batches()
+    cap = probe.capture(model, batches, probes=[ResidualNorms()], out=tmp_path / "c.h5")
+    x = torch.cat([b[0] for b in batches])
+    block = model.stages[1][0]
+    with torch.no_grad():
+        h = model.stages[0](model.stem(x))
+        f, s, y = block.branch(h), block.shortcut(h), block(h)
+    with cap:
+        assert np.allclose(cap.read("stages.1.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+        assert np.allclose(cap.read("stages.1.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+        assert np.allclose(cap.read("stages.1.0", "dev_norm"), (y - s).flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+        assert cap.sample_index().tolist() == list(range(15))
+        assert cap.layer_attrs("stages.1.0")["residual"] == int(name.startswith("res"))
+
+
+def test_streaming_channel_statistics_equal_numpy_float64(tmp_path):
+    model = _model().double()
+    batches = [(x.double(), y) for x, y in _batches(4, 7)]
+    cap = probe.capture(model, batches, layers=["stages.0.0", "stem.bn"], probes=[ChannelStats()], out=tmp_path / "c.h5")
+    x = torch.cat([b[0] for b in batches])
+    with torch.no_grad():
+        r = model.stem(x) if False else model.stem.bn(model.stem.conv(x))
+    ref = r.permute(1, 0, 2, 3).reshape(r.shape[1], -1).numpy()
+    with cap:
+        m = cap.channel_moments("stem.bn")
+    assert np.max(np.abs(m.mean - ref.mean(1)) / np.abs(ref.mean(1))) <= 1e-6
+    assert np.max(np.abs(m.var - ref.var(1)) / ref.var(1)) <= 1e-6
+    pooled, per_channel = probe.response_std(m.mean, m.var)
+    assert pooled == pytest.approx(ref.std(), rel=1e-6)
+    assert per_channel == pytest.approx(ref.std(1).mean(), rel=1e-6)
+
+
+def test_hooks_removed_and_model_state_unchanged_after_success():
+    model = _model()
+    model.train()
+    before = _hook_counts(model)
+    x, y = _batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    model.train()
+    grad_mode = torch.is_grad_enabled()
+    with probe.HookSession(model, probes=[ResidualNorms(), GradNorms()]) as s:
+        _, out = s.run_batch(x, y)
+    assert torch.equal(out, ref)
+    assert _hook_counts(model) == before
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.is_grad_enabled() == grad_mode
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Boom(probe.Probe):
+    name = "boom"
+
+    def forward(self, call):
+        raise RuntimeError("probe failed")
+
+
+def test_hooks_removed_after_a_probe_raises(tmp_path):
+    model = _model()
+    before = _hook_counts(model)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        probe.capture(model, _batches(), probes=[_Boom()], out=tmp_path / "c.h5")
+    assert _hook_counts(model) == before
+    assert not list(tmp_path.iterdir()), "a failed capture must leave no file"
+
+
+def test_hooks_removed_after_bad_layer_spec():
+    model = _model()
+    before = _hook_counts(model)
+    with pytest.raises(ProbeError, match="Did you mean 'stages"):
+        probe.capture(model, _batches(), layers="stage.*", probes=[ResidualNorms()])
+    assert _hook_counts(model) == before
+
+
+def test_captured_gradients_equal_autograd():
+    model = _model()
+    x, y = _batches(1)[0]
+    cap = probe.capture(model, [(x, y)], layers=["stages.1.0", "head.fc"],
+                        probes=[probe.Gradients(dtype="fp32"), GradNorms()])
+    acts = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: acts.__setitem__(n, o))
+             for n in ("stages.1.0", "head.fc")]
+    loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
+    grads = torch.autograd.grad(loss, [acts["stages.1.0"], acts["head.fc"]])
+    for h in hooks:
+        h.remove()
+    assert np.allclose(cap.read("stages.1.0", "grad_output"), grads[0].numpy(), atol=1e-6)
+    assert np.allclose(cap.read("head.fc", "grad_y_norm"), grads[1].norm(dim=1).numpy(), rtol=1e-5)
+
+
+class TorchvisionLikeBlock(nn.Module):
+    """Same structure as torchvision's BasicBlock: in-place ReLU and ``out += identity``."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.downsample = None
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+register_residual(TorchvisionLikeBlock, ResidualSpec(branch="bn2", shortcut=lambda b: b.downsample))
+
+
+def test_inplace_block_warns_and_branch_is_cloned_before_the_add():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), TorchvisionLikeBlock(4)).eval()
+    x = torch.randn(3, 1, 6, 6)
+    with pytest.warns(probe.InPlaceWarning, match="relu"):
+        cap = probe.capture(model, [x], probes=[ResidualNorms()])
+    with torch.no_grad():
+        h = model[0](x)
+        blk = model[1]
+        f = blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(h)))))
+    assert np.allclose(cap.read("1", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+
+
+def test_module_called_twice_is_recorded_per_call():
+    lin = nn.Linear(4, 4)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    cap = probe.capture(model, [torch.randn(2, 4)], layers="0", probes=[ResidualNorms()])
+    assert cap.layers == ["0", "0@1"]
+    assert cap.layer_attrs("0@1")["call"] == 1
+
+
+def test_plain_model_without_blocks_needs_explicit_layers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ProbeError, match="No residual blocks recognised"):
+        probe.capture(model, [torch.randn(2, 4)], probes=[ResidualNorms()])
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user that can write anywhere")
+        with pytest.raises(ProbeError, match="Cannot write the capture"):
+            probe.capture(_model(), _batches(), probes=[ResidualNorms()], out=ro / "c.h5")
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_in_a_regular_file_path_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ProbeError, match="Cannot write the capture"):
+        probe.capture(_model(), _batches(), probes=[ResidualNorms()], out=tmp_path / "file" / "c.h5")
+
+
+def test_full_disk_gives_clear_error_and_no_file(tmp_path, monkeypatch):
+    def full(self, dset, arr):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(H5Writer, "_append", full)
+    with pytest.raises(ProbeError, match="No space left"):
+        probe.capture(_model(), _batches(), probes=[ResidualNorms()], out=tmp_path / "c.h5")
+    assert not list(tmp_path.iterdir())
+
+
+def test_reader_refuses_incomplete_and_unknown_versions(tmp_path):
+    path = tmp_path / "c.h5"
+    probe.capture(_model(), _batches(1), probes=[ResidualNorms()], out=path).close()
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(ProbeError, match="incomplete"):
+        probe.open(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["complete"] = True
+        f.attrs["format_version"] = "2.0.0"
+    with pytest.raises(ProbeError, match="format version"):
+        probe.open(path)
+
+
+def test_bf16_activations_round_trip_exactly(tmp_path):
+    x, model = _batches(1)[0], _model()
+    cap = probe.capture(model, [x], layers="stages.0.0", probes=[probe.Activations(dtype="bf16")], out=tmp_path / "c.h5")
+    mem = probe.capture(model, [x], layers="stages.0.0", probes=[probe.Activations(dtype="bf16")])
+    assert np.array_equal(cap.read("stages.0.0", "output"), mem.read("stages.0.0", "output"))
+
+
+def test_activation_sample_cap_and_subsampling():
+    cap = probe.capture(_model(), _batches(3, 5), layers="stages.0.0",
+                        probes=[probe.Activations(dtype="fp32", max_samples=7, channel_stride=2, spatial_stride=2)])
+    assert cap.read("stages.0.0", "output").shape == (7, 2, 4, 4)
+
+
+def test_compressed_capture_is_lossless(tmp_path):
+    x, model = _batches(2), _model()
+    raw = probe.capture(model, x, probes=[ChannelStats()])
+    for codec in ("gzip", "zstd"):
+        with probe.capture(model, x, probes=[ChannelStats()], out=tmp_path / f"{codec}.h5", compression=codec) as cap:
+            assert np.array_equal(cap.read("stages.2.0", "channel_var"), raw.read("stages.2.0", "channel_var"))
+
+
+def test_provenance_is_recorded(tmp_path):
+    with probe.capture(_model(), _batches(1), probes=[ResidualNorms()], out=tmp_path / "c.h5",
+                       provenance={"seed": 7}) as cap:
+        assert cap.provenance["seed"] == 7 and "torch" in cap.provenance["versions"]
+        assert cap.config["probes"] == [{"probe": "residual"}]
+
+
+_KILLED = textwrap.dedent(
+    """
+    import sys, time, torch, probe
+    model = probe.zoo.create("resnet8", in_channels=1, width=4)
+    class Slow(probe.ResidualNorms):
+        def forward(self, call):
+            time.sleep(0.05)
+            return super().forward(call)
+    def batches():
+        for i in range(10_000):
+            if i == 3:
+                print("started", flush=True)
+            yield torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+    probe.capture(model, batches(), probes=[Slow()], out=sys.argv[1])
+    """
+)
+
+
+def test_killed_capture_leaves_no_accepted_file_and_rerun_succeeds(tmp_path):
+    out = tmp_path / "c.h5"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    for leftover in tmp_path.iterdir():  # the temporary file, if any, is refused
+        with pytest.raises(ProbeError):
+            probe.open(leftover)
+    probe.capture(_model(), _batches(1), probes=[ResidualNorms()], out=out).close()
+    with probe.open(out) as cap:
+        assert cap.attrs["complete"]
+
+
+def test_torchvision_resnet18_blocks_found_automatically():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.resnet18(num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", probe.InPlaceWarning)
+        cap = probe.capture(model, [torch.randn(2, 3, 32, 32)], probes=[ResidualNorms()])
+    assert len(cap.layers) == 8 and cap.layer_attrs("layer1.0")["is_block"]
+
+
+def test_torchvision_vgg11_bn_with_explicit_layers():
+    tv = pytest.importorskip("torchvision")
+    model = tv.models.vgg11_bn(num_classes=10).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", probe.InPlaceWarning)
+        cap = probe.capture(model, [torch.randn(2, 3, 32, 32)], layers="features.*", probes=[ChannelStats()])
+    assert "features.0" in cap.layers

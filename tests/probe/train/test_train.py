@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from probe.errors import ProbeError
+from probe.train import TrainConfig, get_recipe, load_checkpoint, lr_at, parse_save_at, save_checkpoint, train
+from probe.zoo import create
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(model="resnet8", model_options={"width": 4}, recipe_overrides={"epochs": 3, "batch_size": 128},
+                save_at="0,1,last", out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    net = create("plain14", width=4)
+    js = save_checkpoint(tmp_path / "ck", net, {"model": net.config.to_dict(), "epoch": 3})
+    loaded, meta = load_checkpoint(js)
+    assert meta["epoch"] == 3 and loaded.config == net.config
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_config_mismatch_is_refused(tmp_path):
+    net = create("resnet8", width=4)
+    js = save_checkpoint(tmp_path / "ck", net, {"model": net.config.to_dict()})
+    meta = json.loads(js.read_text())
+    meta["model"]["width"] = 8
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ProbeError, match="wrong shape"):
+        load_checkpoint(js)
+
+
+def test_checkpoint_with_swapped_weights_fails_hash(tmp_path):
+    a, b = create("resnet8", width=4), create("resnet8", width=4)
+    js = save_checkpoint(tmp_path / "a", a, {"model": a.config.to_dict()})
+    save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(tmp_path / "a.safetensors"))
+    with pytest.raises(ProbeError, match="do not match the hash"):
+        load_checkpoint(js)
+
+
+def test_checkpoint_without_json_is_not_a_checkpoint(tmp_path):
+    net = create("resnet8", width=4)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(ProbeError, match="No checkpoint config"):
+        load_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_save_at_parsing():
+    assert parse_save_at("0,1,5,last", 12) == [0, 1, 5, 12]
+    with pytest.raises(ProbeError, match="outside"):
+        parse_save_at("20", 12)
+    with pytest.raises(ProbeError, match="Invalid --save-at"):
+        parse_save_at("one", 12)
+
+
+def test_he2016_schedule_and_warmup():
+    r = get_recipe("he2016", depth=110)
+    assert lr_at(r, 0, 64000) == 0.01 and lr_at(r, 400, 64000) == 0.1
+    assert lr_at(r, 32000, 64000) == pytest.approx(0.01) and lr_at(r, 48000, 64000) == pytest.approx(0.001)
+    assert get_recipe("he2016", depth=56).warmup_iters == 0
+
+
+def test_cosine_schedule_warms_up_and_decays():
+    r = get_recipe("fast")
+    assert lr_at(r, 0, 1000) < lr_at(r, r.warmup_iters, 1000)
+    assert lr_at(r, 999, 1000) < 1e-3
+
+
+def test_training_writes_checkpoints_and_history(tmp_path):
+    res = train(_cfg(tmp_path))
+    assert sorted(res.checkpoints) == [0, 1, 3]
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
+    assert "test_error" in hist[0] and "batch_loss" in hist[2]
+    meta = json.loads(res.checkpoints[3].read_text())
+    assert meta["seed"] == 0 and meta["recipe"]["name"] == "digits" and "torch" in meta["versions"]
+    assert meta["metrics"]["train_error"] == res.final["train_error"]
+
+
+def test_interrupted_run_resumes_and_matches_uninterrupted(tmp_path):
+    ref = train(_cfg(tmp_path, "ref"))
+
+    def interrupt(event, info):
+        if event == "epoch" and info["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, "cut"), callback=interrupt)
+    resumed = train(_cfg(tmp_path, "cut"))
+    assert resumed.resumed_from == 1
+    a = load_file(str(ref.checkpoints[3].with_suffix(".safetensors")))
+    b = load_file(str(resumed.checkpoints[3].with_suffix(".safetensors")))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+
+
+def test_finished_run_is_not_retrained(tmp_path):
+    train(_cfg(tmp_path))
+    again = train(_cfg(tmp_path))
+    assert again.resumed_from == 3 and again.wall_s < 5
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path):
+    train(_cfg(tmp_path, recipe_overrides={"epochs": 1, "batch_size": 128}))
+    with pytest.raises(ProbeError, match="different configuration"):
+        train(_cfg(tmp_path, seed=3, recipe_overrides={"epochs": 1, "batch_size": 128}))
+
+
+def test_unknown_recipe():
+    with pytest.raises(ProbeError, match="Did you mean 'fast'"):
+        get_recipe("fats")
