@@ -50,7 +50,7 @@ def _batches(data: Iterable, device: torch.device | None) -> Iterable[tuple[torc
 
 def _layer_attrs(session: HookSession, key: str) -> dict:
     info = session.layer_info(key)
-    out_shape, f_shape = session.shapes.get(key, ((), None))
+    out_shape, f_shape, in_shape = session.shapes.get(key, ((), None, None))
     attrs = {
         "module": info.name,
         "module_type": type(info.module).__name__,
@@ -61,6 +61,8 @@ def _layer_attrs(session: HookSession, key: str) -> dict:
         "output_shape": json.dumps(list(out_shape)),
         "spatial_size": prod(out_shape[1:]) if len(out_shape) > 1 else 1,
     }
+    if in_shape is not None:
+        attrs["input_size"] = prod(in_shape)
     if f_shape is not None:
         attrs["f_spatial_size"] = prod(f_shape[1:]) if len(f_shape) > 1 else 1
     return attrs

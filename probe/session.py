@@ -129,7 +129,7 @@ class HookSession:
         self._flags: dict[nn.Module, bool] = {}
         self._suspended = False
         self._open = False
-        self.shapes: dict[str, tuple] = {}  # key -> (output shape, branch shape or None), per sample
+        self.shapes: dict[str, tuple] = {}  # key -> (output, branch or None, input or None) shapes per sample
         self._reset_batch(0)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -214,7 +214,8 @@ class HookSession:
             x = _first_tensor(args)
             key = self._key(info.name)
             block = self._block_tensors(info, x, y) if info.spec is not None else None
-            self.shapes.setdefault(key, (tuple(y.shape[1:]), tuple(block.f.shape[1:]) if block else None))
+            self.shapes.setdefault(key, (tuple(y.shape[1:]), tuple(block.f.shape[1:]) if block else None,
+                                         tuple(x.shape[1:]) if x is not None else None))
             call = Call(key, module, x, y, self._offset, block)
             self._info[key] = info
             results = self._results[key]
@@ -300,7 +301,7 @@ class HookSession:
             if self.model_probes:
                 call = Call("model", self.model, x.detach(), out.detach(), sample_offset)
                 self._info["model"] = self._model_info
-                self.shapes.setdefault("model", (tuple(out.shape[1:]), None))
+                self.shapes.setdefault("model", (tuple(out.shape[1:]), None, tuple(x.shape[1:])))
                 with self._suspend():
                     for p in self.model_probes:
                         if p.applies_to(call):

@@ -1,0 +1,182 @@
+"""Seaborn figures in one theme; each saved as PNG and SVG next to a CSV of the plotted numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never opens a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = ["theme", "model_order", "palette", "save", "plot_vs_layer", "plot_fig7", "plot_cka", "plot_training",
+           "plot_lesions", "plot_vs_depth", "plot_shattered"]
+
+LABELS = {
+    "closeness": "identity-closeness d = ||y − S(x)|| / ||S(x)||",
+    "cos_ys": "cos(y, S(x))",
+    "jac_rel_dev": "||J − P||_F / ||P||_F",
+    "cka_adjacent": "CKA(block input, block output)",
+    "residual_ratio": "||F(x)|| / ||S(x)||",
+    "residual_share": "E||F||² / E||y||²",
+    "asm": "average channel squared mean",
+    "av": "average channel variance",
+    "branch_av": "branch average channel variance",
+    "act_norm": "||y|| (activation norm)",
+    "grad_norm": "||∂L/∂y|| (gradient norm)",
+    "grad_x_norm": "||∂L/∂x||",
+    "cos_f_grad": "cos(F(x), ∂L/∂y)",
+    "jac_msv": "mean squared singular value of J",
+    "jac_top_sv": "top singular value of J",
+    "gsc": "gradient scale coefficient",
+    "response_std_pooled": "layer response std (pooled)",
+    "response_std_channel": "layer response std (per channel)",
+}
+
+
+def theme() -> None:
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+
+
+def model_order(models: pd.Series) -> list[str]:
+    """Plain before residual, shallow before deep."""
+    def key(m: str):
+        digits = "".join(ch for ch in m if ch.isdigit())
+        return (not m.startswith(("plain", "preplain")), int(digits) if digits else 0, m)
+
+    return sorted(pd.unique(models), key=key)
+
+
+def palette(models: list[str]) -> dict[str, tuple]:
+    """Oranges for plain nets, blues for residual nets, darker = deeper."""
+    plain = [m for m in models if m.startswith(("plain", "preplain"))]
+    res = [m for m in models if m not in plain]
+    out = dict(zip(plain, sns.color_palette("Oranges", len(plain) + 1)[1:]))
+    out.update(zip(res, sns.color_palette("Blues", len(res) + 1)[1:]))
+    return out
+
+
+def save(fig: plt.Figure, out_dir: Path, name: str, data: pd.DataFrame | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    plt.close(fig)
+    if data is not None:
+        data.to_csv(out_dir / f"{name}.csv", index=False)
+        paths.append(out_dir / f"{name}.csv")
+    return paths
+
+
+def _band(ax, d: pd.DataFrame, x: str, color) -> None:
+    ok = d["ci_low"].notna() & d["ci_high"].notna()
+    if ok.any():
+        ax.fill_between(d.loc[ok, x], d.loc[ok, "ci_low"], d.loc[ok, "ci_high"], color=color, alpha=0.2, lw=0)
+
+
+def plot_vs_layer(df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, logy: bool = False) -> plt.Figure:
+    """``quantity`` against layer index, one line per model; bands are 95% CIs (across seeds when
+    several seeds exist, else bootstrap over samples)."""
+    theme()
+    d = df[df["quantity"] == quantity]
+    fig = ax.figure if ax is not None else plt.figure(figsize=(6.4, 3.8))
+    ax = ax or fig.add_subplot()
+    order = model_order(d["model"])
+    pal = palette(order)
+    if d.groupby(["model", "layer_index"])["seed"].nunique().max() > 1:
+        sns.lineplot(d, x="layer_index", y="value", hue="model", hue_order=order, palette=pal, errorbar=("ci", 95),
+                     marker="o", markersize=3, ax=ax)
+    else:
+        for m in order:
+            dm = d[d["model"] == m].sort_values("layer_index")
+            ax.plot(dm["layer_index"], dm["value"], marker="o", ms=3, color=pal[m], label=m)
+            _band(ax, dm, "layer_index", pal[m])
+        ax.legend(title="model", fontsize=8)
+    ax.set_xlabel("block / layer index")
+    ax.set_ylabel(LABELS.get(quantity, quantity))
+    if logy:
+        ax.set_yscale("log")
+    return fig
+
+
+def plot_vs_depth(df: pd.DataFrame, quantity: str, ylabel: str) -> plt.Figure:
+    """A per-run scalar against network depth, plain and residual as hues, 95% CI over seeds."""
+    theme()
+    d = df[df["quantity"] == quantity].copy()
+    d["architecture"] = np.where(d["residual"], "residual", "plain")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    sns.lineplot(d, x="depth", y="value", hue="architecture", hue_order=["plain", "residual"],
+                 palette={"plain": "tab:orange", "residual": "tab:blue"}, errorbar=("ci", 95), marker="o", ax=ax)
+    ax.set_xticks(sorted(d["depth"].unique()))
+    ax.set_xlabel("depth (layers)")
+    ax.set_ylabel(ylabel)
+    return fig
+
+
+def plot_fig7(df: pd.DataFrame, quantity: str = "response_std_pooled") -> plt.Figure:
+    """He et al. (2016) Fig. 7: response std per 3x3 layer in original order (top) and sorted (bottom)."""
+    theme()
+    d = df[df["quantity"] == quantity]
+    order = model_order(d["model"])
+    pal = palette(order)
+    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.0))
+    for m in order:
+        dm = d[d["model"] == m].groupby("layer_index")["value"].mean()
+        axes[0].plot(dm.index, dm.values, color=pal[m], label=m, lw=1.2)
+        axes[1].plot(np.arange(len(dm)), np.sort(dm.values)[::-1], color=pal[m], label=m, lw=1.2)
+    axes[0].set_xlabel("layer index (original order)")
+    axes[1].set_xlabel("layer index (sorted by magnitude)")
+    for ax in axes:
+        ax.set_ylabel("std")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cka(matrix: np.ndarray, labels: list[str], title: str) -> plt.Figure:
+    theme()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="magma", square=True, cbar_kws={"label": "linear CKA"},
+                xticklabels=False, yticklabels=False)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"layer ({labels[0]} … {labels[-1]})")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    return fig
+
+
+def plot_training(history: pd.DataFrame, metric: str = "train_error") -> plt.Figure:
+    """Training curves by depth: ``metric`` per epoch, one line per model (CI across seeds)."""
+    theme()
+    order = model_order(history["model"])
+    fig, ax = plt.subplots(figsize=(6.0, 3.8))
+    sns.lineplot(history, x="epoch", y=metric, hue="model", hue_order=order, palette=palette(order),
+                 errorbar=("ci", 95), ax=ax)
+    ax.set_ylabel(metric.replace("_", " "))
+    return fig
+
+
+def plot_lesions(df: pd.DataFrame) -> plt.Figure:
+    """Test error after deleting each single block, plain against residual."""
+    theme()
+    d = df[df["quantity"] == "lesion_error"]
+    order = model_order(d["model"])
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    sns.barplot(d, x="layer_index", y="value", hue="model", hue_order=order, palette=palette(order), ax=ax,
+                errorbar=("ci", 95))
+    base = df[df["quantity"] == "lesion_baseline"].groupby("model")["value"].mean()
+    pal = palette(order)
+    for m, v in base.items():
+        ax.axhline(v, color=pal[m], ls="--", lw=0.8)
+    ax.set_xlabel("deleted block")
+    ax.set_ylabel("test error")
+    ax.tick_params(axis="x", labelsize=7)
+    return fig
+
+
+def plot_shattered(df: pd.DataFrame) -> plt.Figure:
+    """Mean cosine between input gradients Delta steps apart along a line, per model."""
+    return plot_vs_layer(df, "cos_lag")

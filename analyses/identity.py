@@ -1,0 +1,75 @@
+"""Identity-closeness: how far each block (residual or plain pseudo-block) is from its shortcut.
+
+    d   = ||y - S(x)|| / ||S(x)||                       (per sample; 0 for a block that is act(S))
+    cos = cos(y, S(x))
+    delta_J = ||J - P||_F / ||P||_F                      (Jacobian form; P = the shortcut's Jacobian)
+    CKA between consecutive block outputs               (Kornblith et al. 2019; Nguyen et al. 2021)
+Defined on equal terms for plain nets, whose pseudo-blocks are measured against the same S.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analyses.cka import cka_matrix
+from analyses.stats import bootstrap_ci, mean_ci
+from analyses.tidy import frame, per_layer, run_key, stage_of
+from probe.store.reader import CaptureReader
+
+__all__ = ["closeness", "jacobian_deviation", "identity_closeness", "cka_layers"]
+
+
+def closeness(dev_norm: np.ndarray, s_norm: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """d = ||y - S(x)|| / ||S(x)|| per sample.
+
+    Example:
+        >>> closeness(np.array([0.0, 1.0]), np.array([2.0, 2.0]))
+        array([0. , 0.5])
+    """
+    return np.asarray(dev_norm, np.float64) / np.maximum(np.asarray(s_norm, np.float64), eps)
+
+
+def jacobian_deviation(dev2: np.ndarray, p_fro2: np.ndarray) -> np.ndarray:
+    """||J - P||_F / ||P||_F per sample from the Hutchinson estimates."""
+    return np.sqrt(np.maximum(np.asarray(dev2, np.float64), 0) / np.maximum(np.asarray(p_fro2, np.float64), 1e-30))
+
+
+def _ratio_of_means(a, b, axis=-1):
+    return np.sqrt(np.mean(a, axis=axis) / np.mean(b, axis=axis))
+
+
+def identity_closeness(cap: CaptureReader, cka_batch: int | None = None) -> pd.DataFrame:
+    """Tidy rows of ``closeness``, ``cos_ys``, ``jac_rel_dev`` and ``cka_adjacent`` per block."""
+    rows = per_layer(cap, "closeness", ("dev_norm", "s_norm"),
+                     lambda c, l: mean_ci(closeness(c.read(l, "dev_norm"), c.read(l, "s_norm"))), blocks_only=True)
+    rows += per_layer(cap, "cos_ys", ("cos_ys",), lambda c, l: mean_ci(c.read(l, "cos_ys")), blocks_only=True)
+    # Ratio of mean ||J-P||^2 to mean ||P||^2 over samples, i.e. the dataset-level relative deviation.
+    rows += per_layer(cap, "jac_rel_dev", ("jac_dev2", "jac_p_fro2"),
+                      lambda c, l: bootstrap_ci(_ratio_of_means, c.read(l, "jac_dev2"), c.read(l, "jac_p_fro2")),
+                      blocks_only=True)
+    rows += cka_layers(cap, cka_batch, adjacent_only=True)
+    return frame(rows)
+
+
+def cka_layers(cap: CaptureReader, batch_size: int | None = None, adjacent_only: bool = False) -> list[dict]:
+    """CKA between the captured ``output`` activations of consecutive layers (``cka_adjacent``) or,
+    with ``adjacent_only=False``, every pair (quantity ``cka``, ``layer`` = 'a|b')."""
+    layers = [l for l in cap.layers if cap.has(l, "output")]
+    if len(layers) < 2:
+        return []
+    n = min(cap.shape(l, "output")[0] for l in layers)
+    reps = [cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers]
+    mat = cka_matrix(reps, batch_size if batch_size and n >= 2 * batch_size else None)
+    key = run_key(cap)
+    rows = []
+    for i, layer in enumerate(layers):
+        js = [i - 1] if adjacent_only else range(len(layers))
+        for j in js:
+            if j < 0:
+                continue
+            rows.append({**key, "layer": layer if adjacent_only else f"{layers[j]}|{layer}",
+                         "layer_index": int(cap.layer_attrs(layer).get("layer_index", i)), "stage": stage_of(layer),
+                         "quantity": "cka_adjacent" if adjacent_only else "cka", "value": float(mat[i, j]),
+                         "ci_low": float("nan"), "ci_high": float("nan")})
+    return rows

@@ -1,0 +1,122 @@
+"""Lesion studies (Veit, Wilber & Belongie, NeurIPS 2016): delete blocks at test time and re-measure.
+
+Deleting a block replaces it by its shortcut, y = S(x): for residual post-activation blocks x >= 0,
+so this equals dropping F; for plain pseudo-blocks it replaces the two convolutions by the map a
+residual block would fall back to (identity, or option-A subsampling at a stage transition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from analyses.stats import seed_ci
+from analyses.tidy import frame, stage_of
+from probe.errors import ProbeError
+from probe.hooks.residual import find_blocks
+
+__all__ = ["Deleted", "deleted", "error_rate", "lesion_study"]
+
+
+class Deleted(nn.Module):
+    """Stands in for a deleted block: returns the block's shortcut applied to its input."""
+
+    def __init__(self, block: nn.Module, shortcut: nn.Module | None) -> None:
+        super().__init__()
+        self.original = block
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shortcut(x)
+
+
+@contextlib.contextmanager
+def deleted(model: nn.Module, names: Iterable[str]):
+    """Temporarily replace the named blocks by their shortcuts; always restores the model.
+
+    Example:
+        >>> from probe.zoo import create
+        >>> net = create("resnet20").eval()
+        >>> with deleted(net, ["stages.0.1"]):
+        ...     type(net.stages[0][1]).__name__
+        'Deleted'
+        >>> type(net.stages[0][1]).__name__
+        'BasicBlock'
+    """
+    specs = {n: s for n, _, s in find_blocks(model)[0]}
+    swapped = []
+    try:
+        for name in names:
+            if name not in specs:
+                raise ProbeError(f"{name!r} is not a recognised block; blocks: {', '.join(list(specs)[:6])} ...")
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            block = parent._modules[child]
+            parent._modules[child] = Deleted(block, specs[name].resolve(block)[1])
+            swapped.append((parent, child, block))
+        yield model
+    finally:
+        for parent, child, block in reversed(swapped):
+            parent._modules[child] = block
+
+
+@torch.no_grad()
+def error_rate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 error of ``model`` in eval mode over (x, y, ...) batches; restores the mode."""
+    was = model.training
+    model.eval()
+    wrong = total = 0
+    try:
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            wrong += int((model(x).argmax(1) != y).sum())
+            total += len(y)
+    finally:
+        model.train(was)
+    return wrong / max(total, 1)
+
+
+def lesion_study(model: nn.Module, loader: Sequence, key: dict, n_random: Sequence[int] = (2, 4),
+                 repeats: int = 5, seed: int = 0) -> pd.DataFrame:
+    """Test error with each single block deleted, and with k random non-downsampling blocks deleted.
+
+    Rows: quantity ``lesion_error`` per block (layer = block name), ``lesion_random_error`` per k
+    (layer = 'random', layer_index = k, CI over ``repeats`` draws) and ``lesion_baseline``.
+    """
+    blocks = [n for n, _, _ in find_blocks(model)[0]]
+    if not blocks:
+        raise ProbeError("Lesions need recognised residual blocks (zoo, torchvision or registered).")
+    base = error_rate(model, loader)
+    rows = [{**key, "layer": "none", "layer_index": -1, "stage": -1, "quantity": "lesion_baseline",
+             "value": base, "ci_low": float("nan"), "ci_high": float("nan")}]
+    downsampling = set()
+    for i, name in enumerate(blocks):
+        block = model.get_submodule(name)
+        shortcut = find_blocks(model)[0][i][2].resolve(block)[1]
+        if shortcut is not None and not isinstance(shortcut, nn.Identity):
+            downsampling.add(name)
+        with deleted(model, [name]):
+            err = error_rate(model, loader)
+        rows.append({**key, "layer": name, "layer_index": i, "stage": stage_of(name), "quantity": "lesion_error",
+                     "value": err, "ci_low": float("nan"), "ci_high": float("nan")})
+    rng = np.random.default_rng(seed)
+    plain_blocks = [b for b in blocks if b not in downsampling]
+    for k in n_random:
+        if k > len(plain_blocks):
+            continue
+        errs = []
+        for _ in range(repeats):
+            chosen = list(rng.choice(plain_blocks, size=k, replace=False))
+            with deleted(model, chosen):
+                errs.append(error_rate(model, loader))
+        m, lo, hi = seed_ci(np.array(errs))
+        rows.append({**key, "layer": "random", "layer_index": k, "stage": -1, "quantity": "lesion_random_error",
+                     "value": m, "ci_low": lo, "ci_high": hi})
+    df = frame(rows)
+    df["downsampling"] = df["layer"].isin(downsampling)
+    return df

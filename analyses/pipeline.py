@@ -1,0 +1,178 @@
+"""``probe analyze``: every applicable measure and figure for one or more captures.
+
+Writes ``measures.csv`` (the tidy table), one PNG + SVG + CSV per figure, and reports which
+measures were skipped because the captures lack the data for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analyses import figures
+from analyses.cka import cka_matrix
+from analyses.identity import identity_closeness
+from analyses.lesions import lesion_study
+from analyses.residual import residual_magnitude, response_std_table
+from analyses.signal import shattered_table, signal_propagation
+from analyses.tidy import COLUMNS, run_key
+from probe.errors import ProbeError
+from probe.store.reader import CaptureReader, open_capture
+
+__all__ = ["AnalysisResult", "measure_table", "analyze", "FIGURES", "load_histories"]
+
+# figure name -> (quantity, how to get it, log y-axis)
+FIGURES = {
+    "identity_closeness": ("closeness", "probe 'residual' on blocks", True),
+    "cos_y_shortcut": ("cos_ys", "probe 'residual' on blocks", False),
+    "jacobian_deviation": ("jac_rel_dev", "probe 'jacobian' on blocks", True),
+    "cka_adjacent": ("cka_adjacent", "probe 'activations' on blocks", False),
+    "residual_ratio": ("residual_ratio", "probe 'residual' on blocks", True),
+    "residual_share": ("residual_share", "probe 'residual' on blocks", False),
+    "spp_channel_variance": ("av", "probe 'channel'", True),
+    "spp_channel_squared_mean": ("asm", "probe 'channel'", True),
+    "branch_variance": ("branch_av", "probe 'channel' on blocks", True),
+    "activation_norms": ("act_norm", "probe 'residual'", True),
+    "gradient_norms": ("grad_norm", "probe 'grad'", True),
+    "iterative_refinement": ("cos_f_grad", "probe 'grad' on blocks", False),
+    "jacobian_msv": ("jac_msv", "probe 'jacobian'", True),
+    "jacobian_top_sv": ("jac_top_sv", "probe 'jacobian:top_k=1'", True),
+    "gradient_scale_coefficient": ("gsc", "probes 'jacobian' and 'residual'", False),
+    "shattered_gradients": ("cos_lag", "probe 'shattered'", False),
+}
+
+
+@dataclass
+class AnalysisResult:
+    table: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def _open(source: str | os.PathLike | CaptureReader) -> CaptureReader:
+    return source if isinstance(source, CaptureReader) else open_capture(source)
+
+
+def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
+    """Every measure of every capture as one tidy table."""
+    parts = []
+    for cap in caps:
+        for fn in (identity_closeness, residual_magnitude, response_std_table, signal_propagation, shattered_table):
+            parts.append(fn(cap))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+
+
+def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
+    """Per-epoch training histories of the runs the captures came from (where still on disk)."""
+    frames, seen = [], set()
+    for cap in caps:
+        ck = cap.provenance.get("checkpoint")
+        if not ck:
+            continue
+        hist = Path(ck).parent.parent / "history.json"
+        if hist.exists() and hist not in seen:
+            seen.add(hist)
+            key = run_key(cap)
+            h = pd.DataFrame(json.loads(hist.read_text()))
+            for k in ("model", "depth", "residual", "seed"):
+                h[k] = key[k]
+            frames.append(h)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
+    ck = cap.provenance.get("checkpoint")
+    if not ck or not Path(ck).exists():
+        return None
+    from probe.loading import capture_loader, dataset_for, load_for_capture
+
+    model, meta, _ = load_for_capture(ck, device)
+    data = dataset_for(meta, None)
+    loader = list(capture_loader(data, "test", 1024, next(model.parameters()).device))
+    return lesion_study(model, loader, run_key(cap))
+
+
+def analyze(sources: Sequence[str | os.PathLike | CaptureReader], out_dir: str | os.PathLike, *,
+            lesions: bool = True, device: str = "cpu", progress=None) -> AnalysisResult:
+    """Compute every measure the captures allow, write figures and CSVs to ``out_dir``.
+
+    Example:
+        >>> res = analyze(["run.h5"], "figures/")  # doctest: +SKIP
+        >>> res.skipped  # measures the captures lack data for, with the probe that provides it
+    """
+    if not sources:
+        raise ProbeError("No captures given to analyze.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    caps = [_open(s) for s in sources]
+    res = AnalysisResult(measure_table(caps))
+    present = set(res.table["quantity"]) if len(res.table) else set()
+    for name, (quantity, how, logy) in FIGURES.items():
+        if quantity not in present:
+            res.skipped[name] = f"no '{quantity}' in the captures (needs {how})"
+            continue
+        d = res.table[res.table["quantity"] == quantity]
+        fig = figures.plot_vs_layer(res.table, quantity, logy=logy and bool((d["value"] > 0).all()))
+        res.files += figures.save(fig, out, name, d)
+    if "response_std_pooled" in present:
+        d = res.table[res.table["quantity"].str.startswith(("response_std", "bn_gamma"))]
+        res.files += figures.save(figures.plot_fig7(res.table), out, "fig7_response_std", d)
+        res.files += figures.save(figures.plot_fig7(res.table, "response_std_channel"), out, "fig7_response_std_channel")
+        if "bn_gamma_abs" in present:
+            res.files += figures.save(figures.plot_fig7(res.table, "bn_gamma_abs"), out, "fig7_bn_gamma")
+    else:
+        res.skipped["fig7_response_std"] = "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '*bn*')"
+    for i, cap in enumerate(caps):
+        layers = [l for l in cap.layers if cap.has(l, "output")]
+        if len(layers) >= 2:
+            n = min(cap.shape(l, "output")[0] for l in layers)
+            mat = cka_matrix([cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers])
+            key = run_key(cap)
+            tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
+            res.files += figures.save(figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"), out,
+                                      f"cka_{tag}", pd.DataFrame(mat, index=layers, columns=layers).reset_index())
+    if not any(f.name.startswith("cka_") for f in res.files):
+        res.skipped["cka_matrix"] = "no 'output' activations on two or more layers (needs probe 'activations')"
+    hist = load_histories(caps)
+    if len(hist) and "train_error" in hist:
+        h = hist.dropna(subset=["train_error"])
+        if len(h):
+            res.files += figures.save(figures.plot_training(h), out, "training_error", h)
+        hb = hist.dropna(subset=["batch_error"]) if "batch_error" in hist else hist.iloc[0:0]
+        if len(hb):
+            res.files += figures.save(figures.plot_training(hb, "batch_error"), out, "training_batch_error", hb)
+    else:
+        res.skipped["training_curves"] = "the runs' history.json files are not reachable from the capture provenance"
+    if lesions:
+        done, parts = set(), []
+        for cap in caps:
+            key = run_key(cap)
+            ident = (key["model"], key["seed"], key["checkpoint"])
+            if ident in done:
+                continue
+            done.add(ident)
+            if progress:
+                progress(f"lesions {key['model']} seed {key['seed']}")
+            part = _lesions(cap, device)
+            if part is not None:
+                parts.append(part)
+        if parts:
+            les = pd.concat(parts, ignore_index=True)
+            res.table = pd.concat([res.table, les[COLUMNS]], ignore_index=True)
+            res.files += figures.save(figures.plot_lesions(les), out, "lesions", les)
+        else:
+            res.skipped["lesions"] = "no checkpoint reachable from the capture provenance"
+    else:
+        res.skipped["lesions"] = "disabled (--no-lesions)"
+    res.table.to_csv(out / "measures.csv", index=False)
+    res.files.append(out / "measures.csv")
+    for cap, src in zip(caps, sources):
+        if not isinstance(src, CaptureReader):
+            cap.close()
+    return res

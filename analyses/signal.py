@@ -1,0 +1,73 @@
+"""Signal propagation: activation and gradient norms against depth, Jacobian gains, the gradient
+scale coefficient and shattered-gradient correlation.
+
+    act_norm   = E ||y||,  grad_norm = E ||dL/dy||       (He et al. 2016 Sec. 4.1 "healthy norms")
+    jac_msv    = E ||J||_F^2 / d_in                      (mean squared singular value; Pennington 2017)
+    gsc        = E sqrt(||J||_F^2 / d_in) ||x|| / ||y||   (gradient scale coefficient of one block,
+                                                          Philipp, Song & Carbonell 2018)
+    corr_length: first lag where the gradient cosine along a line drops below 1/e (Balduzzi 2017)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from analyses.stats import mean_ci
+from analyses.tidy import frame, per_layer, run_key
+from probe.store.reader import CaptureReader
+
+__all__ = ["gsc", "mean_squared_singular_value", "signal_propagation", "shattered_table"]
+
+
+def mean_squared_singular_value(fro2: np.ndarray, d_in: int) -> np.ndarray:
+    """||J||_F^2 / d_in per sample: 1 for an isometry.
+
+    Example:
+        >>> mean_squared_singular_value(np.array([8.0]), 8)
+        array([1.])
+    """
+    return np.asarray(fro2, np.float64) / d_in
+
+
+def gsc(fro2: np.ndarray, d_in: int, x_norm: np.ndarray, y_norm: np.ndarray) -> np.ndarray:
+    """Per-sample gradient scale coefficient of one block: ||J||_qm ||x|| / ||y||, ||J||_qm = ||J||_F/sqrt(d_in)."""
+    return np.sqrt(np.maximum(fro2, 0) / d_in) * np.asarray(x_norm, np.float64) / np.maximum(y_norm, 1e-30)
+
+
+def _d_in(cap: CaptureReader, layer: str) -> int:
+    return int(cap.layer_attrs(layer).get("input_size", 0)) or 1
+
+
+def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
+    """Tidy rows of act_norm, grad_norm, grad_x_norm, cos_f_grad, jac_msv, jac_top_sv and gsc."""
+    simple = {"act_norm": "y_norm", "grad_norm": "grad_y_norm", "grad_x_norm": "grad_x_norm", "cos_f_grad": "cos_f_grad"}
+    rows = []
+    for quantity, source in simple.items():
+        rows += per_layer(cap, quantity, (source,), lambda c, l, s=source: mean_ci(c.read(l, s)))
+    rows += per_layer(cap, "jac_msv", ("jac_fro2",),
+                      lambda c, l: mean_ci(mean_squared_singular_value(c.read(l, "jac_fro2"), _d_in(c, l))))
+    rows += per_layer(cap, "jac_top_sv", ("jac_top_sv",), lambda c, l: mean_ci(c.read(l, "jac_top_sv")[:, 0]))
+
+    def _gsc(c, l):
+        fro2 = c.read(l, "jac_fro2")
+        n = len(fro2)
+        return mean_ci(gsc(fro2, _d_in(c, l), c.read(l, "x_norm")[:n], c.read(l, "y_norm")[:n]))
+
+    rows += per_layer(cap, "gsc", ("jac_fro2", "x_norm", "y_norm"), _gsc)
+    return frame(rows)
+
+
+def shattered_table(cap: CaptureReader) -> pd.DataFrame:
+    """corr_length (mean over lines, with CI) and the mean cos_lag curve (layer_index = lag)."""
+    if not cap.has("model", "cos_lag"):
+        return frame([])
+    key = run_key(cap)
+    base = {**key, "layer": "model", "stage": -1}
+    v, lo, hi = mean_ci(cap.read("model", "corr_length"))
+    rows = [{**base, "layer_index": 0, "quantity": "corr_length", "value": v, "ci_low": lo, "ci_high": hi}]
+    cos_lag = cap.read("model", "cos_lag")
+    for lag in range(cos_lag.shape[1]):
+        v, lo, hi = mean_ci(cos_lag[:, lag])
+        rows.append({**base, "layer_index": lag, "quantity": "cos_lag", "value": v, "ci_low": lo, "ci_high": hi})
+    return frame(rows)

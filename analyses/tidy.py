@@ -1,0 +1,80 @@
+"""The tidy table every measure returns: one row per (run, layer, quantity) with a CI.
+
+Columns: model, depth, residual, seed, checkpoint, layer, layer_index, stage, quantity, value,
+ci_low, ci_high. Runs are identified from the capture's provenance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from probe.store.reader import CaptureReader
+
+__all__ = ["COLUMNS", "run_key", "stage_of", "frame", "per_layer"]
+
+COLUMNS = ["model", "depth", "residual", "seed", "checkpoint", "layer", "layer_index", "stage", "quantity",
+           "value", "ci_low", "ci_high"]
+_STAGE = re.compile(r"(?:stages|layer)\.?(\d+)")
+
+
+def run_key(cap: CaptureReader) -> dict:
+    """model, depth, residual, seed and checkpoint (epoch) of the run a capture was taken from."""
+    prov = cap.provenance
+    cfg = prov.get("model_config") or {}
+    name = prov.get("model_name") or prov.get("model_type", "model")
+    depth = cfg.get("depth")
+    if depth is None:
+        m = re.search(r"(\d+)$", str(name))
+        depth = int(m.group(1)) if m else -1
+    residual = cfg.get("residual")
+    if residual is None:
+        residual = not str(name).startswith(("plain", "preplain"))
+    epoch = prov.get("epoch")
+    return {"model": str(name), "depth": int(depth), "residual": bool(residual),
+            "seed": int(prov.get("seed") or 0), "checkpoint": -1 if epoch is None else int(epoch)}
+
+
+def stage_of(layer: str) -> int:
+    """Stage index of a dotted name ('stages.1.3' -> 1, torchvision 'layer2.0' -> 2); -1 if none."""
+    m = _STAGE.match(layer)
+    return int(m.group(1)) if m else -1
+
+
+def frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df.astype({"depth": int, "seed": int, "checkpoint": int, "layer_index": int, "stage": int})
+
+
+def per_layer(cap: CaptureReader, quantity: str, needs: tuple[str, ...],
+              measure: Callable[[CaptureReader, str], tuple[float, float, float] | None],
+              blocks_only: bool = False) -> list[dict]:
+    """Rows of ``quantity`` for each layer holding all of ``needs``; ``measure`` returns (v, lo, hi)."""
+    key = run_key(cap)
+    rows = []
+    for index, layer in enumerate(l for l in cap.layers if l != "model"):
+        if not all(cap.has(layer, q) for q in needs):
+            continue
+        attrs = cap.layer_attrs(layer)
+        if blocks_only and not attrs.get("is_block"):
+            continue
+        out = measure(cap, layer)
+        if out is None:
+            continue
+        v, lo, hi = out
+        rows.append({**key, "layer": layer, "layer_index": int(attrs.get("layer_index", index)),
+                     "stage": stage_of(layer), "quantity": quantity, "value": float(v),
+                     "ci_low": float(lo), "ci_high": float(hi)})
+    return rows
+
+
+def nan_ci(v: float) -> tuple[float, float, float]:
+    return float(v), float("nan"), float("nan")
+
+
+def finite(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x[np.isfinite(x)]
