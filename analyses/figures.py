@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never opens a window
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
@@ -95,10 +96,12 @@ def plot_vs_layer(df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, l
             ax.plot(dm["layer_index"], dm["value"], marker="o", ms=3, color=pal[m], label=m)
             _band(ax, dm, "layer_index", pal[m])
         ax.legend(title="model", fontsize=8)
-    ax.set_xlabel("block / layer index")
+    ax.set_xlabel("lag" if quantity == "cos_lag" else "block / layer index")
     ax.set_ylabel(LABELS.get(quantity, quantity))
-    if logy:
-        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    positive = d["value"][d["value"] > 0]
+    if logy and len(positive) == len(d) and positive.max() / positive.min() > 20:
+        ax.set_yscale("log")  # only when the values span more than about a decade
     return fig
 
 

@@ -24,7 +24,7 @@ from analyses.tidy import COLUMNS, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 
-__all__ = ["AnalysisResult", "measure_table", "analyze", "FIGURES", "load_histories"]
+__all__ = ["AnalysisResult", "measure_table", "analyze", "write_figures", "FIGURES", "load_histories"]
 
 # figure name -> (quantity, how to get it, log y-axis)
 FIGURES = {
@@ -98,9 +98,58 @@ def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
     return lesion_study(model, loader, run_key(cap))
 
 
+def write_figures(table: pd.DataFrame, out: Path, caps: Sequence[CaptureReader] = (),
+                  histories: pd.DataFrame | None = None, lesions: pd.DataFrame | None = None,
+                  prefix: str = "") -> tuple[list[Path], dict[str, str]]:
+    """Every figure the data allows (PNG + SVG + CSV); returns (files, skipped measures with reasons)."""
+    files: list[Path] = []
+    skipped: dict[str, str] = {}
+    present = set(table["quantity"]) if len(table) else set()
+    for name, (quantity, how, logy) in FIGURES.items():
+        if quantity not in present:
+            skipped[name] = f"no '{quantity}' in the captures (needs {how})"
+            continue
+        d = table[table["quantity"] == quantity]
+        files += figures.save(figures.plot_vs_layer(table, quantity, logy=logy), out, prefix + name, d)
+    if "response_std_pooled" in present:
+        d = table[table["quantity"].str.startswith(("response_std", "bn_gamma"))]
+        files += figures.save(figures.plot_fig7(table), out, prefix + "fig7_response_std", d)
+        files += figures.save(figures.plot_fig7(table, "response_std_channel"), out, prefix + "fig7_response_std_channel")
+        if "bn_gamma_abs" in present:
+            files += figures.save(figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma")
+    else:
+        skipped["fig7_response_std"] = "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '*bn*')"
+    for cap in caps:
+        layers = [l for l in cap.layers if cap.has(l, "output")]
+        if len(layers) >= 2:
+            n = min(cap.shape(l, "output")[0] for l in layers)
+            mat = cka_matrix([cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers])
+            key = run_key(cap)
+            tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
+            files += figures.save(figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"), out,
+                                  f"{prefix}cka_{tag}", pd.DataFrame(mat, index=layers, columns=layers).reset_index())
+    if not any(f.name.startswith(prefix + "cka_") for f in files):
+        skipped["cka_matrix"] = "no 'output' activations on two or more layers (needs probe 'activations')"
+    if histories is not None and len(histories) and "train_error" in histories:
+        h = histories.dropna(subset=["train_error"])
+        if len(h):
+            files += figures.save(figures.plot_training(h), out, prefix + "training_error", h)
+        hb = histories.dropna(subset=["batch_error"]) if "batch_error" in histories else histories.iloc[0:0]
+        if len(hb):
+            files += figures.save(figures.plot_training(hb, "batch_error"), out, prefix + "training_batch_error", hb)
+    else:
+        skipped["training_curves"] = "the runs' history.json files are not reachable from the capture provenance"
+    if lesions is not None and len(lesions):
+        files += figures.save(figures.plot_lesions(lesions), out, prefix + "lesions", lesions)
+    return files, skipped
+
+
 def analyze(sources: Sequence[str | os.PathLike | CaptureReader], out_dir: str | os.PathLike, *,
             lesions: bool = True, device: str = "cpu", progress=None) -> AnalysisResult:
     """Compute every measure the captures allow, write figures and CSVs to ``out_dir``.
+
+    When captures of several checkpoints of one run are given, models are labelled
+    ``<model>@e<epoch>`` so that checkpoints are drawn apart, not pooled.
 
     Example:
         >>> res = analyze(["run.h5"], "figures/")  # doctest: +SKIP
@@ -111,68 +160,41 @@ def analyze(sources: Sequence[str | os.PathLike | CaptureReader], out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     caps = [_open(s) for s in sources]
-    res = AnalysisResult(measure_table(caps))
-    present = set(res.table["quantity"]) if len(res.table) else set()
-    for name, (quantity, how, logy) in FIGURES.items():
-        if quantity not in present:
-            res.skipped[name] = f"no '{quantity}' in the captures (needs {how})"
-            continue
-        d = res.table[res.table["quantity"] == quantity]
-        fig = figures.plot_vs_layer(res.table, quantity, logy=logy and bool((d["value"] > 0).all()))
-        res.files += figures.save(fig, out, name, d)
-    if "response_std_pooled" in present:
-        d = res.table[res.table["quantity"].str.startswith(("response_std", "bn_gamma"))]
-        res.files += figures.save(figures.plot_fig7(res.table), out, "fig7_response_std", d)
-        res.files += figures.save(figures.plot_fig7(res.table, "response_std_channel"), out, "fig7_response_std_channel")
-        if "bn_gamma_abs" in present:
-            res.files += figures.save(figures.plot_fig7(res.table, "bn_gamma_abs"), out, "fig7_bn_gamma")
-    else:
-        res.skipped["fig7_response_std"] = "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '*bn*')"
-    for i, cap in enumerate(caps):
-        layers = [l for l in cap.layers if cap.has(l, "output")]
-        if len(layers) >= 2:
-            n = min(cap.shape(l, "output")[0] for l in layers)
-            mat = cka_matrix([cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers])
-            key = run_key(cap)
-            tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
-            res.files += figures.save(figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"), out,
-                                      f"cka_{tag}", pd.DataFrame(mat, index=layers, columns=layers).reset_index())
-    if not any(f.name.startswith("cka_") for f in res.files):
-        res.skipped["cka_matrix"] = "no 'output' activations on two or more layers (needs probe 'activations')"
-    hist = load_histories(caps)
-    if len(hist) and "train_error" in hist:
-        h = hist.dropna(subset=["train_error"])
-        if len(h):
-            res.files += figures.save(figures.plot_training(h), out, "training_error", h)
-        hb = hist.dropna(subset=["batch_error"]) if "batch_error" in hist else hist.iloc[0:0]
-        if len(hb):
-            res.files += figures.save(figures.plot_training(hb, "batch_error"), out, "training_batch_error", hb)
-    else:
-        res.skipped["training_curves"] = "the runs' history.json files are not reachable from the capture provenance"
-    if lesions:
-        done, parts = set(), []
-        for cap in caps:
-            key = run_key(cap)
-            ident = (key["model"], key["seed"], key["checkpoint"])
-            if ident in done:
-                continue
-            done.add(ident)
-            if progress:
-                progress(f"lesions {key['model']} seed {key['seed']}")
-            part = _lesions(cap, device)
-            if part is not None:
-                parts.append(part)
-        if parts:
-            les = pd.concat(parts, ignore_index=True)
-            res.table = pd.concat([res.table, les[COLUMNS]], ignore_index=True)
-            res.files += figures.save(figures.plot_lesions(les), out, "lesions", les)
+    try:
+        table = measure_table(caps)
+        les = None
+        skipped_lesions = ""
+        if lesions:
+            done, parts = set(), []
+            for cap in caps:
+                key = run_key(cap)
+                ident = (key["model"], key["seed"], key["checkpoint"])
+                if ident in done:
+                    continue
+                done.add(ident)
+                if progress:
+                    progress(f"lesions {key['model']} seed {key['seed']} epoch {key['checkpoint']}")
+                part = _lesions(cap, device)
+                if part is not None:
+                    parts.append(part)
+            if parts:
+                les = pd.concat(parts, ignore_index=True)
+                table = pd.concat([table, les[COLUMNS]], ignore_index=True)
+            else:
+                skipped_lesions = "no checkpoint reachable from the capture provenance"
         else:
-            res.skipped["lesions"] = "no checkpoint reachable from the capture provenance"
-    else:
-        res.skipped["lesions"] = "disabled (--no-lesions)"
-    res.table.to_csv(out / "measures.csv", index=False)
-    res.files.append(out / "measures.csv")
-    for cap, src in zip(caps, sources):
-        if not isinstance(src, CaptureReader):
-            cap.close()
-    return res
+            skipped_lesions = "disabled (--no-lesions)"
+        if len(table) and (table.groupby(["model", "seed"])["checkpoint"].nunique() > 1).any():
+            table["model"] = table["model"] + "@e" + table["checkpoint"].astype(str)
+            if les is not None:
+                les["model"] = les["model"] + "@e" + les["checkpoint"].astype(str)
+        files, skipped = write_figures(table, out, caps, load_histories(caps), les)
+        if skipped_lesions:
+            skipped["lesions"] = skipped_lesions
+        table.to_csv(out / "measures.csv", index=False)
+        files.append(out / "measures.csv")
+        return AnalysisResult(table, files, skipped)
+    finally:
+        for cap, src in zip(caps, sources):
+            if not isinstance(src, CaptureReader):
+                cap.close()

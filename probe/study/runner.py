@@ -1,0 +1,219 @@
+"""``probe study``: train the grid, capture along training, analyse, judge, report.
+
+Layout of a study directory::
+
+    runs/<model>-s<seed>/            training runs (resumable; finished runs are not retrained)
+    captures/<model>-s<seed>-e<epoch>.h5      block probes
+    captures/<model>-s<seed>-e<epoch>-bn.h5   BN outputs for Fig. 7
+    tables/measures.csv, lesions-<model>-s<seed>.csv, degradation.csv, runs.csv, verdicts.json
+    figures/*.png|svg|csv
+    report.html, summary.md
+
+Every step skips work whose output already exists and is valid, so an interrupted study resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analyses.figures import plot_vs_depth, save
+from analyses.lesions import lesion_study
+from analyses.pipeline import measure_table, write_figures
+from analyses.tidy import run_key
+from probe.capture import capture
+from probe.data import data_root, load_dataset
+from probe.errors import ProbeError
+from probe.loading import capture_loader, load_for_capture
+from probe.probes.registry import make_probe
+from probe.probes.statistics import ChannelStats
+from probe.store.reader import open_capture
+from probe.study.presets import StudyConfig
+from probe.study.verdicts import Verdict, degradation_table, verdicts
+from probe.train import TrainConfig, get_recipe, train
+from probe.zoo import parse_name
+
+__all__ = ["StudyResult", "run_study", "capture_epochs"]
+
+Callback = Callable[[str, dict], None]
+
+
+@dataclass
+class StudyResult:
+    out: Path
+    table: pd.DataFrame
+    runs: pd.DataFrame
+    degradation: pd.DataFrame
+    verdicts: list[Verdict]
+    report: Path
+    summary: Path
+    wall_s: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
+    """Resolve ``capture_at`` ('0', 'mid', 'last', numbers) to sorted epochs."""
+    out = set()
+    for tok in cfg.capture_at:
+        tok = str(tok)
+        if tok == "last":
+            out.add(epochs)
+        elif tok == "mid":
+            out.add(max(1, epochs // 2))
+        else:
+            try:
+                e = int(tok)
+            except ValueError as e_:
+                raise ProbeError(f"Invalid capture_at entry {tok!r}; use numbers, 'mid' or 'last'.") from e_
+            if not 0 <= e <= epochs:
+                raise ProbeError(f"capture_at epoch {e} is outside 0..{epochs}.")
+            out.add(e)
+    return sorted(out)
+
+
+def _valid_capture(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        open_capture(path).close()
+        return True
+    except ProbeError:
+        path.unlink()
+        return False
+
+
+def _is_bn(name: str, module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.BatchNorm2d)
+
+
+def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callback | None = None) -> StudyResult:
+    """Run (or resume) the study described by ``cfg`` in ``out`` (default data/studies/<name>).
+
+    ``callback(event, info)`` gets 'stage' events (a person-readable step) and the trainer's
+    events, for progress bars; the library itself never prints.
+    """
+    t0 = time.perf_counter()
+    cb = callback or (lambda event, info: None)
+    out = Path(out) if out else data_root() / "studies" / cfg.name
+    for sub in ("runs", "captures", "tables", "figures"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if len(cfg.families) != 2:
+        raise ProbeError(f"A study compares two families (plain, residual); got {cfg.families}.")
+    for m in cfg.models:
+        parse_name(m)
+    (out / "study.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    timings: dict[str, float] = {}
+    data = load_dataset(cfg.dataset)
+    probes = [make_probe(s) for s in cfg.probes]
+
+    # 1. Train (or reuse) every model.
+    ts = time.perf_counter()
+    run_rows, checkpoints = [], {}
+    for seed in cfg.seeds:
+        for model in cfg.models:
+            _, depth = parse_name(model)
+            epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
+            at = capture_epochs(cfg, epochs)
+            cb("stage", {"text": f"train {model} seed {seed}"})
+            tc = TrainConfig(model=model, dataset=cfg.dataset, recipe=cfg.recipe, seed=seed,
+                             model_options=dict(cfg.model_options), recipe_overrides=dict(cfg.recipe_overrides),
+                             save_at=",".join(str(e) for e in at), out=str(out / "runs" / f"{model}-s{seed}"),
+                             device=cfg.device)
+            res = train(tc, callback=cb, data=data)
+            final = res.final
+            run_rows.append({"model": model, "family": model[: -len(str(depth))], "depth": depth, "seed": seed,
+                             "residual": not model.startswith(("plain", "preplain")),
+                             "train_error": final["train_error"], "train_loss": final["train_loss"],
+                             "test_error": final["test_error"], "test_loss": final["test_loss"],
+                             "wall_s": sum(h.get("seconds", 0.0) for h in res.history), "epochs": final["epoch"]})
+            checkpoints[(model, seed)] = res.checkpoints
+    runs = pd.DataFrame(run_rows)
+    timings["train"] = time.perf_counter() - ts
+
+    # 2. Capture at the chosen epochs.
+    ts = time.perf_counter()
+    caps = []
+    for (model, seed), cks in checkpoints.items():
+        for epoch, ck in cks.items():
+            stem = out / "captures" / f"{model}-s{seed}-e{epoch:04d}"
+            for suffix, layers, plist in (("", "auto", probes), ("-bn", _is_bn, [ChannelStats()])):
+                path = stem.with_name(stem.name + suffix + ".h5")
+                if not _valid_capture(path):
+                    cb("stage", {"text": f"capture {model} seed {seed} epoch {epoch}{suffix}"})
+                    net, _, prov = load_for_capture(ck, cfg.device)
+                    loader = capture_loader(data, cfg.split, cfg.batch_size, next(net.parameters()).device, cfg.capture_limit)
+                    prov.update(dataset=data.name, split=cfg.split, study=cfg.name)
+                    capture(net, loader, layers=layers, probes=plist, out=path, provenance=prov).close()
+                caps.append(open_capture(path))
+    timings["capture"] = time.perf_counter() - ts
+
+    # 3. Measures and lesions.
+    ts = time.perf_counter()
+    cb("stage", {"text": "measures"})
+    table = measure_table(caps)
+    last_epoch = {m: max(cks) for (m, _), cks in checkpoints.items()}
+    lesion_parts = []
+    if cfg.lesions:
+        for (model, seed), cks in checkpoints.items():
+            path = out / "tables" / f"lesions-{model}-s{seed}.csv"
+            if path.exists():
+                lesion_parts.append(pd.read_csv(path))
+                continue
+            cb("stage", {"text": f"lesions {model} seed {seed}"})
+            net, _, prov = load_for_capture(cks[max(cks)], cfg.device)
+            loader = list(capture_loader(data, "test", 1024, next(net.parameters()).device))
+            key = {"model": model, "depth": parse_name(model)[1], "residual": not model.startswith(("plain", "preplain")),
+                   "seed": seed, "checkpoint": max(cks)}
+            part = lesion_study(net, loader, key, seed=seed)
+            part.to_csv(path, index=False)
+            lesion_parts.append(part)
+    lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None
+    if lesions is not None:
+        table = pd.concat([table, lesions], ignore_index=True)
+        table["downsampling"] = table["downsampling"].astype("boolean").fillna(False).astype(bool)
+    table.to_csv(out / "tables" / "measures.csv", index=False)
+    runs.to_csv(out / "tables" / "runs.csv", index=False)
+    deg = degradation_table(runs)
+    deg.to_csv(out / "tables" / "degradation.csv", index=False)
+    timings["analysis"] = time.perf_counter() - ts
+
+    # 4. Figures: final checkpoints, initialisation, training curves, degradation against depth.
+    ts = time.perf_counter()
+    cb("stage", {"text": "figures"})
+    figdir = out / "figures"
+    first = min(min(c) for c in checkpoints.values())
+    last = min(last_epoch.values())
+    final_caps = [c for c in caps if run_key(c)["checkpoint"] == last and run_key(c)["seed"] == cfg.seeds[0]
+                  and run_key(c)["depth"] == max(cfg.depths)]
+    hist = []
+    for (model, seed), _ in checkpoints.items():
+        h = pd.DataFrame(json.loads((out / "runs" / f"{model}-s{seed}" / "history.json").read_text()))
+        h["model"], h["seed"] = model, seed
+        hist.append(h)
+    files, skipped = write_figures(table[table["checkpoint"] == last], figdir, final_caps, pd.concat(hist, ignore_index=True),
+                                   lesions, prefix="final_")
+    init_table = table[(table["checkpoint"] == first) & table["quantity"].isin(["grad_norm", "cos_lag", "corr_length", "act_norm",
+                                                                               "av", "closeness"])]
+    f2, _ = write_figures(init_table, figdir, prefix="init_")
+    files += [f for f in f2 if not f.name.startswith("init_training")]
+    rt = runs.rename(columns={"train_error": "value"}).assign(quantity="train_error")
+    files += save(plot_vs_depth(rt, "train_error", "final training error (eval mode)"), figdir, "degradation_vs_depth", rt)
+    timings["figures"] = time.perf_counter() - ts
+
+    # 5. Verdicts and report.
+    plain_fam, res_fam = cfg.families
+    vs = verdicts(table, runs.assign(model=runs["model"]), (plain_fam, res_fam), cfg.depths, first, last)
+    (out / "tables" / "verdicts.json").write_text(json.dumps([v.__dict__ for v in vs], indent=2))
+    for c in caps:
+        c.close()
+    timings["total"] = time.perf_counter() - t0
+    from probe.study.report import write_report
+
+    report, summary = write_report(out, cfg, runs, deg, vs, figdir, skipped, timings)
+    return StudyResult(out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings)
