@@ -6,11 +6,17 @@ Example:
     array([0. , 0.5])
 """
 
-from analyses.pipeline import AnalysisResult, analyze, measure_table
 from analyses.cka import MinibatchCKA, cka_matrix, hsic_biased, hsic_unbiased, linear_cka
 from analyses.identity import closeness, identity_closeness, jacobian_deviation
 from analyses.lesions import deleted, error_rate, lesion_study
-from analyses.residual import residual_magnitude, residual_ratio, residual_share, response_std_table, spp
+from analyses.pipeline import AnalysisResult, analyze, measure_table
+from analyses.residual import (
+    residual_magnitude,
+    residual_ratio,
+    residual_share,
+    response_std_table,
+    spp,
+)
 from analyses.signal import gsc, mean_squared_singular_value, shattered_table, signal_propagation
 from analyses.stats import bootstrap_ci, mean_ci, seed_ci
 

@@ -37,7 +37,11 @@ def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
     np.fill_diagonal(k, 0.0)
     np.fill_diagonal(l, 0.0)
     one_k, one_l = k.sum(0), l.sum(0)
-    term = (k * l).sum() + one_k.sum() * one_l.sum() / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (one_k @ one_l)
+    term = (
+        (k * l).sum()
+        + one_k.sum() * one_l.sum() / ((n - 1) * (n - 2))
+        - 2.0 / (n - 2) * (one_k @ one_l)
+    )
     return float(term / (n * (n - 3)))
 
 
@@ -46,12 +50,12 @@ def linear_cka(x: np.ndarray, y: np.ndarray, unbiased: bool = False) -> float:
 
     Example:
         >>> x = np.random.default_rng(0).normal(size=(50, 8))
-        >>> round(linear_cka(x, 3 * x), 12)
+        >>> print(round(linear_cka(x, 3 * x), 12))
         1.0
     """
     k, l = gram(x), gram(y)
     h = hsic_unbiased if unbiased else hsic_biased
-    return h(k, l) / np.sqrt(h(k, k) * h(l, l))
+    return float(h(k, l) / np.sqrt(h(k, k) * h(l, l)))
 
 
 class MinibatchCKA:
@@ -96,7 +100,8 @@ def cka_matrix(reps: list[np.ndarray], batch_size: int | None = None) -> np.ndar
         for i in range(len(reps)):
             for j in range(i + 1, len(reps)):
                 out[i, j] = out[j, i] = hsic_biased(grams[i], grams[j]) / np.sqrt(
-                    hsic_biased(grams[i], grams[i]) * hsic_biased(grams[j], grams[j]))
+                    hsic_biased(grams[i], grams[i]) * hsic_biased(grams[j], grams[j])
+                )
         return out
     m = MinibatchCKA(len(reps))
     for start in range(0, n - batch_size + 1, batch_size):

@@ -13,8 +13,19 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-__all__ = ["theme", "model_order", "palette", "save", "plot_vs_layer", "plot_fig7", "plot_cka", "plot_training",
-           "plot_lesions", "plot_vs_depth", "plot_shattered"]
+__all__ = [
+    "theme",
+    "model_order",
+    "palette",
+    "save",
+    "plot_vs_layer",
+    "plot_fig7",
+    "plot_cka",
+    "plot_training",
+    "plot_lesions",
+    "plot_vs_depth",
+    "plot_shattered",
+]
 
 LABELS = {
     "closeness": "identity-closeness d = ||y − S(x)|| / ||S(x)||",
@@ -44,6 +55,7 @@ def theme() -> None:
 
 def model_order(models: pd.Series) -> list[str]:
     """Plain before residual, shallow before deep."""
+
     def key(m: str):
         digits = "".join(ch for ch in m if ch.isdigit())
         return (not m.startswith(("plain", "preplain")), int(digits) if digits else 0, m)
@@ -75,10 +87,14 @@ def save(fig: plt.Figure, out_dir: Path, name: str, data: pd.DataFrame | None = 
 def _band(ax, d: pd.DataFrame, x: str, color) -> None:
     ok = d["ci_low"].notna() & d["ci_high"].notna()
     if ok.any():
-        ax.fill_between(d.loc[ok, x], d.loc[ok, "ci_low"], d.loc[ok, "ci_high"], color=color, alpha=0.2, lw=0)
+        ax.fill_between(
+            d.loc[ok, x], d.loc[ok, "ci_low"], d.loc[ok, "ci_high"], color=color, alpha=0.2, lw=0
+        )
 
 
-def plot_vs_layer(df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, logy: bool = False) -> plt.Figure:
+def plot_vs_layer(
+    df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, logy: bool = False
+) -> plt.Figure:
     """``quantity`` against layer index, one line per model; bands are 95% CIs (across seeds when
     several seeds exist, else bootstrap over samples)."""
     theme()
@@ -88,8 +104,18 @@ def plot_vs_layer(df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, l
     order = model_order(d["model"])
     pal = palette(order)
     if d.groupby(["model", "layer_index"])["seed"].nunique().max() > 1:
-        sns.lineplot(d, x="layer_index", y="value", hue="model", hue_order=order, palette=pal, errorbar=("ci", 95),
-                     marker="o", markersize=3, ax=ax)
+        sns.lineplot(
+            d,
+            x="layer_index",
+            y="value",
+            hue="model",
+            hue_order=order,
+            palette=pal,
+            errorbar=("ci", 95),
+            marker="o",
+            markersize=3,
+            ax=ax,
+        )
     else:
         for m in order:
             dm = d[d["model"] == m].sort_values("layer_index")
@@ -111,8 +137,17 @@ def plot_vs_depth(df: pd.DataFrame, quantity: str, ylabel: str) -> plt.Figure:
     d = df[df["quantity"] == quantity].copy()
     d["architecture"] = np.where(d["residual"], "residual", "plain")
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    sns.lineplot(d, x="depth", y="value", hue="architecture", hue_order=["plain", "residual"],
-                 palette={"plain": "tab:orange", "residual": "tab:blue"}, errorbar=("ci", 95), marker="o", ax=ax)
+    sns.lineplot(
+        d,
+        x="depth",
+        y="value",
+        hue="architecture",
+        hue_order=["plain", "residual"],
+        palette={"plain": "tab:orange", "residual": "tab:blue"},
+        errorbar=("ci", 95),
+        marker="o",
+        ax=ax,
+    )
     ax.set_xticks(sorted(d["depth"].unique()))
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel(ylabel)
@@ -142,8 +177,17 @@ def plot_fig7(df: pd.DataFrame, quantity: str = "response_std_pooled") -> plt.Fi
 def plot_cka(matrix: np.ndarray, labels: list[str], title: str) -> plt.Figure:
     theme()
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    sns.heatmap(matrix, ax=ax, vmin=0, vmax=1, cmap="magma", square=True, cbar_kws={"label": "linear CKA"},
-                xticklabels=False, yticklabels=False)
+    sns.heatmap(
+        matrix,
+        ax=ax,
+        vmin=0,
+        vmax=1,
+        cmap="magma",
+        square=True,
+        cbar_kws={"label": "linear CKA"},
+        xticklabels=False,
+        yticklabels=False,
+    )
     ax.invert_yaxis()
     ax.set_xlabel(f"layer ({labels[0]} … {labels[-1]})")
     ax.set_ylabel("layer")
@@ -156,8 +200,16 @@ def plot_training(history: pd.DataFrame, metric: str = "train_error") -> plt.Fig
     theme()
     order = model_order(history["model"])
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    sns.lineplot(history, x="epoch", y=metric, hue="model", hue_order=order, palette=palette(order),
-                 errorbar=("ci", 95), ax=ax)
+    sns.lineplot(
+        history,
+        x="epoch",
+        y=metric,
+        hue="model",
+        hue_order=order,
+        palette=palette(order),
+        errorbar=("ci", 95),
+        ax=ax,
+    )
     ax.set_ylabel(metric.replace("_", " "))
     return fig
 
@@ -168,8 +220,16 @@ def plot_lesions(df: pd.DataFrame) -> plt.Figure:
     d = df[df["quantity"] == "lesion_error"]
     order = model_order(d["model"])
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
-    sns.barplot(d, x="layer_index", y="value", hue="model", hue_order=order, palette=palette(order), ax=ax,
-                errorbar=("ci", 95))
+    sns.barplot(
+        d,
+        x="layer_index",
+        y="value",
+        hue="model",
+        hue_order=order,
+        palette=palette(order),
+        ax=ax,
+        errorbar=("ci", 95),
+    )
     base = df[df["quantity"] == "lesion_baseline"].groupby("model")["value"].mean()
     pal = palette(order)
     for m, v in base.items():

@@ -32,7 +32,10 @@ def closeness(dev_norm: np.ndarray, s_norm: np.ndarray, eps: float = 1e-12) -> n
 
 def jacobian_deviation(dev2: np.ndarray, p_fro2: np.ndarray) -> np.ndarray:
     """||J - P||_F / ||P||_F per sample from the Hutchinson estimates."""
-    return np.sqrt(np.maximum(np.asarray(dev2, np.float64), 0) / np.maximum(np.asarray(p_fro2, np.float64), 1e-30))
+    return np.sqrt(
+        np.maximum(np.asarray(dev2, np.float64), 0)
+        / np.maximum(np.asarray(p_fro2, np.float64), 1e-30)
+    )
 
 
 def _ratio_of_means(a, b, axis=-1):
@@ -41,18 +44,31 @@ def _ratio_of_means(a, b, axis=-1):
 
 def identity_closeness(cap: CaptureReader, cka_batch: int | None = None) -> pd.DataFrame:
     """Tidy rows of ``closeness``, ``cos_ys``, ``jac_rel_dev`` and ``cka_adjacent`` per block."""
-    rows = per_layer(cap, "closeness", ("dev_norm", "s_norm"),
-                     lambda c, l: mean_ci(closeness(c.read(l, "dev_norm"), c.read(l, "s_norm"))), blocks_only=True)
-    rows += per_layer(cap, "cos_ys", ("cos_ys",), lambda c, l: mean_ci(c.read(l, "cos_ys")), blocks_only=True)
+    rows = per_layer(
+        cap,
+        "closeness",
+        ("dev_norm", "s_norm"),
+        lambda c, l: mean_ci(closeness(c.read(l, "dev_norm"), c.read(l, "s_norm"))),
+        blocks_only=True,
+    )
+    rows += per_layer(
+        cap, "cos_ys", ("cos_ys",), lambda c, l: mean_ci(c.read(l, "cos_ys")), blocks_only=True
+    )
     # Ratio of mean ||J-P||^2 to mean ||P||^2 over samples, i.e. the dataset-level relative deviation.
-    rows += per_layer(cap, "jac_rel_dev", ("jac_dev2", "jac_p_fro2"),
-                      lambda c, l: bootstrap_ci(_ratio_of_means, c.read(l, "jac_dev2"), c.read(l, "jac_p_fro2")),
-                      blocks_only=True)
+    rows += per_layer(
+        cap,
+        "jac_rel_dev",
+        ("jac_dev2", "jac_p_fro2"),
+        lambda c, l: bootstrap_ci(_ratio_of_means, c.read(l, "jac_dev2"), c.read(l, "jac_p_fro2")),
+        blocks_only=True,
+    )
     rows += cka_layers(cap, cka_batch, adjacent_only=True)
     return frame(rows)
 
 
-def cka_layers(cap: CaptureReader, batch_size: int | None = None, adjacent_only: bool = False) -> list[dict]:
+def cka_layers(
+    cap: CaptureReader, batch_size: int | None = None, adjacent_only: bool = False
+) -> list[dict]:
     """CKA between the captured ``output`` activations of consecutive layers (``cka_adjacent``) or,
     with ``adjacent_only=False``, every pair (quantity ``cka``, ``layer`` = 'a|b')."""
     layers = [l for l in cap.layers if cap.has(l, "output")]
@@ -68,8 +84,16 @@ def cka_layers(cap: CaptureReader, batch_size: int | None = None, adjacent_only:
         for j in js:
             if j < 0:
                 continue
-            rows.append({**key, "layer": layer if adjacent_only else f"{layers[j]}|{layer}",
-                         "layer_index": int(cap.layer_attrs(layer).get("layer_index", i)), "stage": stage_of(layer),
-                         "quantity": "cka_adjacent" if adjacent_only else "cka", "value": float(mat[i, j]),
-                         "ci_low": float("nan"), "ci_high": float("nan")})
+            rows.append(
+                {
+                    **key,
+                    "layer": layer if adjacent_only else f"{layers[j]}|{layer}",
+                    "layer_index": int(cap.layer_attrs(layer).get("layer_index", i)),
+                    "stage": stage_of(layer),
+                    "quantity": "cka_adjacent" if adjacent_only else "cka",
+                    "value": float(mat[i, j]),
+                    "ci_low": float("nan"),
+                    "ci_high": float("nan"),
+                }
+            )
     return rows

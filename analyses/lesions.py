@@ -53,7 +53,9 @@ def deleted(model: nn.Module, names: Iterable[str]):
     try:
         for name in names:
             if name not in specs:
-                raise ProbeError(f"{name!r} is not a recognised block; blocks: {', '.join(list(specs)[:6])} ...")
+                raise ProbeError(
+                    f"{name!r} is not a recognised block; blocks: {', '.join(list(specs)[:6])} ..."
+                )
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             block = parent._modules[child]
@@ -81,8 +83,14 @@ def error_rate(model: nn.Module, loader: Iterable) -> float:
     return wrong / max(total, 1)
 
 
-def lesion_study(model: nn.Module, loader: Sequence, key: dict, n_random: Sequence[int] = (2, 4),
-                 repeats: int = 5, seed: int = 0) -> pd.DataFrame:
+def lesion_study(
+    model: nn.Module,
+    loader: Sequence,
+    key: dict,
+    n_random: Sequence[int] = (2, 4),
+    repeats: int = 5,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Test error with each single block deleted, and with k random non-downsampling blocks deleted.
 
     Rows: quantity ``lesion_error`` per block (layer = block name), ``lesion_random_error`` per k
@@ -90,10 +98,22 @@ def lesion_study(model: nn.Module, loader: Sequence, key: dict, n_random: Sequen
     """
     blocks = [n for n, _, _ in find_blocks(model)[0]]
     if not blocks:
-        raise ProbeError("Lesions need recognised residual blocks (zoo, torchvision or registered).")
+        raise ProbeError(
+            "Lesions need recognised residual blocks (zoo, torchvision or registered)."
+        )
     base = error_rate(model, loader)
-    rows = [{**key, "layer": "none", "layer_index": -1, "stage": -1, "quantity": "lesion_baseline",
-             "value": base, "ci_low": float("nan"), "ci_high": float("nan")}]
+    rows = [
+        {
+            **key,
+            "layer": "none",
+            "layer_index": -1,
+            "stage": -1,
+            "quantity": "lesion_baseline",
+            "value": base,
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+        }
+    ]
     downsampling = set()
     for i, name in enumerate(blocks):
         block = model.get_submodule(name)
@@ -102,8 +122,18 @@ def lesion_study(model: nn.Module, loader: Sequence, key: dict, n_random: Sequen
             downsampling.add(name)
         with deleted(model, [name]):
             err = error_rate(model, loader)
-        rows.append({**key, "layer": name, "layer_index": i, "stage": stage_of(name), "quantity": "lesion_error",
-                     "value": err, "ci_low": float("nan"), "ci_high": float("nan")})
+        rows.append(
+            {
+                **key,
+                "layer": name,
+                "layer_index": i,
+                "stage": stage_of(name),
+                "quantity": "lesion_error",
+                "value": err,
+                "ci_low": float("nan"),
+                "ci_high": float("nan"),
+            }
+        )
     rng = np.random.default_rng(seed)
     plain_blocks = [b for b in blocks if b not in downsampling]
     for k in n_random:
@@ -115,8 +145,18 @@ def lesion_study(model: nn.Module, loader: Sequence, key: dict, n_random: Sequen
             with deleted(model, chosen):
                 errs.append(error_rate(model, loader))
         m, lo, hi = seed_ci(np.array(errs))
-        rows.append({**key, "layer": "random", "layer_index": k, "stage": -1, "quantity": "lesion_random_error",
-                     "value": m, "ci_low": lo, "ci_high": hi})
+        rows.append(
+            {
+                **key,
+                "layer": "random",
+                "layer_index": k,
+                "stage": -1,
+                "quantity": "lesion_random_error",
+                "value": m,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
     df = frame(rows)
     df["downsampling"] = df["layer"].isin(downsampling)
     return df

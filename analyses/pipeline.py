@@ -24,7 +24,14 @@ from analyses.tidy import COLUMNS, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 
-__all__ = ["AnalysisResult", "measure_table", "analyze", "write_figures", "FIGURES", "load_histories"]
+__all__ = [
+    "AnalysisResult",
+    "measure_table",
+    "analyze",
+    "write_figures",
+    "FIGURES",
+    "load_histories",
+]
 
 # figure name -> (quantity, how to get it, log y-axis)
 FIGURES = {
@@ -62,7 +69,13 @@ def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
     """Every measure of every capture as one tidy table."""
     parts = []
     for cap in caps:
-        for fn in (identity_closeness, residual_magnitude, response_std_table, signal_propagation, shattered_table):
+        for fn in (
+            identity_closeness,
+            residual_magnitude,
+            response_std_table,
+            signal_propagation,
+            shattered_table,
+        ):
             parts.append(fn(cap))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
@@ -98,9 +111,14 @@ def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
     return lesion_study(model, loader, run_key(cap))
 
 
-def write_figures(table: pd.DataFrame, out: Path, caps: Sequence[CaptureReader] = (),
-                  histories: pd.DataFrame | None = None, lesions: pd.DataFrame | None = None,
-                  prefix: str = "") -> tuple[list[Path], dict[str, str]]:
+def write_figures(
+    table: pd.DataFrame,
+    out: Path,
+    caps: Sequence[CaptureReader] = (),
+    histories: pd.DataFrame | None = None,
+    lesions: pd.DataFrame | None = None,
+    prefix: str = "",
+) -> tuple[list[Path], dict[str, str]]:
     """Every figure the data allows (PNG + SVG + CSV); returns (files, skipped measures with reasons)."""
     files: list[Path] = []
     skipped: dict[str, str] = {}
@@ -110,15 +128,25 @@ def write_figures(table: pd.DataFrame, out: Path, caps: Sequence[CaptureReader] 
             skipped[name] = f"no '{quantity}' in the captures (needs {how})"
             continue
         d = table[table["quantity"] == quantity]
-        files += figures.save(figures.plot_vs_layer(table, quantity, logy=logy), out, prefix + name, d)
+        files += figures.save(
+            figures.plot_vs_layer(table, quantity, logy=logy), out, prefix + name, d
+        )
     if "response_std_pooled" in present:
         d = table[table["quantity"].str.startswith(("response_std", "bn_gamma"))]
         files += figures.save(figures.plot_fig7(table), out, prefix + "fig7_response_std", d)
-        files += figures.save(figures.plot_fig7(table, "response_std_channel"), out, prefix + "fig7_response_std_channel")
+        files += figures.save(
+            figures.plot_fig7(table, "response_std_channel"),
+            out,
+            prefix + "fig7_response_std_channel",
+        )
         if "bn_gamma_abs" in present:
-            files += figures.save(figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma")
+            files += figures.save(
+                figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma"
+            )
     else:
-        skipped["fig7_response_std"] = "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '*bn*')"
+        skipped["fig7_response_std"] = (
+            "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '**bn*')"
+        )
     for cap in caps:
         layers = [l for l in cap.layers if cap.has(l, "output")]
         if len(layers) >= 2:
@@ -126,26 +154,46 @@ def write_figures(table: pd.DataFrame, out: Path, caps: Sequence[CaptureReader] 
             mat = cka_matrix([cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers])
             key = run_key(cap)
             tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
-            files += figures.save(figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"), out,
-                                  f"{prefix}cka_{tag}", pd.DataFrame(mat, index=layers, columns=layers).reset_index())
+            files += figures.save(
+                figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"),
+                out,
+                f"{prefix}cka_{tag}",
+                pd.DataFrame(mat, index=layers, columns=layers).reset_index(),
+            )
     if not any(f.name.startswith(prefix + "cka_") for f in files):
-        skipped["cka_matrix"] = "no 'output' activations on two or more layers (needs probe 'activations')"
+        skipped["cka_matrix"] = (
+            "no 'output' activations on two or more layers (needs probe 'activations')"
+        )
     if histories is not None and len(histories) and "train_error" in histories:
         h = histories.dropna(subset=["train_error"])
         if len(h):
             files += figures.save(figures.plot_training(h), out, prefix + "training_error", h)
-        hb = histories.dropna(subset=["batch_error"]) if "batch_error" in histories else histories.iloc[0:0]
+        hb = (
+            histories.dropna(subset=["batch_error"])
+            if "batch_error" in histories
+            else histories.iloc[0:0]
+        )
         if len(hb):
-            files += figures.save(figures.plot_training(hb, "batch_error"), out, prefix + "training_batch_error", hb)
+            files += figures.save(
+                figures.plot_training(hb, "batch_error"), out, prefix + "training_batch_error", hb
+            )
     else:
-        skipped["training_curves"] = "the runs' history.json files are not reachable from the capture provenance"
+        skipped["training_curves"] = (
+            "the runs' history.json files are not reachable from the capture provenance"
+        )
     if lesions is not None and len(lesions):
         files += figures.save(figures.plot_lesions(lesions), out, prefix + "lesions", lesions)
     return files, skipped
 
 
-def analyze(sources: Sequence[str | os.PathLike | CaptureReader], out_dir: str | os.PathLike, *,
-            lesions: bool = True, device: str = "cpu", progress=None) -> AnalysisResult:
+def analyze(
+    sources: Sequence[str | os.PathLike | CaptureReader],
+    out_dir: str | os.PathLike,
+    *,
+    lesions: bool = True,
+    device: str = "cpu",
+    progress=None,
+) -> AnalysisResult:
     """Compute every measure the captures allow, write figures and CSVs to ``out_dir``.
 
     When captures of several checkpoints of one run are given, models are labelled
@@ -153,7 +201,7 @@ def analyze(sources: Sequence[str | os.PathLike | CaptureReader], out_dir: str |
 
     Example:
         >>> res = analyze(["run.h5"], "figures/")  # doctest: +SKIP
-        >>> res.skipped  # measures the captures lack data for, with the probe that provides it
+        >>> res.skipped  # doctest: +SKIP
     """
     if not sources:
         raise ProbeError("No captures given to analyze.")

@@ -1,9 +1,9 @@
 """Residual magnitude, residual share, signal-propagation statistics and the Fig. 7 response std.
 
-    ratio   = E_x ||F(x)|| / ||S(x)||                  (Jastrzebski et al., ICLR 2018)
-    share   = E ||F||^2 / E ||y||^2                    (De & Smith, NeurIPS 2020, norm form)
-    ASM     = mean_c mu_c^2, AV = mean_c var_c        (Brock, De & Smith, ICLR 2021)
-    sigma_pool, sigma_chan of BN outputs after 3x3 convs, beside mean |gamma|  (He et al. 2016, Fig. 7)
+ratio   = E_x ||F(x)|| / ||S(x)||                  (Jastrzebski et al., ICLR 2018)
+share   = E ||F||^2 / E ||y||^2                    (De & Smith, NeurIPS 2020, norm form)
+ASM     = mean_c mu_c^2, AV = mean_c var_c        (Brock, De & Smith, ICLR 2021)
+sigma_pool, sigma_chan of BN outputs after 3x3 convs, beside mean |gamma|  (He et al. 2016, Fig. 7)
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from analyses.tidy import frame, nan_ci, per_layer, run_key, stage_of
 from probe.stats import Moments, response_std
 from probe.store.reader import CaptureReader
 
-__all__ = ["residual_ratio", "residual_share", "spp", "residual_magnitude", "response_std_table", "bn_gammas"]
+__all__ = [
+    "residual_ratio",
+    "residual_share",
+    "spp",
+    "residual_magnitude",
+    "response_std_table",
+    "bn_gammas",
+]
 
 
 def residual_ratio(f_norm: np.ndarray, s_norm: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -44,15 +51,33 @@ def spp(m: Moments) -> tuple[float, float]:
 
 def residual_magnitude(cap: CaptureReader) -> pd.DataFrame:
     """Tidy rows of ``residual_ratio``, ``residual_share``, ``asm``, ``av`` and ``branch_av``."""
-    rows = per_layer(cap, "residual_ratio", ("f_norm", "s_norm"),
-                     lambda c, l: mean_ci(residual_ratio(c.read(l, "f_norm"), c.read(l, "s_norm"))), blocks_only=True)
-    rows += per_layer(cap, "residual_share", ("f_norm", "y_norm"),
-                      lambda c, l: bootstrap_ci(residual_share, c.read(l, "f_norm"), c.read(l, "y_norm")),
-                      blocks_only=True)
-    rows += per_layer(cap, "asm", ("channel_mean",), lambda c, l: nan_ci(spp(c.channel_moments(l))[0]))
-    rows += per_layer(cap, "av", ("channel_mean",), lambda c, l: nan_ci(spp(c.channel_moments(l))[1]))
-    rows += per_layer(cap, "branch_av", ("f_channel_mean",),
-                      lambda c, l: nan_ci(spp(c.channel_moments(l, prefix="f_"))[1]), blocks_only=True)
+    rows = per_layer(
+        cap,
+        "residual_ratio",
+        ("f_norm", "s_norm"),
+        lambda c, l: mean_ci(residual_ratio(c.read(l, "f_norm"), c.read(l, "s_norm"))),
+        blocks_only=True,
+    )
+    rows += per_layer(
+        cap,
+        "residual_share",
+        ("f_norm", "y_norm"),
+        lambda c, l: bootstrap_ci(residual_share, c.read(l, "f_norm"), c.read(l, "y_norm")),
+        blocks_only=True,
+    )
+    rows += per_layer(
+        cap, "asm", ("channel_mean",), lambda c, l: nan_ci(spp(c.channel_moments(l))[0])
+    )
+    rows += per_layer(
+        cap, "av", ("channel_mean",), lambda c, l: nan_ci(spp(c.channel_moments(l))[1])
+    )
+    rows += per_layer(
+        cap,
+        "branch_av",
+        ("f_channel_mean",),
+        lambda c, l: nan_ci(spp(c.channel_moments(l, prefix="f_"))[1]),
+        blocks_only=True,
+    )
     return frame(rows)
 
 
@@ -67,8 +92,11 @@ def bn_gammas(cap: CaptureReader) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     state = load_file(str(weights))
-    return {k[: -len(".weight")]: v for k, v in state.items()
-            if k.endswith(".weight") and k[: -len(".weight")] + ".running_var" in state}
+    return {
+        k[: -len(".weight")]: v
+        for k, v in state.items()
+        if k.endswith(".weight") and k[: -len(".weight")] + ".running_var" in state
+    }
 
 
 def response_std_table(cap: CaptureReader) -> pd.DataFrame:
@@ -77,13 +105,25 @@ def response_std_table(cap: CaptureReader) -> pd.DataFrame:
     gammas = bn_gammas(cap)
     key = run_key(cap)
     rows = []
-    bn_layers = [l for l in cap.layers if cap.has(l, "channel_mean") and cap.layer_attrs(l).get("module_type") == "BatchNorm2d"]
+    bn_layers = [
+        l
+        for l in cap.layers
+        if cap.has(l, "channel_mean") and cap.layer_attrs(l).get("module_type") == "BatchNorm2d"
+    ]
     for i, layer in enumerate(bn_layers):
         pooled, chan = response_std(*(lambda m: (m.mean, m.var))(cap.channel_moments(layer)))
-        base = {**key, "layer": layer, "layer_index": i, "stage": stage_of(layer), "ci_low": float("nan"),
-                "ci_high": float("nan")}
+        base = {
+            **key,
+            "layer": layer,
+            "layer_index": i,
+            "stage": stage_of(layer),
+            "ci_low": float("nan"),
+            "ci_high": float("nan"),
+        }
         rows.append({**base, "quantity": "response_std_pooled", "value": pooled})
         rows.append({**base, "quantity": "response_std_channel", "value": chan})
         if layer in gammas:
-            rows.append({**base, "quantity": "bn_gamma_abs", "value": float(np.abs(gammas[layer]).mean())})
+            rows.append(
+                {**base, "quantity": "bn_gamma_abs", "value": float(np.abs(gammas[layer]).mean())}
+            )
     return frame(rows)

@@ -32,7 +32,11 @@ def mean_squared_singular_value(fro2: np.ndarray, d_in: int) -> np.ndarray:
 
 def gsc(fro2: np.ndarray, d_in: int, x_norm: np.ndarray, y_norm: np.ndarray) -> np.ndarray:
     """Per-sample gradient scale coefficient of one block: ||J||_qm ||x|| / ||y||, ||J||_qm = ||J||_F/sqrt(d_in)."""
-    return np.sqrt(np.maximum(fro2, 0) / d_in) * np.asarray(x_norm, np.float64) / np.maximum(y_norm, 1e-30)
+    return (
+        np.sqrt(np.maximum(fro2, 0) / d_in)
+        * np.asarray(x_norm, np.float64)
+        / np.maximum(y_norm, 1e-30)
+    )
 
 
 def _d_in(cap: CaptureReader, layer: str) -> int:
@@ -41,13 +45,24 @@ def _d_in(cap: CaptureReader, layer: str) -> int:
 
 def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
     """Tidy rows of act_norm, grad_norm, grad_x_norm, cos_f_grad, jac_msv, jac_top_sv and gsc."""
-    simple = {"act_norm": "y_norm", "grad_norm": "grad_y_norm", "grad_x_norm": "grad_x_norm", "cos_f_grad": "cos_f_grad"}
+    simple = {
+        "act_norm": "y_norm",
+        "grad_norm": "grad_y_norm",
+        "grad_x_norm": "grad_x_norm",
+        "cos_f_grad": "cos_f_grad",
+    }
     rows = []
     for quantity, source in simple.items():
         rows += per_layer(cap, quantity, (source,), lambda c, l, s=source: mean_ci(c.read(l, s)))
-    rows += per_layer(cap, "jac_msv", ("jac_fro2",),
-                      lambda c, l: mean_ci(mean_squared_singular_value(c.read(l, "jac_fro2"), _d_in(c, l))))
-    rows += per_layer(cap, "jac_top_sv", ("jac_top_sv",), lambda c, l: mean_ci(c.read(l, "jac_top_sv")[:, 0]))
+    rows += per_layer(
+        cap,
+        "jac_msv",
+        ("jac_fro2",),
+        lambda c, l: mean_ci(mean_squared_singular_value(c.read(l, "jac_fro2"), _d_in(c, l))),
+    )
+    rows += per_layer(
+        cap, "jac_top_sv", ("jac_top_sv",), lambda c, l: mean_ci(c.read(l, "jac_top_sv")[:, 0])
+    )
 
     def _gsc(c, l):
         fro2 = c.read(l, "jac_fro2")
@@ -65,9 +80,27 @@ def shattered_table(cap: CaptureReader) -> pd.DataFrame:
     key = run_key(cap)
     base = {**key, "layer": "model", "stage": -1}
     v, lo, hi = mean_ci(cap.read("model", "corr_length"))
-    rows = [{**base, "layer_index": 0, "quantity": "corr_length", "value": v, "ci_low": lo, "ci_high": hi}]
+    rows = [
+        {
+            **base,
+            "layer_index": 0,
+            "quantity": "corr_length",
+            "value": v,
+            "ci_low": lo,
+            "ci_high": hi,
+        }
+    ]
     cos_lag = cap.read("model", "cos_lag")
     for lag in range(cos_lag.shape[1]):
         v, lo, hi = mean_ci(cos_lag[:, lag])
-        rows.append({**base, "layer_index": lag, "quantity": "cos_lag", "value": v, "ci_low": lo, "ci_high": hi})
+        rows.append(
+            {
+                **base,
+                "layer_index": lag,
+                "quantity": "cos_lag",
+                "value": v,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
     return frame(rows)

@@ -13,8 +13,12 @@ CONFIDENCE = 0.95
 _RESAMPLES = 1000
 
 
-def bootstrap_ci(statistic: Callable[..., np.ndarray], *samples: np.ndarray, seed: int = 0,
-                 confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+def bootstrap_ci(
+    statistic: Callable[..., np.ndarray],
+    *samples: np.ndarray,
+    seed: int = 0,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float, float]:
     """(estimate, low, high): the statistic and its percentile-bootstrap interval over samples.
 
     ``statistic(*arrays, axis=-1)`` must be vectorised; paired arrays are resampled together.
@@ -32,8 +36,16 @@ def bootstrap_ci(statistic: Callable[..., np.ndarray], *samples: np.ndarray, see
         return est, float("nan"), float("nan")
     if all(np.ptp(d) == 0 for d in data):
         return est, est, est
-    res = stats.bootstrap(tuple(data), statistic, paired=len(data) > 1, vectorized=True, n_resamples=_RESAMPLES,
-                          confidence_level=confidence, method="percentile", random_state=seed)
+    res = stats.bootstrap(
+        tuple(data),
+        statistic,
+        paired=len(data) > 1,
+        vectorized=True,
+        n_resamples=_RESAMPLES,
+        confidence_level=confidence,
+        method="percentile",
+        random_state=seed,
+    )
     return est, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

@@ -16,8 +16,20 @@ from probe.store.reader import CaptureReader
 
 __all__ = ["COLUMNS", "run_key", "stage_of", "frame", "per_layer"]
 
-COLUMNS = ["model", "depth", "residual", "seed", "checkpoint", "layer", "layer_index", "stage", "quantity",
-           "value", "ci_low", "ci_high"]
+COLUMNS = [
+    "model",
+    "depth",
+    "residual",
+    "seed",
+    "checkpoint",
+    "layer",
+    "layer_index",
+    "stage",
+    "quantity",
+    "value",
+    "ci_low",
+    "ci_high",
+]
 _STAGE = re.compile(r"(?:stages|layer)\.?(\d+)")
 
 
@@ -34,8 +46,13 @@ def run_key(cap: CaptureReader) -> dict:
     if residual is None:
         residual = not str(name).startswith(("plain", "preplain"))
     epoch = prov.get("epoch")
-    return {"model": str(name), "depth": int(depth), "residual": bool(residual),
-            "seed": int(prov.get("seed") or 0), "checkpoint": -1 if epoch is None else int(epoch)}
+    return {
+        "model": str(name),
+        "depth": int(depth),
+        "residual": bool(residual),
+        "seed": int(prov.get("seed") or 0),
+        "checkpoint": -1 if epoch is None else int(epoch),
+    }
 
 
 def stage_of(layer: str) -> int:
@@ -46,12 +63,18 @@ def stage_of(layer: str) -> int:
 
 def frame(rows: list[dict]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=COLUMNS)
-    return df.astype({"depth": int, "seed": int, "checkpoint": int, "layer_index": int, "stage": int})
+    return df.astype(
+        {"depth": int, "seed": int, "checkpoint": int, "layer_index": int, "stage": int}
+    )
 
 
-def per_layer(cap: CaptureReader, quantity: str, needs: tuple[str, ...],
-              measure: Callable[[CaptureReader, str], tuple[float, float, float] | None],
-              blocks_only: bool = False) -> list[dict]:
+def per_layer(
+    cap: CaptureReader,
+    quantity: str,
+    needs: tuple[str, ...],
+    measure: Callable[[CaptureReader, str], tuple[float, float, float] | None],
+    blocks_only: bool = False,
+) -> list[dict]:
     """Rows of ``quantity`` for each layer holding all of ``needs``; ``measure`` returns (v, lo, hi)."""
     key = run_key(cap)
     rows = []
@@ -65,9 +88,18 @@ def per_layer(cap: CaptureReader, quantity: str, needs: tuple[str, ...],
         if out is None:
             continue
         v, lo, hi = out
-        rows.append({**key, "layer": layer, "layer_index": int(attrs.get("layer_index", index)),
-                     "stage": stage_of(layer), "quantity": quantity, "value": float(v),
-                     "ci_low": float(lo), "ci_high": float(hi)})
+        rows.append(
+            {
+                **key,
+                "layer": layer,
+                "layer_index": int(attrs.get("layer_index", index)),
+                "stage": stage_of(layer),
+                "quantity": quantity,
+                "value": float(v),
+                "ci_low": float(lo),
+                "ci_high": float(hi),
+            }
+        )
     return rows
 
 

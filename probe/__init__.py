@@ -11,7 +11,16 @@ from probe import zoo
 from probe.capture import capture
 from probe.errors import ProbeError
 from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
-from probe.probes import Activations, BlockTensors, Call, ChannelStats, Gradients, GradNorms, Probe, ResidualNorms
+from probe.probes import (
+    Activations,
+    BlockTensors,
+    Call,
+    ChannelStats,
+    Gradients,
+    GradNorms,
+    Probe,
+    ResidualNorms,
+)
 from probe.session import HookSession, InPlaceWarning
 from probe.stats import Moments, response_std
 from probe.store import open_capture as open

@@ -34,7 +34,9 @@ __all__ = ["capture"]
 Progress = Callable[[int, int | None], None]
 
 
-def _batches(data: Iterable, device: torch.device | None) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+def _batches(
+    data: Iterable, device: torch.device | None
+) -> Iterable[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
     for item in data:
         if isinstance(item, torch.Tensor):
             x, y, idx = item, None, None
@@ -98,14 +100,30 @@ def capture(
     partially written file is deleted on any error.
     """
     if not probes:
-        raise ProbeError("No probes given; e.g. probes=[probe.ResidualNorms(), probe.ChannelStats()].")
+        raise ProbeError(
+            "No probes given; e.g. probes=[probe.ResidualNorms(), probe.ChannelStats()]."
+        )
     if mode != "eval" and any(getattr(p, "requires_eval", False) for p in probes):
-        raise ProbeError("Jacobian probes need eval mode (train-mode BN couples the samples of a batch).")
+        raise ProbeError(
+            "Jacobian probes need eval mode (train-mode BN couples the samples of a batch)."
+        )
     device = next((p.device for p in model.parameters()), None)
-    config = {"layers": layers if isinstance(layers, (str, list, tuple)) or layers is None else "<predicate>",
-              "probes": [p.config() for p in probes], "mode": mode, "limit": limit, "compression": compression}
-    meta = {"versions": library_versions(), "revision": code_revision(), "command": command_line(),
-            "model_type": type(model).__name__, **(provenance or {})}
+    config = {
+        "layers": layers
+        if isinstance(layers, (str, list, tuple)) or layers is None
+        else "<predicate>",
+        "probes": [p.config() for p in probes],
+        "mode": mode,
+        "limit": limit,
+        "compression": compression,
+    }
+    meta = {
+        "versions": library_versions(),
+        "revision": code_revision(),
+        "command": command_line(),
+        "model_type": type(model).__name__,
+        **(provenance or {}),
+    }
     attrs = {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
     total = limit
     if total is None and hasattr(data, "num_samples"):
@@ -118,8 +136,14 @@ def capture(
     with HookSession(model, layers, probes, mode=mode, loss_fn=loss_fn) as session:
         dims = {q: d for p in probes for q, d in type(p).dims.items()}
         if out is not None:
-            writer = H5Writer(out, attrs, WriterOptions(compression=compression, queue_bytes=queue_bytes,
-                                                         expected_rows=total), dims=dims)
+            writer = H5Writer(
+                out,
+                attrs,
+                WriterOptions(
+                    compression=compression, queue_bytes=queue_bytes, expected_rows=total
+                ),
+                dims=dims,
+            )
         try:
             seen = 0
             for x, y, idx in _batches(data, device):
@@ -140,7 +164,11 @@ def capture(
                     for key, qs in results.items():
                         layer = mem.setdefault(key, {})
                         for q, t in qs.items():
-                            arr = t.float().cpu().numpy() if t.dtype == torch.bfloat16 else t.cpu().numpy()
+                            arr = (
+                                t.float().cpu().numpy()
+                                if t.dtype == torch.bfloat16
+                                else t.cpu().numpy()
+                            )
                             layer.setdefault(q, []).append(arr)
                     indices.append(torch.as_tensor(idx).cpu().numpy())
                     labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
@@ -159,5 +187,9 @@ def capture(
                 writer.abort()
             raise
     data_out = {k: {q: np.concatenate(v) for q, v in qs.items()} for k, qs in mem.items()}
-    attrs.update(n_samples=seen, wall_seconds=elapsed, layer_order=json.dumps(list(data_out)), complete=True)
-    return MemoryCapture(data_out, layer_attrs, np.concatenate(indices), np.concatenate(labels), attrs)
+    attrs.update(
+        n_samples=seen, wall_seconds=elapsed, layer_order=json.dumps(list(data_out)), complete=True
+    )
+    return MemoryCapture(
+        data_out, layer_attrs, np.concatenate(indices), np.concatenate(labels), attrs
+    )

@@ -18,9 +18,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint's JSON path from a checkpoint file, its stem, or a run directory (its last one)."""
     p = Path(path)
     if p.is_dir():
-        found = sorted((p / "checkpoints").glob("epoch-*.json")) if (p / "checkpoints").is_dir() else []
+        found = (
+            sorted((p / "checkpoints").glob("epoch-*.json")) if (p / "checkpoints").is_dir() else []
+        )
         if not found:
-            raise ProbeError(f"{p} holds no checkpoints (expected {p}/checkpoints/epoch-XXXX.json).")
+            raise ProbeError(
+                f"{p} holds no checkpoints (expected {p}/checkpoints/epoch-XXXX.json)."
+            )
         return found[-1]
     _, js = checkpoint_paths(p)
     if not js.exists():
@@ -34,13 +38,22 @@ def load_for_capture(path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     dev = resolve_device(device)
     model, meta = load_checkpoint(js, device=dev)
     weights, _ = checkpoint_paths(js)
-    prov = {"checkpoint": str(js), "checkpoint_sha256": file_sha256(weights), "model_name": meta.get("model_name"),
-            "model_config": meta.get("model"), "epoch": meta.get("epoch"), "seed": meta.get("seed"),
-            "recipe": (meta.get("recipe") or {}).get("name"), "metrics": meta.get("metrics")}
+    prov = {
+        "checkpoint": str(js),
+        "checkpoint_sha256": file_sha256(weights),
+        "model_name": meta.get("model_name"),
+        "model_config": meta.get("model"),
+        "epoch": meta.get("epoch"),
+        "seed": meta.get("seed"),
+        "recipe": (meta.get("recipe") or {}).get("name"),
+        "metrics": meta.get("metrics"),
+    }
     return model.eval(), meta, prov
 
 
-def capture_loader(data: ImageArrays, split: str, batch_size: int, device: torch.device, limit: int | None = None) -> DeviceLoader:
+def capture_loader(
+    data: ImageArrays, split: str, batch_size: int, device: torch.device, limit: int | None = None
+) -> DeviceLoader:
     """An un-augmented, ordered loader over ``split`` for captures (sample_index = dataset index)."""
     if split not in ("train", "test"):
         raise ProbeError(f"Invalid split {split!r}; allowed: train, test.")

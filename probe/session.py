@@ -68,7 +68,11 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | None) -> tuple[list[Lay
         if not blocks:
             raise ProbeError(
                 f"No residual blocks recognised in {type(model).__name__}"
-                + (f" (block-like modules without an adapter: {', '.join(unknown[:4])})" if unknown else "")
+                + (
+                    f" (block-like modules without an adapter: {', '.join(unknown[:4])})"
+                    if unknown
+                    else ""
+                )
                 + ". Pass layers explicitly (e.g. 'features.*') or declare your block with "
                 "probe.register_residual(BlockClass, ResidualSpec(branch=..., shortcut=...))."
             )
@@ -129,7 +133,9 @@ class HookSession:
         self._flags: dict[nn.Module, bool] = {}
         self._suspended = False
         self._open = False
-        self.shapes: dict[str, tuple] = {}  # key -> (output, branch or None, input or None) shapes per sample
+        self.shapes: dict[
+            str, tuple
+        ] = {}  # key -> (output, branch or None, input or None) shapes per sample
         self._reset_batch(0)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -172,9 +178,13 @@ class HookSession:
         if info.spec is not None:
             branch, shortcut = info.spec.resolve(info.module)
             clone = info.spec.clone_branch or bool(self.inplace)
-            self._handles.append(branch.register_forward_hook(self._stash("_branch_out", info.name, clone)))
+            self._handles.append(
+                branch.register_forward_hook(self._stash("_branch_out", info.name, clone))
+            )
             if shortcut is not None:
-                self._handles.append(shortcut.register_forward_hook(self._stash("_shortcut_out", info.name, clone)))
+                self._handles.append(
+                    shortcut.register_forward_hook(self._stash("_shortcut_out", info.name, clone))
+                )
         self._handles.append(info.module.register_forward_hook(self._on_forward(info)))
 
     def _stash(self, store: str, name: str, clone: bool):
@@ -195,7 +205,9 @@ class HookSession:
         f = self._branch_out.pop(info.name, None)
         s = self._shortcut_out.pop(info.name, None)
         if f is None:
-            raise ProbeError(f"Branch {type(branch).__name__} of block {info.name!r} did not run during its forward.")
+            raise ProbeError(
+                f"Branch {type(branch).__name__} of block {info.name!r} did not run during its forward."
+            )
         if s is None:
             if shortcut is None or isinstance(shortcut, nn.Identity):
                 s = x
@@ -214,8 +226,14 @@ class HookSession:
             x = _first_tensor(args)
             key = self._key(info.name)
             block = self._block_tensors(info, x, y) if info.spec is not None else None
-            self.shapes.setdefault(key, (tuple(y.shape[1:]), tuple(block.f.shape[1:]) if block else None,
-                                         tuple(x.shape[1:]) if x is not None else None))
+            self.shapes.setdefault(
+                key,
+                (
+                    tuple(y.shape[1:]),
+                    tuple(block.f.shape[1:]) if block else None,
+                    tuple(x.shape[1:]) if x is not None else None,
+                ),
+            )
             call = Call(key, module, x, y, self._offset, block)
             self._info[key] = info
             results = self._results[key]
@@ -243,14 +261,18 @@ class HookSession:
     def _merge(results: dict, new: dict, probe: Probe, key: str, n: int) -> None:
         for q, t in new.items():
             if not isinstance(t, torch.Tensor) or t.ndim == 0:
-                raise ProbeError(f"Probe {probe.name!r} returned {q!r} that is not a per-sample tensor [N, ...].")
+                raise ProbeError(
+                    f"Probe {probe.name!r} returned {q!r} that is not a per-sample tensor [N, ...]."
+                )
             if t.shape[0] > n:
                 raise ProbeError(
                     f"Probe {probe.name!r} returned {q!r} with {t.shape[0]} rows for a batch of {n} "
                     f"at layer {key!r}; the sample axis must come first."
                 )
             if q in results:
-                raise ProbeError(f"Quantity {q!r} at layer {key!r} is produced by two probes; rename one.")
+                raise ProbeError(
+                    f"Quantity {q!r} at layer {key!r} is produced by two probes; rename one."
+                )
             results[q] = t.detach()
 
     @contextlib.contextmanager
@@ -294,7 +316,13 @@ class HookSession:
                     with self._suspend():
                         for p in self.layer_probes:
                             if p.needs_grad and p.applies_to(call):
-                                self._merge(self._results[call.name], p.backward(call), p, call.name, call.batch_size)
+                                self._merge(
+                                    self._results[call.name],
+                                    p.backward(call),
+                                    p,
+                                    call.name,
+                                    call.batch_size,
+                                )
             else:
                 with torch.no_grad():
                     out = self.model(x)
@@ -305,7 +333,9 @@ class HookSession:
                 with self._suspend():
                     for p in self.model_probes:
                         if p.applies_to(call):
-                            self._merge(self._results["model"], p.forward(call), p, "model", call.batch_size)
+                            self._merge(
+                                self._results["model"], p.forward(call), p, "model", call.batch_size
+                            )
             return dict(self._results), out.detach()
         finally:
             self._calls = []  # drop references to the graph and activations

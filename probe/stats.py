@@ -60,7 +60,9 @@ class Moments:
         mean = x.mean(0)
         self.merge(len(x), mean, ((x - mean) ** 2).sum(0))
 
-    def update_from_groups(self, means: np.ndarray, variances: np.ndarray, group_size: float) -> None:
+    def update_from_groups(
+        self, means: np.ndarray, variances: np.ndarray, group_size: float
+    ) -> None:
         """Merge equal-size groups given by their means and population variances, [G, C] each.
 
         This is how per-sample spatial statistics (one group of H*W values per sample and

@@ -26,7 +26,9 @@ __all__ = ["check_probe"]
 
 def _tiny_models() -> list[torch.nn.Module]:
     torch.manual_seed(0)
-    return [create(name, in_channels=1, width=4, num_classes=3).eval() for name in ("resnet8", "plain8")]
+    return [
+        create(name, in_channels=1, width=4, num_classes=3).eval() for name in ("resnet8", "plain8")
+    ]
 
 
 def _fail(probe: Probe, what: str) -> None:
@@ -50,11 +52,15 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
     x = torch.randn(6, 1, 8, 8, generator=gen)
     y = torch.randint(0, 3, (6,), generator=gen)
     for model in _tiny_models():
-        before = {n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+        before = {
+            n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()
+        }
         with HookSession(model, layers, [probe]) as session:
             full, _ = session.run_batch(x, y)
             halves = [session.run_batch(x[:3], y[:3], 0)[0], session.run_batch(x[3:], y[3:], 3)[0]]
-        after = {n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+        after = {
+            n: (len(m._forward_hooks), len(m._backward_hooks)) for n, m in model.named_modules()
+        }
         if before != after:
             _fail(probe, "left hooks behind.")
         if not any(full.values()):
@@ -69,8 +75,13 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
                 if any(p is None for p in parts):
                     continue
                 joined = torch.cat(parts).float()
-                if joined.shape == t.shape and not torch.allclose(joined, t.float(), rtol=rtol, atol=1e-5):
-                    _fail(probe, f"gives different {layer}/{q} when the batch is split; rows must be per sample.")
+                if joined.shape == t.shape and not torch.allclose(
+                    joined, t.float(), rtol=rtol, atol=1e-5
+                ):
+                    _fail(
+                        probe,
+                        f"gives different {layer}/{q} when the batch is split; rows must be per sample.",
+                    )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "check.h5"
             cap = capture(model, [(x, y)], layers=layers, probes=[probe], out=path)
@@ -79,8 +90,13 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
                     for q, t in qs.items():
                         stored = cap.read(layer, q)
                         ref = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
-                        if stored.shape != ref.shape or not np.allclose(stored.astype(np.float64), ref.astype(np.float64),
-                                                                        rtol=rtol, atol=1e-6, equal_nan=True):
+                        if stored.shape != ref.shape or not np.allclose(
+                            stored.astype(np.float64),
+                            ref.astype(np.float64),
+                            rtol=rtol,
+                            atol=1e-6,
+                            equal_nan=True,
+                        ):
                             _fail(probe, f"changes {layer}/{q} in the HDF5 round trip.")
     try:
         type(probe)(**{k: v for k, v in probe.config().items() if k != "probe"})

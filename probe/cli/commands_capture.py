@@ -13,19 +13,49 @@ __all__ = ["COMMANDS"]
 
 @click.command("capture")
 @click.argument("checkpoint", type=click.Path(exists=True))
-@click.option("--data", "dataset", default=None, help="Dataset (default: the one the checkpoint was trained on).")
+@click.option(
+    "--data",
+    "dataset",
+    default=None,
+    help="Dataset (default: the one the checkpoint was trained on).",
+)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
-@click.option("--layers", multiple=True, default=("auto",), show_default=True,
-              help="Glob or re:regex of dotted module names; repeatable. 'auto' = every residual block.")
-@click.option("--probe", "probe_specs", multiple=True, default=("residual", "channel"), show_default=True,
-              help="name[:key=value,...]: residual, channel, grad, activations, gradients, jacobian, shattered.")
+@click.option(
+    "--layers",
+    multiple=True,
+    default=("auto",),
+    show_default=True,
+    help="Glob or re:regex of dotted module names; repeatable. 'auto' = every residual block.",
+)
+@click.option(
+    "--probe",
+    "probe_specs",
+    multiple=True,
+    default=("residual", "channel"),
+    show_default=True,
+    help="name[:key=value,...]: residual, channel, grad, activations, gradients, jacobian, shattered.",
+)
 @click.option("--limit", type=int, default=None, help="Capture at most this many samples.")
 @click.option("--batch-size", default=256, show_default=True)
-@click.option("--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True)
+@click.option(
+    "--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True
+)
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--device", default="auto", show_default=True)
-def capture_cmd(checkpoint, dataset, split, layers, probe_specs, limit, batch_size, compression, mode, out, device):
+def capture_cmd(
+    checkpoint,
+    dataset,
+    split,
+    layers,
+    probe_specs,
+    limit,
+    batch_size,
+    compression,
+    mode,
+    out,
+    device,
+):
     """Run probes over a dataset with a trained CHECKPOINT (file or run directory) into an HDF5 file."""
     import probe
     from probe.loading import capture_loader, dataset_for, load_for_capture
@@ -46,16 +76,26 @@ def capture_cmd(checkpoint, dataset, split, layers, probe_specs, limit, batch_si
         last[0] = done
 
     try:
-        cap = probe.capture(model, loader, layers=layer_spec, probes=probes, out=out, mode=mode,
-                            compression=None if compression == "none" else compression, provenance=prov,
-                            progress=progress)
+        cap = probe.capture(
+            model,
+            loader,
+            layers=layer_spec,
+            probes=probes,
+            out=out,
+            mode=mode,
+            compression=None if compression == "none" else compression,
+            provenance=prov,
+            progress=progress,
+        )
     finally:
         pbar.close()
     with cap:
         n = int(cap.attrs["n_samples"])
         secs = float(cap.attrs["wall_seconds"])
         qs = sorted({q for layer in cap.layers for q in cap.quantities(layer)})
-        click.echo(f"captured {n} samples x {len(cap.layers)} layers in {secs:.1f} s ({n / max(secs, 1e-9):.0f} samples/s)")
+        click.echo(
+            f"captured {n} samples x {len(cap.layers)} layers in {secs:.1f} s ({n / max(secs, 1e-9):.0f} samples/s)"
+        )
         click.echo(f"quantities: {', '.join(qs)}")
         click.echo(f"wrote {out}")
 
@@ -78,12 +118,16 @@ def inspect_cmd(path, attrs):
     import probe
 
     with probe.open(path) as cap:
-        click.echo(f"{path}: {cap.attrs['format']} v{cap.attrs['format_version']}, complete, "
-                   f"{cap.attrs.get('n_samples')} samples, {len(cap.layers)} layers")
+        click.echo(
+            f"{path}: {cap.attrs['format']} v{cap.attrs['format_version']}, complete, "
+            f"{cap.attrs.get('n_samples')} samples, {len(cap.layers)} layers"
+        )
         if attrs:
             click.echo("provenance:")
             for k, v in cap.provenance.items():
-                click.echo(f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}")
+                click.echo(
+                    f"  {k}: {json.dumps(v, default=str) if isinstance(v, (dict, list)) else v}"
+                )
             click.echo(f"config: {json.dumps(cap.config, default=str)}")
         with h5py.File(path, "r") as f:
             for layer in cap.layers:
@@ -96,8 +140,10 @@ def inspect_cmd(path, attrs):
                     d = f[f"layers/{layer}/{q}"]
                     dims = ",".join(dim.label or "?" for dim in d.dims)
                     enc = f" enc={d.attrs['encoding']}" if "encoding" in d.attrs else ""
-                    click.echo(f"  {q:18s} {str(d.shape):22s} {str(d.dtype):8s} {_size(d.id.get_storage_size()):>10s}"
-                               f"  ({dims}){enc}")
+                    click.echo(
+                        f"  {q:18s} {str(d.shape):22s} {str(d.dtype):8s} {_size(d.id.get_storage_size()):>10s}"
+                        f"  ({dims}){enc}"
+                    )
 
 
 COMMANDS = [capture_cmd, inspect_cmd]

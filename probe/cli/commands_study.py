@@ -11,11 +11,26 @@ __all__ = ["COMMANDS"]
 
 
 @click.command("study")
-@click.option("--preset", default="default", show_default=True, help="default (offline digits, CPU) or he2016 (CIFAR-10, GPU).")
-@click.option("--set", "sets", multiple=True, metavar="FIELD=VALUE",
-              help="Override any preset field, e.g. depths=8,20,32 seeds=0,1,2 recipe=fast capture_limit=500.")
+@click.option(
+    "--preset",
+    default="default",
+    show_default=True,
+    help="default (offline digits, CPU) or he2016 (CIFAR-10, GPU).",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Override any preset field, e.g. depths=8,20,32 seeds=0,1,2 recipe=fast capture_limit=500.",
+)
 @click.option("--data", "dataset", default=None, help="Dataset override (name or path).")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Study directory (default data/studies/<preset>).")
+@click.option(
+    "--out",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Study directory (default data/studies/<preset>).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda ...")
 def study_cmd(preset, sets, dataset, out, device):
     """Train plain and residual nets, capture along training, analyse and write a report.
@@ -47,12 +62,16 @@ def study_cmd(preset, sets, dataset, out, device):
             state.pop("bar").close()
 
     res = run_study(cfg, out, callback=cb)
-    click.echo(f"\nstudy '{cfg.name}' finished in {res.wall_s:.0f} s "
-               f"(train {res.timings['train']:.0f} s, capture {res.timings['capture']:.0f} s, "
-               f"analysis {res.timings['analysis']:.0f} s, figures {res.timings['figures']:.0f} s)")
+    click.echo(
+        f"\nstudy '{cfg.name}' finished in {res.wall_s:.0f} s "
+        f"(train {res.timings['train']:.0f} s, capture {res.timings['capture']:.0f} s, "
+        f"analysis {res.timings['analysis']:.0f} s, figures {res.timings['figures']:.0f} s)"
+    )
     click.echo("\ndegradation (final training error, eval mode; mean over seeds):")
     for r in res.degradation.itertuples():
-        click.echo(f"  {r.family:>10s}-{r.depth:<4d} train {100 * r.train_error:6.2f}%   test {100 * r.test_error:6.2f}%")
+        click.echo(
+            f"  {r.family:>10s}-{r.depth:<4d} train {100 * r.train_error:6.2f}%   test {100 * r.test_error:6.2f}%"
+        )
     click.echo("\nverdicts:")
     for v in res.verdicts:
         click.echo(f"  {v.verdict:>14s}  {v.explanation}")

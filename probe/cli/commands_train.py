@@ -11,29 +11,69 @@ __all__ = ["COMMANDS"]
 
 
 @click.command("train")
-@click.option("--model", "-m", default="plain20", show_default=True, help="Registry name, e.g. resnet56, plain20.")
-@click.option("--data", "dataset", default="digits", show_default=True,
-              help="digits, cifar10, cifar100, or a path to an image tree / .tar.gz.")
+@click.option(
+    "--model",
+    "-m",
+    default="plain20",
+    show_default=True,
+    help="Registry name, e.g. resnet56, plain20.",
+)
+@click.option(
+    "--data",
+    "dataset",
+    default="digits",
+    show_default=True,
+    help="digits, cifar10, cifar100, or a path to an image tree / .tar.gz.",
+)
 @click.option("--recipe", default="digits", show_default=True, help="he2016, fast or digits.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--epochs", type=int, default=None, help="Override the recipe's number of epochs.")
-@click.option("--save-at", default="0,last", show_default=True, help="Epochs to checkpoint, e.g. 0,1,5,20,last.")
-@click.option("--opt", "model_opts", multiple=True, metavar="KEY=VALUE",
-              help="Model option (shortcut=B, zero_init=true, width=8, shortcut_scale=0.5).")
-@click.option("--set", "recipe_sets", multiple=True, metavar="KEY=VALUE", help="Recipe override (lr=0.05, batch_size=256).")
-@click.option("--out", default="", help="Run directory (default data/runs/<model>-<data>-<recipe>-s<seed>).")
+@click.option(
+    "--save-at",
+    default="0,last",
+    show_default=True,
+    help="Epochs to checkpoint, e.g. 0,1,5,20,last.",
+)
+@click.option(
+    "--opt",
+    "model_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Model option (shortcut=B, zero_init=true, width=8, shortcut_scale=0.5).",
+)
+@click.option(
+    "--set",
+    "recipe_sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Recipe override (lr=0.05, batch_size=256).",
+)
+@click.option(
+    "--out", default="", help="Run directory (default data/runs/<model>-<data>-<recipe>-s<seed>)."
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
-def train_cmd(model, dataset, recipe, seed, epochs, save_at, model_opts, recipe_sets, out, device, compile_):
+def train_cmd(
+    model, dataset, recipe, seed, epochs, save_at, model_opts, recipe_sets, out, device, compile_
+):
     """Train a zoo model; an interrupted run resumes from its last epoch."""
     from probe.train import TrainConfig, train
 
     overrides = parse_overrides(recipe_sets, "--set")
     if epochs is not None:
         overrides["epochs"] = epochs
-    cfg = TrainConfig(model=model, dataset=dataset, recipe=recipe, seed=seed,
-                      model_options=parse_overrides(model_opts, "--opt"), recipe_overrides=overrides,
-                      save_at=save_at, out=out, device=device, compile=compile_)
+    cfg = TrainConfig(
+        model=model,
+        dataset=dataset,
+        recipe=recipe,
+        seed=seed,
+        model_options=parse_overrides(model_opts, "--opt"),
+        recipe_overrides=overrides,
+        save_at=save_at,
+        out=out,
+        device=device,
+        compile=compile_,
+    )
     result = train(cfg, callback=train_callback(f"train {model}"))
     f = result.final
     if result.resumed_from is not None:

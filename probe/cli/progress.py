@@ -11,8 +11,14 @@ __all__ = ["bar", "train_callback"]
 
 
 def bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=not sys.stderr.isatty(),
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def train_callback(desc: str) -> Callable[[str, dict], None]:
@@ -29,7 +35,9 @@ def train_callback(desc: str) -> Callable[[str, dict], None]:
             b = state["bar"]
             b.update(info["iter"] - state["last"])
             state["last"] = info["iter"]
-            b.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}", err=f"{info['error']:.3f}")
+            b.set_postfix(
+                epoch=info["epoch"], loss=f"{info['loss']:.3f}", err=f"{info['error']:.3f}"
+            )
         elif event == "end":
             state["bar"].close()
 

@@ -27,8 +27,14 @@ __all__ = ["load_cifar_pickle", "load_image_tree", "download_cifar", "PICKLE_DIR
 
 PICKLE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _URLS = {
-    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
-    "cifar100": ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+    "cifar10": (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "c58f30108f718f92721af3b95e74349a",
+    ),
+    "cifar100": (
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "eb9058c3a382ffc7106e4002c42a8d85",
+    ),
 }
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -46,7 +52,9 @@ class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D401
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise ProbeError(f"Refusing to unpickle {module}.{name}: not part of the CIFAR batch format.")
+        raise ProbeError(
+            f"Refusing to unpickle {module}.{name}: not part of the CIFAR batch format."
+        )
 
 
 def _unpickle(path: Path) -> dict:
@@ -85,12 +93,20 @@ def load_cifar_pickle(root: str | os.PathLike, name: str = "cifar10") -> ImageAr
             classes = [c.decode() for c in meta[b"fine_label_names"]]
             label_key = b"fine_labels"
     except FileNotFoundError as e:
-        raise ProbeError(f"Incomplete {name} pickle folder {folder}: missing {Path(e.filename).name}.") from e
+        raise ProbeError(
+            f"Incomplete {name} pickle folder {folder}: missing {Path(e.filename).name}."
+        ) from e
     x_tr = np.concatenate([_rows_to_images(b[b"data"]) for b in train])
     y_tr = np.concatenate([np.asarray(b[label_key]) for b in train])
     return ImageArrays(
-        name, x_tr, y_tr, _rows_to_images(test[b"data"]), np.asarray(test[label_key]), classes,
-        augment=True, source=str(folder),
+        name,
+        x_tr,
+        y_tr,
+        _rows_to_images(test[b"data"]),
+        np.asarray(test[label_key]),
+        classes,
+        augment=True,
+        source=str(folder),
     )
 
 
@@ -136,7 +152,11 @@ def _iter_tree(path: Path):
         with tarfile.open(path) as tar:
             for member in tar:
                 parts = Path(member.name).parts
-                if member.isfile() and Path(member.name).suffix.lower() in _IMAGE_EXT and len(parts) >= 3:
+                if (
+                    member.isfile()
+                    and Path(member.name).suffix.lower() in _IMAGE_EXT
+                    and len(parts) >= 3
+                ):
                     yield parts[-3], parts[-2], tar.extractfile(member).read()
 
 
@@ -145,8 +165,9 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-def load_image_tree(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                    name: str | None = None) -> ImageArrays:
+def load_image_tree(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, name: str | None = None
+) -> ImageArrays:
     """Read ``train/<class>/*`` and ``test/<class>/*`` images from a folder or ``.tar.gz``.
 
     Class indices follow the sorted class-folder names. Decoded arrays are cached in
@@ -159,8 +180,16 @@ def load_image_tree(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     cache = Path(cache_dir) / f"{name}-{_cache_key(path)}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         z = np.load(cache, allow_pickle=False)
-        return ImageArrays(name, z["x_train"], z["y_train"], z["x_test"], z["y_test"],
-                           [str(c) for c in z["classes"]], augment=True, source=str(path))
+        return ImageArrays(
+            name,
+            z["x_train"],
+            z["y_train"],
+            z["x_test"],
+            z["y_test"],
+            [str(c) for c in z["classes"]],
+            augment=True,
+            source=str(path),
+        )
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[str]] = {"train": [], "test": []}
     for split, cls, payload in _iter_tree(path):
@@ -176,18 +205,30 @@ def load_image_tree(path: str | os.PathLike, cache_dir: str | os.PathLike | None
     index = {c: i for i, c in enumerate(classes)}
     shapes = {im.shape for split in images.values() for im in split}
     if len(shapes) != 1:
-        raise ProbeError(f"Images under {path} have different sizes {sorted(shapes)[:4]}; resize them first.")
+        raise ProbeError(
+            f"Images under {path} have different sizes {sorted(shapes)[:4]}; resize them first."
+        )
     arrays = {}
     for split in ("train", "test"):
         arrays[f"x_{split}"] = np.ascontiguousarray(np.stack(images[split]).transpose(0, 3, 1, 2))
         unknown = set(labels[split]) - set(index)
         if unknown:
-            raise ProbeError(f"Test classes {sorted(unknown)} under {path} have no training images.")
+            raise ProbeError(
+                f"Test classes {sorted(unknown)} under {path} have no training images."
+            )
         arrays[f"y_{split}"] = np.array([index[c] for c in labels[split]], dtype=np.int64)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")
         np.savez(tmp, classes=np.array(classes), **arrays)
         os.replace(tmp, cache)
-    return ImageArrays(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
-                       classes, augment=True, source=str(path))
+    return ImageArrays(
+        name,
+        arrays["x_train"],
+        arrays["y_train"],
+        arrays["x_test"],
+        arrays["y_test"],
+        classes,
+        augment=True,
+        source=str(path),
+    )

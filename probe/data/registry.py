@@ -24,7 +24,9 @@ def data_root() -> Path:
     return Path(os.environ.get("RESPROBE_DATA", "data"))
 
 
-def load_dataset(spec: str, root: str | os.PathLike | None = None, download: bool = True) -> ImageArrays:
+def load_dataset(
+    spec: str, root: str | os.PathLike | None = None, download: bool = True
+) -> ImageArrays:
     """Load a dataset by name or path.
 
     Example:

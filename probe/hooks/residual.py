@@ -48,7 +48,9 @@ class ResidualSpec:
         try:
             return block.get_submodule(ref)
         except AttributeError as e:
-            raise ProbeError(f"Residual adapter names {role} {ref!r}, which {type(block).__name__} lacks.") from e
+            raise ProbeError(
+                f"Residual adapter names {role} {ref!r}, which {type(block).__name__} lacks."
+            ) from e
 
 
 _ADAPTERS: dict[str, ResidualSpec] = {}
@@ -83,13 +85,19 @@ def _timm_branch(block: nn.Module) -> nn.Module:
     return getattr(block, "bn3", None) or block.bn2
 
 
-register_residual("probe.zoo.cifar_resnet.BasicBlock",
-                  ResidualSpec(branch="branch", shortcut="shortcut", clone_branch=False))
+register_residual(
+    "probe.zoo.cifar_resnet.BasicBlock",
+    ResidualSpec(branch="branch", shortcut="shortcut", clone_branch=False),
+)
 for _name, _last in (("BasicBlock", "bn2"), ("Bottleneck", "bn3")):
-    register_residual(f"torchvision.models.resnet.{_name}",
-                      ResidualSpec(branch=_last, shortcut=lambda b: b.downsample, clone_branch=True))
-    register_residual(f"timm.models.resnet.{_name}",
-                      ResidualSpec(branch=_timm_branch, shortcut=lambda b: b.downsample, clone_branch=True))
+    register_residual(
+        f"torchvision.models.resnet.{_name}",
+        ResidualSpec(branch=_last, shortcut=lambda b: b.downsample, clone_branch=True),
+    )
+    register_residual(
+        f"timm.models.resnet.{_name}",
+        ResidualSpec(branch=_timm_branch, shortcut=lambda b: b.downsample, clone_branch=True),
+    )
 
 _LOOKS_RESIDUAL = re.compile(r"(Block|Bottleneck|Residual|Res[A-Z]|Unit)", re.ASCII)
 
@@ -120,7 +128,9 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, ResidualSp
         spec = residual_spec(module)
         if spec is not None:
             blocks.append((name, module, spec))
-        elif _LOOKS_RESIDUAL.search(type(module).__name__) and not isinstance(module, nn.Sequential):
+        elif _LOOKS_RESIDUAL.search(type(module).__name__) and not isinstance(
+            module, nn.Sequential
+        ):
             unknown.append(name)
     # Do not report modules nested inside an adapted block (their parent is handled).
     inside = tuple(n + "." for n, _, _ in blocks)
@@ -129,4 +139,8 @@ def find_blocks(model: nn.Module) -> tuple[list[tuple[str, nn.Module, ResidualSp
 
 def inplace_modules(module: nn.Module) -> list[str]:
     """Dotted names of submodules configured to modify their input in place (``inplace=True``)."""
-    return [n or type(module).__name__ for n, m in module.named_modules() if getattr(m, "inplace", False)]
+    return [
+        n or type(module).__name__
+        for n, m in module.named_modules()
+        if getattr(m, "inplace", False)
+    ]

@@ -1,12 +1,15 @@
 """Select modules by dotted name: glob, regular expression (``re:`` prefix), list, or predicate.
 
+Globs are dotted-name aware: ``*`` matches within one component (``stages.*.*`` selects blocks but
+not their submodules), ``**`` matches across components (``**.bn1`` selects every ``bn1``) and
+``?`` matches one character.
+
 Dotted names from ``named_modules()`` are the one key everywhere: hooks, HDF5 groups, tables,
 figure labels.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Callable, Sequence
 
@@ -14,12 +17,36 @@ from torch import nn
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["LayerSpec", "list_layers", "select_modules"]
+__all__ = ["LayerSpec", "glob_regex", "list_layers", "select_modules"]
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
-def list_layers(model: nn.Module, pattern: str = "*") -> list[tuple[str, str]]:
+def glob_regex(pattern: str) -> re.Pattern:
+    """Compile a dotted-name glob: ``*`` = one component's characters, ``**`` = anything.
+
+    Example:
+        >>> bool(glob_regex("stages.*.*").fullmatch("stages.0.1.branch"))
+        False
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def list_layers(model: nn.Module, pattern: str = "**") -> list[tuple[str, str]]:
     """(dotted name, class name) of every submodule whose name matches the glob ``pattern``.
 
     Example:
@@ -27,8 +54,8 @@ def list_layers(model: nn.Module, pattern: str = "*") -> list[tuple[str, str]]:
         >>> list_layers(create("resnet20"), "stages.0.0.branch.*")[:2]
         [('stages.0.0.branch.conv1', 'Conv2d'), ('stages.0.0.branch.bn1', 'BatchNorm2d')]
     """
-    return [(n, type(m).__name__) for n, m in model.named_modules()
-            if n and fnmatch.fnmatchcase(n, pattern)]
+    rx = glob_regex(pattern)
+    return [(n, type(m).__name__) for n, m in model.named_modules() if n and rx.fullmatch(n)]
 
 
 def _matcher(spec: str) -> Callable[[str], bool]:
@@ -38,13 +65,14 @@ def _matcher(spec: str) -> Callable[[str], bool]:
         except re.error as e:
             raise ProbeError(f"Invalid regular expression {spec[3:]!r} in layer spec: {e}.") from e
         return lambda name: rx.fullmatch(name) is not None
-    return lambda name: fnmatch.fnmatchcase(name, spec)
+    rx = glob_regex(spec)
+    return lambda name: rx.fullmatch(name) is not None
 
 
 def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Module]]:
     """Modules of ``model`` (in forward-definition order) selected by ``spec``.
 
-    ``spec`` is a glob (``"stages.*.*"``), a regular expression prefixed ``re:``, a list of
+    ``spec`` is a dotted glob (``"stages.*.*"``, ``"**.bn2"``), a regular expression prefixed ``re:``, a list of
     either (union), or a predicate ``(name, module) -> bool``. Raises :class:`ProbeError` with a
     did-you-mean hint when a pattern matches nothing.
 
@@ -58,7 +86,9 @@ def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
         return [(n, m) for n, m in named if spec(n, m)]
     patterns = [spec] if isinstance(spec, str) else list(spec)
     if not patterns:
-        raise ProbeError("Empty layer selection; give at least one pattern. See probe.list_layers(model).")
+        raise ProbeError(
+            "Empty layer selection; give at least one pattern. See probe.list_layers(model)."
+        )
     chosen: set[str] = set()
     names = [n for n, _ in named]
     for pattern in patterns:

@@ -10,7 +10,12 @@ from probe.jacobian.estimators import (
 )
 from probe.jacobian.probes import JacobianNorms, ShatteredGradients
 from probe.jacobian.segments import chain, segment, segment_spectrum
-from probe.jacobian.shattered import autocorrelation, correlation_length, line_gradients, shattered_profile
+from probe.jacobian.shattered import (
+    autocorrelation,
+    correlation_length,
+    line_gradients,
+    shattered_profile,
+)
 
 __all__ = [
     "HutchinsonResult",

@@ -52,10 +52,12 @@ class HutchinsonResult:
 def rademacher(shape: tuple[int, ...], gen: torch.Generator, device, dtype) -> torch.Tensor:
     """Random +-1 entries drawn from ``gen`` (reproducible for a seed)."""
     bits = torch.randint(0, 2, shape, generator=gen, device=gen.device)
-    return (bits.to(device=device, dtype=dtype) * 2 - 1)
+    return bits.to(device=device, dtype=dtype) * 2 - 1
 
 
-def per_sample_probes(m: int, x: torch.Tensor, seed: int, first_index: int, kind: str = "rademacher") -> torch.Tensor:
+def per_sample_probes(
+    m: int, x: torch.Tensor, seed: int, first_index: int, kind: str = "rademacher"
+) -> torch.Tensor:
     """Probe vectors [m, N, ...] where sample n's vectors depend only on (seed, first_index + n),
     so estimates do not depend on how samples are batched."""
     out = []
@@ -68,7 +70,9 @@ def per_sample_probes(m: int, x: torch.Tensor, seed: int, first_index: int, kind
     return torch.stack(out, 1)
 
 
-def jvp_many(f: Fn, x: torch.Tensor, v: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+def jvp_many(
+    f: Fn, x: torch.Tensor, v: torch.Tensor, chunk_size: int | None = None
+) -> torch.Tensor:
     """J v for a stack of tangents v [m, N, ...] -> [m, N, ...out], ``chunk_size`` probes at a time."""
     return vmap(lambda t: jvp(f, (x,), (t,))[1], chunk_size=chunk_size)(v)
 
@@ -158,7 +162,11 @@ def top_singular_values(
     d = x[0].numel()
     b = min(b, d)
     apply = _jtj(f, x, chunk_size)
-    u = u0[:b] if u0 is not None else torch.randn((b, *x.shape), generator=gen, device=gen.device).to(x.device, x.dtype)
+    u = (
+        u0[:b]
+        if u0 is not None
+        else torch.randn((b, *x.shape), generator=gen, device=gen.device).to(x.device, x.dtype)
+    )
 
     def orth(u: torch.Tensor) -> torch.Tensor:
         mat = u.reshape(b, n, d).permute(1, 2, 0)  # [N, d, b]
@@ -206,7 +214,9 @@ def lanczos_spectrum(
         alpha = (w * basis[-1]).sum(-1)
         alphas.append(alpha)
         stack = torch.stack(basis)  # [j+1, v, N, d]
-        w = w - (torch.einsum("jvnd,vnd->jvn", stack, w)[..., None] * stack).sum(0)  # full reorthogonalisation
+        w = w - (torch.einsum("jvnd,vnd->jvn", stack, w)[..., None] * stack).sum(
+            0
+        )  # full reorthogonalisation
         w = w - (torch.einsum("jvnd,vnd->jvn", stack, w)[..., None] * stack).sum(0)
         beta = w.norm(dim=-1)
         if j < steps - 1:

@@ -15,7 +15,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from probe.jacobian.estimators import hutchinson, lanczos_spectrum, per_sample_probes, top_singular_values
+from probe.jacobian.estimators import (
+    hutchinson,
+    lanczos_spectrum,
+    per_sample_probes,
+    top_singular_values,
+)
 from probe.jacobian.shattered import shattered_profile
 from probe.probes.base import Call, Probe
 from probe.probes.registry import register_probe
@@ -39,8 +44,11 @@ class JacobianNorms(Probe):
 
     name: ClassVar[str] = "jacobian"
     requires_eval: ClassVar[bool] = True
-    dims: ClassVar = {"jac_top_sv": ("sample", "k"), "jac_slq_nodes": ("sample", "node"),
-                      "jac_slq_weights": ("sample", "node")}
+    dims: ClassVar = {
+        "jac_top_sv": ("sample", "k"),
+        "jac_slq_nodes": ("sample", "node"),
+        "jac_slq_weights": ("sample", "node"),
+    }
     n_probes: int = 16
     seed: int = 0
     top_k: int = 0
@@ -51,20 +59,37 @@ class JacobianNorms(Probe):
     chunk_size: int | None = 8
 
     def applies_to(self, call: Call) -> bool:
-        return call.input is not None and call.input.shape[0] == call.batch_size and call.input.is_floating_point()
+        return (
+            call.input is not None
+            and call.input.shape[0] == call.batch_size
+            and call.input.is_floating_point()
+        )
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        keep = call.batch_size if self.max_samples is None else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        keep = (
+            call.batch_size
+            if self.max_samples is None
+            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        )
         if keep == 0:
             return {}
         x = call.input[:keep].detach()
         f = call.module
         off = call.sample_offset
         shortcut = call.block.shortcut if call.block is not None else None
-        identity = call.block is not None and (shortcut is None or isinstance(shortcut, nn.Identity))
+        identity = call.block is not None and (
+            shortcut is None or isinstance(shortcut, nn.Identity)
+        )
         with torch.no_grad():
-            r = hutchinson(f, x, self.n_probes, shortcut=None if identity else shortcut, identity_shortcut=identity,
-                           chunk_size=self.chunk_size, v=per_sample_probes(self.n_probes, x, self.seed, off))
+            r = hutchinson(
+                f,
+                x,
+                self.n_probes,
+                shortcut=None if identity else shortcut,
+                identity_shortcut=identity,
+                chunk_size=self.chunk_size,
+                v=per_sample_probes(self.n_probes, x, self.seed, off),
+            )
             out = {"jac_fro2": r.fro2, "jac_fro2_se": r.fro2_se}
             if r.dev2 is not None:
                 out.update(jac_dev2=r.dev2, jac_dev2_se=r.dev2_se, jac_p_fro2=r.p_fro2)
@@ -72,11 +97,14 @@ class JacobianNorms(Probe):
                 out.update(jac_trace=r.trace, jac_trace_se=r.trace_se)
             if self.top_k:
                 u0 = per_sample_probes(self.top_k + 4, x, self.seed + 1, off, kind="normal")
-                out["jac_top_sv"] = top_singular_values(f, x, self.top_k, self.iters, chunk_size=self.chunk_size, u0=u0)
+                out["jac_top_sv"] = top_singular_values(
+                    f, x, self.top_k, self.iters, chunk_size=self.chunk_size, u0=u0
+                )
             if self.slq_steps:
                 q0 = per_sample_probes(self.slq_vectors, x, self.seed + 2, off)
                 out["jac_slq_nodes"], out["jac_slq_weights"] = lanczos_spectrum(
-                    f, x, self.slq_steps, self.slq_vectors, chunk_size=self.chunk_size, q0=q0)
+                    f, x, self.slq_steps, self.slq_vectors, chunk_size=self.chunk_size, q0=q0
+                )
         return {k: v.float() for k, v in out.items()}
 
 
@@ -105,10 +133,22 @@ class ShatteredGradients(Probe):
     seed: int = 0
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        keep = call.batch_size if self.max_samples is None else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        keep = (
+            call.batch_size
+            if self.max_samples is None
+            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        )
         if keep == 0 or call.input is None:
             return {}
-        res = shattered_profile(call.module, call.input.detach(), keep, n_points=self.n_points, span=self.span,
-                                max_lag=self.max_lag, direction=self.direction, seed=self.seed,
-                                first_index=call.sample_offset)
+        res = shattered_profile(
+            call.module,
+            call.input.detach(),
+            keep,
+            n_points=self.n_points,
+            span=self.span,
+            max_lag=self.max_lag,
+            direction=self.direction,
+            seed=self.seed,
+            first_index=call.sample_offset,
+        )
         return {k: v.float() for k, v in res.items()}

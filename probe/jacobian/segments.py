@@ -49,8 +49,16 @@ def segment(model: nn.Module, start: str | None, end: str | None) -> nn.Sequenti
 
 
 @torch.no_grad()
-def segment_spectrum(model: nn.Module, x: torch.Tensor, start: str | None, end: str | None, n_probes: int = 16,
-                     top_k: int = 1, iters: int = 20, seed: int = 0) -> dict[str, torch.Tensor]:
+def segment_spectrum(
+    model: nn.Module,
+    x: torch.Tensor,
+    start: str | None,
+    end: str | None,
+    n_probes: int = 16,
+    top_k: int = 1,
+    iters: int = 20,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Per-sample mean squared singular value, its standard error and top singular values of a
     segment's Jacobian at the segment's input (``x`` is the network input)."""
     was = model.training

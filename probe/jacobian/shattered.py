@@ -18,8 +18,9 @@ from torch import nn
 __all__ = ["line_gradients", "autocorrelation", "shattered_profile", "correlation_length"]
 
 
-def line_gradients(model: nn.Module, x0: torch.Tensor, direction: torch.Tensor, ts: torch.Tensor,
-                   target: int) -> torch.Tensor:
+def line_gradients(
+    model: nn.Module, x0: torch.Tensor, direction: torch.Tensor, ts: torch.Tensor, target: int
+) -> torch.Tensor:
     """Input gradients of logit ``target`` at x0 + t*direction for each t. -> [T, *x0.shape]"""
     pts = (x0[None] + ts.view(-1, *([1] * x0.ndim)) * direction[None]).detach().requires_grad_(True)
     with torch.enable_grad():
@@ -39,13 +40,26 @@ def autocorrelation(g: torch.Tensor, max_lag: int) -> torch.Tensor:
 def correlation_length(cos_lag: torch.Tensor) -> torch.Tensor:
     """First lag at which ``cos_lag`` [..., L] drops below 1/e (L if it never does)."""
     below = cos_lag < math.exp(-1)
-    first = torch.where(below.any(-1), below.float().argmax(-1), torch.full_like(below[..., 0], cos_lag.shape[-1], dtype=torch.long))
+    first = torch.where(
+        below.any(-1),
+        below.float().argmax(-1),
+        torch.full_like(below[..., 0], cos_lag.shape[-1], dtype=torch.long),
+    )
     return first.float()
 
 
-def shattered_profile(model: nn.Module, x: torch.Tensor, keep: int, *, n_points: int = 128, span: float = 1.0,
-                      max_lag: int = 32, direction: str = "random", seed: int = 0,
-                      first_index: int = 0) -> dict[str, torch.Tensor]:
+def shattered_profile(
+    model: nn.Module,
+    x: torch.Tensor,
+    keep: int,
+    *,
+    n_points: int = 128,
+    span: float = 1.0,
+    max_lag: int = 32,
+    direction: str = "random",
+    seed: int = 0,
+    first_index: int = 0,
+) -> dict[str, torch.Tensor]:
     """ACF, lagged cosine and correlation length for the first ``keep`` samples of ``x``.
 
     Random directions and the projection vector u depend only on ``seed`` and the sample's
@@ -68,6 +82,10 @@ def shattered_profile(model: nn.Module, x: torch.Tensor, keep: int, *, n_points:
         acfs.append(autocorrelation(g @ u.flatten().double(), max_lag))
         c = g - g.mean(0, keepdim=True)
         c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-30)
-        coss.append(torch.stack([(c[: n_points - k] * c[k:]).sum(1).mean() for k in range(min(max_lag, n_points))]))
+        coss.append(
+            torch.stack(
+                [(c[: n_points - k] * c[k:]).sum(1).mean() for k in range(min(max_lag, n_points))]
+            )
+        )
     acf, cos_lag = torch.stack(acfs), torch.stack(coss)
     return {"acf": acf, "cos_lag": cos_lag, "corr_length": correlation_length(cos_lag)}

@@ -4,5 +4,13 @@ from probe.probes.activations import Activations, Gradients
 from probe.probes.base import BlockTensors, Call, Probe
 from probe.probes.statistics import ChannelStats, GradNorms, ResidualNorms
 
-__all__ = ["Activations", "BlockTensors", "Call", "ChannelStats", "GradNorms", "Gradients", "Probe",
-           "ResidualNorms"]
+__all__ = [
+    "Activations",
+    "BlockTensors",
+    "Call",
+    "ChannelStats",
+    "GradNorms",
+    "Gradients",
+    "Probe",
+    "ResidualNorms",
+]

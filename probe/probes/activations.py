@@ -63,7 +63,9 @@ class Activations(Probe):
         t = call.output if self.which == "output" else call.input
         if t is None:
             return {}
-        t = _capped(_subsample(t.detach(), self.channel_stride, self.spatial_stride), call, self.max_samples)
+        t = _capped(
+            _subsample(t.detach(), self.channel_stride, self.spatial_stride), call, self.max_samples
+        )
         if t is None:
             return {}
         # .to() may return the same storage; clone so a later in-place op cannot change our copy.
@@ -88,5 +90,9 @@ class Gradients(Probe):
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         if call.grad_output is None:
             return {}
-        g = _capped(_subsample(call.grad_output, self.channel_stride, self.spatial_stride), call, self.max_samples)
+        g = _capped(
+            _subsample(call.grad_output, self.channel_stride, self.spatial_stride),
+            call,
+            self.max_samples,
+        )
         return {} if g is None else {"grad_output": g.to(STORAGE_DTYPES[self.dtype])}

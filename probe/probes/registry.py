@@ -18,7 +18,9 @@ PROBES: dict[str, type[Probe]] = {}
 def register_probe(cls: type[Probe]) -> type[Probe]:
     """Make a probe class available to ``--probe NAME`` (usable as a decorator)."""
     if cls.name in PROBES and PROBES[cls.name] is not cls:
-        raise ProbeError(f"A probe named {cls.name!r} is already registered ({PROBES[cls.name].__name__}).")
+        raise ProbeError(
+            f"A probe named {cls.name!r} is already registered ({PROBES[cls.name].__name__})."
+        )
     PROBES[cls.name] = cls
     return cls
 
@@ -38,7 +40,10 @@ def make_probe(spec: str) -> Probe:
     if name not in PROBES:
         from probe.jacobian import probes as _jacobian_probes  # noqa: F401  (registers on import)
     if name not in PROBES:
-        raise ProbeError(f"Unknown probe {name!r}; available: {', '.join(sorted(PROBES))}." + did_you_mean(name, PROBES))
+        raise ProbeError(
+            f"Unknown probe {name!r}; available: {', '.join(sorted(PROBES))}."
+            + did_you_mean(name, PROBES)
+        )
     cls = PROBES[name]
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}

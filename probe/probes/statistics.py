@@ -12,8 +12,14 @@ import torch
 
 from probe.probes.base import Call, Probe
 
-__all__ = ["ResidualNorms", "ChannelStats", "GradNorms", "per_sample_norm", "per_sample_cos",
-           "channel_moments"]
+__all__ = [
+    "ResidualNorms",
+    "ChannelStats",
+    "GradNorms",
+    "per_sample_norm",
+    "per_sample_cos",
+    "channel_moments",
+]
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,10 @@ class ChannelStats(Probe):
     """
 
     name: ClassVar[str] = "channel"
-    dims: ClassVar = {q: ("sample", "channel") for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")}
+    dims: ClassVar = {
+        q: ("sample", "channel")
+        for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
+    }
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         mean, var = channel_moments(call.output)

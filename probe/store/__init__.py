@@ -4,5 +4,13 @@ from probe.store.reader import CaptureReader, H5Capture, MemoryCapture, open_cap
 from probe.store.schema import FORMAT, FORMAT_VERSION
 from probe.store.writer import H5Writer, WriterOptions
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CaptureReader", "H5Capture", "H5Writer", "MemoryCapture",
-           "WriterOptions", "open_capture"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "CaptureReader",
+    "H5Capture",
+    "H5Writer",
+    "MemoryCapture",
+    "WriterOptions",
+    "open_capture",
+]

@@ -6,6 +6,7 @@ result of an in-memory capture alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -56,20 +57,26 @@ class CaptureReader:
         if layer not in self.layers:
             from probe.errors import did_you_mean
 
-            raise ProbeError(f"Layer {layer!r} is not in this capture.{did_you_mean(layer, self.layers)}"
-                             f" Captured layers: {', '.join(self.layers[:6])}{' ...' if len(self.layers) > 6 else ''}.")
+            raise ProbeError(
+                f"Layer {layer!r} is not in this capture.{did_you_mean(layer, self.layers)}"
+                f" Captured layers: {', '.join(self.layers[:6])}{' ...' if len(self.layers) > 6 else ''}."
+            )
 
     def channel_moments(self, layer: str, prefix: str = "", block_rows: int = 4096) -> Moments:
         """Exact per-channel mean/variance over (N, H, W), merged chunk by chunk (Chan et al.)."""
         mean_q, var_q = f"{prefix}channel_mean", f"{prefix}channel_var"
         if not self.has(layer, mean_q):
-            raise ProbeError(f"Layer {layer!r} has no {mean_q!r}; capture it with the 'channel' probe.")
+            raise ProbeError(
+                f"Layer {layer!r} has no {mean_q!r}; capture it with the 'channel' probe."
+            )
         spatial = int(self.layer_attrs(layer).get(f"{prefix}spatial_size", 1)) or 1
         n = self.shape(layer, mean_q)[0]
         m = Moments.empty(self.shape(layer, mean_q)[1])
         for start in range(0, n, block_rows):
             rows = slice(start, min(n, start + block_rows))
-            m.update_from_groups(self.read(layer, mean_q, rows), self.read(layer, var_q, rows), spatial)
+            m.update_from_groups(
+                self.read(layer, mean_q, rows), self.read(layer, var_q, rows), spatial
+            )
         return m
 
     def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
@@ -98,18 +105,20 @@ class H5Capture(CaptureReader):
         self.path = Path(path)
         if not self.path.exists():
             raise ProbeError(f"No capture file at {self.path}.")
-        try:
+        with contextlib.suppress(ImportError):
             import hdf5plugin  # noqa: F401  (registers the Blosc filter for compressed captures)
-        except ImportError:
-            pass
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as e:
-            raise ProbeError(f"{self.path} is not a readable HDF5 file ({e}). Was it truncated?") from e
+            raise ProbeError(
+                f"{self.path} is not a readable HDF5 file ({e}). Was it truncated?"
+            ) from e
         a = dict(self._f.attrs)
         try:
             if a.get("format") != FORMAT:
-                raise ProbeError(f"{self.path} is not a {FORMAT} file (format={a.get('format')!r}).")
+                raise ProbeError(
+                    f"{self.path} is not a {FORMAT} file (format={a.get('format')!r})."
+                )
             if not is_compatible(a.get("format_version", "")):
                 raise ProbeError(
                     f"{self.path} has format version {a.get('format_version')!r}; this resprobe reads "
@@ -136,7 +145,9 @@ class H5Capture(CaptureReader):
         self._check_layer(layer)
         key = f"{LAYERS}/{layer}/{quantity}"
         if key not in self._f:
-            raise ProbeError(f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self.quantities(layer))}.")
+            raise ProbeError(
+                f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self.quantities(layer))}."
+            )
         return self._f[key]
 
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
@@ -164,8 +175,14 @@ class H5Capture(CaptureReader):
 class MemoryCapture(CaptureReader):
     """A capture held in memory (``capture(..., out=None)``)."""
 
-    def __init__(self, data: dict[str, dict[str, np.ndarray]], layer_attrs: dict[str, dict],
-                 sample_index: np.ndarray, labels: np.ndarray, attrs: dict) -> None:
+    def __init__(
+        self,
+        data: dict[str, dict[str, np.ndarray]],
+        layer_attrs: dict[str, dict],
+        sample_index: np.ndarray,
+        labels: np.ndarray,
+        attrs: dict,
+    ) -> None:
         self._data, self._layer_attrs = data, layer_attrs
         self._sample_index, self._labels = sample_index, labels
         self.attrs = attrs
@@ -178,7 +195,9 @@ class MemoryCapture(CaptureReader):
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
         self._check_layer(layer)
         if quantity not in self._data[layer]:
-            raise ProbeError(f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self._data[layer])}.")
+            raise ProbeError(
+                f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self._data[layer])}."
+            )
         arr = self._data[layer][quantity]
         return arr[rows] if rows is not None else arr
 

@@ -10,6 +10,7 @@ last, then the file is flushed, fsynced and atomically renamed to ``<out>``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -77,8 +78,16 @@ def to_host(t: torch.Tensor) -> _HostTensor:
     encoding = ""
     if t.dtype == torch.bfloat16:
         t, encoding = t.view(torch.int16), "bfloat16"
-    elif t.dtype not in (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32,
-                         torch.int16, torch.uint8, torch.bool):
+    elif t.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.float64,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+        torch.bool,
+    ):
         t = t.float()
     if t.is_cuda:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -86,7 +95,11 @@ def to_host(t: torch.Tensor) -> _HostTensor:
         event = torch.cuda.Event()
         event.record()
         return _HostTensor(host, event, encoding)
-    return _HostTensor(t.detach().contiguous().clone() if t.requires_grad else t.detach().contiguous(), None, encoding)
+    return _HostTensor(
+        t.detach().contiguous().clone() if t.requires_grad else t.detach().contiguous(),
+        None,
+        encoding,
+    )
 
 
 @dataclass
@@ -103,13 +116,19 @@ class H5Writer:
         >>> import tempfile
         >>> w = H5Writer(tempfile.mkdtemp() + "/x.h5", attrs={"config": "{}"})
         >>> w.submit({"fc": {"y_norm": torch.ones(3)}}, torch.arange(3))
-        >>> w.close()
+        >>> path = w.close()
         >>> import h5py; h5py.File(w.path)["layers/fc/y_norm"].shape
         (3,)
     """
 
-    def __init__(self, path: str | os.PathLike, attrs: dict | None = None, options: WriterOptions | None = None,
-                 layer_attrs: dict[str, dict] | None = None, dims: dict[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        attrs: dict | None = None,
+        options: WriterOptions | None = None,
+        layer_attrs: dict[str, dict] | None = None,
+        dims: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.options = options or WriterOptions()
         self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
@@ -131,28 +150,50 @@ class H5Writer:
             raise ProbeError(
                 f"Cannot write the capture to {self.path}: {e.strerror or e}. Choose a writable --out location."
             ) from e
-        self._file.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
-                                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "shard_rank": 0,
-                                 "shard_count": 1, **(attrs or {})})
+        self._file.attrs.update(
+            {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "complete": False,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "shard_rank": 0,
+                "shard_count": 1,
+                **(attrs or {}),
+            }
+        )
         index_chunk = (min(65536, max(1, self.options.expected_rows or 65536)),)
-        self._index = self._file.create_dataset("sample_index", shape=(0,), maxshape=(None,), dtype="i8",
-                                                chunks=index_chunk)
-        self._labels = self._file.create_dataset("labels", shape=(0,), maxshape=(None,), dtype="i8",
-                                                 chunks=index_chunk)
+        self._index = self._file.create_dataset(
+            "sample_index", shape=(0,), maxshape=(None,), dtype="i8", chunks=index_chunk
+        )
+        self._labels = self._file.create_dataset(
+            "labels", shape=(0,), maxshape=(None,), dtype="i8", chunks=index_chunk
+        )
         self._thread = threading.Thread(target=self._run, name="resprobe-h5-writer", daemon=True)
         self._thread.start()
 
     # -- producer side (GPU loop) -------------------------------------------------------------
-    def submit(self, results: dict[str, dict[str, torch.Tensor]], sample_index: torch.Tensor,
-               labels: torch.Tensor | None = None) -> None:
+    def submit(
+        self,
+        results: dict[str, dict[str, torch.Tensor]],
+        sample_index: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> None:
         """Queue one batch: {layer: {quantity: [N, ...]}} plus the dataset index of each sample."""
         self._raise_if_failed()
-        item = {"index": to_host(sample_index.to(torch.int64)),
-                "labels": to_host(labels.to(torch.int64)) if labels is not None else None,
-                "rows": {(layer, q): to_host(t) for layer, qs in results.items() for q, t in qs.items()}}
+        item = {
+            "index": to_host(sample_index.to(torch.int64)),
+            "labels": to_host(labels.to(torch.int64)) if labels is not None else None,
+            "rows": {
+                (layer, q): to_host(t) for layer, qs in results.items() for q, t in qs.items()
+            },
+        }
         size = sum(h.nbytes for h in item["rows"].values())
         with self._cond:
-            while self._pending > self.options.queue_bytes and self._error is None and self._pending > 0:
+            while (
+                self._pending > self.options.queue_bytes
+                and self._error is None
+                and self._pending > 0
+            ):
                 self._cond.wait(timeout=0.5)
             self._pending += size
         self._raise_if_failed()
@@ -212,8 +253,14 @@ class H5Writer:
         rows = max(1, self.options.chunk_bytes // row_bytes)
         if self.options.expected_rows:
             rows = min(rows, max(1, self.options.expected_rows))
-        dset = self._file.create_dataset(key, shape=(0, *feat), maxshape=(None, *feat), dtype=arr.dtype,
-                                         chunks=(rows, *feat), **self._filters)
+        dset = self._file.create_dataset(
+            key,
+            shape=(0, *feat),
+            maxshape=(None, *feat),
+            dtype=arr.dtype,
+            chunks=(rows, *feat),
+            **self._filters,
+        )
         labels = self.dims.get(q) or ("sample", *(f"dim{i}" for i in range(1, arr.ndim)))
         for i, label in enumerate(labels[: arr.ndim]):
             dset.dims[i].label = label
@@ -232,7 +279,11 @@ class H5Writer:
         data = np.concatenate(buf.parts) if len(buf.parts) > 1 else buf.parts[0]
         self._append(dset, data[:n_write])
         rest = data[n_write:]
-        buf.parts, buf.rows, buf.written = ([rest] if len(rest) else []), len(rest), buf.written + n_write
+        buf.parts, buf.rows, buf.written = (
+            ([rest] if len(rest) else []),
+            len(rest),
+            buf.written + n_write,
+        )
 
     # -- finishing --------------------------------------------------------------------------
     def close(self, extra_attrs: dict | None = None) -> Path:
@@ -273,8 +324,6 @@ class H5Writer:
             self._error = self._error or RuntimeError("aborted")
             self._queue.put(None)
             self._thread.join()
-        try:
+        with contextlib.suppress(Exception):  # the file may already be closed or broken
             self._file.close()
-        except Exception:  # the file may already be closed or broken
-            pass
         self.tmp.unlink(missing_ok=True)

@@ -50,14 +50,23 @@ class StudyConfig:
         clean = {}
         for key, value in overrides.items():
             if key not in fields:
-                raise ProbeError(f"Unknown study field {key!r}; fields: {', '.join(fields)}." + did_you_mean(key, fields))
+                raise ProbeError(
+                    f"Unknown study field {key!r}; fields: {', '.join(fields)}."
+                    + did_you_mean(key, fields)
+                )
             if isinstance(getattr(self, key), tuple) and not isinstance(value, tuple):
-                value = tuple(value) if isinstance(value, list) else tuple(v.strip() for v in str(value).split(","))
+                value = (
+                    tuple(value)
+                    if isinstance(value, list)
+                    else tuple(v.strip() for v in str(value).split(","))
+                )
                 if key in ("depths", "seeds"):
                     try:
                         value = tuple(int(v) for v in value)
                     except ValueError as e:
-                        raise ProbeError(f"Study field {key!r} takes integers, e.g. {key}=20,32; got {overrides[key]!r}.") from e
+                        raise ProbeError(
+                            f"Study field {key!r} takes integers, e.g. {key}=20,32; got {overrides[key]!r}."
+                        ) from e
             clean[key] = value
         return dataclasses.replace(self, **clean)
 
@@ -69,16 +78,29 @@ class StudyConfig:
 PRESETS: dict[str, StudyConfig] = {
     "default": StudyConfig(),
     "he2016": StudyConfig(
-        name="he2016", dataset="cifar10", depths=(20, 32, 44, 56), seeds=(0,), recipe="fast",
-        capture_limit=1000, batch_size=500,
-        probes=("residual", "channel", "grad", "activations:dtype=fp16,max_samples=500",
-                "jacobian:n_probes=16,max_samples=64,top_k=1,iters=15",
-                "shattered:n_points=128,max_lag=32,max_samples=8"),
+        name="he2016",
+        dataset="cifar10",
+        depths=(20, 32, 44, 56),
+        seeds=(0,),
+        recipe="fast",
+        capture_limit=1000,
+        batch_size=500,
+        probes=(
+            "residual",
+            "channel",
+            "grad",
+            "activations:dtype=fp16,max_samples=500",
+            "jacobian:n_probes=16,max_samples=64,top_k=1,iters=15",
+            "shattered:n_points=128,max_lag=32,max_samples=8",
+        ),
     ),
 }
 
 
 def get_preset(name: str, **overrides: object) -> StudyConfig:
     if name not in PRESETS:
-        raise ProbeError(f"Unknown study preset {name!r}; presets: {', '.join(PRESETS)}." + did_you_mean(name, PRESETS))
+        raise ProbeError(
+            f"Unknown study preset {name!r}; presets: {', '.join(PRESETS)}."
+            + did_you_mean(name, PRESETS)
+        )
     return PRESETS[name].with_overrides(**overrides)

@@ -38,8 +38,10 @@ window.addEventListener('load', function () {
 
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(path.stem)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(path.stem)}</figcaption></figure>"
+    )
 
 
 def _pct(x: float) -> str:
@@ -51,58 +53,97 @@ def _degradation_html(deg: pd.DataFrame) -> str:
         f"<tr><td style='text-align:left'>{html.escape(r.family)}</td><td>{r.depth}</td><td>{r.seeds}</td>"
         f"<td>{_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'}</td><td>{r.train_loss:.4f}</td>"
         f"<td>{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'}</td><td>{r.wall_s:.1f}</td></tr>"
-        for r in deg.itertuples())
-    return ("<table><tr><th>architecture</th><th>depth</th><th>seeds</th><th>train error (mean ± sd)</th>"
-            "<th>train loss</th><th>test error (mean ± sd)</th><th>train s/run</th></tr>" + rows + "</table>")
+        for r in deg.itertuples()
+    )
+    return (
+        "<table><tr><th>architecture</th><th>depth</th><th>seeds</th><th>train error (mean ± sd)</th>"
+        "<th>train loss</th><th>test error (mean ± sd)</th><th>train s/run</th></tr>"
+        + rows
+        + "</table>"
+    )
 
 
 def _slug(v: str) -> str:
     return v.replace(" ", "-")
 
 
-def write_report(out: Path, cfg: StudyConfig, runs: pd.DataFrame, deg: pd.DataFrame, verdicts: list[Verdict],
-                 figdir: Path, skipped: dict[str, str], timings: dict[str, float]) -> tuple[Path, Path]:
+def write_report(
+    out: Path,
+    cfg: StudyConfig,
+    runs: pd.DataFrame,
+    deg: pd.DataFrame,
+    verdicts: list[Verdict],
+    figdir: Path,
+    skipped: dict[str, str],
+    timings: dict[str, float],
+) -> tuple[Path, Path]:
     """Write ``report.html`` and ``summary.md`` into ``out``; returns both paths."""
     pngs = {p.stem: p for p in sorted(figdir.glob("*.png"))}
     used: set[str] = set()
-    parts = [f"<h1>Why does the deeper plain network train worse? — study '{html.escape(cfg.name)}'</h1>",
-             f"<p>Dataset <b>{html.escape(cfg.dataset)}</b>, recipe <b>{html.escape(cfg.recipe)}</b>, depths "
-             f"{', '.join(map(str, cfg.depths))}, seeds {', '.join(map(str, cfg.seeds))}; probes on the {cfg.split} split at "
-             f"epochs {', '.join(map(str, cfg.capture_at))}. Wall time {timings.get('total', 0):.0f} s.</p>",
-             "<h2>Degradation table</h2>", _degradation_html(deg)]
+    parts = [
+        f"<h1>Why does the deeper plain network train worse? — study '{html.escape(cfg.name)}'</h1>",
+        f"<p>Dataset <b>{html.escape(cfg.dataset)}</b>, recipe <b>{html.escape(cfg.recipe)}</b>, depths "
+        f"{', '.join(map(str, cfg.depths))}, seeds {', '.join(map(str, cfg.seeds))}; probes on the {cfg.split} split at "
+        f"epochs {', '.join(map(str, cfg.capture_at))}. Wall time {timings.get('total', 0):.0f} s.</p>",
+        "<h2>Degradation table</h2>",
+        _degradation_html(deg),
+    ]
     for name in ("degradation_vs_depth", "final_training_error"):
         if name in pngs:
             parts.append(_img(pngs[name]))
             used.add(name)
     parts.append("<h2>Explanations and verdicts</h2>")
     for v in verdicts:
-        ev = "".join(f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{html.escape(val)}</td></tr>"
-                     for k, val in v.evidence.items())
+        ev = "".join(
+            f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{html.escape(val)}</td></tr>"
+            for k, val in v.evidence.items()
+        )
         figs = [n for n in v.figures if n in pngs]
         used.update(figs)
-        parts.append(f"<div class='verdict'><h3>{html.escape(v.explanation)} <span class='tag {_slug(v.verdict)}'>"
-                     f"{html.escape(v.verdict)}</span></h3><p class='rule'>Rule: {html.escape(v.rule)}</p>"
-                     f"<table>{ev}</table>{''.join(_img(pngs[n]) for n in figs)}</div>")
+        parts.append(
+            f"<div class='verdict'><h3>{html.escape(v.explanation)} <span class='tag {_slug(v.verdict)}'>"
+            f"{html.escape(v.verdict)}</span></h3><p class='rule'>Rule: {html.escape(v.rule)}</p>"
+            f"<table>{ev}</table>{''.join(_img(pngs[n]) for n in figs)}</div>"
+        )
     rest = [n for n in pngs if n not in used]
     parts.append("<h2>All other figures</h2>" + "".join(_img(pngs[n]) for n in rest))
     if skipped:
-        parts.append("<h2>Measures skipped</h2><ul>" + "".join(
-            f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items()) + "</ul>")
-    prov = {"config": cfg.to_dict(), "versions": library_versions(), "revision": code_revision(),
-            "command": command_line(), "timings_s": {k: round(v, 1) for k, v in timings.items()}}
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>resprobe study {html.escape(cfg.name)}</title>"
-            f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(parts)}</body></html>")
+        parts.append(
+            "<h2>Measures skipped</h2><ul>"
+            + "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in skipped.items())
+            + "</ul>"
+        )
+    prov = {
+        "config": cfg.to_dict(),
+        "versions": library_versions(),
+        "revision": code_revision(),
+        "command": command_line(),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    parts.append(
+        "<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=2, default=str)) + "</pre>"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>resprobe study {html.escape(cfg.name)}</title>"
+        f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(parts)}</body></html>"
+    )
     report = out / "report.html"
     report.write_text(page)
 
-    md = [f"# Degradation study '{cfg.name}'", "",
-          f"Dataset {cfg.dataset}, recipe {cfg.recipe}, depths {list(cfg.depths)}, seeds {list(cfg.seeds)}; "
-          f"wall time {timings.get('total', 0):.0f} s. Full report: report.html.", "",
-          "| architecture | depth | seeds | train error | test error |", "|---|---:|---:|---:|---:|"]
+    md = [
+        f"# Degradation study '{cfg.name}'",
+        "",
+        f"Dataset {cfg.dataset}, recipe {cfg.recipe}, depths {list(cfg.depths)}, seeds {list(cfg.seeds)}; "
+        f"wall time {timings.get('total', 0):.0f} s. Full report: report.html.",
+        "",
+        "| architecture | depth | seeds | train error | test error |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in deg.itertuples():
-        md.append(f"| {r.family} | {r.depth} | {r.seeds} | {_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'} | "
-                  f"{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'} |")
+        md.append(
+            f"| {r.family} | {r.depth} | {r.seeds} | {_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'} | "
+            f"{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'} |"
+        )
     md += ["", "| explanation | verdict | evidence | rule |", "|---|---|---|---|"]
     for v in verdicts:
         ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())

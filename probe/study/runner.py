@@ -70,7 +70,9 @@ def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
             try:
                 e = int(tok)
             except ValueError as e_:
-                raise ProbeError(f"Invalid capture_at entry {tok!r}; use numbers, 'mid' or 'last'.") from e_
+                raise ProbeError(
+                    f"Invalid capture_at entry {tok!r}; use numbers, 'mid' or 'last'."
+                ) from e_
             if not 0 <= e <= epochs:
                 raise ProbeError(f"capture_at epoch {e} is outside 0..{epochs}.")
             out.add(e)
@@ -92,7 +94,9 @@ def _is_bn(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.BatchNorm2d)
 
 
-def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callback | None = None) -> StudyResult:
+def run_study(
+    cfg: StudyConfig, out: str | Path | None = None, callback: Callback | None = None
+) -> StudyResult:
     """Run (or resume) the study described by ``cfg`` in ``out`` (default data/studies/<name>).
 
     ``callback(event, info)`` gets 'stage' events (a person-readable step) and the trainer's
@@ -121,17 +125,34 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callbac
             epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
             at = capture_epochs(cfg, epochs)
             cb("stage", {"text": f"train {model} seed {seed}"})
-            tc = TrainConfig(model=model, dataset=cfg.dataset, recipe=cfg.recipe, seed=seed,
-                             model_options=dict(cfg.model_options), recipe_overrides=dict(cfg.recipe_overrides),
-                             save_at=",".join(str(e) for e in at), out=str(out / "runs" / f"{model}-s{seed}"),
-                             device=cfg.device)
+            tc = TrainConfig(
+                model=model,
+                dataset=cfg.dataset,
+                recipe=cfg.recipe,
+                seed=seed,
+                model_options=dict(cfg.model_options),
+                recipe_overrides=dict(cfg.recipe_overrides),
+                save_at=",".join(str(e) for e in at),
+                out=str(out / "runs" / f"{model}-s{seed}"),
+                device=cfg.device,
+            )
             res = train(tc, callback=cb, data=data)
             final = res.final
-            run_rows.append({"model": model, "family": model[: -len(str(depth))], "depth": depth, "seed": seed,
-                             "residual": not model.startswith(("plain", "preplain")),
-                             "train_error": final["train_error"], "train_loss": final["train_loss"],
-                             "test_error": final["test_error"], "test_loss": final["test_loss"],
-                             "wall_s": sum(h.get("seconds", 0.0) for h in res.history), "epochs": final["epoch"]})
+            run_rows.append(
+                {
+                    "model": model,
+                    "family": model[: -len(str(depth))],
+                    "depth": depth,
+                    "seed": seed,
+                    "residual": not model.startswith(("plain", "preplain")),
+                    "train_error": final["train_error"],
+                    "train_loss": final["train_loss"],
+                    "test_error": final["test_error"],
+                    "test_loss": final["test_loss"],
+                    "wall_s": sum(h.get("seconds", 0.0) for h in res.history),
+                    "epochs": final["epoch"],
+                }
+            )
             checkpoints[(model, seed)] = res.checkpoints
     runs = pd.DataFrame(run_rows)
     timings["train"] = time.perf_counter() - ts
@@ -147,9 +168,17 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callbac
                 if not _valid_capture(path):
                     cb("stage", {"text": f"capture {model} seed {seed} epoch {epoch}{suffix}"})
                     net, _, prov = load_for_capture(ck, cfg.device)
-                    loader = capture_loader(data, cfg.split, cfg.batch_size, next(net.parameters()).device, cfg.capture_limit)
+                    loader = capture_loader(
+                        data,
+                        cfg.split,
+                        cfg.batch_size,
+                        next(net.parameters()).device,
+                        cfg.capture_limit,
+                    )
                     prov.update(dataset=data.name, split=cfg.split, study=cfg.name)
-                    capture(net, loader, layers=layers, probes=plist, out=path, provenance=prov).close()
+                    capture(
+                        net, loader, layers=layers, probes=plist, out=path, provenance=prov
+                    ).close()
                 caps.append(open_capture(path))
     timings["capture"] = time.perf_counter() - ts
 
@@ -168,8 +197,13 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callbac
             cb("stage", {"text": f"lesions {model} seed {seed}"})
             net, _, prov = load_for_capture(cks[max(cks)], cfg.device)
             loader = list(capture_loader(data, "test", 1024, next(net.parameters()).device))
-            key = {"model": model, "depth": parse_name(model)[1], "residual": not model.startswith(("plain", "preplain")),
-                   "seed": seed, "checkpoint": max(cks)}
+            key = {
+                "model": model,
+                "depth": parse_name(model)[1],
+                "residual": not model.startswith(("plain", "preplain")),
+                "seed": seed,
+                "checkpoint": max(cks),
+            }
             part = lesion_study(net, loader, key, seed=seed)
             part.to_csv(path, index=False)
             lesion_parts.append(part)
@@ -189,26 +223,50 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callbac
     figdir = out / "figures"
     first = min(min(c) for c in checkpoints.values())
     last = min(last_epoch.values())
-    final_caps = [c for c in caps if run_key(c)["checkpoint"] == last and run_key(c)["seed"] == cfg.seeds[0]
-                  and run_key(c)["depth"] == max(cfg.depths)]
+    final_caps = [
+        c
+        for c in caps
+        if run_key(c)["checkpoint"] == last
+        and run_key(c)["seed"] == cfg.seeds[0]
+        and run_key(c)["depth"] == max(cfg.depths)
+    ]
     hist = []
     for (model, seed), _ in checkpoints.items():
-        h = pd.DataFrame(json.loads((out / "runs" / f"{model}-s{seed}" / "history.json").read_text()))
+        h = pd.DataFrame(
+            json.loads((out / "runs" / f"{model}-s{seed}" / "history.json").read_text())
+        )
         h["model"], h["seed"] = model, seed
         hist.append(h)
-    files, skipped = write_figures(table[table["checkpoint"] == last], figdir, final_caps, pd.concat(hist, ignore_index=True),
-                                   lesions, prefix="final_")
-    init_table = table[(table["checkpoint"] == first) & table["quantity"].isin(["grad_norm", "cos_lag", "corr_length", "act_norm",
-                                                                               "av", "closeness"])]
+    files, skipped = write_figures(
+        table[table["checkpoint"] == last],
+        figdir,
+        final_caps,
+        pd.concat(hist, ignore_index=True),
+        lesions,
+        prefix="final_",
+    )
+    init_table = table[
+        (table["checkpoint"] == first)
+        & table["quantity"].isin(
+            ["grad_norm", "cos_lag", "corr_length", "act_norm", "av", "closeness"]
+        )
+    ]
     f2, _ = write_figures(init_table, figdir, prefix="init_")
     files += [f for f in f2 if not f.name.startswith("init_training")]
     rt = runs.rename(columns={"train_error": "value"}).assign(quantity="train_error")
-    files += save(plot_vs_depth(rt, "train_error", "final training error (eval mode)"), figdir, "degradation_vs_depth", rt)
+    files += save(
+        plot_vs_depth(rt, "train_error", "final training error (eval mode)"),
+        figdir,
+        "degradation_vs_depth",
+        rt,
+    )
     timings["figures"] = time.perf_counter() - ts
 
     # 5. Verdicts and report.
     plain_fam, res_fam = cfg.families
-    vs = verdicts(table, runs.assign(model=runs["model"]), (plain_fam, res_fam), cfg.depths, first, last)
+    vs = verdicts(
+        table, runs.assign(model=runs["model"]), (plain_fam, res_fam), cfg.depths, first, last
+    )
     (out / "tables" / "verdicts.json").write_text(json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
@@ -216,4 +274,6 @@ def run_study(cfg: StudyConfig, out: str | Path | None = None, callback: Callbac
     from probe.study.report import write_report
 
     report, summary = write_report(out, cfg, runs, deg, vs, figdir, skipped, timings)
-    return StudyResult(out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings)
+    return StudyResult(
+        out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings
+    )

@@ -37,16 +37,32 @@ def _fmt(v: tuple[float, float, float], pct: bool = False) -> str:
 def degradation_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Train/test error by architecture and depth: mean and std over seeds, from final checkpoints."""
     g = runs.groupby(["family", "depth"])
-    out = g.agg(seeds=("seed", "nunique"), train_error=("train_error", "mean"), train_error_std=("train_error", "std"),
-                train_loss=("train_loss", "mean"), test_error=("test_error", "mean"), test_error_std=("test_error", "std"),
-                wall_s=("wall_s", "mean")).reset_index()
+    out = g.agg(
+        seeds=("seed", "nunique"),
+        train_error=("train_error", "mean"),
+        train_error_std=("train_error", "std"),
+        train_loss=("train_loss", "mean"),
+        test_error=("test_error", "mean"),
+        test_error_std=("test_error", "std"),
+        wall_s=("wall_s", "mean"),
+    ).reset_index()
     return out.sort_values(["family", "depth"])
 
 
-def _per_run(table: pd.DataFrame, quantity: str, model: str, checkpoint: int, reduce: str = "mean",
-             layers: slice | None = None) -> np.ndarray:
+def _per_run(
+    table: pd.DataFrame,
+    quantity: str,
+    model: str,
+    checkpoint: int,
+    reduce: str = "mean",
+    layers: slice | None = None,
+) -> np.ndarray:
     """One number per seed: ``quantity`` of ``model`` at ``checkpoint`` reduced over its layers."""
-    d = table[(table["quantity"] == quantity) & (table["model"] == model) & (table["checkpoint"] == checkpoint)]
+    d = table[
+        (table["quantity"] == quantity)
+        & (table["model"] == model)
+        & (table["checkpoint"] == checkpoint)
+    ]
     vals = []
     for _, ds in d.groupby("seed"):
         v = ds.sort_values("layer_index")["value"].to_numpy()
@@ -57,12 +73,23 @@ def _per_run(table: pd.DataFrame, quantity: str, model: str, checkpoint: int, re
     return np.array(vals)
 
 
-def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str], depths: tuple[int, ...],
-             first: int, last: int) -> list[Verdict]:
+def verdicts(
+    table: pd.DataFrame,
+    runs: pd.DataFrame,
+    families: tuple[str, str],
+    depths: tuple[int, ...],
+    first: int,
+    last: int,
+) -> list[Verdict]:
     """All verdicts. ``families`` = (plain family, residual family); ``first``/``last`` = epochs."""
     plain, res = families
     d_lo, d_hi = min(depths), max(depths)
-    p_deep, r_deep, p_shallow, r_shallow = f"{plain}{d_hi}", f"{res}{d_hi}", f"{plain}{d_lo}", f"{res}{d_lo}"
+    p_deep, r_deep, p_shallow, r_shallow = (
+        f"{plain}{d_hi}",
+        f"{res}{d_hi}",
+        f"{plain}{d_lo}",
+        f"{res}{d_lo}",
+    )
     out = []
 
     def err(model):
@@ -71,11 +98,18 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
     # 0. Is there degradation at all?
     pd_, ps_, rd_, rs_ = (seed_ci(err(m)) for m in (p_deep, p_shallow, r_deep, r_shallow))
     present = pd_[0] > ps_[0] and rd_[0] <= rs_[0] + 0.005
-    out.append(Verdict(
-        "Degradation (the phenomenon to explain)", "present" if present else "absent",
-        f"present if mean final training error (eval mode) of {p_deep} > {p_shallow}, and {r_deep} <= {r_shallow} + 0.5 points",
-        {f"train error {m}": _fmt(v, pct=True) for m, v in ((p_shallow, ps_), (p_deep, pd_), (r_shallow, rs_), (r_deep, rd_))},
-        ["training_error", "degradation_vs_depth"]))
+    out.append(
+        Verdict(
+            "Degradation (the phenomenon to explain)",
+            "present" if present else "absent",
+            f"present if mean final training error (eval mode) of {p_deep} > {p_shallow}, and {r_deep} <= {r_shallow} + 0.5 points",
+            {
+                f"train error {m}": _fmt(v, pct=True)
+                for m, v in ((p_shallow, ps_), (p_deep, pd_), (r_shallow, rs_), (r_deep, rd_))
+            },
+            ["training_error", "degradation_vs_depth"],
+        )
+    )
 
     # 1. Identity is hard to learn: deep plain blocks stay far from the identity a shallower net implies.
     pd1, rd1 = (seed_ci(_per_run(table, "closeness", m, last)) for m in (p_deep, r_deep))
@@ -87,32 +121,62 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         v = NOT_SUPPORTED
     else:
         v = INCONCLUSIVE
-    out.append(Verdict(
-        "Identity is hard to learn (identity-closeness)", v,
-        f"supported if the mean block closeness d = ||y - S(x)||/||S(x)|| of {p_deep} is >= 0.5 and > 2x that of "
-        f"{r_deep}; not supported if it is <= the residual net's",
-        {f"d {p_deep}": _fmt(pd1), f"d {r_deep}": _fmt(rd1),
-         f"||J-P||/||P|| {p_deep}": _fmt(seed_ci(_per_run(table, "jac_rel_dev", p_deep, last))),
-         f"||J-P||/||P|| {r_deep}": _fmt(seed_ci(_per_run(table, "jac_rel_dev", r_deep, last)))},
-        ["final_identity_closeness", "final_jacobian_deviation"]))
+    out.append(
+        Verdict(
+            "Identity is hard to learn (identity-closeness)",
+            v,
+            f"supported if the mean block closeness d = ||y - S(x)||/||S(x)|| of {p_deep} is >= 0.5 and > 2x that of "
+            f"{r_deep}; not supported if it is <= the residual net's",
+            {
+                f"d {p_deep}": _fmt(pd1),
+                f"d {r_deep}": _fmt(rd1),
+                f"||J-P||/||P|| {p_deep}": _fmt(
+                    seed_ci(_per_run(table, "jac_rel_dev", p_deep, last))
+                ),
+                f"||J-P||/||P|| {r_deep}": _fmt(
+                    seed_ci(_per_run(table, "jac_rel_dev", r_deep, last))
+                ),
+            },
+            ["final_identity_closeness", "final_jacobian_deviation"],
+        )
+    )
 
     # 2. Residual branches stay small (He et al. Fig. 7; Jastrzebski et al. 2018).
-    rr_deep, rr_shallow = (seed_ci(_per_run(table, "residual_ratio", m, last)) for m in (r_deep, r_shallow))
-    std_r, std_p = (seed_ci(_per_run(table, "response_std_pooled", m, last)) for m in (r_deep, p_deep))
+    rr_deep, rr_shallow = (
+        seed_ci(_per_run(table, "residual_ratio", m, last)) for m in (r_deep, r_shallow)
+    )
+    std_r, std_p = (
+        seed_ci(_per_run(table, "response_std_pooled", m, last)) for m in (r_deep, p_deep)
+    )
     conds = [rr_deep[0] < 1, rr_deep[0] < rr_shallow[0], std_r[0] < std_p[0]]
-    v = INCONCLUSIVE if any(np.isnan(x) for x in (rr_deep[0], rr_shallow[0], std_r[0], std_p[0])) else (
-        SUPPORTED if all(conds) else NOT_SUPPORTED if not conds[0] else INCONCLUSIVE)
-    out.append(Verdict(
-        "Residual branches stay small (residual magnitude, Fig. 7)", v,
-        f"supported if ||F||/||S|| of {r_deep} < 1, smaller than {r_shallow}'s, and its mean response std is below "
-        f"{p_deep}'s; not supported if ||F||/||S|| >= 1",
-        {f"||F||/||S|| {r_shallow}": _fmt(rr_shallow), f"||F||/||S|| {r_deep}": _fmt(rr_deep),
-         f"response std {p_deep}": _fmt(std_p), f"response std {r_deep}": _fmt(std_r)},
-        ["final_residual_ratio", "final_fig7_response_std", "final_fig7_bn_gamma"]))
+    v = (
+        INCONCLUSIVE
+        if any(np.isnan(x) for x in (rr_deep[0], rr_shallow[0], std_r[0], std_p[0]))
+        else (SUPPORTED if all(conds) else NOT_SUPPORTED if not conds[0] else INCONCLUSIVE)
+    )
+    out.append(
+        Verdict(
+            "Residual branches stay small (residual magnitude, Fig. 7)",
+            v,
+            f"supported if ||F||/||S|| of {r_deep} < 1, smaller than {r_shallow}'s, and its mean response std is below "
+            f"{p_deep}'s; not supported if ||F||/||S|| >= 1",
+            {
+                f"||F||/||S|| {r_shallow}": _fmt(rr_shallow),
+                f"||F||/||S|| {r_deep}": _fmt(rr_deep),
+                f"response std {p_deep}": _fmt(std_p),
+                f"response std {r_deep}": _fmt(std_r),
+            },
+            ["final_residual_ratio", "final_fig7_response_std", "final_fig7_bn_gamma"],
+        )
+    )
 
     # 3. Vanishing gradients: the first block's gradient is orders of magnitude below the last's.
     def grad_ratio(model, ck):
-        d = table[(table["quantity"] == "grad_norm") & (table["model"] == model) & (table["checkpoint"] == ck)]
+        d = table[
+            (table["quantity"] == "grad_norm")
+            & (table["model"] == model)
+            & (table["checkpoint"] == ck)
+        ]
         vals = []
         for _, ds in d.groupby("seed"):
             v = ds.sort_values("layer_index")["value"].to_numpy()
@@ -129,13 +193,20 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         v = NOT_SUPPORTED
     else:
         v = INCONCLUSIVE
-    out.append(Verdict(
-        "Vanishing gradients (gradient norms against depth)", v,
-        f"supported if ||dL/dy|| at the first block of {p_deep} is < 0.1x that at its last block (at init or at the end) "
-        "while the residual net's is not; not supported if the ratio stays >= 0.1 (He et al.: 'healthy norms')",
-        {f"first/last gradient norm {p_deep} (init)": _fmt(gi_p), f"first/last gradient norm {p_deep} (end)": _fmt(ge_p),
-         f"first/last gradient norm {r_deep} (end)": _fmt(ge_r)},
-        ["init_gradient_norms", "final_gradient_norms"]))
+    out.append(
+        Verdict(
+            "Vanishing gradients (gradient norms against depth)",
+            v,
+            f"supported if ||dL/dy|| at the first block of {p_deep} is < 0.1x that at its last block (at init or at the end) "
+            "while the residual net's is not; not supported if the ratio stays >= 0.1 (He et al.: 'healthy norms')",
+            {
+                f"first/last gradient norm {p_deep} (init)": _fmt(gi_p),
+                f"first/last gradient norm {p_deep} (end)": _fmt(ge_p),
+                f"first/last gradient norm {r_deep} (end)": _fmt(ge_r),
+            },
+            ["init_gradient_norms", "final_gradient_norms"],
+        )
+    )
 
     # 4. Shattered gradients (Balduzzi et al. 2017): short correlation length in deep plain nets at init.
     cl = {m: seed_ci(_per_run(table, "corr_length", m, first)) for m in (p_shallow, p_deep, r_deep)}
@@ -147,17 +218,29 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         v = NOT_SUPPORTED
     else:
         v = INCONCLUSIVE
-    out.append(Verdict(
-        "Shattered gradients (input-gradient correlation at init)", v,
-        f"supported if the gradient correlation length of {p_deep} at init is < 0.5x that of {r_deep} and below "
-        f"{p_shallow}'s; not supported if it is >= the residual net's",
-        {f"correlation length {m}": _fmt(c) for m, c in cl.items()},
-        ["init_shattered_gradients"]))
+    out.append(
+        Verdict(
+            "Shattered gradients (input-gradient correlation at init)",
+            v,
+            f"supported if the gradient correlation length of {p_deep} at init is < 0.5x that of {r_deep} and below "
+            f"{p_shallow}'s; not supported if it is >= the residual net's",
+            {f"correlation length {m}": _fmt(c) for m, c in cl.items()},
+            ["init_shattered_gradients"],
+        )
+    )
 
     # 5. Jacobian conditioning: accumulated anisotropy sum_blocks log(sigma_max^2 / mean sigma^2).
     def aniso(model):
-        top = table[(table["quantity"] == "jac_top_sv") & (table["model"] == model) & (table["checkpoint"] == last)]
-        msv = table[(table["quantity"] == "jac_msv") & (table["model"] == model) & (table["checkpoint"] == last)]
+        top = table[
+            (table["quantity"] == "jac_top_sv")
+            & (table["model"] == model)
+            & (table["checkpoint"] == last)
+        ]
+        msv = table[
+            (table["quantity"] == "jac_msv")
+            & (table["model"] == model)
+            & (table["checkpoint"] == last)
+        ]
         m = top.merge(msv, on=["seed", "layer"], suffixes=("_top", "_msv"))
         vals = [np.log(ds["value_top"] ** 2 / ds["value_msv"]).sum() for _, ds in m.groupby("seed")]
         return seed_ci(np.array(vals))
@@ -171,12 +254,19 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         v = NOT_SUPPORTED
     else:
         v = INCONCLUSIVE
-    out.append(Verdict(
-        "Ill-conditioned Jacobians (block spectra)", v,
-        f"supported if the summed log anisotropy sum_blocks log(sigma_max^2 / mean sigma^2) of {p_deep} exceeds 1.5x "
-        f"(and by > 1 nat) that of {r_deep}; not supported if it is <= the residual net's",
-        {f"summed log anisotropy {p_deep}": _fmt(ap), f"summed log anisotropy {r_deep}": _fmt(ar)},
-        ["final_jacobian_top_sv", "final_jacobian_msv"]))
+    out.append(
+        Verdict(
+            "Ill-conditioned Jacobians (block spectra)",
+            v,
+            f"supported if the summed log anisotropy sum_blocks log(sigma_max^2 / mean sigma^2) of {p_deep} exceeds 1.5x "
+            f"(and by > 1 nat) that of {r_deep}; not supported if it is <= the residual net's",
+            {
+                f"summed log anisotropy {p_deep}": _fmt(ap),
+                f"summed log anisotropy {r_deep}": _fmt(ar),
+            },
+            ["final_jacobian_top_sv", "final_jacobian_msv"],
+        )
+    )
 
     # 6. Ensemble-like behaviour (Veit et al. 2016): single non-downsampling lesions.
     def lesion_delta(model):
@@ -184,7 +274,10 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         vals = []
         for _, ds in d.groupby("seed"):
             base = ds[ds["quantity"] == "lesion_baseline"]["value"]
-            les = ds[(ds["quantity"] == "lesion_error") & ~ds.get("downsampling", pd.Series(False, index=ds.index))]
+            les = ds[
+                (ds["quantity"] == "lesion_error")
+                & ~ds.get("downsampling", pd.Series(False, index=ds.index))
+            ]
             if len(base) and len(les):
                 vals.append(float(np.median(les["value"] - base.iloc[0])))
         return seed_ci(np.array(vals))
@@ -198,10 +291,17 @@ def verdicts(table: pd.DataFrame, runs: pd.DataFrame, families: tuple[str, str],
         v = NOT_SUPPORTED
     else:
         v = INCONCLUSIVE
-    out.append(Verdict(
-        "Ensemble-like behaviour (lesions)", v,
-        f"supported if deleting one non-downsampling block of {r_deep} raises test error by < 1 point (median) while "
-        f"it raises {p_deep}'s by > 20 points; not supported if the residual net suffers at least as much",
-        {f"median error increase {p_deep}": _fmt(lp, pct=True), f"median error increase {r_deep}": _fmt(lr, pct=True)},
-        ["final_lesions"]))
+    out.append(
+        Verdict(
+            "Ensemble-like behaviour (lesions)",
+            v,
+            f"supported if deleting one non-downsampling block of {r_deep} raises test error by < 1 point (median) while "
+            f"it raises {p_deep}'s by > 20 points; not supported if the residual net suffers at least as much",
+            {
+                f"median error increase {p_deep}": _fmt(lp, pct=True),
+                f"median error increase {r_deep}": _fmt(lr, pct=True),
+            },
+            ["final_lesions"],
+        )
+    )
     return out

@@ -2,7 +2,14 @@
 
 from probe.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from probe.train.recipes import RECIPES, Recipe, get_recipe, lr_at
-from probe.train.trainer import TrainConfig, TrainResult, evaluate, parse_save_at, resolve_device, train
+from probe.train.trainer import (
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    parse_save_at,
+    resolve_device,
+    train,
+)
 
 __all__ = [
     "RECIPES",

@@ -21,7 +21,13 @@ from probe.errors import ProbeError
 from probe.zoo import NetConfig
 from probe.zoo.cifar_resnet import CifarResNet
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "checkpoint_paths", "file_sha256"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+    "checkpoint_paths",
+    "file_sha256",
+]
 
 FORMAT = "resprobe-checkpoint"
 FORMAT_VERSION = 1
@@ -51,8 +57,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(stem: str | os.PathLike, model: nn.Module, meta: dict,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    stem: str | os.PathLike,
+    model: nn.Module,
+    meta: dict,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``stem.safetensors`` and ``stem.json``; returns the JSON path.
 
     ``meta`` must hold ``model`` (the :class:`NetConfig` as a dict) and may hold anything
@@ -79,8 +89,13 @@ def save_checkpoint(stem: str | os.PathLike, model: nn.Module, meta: dict,
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ProbeError(f"Could not write checkpoint {weights}: {e}") from e
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "sha256": file_sha256(weights),
-           "weights": weights.name}
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **meta,
+        "sha256": file_sha256(weights),
+        "weights": weights.name,
+    }
     _atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
     return js
 
@@ -105,8 +120,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
-                    verify_hash: bool = True) -> tuple[CifarResNet, dict]:
+def load_checkpoint(
+    path: str | os.PathLike, device: str | torch.device = "cpu", verify_hash: bool = True
+) -> tuple[CifarResNet, dict]:
     """Build the model described by the config and load its weights, validating both.
 
     Raises :class:`ProbeError` when the weights are missing, were modified after saving (hash),
@@ -126,7 +142,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     except (KeyError, TypeError) as e:
         raise ProbeError(f"Invalid model config in {js}: {e}") from e
     model = CifarResNet(config)
-    state = {k: v for k, v in load_file(str(weights), device=str(device)).items() if not k.startswith("extra.")}
+    state = {
+        k: v
+        for k, v in load_file(str(weights), device=str(device)).items()
+        if not k.startswith("extra.")
+    }
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -134,7 +154,11 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     if missing or unexpected or shapes:
         detail = "; ".join(
             f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", shapes),
+            )
             if keys
         )
         raise ProbeError(
@@ -145,7 +169,13 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     return model.to(device), meta
 
 
-def load_extra_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_extra_tensors(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The ``extra.`` tensors of a checkpoint (optimizer state for resuming)."""
     weights, _ = checkpoint_paths(path)
-    return {k[6:]: v for k, v in load_file(str(weights), device=str(device)).items() if k.startswith("extra.")}
+    return {
+        k[6:]: v
+        for k, v in load_file(str(weights), device=str(device)).items()
+        if k.startswith("extra.")
+    }

@@ -22,7 +22,9 @@ class Recipe:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    schedule: str = "step"  # "step" (divide by 10 at milestones) or "cosine" (linear warm-up, cosine)
+    schedule: str = (
+        "step"  # "step" (divide by 10 at milestones) or "cosine" (linear warm-up, cosine)
+    )
     milestones: tuple[int, ...] = ()  # iterations at which "step" divides the lr by 10
     warmup_iters: int = 0  # "cosine": linear ramp from 0; "step": constant warmup_lr for this long
     warmup_lr: float = 0.0
@@ -39,19 +41,39 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     # He et al. 2016, Sec. 4.2: batch 128, lr 0.1 /10 at 32k and 48k, stop at 64k iterations.
     "he2016": Recipe(
-        "he2016", epochs=164, batch_size=128, lr=0.1, weight_decay=1e-4, schedule="step",
-        milestones=(32000, 48000), max_iters=64000,
+        "he2016",
+        epochs=164,
+        batch_size=128,
+        lr=0.1,
+        weight_decay=1e-4,
+        schedule="step",
+        milestones=(32000, 48000),
+        max_iters=64000,
     ),
     # Minutes-scale GPU studies: large batch, one epoch of warm-up, cosine decay (cf. the anchor).
     "fast": Recipe(
-        "fast", epochs=15, batch_size=512, lr=0.2, nesterov=True, weight_decay=5e-4,
-        schedule="cosine", warmup_iters=98, wd_on_bn=False,
+        "fast",
+        epochs=15,
+        batch_size=512,
+        lr=0.2,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_iters=98,
+        wd_on_bn=False,
     ),
     # CPU default on the 8x8 digits: small batches so deep plain nets see enough steps to show
     # their optimisation difficulty within seconds.
     "digits": Recipe(
-        "digits", epochs=12, batch_size=32, lr=0.05, nesterov=True, weight_decay=5e-4,
-        schedule="cosine", warmup_iters=45, wd_on_bn=False,
+        "digits",
+        epochs=12,
+        batch_size=32,
+        lr=0.05,
+        nesterov=True,
+        weight_decay=5e-4,
+        schedule="cosine",
+        warmup_iters=45,
+        wd_on_bn=False,
     ),
 }
 
@@ -64,7 +86,9 @@ def get_recipe(name: str, depth: int | None = None, **overrides: object) -> Reci
         400
     """
     if name not in RECIPES:
-        raise ProbeError(f"Unknown recipe {name!r}; allowed: {', '.join(RECIPES)}." + did_you_mean(name, RECIPES))
+        raise ProbeError(
+            f"Unknown recipe {name!r}; allowed: {', '.join(RECIPES)}." + did_you_mean(name, RECIPES)
+        )
     recipe = RECIPES[name]
     if name == "he2016" and depth is not None and depth >= 110:
         # He et al.: "we use 0.01 to warm up the training until the training error is below 80%

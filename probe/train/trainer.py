@@ -28,7 +28,15 @@ from probe.train.checkpoint import load_checkpoint, load_extra_tensors, save_che
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.zoo import create, parse_name
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "parse_save_at", "resolve_device"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "calibrate_bn_",
+    "parse_save_at",
+    "resolve_device",
+]
 
 Callback = Callable[[str, dict], None]
 
@@ -72,7 +80,9 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeError(f"Device {device!r} requested but CUDA is not available; use --device cpu.")
+        raise ProbeError(
+            f"Device {device!r} requested but CUDA is not available; use --device cpu."
+        )
     return dev
 
 
@@ -94,9 +104,13 @@ def parse_save_at(spec: str, epochs: int) -> list[int]:
         try:
             e = int(tok)
         except ValueError as exc:
-            raise ProbeError(f"Invalid --save-at entry {tok!r} in {spec!r}; use epochs like '0,1,5,last'.") from exc
+            raise ProbeError(
+                f"Invalid --save-at entry {tok!r} in {spec!r}; use epochs like '0,1,5,last'."
+            ) from exc
         if not 0 <= e <= epochs:
-            raise ProbeError(f"--save-at epoch {e} is outside 0..{epochs} (the recipe trains {epochs} epochs).")
+            raise ProbeError(
+                f"--save-at epoch {e} is outside 0..{epochs} (the recipe trains {epochs} epochs)."
+            )
         out.add(e)
     return sorted(out)
 
@@ -126,12 +140,47 @@ def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, float]:
     return {"loss": loss.item() / n, "error": wrong.item() / n}
 
 
+@torch.no_grad()
+def calibrate_bn_(model: nn.Module, loader: DeviceLoader) -> None:
+    """Set every BatchNorm's running statistics to the exact averages over ``loader`` (weights unchanged).
+
+    At initialisation the running statistics are (0, 1), so an eval-mode pass would measure an
+    un-normalised network. The epoch-0 checkpoint is therefore calibrated on the training images,
+    making eval-mode measurements at initialisation use data statistics like every later checkpoint.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    was = model.training
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average = exact mean over batches
+    model.train()
+    try:
+        for x, _, _ in loader:
+            with _autocast(loader.device):
+                model(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was)
+
+
 def _param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     if recipe.wd_on_bn:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": recipe.weight_decay}]
+        return [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "weight_decay": recipe.weight_decay,
+            }
+        ]
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _default_out(cfg: TrainConfig) -> Path:
@@ -151,7 +200,9 @@ def _momentum_state(opt: torch.optim.SGD, names: dict[int, str]) -> dict[str, to
     return out
 
 
-def _restore_momentum(opt: torch.optim.SGD, names: dict[int, str], extra: dict[str, torch.Tensor]) -> None:
+def _restore_momentum(
+    opt: torch.optim.SGD, names: dict[int, str], extra: dict[str, torch.Tensor]
+) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             key = f"momentum.{names[id(p)]}"
@@ -165,7 +216,9 @@ def _write_json(path: Path, doc: object) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays | None = None
+) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.recipe``; resume if interrupted.
 
     ``callback(event, info)`` receives ``"start"``, ``"step"`` (every few iterations), ``"epoch"``
@@ -191,28 +244,54 @@ def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays 
     total_iters = min(epochs * steps_per_epoch, recipe.max_iters or 1 << 62)
     save_at = parse_save_at(cfg.save_at, epochs)
 
-    run_doc = {"config": cfg.to_dict(), "recipe": recipe.to_dict(), "dataset": {
-        "name": data.name, "source": data.source, "train": int(len(data.y_train)), "test": int(len(data.y_test))}}
+    run_doc = {
+        "config": cfg.to_dict(),
+        "recipe": recipe.to_dict(),
+        "dataset": {
+            "name": data.name,
+            "source": data.source,
+            "train": int(len(data.y_train)),
+            "test": int(len(data.y_test)),
+        },
+    }
     run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
     run_json = run_dir / "run.json"
     if run_json.exists():
         previous = json.loads(run_json.read_text())
-        if previous.get("config") != run_doc["config"] or previous.get("recipe") != run_doc["recipe"]:
+        if (
+            previous.get("config") != run_doc["config"]
+            or previous.get("recipe") != run_doc["recipe"]
+        ):
             raise ProbeError(
                 f"{run_dir} holds a run with a different configuration; choose another --out or "
                 "delete that directory to start over."
             )
-    _write_json(run_json, {**run_doc, "versions": library_versions(), "revision": code_revision(),
-                           "command": command_line()})
+    _write_json(
+        run_json,
+        {
+            **run_doc,
+            "versions": library_versions(),
+            "revision": code_revision(),
+            "command": command_line(),
+        },
+    )
 
     torch.manual_seed(cfg.seed)
-    options = {"num_classes": data.num_classes, "in_channels": data.image_shape[0], **cfg.model_options}
+    options = {
+        "num_classes": data.num_classes,
+        "in_channels": data.image_shape[0],
+        **cfg.model_options,
+    }
     model = create(cfg.model, **options).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
-    opt = torch.optim.SGD(_param_groups(model, recipe), lr=recipe.lr, momentum=recipe.momentum,
-                          nesterov=recipe.nesterov and recipe.momentum > 0)
+    opt = torch.optim.SGD(
+        _param_groups(model, recipe),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov and recipe.momentum > 0,
+    )
     names = {id(p): n for n, p in model.named_parameters()}
 
     history: list[dict] = []
@@ -224,29 +303,60 @@ def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays 
         _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
         start_epoch = resumed_from = int(meta["epoch"])
         history = json.loads((run_dir / "history.json").read_text())[: start_epoch + 1]
-    checkpoints = {e: run_dir / "checkpoints" / f"epoch-{e:04d}.json" for e in save_at
-                   if (run_dir / "checkpoints" / f"epoch-{e:04d}.json").exists()}
-    loader_kw = dict(mean=data.mean, std=data.std, device=device, channels_last=device.type == "cuda")
-    train_loader = DeviceLoader(data.x_train, data.y_train, recipe.batch_size, shuffle=True,
-                                augment=data.augment, seed=cfg.seed, **loader_kw)
+    checkpoints = {
+        e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
+        for e in save_at
+        if (run_dir / "checkpoints" / f"epoch-{e:04d}.json").exists()
+    }
+    loader_kw = dict(
+        mean=data.mean, std=data.std, device=device, channels_last=device.type == "cuda"
+    )
+    train_loader = DeviceLoader(
+        data.x_train,
+        data.y_train,
+        recipe.batch_size,
+        shuffle=True,
+        augment=data.augment,
+        seed=cfg.seed,
+        **loader_kw,
+    )
     eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
     eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
     step_fn = torch.compile(model) if cfg.compile else model
-    meta_base = {"model": model.config.to_dict(), "model_name": cfg.model, "recipe": recipe.to_dict(),
-                 "seed": cfg.seed, "dataset": run_doc["dataset"], "dataset_spec": cfg.dataset, "versions": library_versions(),
-                 "revision": code_revision()}
+    meta_base = {
+        "model": model.config.to_dict(),
+        "model_name": cfg.model,
+        "recipe": recipe.to_dict(),
+        "seed": cfg.seed,
+        "dataset": run_doc["dataset"],
+        "dataset_spec": cfg.dataset,
+        "versions": library_versions(),
+        "revision": code_revision(),
+    }
 
     def checkpoint(epoch: int, record: dict) -> None:
         record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
         record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
         metrics = {k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")}
         stem = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
-        checkpoints[epoch] = save_checkpoint(stem, model, {**meta_base, "epoch": epoch, "metrics": metrics})
+        checkpoints[epoch] = save_checkpoint(
+            stem, model, {**meta_base, "epoch": epoch, "metrics": metrics}
+        )
 
-    callback("start", {"epochs": epochs, "start_epoch": start_epoch, "steps_per_epoch": steps_per_epoch,
-                       "run_dir": str(run_dir)})
+    callback(
+        "start",
+        {
+            "epochs": epochs,
+            "start_epoch": start_epoch,
+            "steps_per_epoch": steps_per_epoch,
+            "run_dir": str(run_dir),
+        },
+    )
     if start_epoch == 0 and not history:
         record = {"epoch": 0, "lr": 0.0}
+        calibrate_bn_(
+            model, eval_train
+        )  # see calibrate_bn_: eval-mode measures at init need data statistics
         if 0 in save_at:
             checkpoint(0, record)
         history.append(record)
@@ -275,21 +385,40 @@ def train(cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays 
             seen += len(y)
             it += 1
             if it % 10 == 0:
-                callback("step", {"epoch": epoch, "iter": it, "loss": loss_sum.item() / seen,
-                                  "error": wrong.item() / seen})
+                callback(
+                    "step",
+                    {
+                        "epoch": epoch,
+                        "iter": it,
+                        "loss": loss_sum.item() / seen,
+                        "error": wrong.item() / seen,
+                    },
+                )
         if not torch.isfinite(loss_sum):
-            raise ProbeError(f"Training diverged at epoch {epoch} (loss is not finite); lower the lr.")
-        record = {"epoch": epoch, "lr": lr, "batch_loss": loss_sum.item() / max(seen, 1),
-                  "batch_error": wrong.item() / max(seen, 1)}
+            raise ProbeError(
+                f"Training diverged at epoch {epoch} (loss is not finite); lower the lr."
+            )
+        record = {
+            "epoch": epoch,
+            "lr": lr,
+            "batch_loss": loss_sum.item() / max(seen, 1),
+            "batch_error": wrong.item() / max(seen, 1),
+        }
         if epoch in save_at:
             checkpoint(epoch, record)
         record["seconds"] = time.perf_counter() - te
         history.append(record)
         _write_json(run_dir / "history.json", history)
-        save_checkpoint(run_dir / "resume", model, {**meta_base, "epoch": epoch},
-                        extra_tensors=_momentum_state(opt, names))
+        save_checkpoint(
+            run_dir / "resume",
+            model,
+            {**meta_base, "epoch": epoch},
+            extra_tensors=_momentum_state(opt, names),
+        )
         callback("epoch", record)
     _write_json(run_dir / "history.json", history)
-    result = TrainResult(run_dir, history, dict(sorted(checkpoints.items())), time.perf_counter() - t0, resumed_from)
+    result = TrainResult(
+        run_dir, history, dict(sorted(checkpoints.items())), time.perf_counter() - t0, resumed_from
+    )
     callback("end", {"wall_s": result.wall_s, "final": result.final})
     return result

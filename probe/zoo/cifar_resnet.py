@@ -38,7 +38,9 @@ class NetConfig:
     num_classes: int = 10
     in_channels: int = 3
     zero_init: bool = False  # zero the last scale of every branch so each block starts as act(S(x))
-    shortcut_scale: float = 1.0  # lambda in y = act(lambda * S(x) + F(x)) (He et al. 2016b, Table 1)
+    shortcut_scale: float = (
+        1.0  # lambda in y = act(lambda * S(x) + F(x)) (He et al. 2016b, Table 1)
+    )
 
     def __post_init__(self) -> None:
         if self.depth < 8 or (self.depth - 2) % 6:
@@ -214,7 +216,11 @@ class CifarResNet(nn.Module):
         head: OrderedDict[str, nn.Module] = OrderedDict()
         if config.preact:
             head.update(bn=nn.BatchNorm2d(c_in), relu=nn.ReLU())
-        head.update(pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(c_in, config.num_classes))
+        head.update(
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(c_in, config.num_classes),
+        )
         self.head = nn.Sequential(head)
         self.reset_parameters()
 

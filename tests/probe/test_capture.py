@@ -1,4 +1,3 @@
-import json
 import os
 import signal
 import subprocess
@@ -25,11 +24,17 @@ def _model(name="resnet8"):
 
 def _batches(n_batches=3, size=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, 10, (size,), generator=g)) for _ in range(n_batches)]
+    return [
+        (torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n_batches)
+    ]
 
 
 def _hook_counts(model):
-    return {n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for n, m in model.named_modules()}
+    return {
+        n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+        for n, m in model.named_modules()
+    }
 
 
 @pytest.mark.parametrize("name", ["resnet8", "plain8"])
@@ -43,9 +48,15 @@ def test_capture_to_hdf5_equals_direct_computation(tmp_path, name):
         h = model.stages[0](model.stem(x))
         f, s, y = block.branch(h), block.shortcut(h), block(h)
     with cap:
-        assert np.allclose(cap.read("stages.1.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
-        assert np.allclose(cap.read("stages.1.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-5)
-        assert np.allclose(cap.read("stages.1.0", "dev_norm"), (y - s).flatten(1).norm(dim=1).numpy(), rtol=1e-5)
+        assert np.allclose(
+            cap.read("stages.1.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-5
+        )
+        assert np.allclose(
+            cap.read("stages.1.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-5
+        )
+        assert np.allclose(
+            cap.read("stages.1.0", "dev_norm"), (y - s).flatten(1).norm(dim=1).numpy(), rtol=1e-5
+        )
         assert cap.sample_index().tolist() == list(range(15))
         assert cap.layer_attrs("stages.1.0")["residual"] == int(name.startswith("res"))
 
@@ -53,7 +64,13 @@ def test_capture_to_hdf5_equals_direct_computation(tmp_path, name):
 def test_streaming_channel_statistics_equal_numpy_float64(tmp_path):
     model = _model().double()
     batches = [(x.double(), y) for x, y in _batches(4, 7)]
-    cap = probe.capture(model, batches, layers=["stages.0.0", "stem.bn"], probes=[ChannelStats()], out=tmp_path / "c.h5")
+    cap = probe.capture(
+        model,
+        batches,
+        layers=["stages.0.0", "stem.bn"],
+        probes=[ChannelStats()],
+        out=tmp_path / "c.h5",
+    )
     x = torch.cat([b[0] for b in batches])
     with torch.no_grad():
         r = model.stem(x) if False else model.stem.bn(model.stem.conv(x))
@@ -113,11 +130,17 @@ def test_hooks_removed_after_bad_layer_spec():
 def test_captured_gradients_equal_autograd():
     model = _model()
     x, y = _batches(1)[0]
-    cap = probe.capture(model, [(x, y)], layers=["stages.1.0", "head.fc"],
-                        probes=[probe.Gradients(dtype="fp32"), GradNorms()])
+    cap = probe.capture(
+        model,
+        [(x, y)],
+        layers=["stages.1.0", "head.fc"],
+        probes=[probe.Gradients(dtype="fp32"), GradNorms()],
+    )
     acts = {}
-    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: acts.__setitem__(n, o))
-             for n in ("stages.1.0", "head.fc")]
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: acts.__setitem__(n, o))
+        for n in ("stages.1.0", "head.fc")
+    ]
     loss = torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
     grads = torch.autograd.grad(loss, [acts["stages.1.0"], acts["head.fc"]])
     for h in hooks:
@@ -188,7 +211,9 @@ def test_unwritable_location_is_a_clear_error(tmp_path):
 def test_output_in_a_regular_file_path_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ProbeError, match="Cannot write the capture"):
-        probe.capture(_model(), _batches(), probes=[ResidualNorms()], out=tmp_path / "file" / "c.h5")
+        probe.capture(
+            _model(), _batches(), probes=[ResidualNorms()], out=tmp_path / "file" / "c.h5"
+        )
 
 
 def test_full_disk_gives_clear_error_and_no_file(tmp_path, monkeypatch):
@@ -217,14 +242,24 @@ def test_reader_refuses_incomplete_and_unknown_versions(tmp_path):
 
 def test_bf16_activations_round_trip_exactly(tmp_path):
     x, model = _batches(1)[0], _model()
-    cap = probe.capture(model, [x], layers="stages.0.0", probes=[probe.Activations(dtype="bf16")], out=tmp_path / "c.h5")
+    cap = probe.capture(
+        model,
+        [x],
+        layers="stages.0.0",
+        probes=[probe.Activations(dtype="bf16")],
+        out=tmp_path / "c.h5",
+    )
     mem = probe.capture(model, [x], layers="stages.0.0", probes=[probe.Activations(dtype="bf16")])
     assert np.array_equal(cap.read("stages.0.0", "output"), mem.read("stages.0.0", "output"))
 
 
 def test_activation_sample_cap_and_subsampling():
-    cap = probe.capture(_model(), _batches(3, 5), layers="stages.0.0",
-                        probes=[probe.Activations(dtype="fp32", max_samples=7, channel_stride=2, spatial_stride=2)])
+    cap = probe.capture(
+        _model(),
+        _batches(3, 5),
+        layers="stages.0.0",
+        probes=[probe.Activations(dtype="fp32", max_samples=7, channel_stride=2, spatial_stride=2)],
+    )
     assert cap.read("stages.0.0", "output").shape == (7, 2, 4, 4)
 
 
@@ -232,13 +267,22 @@ def test_compressed_capture_is_lossless(tmp_path):
     x, model = _batches(2), _model()
     raw = probe.capture(model, x, probes=[ChannelStats()])
     for codec in ("gzip", "zstd"):
-        with probe.capture(model, x, probes=[ChannelStats()], out=tmp_path / f"{codec}.h5", compression=codec) as cap:
-            assert np.array_equal(cap.read("stages.2.0", "channel_var"), raw.read("stages.2.0", "channel_var"))
+        with probe.capture(
+            model, x, probes=[ChannelStats()], out=tmp_path / f"{codec}.h5", compression=codec
+        ) as cap:
+            assert np.array_equal(
+                cap.read("stages.2.0", "channel_var"), raw.read("stages.2.0", "channel_var")
+            )
 
 
 def test_provenance_is_recorded(tmp_path):
-    with probe.capture(_model(), _batches(1), probes=[ResidualNorms()], out=tmp_path / "c.h5",
-                       provenance={"seed": 7}) as cap:
+    with probe.capture(
+        _model(),
+        _batches(1),
+        probes=[ResidualNorms()],
+        out=tmp_path / "c.h5",
+        provenance={"seed": 7},
+    ) as cap:
         assert cap.provenance["seed"] == 7 and "torch" in cap.provenance["versions"]
         assert cap.config["probes"] == [{"probe": "residual"}]
 
@@ -263,7 +307,9 @@ _KILLED = textwrap.dedent(
 
 def test_killed_capture_leaves_no_accepted_file_and_rerun_succeeds(tmp_path):
     out = tmp_path / "c.h5"
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(out)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED, str(out)], stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -290,5 +336,7 @@ def test_torchvision_vgg11_bn_with_explicit_layers():
     model = tv.models.vgg11_bn(num_classes=10).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", probe.InPlaceWarning)
-        cap = probe.capture(model, [torch.randn(2, 3, 32, 32)], layers="features.*", probes=[ChannelStats()])
+        cap = probe.capture(
+            model, [torch.randn(2, 3, 32, 32)], layers="features.*", probes=[ChannelStats()]
+        )
     assert "features.0" in cap.layers

@@ -4,8 +4,15 @@ from probe.errors import ProbeError
 from probe.probes.registry import PROBES, make_probe
 from probe.testing import check_probe
 
-SPECS = ["residual", "channel", "grad", "activations:dtype=bf16", "gradients:dtype=fp32",
-         "jacobian:n_probes=4,top_k=1,iters=5,slq_steps=3", "shattered:n_points=16,max_lag=4,max_samples=2"]
+SPECS = [
+    "residual",
+    "channel",
+    "grad",
+    "activations:dtype=bf16",
+    "gradients:dtype=fp32",
+    "jacobian:n_probes=4,top_k=1,iters=5,slq_steps=3",
+    "shattered:n_points=16,max_lag=4,max_samples=2",
+]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -35,9 +42,14 @@ def test_a_broken_probe_fails_the_check():
         check_probe(Pooled())
 
 
-@pytest.mark.parametrize("spec,fragment", [("activation", "Did you mean 'activations'"),
-                                           ("activations:dtyp=fp16", "Did you mean 'dtype'"),
-                                           ("activations:dtype=fp8", "allowed: fp32, fp16, bf16")])
+@pytest.mark.parametrize(
+    "spec,fragment",
+    [
+        ("activation", "Did you mean 'activations'"),
+        ("activations:dtyp=fp16", "Did you mean 'dtype'"),
+        ("activations:dtype=fp8", "allowed: fp32, fp16, bf16"),
+    ],
+)
 def test_bad_probe_specs_are_explained(spec, fragment):
     with pytest.raises(ProbeError, match=fragment):
         make_probe(spec)

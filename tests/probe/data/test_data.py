@@ -15,11 +15,17 @@ def _write_cifar10_pickle(root, n=4):
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(1, 6):
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": list(range(n)),
+        }
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                                                      b"labels": [0] * n}))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": [0] * n})
+    )
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]})
+    )
     return folder
 
 
@@ -36,14 +42,18 @@ def test_cifar100_pickle_layout(tmp_path):
     data = np.zeros((3, 3072), np.uint8)
     for split in ("train", "test"):
         (folder / split).write_bytes(pickle.dumps({b"data": data, b"fine_labels": [1, 2, 3]}))
-    (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"k{i}".encode() for i in range(100)]}))
+    (folder / "meta").write_bytes(
+        pickle.dumps({b"fine_label_names": [f"k{i}".encode() for i in range(100)]})
+    )
     ds = load_cifar_pickle(tmp_path, "cifar100")
     assert ds.num_classes == 100 and list(ds.y_test) == [1, 2, 3]
 
 
 def test_pickle_reader_refuses_arbitrary_objects(tmp_path):
     folder = _write_cifar10_pickle(tmp_path)
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [ProbeError]}))
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [ProbeError]})
+    )
     with pytest.raises(ProbeError, match="Refusing to unpickle"):
         load_cifar_pickle(tmp_path, "cifar10")
 
@@ -59,7 +69,9 @@ def _write_tree(root, fmt="png"):
             d = root / split / cls
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(np.full((4, 4, 3), 40 * i + (cls == "dog") * 100, np.uint8)).save(d / f"{i}.{fmt}")
+                Image.fromarray(np.full((4, 4, 3), 40 * i + (cls == "dog") * 100, np.uint8)).save(
+                    d / f"{i}.{fmt}"
+                )
 
 
 def test_image_tree_folder_and_cache(tmp_path):
@@ -103,7 +115,9 @@ def test_loader_is_deterministic_for_a_seed_and_augments():
     y = np.arange(20)
 
     def run(seed):
-        loader = DeviceLoader(x, y, 8, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=seed)
+        loader = DeviceLoader(
+            x, y, 8, mean=[0.5] * 3, std=[0.25] * 3, shuffle=True, augment=True, seed=seed
+        )
         return [b[0] for b in loader]
 
     a, b, c = run(1), run(1), run(2)
@@ -113,5 +127,5 @@ def test_loader_is_deterministic_for_a_seed_and_augments():
 
 def test_loader_without_augmentation_normalises_exactly():
     x = np.full((2, 1, 2, 2), 255, np.uint8)
-    (batch, _, idx), = list(DeviceLoader(x, np.zeros(2), 2, mean=[0.5], std=[0.5]))
+    ((batch, _, idx),) = list(DeviceLoader(x, np.zeros(2), 2, mean=[0.5], std=[0.5]))
     assert torch.allclose(batch, torch.ones_like(batch)) and idx.tolist() == [0, 1]

@@ -20,7 +20,11 @@ M = 64  # probe vectors
 
 def _block(c_in, c_out, stride, residual, preact=False, shortcut="A"):
     torch.manual_seed(1)
-    b = BasicBlock(c_in, c_out, stride, residual=residual, preact=preact, shortcut=shortcut).double().eval()
+    b = (
+        BasicBlock(c_in, c_out, stride, residual=residual, preact=preact, shortcut=shortcut)
+        .double()
+        .eval()
+    )
     for m in b.modules():  # non-trivial eval-mode BN statistics
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.5)
@@ -46,7 +50,9 @@ def test_hutchinson_within_four_standard_errors_of_exact(c_in, c_out, stride, re
     P = exact_jacobian(block.shortcut, x).detach()
     identity = stride == 1 and c_in == c_out
     with torch.no_grad():
-        r = hutchinson(block, x, M, shortcut=None if identity else block.shortcut, identity_shortcut=identity)
+        r = hutchinson(
+            block, x, M, shortcut=None if identity else block.shortcut, identity_shortcut=identity
+        )
     checks = [(r.fro2, J.mT @ J), (r.dev2, (J - P).mT @ (J - P))]
     if J.shape[1] == J.shape[2]:
         checks.append((r.trace, (J + J.mT) / 2))

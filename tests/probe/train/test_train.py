@@ -5,13 +5,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from probe.errors import ProbeError
-from probe.train import TrainConfig, get_recipe, load_checkpoint, lr_at, parse_save_at, save_checkpoint, train
+from probe.train import (
+    TrainConfig,
+    get_recipe,
+    load_checkpoint,
+    lr_at,
+    parse_save_at,
+    save_checkpoint,
+    train,
+)
 from probe.zoo import create
 
 
 def _cfg(tmp_path, name="run", **kw):
-    base = dict(model="resnet8", model_options={"width": 4}, recipe_overrides={"epochs": 3, "batch_size": 128},
-                save_at="0,1,last", out=str(tmp_path / name))
+    base = dict(
+        model="resnet8",
+        model_options={"width": 4},
+        recipe_overrides={"epochs": 3, "batch_size": 128},
+        save_at="0,1,last",
+        out=str(tmp_path / name),
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,14 +51,18 @@ def test_checkpoint_config_mismatch_is_refused(tmp_path):
 def test_checkpoint_with_swapped_weights_fails_hash(tmp_path):
     a, b = create("resnet8", width=4), create("resnet8", width=4)
     js = save_checkpoint(tmp_path / "a", a, {"model": a.config.to_dict()})
-    save_file({k: v.contiguous() for k, v in b.state_dict().items()}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in b.state_dict().items()}, str(tmp_path / "a.safetensors")
+    )
     with pytest.raises(ProbeError, match="do not match the hash"):
         load_checkpoint(js)
 
 
 def test_checkpoint_without_json_is_not_a_checkpoint(tmp_path):
     net = create("resnet8", width=4)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "x.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "x.safetensors")
+    )
     with pytest.raises(ProbeError, match="No checkpoint config"):
         load_checkpoint(tmp_path / "x.safetensors")
 
@@ -61,7 +78,9 @@ def test_save_at_parsing():
 def test_he2016_schedule_and_warmup():
     r = get_recipe("he2016", depth=110)
     assert lr_at(r, 0, 64000) == 0.01 and lr_at(r, 400, 64000) == 0.1
-    assert lr_at(r, 32000, 64000) == pytest.approx(0.01) and lr_at(r, 48000, 64000) == pytest.approx(0.001)
+    assert lr_at(r, 32000, 64000) == pytest.approx(0.01) and lr_at(
+        r, 48000, 64000
+    ) == pytest.approx(0.001)
     assert get_recipe("he2016", depth=56).warmup_iters == 0
 
 

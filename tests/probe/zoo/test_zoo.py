@@ -17,7 +17,9 @@ def test_parameter_counts_match_he_et_al(depth):
 def test_plain_and_residual_have_identical_names_and_counts(depth):
     res, plain = create(f"resnet{depth}"), create(f"plain{depth}")
     assert [n for n, _ in res.named_modules()] == [n for n, _ in plain.named_modules()]
-    assert [(n, p.shape) for n, p in res.named_parameters()] == [(n, p.shape) for n, p in plain.named_parameters()]
+    assert [(n, p.shape) for n, p in res.named_parameters()] == [
+        (n, p.shape) for n, p in plain.named_parameters()
+    ]
 
 
 @pytest.mark.parametrize("shortcut", ["A", "B"])
@@ -34,7 +36,9 @@ def test_option_a_subsamples_and_zero_pads():
     x = torch.arange(2 * 2 * 4 * 4, dtype=torch.float32).view(2, 2, 4, 4)
     s = block.shortcut(x)
     assert torch.equal(s[:, 1:3], x[:, :, ::2, ::2])
-    assert torch.equal(s[:, 0], torch.zeros_like(s[:, 0])) and torch.equal(s[:, 3], torch.zeros_like(s[:, 3]))
+    assert torch.equal(s[:, 0], torch.zeros_like(s[:, 0])) and torch.equal(
+        s[:, 3], torch.zeros_like(s[:, 3])
+    )
 
 
 def test_option_b_has_projection_parameters():

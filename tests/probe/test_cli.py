@@ -1,0 +1,142 @@
+"""The CLI end to end on tiny settings, and its error paths (clean message, non-zero exit)."""
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from probe.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            "--model",
+            "resnet8",
+            "--epochs",
+            "1",
+            "--opt",
+            "width=4",
+            "--set",
+            "batch_size=256",
+            "--save-at",
+            "0,last",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_train_reports_errors_and_checkpoints(run_dir):
+    assert (run_dir / "checkpoints" / "epoch-0001.json").exists()
+    assert (run_dir / "history.json").exists()
+
+
+def test_capture_inspect_analyze(run_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "c.h5"
+    res = runner.invoke(
+        cli,
+        [
+            "capture",
+            str(run_dir),
+            "--probe",
+            "residual",
+            "--probe",
+            "grad",
+            "--probe",
+            "jacobian:n_probes=4,max_samples=8",
+            "--limit",
+            "64",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "captured 64 samples x 3 layers" in res.output
+    res = runner.invoke(cli, ["inspect", str(out)])
+    assert (
+        res.exit_code == 0
+        and "layers/stages.0.0  [block (residual)]" in res.output
+        and "checkpoint_sha256" in res.output
+    )
+    bn = tmp_path / "bn.h5"
+    assert (
+        runner.invoke(
+            cli,
+            ["capture", str(run_dir), "--layers", "**bn*", "--probe", "channel", "--out", str(bn)],
+        ).exit_code
+        == 0
+    )
+    res = runner.invoke(cli, ["analyze", str(out), str(bn), "--out", str(tmp_path / "figs")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "figs" / "identity_closeness.png").exists() and (
+        tmp_path / "figs" / "lesions.png"
+    ).exists()
+    assert (tmp_path / "figs" / "fig7_response_std.png").exists()
+    assert "skipped cka_matrix" in res.output
+
+
+def test_inspect_rejects_incomplete_file(run_dir, tmp_path):
+    out = tmp_path / "c.h5"
+    assert (
+        CliRunner()
+        .invoke(cli, ["capture", str(run_dir), "--limit", "8", "--out", str(out)])
+        .exit_code
+        == 0
+    )
+    with h5py.File(out, "a") as f:
+        f.attrs["complete"] = False
+    res = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert res.exit_code == 1 and "incomplete" in res.output and "Traceback" not in res.output
+
+
+def test_inspect_rejects_non_hdf5(tmp_path):
+    bad = tmp_path / "x.h5"
+    bad.write_text("not hdf5")
+    res = CliRunner().invoke(cli, ["inspect", str(bad)])
+    assert res.exit_code == 1 and "not a readable HDF5 file" in res.output
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["train", "--model", "resnet21"], "6n+2"),
+        (["train", "--model", "resnt20"], "Did you mean 'resnet20'"),
+        (["train", "--recipe", "fats"], "Did you mean 'fast'"),
+        (["train", "--data", "cifar11"], "Did you mean 'cifar10'"),
+        (["train", "--opt", "shortcutt=B"], "Did you mean 'shortcut'"),
+        (["study", "--preset", "he2017"], "Did you mean 'he2016'"),
+        (["study", "--set", "depth=8"], "Did you mean 'depths'"),
+    ],
+)
+def test_bad_input_gives_clean_error_and_nonzero_exit(args, fragment):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0
+    assert fragment in res.output and "Traceback" not in res.output
+
+
+def test_capture_with_bad_layer_pattern(run_dir, tmp_path):
+    res = CliRunner().invoke(
+        cli, ["capture", str(run_dir), "--layers", "stage.*", "--out", str(tmp_path / "c.h5")]
+    )
+    assert res.exit_code == 1 and "Did you mean 'stages.*'" in res.output
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_models_lists_names():
+    res = CliRunner().invoke(cli, ["models", "plain1*"])
+    assert res.output.split() == ["plain110", "plain1202"]
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "probe", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "study" in res.stdout
