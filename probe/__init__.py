@@ -7,7 +7,7 @@ Example:
     ['stages.0.0', 'stages.0.1', 'stages.0.2']
 """
 
-from probe import zoo
+from probe import testing, zoo
 from probe.capture import capture
 from probe.errors import ProbeError
 from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
@@ -48,5 +48,6 @@ __all__ = [
     "register_residual",
     "response_std",
     "select_modules",
+    "testing",
     "zoo",
 ]

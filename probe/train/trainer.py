@@ -55,6 +55,7 @@ class TrainConfig:
     out: str = ""  # run directory; default data/runs/<model>-<dataset>-<recipe>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     compile: bool = False  # torch.compile the model (GPU)
+    compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
     eval_batch_size: int = 1024
 
     def to_dict(self) -> dict:
@@ -322,7 +323,7 @@ def train(
     )
     eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
     eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
-    step_fn = torch.compile(model) if cfg.compile else model
+    step_fn = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     meta_base = {
         "model": model.config.to_dict(),
         "model_name": cfg.model,

@@ -1,0 +1,46 @@
+"""Shared helpers for the benchmark scripts: device choice, timing (CUDA events or perf_counter)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["device", "median_ms", "header"]
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``fn`` in milliseconds (CUDA-synchronised on the GPU)."""
+    dev = device()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def header(title: str) -> None:
+    dev = device()
+    name = (
+        torch.cuda.get_device_name()
+        if dev.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    print(f"# {title}\n# device: {name}; torch {torch.__version__}")

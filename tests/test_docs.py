@@ -1,0 +1,28 @@
+"""Documentation examples run as written."""
+
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
+def test_custom_probe_example_runs_as_written(capsys):
+    blocks = _python_blocks("custom-probe.md")
+    assert blocks, "custom-probe.md lost its example"
+    namespace: dict = {}
+    for code in blocks:
+        exec(compile(code, "custom-probe.md", "exec"), namespace)
+    out = capsys.readouterr().out.split()
+    assert out[0] == "(32,)" and 0.0 < float(out[1]) < 1.0
+
+
+def test_every_cli_command_is_documented():
+    from probe.cli.main import cli
+
+    text = (DOCS / "cli.md").read_text()
+    for name in cli.commands:
+        assert f"`probe {name}" in text, name
