@@ -111,20 +111,24 @@ def hutchinson(
     if v is None:
         v = rademacher((n_probes, *x.shape), gen, x.device, x.dtype)  # [m, N, ...]
     n_probes = v.shape[0]
-    jv = jvp_many(f, x, v, chunk_size)  # [m, N, ...out]
-    n = x.shape[0]
-    fro2, fro2_se = _mean_se(jv.reshape(n_probes, n, -1).pow(2).sum(-1))
+    jv = jvp_many(f, x, v, chunk_size).reshape(n_probes, x.shape[0], -1)  # [m, N, dout]
+    vf = v.reshape(n_probes, x.shape[0], -1)  # [m, N, din]
+
+    def sq(t: torch.Tensor) -> torch.Tensor:  # fused squared norm over features, no temporary
+        return torch.linalg.vector_norm(t, dim=-1).square()
+
+    fro2, fro2_se = _mean_se(sq(jv))
     res = HutchinsonResult(fro2, fro2_se, n_probes=n_probes)
     pv = None
     if identity_shortcut:
-        pv = v
+        pv = vf
     elif shortcut is not None:
-        pv = jvp_many(shortcut, x, v, chunk_size)
+        pv = jvp_many(shortcut, x, v, chunk_size).reshape(n_probes, x.shape[0], -1)
     if pv is not None and pv.shape == jv.shape:
-        res.dev2, res.dev2_se = _mean_se((jv - pv).reshape(n_probes, n, -1).pow(2).sum(-1))
-        res.p_fro2, _ = _mean_se(pv.reshape(n_probes, n, -1).pow(2).sum(-1))
-    if jv.shape == v.shape:
-        res.trace, res.trace_se = _mean_se((v * jv).reshape(n_probes, n, -1).sum(-1))
+        res.dev2, res.dev2_se = _mean_se(sq(jv - pv))
+        res.p_fro2, _ = _mean_se(sq(pv))
+    if jv.shape == vf.shape:
+        res.trace, res.trace_se = _mean_se(torch.linalg.vecdot(vf, jv))
     return res
 
 

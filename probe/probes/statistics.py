@@ -29,8 +29,11 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
 
 def per_sample_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Cosine similarity of each sample's flattened tensors, in float32. [N, ...] x2 -> [N]"""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+    a, b = a.flatten(1), b.flatten(1)
+    if a.dtype != torch.float32 or b.dtype != torch.float32:  # accumulate low precision in fp32
+        a, b = a.float(), b.float()
+    dot = torch.linalg.vecdot(a, b)  # fused multiply-reduce, no [N, D] temporary
+    return dot / (per_sample_norm(a) * per_sample_norm(b)).clamp_min(eps)
 
 
 def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
