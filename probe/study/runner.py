@@ -36,7 +36,7 @@ from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
-from probe.train import TrainConfig, get_recipe, train
+from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
 __all__ = ["StudyResult", "run_study", "capture_epochs"]
@@ -59,24 +59,7 @@ class StudyResult:
 
 def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
     """Resolve ``capture_at`` ('0', 'mid', 'last', numbers) to sorted epochs."""
-    out = set()
-    for tok in cfg.capture_at:
-        tok = str(tok)
-        if tok == "last":
-            out.add(epochs)
-        elif tok == "mid":
-            out.add(max(1, epochs // 2))
-        else:
-            try:
-                e = int(tok)
-            except ValueError as e_:
-                raise ProbeError(
-                    f"Invalid capture_at entry {tok!r}; use numbers, 'mid' or 'last'."
-                ) from e_
-            if not 0 <= e <= epochs:
-                raise ProbeError(f"capture_at epoch {e} is outside 0..{epochs}.")
-            out.add(e)
-    return sorted(out)
+    return parse_save_at(",".join(str(t) for t in cfg.capture_at), epochs, what="capture_at")
 
 
 def _valid_capture(path: Path) -> bool:

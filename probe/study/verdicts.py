@@ -34,6 +34,13 @@ def _fmt(v: tuple[float, float, float], pct: bool = False) -> str:
     return f(m) if np.isnan(lo) else f"{f(m)} [{f(lo)}, {f(hi)}]"
 
 
+def _judge(values: list[float], supported: bool, refuted: bool) -> str:
+    """The verdict of one rule: inconclusive when a needed value is missing (NaN)."""
+    if any(np.isnan(v) for v in values):
+        return INCONCLUSIVE
+    return SUPPORTED if supported else NOT_SUPPORTED if refuted else INCONCLUSIVE
+
+
 def degradation_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Train/test error by architecture and depth: mean and std over seeds, from final checkpoints."""
     g = runs.groupby(["family", "depth"])
@@ -107,20 +114,13 @@ def verdicts(
                 f"train error {m}": _fmt(v, pct=True)
                 for m, v in ((p_shallow, ps_), (p_deep, pd_), (r_shallow, rs_), (r_deep, rd_))
             },
-            ["training_error", "degradation_vs_depth"],
+            ["final_training_batch_error"],
         )
     )
 
     # 1. Identity is hard to learn: deep plain blocks stay far from the identity a shallower net implies.
     pd1, rd1 = (seed_ci(_per_run(table, "closeness", m, last)) for m in (p_deep, r_deep))
-    if np.isnan(pd1[0]) or np.isnan(rd1[0]):
-        v = INCONCLUSIVE
-    elif pd1[0] > 2 * rd1[0] and pd1[0] >= 0.5:
-        v = SUPPORTED
-    elif pd1[0] <= rd1[0]:
-        v = NOT_SUPPORTED
-    else:
-        v = INCONCLUSIVE
+    v = _judge([pd1[0], rd1[0]], pd1[0] > 2 * rd1[0] and pd1[0] >= 0.5, pd1[0] <= rd1[0])
     out.append(
         Verdict(
             "Identity is hard to learn (identity-closeness)",
@@ -148,11 +148,10 @@ def verdicts(
     std_r, std_p = (
         seed_ci(_per_run(table, "response_std_pooled", m, last)) for m in (r_deep, p_deep)
     )
-    conds = [rr_deep[0] < 1, rr_deep[0] < rr_shallow[0], std_r[0] < std_p[0]]
-    v = (
-        INCONCLUSIVE
-        if any(np.isnan(x) for x in (rr_deep[0], rr_shallow[0], std_r[0], std_p[0]))
-        else (SUPPORTED if all(conds) else NOT_SUPPORTED if not conds[0] else INCONCLUSIVE)
+    v = _judge(
+        [rr_deep[0], rr_shallow[0], std_r[0], std_p[0]],
+        rr_deep[0] < 1 and rr_deep[0] < rr_shallow[0] and std_r[0] < std_p[0],
+        rr_deep[0] >= 1,
     )
     out.append(
         Verdict(
@@ -185,14 +184,11 @@ def verdicts(
         return seed_ci(np.array(vals))
 
     gi_p, ge_p, ge_r = grad_ratio(p_deep, first), grad_ratio(p_deep, last), grad_ratio(r_deep, last)
-    if np.isnan(gi_p[0]) or np.isnan(ge_p[0]):
-        v = INCONCLUSIVE
-    elif min(gi_p[0], ge_p[0]) < 0.1 and (np.isnan(ge_r[0]) or ge_r[0] >= 0.1):
-        v = SUPPORTED
-    elif min(gi_p[0], ge_p[0]) >= 0.1:
-        v = NOT_SUPPORTED
-    else:
-        v = INCONCLUSIVE
+    v = _judge(
+        [gi_p[0], ge_p[0]],
+        min(gi_p[0], ge_p[0]) < 0.1 and not ge_r[0] < 0.1,
+        min(gi_p[0], ge_p[0]) >= 0.1,
+    )
     out.append(
         Verdict(
             "Vanishing gradients (gradient norms against depth)",
@@ -210,14 +206,11 @@ def verdicts(
 
     # 4. Shattered gradients (Balduzzi et al. 2017): short correlation length in deep plain nets at init.
     cl = {m: seed_ci(_per_run(table, "corr_length", m, first)) for m in (p_shallow, p_deep, r_deep)}
-    if any(np.isnan(c[0]) for c in cl.values()):
-        v = INCONCLUSIVE
-    elif cl[p_deep][0] < 0.5 * cl[r_deep][0] and cl[p_deep][0] < cl[p_shallow][0]:
-        v = SUPPORTED
-    elif cl[p_deep][0] >= cl[r_deep][0]:
-        v = NOT_SUPPORTED
-    else:
-        v = INCONCLUSIVE
+    v = _judge(
+        [c[0] for c in cl.values()],
+        cl[p_deep][0] < 0.5 * cl[r_deep][0] and cl[p_deep][0] < cl[p_shallow][0],
+        cl[p_deep][0] >= cl[r_deep][0],
+    )
     out.append(
         Verdict(
             "Shattered gradients (input-gradient correlation at init)",
@@ -246,14 +239,7 @@ def verdicts(
         return seed_ci(np.array(vals))
 
     ap, ar = aniso(p_deep), aniso(r_deep)
-    if np.isnan(ap[0]) or np.isnan(ar[0]):
-        v = INCONCLUSIVE
-    elif ap[0] > 1.5 * ar[0] and ap[0] - ar[0] > 1:
-        v = SUPPORTED
-    elif ap[0] <= ar[0]:
-        v = NOT_SUPPORTED
-    else:
-        v = INCONCLUSIVE
+    v = _judge([ap[0], ar[0]], ap[0] > 1.5 * ar[0] and ap[0] - ar[0] > 1, ap[0] <= ar[0])
     out.append(
         Verdict(
             "Ill-conditioned Jacobians (block spectra)",
@@ -283,14 +269,7 @@ def verdicts(
         return seed_ci(np.array(vals))
 
     lp, lr = lesion_delta(p_deep), lesion_delta(r_deep)
-    if np.isnan(lp[0]) or np.isnan(lr[0]):
-        v = INCONCLUSIVE
-    elif lr[0] < 0.01 and lp[0] > 0.2:
-        v = SUPPORTED
-    elif lr[0] >= lp[0]:
-        v = NOT_SUPPORTED
-    else:
-        v = INCONCLUSIVE
+    v = _judge([lp[0], lr[0]], lr[0] < 0.01 and lp[0] > 0.2, lr[0] >= lp[0])
     out.append(
         Verdict(
             "Ensemble-like behaviour (lesions)",

@@ -87,8 +87,8 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def parse_save_at(spec: str, epochs: int) -> list[int]:
-    """'0,1,5,last' -> sorted epochs within [0, epochs].
+def parse_save_at(spec: str, epochs: int, what: str = "--save-at") -> list[int]:
+    """'0,1,5,mid,last' -> sorted epochs within [0, epochs] ('mid' = epochs // 2, at least 1).
 
     Example:
         >>> parse_save_at("0,1,5,last", 12)
@@ -99,18 +99,18 @@ def parse_save_at(spec: str, epochs: int) -> list[int]:
         tok = tok.strip()
         if not tok:
             continue
-        if tok == "last":
-            out.add(epochs)
+        if tok in ("last", "mid"):
+            out.add(epochs if tok == "last" else max(1, epochs // 2))
             continue
         try:
             e = int(tok)
         except ValueError as exc:
             raise ProbeError(
-                f"Invalid --save-at entry {tok!r} in {spec!r}; use epochs like '0,1,5,last'."
+                f"Invalid {what} entry {tok!r} in {spec!r}; use epochs like '0,1,5,mid,last'."
             ) from exc
         if not 0 <= e <= epochs:
             raise ProbeError(
-                f"--save-at epoch {e} is outside 0..{epochs} (the recipe trains {epochs} epochs)."
+                f"{what} epoch {e} is outside 0..{epochs} (the recipe trains {epochs} epochs)."
             )
         out.add(e)
     return sorted(out)
