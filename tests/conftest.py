@@ -3,8 +3,10 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed_and_isolated_data_root(tmp_path, monkeypatch):
+    """Seed torch, and point the default data root at a temporary folder so no test writes to ./data."""
     torch.manual_seed(0)
+    monkeypatch.setenv("RESPROBE_DATA", str(tmp_path / "data"))
     yield
 
 

@@ -237,13 +237,20 @@ def train(
     device = resolve_device(cfg.device)
     data = data if data is not None else load_dataset(cfg.dataset)
     run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = -(-len(data.y_train) // recipe.batch_size)
     epochs = recipe.epochs
     if recipe.max_iters is not None:
         epochs = min(epochs, -(-recipe.max_iters // steps_per_epoch))
     total_iters = min(epochs * steps_per_epoch, recipe.max_iters or 1 << 62)
     save_at = parse_save_at(cfg.save_at, epochs)
+    torch.manual_seed(cfg.seed)
+    options = {
+        "num_classes": data.num_classes,
+        "in_channels": data.image_shape[0],
+        **cfg.model_options,
+    }
+    model = create(cfg.model, **options)  # validates name and options before anything is written
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     run_doc = {
         "config": cfg.to_dict(),
@@ -277,13 +284,7 @@ def train(
         },
     )
 
-    torch.manual_seed(cfg.seed)
-    options = {
-        "num_classes": data.num_classes,
-        "in_channels": data.image_shape[0],
-        **cfg.model_options,
-    }
-    model = create(cfg.model, **options).to(device)
+    model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True

@@ -132,3 +132,9 @@ def test_run_dir_with_other_config_is_refused(tmp_path):
 def test_unknown_recipe():
     with pytest.raises(ProbeError, match="Did you mean 'fast'"):
         get_recipe("fats")
+
+
+def test_invalid_model_writes_nothing(tmp_path):
+    with pytest.raises(ProbeError, match="6n"):
+        train(_cfg(tmp_path, model="resnet21"))
+    assert not (tmp_path / "run").exists()
