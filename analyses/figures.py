@@ -44,6 +44,9 @@ LABELS = {
     "jac_msv": "mean squared singular value of J",
     "jac_top_sv": "top singular value of J",
     "gsc": "gradient scale coefficient",
+    "seg_in_msv": "mean sq. singular value, input → boundary",
+    "seg_out_msv": "mean sq. singular value, boundary → logits",
+    "param_grad_norm": "per-sample ||∂ℓ/∂W|| (parameter index)",
     "response_std_pooled": "layer response std (pooled)",
     "response_std_channel": "layer response std (per channel)",
 }
@@ -122,7 +125,11 @@ def plot_vs_layer(
             ax.plot(dm["layer_index"], dm["value"], marker="o", ms=3, color=pal[m], label=m)
             _band(ax, dm, "layer_index", pal[m])
         ax.legend(title="model", fontsize=8)
-    ax.set_xlabel("lag" if quantity == "cos_lag" else "block / layer index")
+    ax.set_xlabel(
+        {"cos_lag": "lag", "param_grad_norm": "parameter (forward order)"}.get(
+            quantity, "block / layer index"
+        )
+    )
     ax.set_ylabel(LABELS.get(quantity, quantity))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     positive = d["value"][d["value"] > 0]

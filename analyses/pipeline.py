@@ -19,7 +19,7 @@ from analyses.cka import cka_matrix
 from analyses.identity import identity_closeness
 from analyses.lesions import lesion_study
 from analyses.residual import residual_magnitude, response_std_table
-from analyses.signal import shattered_table, signal_propagation
+from analyses.signal import model_level_table, shattered_table, signal_propagation
 from analyses.tidy import COLUMNS, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
@@ -51,6 +51,9 @@ FIGURES = {
     "jacobian_top_sv": ("jac_top_sv", "probe 'jacobian:top_k=1'", True),
     "gradient_scale_coefficient": ("gsc", "probes 'jacobian' and 'residual'", False),
     "shattered_gradients": ("cos_lag", "probe 'shattered'", False),
+    "segment_isometry_in": ("seg_in_msv", "probe 'segments'", True),
+    "segment_isometry_out": ("seg_out_msv", "probe 'segments'", True),
+    "parameter_gradient_norms": ("param_grad_norm", "probe 'param_grads'", True),
 }
 
 
@@ -75,6 +78,7 @@ def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
             response_std_table,
             signal_propagation,
             shattered_table,
+            model_level_table,
         ):
             parts.append(fn(cap))
     parts = [p for p in parts if len(p)]

@@ -17,7 +17,13 @@ from analyses.stats import mean_ci
 from analyses.tidy import frame, per_layer, run_key
 from probe.store.reader import CaptureReader
 
-__all__ = ["gsc", "mean_squared_singular_value", "signal_propagation", "shattered_table"]
+__all__ = [
+    "gsc",
+    "mean_squared_singular_value",
+    "signal_propagation",
+    "shattered_table",
+    "model_level_table",
+]
 
 
 def mean_squared_singular_value(fro2: np.ndarray, d_in: int) -> np.ndarray:
@@ -98,6 +104,48 @@ def shattered_table(cap: CaptureReader) -> pd.DataFrame:
                 **base,
                 "layer_index": lag,
                 "quantity": "cos_lag",
+                "value": v,
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
+    return frame(rows)
+
+
+def model_level_table(cap: CaptureReader) -> pd.DataFrame:
+    """Segment Jacobians (``seg_in_msv``/``seg_out_msv``, layer_index = boundary) and per-parameter
+    gradient norms (``param_grad_norm``, layer = parameter name) from the ``model`` group."""
+    if "model" not in cap.layers:
+        return frame([])
+    key = run_key(cap)
+    rows = []
+    for q in ("seg_in_msv", "seg_out_msv"):
+        if cap.has("model", q):
+            vals = cap.read("model", q)
+            for k in range(vals.shape[1]):
+                v, lo, hi = mean_ci(vals[:, k])
+                rows.append(
+                    {
+                        **key,
+                        "layer": f"boundary{k}",
+                        "layer_index": k,
+                        "stage": -1,
+                        "quantity": q,
+                        "value": v,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
+    params = [q for q in cap.quantities("model") if q.startswith("grad_norm.")]
+    for i, q in enumerate(params):
+        v, lo, hi = mean_ci(cap.read("model", q))
+        rows.append(
+            {
+                **key,
+                "layer": q[len("grad_norm.") :],
+                "layer_index": i,
+                "stage": -1,
+                "quantity": "param_grad_norm",
                 "value": v,
                 "ci_low": lo,
                 "ci_high": hi,

@@ -327,7 +327,7 @@ class HookSession:
                 with torch.no_grad():
                     out = self.model(x)
             if self.model_probes:
-                call = Call("model", self.model, x.detach(), out.detach(), sample_offset)
+                call = Call("model", self.model, x.detach(), out.detach(), sample_offset, labels=y)
                 self._info["model"] = self._model_info
                 self.shapes.setdefault("model", (tuple(out.shape[1:]), None, tuple(x.shape[1:])))
                 with self._suspend():

@@ -8,7 +8,7 @@ from probe.jacobian.estimators import (
     lanczos_spectrum,
     top_singular_values,
 )
-from probe.jacobian.probes import JacobianNorms, ShatteredGradients
+from probe.jacobian.probes import JacobianNorms, SegmentJacobians, ShatteredGradients
 from probe.jacobian.segments import chain, segment, segment_spectrum
 from probe.jacobian.shattered import (
     autocorrelation,
@@ -20,6 +20,7 @@ from probe.jacobian.shattered import (
 __all__ = [
     "HutchinsonResult",
     "JacobianNorms",
+    "SegmentJacobians",
     "ShatteredGradients",
     "autocorrelation",
     "chain",

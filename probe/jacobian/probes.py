@@ -21,11 +21,12 @@ from probe.jacobian.estimators import (
     per_sample_probes,
     top_singular_values,
 )
+from probe.jacobian.segments import chain, segment
 from probe.jacobian.shattered import shattered_profile
 from probe.probes.base import Call, Probe
 from probe.probes.registry import register_probe
 
-__all__ = ["JacobianNorms", "ShatteredGradients"]
+__all__ = ["JacobianNorms", "SegmentJacobians", "ShatteredGradients"]
 
 
 @register_probe
@@ -152,3 +153,59 @@ class ShatteredGradients(Probe):
             first_index=call.sample_offset,
         )
         return {k: v.float() for k, v in res.items()}
+
+
+@register_probe
+@dataclass
+class SegmentJacobians(Probe):
+    """End-to-end Jacobians for the dynamical-isometry view (Pennington et al. 2017), model level.
+
+    For every boundary k of the model's chain (after the stem and after each block), the mean
+    squared singular value ||J||_F^2 / d_in of the segment input -> k (``seg_in_msv`` [N, K]) and of
+    k -> logits (``seg_out_msv`` [N, K]), by Hutchinson with ``n_probes`` Rademacher vectors. Needs a
+    zoo net or an ``nn.Sequential``; other models produce nothing.
+    """
+
+    name: ClassVar[str] = "segments"
+    scope: ClassVar[str] = "model"
+    requires_eval: ClassVar[bool] = True
+    dims: ClassVar = {"seg_in_msv": ("sample", "boundary"), "seg_out_msv": ("sample", "boundary")}
+    n_probes: int = 8
+    seed: int = 0
+    max_samples: int | None = 16
+    chunk_size: int | None = 8
+
+    def applies_to(self, call: Call) -> bool:
+        try:
+            return len(chain(call.module)) > 2
+        except Exception:  # not a chain of modules: nothing to measure
+            return False
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        keep = (
+            call.batch_size
+            if self.max_samples is None
+            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        )
+        if keep == 0 or call.input is None:
+            return {}
+        model = call.module
+        names = [n for n, _ in chain(model)][:-1]  # every boundary before the head
+        x = call.input[:keep].detach()
+        seg_in, seg_out = [], []
+        v_in = per_sample_probes(self.n_probes, x, self.seed, call.sample_offset)
+        with torch.no_grad():
+            for name in names:
+                pre, post = segment(model, None, name), segment(model, name, None)
+                seg_in.append(
+                    hutchinson(pre, x, v=v_in, chunk_size=self.chunk_size).fro2 / x[0].numel()
+                )
+                h = pre(x)
+                v_out = per_sample_probes(self.n_probes, h, self.seed + 1, call.sample_offset)
+                seg_out.append(
+                    hutchinson(post, h, v=v_out, chunk_size=self.chunk_size).fro2 / h[0].numel()
+                )
+        return {
+            "seg_in_msv": torch.stack(seg_in, 1).float(),
+            "seg_out_msv": torch.stack(seg_out, 1).float(),
+        }

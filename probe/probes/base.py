@@ -46,6 +46,7 @@ class Call:
     block: BlockTensors | None = None
     grad_output: torch.Tensor | None = None  # dL/d(output), set before backward()
     grad_input: torch.Tensor | None = None  # dL/d(input), blocks only
+    labels: torch.Tensor | None = None  # [N] the batch's labels (model-level probes)
 
     @property
     def batch_size(self) -> int:

@@ -37,8 +37,9 @@ def make_probe(spec: str) -> Probe:
         Activations(dtype='bf16', channel_stride=1, spatial_stride=1, max_samples=64, which='output')
     """
     name, _, args = spec.partition(":")
-    if name not in PROBES:
-        from probe.jacobian import probes as _jacobian_probes  # noqa: F401  (registers on import)
+    if name not in PROBES:  # probes defined beside the engine register themselves on import
+        from probe.jacobian import probes as _jacobian_probes  # noqa: F401
+        from probe.probes import params as _param_probes  # noqa: F401
     if name not in PROBES:
         raise ProbeError(
             f"Unknown probe {name!r}; available: {', '.join(sorted(PROBES))}."

@@ -38,6 +38,8 @@ class StudyConfig:
         "activations:dtype=fp16,max_samples=256",
         "jacobian:n_probes=8,max_samples=32,top_k=1,iters=15",
         "shattered:n_points=64,max_lag=16,max_samples=8",
+        "segments:n_probes=8,max_samples=8",
+        "param_grads:max_samples=32",
     )
     lesions: bool = True
     device: str = "auto"
@@ -92,6 +94,8 @@ PRESETS: dict[str, StudyConfig] = {
             "activations:dtype=fp16,max_samples=500",
             "jacobian:n_probes=16,max_samples=64,top_k=1,iters=15",
             "shattered:n_points=128,max_lag=32,max_samples=8",
+            "segments:n_probes=8,max_samples=16",
+            "param_grads:max_samples=64",
         ),
     ),
 }

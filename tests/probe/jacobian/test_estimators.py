@@ -133,3 +133,42 @@ def test_autocorrelation_of_known_series():
     t = torch.arange(200, dtype=torch.float64)
     acf = autocorrelation(torch.cos(2 * math.pi * t / 20), 11)
     assert acf[0] == pytest.approx(1.0) and acf[10] == pytest.approx(-0.95, abs=0.05)
+
+
+def test_segment_probe_matches_exact_jacobians():
+    import probe
+    from probe.jacobian import SegmentJacobians, segment
+
+    torch.manual_seed(0)
+    model = create("resnet8", in_channels=1, width=2, num_classes=3).double().eval()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    cap = probe.capture(model, [x], probes=[SegmentJacobians(n_probes=256, max_samples=None)])
+    j_in = exact_jacobian(segment(model, None, "stages.1.0"), x).detach()
+    with torch.no_grad():
+        h = segment(model, None, "stages.1.0")(x)
+    j_out = exact_jacobian(segment(model, "stages.1.0", None), h).detach()
+    exact_in = (j_in**2).sum((1, 2)) / j_in.shape[2]
+    exact_out = (j_out**2).sum((1, 2)) / j_out.shape[2]
+    k = 2  # boundaries: stem, stages.0.0, stages.1.0, stages.2.0
+    assert torch.allclose(
+        torch.from_numpy(cap.read("model", "seg_in_msv")[:, k]).double(), exact_in, rtol=0.2
+    )
+    assert torch.allclose(
+        torch.from_numpy(cap.read("model", "seg_out_msv")[:, k]).double(), exact_out, rtol=0.2
+    )
+
+
+def test_param_grad_probe_matches_per_sample_autograd():
+    import probe
+    from probe.probes.params import ParamGradNorms
+
+    model = create("resnet8", in_channels=1, width=4).eval()
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    cap = probe.capture(model, [(x, y)], probes=[ParamGradNorms(max_samples=None)])
+    for n in range(3):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[n : n + 1]), y[n : n + 1]).backward()
+        for name, p in model.named_parameters():
+            assert cap.read("model", f"grad_norm.{name}")[n] == pytest.approx(
+                p.grad.norm().item(), rel=1e-4
+            )

@@ -1,0 +1,66 @@
+"""Per-sample gradient norms of every parameter tensor (model level), via ``torch.func``.
+
+For each of the first ``max_samples`` samples, ``vmap(grad(loss))`` over the batch gives the
+gradient of that sample's own loss with respect to every parameter (eval mode: samples are
+independent). Quantities are ``grad_norm.<parameter name>`` [N] under the layer key ``model``, so
+the weight-update ratio ||dL/dW|| / ||W|| (the AGC ratio of Brock et al., ICML 2021) can be formed
+against the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from probe.probes.base import Call, Probe
+from probe.probes.registry import register_probe
+
+__all__ = ["ParamGradNorms"]
+
+
+@register_probe
+@dataclass
+class ParamGradNorms(Probe):
+    """Per-sample ||dl_n/dW|| for every parameter tensor W (cross-entropy on the true label).
+
+    Args:
+        max_samples: only the first ``max_samples`` samples of the capture (per-sample gradients
+            hold one copy of the parameters per sample).
+        chunk_size: samples differentiated at once (bounds memory).
+    """
+
+    name: ClassVar[str] = "param_grads"
+    scope: ClassVar[str] = "model"
+    requires_eval: ClassVar[bool] = True
+    max_samples: int | None = 64
+    chunk_size: int | None = 16
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        labels = call.labels
+        keep = (
+            call.batch_size
+            if self.max_samples is None
+            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
+        )
+        if keep == 0 or labels is None or call.input is None:
+            return {}
+        model = call.module
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+        def loss(p, x, y):
+            out = functional_call(model, (p, buffers), (x[None],))
+            return F.cross_entropy(out.float(), y[None])
+
+        with torch.enable_grad():
+            grads = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(
+                params, call.input[:keep].detach(), labels[:keep]
+            )
+        return {
+            f"grad_norm.{k}": torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32)
+            for k, g in grads.items()
+        }
