@@ -329,6 +329,16 @@ def test_torchvision_resnet18_blocks_found_automatically():
         warnings.simplefilter("ignore", probe.InPlaceWarning)
         cap = probe.capture(model, [torch.randn(2, 3, 32, 32)], probes=[ResidualNorms()])
     assert len(cap.layers) == 8 and cap.layer_attrs("layer1.0")["is_block"]
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(probe.InPlaceWarning, match="relu"):  # torchvision uses ReLU(inplace=True)
+        cap = probe.capture(model, [x], layers="layer2.0", probes=[ResidualNorms()])
+    with torch.no_grad():  # F(x) = bn2(conv2(relu(bn1(conv1(h))))), S(x) = downsample(h)
+        h = model.layer1(model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+        blk = model.layer2[0]
+        f = blk.bn2(blk.conv2(torch.relu(blk.bn1(blk.conv1(h)))))
+        s = blk.downsample(h)
+    assert np.allclose(cap.read("layer2.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+    assert np.allclose(cap.read("layer2.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
 
 
 def test_torchvision_vgg11_bn_with_explicit_layers():
