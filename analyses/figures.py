@@ -247,6 +247,33 @@ def plot_lesions(df: pd.DataFrame) -> plt.Figure:
     return fig
 
 
+def plot_spectra(spectra: pd.DataFrame) -> plt.Figure:
+    """Spectral densities of J^T J (stochastic Lanczos quadrature), one panel per block position."""
+    theme()
+    positions = list(dict.fromkeys(spectra["position"]))
+    order = model_order(spectra["model"])
+    fig, axes = plt.subplots(1, len(positions), figsize=(4.2 * len(positions), 3.4), squeeze=False)
+    for ax, pos in zip(axes[0], positions):
+        d = spectra[spectra["position"] == pos]
+        sns.histplot(
+            d,
+            x="log10_eigenvalue",
+            weights="weight",
+            hue="model",
+            hue_order=order,
+            palette=palette(order),
+            element="step",
+            stat="probability",
+            common_norm=False,
+            bins=30,
+            ax=ax,
+        )
+        ax.set_title(f"{pos} block")
+        ax.set_xlabel("log10 eigenvalue of JᵀJ")
+    fig.tight_layout()
+    return fig
+
+
 def plot_shattered(df: pd.DataFrame) -> plt.Figure:
     """Mean cosine between input gradients Delta steps apart along a line, per model."""
     return plot_vs_layer(df, "cos_lag")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from analyses import figures
@@ -83,6 +84,34 @@ def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
             parts.append(fn(cap))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
+
+
+def slq_spectra(caps: Sequence[CaptureReader]) -> pd.DataFrame:
+    """Lanczos-quadrature nodes and weights of the first, middle and last captured block per run."""
+    rows = []
+    for cap in caps:
+        layers = [l for l in cap.layers if cap.has(l, "jac_slq_nodes")]
+        if not layers:
+            continue
+        key = run_key(cap)
+        picks = {"first": layers[0], "middle": layers[len(layers) // 2], "last": layers[-1]}
+        for position, layer in picks.items():
+            nodes, weights = cap.read(layer, "jac_slq_nodes"), cap.read(layer, "jac_slq_weights")
+            keep = nodes > 0
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "model": key["model"],
+                        "seed": key["seed"],
+                        "checkpoint": key["checkpoint"],
+                        "position": position,
+                        "layer": layer,
+                        "log10_eigenvalue": np.log10(nodes[keep]),
+                        "weight": weights[keep] / len(nodes),
+                    }
+                )
+            )
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
 def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
@@ -164,6 +193,13 @@ def write_figures(
                 f"{prefix}cka_{tag}",
                 pd.DataFrame(mat, index=layers, columns=layers).reset_index(),
             )
+    spectra = slq_spectra(caps)
+    if len(spectra):
+        files += figures.save(
+            figures.plot_spectra(spectra), out, prefix + "jacobian_spectra", spectra
+        )
+    else:
+        skipped["jacobian_spectra"] = "no 'jac_slq_nodes' (needs probe 'jacobian:slq_steps=10')"
     if not any(f.name.startswith(prefix + "cka_") for f in files):
         skipped["cka_matrix"] = (
             "no 'output' activations on two or more layers (needs probe 'activations')"

@@ -23,6 +23,7 @@ from probe.probes import (
 )
 from probe.session import HookSession, InPlaceWarning
 from probe.stats import Moments, response_std
+from probe.store import join_shards
 from probe.store import open_capture as open
 
 __version__ = "0.1.0"
@@ -43,6 +44,7 @@ __all__ = [
     "ResidualSpec",
     "capture",
     "find_blocks",
+    "join_shards",
     "list_layers",
     "open",
     "register_residual",

@@ -84,6 +84,7 @@ def capture(
     queue_bytes: int = 512 << 20,
     provenance: dict | None = None,
     progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -95,6 +96,8 @@ def capture(
         mode: ``"eval"`` (BN running statistics; the default), ``"train"`` or ``"keep"``.
         limit: stop after this many samples.
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"`` -- lossless.
+        shard: ``(rank, count)`` when this process writes one shard of a larger capture (give
+            ``data`` with its global ``sample_index``); join the files with ``probe.join_shards``.
 
     The model's training flags, grad mode and outputs are unchanged; hooks are removed and a
     partially written file is deleted on any error.
@@ -125,6 +128,11 @@ def capture(
         **(provenance or {}),
     }
     attrs = {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
+    if shard is not None:
+        rank, count = shard
+        if not 0 <= rank < count:
+            raise ProbeError(f"Invalid shard {shard!r}: need 0 <= rank < count.")
+        attrs.update(shard_rank=rank, shard_count=count)
     total = limit
     if total is None and hasattr(data, "num_samples"):
         total = data.num_samples

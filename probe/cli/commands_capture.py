@@ -146,4 +146,18 @@ def inspect_cmd(path, attrs):
                     )
 
 
-COMMANDS = [capture_cmd, inspect_cmd]
+@click.command("join")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+def join_cmd(out, shards):
+    """Join shard captures (one per process) into OUT, an index of HDF5 virtual datasets."""
+    import probe
+
+    path = probe.join_shards(list(shards), out)
+    with probe.open(path) as cap:
+        click.echo(
+            f"joined {len(shards)} shards: {cap.attrs['n_samples']} samples x {len(cap.layers)} layers -> {path}"
+        )
+
+
+COMMANDS = [capture_cmd, inspect_cmd, join_cmd]

@@ -2,6 +2,7 @@
 
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture, open_capture
 from probe.store.schema import FORMAT, FORMAT_VERSION
+from probe.store.shards import join_shards
 from probe.store.writer import H5Writer, WriterOptions
 
 __all__ = [
@@ -12,5 +13,6 @@ __all__ = [
     "H5Writer",
     "MemoryCapture",
     "WriterOptions",
+    "join_shards",
     "open_capture",
 ]

@@ -132,9 +132,26 @@ class H5Capture(CaptureReader):
             self._f.close()
             raise
         self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+        if "shards" in self.attrs:
+            self._check_shards(json.loads(self.attrs["shards"]))
         order = json.loads(self.attrs.get("layer_order", "[]"))
         present = list(self._f[LAYERS].keys()) if LAYERS in self._f else []
         self.layers = [n for n in order if n in present] + [n for n in present if n not in order]
+
+    def _check_shards(self, shards: list[str]) -> None:
+        """An index file reads missing sources as fill values; refuse it instead."""
+        for rel in shards:
+            path = self.path.parent / rel
+            try:
+                with h5py.File(path, "r") as f:
+                    ok = bool(f.attrs.get("complete", False))
+            except OSError:
+                ok = False
+            if not ok:
+                self._f.close()
+                raise ProbeError(
+                    f"{self.path} joins shard {rel}, which is missing or incomplete; re-run that shard."
+                )
 
     def quantities(self, layer: str) -> list[str]:
         self._check_layer(layer)
@@ -149,6 +166,10 @@ class H5Capture(CaptureReader):
                 f"Layer {layer!r} has no quantity {quantity!r}; it has {', '.join(self.quantities(layer))}."
             )
         return self._f[key]
+
+    def node(self, path: str) -> h5py.Dataset | h5py.Group:
+        """The h5py object at ``path`` (e.g. ``"sample_index"``), for tools that copy or map files."""
+        return self._f[path]
 
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
         d = self.dataset(layer, quantity)

@@ -250,7 +250,7 @@ def verdicts(
                 f"summed log anisotropy {p_deep}": _fmt(ap),
                 f"summed log anisotropy {r_deep}": _fmt(ar),
             },
-            ["final_jacobian_top_sv", "final_jacobian_msv"],
+            ["final_jacobian_top_sv", "final_jacobian_spectra", "final_segment_isometry_in"],
         )
     )
 

@@ -95,6 +95,14 @@ class OptionB(nn.Sequential):
         )
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W. Same as ``AdaptiveAvgPool2d(1)``, but with batching rules under
+    ``torch.func.vmap`` (per-sample gradients, Jacobian probes) and no strided-view fallback."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, C, H, W] -> [N, C, 1, 1]
+        return x.mean((2, 3), keepdim=True)
+
+
 def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
 
@@ -217,7 +225,7 @@ class CifarResNet(nn.Module):
         if config.preact:
             head.update(bn=nn.BatchNorm2d(c_in), relu=nn.ReLU())
         head.update(
-            pool=nn.AdaptiveAvgPool2d(1),
+            pool=GlobalAvgPool(),
             flatten=nn.Flatten(),
             fc=nn.Linear(c_in, config.num_classes),
         )

@@ -1,0 +1,101 @@
+"""Join per-process shards of one capture into an index file of HDF5 virtual datasets.
+
+Each process writes its own complete capture file (``capture(..., shard=(rank, count))``) over
+its own samples; :func:`join_shards` then writes an index whose every dataset is a virtual
+dataset mapping one source per shard (a handful of mappings, which keeps reads fast). Source paths
+are stored relative to the index file, so the folder can be moved as a whole. The reader checks
+that every shard is still present and complete (a missing source would silently read as fill
+values otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from probe.errors import ProbeError
+from probe.store.reader import H5Capture
+from probe.store.schema import LAYERS
+
+__all__ = ["join_shards"]
+
+
+def _fill(dtype: np.dtype):
+    return np.nan if np.issubdtype(dtype, np.floating) else -1
+
+
+def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write ``out``: an index of virtual datasets over ``shards`` (complete capture files).
+
+    Example:
+        >>> join_shards(["run/rank0.h5", "run/rank1.h5"], "run/index.h5")  # doctest: +SKIP
+    """
+    out = Path(out)
+    if len(shards) < 1:
+        raise ProbeError("join_shards needs at least one shard file.")
+    caps = [H5Capture(s) for s in shards]  # validates format, version and completeness
+    try:
+        first = caps[0]
+        keys = {(l, q) for l in first.layers for q in first.quantities(l)}
+        for cap in caps[1:]:
+            other = {(l, q) for l in cap.layers for q in cap.quantities(l)}
+            if other != keys:
+                diff = sorted(keys ^ other)[:3]
+                raise ProbeError(
+                    f"Shard {cap.path} holds different datasets than {first.path} (e.g. {diff})."
+                )
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        rel = [os.path.relpath(Path(c.path).resolve(), out.resolve().parent) for c in caps]
+        try:
+            _write_index(tmp, caps, rel, keys)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, out)
+    finally:
+        for cap in caps:
+            cap.close()
+    return out
+
+
+def _write_index(
+    tmp: Path, caps: list[H5Capture], rel: list[str], keys: set[tuple[str, str]]
+) -> None:
+    first = caps[0]
+    with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
+        attrs = {k: v for k, v in first.attrs.items()}
+        attrs.update(
+            complete=False,
+            shard_count=len(caps),
+            shard_rank=-1,
+            shards=json.dumps(rel),
+            n_samples=int(sum(len(c.sample_index()) for c in caps)),
+        )
+        f.attrs.update(attrs)
+        names = [("sample_index", None), ("labels", None)] + [
+            (f"{LAYERS}/{l}/{q}", (l, q)) for l, q in sorted(keys)
+        ]
+        for name, lq in names:
+            dsets = [c.node(name) for c in caps]
+            feat, dtype = dsets[0].shape[1:], dsets[0].dtype
+            if any(d.shape[1:] != feat or d.dtype != dtype for d in dsets):
+                raise ProbeError(f"Shards disagree on the shape or dtype of {name}.")
+            layout = h5py.VirtualLayout(shape=(sum(d.shape[0] for d in dsets), *feat), dtype=dtype)
+            start = 0
+            for path, d in zip(rel, dsets):
+                layout[start : start + d.shape[0]] = h5py.VirtualSource(path, name, shape=d.shape)
+                start += d.shape[0]
+            vds = f.create_virtual_dataset(name, layout, fillvalue=_fill(dtype))
+            for k, v in dsets[0].attrs.items():
+                if k != "DIMENSION_LIST" and k != "REFERENCE_LIST":
+                    vds.attrs[k] = v
+            if lq is not None:
+                group = f[f"{LAYERS}/{lq[0]}"]
+                for k, v in first.layer_attrs(lq[0]).items():
+                    group.attrs[k] = v
+        f.attrs["complete"] = True
