@@ -40,6 +40,8 @@ class JacobianNorms(Probe):
         top_k: also estimate the top-k singular values (subspace iteration, ``iters`` steps).
         slq_steps: also estimate the spectral density of J^T J with this many Lanczos steps.
         max_samples: only the first ``max_samples`` samples of the capture (Jacobians are costly).
+        spectrum_samples: top-k and Lanczos estimates on only the first ``spectrum_samples`` of
+            the capture (they cost ``iters`` or ``slq_steps`` Jacobian products each); None = all.
         chunk_size: probe vectors evaluated at once (bounds memory).
     """
 
@@ -57,6 +59,7 @@ class JacobianNorms(Probe):
     slq_steps: int = 0
     slq_vectors: int = 2
     max_samples: int | None = 256
+    spectrum_samples: int | None = None
     chunk_size: int | None = 8
 
     def applies_to(self, call: Call) -> bool:
@@ -96,15 +99,22 @@ class JacobianNorms(Probe):
                 out.update(jac_dev2=r.dev2, jac_dev2_se=r.dev2_se, jac_p_fro2=r.p_fro2)
             if r.trace is not None:
                 out.update(jac_trace=r.trace, jac_trace_se=r.trace_se)
-            if self.top_k:
-                u0 = per_sample_probes(self.top_k + 4, x, self.seed + 1, off, kind="normal")
+            # Spectral estimates cost iters / slq_steps Jacobian products each: fewer samples.
+            n_spec = (
+                len(x)
+                if self.spectrum_samples is None
+                else max(0, min(len(x), self.spectrum_samples - off))
+            )
+            xs = x[:n_spec]
+            if self.top_k and n_spec:
+                u0 = per_sample_probes(self.top_k + 4, xs, self.seed + 1, off, kind="normal")
                 out["jac_top_sv"] = top_singular_values(
-                    f, x, self.top_k, self.iters, chunk_size=self.chunk_size, u0=u0
+                    f, xs, self.top_k, self.iters, chunk_size=self.chunk_size, u0=u0
                 )
-            if self.slq_steps:
-                q0 = per_sample_probes(self.slq_vectors, x, self.seed + 2, off)
+            if self.slq_steps and n_spec:
+                q0 = per_sample_probes(self.slq_vectors, xs, self.seed + 2, off)
                 out["jac_slq_nodes"], out["jac_slq_weights"] = lanczos_spectrum(
-                    f, x, self.slq_steps, self.slq_vectors, chunk_size=self.chunk_size, q0=q0
+                    f, xs, self.slq_steps, self.slq_vectors, chunk_size=self.chunk_size, q0=q0
                 )
         return {k: v.float() for k, v in out.items()}
 

@@ -13,6 +13,7 @@ SPECS = [
     "jacobian:n_probes=4,top_k=1,iters=5,slq_steps=3",
     "shattered:n_points=16,max_lag=4,max_samples=2",
     "segments:n_probes=4,max_samples=3",
+    "jacobian:n_probes=4,top_k=1,iters=5,slq_steps=3,spectrum_samples=3",
     "param_grads:max_samples=4",
 ]
 

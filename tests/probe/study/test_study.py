@@ -106,3 +106,45 @@ def test_report_loads_every_figure_in_headless_chromium(study, tmp_path):
     loaded = re.search(r'data-images-loaded="(\d+)"', res.stdout)
     assert total and loaded, res.stderr[-2000:]
     assert int(total.group(1)) > 10 and loaded.group(1) == total.group(1)
+
+
+def test_he2016_preset_runs_on_an_image_tree(tmp_path):
+    """The CIFAR preset end to end on a tiny synthetic class-folder tree (CPU, shrunk by --set)."""
+    import numpy as np
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from probe.cli.main import cli
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for cls in ("a", "b"):
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / split / cls / f"{i}.png"
+                )
+    res = CliRunner().invoke(
+        cli,
+        [
+            "study",
+            "--preset",
+            "he2016",
+            "--data",
+            str(tmp_path / "tree"),
+            "--out",
+            str(tmp_path / "study"),
+            "--set",
+            "depths=8,14",
+            "--set",
+            'recipe_overrides={"epochs": 1, "batch_size": 8}',
+            "--set",
+            'model_options={"width": 4}',
+            "--set",
+            "capture_limit=8",
+            "--set",
+            "batch_size=8",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert "verdicts:" in res.output and (tmp_path / "study" / "report.html").exists()
