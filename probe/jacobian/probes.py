@@ -70,11 +70,7 @@ class JacobianNorms(Probe):
         )
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        keep = (
-            call.batch_size
-            if self.max_samples is None
-            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
-        )
+        keep = call.rows_within(self.max_samples)
         if keep == 0:
             return {}
         x = call.input[:keep].detach()
@@ -100,11 +96,7 @@ class JacobianNorms(Probe):
             if r.trace is not None:
                 out.update(jac_trace=r.trace, jac_trace_se=r.trace_se)
             # Spectral estimates cost iters / slq_steps Jacobian products each: fewer samples.
-            n_spec = (
-                len(x)
-                if self.spectrum_samples is None
-                else max(0, min(len(x), self.spectrum_samples - off))
-            )
+            n_spec = call.rows_within(self.spectrum_samples, len(x))
             xs = x[:n_spec]
             if self.top_k and n_spec:
                 u0 = per_sample_probes(self.top_k + 4, xs, self.seed + 1, off, kind="normal")
@@ -144,11 +136,7 @@ class ShatteredGradients(Probe):
     seed: int = 0
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        keep = (
-            call.batch_size
-            if self.max_samples is None
-            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
-        )
+        keep = call.rows_within(self.max_samples)
         if keep == 0 or call.input is None:
             return {}
         res = shattered_profile(
@@ -192,11 +180,7 @@ class SegmentJacobians(Probe):
             return False
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        keep = (
-            call.batch_size
-            if self.max_samples is None
-            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
-        )
+        keep = call.rows_within(self.max_samples)
         if keep == 0 or call.input is None:
             return {}
         model = call.module

@@ -24,9 +24,7 @@ def _subsample(t: torch.Tensor, channel_stride: int, spatial_stride: int) -> tor
 
 
 def _capped(t: torch.Tensor, call: Call, max_samples: int | None) -> torch.Tensor | None:
-    if max_samples is None:
-        return t
-    keep = max(0, min(len(t), max_samples - call.sample_offset))
+    keep = call.rows_within(max_samples, len(t))
     return t[:keep] if keep else None
 
 

@@ -52,6 +52,12 @@ class Call:
     def batch_size(self) -> int:
         return int(self.output.shape[0])
 
+    def rows_within(self, max_samples: int | None, rows: int | None = None) -> int:
+        """How many of this batch's first ``rows`` (default: all) fall within a capture-wide cap of
+        ``max_samples`` samples (``None``: no cap) -- the sample cap every costly probe offers."""
+        rows = self.batch_size if rows is None else rows
+        return rows if max_samples is None else max(0, min(rows, max_samples - self.sample_offset))
+
 
 @dataclass
 class Probe:

@@ -41,11 +41,7 @@ class ParamGradNorms(Probe):
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         labels = call.labels
-        keep = (
-            call.batch_size
-            if self.max_samples is None
-            else max(0, min(call.batch_size, self.max_samples - call.sample_offset))
-        )
+        keep = call.rows_within(self.max_samples)
         if keep == 0 or labels is None or call.input is None:
             return {}
         model = call.module
