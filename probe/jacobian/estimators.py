@@ -59,15 +59,21 @@ def per_sample_probes(
     m: int, x: torch.Tensor, seed: int, first_index: int, kind: str = "rademacher"
 ) -> torch.Tensor:
     """Probe vectors [m, N, ...] where sample n's vectors depend only on (seed, first_index + n),
-    so estimates do not depend on how samples are batched."""
-    out = []
+    so estimates do not depend on how samples are batched.
+
+    The vectors are drawn on ``x``'s device (one small generator per sample), so a GPU sweep never
+    waits on host-side random numbers.
+    """
+    out = torch.empty((m, *x.shape), device=x.device, dtype=x.dtype)
     for n in range(x.shape[0]):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + first_index + n)
+        gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + first_index + n)
         if kind == "rademacher":
-            out.append(rademacher((m, *x.shape[1:]), gen, x.device, x.dtype))
+            out[:, n] = rademacher((m, *x.shape[1:]), gen, x.device, x.dtype)
         else:
-            out.append(torch.randn((m, *x.shape[1:]), generator=gen).to(x.device, x.dtype))
-    return torch.stack(out, 1)
+            out[:, n] = torch.randn(
+                (m, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype
+            )
+    return out
 
 
 def jvp_many(
