@@ -199,6 +199,11 @@ def verdicts(
                 f"first/last gradient norm {p_deep} (init)": _fmt(gi_p),
                 f"first/last gradient norm {p_deep} (end)": _fmt(ge_p),
                 f"first/last gradient norm {r_deep} (end)": _fmt(ge_r),
+                # The opposite failure is worth naming: BN nets without shortcuts can explode toward
+                # the input at initialisation (Yang et al., ICLR 2019).
+                "reading": "gradients grow toward the input (exploding, > 10x) at init"
+                if gi_p[0] > 10
+                else "no order-of-magnitude growth toward the input at init",
             },
             ["init_gradient_norms", "final_gradient_norms"],
         )
