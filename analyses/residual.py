@@ -111,7 +111,8 @@ def response_std_table(cap: CaptureReader) -> pd.DataFrame:
         if cap.has(l, "channel_mean") and cap.layer_attrs(l).get("module_type") == "BatchNorm2d"
     ]
     for i, layer in enumerate(bn_layers):
-        pooled, chan = response_std(*(lambda m: (m.mean, m.var))(cap.channel_moments(layer)))
+        moments = cap.channel_moments(layer)
+        pooled, chan = response_std(moments.mean, moments.var)
         base = {
             **key,
             "layer": layer,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from probe.cli.options import parse_overrides
-from probe.cli.progress import bar
+from probe.cli.progress import train_callback
 
 __all__ = ["COMMANDS"]
 
@@ -45,21 +45,13 @@ def study_cmd(preset, sets, dataset, out, device):
     if device:
         overrides["device"] = device
     cfg = get_preset(preset, **overrides)
-    state: dict = {}
+    draw_training = train_callback("  train")
 
     def cb(event, info):
         if event == "stage":
             click.echo(f"· {info['text']}", err=True)
-        elif event == "start":
-            state["bar"] = bar(info["epochs"] * info["steps_per_epoch"], "  train", unit="step")
-            state["bar"].update(info["start_epoch"] * info["steps_per_epoch"])
-            state["n"] = info["start_epoch"] * info["steps_per_epoch"]
-        elif event == "step" and "bar" in state:
-            state["bar"].update(info["iter"] - state["n"])
-            state["n"] = info["iter"]
-            state["bar"].set_postfix(loss=f"{info['loss']:.3f}", err=f"{info['error']:.3f}")
-        elif event == "end" and "bar" in state:
-            state.pop("bar").close()
+        else:  # trainer events: one progress bar per training run
+            draw_training(event, info)
 
     res = run_study(cfg, out, callback=cb)
     click.echo(

@@ -247,9 +247,7 @@ def run_study(
 
     # 5. Verdicts and report.
     plain_fam, res_fam = cfg.families
-    vs = verdicts(
-        table, runs.assign(model=runs["model"]), (plain_fam, res_fam), cfg.depths, first, last
-    )
+    vs = verdicts(table, runs, (plain_fam, res_fam), cfg.depths, first, last)
     (out / "tables" / "verdicts.json").write_text(json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
