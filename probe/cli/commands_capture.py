@@ -33,7 +33,7 @@ __all__ = ["COMMANDS"]
     multiple=True,
     default=("residual", "channel"),
     show_default=True,
-    help="name[:key=value,...]: residual, channel, grad, activations, gradients, jacobian, shattered.",
+    help="name[:key=value,...]: residual, channel, grad, activations, gradients, jacobian, shattered, segments, param_grads.",
 )
 @click.option("--limit", type=int, default=None, help="Capture at most this many samples.")
 @click.option("--batch-size", default=256, show_default=True)
