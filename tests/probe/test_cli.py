@@ -140,3 +140,12 @@ def test_python_dash_m_entry_point():
 
     res = subprocess.run([sys.executable, "-m", "probe", "--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "study" in res.stdout
+
+
+def test_capture_help_lists_every_registered_probe():
+    from probe.probes.registry import PROBES, make_probe
+
+    make_probe("jacobian")  # loads the probes that register on import
+    make_probe("param_grads")
+    text = " ".join(CliRunner().invoke(cli, ["capture", "--help"]).output.split())
+    assert all(name in text for name in PROBES), sorted(PROBES)
