@@ -53,8 +53,25 @@ __all__ = ["COMMANDS"]
 )
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option(
+    "--compile-mode",
+    default=None,
+    type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
+    help="torch.compile mode (reduce-overhead uses CUDA graphs); implies --compile.",
+)
 def train_cmd(
-    model, dataset, recipe, seed, epochs, save_at, model_opts, recipe_sets, out, device, compile_
+    model,
+    dataset,
+    recipe,
+    seed,
+    epochs,
+    save_at,
+    model_opts,
+    recipe_sets,
+    out,
+    device,
+    compile_,
+    compile_mode,
 ):
     """Train a zoo model; an interrupted run resumes from its last epoch."""
     from probe.train import TrainConfig, train
@@ -72,7 +89,8 @@ def train_cmd(
         save_at=save_at,
         out=out,
         device=device,
-        compile=compile_,
+        compile=compile_ or compile_mode is not None,
+        compile_mode=None if compile_mode in (None, "default") else compile_mode,
     )
     result = train(cfg, callback=train_callback(f"train {model}"))
     f = result.final
