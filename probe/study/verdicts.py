@@ -7,6 +7,7 @@ averaged over seeds, with a 95% Student-t interval across seeds where several se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,10 +62,11 @@ def _per_run(
     quantity: str,
     model: str,
     checkpoint: int,
-    reduce: str = "mean",
-    layers: slice | None = None,
+    reduce: Callable[[np.ndarray], float] = np.mean,
+    min_layers: int = 1,
 ) -> np.ndarray:
-    """One number per seed: ``quantity`` of ``model`` at ``checkpoint`` reduced over its layers."""
+    """One number per seed: ``quantity`` of ``model`` at ``checkpoint``, its per-layer values (in
+    layer order) reduced by ``reduce``; seeds with fewer than ``min_layers`` layers are skipped."""
     d = table[
         (table["quantity"] == quantity)
         & (table["model"] == model)
@@ -73,11 +75,13 @@ def _per_run(
     vals = []
     for _, ds in d.groupby("seed"):
         v = ds.sort_values("layer_index")["value"].to_numpy()
-        if layers is not None:
-            v = v[layers]
-        if len(v):
-            vals.append(getattr(np, reduce)(v))
+        if len(v) >= min_layers:
+            vals.append(reduce(v))
     return np.array(vals)
+
+
+def _first_over_last(v: np.ndarray) -> float:
+    return v[0] / max(v[-1], 1e-30)
 
 
 def verdicts(
@@ -171,17 +175,7 @@ def verdicts(
 
     # 3. Vanishing gradients: the first block's gradient is orders of magnitude below the last's.
     def grad_ratio(model, ck):
-        d = table[
-            (table["quantity"] == "grad_norm")
-            & (table["model"] == model)
-            & (table["checkpoint"] == ck)
-        ]
-        vals = []
-        for _, ds in d.groupby("seed"):
-            v = ds.sort_values("layer_index")["value"].to_numpy()
-            if len(v) > 1:
-                vals.append(v[0] / max(v[-1], 1e-30))
-        return seed_ci(np.array(vals))
+        return seed_ci(_per_run(table, "grad_norm", model, ck, _first_over_last, min_layers=2))
 
     gi_p, ge_p, ge_r = grad_ratio(p_deep, first), grad_ratio(p_deep, last), grad_ratio(r_deep, last)
     v = _judge(
