@@ -22,6 +22,7 @@ from probe.zoo import NetConfig
 from probe.zoo.cifar_resnet import CifarResNet
 
 __all__ = [
+    "atomic_write_text",
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint_meta",
@@ -48,7 +49,8 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, fsync, and rename over ``path``."""
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -96,7 +98,7 @@ def save_checkpoint(
         "sha256": file_sha256(weights),
         "weights": weights.name,
     }
-    _atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
+    atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
     return js
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,12 @@ from torch import nn
 from probe.data import DeviceLoader, ImageArrays, load_dataset
 from probe.errors import ProbeError
 from probe.provenance import code_revision, command_line, library_versions
-from probe.train.checkpoint import load_checkpoint, load_extra_tensors, save_checkpoint
+from probe.train.checkpoint import (
+    atomic_write_text,
+    load_checkpoint,
+    load_extra_tensors,
+    save_checkpoint,
+)
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.zoo import create, parse_name
 
@@ -212,9 +216,7 @@ def _restore_momentum(
 
 
 def _write_json(path: Path, doc: object) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2, default=str))
 
 
 def train(
@@ -418,7 +420,6 @@ def train(
             extra_tensors=_momentum_state(opt, names),
         )
         callback("epoch", record)
-    _write_json(run_dir / "history.json", history)
     result = TrainResult(
         run_dir, history, dict(sorted(checkpoints.items())), time.perf_counter() - t0, resumed_from
     )
