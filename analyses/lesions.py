@@ -20,7 +20,7 @@ from analyses.tidy import frame, stage_of
 from probe.errors import ProbeError
 from probe.hooks.residual import find_blocks
 
-__all__ = ["Deleted", "deleted", "error_rate", "lesion_study"]
+__all__ = ["Deleted", "deleted", "error_rate", "lesion_study", "checkpoint_lesions"]
 
 
 class Deleted(nn.Module):
@@ -160,3 +160,16 @@ def lesion_study(
     df = frame(rows)
     df["downsampling"] = df["layer"].isin(downsampling)
     return df
+
+
+def checkpoint_lesions(
+    checkpoint: str, key: dict, data=None, device: str = "cpu", seed: int = 0
+) -> pd.DataFrame:
+    """:func:`lesion_study` of a saved checkpoint on the test split of ``data`` (default: the
+    dataset it was trained on)."""
+    from probe.loading import capture_loader, dataset_for, load_for_capture
+
+    model, meta, _ = load_for_capture(checkpoint, device)
+    data = data if data is not None else dataset_for(meta, None)
+    loader = list(capture_loader(data, "test", 1024, next(model.parameters()).device))
+    return lesion_study(model, loader, key, seed=seed)

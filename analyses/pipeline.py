@@ -18,7 +18,7 @@ import pandas as pd
 from analyses import figures
 from analyses.cka import cka_matrix
 from analyses.identity import identity_closeness
-from analyses.lesions import lesion_study
+from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
 from analyses.signal import model_level_table, shattered_table, signal_propagation
 from analyses.tidy import COLUMNS, run_key
@@ -136,12 +136,7 @@ def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
     ck = cap.provenance.get("checkpoint")
     if not ck or not Path(ck).exists():
         return None
-    from probe.loading import capture_loader, dataset_for, load_for_capture
-
-    model, meta, _ = load_for_capture(ck, device)
-    data = dataset_for(meta, None)
-    loader = list(capture_loader(data, "test", 1024, next(model.parameters()).device))
-    return lesion_study(model, loader, run_key(cap))
+    return checkpoint_lesions(ck, run_key(cap), device=device)
 
 
 def write_figures(

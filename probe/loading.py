@@ -6,12 +6,19 @@ from pathlib import Path
 
 import torch
 
+from probe.capture import capture
 from probe.data import DeviceLoader, ImageArrays, load_dataset
 from probe.errors import ProbeError
 from probe.train.checkpoint import checkpoint_paths, file_sha256, load_checkpoint
 from probe.train.trainer import resolve_device
 
-__all__ = ["resolve_checkpoint", "load_for_capture", "capture_loader"]
+__all__ = [
+    "resolve_checkpoint",
+    "load_for_capture",
+    "capture_loader",
+    "dataset_for",
+    "capture_checkpoint",
+]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -66,3 +73,23 @@ def dataset_for(meta: dict, override: str | None) -> ImageArrays:
     if not spec:
         raise ProbeError("The checkpoint does not record its dataset; pass --data.")
     return load_dataset(spec)
+
+
+def capture_checkpoint(
+    checkpoint: str | Path,
+    data: ImageArrays | None = None,
+    *,
+    split: str = "test",
+    batch_size: int = 256,
+    limit: int | None = None,
+    device: str = "auto",
+    extra_provenance: dict | None = None,
+    **capture_kwargs: object,
+):
+    """``probe.capture`` on a checkpoint over ``split`` of ``data`` (default: the dataset it was
+    trained on), recording the checkpoint's identity, dataset and split in the provenance."""
+    model, meta, prov = load_for_capture(checkpoint, device)
+    data = data if data is not None else dataset_for(meta, None)
+    loader = capture_loader(data, split, batch_size, next(model.parameters()).device, limit)
+    prov.update(dataset=data.name, split=split, **(extra_provenance or {}))
+    return capture(model, loader, provenance=prov, **capture_kwargs)

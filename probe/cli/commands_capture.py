@@ -57,38 +57,38 @@ def capture_cmd(
     device,
 ):
     """Run probes over a dataset with a trained CHECKPOINT (file or run directory) into an HDF5 file."""
-    import probe
-    from probe.loading import capture_loader, dataset_for, load_for_capture
+    from probe.data import load_dataset
+    from probe.loading import capture_checkpoint
     from probe.probes.registry import make_probe
 
     probes = [make_probe(s) for s in probe_specs]
-    model, meta, prov = load_for_capture(checkpoint, device)
-    data = dataset_for(meta, dataset)
-    dev = next(model.parameters()).device
-    loader = capture_loader(data, split, batch_size, dev, limit)
-    prov.update(dataset=data.name, split=split)
     layer_spec = "auto" if list(layers) == ["auto"] else list(layers)
-    pbar = bar(loader.num_samples, "capture", unit="sample")
-    last = [0]
+    state: dict = {"last": 0}
 
     def progress(done, total):
-        pbar.update(done - last[0])
-        last[0] = done
+        if "bar" not in state:
+            state["bar"] = bar(total, "capture", unit="sample")
+        state["bar"].update(done - state["last"])
+        state["last"] = done
 
     try:
-        cap = probe.capture(
-            model,
-            loader,
+        cap = capture_checkpoint(
+            checkpoint,
+            load_dataset(dataset) if dataset else None,
+            split=split,
+            batch_size=batch_size,
+            limit=limit,
+            device=device,
             layers=layer_spec,
             probes=probes,
             out=out,
             mode=mode,
             compression=None if compression == "none" else compression,
-            provenance=prov,
             progress=progress,
         )
     finally:
-        pbar.close()
+        if "bar" in state:
+            state["bar"].close()
     with cap:
         n = int(cap.attrs["n_samples"])
         secs = float(cap.attrs["wall_seconds"])

@@ -24,13 +24,12 @@ import pandas as pd
 import torch
 
 from analyses.figures import plot_vs_depth, save
-from analyses.lesions import lesion_study
+from analyses.lesions import checkpoint_lesions
 from analyses.pipeline import measure_table, write_figures
 from analyses.tidy import run_key
-from probe.capture import capture
 from probe.data import data_root, load_dataset
 from probe.errors import ProbeError
-from probe.loading import capture_loader, load_for_capture
+from probe.loading import capture_checkpoint
 from probe.probes.registry import make_probe
 from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
@@ -150,17 +149,17 @@ def run_study(
                 path = stem.with_name(stem.name + suffix + ".h5")
                 if not _valid_capture(path):
                     cb("stage", {"text": f"capture {model} seed {seed} epoch {epoch}{suffix}"})
-                    net, _, prov = load_for_capture(ck, cfg.device)
-                    loader = capture_loader(
+                    capture_checkpoint(
+                        ck,
                         data,
-                        cfg.split,
-                        cfg.batch_size,
-                        next(net.parameters()).device,
-                        cfg.capture_limit,
-                    )
-                    prov.update(dataset=data.name, split=cfg.split, study=cfg.name)
-                    capture(
-                        net, loader, layers=layers, probes=plist, out=path, provenance=prov
+                        split=cfg.split,
+                        batch_size=cfg.batch_size,
+                        limit=cfg.capture_limit,
+                        device=cfg.device,
+                        extra_provenance={"study": cfg.name},
+                        layers=layers,
+                        probes=plist,
+                        out=path,
                     ).close()
                 caps.append(open_capture(path))
     timings["capture"] = time.perf_counter() - ts
@@ -178,8 +177,6 @@ def run_study(
                 lesion_parts.append(pd.read_csv(path))
                 continue
             cb("stage", {"text": f"lesions {model} seed {seed}"})
-            net, _, prov = load_for_capture(cks[max(cks)], cfg.device)
-            loader = list(capture_loader(data, "test", 1024, next(net.parameters()).device))
             key = {
                 "model": model,
                 "depth": parse_name(model)[1],
@@ -187,7 +184,7 @@ def run_study(
                 "seed": seed,
                 "checkpoint": max(cks),
             }
-            part = lesion_study(net, loader, key, seed=seed)
+            part = checkpoint_lesions(cks[max(cks)], key, data, cfg.device, seed=seed)
             part.to_csv(path, index=False)
             lesion_parts.append(part)
     lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None
