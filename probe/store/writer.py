@@ -182,7 +182,12 @@ class H5Writer:
         self._raise_if_failed()
         item = {
             "index": to_host(sample_index.to(torch.int64)),
-            "labels": to_host(labels.to(torch.int64)) if labels is not None else None,
+            # -1 marks an unknown label, so /labels always has one row per sample
+            "labels": to_host(
+                labels.to(torch.int64)
+                if labels is not None
+                else torch.full_like(sample_index, -1, dtype=torch.int64)
+            ),
             "rows": {
                 (layer, q): to_host(t) for layer, qs in results.items() for q, t in qs.items()
             },
@@ -228,8 +233,7 @@ class H5Writer:
     def _write_item(self, item: dict) -> None:
         index = item["index"].numpy()
         self._append(self._index, index)
-        if item["labels"] is not None:
-            self._append(self._labels, item["labels"].numpy())
+        self._append(self._labels, item["labels"].numpy())
         self._n_samples += len(index)
         for (layer, q), host in item["rows"].items():
             key = f"{LAYERS}/{layer}/{q}"

@@ -350,3 +350,10 @@ def test_torchvision_vgg11_bn_with_explicit_layers():
             model, [torch.randn(2, 3, 32, 32)], layers="features.*", probes=[ChannelStats()]
         )
     assert "features.0" in cap.layers
+
+
+def test_unlabelled_capture_stores_minus_one_labels(tmp_path):
+    with probe.capture(
+        _model(), [torch.randn(4, 1, 8, 8)], probes=[ResidualNorms()], out=tmp_path / "c.h5"
+    ) as cap:
+        assert cap.labels().tolist() == [-1, -1, -1, -1] and len(cap.sample_index()) == 4
