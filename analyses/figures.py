@@ -24,7 +24,6 @@ __all__ = [
     "plot_training",
     "plot_lesions",
     "plot_vs_depth",
-    "plot_shattered",
 ]
 
 LABELS = {
@@ -272,8 +271,3 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure:
         ax.set_xlabel("log10 eigenvalue of JᵀJ")
     fig.tight_layout()
     return fig
-
-
-def plot_shattered(df: pd.DataFrame) -> plt.Figure:
-    """Mean cosine between input gradients Delta steps apart along a line, per model."""
-    return plot_vs_layer(df, "cos_lag")

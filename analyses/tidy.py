@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-import numpy as np
 import pandas as pd
 
 from probe.store.reader import CaptureReader
@@ -105,8 +104,3 @@ def per_layer(
 
 def nan_ci(v: float) -> tuple[float, float, float]:
     return float(v), float("nan"), float("nan")
-
-
-def finite(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x[np.isfinite(x)]
