@@ -23,7 +23,7 @@ import numpy as np
 from probe.data.arrays import ImageArrays
 from probe.errors import ProbeError
 
-__all__ = ["load_cifar_pickle", "load_image_tree", "download_cifar", "PICKLE_DIRS"]
+__all__ = ["load_cifar_pickle", "load_image_tree", "download_cifar", "PICKLE_DIRS", "SHUFFLE_SEED"]
 
 PICKLE_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _URLS = {
@@ -37,6 +37,8 @@ _URLS = {
     ),
 }
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".bmp")
+SHUFFLE_SEED = 0  # the fixed permutation applied to each split of an image tree
+_LAYOUT_VERSION = 2  # bump when the cached arrays' order or content changes: old caches are ignored
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -142,12 +144,12 @@ def _decode(payload: bytes) -> np.ndarray:
 
 
 def _iter_tree(path: Path):
-    """Yield (split, class, bytes) from a folder tree or a tar archive of one."""
+    """Yield (split, class, file name, bytes) from a folder tree or a tar archive of one."""
     if path.is_dir():
-        for file in sorted(path.rglob("*")):
+        for file in path.rglob("*"):
             rel = file.relative_to(path).parts
             if file.suffix.lower() in _IMAGE_EXT and len(rel) >= 3:
-                yield rel[-3], rel[-2], file.read_bytes()
+                yield rel[-3], rel[-2], rel[-1], file.read_bytes()
     else:
         with tarfile.open(path) as tar:
             for member in tar:
@@ -157,12 +159,13 @@ def _iter_tree(path: Path):
                     and Path(member.name).suffix.lower() in _IMAGE_EXT
                     and len(parts) >= 3
                 ):
-                    yield parts[-3], parts[-2], tar.extractfile(member).read()
+                    yield parts[-3], parts[-2], parts[-1], tar.extractfile(member).read()
 
 
 def _cache_key(path: Path) -> str:
     st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|layout-{_LAYOUT_VERSION}"
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def load_image_tree(
@@ -170,8 +173,12 @@ def load_image_tree(
 ) -> ImageArrays:
     """Read ``train/<class>/*`` and ``test/<class>/*`` images from a folder or ``.tar.gz``.
 
-    Class indices follow the sorted class-folder names. Decoded arrays are cached in
-    ``cache_dir`` (keyed by path, size and mtime) so a second load is fast.
+    Class indices follow the sorted class-folder names. Each split is put in a canonical order
+    (sorted by class and file name, so folder listing and archive member order do not matter)
+    and then shuffled by a fixed permutation (``numpy.random.default_rng(SHUFFLE_SEED)``): a
+    class-sorted split would make "the first N test images" -- a capture ``limit``, a quick
+    subset -- a single class. Decoded arrays are cached in ``cache_dir`` (keyed by path, size,
+    mtime and the layout version) so a second load is fast.
     """
     path = Path(path)
     if not path.exists():
@@ -192,7 +199,7 @@ def load_image_tree(
         )
     images: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[str]] = {"train": [], "test": []}
-    for split, cls, payload in _iter_tree(path):
+    for split, cls, _, payload in sorted(_iter_tree(path), key=lambda m: m[:3]):
         if split in images:
             images[split].append(_decode(payload))
             labels[split].append(cls)
@@ -210,13 +217,15 @@ def load_image_tree(
         )
     arrays = {}
     for split in ("train", "test"):
-        arrays[f"x_{split}"] = np.ascontiguousarray(np.stack(images[split]).transpose(0, 3, 1, 2))
         unknown = set(labels[split]) - set(index)
         if unknown:
             raise ProbeError(
                 f"Test classes {sorted(unknown)} under {path} have no training images."
             )
-        arrays[f"y_{split}"] = np.array([index[c] for c in labels[split]], dtype=np.int64)
+        order = np.random.default_rng(SHUFFLE_SEED).permutation(len(labels[split]))
+        x = np.stack(images[split]).transpose(0, 3, 1, 2)
+        arrays[f"x_{split}"] = np.ascontiguousarray(x[order])
+        arrays[f"y_{split}"] = np.array([index[c] for c in labels[split]], dtype=np.int64)[order]
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")

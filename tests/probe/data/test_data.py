@@ -84,6 +84,28 @@ def test_image_tree_folder_and_cache(tmp_path):
     assert np.array_equal(again.x_train, ds.x_train)
 
 
+def test_image_tree_order_is_shuffled_and_independent_of_the_source(tmp_path):
+    # A class-sorted split would make "the first N test images" a single class.
+    for split, n in (("train", 20), ("test", 20)):
+        for c, cls in enumerate(("a", "b", "c", "d")):
+            (tmp_path / "tree" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((2, 2, 3), 40 * c + i, np.uint8)).save(
+                    tmp_path / "tree" / split / cls / f"{i:02d}.png"
+                )
+    ds = load_image_tree(tmp_path / "tree")
+    assert len(set(ds.y_test[:8].tolist())) >= 3
+    assert sorted(ds.y_train.tolist()) == sorted([0, 1, 2, 3] * 20)
+    # pixels still travel with their labels: image value 40*c + i belongs to class c
+    assert np.array_equal(ds.x_train[:, 0, 0, 0] // 40, ds.y_train)
+    archive = tmp_path / "tree.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # members in reverse order
+        for f in sorted((tmp_path / "tree").rglob("*.png"), reverse=True):
+            tar.add(f, arcname=str(f.relative_to(tmp_path)))
+    packed = load_image_tree(archive)
+    assert np.array_equal(packed.x_test, ds.x_test) and np.array_equal(packed.y_test, ds.y_test)
+
+
 def test_image_tree_targz(tmp_path):
     _write_tree(tmp_path / "src" / "cifar-mini", fmt="jpg")
     archive = tmp_path / "mini.tar.gz"
