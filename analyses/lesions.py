@@ -163,13 +163,18 @@ def lesion_study(
 
 
 def checkpoint_lesions(
-    checkpoint: str, key: dict, data=None, device: str = "cpu", seed: int = 0
+    checkpoint: str,
+    key: dict,
+    data=None,
+    device: str = "cpu",
+    seed: int = 0,
+    limit: int | None = None,
 ) -> pd.DataFrame:
     """:func:`lesion_study` of a saved checkpoint on the test split of ``data`` (default: the
-    dataset it was trained on)."""
+    dataset it was trained on), or on its first ``limit`` test images."""
     from probe.loading import capture_loader, dataset_for, load_for_capture
 
     model, meta, _ = load_for_capture(checkpoint, device)
     data = data if data is not None else dataset_for(meta, None)
-    loader = list(capture_loader(data, "test", 1024, next(model.parameters()).device))
+    loader = list(capture_loader(data, "test", 1024, next(model.parameters()).device, limit))
     return lesion_study(model, loader, key, seed=seed)

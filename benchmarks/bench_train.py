@@ -52,16 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     header(f"trainer speed: {args.model}, batch {args.batch_size}, compile={args.compile_mode}")
     data = load_dataset(args.data) if args.data else synthetic()
-    if args.limit:
-        data = ImageArrays(
-            data.name,
-            data.x_train[: args.limit],
-            data.y_train[: args.limit],
-            data.x_test[:500],
-            data.y_test[:500],
-            data.classes,
-            augment=data.augment,
-        )
+    data = data.subset(args.limit)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
             model=args.model,

@@ -72,7 +72,8 @@ def dataset_for(meta: dict, override: str | None) -> ImageArrays:
     spec = override or meta.get("dataset_spec") or (meta.get("dataset") or {}).get("name")
     if not spec:
         raise ProbeError("The checkpoint does not record its dataset; pass --data.")
-    return load_dataset(spec)
+    # A model trained on a subset was normalised with that subset's statistics: rebuild it.
+    return load_dataset(spec).subset(meta.get("train_limit"))
 
 
 def capture_checkpoint(

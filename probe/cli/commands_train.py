@@ -25,6 +25,12 @@ __all__ = ["COMMANDS"]
     show_default=True,
     help="digits, cifar10, cifar100, or a path to an image tree / .tar.gz.",
 )
+@click.option(
+    "--train-limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on the first N training images only (e.g. CIFAR-10 on a CPU).",
+)
 @click.option("--recipe", default="digits", show_default=True, help="he2016, fast or digits.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--epochs", type=int, default=None, help="Override the recipe's number of epochs.")
@@ -62,6 +68,7 @@ __all__ = ["COMMANDS"]
 def train_cmd(
     model,
     dataset,
+    train_limit,
     recipe,
     seed,
     epochs,
@@ -82,6 +89,7 @@ def train_cmd(
     cfg = TrainConfig(
         model=model,
         dataset=dataset,
+        train_limit=train_limit,
         recipe=recipe,
         seed=seed,
         model_options=parse_overrides(model_opts, "--opt"),

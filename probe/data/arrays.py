@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from probe.errors import ProbeError
 
 __all__ = ["ImageArrays"]
 
@@ -49,6 +52,31 @@ class ImageArrays:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.x_train.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, train_limit: int | None) -> ImageArrays:
+        """The same dataset with only the first ``train_limit`` training images (None: all).
+
+        Every loader keeps its splits in a shuffled order, so the first N images cover the classes
+        in proportion. Mean and std are those of the subset: the images a model is trained on
+        define its normalisation. The test split is unchanged.
+
+        Example:
+            >>> ds = ImageArrays("toy", np.zeros((4, 1, 2, 2), np.uint8), np.arange(4) % 2,
+            ...                  np.zeros((2, 1, 2, 2), np.uint8), np.arange(2), ["a", "b"])
+            >>> len(ds.subset(3).y_train), len(ds.subset(None).y_train)
+            (3, 4)
+        """
+        n = len(self.y_train)
+        if train_limit is None or train_limit == n:
+            return self
+        if isinstance(train_limit, bool) or not isinstance(train_limit, int) or not 0 < train_limit <= n:
+            raise ProbeError(
+                f"train_limit must be an integer between 1 and {n} (the training images of "
+                f"{self.name!r}); got {train_limit!r}. Leave it unset to train on all of them."
+            )
+        return dataclasses.replace(
+            self, x_train=self.x_train[:train_limit], y_train=self.y_train[:train_limit]
+        )
 
     def split(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         """The (images, labels) of ``which`` in {'train', 'test'}."""

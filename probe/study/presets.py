@@ -21,6 +21,7 @@ class StudyConfig:
 
     name: str = "default"
     dataset: str = "digits"  # digits, cifar10, cifar100, or a path to an image tree / .tar.gz
+    train_limit: int | None = None  # train on the first N training images (CPU-sized CIFAR studies)
     families: tuple[str, ...] = ("plain", "resnet")  # registry families compared at each depth
     depths: tuple[int, ...] = (8, 20, 32)  # 6n+2
     seeds: tuple[int, ...] = (0, 1)
@@ -42,6 +43,7 @@ class StudyConfig:
         "param_grads:max_samples=32",
     )
     lesions: bool = True
+    lesion_limit: int | None = None  # test images per lesion pass (None: the whole test split)
     device: str = "auto"
 
     def to_dict(self) -> dict:

@@ -95,7 +95,7 @@ def run_study(
         parse_name(m)
     (out / "study.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     timings: dict[str, float] = {}
-    data = load_dataset(cfg.dataset)
+    data = load_dataset(cfg.dataset).subset(cfg.train_limit)
     probes = [make_probe(s) for s in cfg.probes]
 
     # 1. Train (or reuse) every model.
@@ -110,6 +110,7 @@ def run_study(
             tc = TrainConfig(
                 model=model,
                 dataset=cfg.dataset,
+                train_limit=cfg.train_limit,
                 recipe=cfg.recipe,
                 seed=seed,
                 model_options=dict(cfg.model_options),
@@ -131,7 +132,7 @@ def run_study(
                     "train_loss": final["train_loss"],
                     "test_error": final["test_error"],
                     "test_loss": final["test_loss"],
-                    "wall_s": sum(h.get("seconds", 0.0) for h in res.history),
+                    "wall_s": sum(h.get("seconds", 0.0) + h.get("eval_seconds", 0.0) for h in res.history),
                     "epochs": final["epoch"],
                 }
             )
@@ -184,7 +185,9 @@ def run_study(
                 "seed": seed,
                 "checkpoint": max(cks),
             }
-            part = checkpoint_lesions(cks[max(cks)], key, data, cfg.device, seed=seed)
+            part = checkpoint_lesions(
+                cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
+            )
             part.to_csv(path, index=False)
             lesion_parts.append(part)
     lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None

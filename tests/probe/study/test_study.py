@@ -144,7 +144,14 @@ def test_he2016_preset_runs_on_an_image_tree(tmp_path):
             "capture_limit=8",
             "--set",
             "batch_size=8",
+            "--set",
+            "train_limit=16",
+            "--set",
+            "lesion_limit=6",
         ],
     )
     assert res.exit_code == 0, res.output
     assert "verdicts:" in res.output and (tmp_path / "study" / "report.html").exists()
+    run = json.loads((tmp_path / "study" / "runs" / "plain8-s0" / "run.json").read_text())
+    assert run["dataset"]["train"] == 16
+    assert '"lesion_limit": 6' in (tmp_path / "study" / "study.json").read_text()

@@ -138,3 +138,22 @@ def test_invalid_model_writes_nothing(tmp_path):
     with pytest.raises(ProbeError, match="6n"):
         train(_cfg(tmp_path, model="resnet21"))
     assert not (tmp_path / "run").exists()
+
+
+def test_train_limit_trains_on_a_subset_and_captures_rebuild_it(tmp_path):
+    from probe.loading import dataset_for
+
+    res = train(_cfg(tmp_path, train_limit=200, recipe_overrides={"epochs": 1, "batch_size": 64}))
+    run = json.loads((res.run_dir / "run.json").read_text())
+    assert run["dataset"]["train"] == 200
+    meta = json.loads(res.checkpoints[1].read_text())
+    data = dataset_for(meta, None)
+    assert len(data.y_train) == 200 and len(data.y_test) == 360
+    hist = json.loads((res.run_dir / "history.json").read_text())
+    assert hist[1]["seconds"] > 0 and hist[1]["eval_seconds"] > 0
+
+
+def test_train_limit_out_of_range_is_a_clear_error_and_writes_nothing(tmp_path):
+    with pytest.raises(ProbeError, match="between 1 and 1437"):
+        train(_cfg(tmp_path, train_limit=5000))
+    assert not (tmp_path / "run").exists()
