@@ -69,7 +69,11 @@ class ImageArrays:
         n = len(self.y_train)
         if train_limit is None or train_limit == n:
             return self
-        if isinstance(train_limit, bool) or not isinstance(train_limit, int) or not 0 < train_limit <= n:
+        if (
+            isinstance(train_limit, bool)
+            or not isinstance(train_limit, int)
+            or not 0 < train_limit <= n
+        ):
             raise ProbeError(
                 f"train_limit must be an integer between 1 and {n} (the training images of "
                 f"{self.name!r}); got {train_limit!r}. Leave it unset to train on all of them."

@@ -132,7 +132,9 @@ def run_study(
                     "train_loss": final["train_loss"],
                     "test_error": final["test_error"],
                     "test_loss": final["test_loss"],
-                    "wall_s": sum(h.get("seconds", 0.0) + h.get("eval_seconds", 0.0) for h in res.history),
+                    "wall_s": sum(
+                        h.get("seconds", 0.0) + h.get("eval_seconds", 0.0) for h in res.history
+                    ),
                     "epochs": final["epoch"],
                 }
             )
@@ -247,7 +249,9 @@ def run_study(
 
     # 5. Verdicts and report.
     plain_fam, res_fam = cfg.families
-    vs = verdicts(table, runs, (plain_fam, res_fam), cfg.depths, first, last)
+    vs = verdicts(
+        table, runs, (plain_fam, res_fam), cfg.depths, first, last, num_classes=data.num_classes
+    )
     (out / "tables" / "verdicts.json").write_text(json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
