@@ -11,6 +11,7 @@ import pandas as pd
 
 from probe.provenance import code_revision, command_line, library_versions
 from probe.study.presets import StudyConfig
+from probe.study.references import published_test_error
 from probe.study.verdicts import Verdict
 
 __all__ = ["write_report"]
@@ -48,16 +49,28 @@ def _pct(x: float) -> str:
     return "" if pd.isna(x) else f"{100 * x:.2f}%"
 
 
+def _published(r) -> str:
+    """The published test error of a degradation-table row, with its source, or ''."""
+    ref = published_test_error(r.dataset, r.family, int(r.depth))
+    return f"{ref[0]:.2f}% ({ref[1]})" if ref else ""
+
+
 def _degradation_html(deg: pd.DataFrame) -> str:
+    published = [_published(r) for r in deg.itertuples()]
+    extra = "<th>published test error</th>" if any(published) else ""
     rows = "".join(
         f"<tr><td style='text-align:left'>{html.escape(r.family)}</td><td>{r.depth}</td><td>{r.seeds}</td>"
         f"<td>{_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'}</td><td>{r.train_loss:.4f}</td>"
-        f"<td>{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'}</td><td>{r.wall_s:.1f}</td></tr>"
-        for r in deg.itertuples()
+        f"<td>{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'}</td><td>{r.wall_s:.1f}</td>"
+        + (f"<td>{html.escape(p) or '–'}</td>" if extra else "")
+        + "</tr>"
+        for r, p in zip(deg.itertuples(), published)
     )
     return (
         "<table><tr><th>architecture</th><th>depth</th><th>seeds</th><th>train error (mean ± sd)</th>"
-        "<th>train loss</th><th>test error (mean ± sd)</th><th>train s/run</th></tr>"
+        "<th>train loss</th><th>test error (mean ± sd)</th><th>train s/run</th>"
+        + extra
+        + "</tr>"
         + rows
         + "</table>"
     )
@@ -136,13 +149,13 @@ def write_report(
         f"Dataset {cfg.dataset}, recipe {cfg.recipe}, depths {list(cfg.depths)}, seeds {list(cfg.seeds)}; "
         f"wall time {timings.get('total', 0):.0f} s. Full report: report.html.",
         "",
-        "| architecture | depth | seeds | train error | test error |",
-        "|---|---:|---:|---:|---:|",
+        "| architecture | depth | seeds | train error | test error | published test error |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for r in deg.itertuples():
         md.append(
             f"| {r.family} | {r.depth} | {r.seeds} | {_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'} | "
-            f"{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'} |"
+            f"{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'} | {_published(r) or '–'} |"
         )
     md += ["", "| explanation | verdict | evidence | rule |", "|---|---|---|---|"]
     for v in verdicts:
