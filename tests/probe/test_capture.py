@@ -341,6 +341,27 @@ def test_torchvision_resnet18_blocks_found_automatically():
     assert np.allclose(cap.read("layer2.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch, se", [("resnet18", False), ("seresnet18", True)])
+def test_timm_resnet_blocks_found_automatically(arch, se):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model(arch, num_classes=10, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", probe.InPlaceWarning)
+        cap = probe.capture(model, [x], probes=[ResidualNorms()])
+        assert len(cap.layers) == 8 and cap.layer_attrs("layer2.0")["is_block"]
+        cap = probe.capture(model, [x], layers="layer2.0", probes=[ResidualNorms()])
+    with torch.no_grad():  # F(x) = se(bn2(conv2(act1(bn1(conv1(h)))))), S(x) = downsample(h)
+        h = model.layer1(model.maxpool(model.act1(model.bn1(model.conv1(x)))))
+        blk = model.layer2[0]
+        f = blk.bn2(blk.conv2(blk.act1(blk.bn1(blk.conv1(h)))))
+        if se:
+            f = blk.se(f)
+        s = blk.downsample(h)
+    assert np.allclose(cap.read("layer2.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+    assert np.allclose(cap.read("layer2.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+
+
 def test_torchvision_vgg11_bn_with_explicit_layers():
     tv = pytest.importorskip("torchvision")
     model = tv.models.vgg11_bn(num_classes=10).eval()
