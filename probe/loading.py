@@ -54,6 +54,7 @@ def load_for_capture(path: str | Path, device: str = "auto") -> tuple[torch.nn.M
         "seed": meta.get("seed"),
         "recipe": (meta.get("recipe") or {}).get("name"),
         "metrics": meta.get("metrics"),
+        "train_limit": meta.get("train_limit"),
     }
     return model.eval(), meta, prov
 
@@ -88,9 +89,9 @@ def capture_checkpoint(
     **capture_kwargs: object,
 ):
     """``probe.capture`` on a checkpoint over ``split`` of ``data`` (default: the dataset it was
-    trained on), recording the checkpoint's identity, dataset and split in the provenance."""
+    trained on), recording the checkpoint's identity, dataset, split and limit in the provenance."""
     model, meta, prov = load_for_capture(checkpoint, device)
     data = data if data is not None else dataset_for(meta, None)
     loader = capture_loader(data, split, batch_size, next(model.parameters()).device, limit)
-    prov.update(dataset=data.name, split=split, **(extra_provenance or {}))
+    prov.update(dataset=data.name, split=split, split_limit=limit, **(extra_provenance or {}))
     return capture(model, loader, provenance=prov, **capture_kwargs)

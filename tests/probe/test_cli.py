@@ -64,6 +64,7 @@ def test_capture_inspect_analyze(run_dir, tmp_path):
         res.exit_code == 0
         and "layers/stages.0.0  [block (residual)]" in res.output
         and "checkpoint_sha256" in res.output
+        and "split_limit: 64" in res.output  # the loader was cut, so provenance must say so
     )
     bn = tmp_path / "bn.h5"
     assert (
