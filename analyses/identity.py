@@ -14,7 +14,7 @@ import pandas as pd
 
 from analyses.cka import cka_matrix
 from analyses.stats import bootstrap_ci, mean_ci
-from analyses.tidy import frame, per_layer, run_key, stage_of
+from analyses.tidy import frame, nan_ci, per_layer, row, run_key, stage_of
 from probe.store.reader import CaptureReader
 
 __all__ = ["closeness", "jacobian_deviation", "identity_closeness", "cka_layers"]
@@ -85,15 +85,13 @@ def cka_layers(
             if j < 0:
                 continue
             rows.append(
-                {
-                    **key,
-                    "layer": layer if adjacent_only else f"{layers[j]}|{layer}",
-                    "layer_index": int(cap.layer_attrs(layer).get("layer_index", i)),
-                    "stage": stage_of(layer),
-                    "quantity": "cka_adjacent" if adjacent_only else "cka",
-                    "value": float(mat[i, j]),
-                    "ci_low": float("nan"),
-                    "ci_high": float("nan"),
-                }
+                row(
+                    key,
+                    layer if adjacent_only else f"{layers[j]}|{layer}",
+                    cap.layer_attrs(layer).get("layer_index", i),
+                    stage_of(layer),
+                    "cka_adjacent" if adjacent_only else "cka",
+                    nan_ci(mat[i, j]),
+                )
             )
     return rows

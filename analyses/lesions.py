@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from analyses.stats import seed_ci
-from analyses.tidy import frame, stage_of
+from analyses.tidy import frame, nan_ci, row, stage_of
 from probe.errors import ProbeError
 from probe.hooks.residual import find_blocks
 
@@ -102,18 +102,7 @@ def lesion_study(
             "Lesions need recognised residual blocks (zoo, torchvision or registered)."
         )
     base = error_rate(model, loader)
-    rows = [
-        {
-            **key,
-            "layer": "none",
-            "layer_index": -1,
-            "stage": -1,
-            "quantity": "lesion_baseline",
-            "value": base,
-            "ci_low": float("nan"),
-            "ci_high": float("nan"),
-        }
-    ]
+    rows = [row(key, "none", -1, -1, "lesion_baseline", nan_ci(base))]
     downsampling = set()
     for i, name in enumerate(blocks):
         block = model.get_submodule(name)
@@ -122,18 +111,7 @@ def lesion_study(
             downsampling.add(name)
         with deleted(model, [name]):
             err = error_rate(model, loader)
-        rows.append(
-            {
-                **key,
-                "layer": name,
-                "layer_index": i,
-                "stage": stage_of(name),
-                "quantity": "lesion_error",
-                "value": err,
-                "ci_low": float("nan"),
-                "ci_high": float("nan"),
-            }
-        )
+        rows.append(row(key, name, i, stage_of(name), "lesion_error", nan_ci(err)))
     rng = np.random.default_rng(seed)
     plain_blocks = [b for b in blocks if b not in downsampling]
     for k in n_random:
@@ -144,19 +122,7 @@ def lesion_study(
             chosen = list(rng.choice(plain_blocks, size=k, replace=False))
             with deleted(model, chosen):
                 errs.append(error_rate(model, loader))
-        m, lo, hi = seed_ci(np.array(errs))
-        rows.append(
-            {
-                **key,
-                "layer": "random",
-                "layer_index": k,
-                "stage": -1,
-                "quantity": "lesion_random_error",
-                "value": m,
-                "ci_low": lo,
-                "ci_high": hi,
-            }
-        )
+        rows.append(row(key, "random", k, -1, "lesion_random_error", seed_ci(np.array(errs))))
     df = frame(rows)
     df["downsampling"] = df["layer"].isin(downsampling)
     return df

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import bootstrap_ci, mean_ci
-from analyses.tidy import frame, nan_ci, per_layer, run_key, stage_of
+from analyses.tidy import frame, nan_ci, per_layer, row, run_key, stage_of
 from probe.stats import Moments, response_std
 from probe.store.reader import CaptureReader
 
@@ -113,18 +113,9 @@ def response_std_table(cap: CaptureReader) -> pd.DataFrame:
     for i, layer in enumerate(bn_layers):
         moments = cap.channel_moments(layer)
         pooled, chan = response_std(moments.mean, moments.var)
-        base = {
-            **key,
-            "layer": layer,
-            "layer_index": i,
-            "stage": stage_of(layer),
-            "ci_low": float("nan"),
-            "ci_high": float("nan"),
-        }
-        rows.append({**base, "quantity": "response_std_pooled", "value": pooled})
-        rows.append({**base, "quantity": "response_std_channel", "value": chan})
+        where = (key, layer, i, stage_of(layer))
+        rows.append(row(*where, "response_std_pooled", nan_ci(pooled)))
+        rows.append(row(*where, "response_std_channel", nan_ci(chan)))
         if layer in gammas:
-            rows.append(
-                {**base, "quantity": "bn_gamma_abs", "value": float(np.abs(gammas[layer]).mean())}
-            )
+            rows.append(row(*where, "bn_gamma_abs", nan_ci(np.abs(gammas[layer]).mean())))
     return frame(rows)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import mean_ci
-from analyses.tidy import frame, per_layer, run_key
+from analyses.tidy import frame, per_layer, row, run_key
 from probe.store.reader import CaptureReader
 
 __all__ = [
@@ -84,31 +84,12 @@ def shattered_table(cap: CaptureReader) -> pd.DataFrame:
     if not cap.has("model", "cos_lag"):
         return frame([])
     key = run_key(cap)
-    base = {**key, "layer": "model", "stage": -1}
-    v, lo, hi = mean_ci(cap.read("model", "corr_length"))
-    rows = [
-        {
-            **base,
-            "layer_index": 0,
-            "quantity": "corr_length",
-            "value": v,
-            "ci_low": lo,
-            "ci_high": hi,
-        }
-    ]
+    rows = [row(key, "model", 0, -1, "corr_length", mean_ci(cap.read("model", "corr_length")))]
     cos_lag = cap.read("model", "cos_lag")
-    for lag in range(cos_lag.shape[1]):
-        v, lo, hi = mean_ci(cos_lag[:, lag])
-        rows.append(
-            {
-                **base,
-                "layer_index": lag,
-                "quantity": "cos_lag",
-                "value": v,
-                "ci_low": lo,
-                "ci_high": hi,
-            }
-        )
+    rows += [
+        row(key, "model", lag, -1, "cos_lag", mean_ci(cos_lag[:, lag]))
+        for lag in range(cos_lag.shape[1])
+    ]
     return frame(rows)
 
 
@@ -122,33 +103,13 @@ def model_level_table(cap: CaptureReader) -> pd.DataFrame:
     for q in ("seg_in_msv", "seg_out_msv"):
         if cap.has("model", q):
             vals = cap.read("model", q)
-            for k in range(vals.shape[1]):
-                v, lo, hi = mean_ci(vals[:, k])
-                rows.append(
-                    {
-                        **key,
-                        "layer": f"boundary{k}",
-                        "layer_index": k,
-                        "stage": -1,
-                        "quantity": q,
-                        "value": v,
-                        "ci_low": lo,
-                        "ci_high": hi,
-                    }
-                )
+            rows += [
+                row(key, f"boundary{k}", k, -1, q, mean_ci(vals[:, k]))
+                for k in range(vals.shape[1])
+            ]
     params = [q for q in cap.quantities("model") if q.startswith("grad_norm.")]
-    for i, q in enumerate(params):
-        v, lo, hi = mean_ci(cap.read("model", q))
-        rows.append(
-            {
-                **key,
-                "layer": q[len("grad_norm.") :],
-                "layer_index": i,
-                "stage": -1,
-                "quantity": "param_grad_norm",
-                "value": v,
-                "ci_low": lo,
-                "ci_high": hi,
-            }
-        )
+    rows += [
+        row(key, q[len("grad_norm.") :], i, -1, "param_grad_norm", mean_ci(cap.read("model", q)))
+        for i, q in enumerate(params)
+    ]
     return frame(rows)

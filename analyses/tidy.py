@@ -13,7 +13,7 @@ import pandas as pd
 
 from probe.store.reader import CaptureReader
 
-__all__ = ["COLUMNS", "run_key", "stage_of", "frame", "per_layer"]
+__all__ = ["COLUMNS", "run_key", "stage_of", "frame", "row", "per_layer", "nan_ci"]
 
 COLUMNS = [
     "model",
@@ -67,6 +67,33 @@ def frame(rows: list[dict]) -> pd.DataFrame:
     )
 
 
+def row(
+    key: dict,
+    layer: str,
+    layer_index: int,
+    stage: int,
+    quantity: str,
+    ci: tuple[float, float, float],
+) -> dict:
+    """One tidy row: the run ``key``, where (layer, index, stage), what, and (value, low, high).
+
+    Example:
+        >>> row({"model": "resnet8"}, "stages.0.0", 0, 0, "closeness", nan_ci(0.5))["value"]
+        0.5
+    """
+    v, lo, hi = ci
+    return {
+        **key,
+        "layer": layer,
+        "layer_index": int(layer_index),
+        "stage": int(stage),
+        "quantity": quantity,
+        "value": float(v),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+    }
+
+
 def per_layer(
     cap: CaptureReader,
     quantity: str,
@@ -86,21 +113,11 @@ def per_layer(
         out = measure(cap, layer)
         if out is None:
             continue
-        v, lo, hi = out
-        rows.append(
-            {
-                **key,
-                "layer": layer,
-                "layer_index": int(attrs.get("layer_index", index)),
-                "stage": stage_of(layer),
-                "quantity": quantity,
-                "value": float(v),
-                "ci_low": float(lo),
-                "ci_high": float(hi),
-            }
-        )
+        index = attrs.get("layer_index", index)
+        rows.append(row(key, layer, index, stage_of(layer), quantity, out))
     return rows
 
 
 def nan_ci(v: float) -> tuple[float, float, float]:
+    """A point value without an interval, in the (value, low, high) form :func:`row` takes."""
     return float(v), float("nan"), float("nan")
