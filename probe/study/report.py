@@ -11,7 +11,6 @@ import pandas as pd
 
 from probe.provenance import code_revision, command_line, library_versions
 from probe.study.presets import StudyConfig
-from probe.study.references import published_test_error
 from probe.study.verdicts import Verdict
 
 __all__ = ["write_report"]
@@ -51,8 +50,7 @@ def _pct(x: float) -> str:
 
 def _published(r) -> str:
     """The published test error of a degradation-table row, with its source, or ''."""
-    ref = published_test_error(r.dataset, r.family, int(r.depth))
-    return f"{ref[0]:.2f}% ({ref[1]})" if ref else ""
+    return f"{r.published_test_error:.2f}% ({r.published_source})" if r.published_source else ""
 
 
 def _degradation_html(deg: pd.DataFrame) -> str:

@@ -34,7 +34,6 @@ from probe.probes.registry import make_probe
 from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
 from probe.study.presets import StudyConfig
-from probe.study.references import published_test_error
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
@@ -199,12 +198,7 @@ def run_study(
         table["downsampling"] = table["downsampling"].astype("boolean").fillna(False).astype(bool)
     table.to_csv(out / "tables" / "measures.csv", index=False)
     runs.to_csv(out / "tables" / "runs.csv", index=False)
-    deg = degradation_table(runs)
-    deg["dataset"] = data.name
-    deg["published_test_error"] = [
-        (published_test_error(data.name, r.family, int(r.depth)) or (float("nan"),))[0]
-        for r in deg.itertuples()
-    ]
+    deg = degradation_table(runs, data.name)
     deg.to_csv(out / "tables" / "degradation.csv", index=False)
     timings["analysis"] = time.perf_counter() - ts
 

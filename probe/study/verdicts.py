@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import seed_ci
+from probe.study.references import published_test_error
 
 __all__ = ["Verdict", "degradation_table", "verdicts"]
 
@@ -35,15 +36,22 @@ def _fmt(v: tuple[float, float, float], pct: bool = False) -> str:
     return f(m) if np.isnan(lo) else f"{f(m)} [{f(lo)}, {f(hi)}]"
 
 
-def _judge(values: list[float], supported: bool, refuted: bool) -> str:
-    """The verdict of one rule: inconclusive when a needed value is missing (NaN)."""
+def _judge(
+    values: list[float],
+    supported: bool,
+    refuted: bool,
+    outcomes: tuple[str, str] = (SUPPORTED, NOT_SUPPORTED),
+) -> str:
+    """The verdict of one rule: ``outcomes[0]`` if ``supported``, else ``outcomes[1]`` if
+    ``refuted``, else inconclusive -- and inconclusive whenever a needed value is missing (NaN)."""
     if any(np.isnan(v) for v in values):
         return INCONCLUSIVE
-    return SUPPORTED if supported else NOT_SUPPORTED if refuted else INCONCLUSIVE
+    return outcomes[0] if supported else outcomes[1] if refuted else INCONCLUSIVE
 
 
-def degradation_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Train/test error by architecture and depth: mean and std over seeds, from final checkpoints."""
+def degradation_table(runs: pd.DataFrame, dataset: str = "") -> pd.DataFrame:
+    """Train/test error by architecture and depth: mean and std over seeds, from final checkpoints,
+    with the published test error (percent) and its source where ``dataset`` has one."""
     g = runs.groupby(["family", "depth"])
     out = g.agg(
         seeds=("seed", "nunique"),
@@ -54,6 +62,10 @@ def degradation_table(runs: pd.DataFrame) -> pd.DataFrame:
         test_error_std=("test_error", "std"),
         wall_s=("wall_s", "mean"),
     ).reset_index()
+    published = [published_test_error(dataset, f, int(d)) for f, d in zip(out.family, out.depth)]
+    out["dataset"] = dataset
+    out["published_test_error"] = [p[0] if p else float("nan") for p in published]
+    out["published_source"] = [p[1] if p else "" for p in published]
     return out.sort_values(["family", "depth"])
 
 
@@ -113,15 +125,12 @@ def verdicts(
     # penalty removes the phenomenon, and a fixed 0.5 points is below seed noise on CIFAR.
     pd_, ps_, rd_, rs_ = (seed_ci(err(m)) for m in (p_deep, p_shallow, r_deep, r_shallow))
     plain_gap, res_gap = pd_[0] - ps_[0], rd_[0] - rs_[0]
-    tol = max(0.005, 0.1 * plain_gap)
-    if np.isnan(plain_gap) or np.isnan(res_gap):
-        present = INCONCLUSIVE
-    elif plain_gap > 0 and res_gap <= tol:
-        present = "present"
-    elif plain_gap <= 0 or res_gap >= plain_gap:
-        present = "absent"
-    else:
-        present = INCONCLUSIVE
+    present = _judge(
+        [plain_gap, res_gap],
+        plain_gap > 0 and res_gap <= max(0.005, 0.1 * plain_gap),
+        plain_gap <= 0 or res_gap >= plain_gap,
+        outcomes=("present", "absent"),
+    )
     out.append(
         Verdict(
             "Degradation (the phenomenon to explain)",

@@ -78,24 +78,23 @@ def test_lesion_rule_without_lesions_is_inconclusive():
 
 def test_degradation_table_shows_published_cifar10_errors_only_for_cifar10():
     from probe.study.report import _degradation_html
+    from probe.study.verdicts import degradation_table
 
-    deg = pd.DataFrame(
+    runs = pd.DataFrame(
         [
             {
                 "family": f,
                 "depth": 56,
-                "seeds": 1,
+                "seed": 0,
                 "train_error": 0.1,
-                "train_error_std": float("nan"),
                 "train_loss": 0.3,
                 "test_error": 0.12,
-                "test_error_std": float("nan"),
                 "wall_s": 1.0,
             }
             for f in ("plain", "resnet")
         ]
     )
-    page = _degradation_html(deg.assign(dataset="cifar10-jpg"))
+    page = _degradation_html(degradation_table(runs, "cifar10-jpg"))
     assert "published test error" in page and "6.97% (He et al. 2016, Table 6)" in page
     assert "12.95%" in page
-    assert "published" not in _degradation_html(deg.assign(dataset="digits"))
+    assert "published" not in _degradation_html(degradation_table(runs, "digits"))
