@@ -79,7 +79,7 @@ def dataset_for(meta: dict, override: str | None) -> ImageArrays:
 
 def capture_checkpoint(
     checkpoint: str | Path,
-    data: ImageArrays | None = None,
+    data: ImageArrays | str | None = None,
     *,
     split: str = "test",
     batch_size: int = 256,
@@ -88,10 +88,13 @@ def capture_checkpoint(
     extra_provenance: dict | None = None,
     **capture_kwargs: object,
 ):
-    """``probe.capture`` on a checkpoint over ``split`` of ``data`` (default: the dataset it was
-    trained on), recording the checkpoint's identity, dataset, split and limit in the provenance."""
+    """``probe.capture`` on a checkpoint over ``split`` of ``data`` (arrays, a dataset spec, or
+    None: the dataset it was trained on), recording the checkpoint's identity, dataset, split and
+    limit in the provenance. A spec is read like the checkpoint's own dataset, including the
+    training subset its normalisation came from."""
     model, meta, prov = load_for_capture(checkpoint, device)
-    data = data if data is not None else dataset_for(meta, None)
+    if not isinstance(data, ImageArrays):
+        data = dataset_for(meta, data)
     loader = capture_loader(data, split, batch_size, next(model.parameters()).device, limit)
     prov.update(dataset=data.name, split=split, split_limit=limit, **(extra_provenance or {}))
     return capture(model, loader, provenance=prov, **capture_kwargs)

@@ -57,7 +57,6 @@ def capture_cmd(
     device,
 ):
     """Run probes over a dataset with a trained CHECKPOINT (file or run directory) into an HDF5 file."""
-    from probe.data import load_dataset
     from probe.loading import capture_checkpoint
     from probe.probes.registry import make_probe
 
@@ -74,7 +73,7 @@ def capture_cmd(
     try:
         cap = capture_checkpoint(
             checkpoint,
-            load_dataset(dataset) if dataset else None,
+            dataset,
             split=split,
             batch_size=batch_size,
             limit=limit,

@@ -149,6 +149,7 @@ def test_train_limit_trains_on_a_subset_and_captures_rebuild_it(tmp_path):
     meta = json.loads(res.checkpoints[1].read_text())
     data = dataset_for(meta, None)
     assert len(data.y_train) == 200 and len(data.y_test) == 360
+    assert len(dataset_for(meta, "digits").y_train) == 200  # a --data override keeps the subset
     hist = json.loads((res.run_dir / "history.json").read_text())
     assert hist[1]["seconds"] > 0 and hist[1]["eval_seconds"] > 0
 
