@@ -68,19 +68,16 @@ def _write_index(
 ) -> None:
     first = caps[0]
     with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-        attrs = {k: v for k, v in first.attrs.items()}
-        attrs.update(
+        f.attrs.update(first.attrs)
+        f.attrs.update(
             complete=False,
             shard_count=len(caps),
             shard_rank=-1,
             shards=json.dumps(rel),
             n_samples=int(sum(len(c.sample_index()) for c in caps)),
         )
-        f.attrs.update(attrs)
-        names = [("sample_index", None), ("labels", None)] + [
-            (f"{LAYERS}/{l}/{q}", (l, q)) for l, q in sorted(keys)
-        ]
-        for name, lq in names:
+        names = ["sample_index", "labels"] + [f"{LAYERS}/{l}/{q}" for l, q in sorted(keys)]
+        for name in names:
             dsets = [c.node(name) for c in caps]
             feat, dtype = dsets[0].shape[1:], dsets[0].dtype
             if any(d.shape[1:] != feat or d.dtype != dtype for d in dsets):
@@ -92,10 +89,8 @@ def _write_index(
                 start += d.shape[0]
             vds = f.create_virtual_dataset(name, layout, fillvalue=_fill(dtype))
             for k, v in dsets[0].attrs.items():
-                if k != "DIMENSION_LIST" and k != "REFERENCE_LIST":
+                if k not in ("DIMENSION_LIST", "REFERENCE_LIST"):  # dimension scales: per file
                     vds.attrs[k] = v
-            if lq is not None:
-                group = f[f"{LAYERS}/{lq[0]}"]
-                for k, v in first.layer_attrs(lq[0]).items():
-                    group.attrs[k] = v
+        for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
+            f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))
         f.attrs["complete"] = True
