@@ -39,7 +39,7 @@ LABELS = {
     "act_norm": "||y|| (activation norm)",
     "grad_norm": "||∂L/∂y|| (gradient norm)",
     "grad_x_norm": "||∂L/∂x||",
-    "cos_f_grad": "cos(F(x), ∂L/∂y)",
+    "cos_f_grad": "cos(F(x), ∂L/∂x)",
     "jac_msv": "mean squared singular value of J",
     "jac_top_sv": "top singular value of J",
     "gsc": "gradient scale coefficient",

@@ -1,8 +1,11 @@
 """Lesion studies (Veit, Wilber & Belongie, NeurIPS 2016): delete blocks at test time and re-measure.
 
-Deleting a block replaces it by its shortcut, y = S(x): for residual post-activation blocks x >= 0,
-so this equals dropping F; for plain pseudo-blocks it replaces the two convolutions by the map a
-residual block would fall back to (identity, or option-A subsampling at a stage transition).
+Deleting a block removes its residual branch: the block runs as usual with F(x) replaced by zeros,
+so y = act(lambda * S(x)) -- the post-addition activation, the shortcut scale lambda and a
+projection (option-B) shortcut all stay, as in Veit et al.'s Sec. 4 (the path through F is
+dropped, the skip path kept). For torchvision/timm blocks the same zeroed branch keeps whatever the
+block does after the addition. A plain zoo pseudo-block has no addition; it is replaced by the map
+its residual counterpart falls back to, act(lambda * S(x)), so both nets lose the same thing.
 """
 
 from __future__ import annotations
@@ -19,25 +22,47 @@ from analyses.stats import seed_ci
 from analyses.tidy import frame, nan_ci, row, stage_of
 from probe.errors import ProbeError
 from probe.hooks.residual import find_blocks
+from probe.zoo.cifar_resnet import BasicBlock
 
 __all__ = ["Deleted", "deleted", "error_rate", "lesion_study", "checkpoint_lesions"]
 
 
 class Deleted(nn.Module):
-    """Stands in for a deleted block: returns the block's shortcut applied to its input."""
+    """Stands in for a deleted block: the block's own forward with its branch output F(x) = 0.
 
-    def __init__(self, block: nn.Module, shortcut: nn.Module | None) -> None:
+    Example:
+        >>> from probe.zoo import BasicBlock
+        >>> block = BasicBlock(4, 4).eval()
+        >>> x = torch.randn(2, 4, 8, 8)
+        >>> bool(torch.equal(Deleted(block, block.branch)(x), torch.relu(x)))  # act(S(x) + 0)
+        True
+    """
+
+    def __init__(self, block: nn.Module, branch: nn.Module) -> None:
         super().__init__()
         self.original = block
-        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+        self._branch = (branch,)  # a tuple: the branch is a submodule of ``original`` already
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.shortcut(x)
+    def forward(self, *args: object, **kwargs: object) -> object:
+        block = self.original
+        if isinstance(block, BasicBlock) and not block.residual:
+            (x,) = args
+            return block.act(block.shortcut_scale * block.shortcut(x))
+        handle = self._branch[0].register_forward_hook(_zeros)
+        try:
+            return block(*args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def _zeros(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(output)  # a fresh tensor: later in-place adds (out += x) are safe
 
 
 @contextlib.contextmanager
 def deleted(model: nn.Module, names: Iterable[str]):
-    """Temporarily replace the named blocks by their shortcuts; always restores the model.
+    """Temporarily delete the named blocks (branch F removed, see :class:`Deleted`); always
+    restores the model.
 
     Example:
         >>> from probe.zoo import create
@@ -59,7 +84,7 @@ def deleted(model: nn.Module, names: Iterable[str]):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             block = parent._modules[child]
-            parent._modules[child] = Deleted(block, specs[name].resolve(block)[1])
+            parent._modules[child] = Deleted(block, specs[name].resolve(block)[0])
             swapped.append((parent, child, block))
         yield model
     finally:

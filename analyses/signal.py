@@ -2,13 +2,15 @@
 scale coefficient and shattered-gradient correlation.
 
     act_norm   = E ||y||,  grad_norm = E ||dL/dy||       (He et al. 2016 Sec. 4.1 "healthy norms")
-    jac_msv    = E ||J||_F^2 / d_in                      (mean squared singular value; Pennington 2017)
+    jac_msv    = E ||J||_F^2 / min(d_in, d_out)          (mean squared singular value; Pennington 2017)
     gsc        = E sqrt(||J||_F^2 / d_in) ||x|| / ||y||   (gradient scale coefficient of one block,
                                                           Philipp, Song & Carbonell 2018)
     corr_length: first lag where the gradient cosine along a line drops below 1/e (Balduzzi 2017)
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pandas as pd
@@ -26,14 +28,26 @@ __all__ = [
 ]
 
 
-def mean_squared_singular_value(fro2: np.ndarray, d_in: int) -> np.ndarray:
-    """||J||_F^2 / d_in per sample: 1 for an isometry.
+def mean_squared_singular_value(
+    fro2: np.ndarray, d_in: int, d_out: int | None = None
+) -> np.ndarray:
+    """Mean of the squared singular values of J [d_out, d_in] per sample: 1 for an isometry.
+
+    Pennington, Schoenholz & Ganguli (NeurIPS 2017, Sec. 2) define it as (1/n) ||J||_F^2 for a
+    square J. A d_out x d_in Jacobian has min(d_in, d_out) singular values that its shape does not
+    force to zero, so a non-square J (a downsampling block, a segment ending at the logits) is
+    averaged over those: ||J||_F^2 / min(d_in, d_out). Dividing by d_in would count the
+    d_in - d_out zeros of a shape-reducing map and report half of an isometry's value for a
+    stride-2 block that maps C x H x W to 2C x H/2 x W/2.
 
     Example:
         >>> mean_squared_singular_value(np.array([8.0]), 8)
         array([1.])
+        >>> mean_squared_singular_value(np.array([4.0]), 8, 4)  # a 4 x 8 partial isometry
+        array([1.])
     """
-    return np.asarray(fro2, np.float64) / d_in
+    n = d_in if d_out is None else min(d_in, d_out)
+    return np.asarray(fro2, np.float64) / n
 
 
 def gsc(fro2: np.ndarray, d_in: int, x_norm: np.ndarray, y_norm: np.ndarray) -> np.ndarray:
@@ -47,6 +61,10 @@ def gsc(fro2: np.ndarray, d_in: int, x_norm: np.ndarray, y_norm: np.ndarray) -> 
 
 def _d_in(cap: CaptureReader, layer: str) -> int:
     return int(cap.layer_attrs(layer).get("input_size", 0)) or 1
+
+
+def _d_out(cap: CaptureReader, layer: str) -> int:
+    return int(np.prod(json.loads(cap.layer_attrs(layer).get("output_shape", "[]")))) or 1
 
 
 def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
@@ -64,7 +82,9 @@ def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
         cap,
         "jac_msv",
         ("jac_fro2",),
-        lambda c, l: mean_ci(mean_squared_singular_value(c.read(l, "jac_fro2"), _d_in(c, l))),
+        lambda c, l: mean_ci(
+            mean_squared_singular_value(c.read(l, "jac_fro2"), _d_in(c, l), _d_out(c, l))
+        ),
     )
     rows += per_layer(
         cap, "jac_top_sv", ("jac_top_sv",), lambda c, l: mean_ci(c.read(l, "jac_top_sv")[:, 0])

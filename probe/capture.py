@@ -50,6 +50,38 @@ def _batches(
         yield x, y, idx
 
 
+def _limited(batches: Iterable[tuple], limit: int | None) -> Iterable[tuple]:
+    """The batches cut so that at most ``limit`` samples come out (``None``: all)."""
+    seen = 0
+    for x, y, idx in batches:
+        if limit is not None and seen >= limit:
+            return
+        if limit is not None and seen + len(x) > limit:
+            keep = limit - seen
+            x, y = x[:keep], (y[:keep] if y is not None else None)
+            idx = idx[:keep] if idx is not None else None
+        seen += len(x)
+        yield x, y, idx
+
+
+def _with_next(batches: Iterable[tuple], lookahead: bool) -> Iterable[tuple]:
+    """Each batch with the sample that follows it in capture order ([1, ...]); the last batch gets
+    the capture's first sample. One batch is read ahead only when ``lookahead`` (a probe that
+    pairs every sample with its successor, e.g. ``shattered:direction=next``) asks for it."""
+    if not lookahead:
+        yield from ((x, y, idx, None) for x, y, idx in batches)
+        return
+    it = iter(batches)
+    prev = next(it, None)
+    if prev is None:
+        return
+    first = prev[0][:1]
+    for cur in it:
+        yield (*prev, cur[0][:1])
+        prev = cur
+    yield (*prev, first)
+
+
 def _layer_attrs(session: HookSession, key: str) -> dict:
     info = session.layer_info(key)
     out_shape, f_shape, in_shape = session.shapes.get(key, ((), None, None))
@@ -85,6 +117,7 @@ def capture(
     provenance: dict | None = None,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
+    sample_offset: int = 0,
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -98,6 +131,10 @@ def capture(
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"`` -- lossless.
         shard: ``(rank, count)`` when this process writes one shard of a larger capture (give
             ``data`` with its global ``sample_index``); join the files with ``probe.join_shards``.
+        sample_offset: position of this capture's first sample in the joined capture (for a shard:
+            the number of samples in the shards before it). Sample caps (``max_samples``) and
+            per-sample random probes count from it, so shards joined in rank order hold exactly
+            the rows and values of one capture over all samples.
 
     The model's training flags, grad mode and outputs are unchanged; hooks are removed and a
     partially written file is deleted on any error.
@@ -133,6 +170,12 @@ def capture(
         if not 0 <= rank < count:
             raise ProbeError(f"Invalid shard {shard!r}: need 0 <= rank < count.")
         attrs.update(shard_rank=rank, shard_count=count)
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ProbeError(
+            f"sample_offset must be a non-negative int (the samples before this shard); got "
+            f"{sample_offset!r}."
+        )
+    attrs["sample_offset"] = sample_offset
     total = limit
     if total is None and hasattr(data, "num_samples"):
         total = data.num_samples
@@ -142,7 +185,6 @@ def capture(
     indices: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     with HookSession(model, layers, probes, mode=mode, loss_fn=loss_fn) as session:
-        dims = {q: d for p in probes for q, d in type(p).dims.items()}
         if out is not None:
             writer = H5Writer(
                 out,
@@ -150,23 +192,21 @@ def capture(
                 WriterOptions(
                     compression=compression, queue_bytes=queue_bytes, expected_rows=total
                 ),
-                dims=dims,
             )
         try:
             seen = 0
-            for x, y, idx in _batches(data, device):
-                if limit is not None and seen >= limit:
-                    break
-                if limit is not None and seen + len(x) > limit:
-                    keep = limit - seen
-                    x, y = x[:keep], (y[:keep] if y is not None else None)
-                    idx = idx[:keep] if idx is not None else None
+            lookahead = any(getattr(p, "needs_next_sample", False) for p in probes)
+            batches = _with_next(_limited(_batches(data, device), limit), lookahead)
+            for x, y, idx, x_next in batches:
                 if idx is None:
-                    idx = torch.arange(seen, seen + len(x))
-                results, _ = session.run_batch(x, y, sample_offset=seen)
+                    idx = torch.arange(sample_offset + seen, sample_offset + seen + len(x))
+                results, _ = session.run_batch(
+                    x, y, sample_offset=sample_offset + seen, next_input=x_next
+                )
                 if writer is not None:
                     for key in results:
                         writer.layer_attrs.setdefault(key, _layer_attrs(session, key))
+                    writer.dims.update(session.dim_labels)  # before submit: read at creation
                     writer.submit(results, idx, y)
                 else:
                     for key, qs in results.items():
@@ -199,5 +239,10 @@ def capture(
         n_samples=seen, wall_seconds=elapsed, layer_order=json.dumps(list(data_out)), complete=True
     )
     return MemoryCapture(
-        data_out, layer_attrs, np.concatenate(indices), np.concatenate(labels), attrs
+        data_out,
+        layer_attrs,
+        np.concatenate(indices),
+        np.concatenate(labels),
+        attrs,
+        dims=session.dim_labels,
     )

@@ -4,7 +4,7 @@
 the probes on the selected modules; :meth:`HookSession.run_batch` performs one forward (and, when
 a probe needs gradients, one backward through ``torch.autograd.grad``, so parameters' ``.grad``
 are untouched) and returns the per-sample results. On exit -- normal or by exception -- every hook
-is removed and the modules' training flags are restored.
+is removed and the modules' training flags and buffers (BN running statistics) are restored.
 
 Gradients are recorded with ``Tensor.register_hook`` on the hooked outputs (not with full
 backward hooks, which break when a later op modifies a tensor in place).
@@ -20,12 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from probe.errors import ProbeError
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
 from probe.hooks.select import LayerSpec, select_modules
+from probe.losses import exact_cross_entropy
 from probe.probes.base import BlockTensors, Call, Probe
 
 __all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "resolve_layers"]
@@ -121,7 +121,8 @@ class HookSession:
         if len(set(names)) != len(names):
             raise ProbeError(f"Each probe may be given once; got {names}.")
         self.model, self.probes, self.mode = model, list(probes), mode
-        self.loss_fn = loss_fn or (lambda out, y: F.cross_entropy(out.float(), y, reduction="sum"))
+        # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).
+        self.loss_fn = loss_fn or exact_cross_entropy
         self.layers, self.unclassified = resolve_layers(model, layers)
         self.needs_grad = any(p.needs_grad for p in probes)
         # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
@@ -131,8 +132,10 @@ class HookSession:
         self.inplace = sorted({n for info in self.layers for n in inplace_modules(info.module)})
         self._handles: list = []
         self._flags: dict[nn.Module, bool] = {}
+        self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._suspended = False
         self._open = False
+        self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
         self.shapes: dict[
             str, tuple
         ] = {}  # key -> (output, branch or None, input or None) shapes per sample
@@ -151,6 +154,15 @@ class HookSession:
         self._flags = {m: m.training for m in self.model.modules()}
         if self.mode != "keep":
             self.model.train(self.mode == "train")
+        # A training-mode forward updates BN running statistics (and batch counters); keep copies
+        # of the buffers of every module that will run in training mode and restore them on close,
+        # so a capture leaves the model exactly as it found it.
+        self._saved_buffers = [
+            (buf, buf.detach().clone())
+            for m in self.model.modules()
+            if m.training
+            for buf in m.buffers(recurse=False)
+        ]
         try:
             for info in self.layers:
                 self._install(info)
@@ -164,13 +176,18 @@ class HookSession:
         self.close()
 
     def close(self) -> None:
-        """Remove every hook and restore every module's training flag (idempotent)."""
+        """Remove every hook, restore every module's training flag and the buffers of modules that
+        ran in training mode (idempotent)."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for m, flag in self._flags.items():
             m.training = flag
         self._flags = {}
+        with torch.no_grad():
+            for buf, saved in self._saved_buffers:
+                buf.copy_(saved)
+        self._saved_buffers = []
         self._open = False
 
     # -- hooks -------------------------------------------------------------------------------
@@ -257,8 +274,7 @@ class HookSession:
 
         return hook
 
-    @staticmethod
-    def _merge(results: dict, new: dict, probe: Probe, key: str, n: int) -> None:
+    def _merge(self, results: dict, new: dict, probe: Probe, key: str, n: int) -> None:
         for q, t in new.items():
             if not isinstance(t, torch.Tensor) or t.ndim == 0:
                 raise ProbeError(
@@ -274,6 +290,9 @@ class HookSession:
                     f"Quantity {q!r} at layer {key!r} is produced by two probes; rename one."
                 )
             results[q] = t.detach()
+            labels = probe.dim_labels(q, t)
+            if labels is not None:
+                self.dim_labels.setdefault((key, q), tuple(labels))
 
     @contextlib.contextmanager
     def _suspend(self):
@@ -294,10 +313,16 @@ class HookSession:
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
-        self, x: torch.Tensor, y: torch.Tensor | None = None, sample_offset: int = 0
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None = None,
+        sample_offset: int = 0,
+        next_input: torch.Tensor | None = None,
     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
         """Forward (and backward if needed) one batch; returns ({layer: {quantity: [N, ...]}}, logits).
 
+        ``next_input`` [1, ...] is the sample that follows this batch in capture order (model-level
+        probes that pair each sample with its successor need it; :func:`probe.capture` passes it).
         The logits are detached and equal to an unhooked forward pass.
         """
         if not self._open:
@@ -327,7 +352,15 @@ class HookSession:
                 with torch.no_grad():
                     out = self.model(x)
             if self.model_probes:
-                call = Call("model", self.model, x.detach(), out.detach(), sample_offset, labels=y)
+                call = Call(
+                    "model",
+                    self.model,
+                    x.detach(),
+                    out.detach(),
+                    sample_offset,
+                    labels=y,
+                    next_input=None if next_input is None else next_input.detach(),
+                )
                 self._info["model"] = self._model_info
                 self.shapes.setdefault("model", (tuple(out.shape[1:]), None, tuple(x.shape[1:])))
                 with self._suspend():

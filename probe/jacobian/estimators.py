@@ -21,12 +21,15 @@ from dataclasses import dataclass
 import torch
 from torch.func import jacrev, jvp, vjp, vmap
 
+from probe.errors import ProbeError
+
 __all__ = [
     "HutchinsonResult",
     "rademacher",
     "per_sample_probes",
     "jvp_many",
     "hutchinson",
+    "hutchinson_interval",
     "top_singular_values",
     "lanczos_spectrum",
     "exact_jacobian",
@@ -88,6 +91,35 @@ def _mean_se(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = values.mean(0)
     se = values.std(0, correction=1) / m**0.5 if m > 1 else torch.full_like(mean, float("nan"))
     return mean, se
+
+
+def hutchinson_interval(
+    estimate: torch.Tensor | float,
+    se: torch.Tensor | float,
+    n_probes: int,
+    confidence: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample confidence interval of a Hutchinson estimate from its standard error.
+
+    The standard error is estimated from the same m probes, so the interval uses Student's t
+    quantile with m - 1 degrees of freedom, estimate +- t_{(1+c)/2, m-1} * se. The normal quantile
+    (1.96) under-covers for few probes: with m = 16 a nominal 95 % z-interval covers 92-94 %
+    (measured in the tests), the t-interval ~95 %.
+
+    Example:
+        >>> lo, hi = hutchinson_interval(torch.tensor([10.0]), torch.tensor([1.0]), n_probes=16)
+        >>> round(float(hi - 10.0), 3)  # t_{0.975, 15}
+        2.131
+    """
+    from scipy import stats
+
+    if n_probes < 2:
+        raise ProbeError(f"An interval needs at least 2 probes; got n_probes={n_probes}.")
+    if not 0 < confidence < 1:
+        raise ProbeError(f"confidence must lie in (0, 1); got {confidence}.")
+    estimate, se = torch.as_tensor(estimate), torch.as_tensor(se)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n_probes - 1)) * se
+    return estimate - half, estimate + half
 
 
 def hutchinson(

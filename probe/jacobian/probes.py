@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from probe.errors import check_option
 from probe.jacobian.estimators import (
     hutchinson,
     lanczos_spectrum,
@@ -117,8 +118,10 @@ class ShatteredGradients(Probe):
     """Input gradients along a line through input space and their autocorrelation (model level).
 
     For sample n the line runs along a random direction d_n of the same norm as x_n (seeded by the
-    sample's position, so results do not depend on batching), or towards the next sample of the
-    batch with ``direction="next"``: x_t = x_n + t d_n, t in [0, span], ``n_points`` points.
+    sample's position, so results do not depend on batching), or with ``direction="next"`` towards
+    the next sample in capture order, d_n = x_{n+1} - x_n (the capture's last sample pairs with its
+    first; the capture reads one batch ahead so batch ends change nothing):
+    x_t = x_n + t d_n, t in [0, span], ``n_points`` points.
     Records ``acf`` [N, max_lag] (autocorrelation of <G_t, u> for a fixed random unit u),
     ``cos_lag`` [N, max_lag] (mean cosine between centred gradients Delta apart), and
     ``corr_length`` [N] (first lag where cos_lag < 1/e; Balduzzi et al. 2017).
@@ -135,6 +138,13 @@ class ShatteredGradients(Probe):
     max_samples: int | None = 16
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_option("shattered direction", self.direction, ["random", "next"])
+
+    @property
+    def needs_next_sample(self) -> bool:
+        return self.direction == "next"
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         keep = call.rows_within(self.max_samples)
         if keep == 0 or call.input is None:
@@ -149,6 +159,7 @@ class ShatteredGradients(Probe):
             direction=self.direction,
             seed=self.seed,
             first_index=call.sample_offset,
+            next_input=call.next_input,
         )
         return {k: v.float() for k, v in res.items()}
 
@@ -159,7 +170,7 @@ class SegmentJacobians(Probe):
     """End-to-end Jacobians for the dynamical-isometry view (Pennington et al. 2017), model level.
 
     For every boundary k of the model's chain (after the stem and after each block), the mean
-    squared singular value ||J||_F^2 / d_in of the segment input -> k (``seg_in_msv`` [N, K]) and of
+    squared singular value ||J||_F^2 / min(d_in, d_out) of the segment input -> k (``seg_in_msv`` [N, K]) and of
     k -> logits (``seg_out_msv`` [N, K]), by Hutchinson with ``n_probes`` Rademacher vectors. Needs a
     zoo net or an ``nn.Sequential``; other models produce nothing.
     """
@@ -191,13 +202,17 @@ class SegmentJacobians(Probe):
         with torch.no_grad():
             for name in names:
                 pre, post = segment(model, None, name), segment(model, name, None)
-                seg_in.append(
-                    hutchinson(pre, x, v=v_in, chunk_size=self.chunk_size).fro2 / x[0].numel()
-                )
                 h = pre(x)
+                # Mean squared singular value over the min(d_in, d_out) singular values the shape
+                # leaves free (Pennington et al. 2017 define it for square J; see analyses.signal).
+                seg_in.append(
+                    hutchinson(pre, x, v=v_in, chunk_size=self.chunk_size).fro2
+                    / min(x[0].numel(), h[0].numel())
+                )
                 v_out = per_sample_probes(self.n_probes, h, self.seed + 1, call.sample_offset)
                 seg_out.append(
-                    hutchinson(post, h, v=v_out, chunk_size=self.chunk_size).fro2 / h[0].numel()
+                    hutchinson(post, h, v=v_out, chunk_size=self.chunk_size).fro2
+                    / min(h[0].numel(), call.output[0].numel())
                 )
         return {
             "seg_in_msv": torch.stack(seg_in, 1).float(),

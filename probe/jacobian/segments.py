@@ -2,7 +2,7 @@
 
 Segments need a chain of modules. Our zoo nets are chains of ``stem``, the blocks and ``head``;
 an ``nn.Sequential`` is a chain of its children. For the dynamical-isometry view (Pennington et
-al. 2017) the mean squared singular value ||J||_F^2 / d_in and sigma_max of each segment are
+al. 2017) the mean squared singular value ||J||_F^2 / min(d_in, d_out) and sigma_max of each segment are
 estimated with the same Hutchinson and subspace-iteration estimators as single blocks.
 """
 
@@ -68,8 +68,9 @@ def segment_spectrum(
         seg = segment(model, start, end)
         gen = torch.Generator(device=x.device).manual_seed(seed)
         r = hutchinson(seg, inp, n_probes, gen=gen)
-        d_in = inp[0].numel()
-        out = {"msv": r.fro2 / d_in, "msv_se": r.fro2_se / d_in}
+        # Over the min(d_in, d_out) singular values the shape leaves free (see analyses.signal).
+        n_sv = min(inp[0].numel(), seg(inp[:1])[0].numel())
+        out = {"msv": r.fro2 / n_sv, "msv_se": r.fro2_se / n_sv}
         if top_k:
             out["top_sv"] = top_singular_values(seg, inp, top_k, iters, gen=gen)
         return out

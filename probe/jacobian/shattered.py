@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from probe.errors import ProbeError
+
 __all__ = ["line_gradients", "autocorrelation", "shattered_profile", "correlation_length"]
 
 
@@ -59,11 +61,14 @@ def shattered_profile(
     direction: str = "random",
     seed: int = 0,
     first_index: int = 0,
+    next_input: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """ACF, lagged cosine and correlation length for the first ``keep`` samples of ``x``.
 
     Random directions and the projection vector u depend only on ``seed`` and the sample's
-    index ``first_index + n``, never on the batch.
+    index ``first_index + n``, never on the batch. With ``direction="next"`` sample n's line runs
+    towards the sample after it in capture order: ``x[n + 1]``, or ``next_input[0]`` (the sample
+    after the batch) for the batch's last sample -- so no line depends on where a batch ends.
     """
     ts = torch.linspace(0.0, span, n_points, device=x.device, dtype=x.dtype)
     u = torch.randn(x[0].shape, generator=torch.Generator().manual_seed(seed)).to(x.device, x.dtype)
@@ -72,8 +77,24 @@ def shattered_profile(
     with torch.no_grad():
         targets = model(x[:keep]).argmax(1)
     for n in range(keep):
-        if direction == "next" and len(x) > 1:
-            d = x[(n + 1) % len(x)] - x[n]
+        if direction == "next":
+            if n + 1 < len(x):
+                partner = x[n + 1]
+            elif next_input is not None:
+                partner = next_input[0].to(x.device, x.dtype)
+            else:
+                raise ProbeError(
+                    "direction='next' pairs each sample with the one after it, but the sample after "
+                    "this batch was not given. Capture with probe.capture (it reads one batch "
+                    "ahead), or pass next_input to shattered_profile / HookSession.run_batch."
+                )
+            d = partner - x[n]
+            if not bool(d.any()):
+                raise ProbeError(
+                    f"direction='next': sample {first_index + n} equals the sample after it, so "
+                    "the line has no direction. Capture at least two distinct samples, or use "
+                    "direction='random'."
+                )
         else:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + first_index + n + 1)
             d = torch.randn(x[n].shape, generator=gen).to(x.device, x.dtype)

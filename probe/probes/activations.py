@@ -7,20 +7,71 @@ from typing import ClassVar
 
 import torch
 
-from probe.errors import check_option
+from probe.errors import ProbeError, check_option
 from probe.probes.base import Call, Probe
 
 __all__ = ["Activations", "Gradients", "STORAGE_DTYPES"]
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# One letter per axis, sample axis first. "auto" picks the usual layout for a tensor's rank:
+# [N, C] features, [N, T, C] tokens (transformers), [N, C, H, W] and [N, C, D, H, W] maps.
+AXIS_NAMES = {
+    "N": "sample",
+    "C": "channel",
+    "H": "height",
+    "W": "width",
+    "D": "depth",
+    "T": "token",
+    "L": "length",
+}
+AUTO_LAYOUTS = {2: "NC", 3: "NTC", 4: "NCHW", 5: "NCDHW"}
+_STRIDED = set("HWDL")  # spatial axes that spatial_stride thins (tokens are kept)
 
-def _subsample(t: torch.Tensor, channel_stride: int, spatial_stride: int) -> torch.Tensor:
-    if t.ndim >= 2 and channel_stride > 1:
-        t = t[:, ::channel_stride]
-    if t.ndim == 4 and spatial_stride > 1:
-        t = t[:, :, ::spatial_stride, ::spatial_stride]
-    return t
+
+def check_layout(layout: str) -> None:
+    """Raise :class:`ProbeError` unless ``layout`` is "auto" or axis letters starting with N."""
+    ok = layout == "auto" or (
+        layout[:1] == "N"
+        and set(layout) <= set(AXIS_NAMES)
+        and len(set(layout)) == len(layout)
+        and layout.count("C") <= 1
+    )
+    if not ok:
+        raise ProbeError(
+            f"Invalid layout {layout!r}: give 'auto' or one letter per axis starting with N, from "
+            f"{', '.join(f'{k}={v}' for k, v in AXIS_NAMES.items())} (e.g. NCHW, NHWC, NTC, NCL)."
+        )
+
+
+def resolve_layout(layout: str, t: torch.Tensor) -> str:
+    """The layout letters for ``t``; ``ProbeError`` when they do not match its rank."""
+    letters = AUTO_LAYOUTS.get(t.ndim, "N" + "?" * (t.ndim - 1)) if layout == "auto" else layout
+    if len(letters) != t.ndim:
+        raise ProbeError(
+            f"Layout {layout!r} has {len(letters)} axes but the tensor has shape "
+            f"{tuple(t.shape)}; give layout=... with one letter per axis (e.g. NHWC)."
+        )
+    return letters
+
+
+def layout_labels(layout: str, t: torch.Tensor) -> tuple[str, ...]:
+    """HDF5 axis labels for ``t`` stored in ``layout``, e.g. sample, channel, height, width."""
+    letters = resolve_layout(layout, t)
+    return tuple(AXIS_NAMES.get(c, f"dim{i}") for i, c in enumerate(letters))
+
+
+def _subsample(
+    t: torch.Tensor, layout: str, channel_stride: int, spatial_stride: int
+) -> torch.Tensor:
+    letters = resolve_layout(layout, t)
+    index = [slice(None)] * t.ndim
+    for i, c in enumerate(letters):
+        if c == "C" and channel_stride > 1:
+            index[i] = slice(None, None, channel_stride)
+        elif c in _STRIDED and spatial_stride > 1:
+            index[i] = slice(None, None, spatial_stride)
+    return t[tuple(index)]
 
 
 def _capped(t: torch.Tensor, call: Call, max_samples: int | None) -> torch.Tensor | None:
@@ -35,9 +86,12 @@ class Activations(Probe):
     Args:
         dtype: "fp32", "fp16" or "bf16" (bf16 is stored as its 16 raw bits and read back as fp32).
         channel_stride: keep every k-th channel.
-        spatial_stride: keep every k-th row and column of a 4-D map.
+        spatial_stride: keep every k-th row and column (and depth or length step) of a map.
         max_samples: keep only the first ``max_samples`` samples of the capture.
         which: "output" or "input".
+        layout: the tensor's axes, one letter each (N sample, C channel, H height, W width,
+            D depth, T token, L length), e.g. "NHWC" for channels-last; "auto" = NC, NTC, NCHW
+            or NCDHW by rank. It labels the stored axes and tells the strides which axis is which.
 
     Example:
         >>> from torch import nn
@@ -52,17 +106,24 @@ class Activations(Probe):
     spatial_stride: int = 1
     max_samples: int | None = None
     which: str = "output"
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         check_option("activation dtype", self.dtype, STORAGE_DTYPES)
         check_option("activation source", self.which, ["output", "input"])
+        check_layout(self.layout)
+
+    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
+        return layout_labels(self.layout, value)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         t = call.output if self.which == "output" else call.input
         if t is None:
             return {}
         t = _capped(
-            _subsample(t.detach(), self.channel_stride, self.spatial_stride), call, self.max_samples
+            _subsample(t.detach(), self.layout, self.channel_stride, self.spatial_stride),
+            call,
+            self.max_samples,
         )
         if t is None:
             return {}
@@ -81,15 +142,20 @@ class Gradients(Probe):
     channel_stride: int = 1
     spatial_stride: int = 1
     max_samples: int | None = None
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         check_option("gradient dtype", self.dtype, STORAGE_DTYPES)
+        check_layout(self.layout)
+
+    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
+        return layout_labels(self.layout, value)
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         if call.grad_output is None:
             return {}
         g = _capped(
-            _subsample(call.grad_output, self.channel_stride, self.spatial_stride),
+            _subsample(call.grad_output, self.layout, self.channel_stride, self.spatial_stride),
             call,
             self.max_samples,
         )

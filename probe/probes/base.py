@@ -47,6 +47,7 @@ class Call:
     grad_output: torch.Tensor | None = None  # dL/d(output), set before backward()
     grad_input: torch.Tensor | None = None  # dL/d(input), blocks only
     labels: torch.Tensor | None = None  # [N] the batch's labels (model-level probes)
+    next_input: torch.Tensor | None = None  # [1, ...] the sample after this batch (model level)
 
     @property
     def batch_size(self) -> int:
@@ -87,6 +88,10 @@ class Probe:
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         return {}
+
+    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...] | None:
+        """Axis labels of ``quantity`` (sample axis first) for the HDF5 file; default: ``dims``."""
+        return type(self).dims.get(quantity)
 
     def applies_to(self, call: Call) -> bool:
         """Whether this probe has anything to say about ``call`` (default: every call)."""

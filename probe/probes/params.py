@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from probe.losses import check_labels, exact_cross_entropy
 from probe.probes.base import Call, Probe
 from probe.probes.registry import register_probe
 
@@ -25,7 +25,8 @@ __all__ = ["ParamGradNorms"]
 @register_probe
 @dataclass
 class ParamGradNorms(Probe):
-    """Per-sample ||dl_n/dW|| for every parameter tensor W (cross-entropy on the true label).
+    """Per-sample ||dl_n/dW|| for every parameter tensor W (cross-entropy on the true label, with
+    the exact gradient of :func:`probe.losses.exact_cross_entropy`).
 
     Args:
         max_samples: only the first ``max_samples`` samples of the capture (per-sample gradients
@@ -48,9 +49,11 @@ class ParamGradNorms(Probe):
         params = {k: v.detach() for k, v in model.named_parameters()}
         buffers = {k: v.detach() for k, v in model.named_buffers()}
 
+        check_labels(labels[:keep], call.output.shape[1])
+
         def loss(p, x, y):
             out = functional_call(model, (p, buffers), (x[None],))
-            return F.cross_entropy(out.float(), y[None])
+            return exact_cross_entropy(out, y[None], check=False)  # exact for confident samples
 
         with torch.enable_grad():
             grads = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(

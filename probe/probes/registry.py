@@ -34,7 +34,7 @@ def make_probe(spec: str) -> Probe:
 
     Example:
         >>> make_probe("activations:dtype=bf16,max_samples=64")
-        Activations(dtype='bf16', channel_stride=1, spatial_stride=1, max_samples=64, which='output')
+        Activations(dtype='bf16', channel_stride=1, spatial_stride=1, max_samples=64, which='output', layout='auto')
     """
     name, _, args = spec.partition(":")
     if name not in PROBES:  # probes defined beside the engine register themselves on import

@@ -1,10 +1,12 @@
 """On-device statistics: per-sample norms, per-channel moments and gradient norms.
 
-All are computed in float32 inside the hook, so only a few numbers per sample leave the device.
+All are computed inside the hook, so only a few numbers per sample leave the device; low-precision
+tensors (fp16, bf16) are accumulated in float32, float64 tensors stay in float64.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,19 +21,34 @@ __all__ = [
     "per_sample_norm",
     "per_sample_cos",
     "channel_moments",
+    "accumulation_dtype",
 ]
 
 
+def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for fp16/bf16/fp32 inputs, float64 when any input is float64."""
+    return torch.promote_types(
+        torch.float32, functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    )
+
+
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
-    """L2 norm of each sample over all non-batch dims, in float32. [N, ...] -> [N]"""
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float32)
+    """L2 norm of each sample over all non-batch dims (float32, float64 for a float64 input).
+    [N, ...] -> [N]
+
+    Example:
+        >>> per_sample_norm(torch.ones(2, 3, 4, dtype=torch.float64))
+        tensor([3.4641, 3.4641], dtype=torch.float64)
+    """
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=accumulation_dtype(t))
 
 
 def per_sample_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Cosine similarity of each sample's flattened tensors, in float32. [N, ...] x2 -> [N]"""
+    """Cosine similarity of each sample's flattened tensors (precision as :func:`per_sample_norm`).
+    [N, ...] x2 -> [N]"""
     a, b = a.flatten(1), b.flatten(1)
-    if a.dtype != torch.float32 or b.dtype != torch.float32:  # accumulate low precision in fp32
-        a, b = a.float(), b.float()
+    dtype = accumulation_dtype(a, b)
+    a, b = a.to(dtype), b.to(dtype)  # no copy when already in that dtype
     dot = torch.linalg.vecdot(a, b)  # fused multiply-reduce, no [N, D] temporary
     return dot / (per_sample_norm(a) * per_sample_norm(b)).clamp_min(eps)
 
@@ -41,7 +58,7 @@ def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     [N, C, H, W] -> ([N, C], [N, C]); a 2-D [N, C] input has one position (variance 0).
     """
-    t = t.float()
+    t = t.to(accumulation_dtype(t))
     if t.ndim == 2:
         return t, torch.zeros_like(t)
     flat = t.flatten(2)  # [N, C, HW]
@@ -107,10 +124,11 @@ class GradNorms(Probe):
     """Per-sample norms of dL/dy per layer and dL/dx per block, with L = sum of per-sample losses.
 
     In eval mode every sample's loss depends only on that sample, so row n is the gradient of
-    sample n's own loss. For blocks it also records ``cos_f_grad`` = cos(F(x), dL/dy), the
-    iterative-refinement cosine of Jastrzebski et al. (ICLR 2018), negative when a block moves
-    features down the loss gradient. The gradient is taken at the block output, where F is added
-    (it has F's shape also in downsampling blocks, where dL/dx does not).
+    sample n's own loss. For blocks whose F(x) has the shape of x it also records ``cos_f_grad`` =
+    cos(F(x), dL/dx), the iterative-refinement cosine of Jastrzebski et al. (ICLR 2018, Sec. 3:
+    L(x + F(x)) ~ L(x) + F(x)^T dL/dx, so a negative cosine means the block moves its input down
+    the loss gradient). The gradient is the one at the block *input* x, as in the paper; in a
+    downsampling block F(x) and x differ in shape and the cosine is undefined (not recorded).
     """
 
     name: ClassVar[str] = "grad"
@@ -120,8 +138,8 @@ class GradNorms(Probe):
         out = {}
         if call.grad_output is not None:
             out["grad_y_norm"] = per_sample_norm(call.grad_output)
-            if call.block is not None and call.block.f.shape == call.grad_output.shape:
-                out["cos_f_grad"] = per_sample_cos(call.block.f, call.grad_output)
         if call.grad_input is not None:
             out["grad_x_norm"] = per_sample_norm(call.grad_input)
+            if call.block is not None and call.block.f.shape == call.grad_input.shape:
+                out["cos_f_grad"] = per_sample_cos(call.block.f, call.grad_input)
         return out

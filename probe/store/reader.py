@@ -16,7 +16,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.stats import Moments
-from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, is_compatible
+from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels, is_compatible
 
 __all__ = ["CaptureReader", "H5Capture", "MemoryCapture", "open_capture"]
 
@@ -44,6 +44,10 @@ class CaptureReader:
 
     def has(self, layer: str, quantity: str) -> bool:
         return layer in self.layers and quantity in self.quantities(layer)
+
+    def dim_labels(self, layer: str, quantity: str) -> tuple[str, ...]:
+        """Axis labels of a quantity, sample axis first (e.g. sample, channel, height, width)."""
+        raise NotImplementedError
 
     @property
     def config(self) -> dict:
@@ -179,6 +183,9 @@ class H5Capture(CaptureReader):
     def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
         return tuple(self.dataset(layer, quantity).shape)
 
+    def dim_labels(self, layer: str, quantity: str) -> tuple[str, ...]:
+        return tuple(d.label for d in self.dataset(layer, quantity).dims)
+
     def layer_attrs(self, layer: str) -> dict:
         self._check_layer(layer)
         return dict(self._f[f"{LAYERS}/{layer}"].attrs)
@@ -203,8 +210,9 @@ class MemoryCapture(CaptureReader):
         sample_index: np.ndarray,
         labels: np.ndarray,
         attrs: dict,
+        dims: dict[tuple[str, str], tuple[str, ...]] | None = None,
     ) -> None:
-        self._data, self._layer_attrs = data, layer_attrs
+        self._data, self._layer_attrs, self._dims = data, layer_attrs, dict(dims or {})
         self._sample_index, self._labels = sample_index, labels
         self.attrs = attrs
         self.layers = list(data)
@@ -224,6 +232,10 @@ class MemoryCapture(CaptureReader):
 
     def shape(self, layer: str, quantity: str) -> tuple[int, ...]:
         return tuple(self.read(layer, quantity).shape)
+
+    def dim_labels(self, layer: str, quantity: str) -> tuple[str, ...]:
+        ndim = self.read(layer, quantity).ndim
+        return self._dims.get((layer, quantity)) or default_dim_labels(ndim)
 
     def layer_attrs(self, layer: str) -> dict:
         self._check_layer(layer)

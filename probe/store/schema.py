@@ -13,7 +13,14 @@ Layout::
 
 from __future__ import annotations
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SUPPORTED_MAJOR", "LAYERS", "is_compatible"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SUPPORTED_MAJOR",
+    "LAYERS",
+    "is_compatible",
+    "default_dim_labels",
+]
 
 FORMAT = "resprobe-capture"
 FORMAT_VERSION = "1.0.0"  # semantic version: readers accept the same major version
@@ -26,3 +33,8 @@ def is_compatible(version: str) -> bool:
         return int(str(version).split(".")[0]) == SUPPORTED_MAJOR
     except ValueError:
         return False
+
+
+def default_dim_labels(ndim: int) -> tuple[str, ...]:
+    """Labels of a quantity whose probe declares none: ``sample`` then ``dim1``, ``dim2``, ..."""
+    return ("sample", *(f"dim{i}" for i in range(1, ndim)))

@@ -1,7 +1,7 @@
 """Join per-process shards of one capture into an index file of HDF5 virtual datasets.
 
-Each process writes its own complete capture file (``capture(..., shard=(rank, count))``) over
-its own samples; :func:`join_shards` then writes an index whose every dataset is a virtual
+Each process writes its own complete capture file (``capture(..., shard=(rank, count),
+sample_offset=<samples in earlier shards>)``) over its own samples; :func:`join_shards` then writes an index whose every dataset is a virtual
 dataset mapping one source per shard (a handful of mappings, which keeps reads fast). Source paths
 are stored relative to the index file, so the folder can be moved as a whole. The reader checks
 that every shard is still present and complete (a missing source would silently read as fill
@@ -25,6 +25,40 @@ from probe.store.schema import LAYERS
 __all__ = ["join_shards"]
 
 
+# Probe fields that cap the samples a probe records ("the first max_samples of the capture").
+_CAP_FIELDS = ("max_samples", "spectrum_samples")
+
+
+def _caps(cap: H5Capture) -> list[str]:
+    """'probe.field=value' for every sample cap of the probes that wrote ``cap``."""
+    probes = json.loads(cap.attrs.get("config", "{}")).get("probes", [])
+    return [
+        f"{p.get('probe')}.{k}={p[k]}"
+        for p in probes
+        if isinstance(p, dict)
+        for k in _CAP_FIELDS
+        if p.get(k) is not None
+    ]
+
+
+def _check_offsets(caps: list[H5Capture]) -> None:
+    """Shards with sample caps must have been captured at their position in the joined order:
+    a shard that counted its cap from 0 holds rows of samples beyond the joined capture's cap."""
+    start = 0
+    for cap in caps:
+        offset = int(cap.attrs.get("sample_offset", 0))
+        limits = _caps(cap)
+        if offset != start and limits:
+            raise ProbeError(
+                f"Shard {cap.path} was captured with sample_offset={offset}, but the shards before "
+                f"it hold {start} samples. Its probes cap samples ({', '.join(limits[:3])}), which "
+                f"count from sample_offset, so joining would keep rows past the cap. Capture it "
+                f"again with probe.capture(..., sample_offset={start}), or give the shards in rank "
+                "order."
+            )
+        start += len(cap.sample_index())
+
+
 def _fill(dtype: np.dtype):
     return np.nan if np.issubdtype(dtype, np.floating) else -1
 
@@ -40,6 +74,7 @@ def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
         raise ProbeError("join_shards needs at least one shard file.")
     caps = [H5Capture(s) for s in shards]  # validates format, version and completeness
     try:
+        _check_offsets(caps)
         first = caps[0]
         keys = {(l, q) for l in first.layers for q in first.quantities(l)}
         for cap in caps[1:]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError, check_option
-from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS
+from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels
 
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
 
@@ -127,7 +127,7 @@ class H5Writer:
         attrs: dict | None = None,
         options: WriterOptions | None = None,
         layer_attrs: dict[str, dict] | None = None,
-        dims: dict[str, tuple[str, ...]] | None = None,
+        dims: dict[str | tuple[str, str], tuple[str, ...]] | None = None,
     ) -> None:
         self.path = Path(path)
         self.options = options or WriterOptions()
@@ -265,7 +265,7 @@ class H5Writer:
             chunks=(rows, *feat),
             **self._filters,
         )
-        labels = self.dims.get(q) or ("sample", *(f"dim{i}" for i in range(1, arr.ndim)))
+        labels = self.dims.get((layer, q)) or self.dims.get(q) or default_dim_labels(arr.ndim)
         for i, label in enumerate(labels[: arr.ndim]):
             dset.dims[i].label = label
         if self._encodings.get(key):

@@ -124,7 +124,8 @@ def test_segment_spectrum_matches_exact_input_to_logit_jacobian():
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
     J = exact_jacobian(model, x).detach()
     out = segment_spectrum(model, x, None, None, n_probes=256, top_k=1, iters=40)
-    exact_msv = (J**2).sum((1, 2)) / J.shape[2]
+    # The mean over the min(d_in, d_out) = 3 singular values of the 3 x 16 Jacobian.
+    exact_msv = (torch.linalg.svdvals(J) ** 2).mean(1)
     assert torch.all((out["msv"] - exact_msv).abs() <= 4 * out["msv_se"] + 1e-12)
     assert torch.allclose(out["top_sv"][:, 0], torch.linalg.svdvals(J)[:, 0], rtol=1e-3)
 
@@ -147,8 +148,9 @@ def test_segment_probe_matches_exact_jacobians():
     with torch.no_grad():
         h = segment(model, None, "stages.1.0")(x)
     j_out = exact_jacobian(segment(model, "stages.1.0", None), h).detach()
-    exact_in = (j_in**2).sum((1, 2)) / j_in.shape[2]
-    exact_out = (j_out**2).sum((1, 2)) / j_out.shape[2]
+    # Mean squared singular value: over the min(d_in, d_out) singular values of each Jacobian.
+    exact_in = (torch.linalg.svdvals(j_in) ** 2).mean(1)
+    exact_out = (torch.linalg.svdvals(j_out) ** 2).mean(1)
     k = 2  # boundaries: stem, stages.0.0, stages.1.0, stages.2.0
     assert torch.allclose(
         torch.from_numpy(cap.read("model", "seg_in_msv")[:, k]).double(), exact_in, rtol=0.2
