@@ -59,6 +59,34 @@ def _check_offsets(caps: list[H5Capture]) -> None:
         start += len(cap.sample_index())
 
 
+def _joined_keys(caps: list[H5Capture]) -> set[tuple[str, str]]:
+    """Every (layer, quantity) of the joined capture, after checking that the shards are parts of
+    one capture: the same probes, and each dataset held by a prefix of the shards in which every
+    shard but the last holds all of its samples. A capped probe's rows end in one shard and the
+    shards after it hold none (their samples lie past the cap); any other pattern would leave
+    rows that are not the first rows of the joined sample order."""
+    first = caps[0]
+    for cap in caps[1:]:
+        if cap.config.get("probes") != first.config.get("probes"):
+            raise ProbeError(
+                f"Shard {cap.path} holds different datasets than {first.path}: it was captured "
+                "with other probes. Shards of one capture need the same --probe settings."
+            )
+    held = [{(l, q) for l in c.layers for q in c.quantities(l)} for c in caps]
+    keys = set().union(*held)
+    for key in sorted(keys):
+        owners = [i for i, h in enumerate(held) if key in h]
+        full = [len(caps[i].sample_index()) == caps[i].shape(*key)[0] for i in owners[:-1]]
+        if owners != list(range(len(owners))) or not all(full):
+            raise ProbeError(
+                f"Shards hold different datasets: {key[0]}/{key[1]} is in shards {owners} of "
+                f"{len(caps)} ({', '.join(str(c.path) for c in caps[:2])} ...), which is not the "
+                "first rows of the joined capture. Shards must be captured by the same model and "
+                "probes, each with its sample_offset."
+            )
+    return keys
+
+
 def _fill(dtype: np.dtype):
     return np.nan if np.issubdtype(dtype, np.floating) else -1
 
@@ -75,15 +103,7 @@ def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     caps = [H5Capture(s) for s in shards]  # validates format, version and completeness
     try:
         _check_offsets(caps)
-        first = caps[0]
-        keys = {(l, q) for l in first.layers for q in first.quantities(l)}
-        for cap in caps[1:]:
-            other = {(l, q) for l in cap.layers for q in cap.quantities(l)}
-            if other != keys:
-                diff = sorted(keys ^ other)[:3]
-                raise ProbeError(
-                    f"Shard {cap.path} holds different datasets than {first.path} (e.g. {diff})."
-                )
+        keys = _joined_keys(caps)
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         rel = [os.path.relpath(Path(c.path).resolve(), out.resolve().parent) for c in caps]
         try:
@@ -113,19 +133,22 @@ def _write_index(
         )
         names = ["sample_index", "labels"] + [f"{LAYERS}/{l}/{q}" for l, q in sorted(keys)]
         for name in names:
-            dsets = [c.node(name) for c in caps]
-            feat, dtype = dsets[0].shape[1:], dsets[0].dtype
-            if any(d.shape[1:] != feat or d.dtype != dtype for d in dsets):
+            parts = [(p, c.node(name)) for p, c in zip(rel, caps) if name in c.node("/")]
+            feat, dtype = parts[0][1].shape[1:], parts[0][1].dtype
+            if any(d.shape[1:] != feat or d.dtype != dtype for _, d in parts):
                 raise ProbeError(f"Shards disagree on the shape or dtype of {name}.")
-            layout = h5py.VirtualLayout(shape=(sum(d.shape[0] for d in dsets), *feat), dtype=dtype)
+            rows = sum(d.shape[0] for _, d in parts)
+            layout = h5py.VirtualLayout(shape=(rows, *feat), dtype=dtype)
             start = 0
-            for path, d in zip(rel, dsets):
+            for path, d in parts:
                 layout[start : start + d.shape[0]] = h5py.VirtualSource(path, name, shape=d.shape)
                 start += d.shape[0]
             vds = f.create_virtual_dataset(name, layout, fillvalue=_fill(dtype))
-            for k, v in dsets[0].attrs.items():
+            for k, v in parts[0][1].attrs.items():
                 if k not in ("DIMENSION_LIST", "REFERENCE_LIST"):  # dimension scales: per file
                     vds.attrs[k] = v
+            for i, dim in enumerate(parts[0][1].dims):  # axis labels are not attributes
+                vds.dims[i].label = dim.label
         for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
-            f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))
+            f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))  # shard 0 holds all
         f.attrs["complete"] = True
