@@ -21,7 +21,7 @@ from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
 from analyses.signal import model_level_table, shattered_table, signal_propagation
-from analyses.tidy import COLUMNS, run_key
+from analyses.tidy import COLUMNS, check_poolable, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 
@@ -70,7 +70,9 @@ def _open(source: str | os.PathLike | CaptureReader) -> CaptureReader:
 
 
 def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
-    """Every measure of every capture as one tidy table."""
+    """Every measure of every capture as one tidy table (refuses captures it would pool wrongly,
+    see :func:`analyses.tidy.check_poolable`)."""
+    check_poolable(caps)
     parts = []
     for cap in caps:
         for fn in (

@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 import pandas as pd
 
+from probe.errors import ProbeError
 from probe.store.reader import CaptureReader
 
-__all__ = ["COLUMNS", "run_key", "stage_of", "frame", "row", "per_layer", "nan_ci"]
+__all__ = ["COLUMNS", "run_key", "identified", "check_poolable", "stage_of", "frame", "row", "per_layer", "nan_ci"]
 
 COLUMNS = [
     "model",
@@ -32,8 +33,26 @@ COLUMNS = [
 _STAGE = re.compile(r"(?:stages|layer)\.?(\d+)")
 
 
+def identified(cap: CaptureReader) -> bool:
+    """Whether the capture says which model it is (a zoo config, a checkpoint or a ``name=``),
+    not only its class name."""
+    prov = cap.provenance
+    return bool(prov.get("model_name") or prov.get("model_config"))
+
+
+def _block_residual(cap: CaptureReader) -> bool | None:
+    """Residual or plain, read from the captured blocks' own flags (None: no block captured)."""
+    flags = {int(cap.layer_attrs(l).get("residual", -1)) for l in cap.layers if l != "model"}
+    flags.discard(-1)
+    return None if not flags else 1 in flags
+
+
 def run_key(cap: CaptureReader) -> dict:
-    """model, depth, residual, seed and checkpoint (epoch) of the run a capture was taken from."""
+    """model, depth, residual, seed and checkpoint (epoch) of the run a capture was taken from.
+
+    The model's configuration decides (zoo models and checkpoints record it); without one the
+    residual flag comes from the captured blocks, and depth from a trailing number in the name.
+    """
     prov = cap.provenance
     cfg = prov.get("model_config") or {}
     name = prov.get("model_name") or prov.get("model_type", "model")
@@ -42,6 +61,8 @@ def run_key(cap: CaptureReader) -> dict:
         m = re.search(r"(\d+)$", str(name))
         depth = int(m.group(1)) if m else -1
     residual = cfg.get("residual")
+    if residual is None:
+        residual = _block_residual(cap)
     if residual is None:
         residual = not str(name).startswith(("plain", "preplain"))
     epoch = prov.get("epoch")
@@ -52,6 +73,39 @@ def run_key(cap: CaptureReader) -> dict:
         "seed": int(prov.get("seed") or 0),
         "checkpoint": -1 if epoch is None else int(epoch),
     }
+
+
+def check_poolable(caps: list[CaptureReader] | tuple) -> None:
+    """Refuse captures whose rows one table would pool wrongly: several captures when any of
+    them does not say which model it is, or two captures of one run (model, seed, checkpoint)
+    that both hold the same quantity of the same layer (e.g. two splits of one checkpoint)."""
+    if len(caps) < 2:
+        return
+    anonymous = [_where(c) for c in caps if not identified(c)]
+    if anonymous:
+        raise ProbeError(
+            f"Cannot analyse {len(caps)} captures together: {', '.join(anonymous[:3])} do(es) not "
+            "say which model it is (only its class), so different models would share one label. "
+            "Name each capture: probe.capture(model, data, ..., name='plain20')."
+        )
+    owner: dict[tuple, CaptureReader] = {}
+    for cap in caps:
+        key = run_key(cap)
+        ident = (key["model"], key["seed"], key["checkpoint"])
+        for layer in cap.layers:
+            for q in cap.quantities(layer):
+                first = owner.setdefault((*ident, layer, q), cap)
+                if first is not cap:
+                    raise ProbeError(
+                        f"Captures {_where(first)} and {_where(cap)} are both {key['model']} seed "
+                        f"{key['seed']} epoch {key['checkpoint']} and both hold {layer}/{q}: one "
+                        "table would pool their rows. Analyse them separately, or give them "
+                        "different names (probe.capture(..., name=...))."
+                    )
+
+
+def _where(cap: CaptureReader) -> str:
+    return str(getattr(cap, "path", "<in-memory capture>"))
 
 
 def stage_of(layer: str) -> int:

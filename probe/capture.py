@@ -50,6 +50,17 @@ def _batches(
         yield x, y, idx
 
 
+def model_identity(model: nn.Module) -> dict:
+    """``model_name`` and ``model_config`` of a zoo model (from its NetConfig); {} otherwise."""
+    from probe.zoo.cifar_resnet import NetConfig
+    from probe.zoo.registry import model_name
+
+    config = getattr(model, "config", None)
+    if not isinstance(config, NetConfig):
+        return {}
+    return {"model_name": model_name(config), "model_config": config.to_dict()}
+
+
 def _limited(batches: Iterable[tuple], limit: int | None) -> Iterable[tuple]:
     """The batches cut so that at most ``limit`` samples come out (``None``: all)."""
     seen = 0
@@ -118,6 +129,7 @@ def capture(
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
     sample_offset: int = 0,
+    name: str | None = None,
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -131,12 +143,17 @@ def capture(
         compression: ``None`` (default), ``"zstd"`` or ``"gzip"`` -- lossless.
         shard: ``(rank, count)`` when this process writes one shard of a larger capture (give
             ``data`` with its global ``sample_index``); join the files with ``probe.join_shards``.
+        name: the run's label in tables and figures (``model_name`` in the provenance). Zoo models
+            default to their registry name and configuration (``plain20`` with its NetConfig);
+            other models have no default -- name them, so captures of different models are
+            never pooled under one label.
         sample_offset: position of this capture's first sample in the joined capture (for a shard:
             the number of samples in the shards before it). Sample caps (``max_samples``) and
             per-sample random probes count from it, so shards joined in rank order hold exactly
             the rows and values of one capture over all samples.
 
-    The model's training flags, grad mode and outputs are unchanged; hooks are removed and a
+    The model's training flags, buffers (BN running statistics, also after a train-mode capture),
+    grad mode and outputs are unchanged; hooks are removed and a
     partially written file is deleted on any error.
     """
     if not probes:
@@ -162,8 +179,13 @@ def capture(
         "revision": code_revision(),
         "command": command_line(),
         "model_type": type(model).__name__,
+        **model_identity(model),
         **(provenance or {}),
     }
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise ProbeError(f"name must be a non-empty string; got {name!r}.")
+        meta["model_name"] = name
     attrs = {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
     if shard is not None:
         rank, count = shard
