@@ -14,7 +14,17 @@ import pandas as pd
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader
 
-__all__ = ["COLUMNS", "run_key", "identified", "check_poolable", "stage_of", "frame", "row", "per_layer", "nan_ci"]
+__all__ = [
+    "COLUMNS",
+    "run_key",
+    "identified",
+    "check_poolable",
+    "stage_of",
+    "frame",
+    "row",
+    "per_layer",
+    "nan_ci",
+]
 
 COLUMNS = [
     "model",

@@ -28,7 +28,9 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     model, meta, _ = load_for_capture(args.checkpoint, "cpu")
     model = model.double()
-    x = next(iter(capture_loader(dataset_for(meta, None), "test", args.images, "cpu", args.images)))[0]
+    x = next(
+        iter(capture_loader(dataset_for(meta, None), "test", args.images, "cpu", args.images))
+    )[0]
     h = x.double()
     gaps: dict[int, list[float]] = {k: [] for k in steps}
     with torch.no_grad():

@@ -83,6 +83,14 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | None) -> tuple[list[Lay
     return infos, unknown
 
 
+def _version(t: torch.Tensor | None) -> int | None:
+    """The tensor's in-place version counter (None for no tensor / inference-mode tensors)."""
+    try:
+        return None if t is None else t._version
+    except RuntimeError:
+        return None
+
+
 def _first_tensor(obj: object) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor):
         return obj
@@ -196,6 +204,9 @@ class HookSession:
             branch, shortcut = info.spec.resolve(info.module)
             clone = info.spec.clone_branch or bool(self.inplace)
             self._handles.append(
+                info.module.register_forward_pre_hook(self._on_entry(info), with_kwargs=True)
+            )
+            self._handles.append(
                 branch.register_forward_hook(self._stash("_branch_out", info.name, clone))
             )
             if shortcut is not None:
@@ -208,7 +219,35 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if not self._suspended:
                 t = _first_tensor(output)
-                getattr(self, store)[name] = t.clone() if clone and t is not None else t
+                t = t.clone() if clone and t is not None else t
+                getattr(self, store)[name] = t
+                # Version counters tell, at the block's output, whether the stored tensor was
+                # overwritten in place since (a functional ``out += x`` without clone_branch).
+                self._versions[(store, name)] = _version(t)
+                if store == "_branch_out":
+                    self._branch_calls[name] += 1
+
+        return hook
+
+    def _on_entry(self, info: LayerInfo):
+        """Pre-hook of a block: its input x (positional, or the one tensor keyword) and x's version."""
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._suspended:
+                return
+            x = _first_tensor(args)
+            if x is None:
+                tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+                if len(tensors) != 1:
+                    raise ProbeError(
+                        f"Block {info.name!r} ({type(module).__name__}) was called without a "
+                        f"positional tensor and with {len(tensors)} tensor keywords "
+                        f"({', '.join(tensors) or 'none'}), so its input x is ambiguous. Call it "
+                        "with x first, or select its submodules with layers=... instead."
+                    )
+                x = next(iter(tensors.values()))
+            self._entry[info.name] = (x, _version(x))
+            self._branch_calls[info.name] = 0
 
         return hook
 
@@ -217,13 +256,33 @@ class HookSession:
         self._counts[name] += 1
         return name if k == 0 else f"{name}@{k}"
 
-    def _block_tensors(self, info: LayerInfo, x: torch.Tensor, y: torch.Tensor) -> BlockTensors:
+    def _block_tensors(self, info: LayerInfo, y: torch.Tensor) -> BlockTensors:
         branch, shortcut = info.spec.resolve(info.module)
+        x, x_version = self._entry.pop(info.name, (None, None))
         f = self._branch_out.pop(info.name, None)
         s = self._shortcut_out.pop(info.name, None)
+        where = f"block {info.name!r} ({type(info.module).__name__})"
         if f is None:
             raise ProbeError(
-                f"Branch {type(branch).__name__} of block {info.name!r} did not run during its forward."
+                f"Branch {type(branch).__name__} of {where} did not run during its forward."
+            )
+        calls = self._branch_calls.pop(info.name, 0)
+        if calls > 1:
+            raise ProbeError(
+                f"The branch {type(branch).__name__} of {where} ran {calls} times in one forward, "
+                "so F(x) is ambiguous (only one output could be stored). Point the adapter's "
+                "branch at a module that runs once per call (probe.register_residual)."
+            )
+        if _version(x) != x_version:
+            raise ProbeError(
+                f"{where} modified its input in place (e.g. 'x += f(x)'), so S(x) = x cannot be read "
+                "after its forward. Use an out-of-place add ('x = x + f(x)') in the block."
+            )
+        if _version(f) != self._versions.get(("_branch_out", info.name)):
+            raise ProbeError(
+                f"The branch output F(x) of {where} was modified in place after it was computed "
+                "(e.g. 'out += identity'). Declare the block with "
+                "ResidualSpec(..., clone_branch=True) so the capture copies F(x) first."
             )
         if s is None:
             if shortcut is None or isinstance(shortcut, nn.Identity):
@@ -240,9 +299,9 @@ class HookSession:
             y = _first_tensor(output)
             if y is None:
                 return
-            x = _first_tensor(args)
             key = self._key(info.name)
-            block = self._block_tensors(info, x, y) if info.spec is not None else None
+            block = self._block_tensors(info, y) if info.spec is not None else None
+            x = block.x if block is not None else _first_tensor(args)
             self.shapes.setdefault(
                 key,
                 (
@@ -310,6 +369,9 @@ class HookSession:
         self._calls: list[Call] = []
         self._branch_out: dict[str, torch.Tensor] = {}
         self._shortcut_out: dict[str, torch.Tensor] = {}
+        self._entry: dict[str, tuple[torch.Tensor | None, int | None]] = {}
+        self._versions: dict[tuple[str, str], int | None] = {}
+        self._branch_calls: dict[str, int] = defaultdict(int)
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -374,6 +436,7 @@ class HookSession:
             self._calls = []  # drop references to the graph and activations
             self._branch_out.clear()
             self._shortcut_out.clear()
+            self._entry.clear()
 
     def layer_info(self, key: str) -> LayerInfo:
         """The :class:`LayerInfo` behind a result key (``name`` or ``name@k``)."""

@@ -7,58 +7,13 @@ from typing import ClassVar
 
 import torch
 
-from probe.errors import ProbeError, check_option
+from probe.errors import check_option
 from probe.probes.base import Call, Probe
+from probe.probes.layout import STRIDED, check_layout, layout_labels, resolve_layout
 
 __all__ = ["Activations", "Gradients", "STORAGE_DTYPES"]
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-# One letter per axis, sample axis first. "auto" picks the usual layout for a tensor's rank:
-# [N, C] features, [N, T, C] tokens (transformers), [N, C, H, W] and [N, C, D, H, W] maps.
-AXIS_NAMES = {
-    "N": "sample",
-    "C": "channel",
-    "H": "height",
-    "W": "width",
-    "D": "depth",
-    "T": "token",
-    "L": "length",
-}
-AUTO_LAYOUTS = {2: "NC", 3: "NTC", 4: "NCHW", 5: "NCDHW"}
-_STRIDED = set("HWDL")  # spatial axes that spatial_stride thins (tokens are kept)
-
-
-def check_layout(layout: str) -> None:
-    """Raise :class:`ProbeError` unless ``layout`` is "auto" or axis letters starting with N."""
-    ok = layout == "auto" or (
-        layout[:1] == "N"
-        and set(layout) <= set(AXIS_NAMES)
-        and len(set(layout)) == len(layout)
-        and layout.count("C") <= 1
-    )
-    if not ok:
-        raise ProbeError(
-            f"Invalid layout {layout!r}: give 'auto' or one letter per axis starting with N, from "
-            f"{', '.join(f'{k}={v}' for k, v in AXIS_NAMES.items())} (e.g. NCHW, NHWC, NTC, NCL)."
-        )
-
-
-def resolve_layout(layout: str, t: torch.Tensor) -> str:
-    """The layout letters for ``t``; ``ProbeError`` when they do not match its rank."""
-    letters = AUTO_LAYOUTS.get(t.ndim, "N" + "?" * (t.ndim - 1)) if layout == "auto" else layout
-    if len(letters) != t.ndim:
-        raise ProbeError(
-            f"Layout {layout!r} has {len(letters)} axes but the tensor has shape "
-            f"{tuple(t.shape)}; give layout=... with one letter per axis (e.g. NHWC)."
-        )
-    return letters
-
-
-def layout_labels(layout: str, t: torch.Tensor) -> tuple[str, ...]:
-    """HDF5 axis labels for ``t`` stored in ``layout``, e.g. sample, channel, height, width."""
-    letters = resolve_layout(layout, t)
-    return tuple(AXIS_NAMES.get(c, f"dim{i}") for i, c in enumerate(letters))
 
 
 def _subsample(
@@ -69,7 +24,7 @@ def _subsample(
     for i, c in enumerate(letters):
         if c == "C" and channel_stride > 1:
             index[i] = slice(None, None, channel_stride)
-        elif c in _STRIDED and spatial_stride > 1:
+        elif c in STRIDED and spatial_stride > 1:
             index[i] = slice(None, None, spatial_stride)
     return t[tuple(index)]
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from probe.probes.base import Call, Probe
+from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
     "ResidualNorms",
@@ -53,15 +54,23 @@ def per_sample_cos(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> torc
     return dot / (per_sample_norm(a) * per_sample_norm(b)).clamp_min(eps)
 
 
-def channel_moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and population variance over spatial positions.
+def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and population variance over all other positions.
 
-    [N, C, H, W] -> ([N, C], [N, C]); a 2-D [N, C] input has one position (variance 0).
+    [N, C, H, W] -> ([N, C], [N, C]); ``layout`` names the axes (see :mod:`probe.probes.layout`;
+    "auto" reads [N, T, C] tokens as channel-last); a 2-D [N, C] input has one position
+    (variance 0).
+
+    Example:
+        >>> tokens = torch.arange(12.0).reshape(1, 3, 4)  # [N, T, C]
+        >>> channel_moments(tokens, "auto")[0]
+        tensor([[4., 5., 6., 7.]])
     """
     t = t.to(accumulation_dtype(t))
+    t = t.movedim(channel_axis(layout, t), 1)  # a view; no-op for channel-first tensors
     if t.ndim == 2:
         return t, torch.zeros_like(t)
-    flat = t.flatten(2)  # [N, C, HW]
+    flat = t.flatten(2)  # [N, C, positions]
     var, mean = torch.var_mean(flat, dim=2, correction=0)
     return mean, var
 
@@ -100,6 +109,9 @@ class ResidualNorms(Probe):
 class ChannelStats(Probe):
     """Per-sample, per-channel mean and variance over H x W of the output (and of F(x) for blocks).
 
+    ``layout`` says which axis is the channel: "auto" (default) takes axis 1 of [N, C, H, W] and
+    [N, C] and the last axis of [N, T, C] token tensors; give "NHWC" for channels-last maps.
+
     Merged exactly over the dataset (:class:`probe.stats.Moments`), they give the signal-propagation
     statistics of Brock et al. (ICLR 2021) -- average channel squared mean and average channel
     variance -- and the layer-response std of He et al. (2016, Fig. 7), pooled and per channel.
@@ -110,12 +122,16 @@ class ChannelStats(Probe):
         q: ("sample", "channel")
         for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
     }
+    layout: str = "auto"  # axes of the output, e.g. NHWC for channels-last (probe.probes.layout)
+
+    def __post_init__(self) -> None:
+        check_layout(self.layout)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        mean, var = channel_moments(call.output)
+        mean, var = channel_moments(call.output, self.layout)
         out = {"channel_mean": mean, "channel_var": var}
         if call.block is not None:
-            out["f_channel_mean"], out["f_channel_var"] = channel_moments(call.block.f)
+            out["f_channel_mean"], out["f_channel_var"] = channel_moments(call.block.f, self.layout)
         return out
 
 

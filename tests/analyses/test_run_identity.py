@@ -20,17 +20,26 @@ def _zoo(name):
     return probe.zoo.create(name, in_channels=1, width=4).eval()
 
 
-@pytest.mark.parametrize("name,residual", [("plain20", False), ("resnet20", True), ("preplain8", False)])
+@pytest.mark.parametrize(
+    "name,residual", [("plain20", False), ("resnet20", True), ("preplain8", False)]
+)
 def test_a_zoo_model_captured_from_a_script_carries_its_own_identity(name, residual):
     cap = probe.capture(_zoo(name), _batch(), probes=[probe.ResidualNorms()])
     key = run_key(cap)
-    assert (key["model"], key["depth"], key["residual"]) == (name, int(name[-2:].lstrip("n")), residual)
+    assert (key["model"], key["depth"], key["residual"]) == (
+        name,
+        int(name[-2:].lstrip("n")),
+        residual,
+    )
     table = analyses.residual_magnitude(cap)
     assert set(table["model"]) == {name} and set(table["residual"]) == {residual}
 
 
 def test_plain_and_residual_captures_stay_apart_in_one_table():
-    caps = [probe.capture(_zoo(n), _batch(), probes=[probe.ResidualNorms()]) for n in ("plain8", "resnet8")]
+    caps = [
+        probe.capture(_zoo(n), _batch(), probes=[probe.ResidualNorms()])
+        for n in ("plain8", "resnet8")
+    ]
     table = measure_table(caps)
     assert table.groupby("model")["residual"].unique().map(list).to_dict() == {
         "plain8": [False],
@@ -48,7 +57,9 @@ class _Block(nn.Module):
 
 
 def _user_model():
-    probe.register_residual(_Block, probe.ResidualSpec(branch="f", shortcut=None, clone_branch=False))
+    probe.register_residual(
+        _Block, probe.ResidualSpec(branch="f", shortcut=None, clone_branch=False)
+    )
     return nn.Sequential(_Block(), _Block(), nn.Flatten(), nn.Linear(64, 10)).eval()
 
 
@@ -58,7 +69,9 @@ def test_name_labels_a_user_model_and_its_blocks_say_it_is_residual():
 
 
 def test_captures_that_do_not_say_which_model_they_are_are_not_pooled():
-    caps = [probe.capture(_user_model(), _batch(), probes=[probe.ResidualNorms()]) for _ in range(2)]
+    caps = [
+        probe.capture(_user_model(), _batch(), probes=[probe.ResidualNorms()]) for _ in range(2)
+    ]
     with pytest.raises(ProbeError, match="name="):
         measure_table(caps)
 

@@ -1,0 +1,132 @@
+"""Blocks whose residual split cannot be read correctly stop the capture with a ProbeError that
+names the block, instead of giving wrong numbers."""
+
+import pytest
+import torch
+from torch import nn
+
+import probe
+from probe.errors import ProbeError
+
+
+class InPlaceInput(nn.Module):
+    """x += f(x): after the forward, x already holds y."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        x += self.f(x)
+        return x
+
+
+class InPlaceBranch(nn.Module):
+    """out = f(x); out += x: the stored F(x) becomes y unless it was copied."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        out = self.f(x)
+        out += x
+        return torch.relu(out)
+
+
+class TwiceBranch(nn.Module):
+    """The branch module runs twice per call (shared weights), so F(x) is ambiguous."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.f(torch.relu(self.f(x)))
+
+
+class KeywordInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, *, hidden, scale=None):
+        return hidden + self.f(hidden)
+
+
+class KeywordNet(nn.Module):
+    def __init__(self, two=False):
+        super().__init__()
+        self.block = KeywordInput()
+        self.two = two
+
+    def forward(self, x):
+        return self.block(hidden=x, scale=x if self.two else None).flatten(1)
+
+
+def _register(cls, clone=False):
+    probe.register_residual(cls, probe.ResidualSpec(branch="f", shortcut=None, clone_branch=clone))
+
+
+def _x():
+    return torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "cls,match",
+    [(InPlaceInput, "modified its input in place"), (TwiceBranch, "ran 2 times")],
+)
+def test_unreadable_blocks_raise_and_name_the_block(cls, match):
+    _register(cls)
+    model = nn.Sequential(cls())
+    with pytest.raises(ProbeError, match=match) as e:
+        probe.capture(model, [_x()], probes=[probe.ResidualNorms()])
+    assert "'0'" in str(e.value)
+    assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks  # hooks removed
+
+
+def test_in_place_branch_without_clone_raises_and_with_clone_is_right():
+    _register(InPlaceBranch, clone=False)
+    model = nn.Sequential(InPlaceBranch()).eval()
+    with pytest.raises(ProbeError, match="clone_branch=True"):
+        probe.capture(model, [_x()], probes=[probe.ResidualNorms()])
+    _register(InPlaceBranch, clone=True)
+    cap = probe.capture(model, [_x()], probes=[probe.ResidualNorms()])
+    with torch.no_grad():
+        f = model[0].f(_x())
+    assert torch.allclose(torch.from_numpy(cap.read("0", "f_norm")), f.flatten(1).norm(dim=1))
+
+
+def test_a_block_called_with_its_input_as_a_keyword_is_measured():
+    _register(KeywordInput)
+    model = KeywordNet().eval()
+    cap = probe.capture(model, [_x()], probes=[probe.ResidualNorms()])
+    x = _x()
+    assert torch.allclose(torch.from_numpy(cap.read("block", "s_norm")), x.flatten(1).norm(dim=1))
+
+
+def test_a_block_with_two_tensor_keywords_is_refused():
+    _register(KeywordInput)
+    with pytest.raises(ProbeError, match="ambiguous"):
+        probe.capture(KeywordNet(two=True), [_x()], probes=[probe.ResidualNorms()])
+
+
+@pytest.mark.parametrize(
+    "shape,layout,axis",
+    [
+        ((3, 5, 8), "auto", 2),
+        ((3, 4, 4, 8), "NHWC", 3),
+        ((3, 8, 4, 4), "auto", 1),
+        ((3, 8, 6), "NCL", 1),
+    ],
+)
+def test_channel_statistics_reduce_over_everything_but_the_layouts_channel_axis(
+    shape, layout, axis
+):
+    t = torch.randn(*shape, dtype=torch.float64)
+    call = probe.Call("l", nn.Identity(), None, t, 0)
+    out = probe.ChannelStats(layout=layout).forward(call)
+    moved = t.movedim(axis, -1).reshape(shape[0], -1, shape[axis]).numpy()  # [N, positions, C]
+    assert out["channel_mean"].shape == (shape[0], shape[axis])
+    assert torch.allclose(out["channel_mean"], torch.from_numpy(moved.mean(1)))
+    assert torch.allclose(out["channel_var"], torch.from_numpy(moved.var(1)))
