@@ -213,7 +213,9 @@ class HookSession:
                 self._handles.append(
                     shortcut.register_forward_hook(self._stash("_shortcut_out", info.name, clone))
                 )
-        self._handles.append(info.module.register_forward_hook(self._on_forward(info)))
+        self._handles.append(
+            info.module.register_forward_hook(self._on_forward(info), with_kwargs=True)
+        )
 
     def _stash(self, store: str, name: str, clone: bool):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
@@ -293,7 +295,7 @@ class HookSession:
         return BlockTensors(x=x, f=f, s=s, y=y, residual=bool(info.residual), shortcut=shortcut)
 
     def _on_forward(self, info: LayerInfo):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self._suspended:
                 return
             y = _first_tensor(output)
@@ -310,7 +312,7 @@ class HookSession:
                     tuple(x.shape[1:]) if x is not None else None,
                 ),
             )
-            call = Call(key, module, x, y, self._offset, block)
+            call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
             self._info[key] = info
             results = self._results[key]
             with self._suspend():

@@ -75,7 +75,7 @@ class JacobianNorms(Probe):
         if keep == 0:
             return {}
         x = call.input[:keep].detach()
-        f = call.module
+        f = call.function()  # the block with its other call arguments held fixed
         off = call.sample_offset
         shortcut = call.block.shortcut if call.block is not None else None
         identity = call.block is not None and (

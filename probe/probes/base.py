@@ -8,8 +8,8 @@ been propagated, with ``call.grad_output`` (dL/dy) and, for blocks, ``call.grad_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -48,10 +48,54 @@ class Call:
     grad_input: torch.Tensor | None = None  # dL/d(input), blocks only
     labels: torch.Tensor | None = None  # [N] the batch's labels (model-level probes)
     next_input: torch.Tensor | None = None  # [1, ...] the sample after this batch (model level)
+    args: tuple = ()  # the module's positional arguments in this call (x among them)
+    kwargs: dict = field(default_factory=dict)  # its keyword arguments in this call
 
     @property
     def batch_size(self) -> int:
         return int(self.output.shape[0])
+
+    def function(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The module as a map of its input alone, x -> y, with every other argument of this call
+        held fixed (masks, scales, keyword options). Tensor arguments with one row per sample are
+        cut to the rows of the x given, so ``f(x[:k])`` is the first k samples' output. Jacobian
+        probes differentiate this map.
+
+        Example:
+            >>> lin = nn.Linear(3, 2)
+            >>> call = Call("l", lin, torch.ones(4, 3), lin(torch.ones(4, 3)), 0, args=(torch.ones(4, 3),))
+            >>> call.function()(torch.zeros(1, 3)).shape
+            torch.Size([1, 2])
+        """
+        args, kwargs, module, n = self.args, self.kwargs, self.module, self.batch_size
+        slot = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+        key = None
+        if slot is None:
+            key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
+            if key is None:
+                return module
+
+        def rows(v: object, k: int) -> object:
+            if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n:
+                return v[:k]
+            return v
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            k = z.shape[0]
+            a = [rows(v, k) for v in args]
+            kw = {name: rows(v, k) for name, v in kwargs.items()}
+            if slot is not None:
+                a[slot] = z
+            else:
+                kw[key] = z
+            out = module(*a, **kw)
+            return (
+                out
+                if isinstance(out, torch.Tensor)
+                else next(o for o in out if isinstance(o, torch.Tensor))
+            )
+
+        return f
 
     def rows_within(self, max_samples: int | None, rows: int | None = None) -> int:
         """How many of this batch's first ``rows`` (default: all) fall within a capture-wide cap of

@@ -1,6 +1,7 @@
 """Blocks whose residual split cannot be read correctly stop the capture with a ProbeError that
 names the block, instead of giving wrong numbers."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -130,3 +131,47 @@ def test_channel_statistics_reduce_over_everything_but_the_layouts_channel_axis(
     assert out["channel_mean"].shape == (shape[0], shape[axis])
     assert torch.allclose(out["channel_mean"], torch.from_numpy(moved.mean(1)))
     assert torch.allclose(out["channel_var"], torch.from_numpy(moved.var(1)))
+
+
+class Scaled(nn.Module):
+    """y = x + scale * f(x): the Jacobian depends on the keyword the block is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x, scale=1.0):
+        return x + scale * torch.tanh(self.f(x))
+
+
+class ScaledNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Scaled()
+
+    def forward(self, x):
+        scale = torch.linspace(0.5, 3.0, len(x), dtype=x.dtype).view(-1, 1, 1, 1)  # per sample
+        return self.block(x, scale=scale).flatten(1)
+
+
+def test_jacobians_are_taken_with_the_arguments_the_block_was_called_with():
+    from probe.jacobian import JacobianNorms
+    from probe.jacobian.estimators import exact_jacobian
+
+    _register(Scaled)
+    model = ScaledNet().double().eval()
+    x = _x().double()
+    cap = probe.capture(model, [x], probes=[JacobianNorms(n_probes=512, max_samples=2)])
+    scale = torch.linspace(0.5, 3.0, len(x), dtype=x.dtype).view(-1, 1, 1, 1)
+    exact = torch.stack(
+        [
+            (
+                exact_jacobian(lambda z, s=scale[n : n + 1]: model.block(z, scale=s), x[n : n + 1])
+                ** 2
+            ).sum()
+            for n in range(2)
+        ]
+    )
+    got, se = cap.read("block", "jac_fro2"), cap.read("block", "jac_fro2_se")
+    assert got.shape == (2,)
+    assert np.all(np.abs(got - exact.detach().numpy()) <= 4 * se), (got, exact, se)
