@@ -13,6 +13,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from analyses.stats import POSITIVE, RATE, seed_band  # noqa: E402
+
 __all__ = [
     "theme",
     "model_order",
@@ -86,6 +88,14 @@ def save(fig: plt.Figure, out_dir: Path, name: str, data: pd.DataFrame | None = 
     return paths
 
 
+def _seed_errorbar(name: str, values: pd.Series):
+    """The across-seed interval of the tables (Student t clipped to the quantity's range), as a
+    seaborn errorbar: error rates in [0, 1], non-negative quantities in [0, inf)."""
+    if "error" in name:
+        return seed_band(RATE)
+    return seed_band(POSITIVE) if bool((values.dropna() >= 0).all()) else seed_band()
+
+
 def _band(ax, d: pd.DataFrame, x: str, color) -> None:
     ok = d["ci_low"].notna() & d["ci_high"].notna()
     if ok.any():
@@ -113,7 +123,7 @@ def plot_vs_layer(
             hue="model",
             hue_order=order,
             palette=pal,
-            errorbar=("ci", 95),
+            errorbar=_seed_errorbar(quantity, d["value"]),
             marker="o",
             markersize=3,
             ax=ax,
@@ -150,7 +160,7 @@ def plot_vs_depth(df: pd.DataFrame, quantity: str, ylabel: str) -> plt.Figure:
         hue="architecture",
         hue_order=["plain", "residual"],
         palette={"plain": "tab:orange", "residual": "tab:blue"},
-        errorbar=("ci", 95),
+        errorbar=_seed_errorbar(quantity, d["value"]),
         marker="o",
         ax=ax,
     )
@@ -213,7 +223,7 @@ def plot_training(history: pd.DataFrame, metric: str = "train_error") -> plt.Fig
         hue="model",
         hue_order=order,
         palette=palette(order),
-        errorbar=("ci", 95),
+        errorbar=_seed_errorbar(metric, history[metric]),
         ax=ax,
     )
     ax.set_ylabel(metric.replace("_", " "))
@@ -234,7 +244,7 @@ def plot_lesions(df: pd.DataFrame) -> plt.Figure:
         hue_order=order,
         palette=palette(order),
         ax=ax,
-        errorbar=("ci", 95),
+        errorbar=seed_band(RATE),
     )
     base = df[df["quantity"] == "lesion_baseline"].groupby("model")["value"].mean()
     pal = palette(order)

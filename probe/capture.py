@@ -25,6 +25,7 @@ from probe.errors import ProbeError
 from probe.hooks.select import LayerSpec
 from probe.probes.base import Probe
 from probe.provenance import code_revision, command_line, library_versions
+from probe.runtime import runtime_settings
 from probe.session import HookSession, LossFn
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
 from probe.store.writer import H5Writer, WriterOptions
@@ -178,6 +179,7 @@ def capture(
         "versions": library_versions(),
         "revision": code_revision(),
         "command": command_line(),
+        "runtime": runtime_settings(),
         "model_type": type(model).__name__,
         **model_identity(model),
         **(provenance or {}),

@@ -25,15 +25,42 @@ class _Group(click.Group):
             raise click.ClickException(str(e)) from e
 
 
+# Commands that run models: they get a thread count and say which.
+_COMPUTE = {"train", "capture", "analyze", "study"}
+
+
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option(
+    "--threads",
+    default="auto",
+    show_default=True,
+    help="CPU threads for torch: a number, or auto = the cores not busy with other processes.",
+)
+@click.option(
+    "--deterministic",
+    is_flag=True,
+    help="Deterministic kernels (bit-identical reruns at the same thread count); recorded.",
+)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int) -> None:
+def cli(ctx: click.Context, debug: bool, verbose: int, threads: str, deterministic: bool) -> None:
     """resprobe: measure why deep plain networks degrade and residual networks do not."""
     ctx.obj = {"debug": debug}
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand in _COMPUTE:
+        from probe.runtime import available_cores, configure
+
+        try:
+            n = configure(threads, deterministic)
+        except ProbeError as e:
+            raise click.BadParameter(str(e), param_hint="--threads") from e
+        click.echo(
+            f"using {n} CPU thread{'s' * (n != 1)} of {available_cores()} cores"
+            f"{' (deterministic)' if deterministic else ''}; --threads N to change",
+            err=True,
+        )
 
 
 def _register() -> None:

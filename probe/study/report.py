@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from probe.provenance import code_revision, command_line, library_versions
+from probe.runtime import runtime_settings
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict
 
@@ -53,20 +54,28 @@ def _published(r) -> str:
     return f"{r.published_test_error:.2f}% ({r.published_source})" if r.published_source else ""
 
 
+def _interval(r, col: str) -> str:
+    """'mean [low, high]' of an error column (the across-seed interval), or just the mean."""
+    lo, hi = getattr(r, f"{col}_low", float("nan")), getattr(r, f"{col}_high", float("nan"))
+    mean = _pct(getattr(r, col))
+    return mean if pd.isna(lo) else f"{mean} [{_pct(lo)}, {_pct(hi)}]"
+
+
 def _degradation_html(deg: pd.DataFrame) -> str:
     published = [_published(r) for r in deg.itertuples()]
     extra = "<th>published test error</th>" if any(published) else ""
     rows = "".join(
         f"<tr><td style='text-align:left'>{html.escape(r.family)}</td><td>{r.depth}</td><td>{r.seeds}</td>"
-        f"<td>{_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'}</td><td>{r.train_loss:.4f}</td>"
-        f"<td>{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'}</td><td>{r.wall_s:.1f}</td>"
+        f"<td>{_interval(r, 'train_error')}</td><td>{r.train_loss:.4f}</td>"
+        f"<td>{_interval(r, 'test_error')}</td><td>{r.wall_s:.1f}</td>"
         + (f"<td>{html.escape(p) or '–'}</td>" if extra else "")
         + "</tr>"
         for r, p in zip(deg.itertuples(), published)
     )
     return (
-        "<table><tr><th>architecture</th><th>depth</th><th>seeds</th><th>train error (mean ± sd)</th>"
-        "<th>train loss</th><th>test error (mean ± sd)</th><th>train s/run</th>"
+        "<table><tr><th>architecture</th><th>depth</th><th>seeds (n)</th>"
+        "<th>train error, mean [95% interval]</th><th>train loss</th>"
+        "<th>test error, mean [95% interval]</th><th>train s/run</th>"
         + extra
         + "</tr>"
         + rows
@@ -129,6 +138,7 @@ def write_report(
         "versions": library_versions(),
         "revision": code_revision(),
         "command": command_line(),
+        "runtime": runtime_settings(),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     parts.append(
@@ -147,13 +157,13 @@ def write_report(
         f"Dataset {cfg.dataset}, recipe {cfg.recipe}, depths {list(cfg.depths)}, seeds {list(cfg.seeds)}; "
         f"wall time {timings.get('total', 0):.0f} s. Full report: report.html.",
         "",
-        "| architecture | depth | seeds | train error | test error | published test error |",
+        "| architecture | depth | seeds (n) | train error [95% interval] | test error [95% interval] | published test error |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in deg.itertuples():
         md.append(
-            f"| {r.family} | {r.depth} | {r.seeds} | {_pct(r.train_error)} ± {_pct(r.train_error_std) or '–'} | "
-            f"{_pct(r.test_error)} ± {_pct(r.test_error_std) or '–'} | {_published(r) or '–'} |"
+            f"| {r.family} | {r.depth} | {r.seeds} | {_interval(r, 'train_error')} | "
+            f"{_interval(r, 'test_error')} | {_published(r) or '–'} |"
         )
     md += ["", "| explanation | verdict | evidence | rule |", "|---|---|---|---|"]
     for v in verdicts:

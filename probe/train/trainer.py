@@ -23,6 +23,7 @@ from torch import nn
 from probe.data import DeviceLoader, ImageArrays, load_dataset
 from probe.errors import ProbeError
 from probe.provenance import code_revision, command_line, library_versions
+from probe.runtime import runtime_settings
 from probe.train.checkpoint import (
     atomic_write_text,
     load_checkpoint,
@@ -284,13 +285,15 @@ def train(
             "versions": library_versions(),
             "revision": code_revision(),
             "command": command_line(),
+            "runtime": runtime_settings(),
         },
     )
 
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
+        # Autotuned kernels are fast but not reproducible; deterministic mode keeps them off.
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     opt = torch.optim.SGD(
         _param_groups(model, recipe),
         lr=recipe.lr,
@@ -338,6 +341,7 @@ def train(
         "train_limit": cfg.train_limit,
         "versions": library_versions(),
         "revision": code_revision(),
+        "runtime": runtime_settings(),
     }
 
     def checkpoint(epoch: int, record: dict) -> None:
