@@ -26,6 +26,8 @@ __all__ = [
     "plot_training",
     "plot_lesions",
     "plot_vs_depth",
+    "with_relative_depth",
+    "RATE_QUANTITIES",
 ]
 
 LABELS = {
@@ -50,7 +52,24 @@ LABELS = {
     "param_grad_norm": "per-sample ||∂ℓ/∂W|| (parameter index)",
     "response_std_pooled": "layer response std (pooled)",
     "response_std_channel": "layer response std (per channel)",
+    "bn_gamma_abs": "mean |γ| of the BN layer",
+    "cos_lag": "input-gradient correlation R(Δ) along a line, against the lag Δ",
 }
+RATE_QUANTITIES = ("train_error", "test_error", "batch_error", "lesion_error")
+
+
+def _percent_axis(ax) -> None:
+    """Error rates in percent, as in every table."""
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+
+
+def _legend_outside(ax, title: str = "model") -> None:
+    """The legend right of the axes, where it cannot cover data."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(
+            handles, labels, title=title, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+        )
 
 
 def theme() -> None:
@@ -104,13 +123,30 @@ def _band(ax, d: pd.DataFrame, x: str, color) -> None:
         )
 
 
+def with_relative_depth(d: pd.DataFrame) -> pd.DataFrame:
+    """``d`` with ``relative_depth`` = layer_index / the model's last layer_index (0 = first
+    block, 1 = last), so nets of different depths line up by position, not by block count."""
+    d = d.copy()
+    last = d.groupby("model")["layer_index"].transform("max").clip(lower=1)
+    d["relative_depth"] = d["layer_index"] / last
+    return d
+
+
 def plot_vs_layer(
-    df: pd.DataFrame, quantity: str, ax: plt.Axes | None = None, logy: bool = False
+    df: pd.DataFrame,
+    quantity: str,
+    ax: plt.Axes | None = None,
+    logy: bool = False,
+    relative: bool = False,
 ) -> plt.Figure:
-    """``quantity`` against layer index, one line per model; bands are 95% CIs (across seeds when
-    several seeds exist, else bootstrap over samples)."""
+    """``quantity`` against layer index (or, with ``relative``, against relative depth), one line
+    per model; bands are 95% CIs (across seeds when several seeds exist, else bootstrap over
+    samples)."""
     theme()
     d = df[df["quantity"] == quantity]
+    x = "layer_index"
+    if relative:
+        d, x = with_relative_depth(d), "relative_depth"
     fig = ax.figure if ax is not None else plt.figure(figsize=(6.4, 3.8))
     ax = ax or fig.add_subplot()
     order = model_order(d["model"])
@@ -118,7 +154,7 @@ def plot_vs_layer(
     if d.groupby(["model", "layer_index"])["seed"].nunique().max() > 1:
         sns.lineplot(
             d,
-            x="layer_index",
+            x=x,
             y="value",
             hue="model",
             hue_order=order,
@@ -130,20 +166,23 @@ def plot_vs_layer(
         )
     else:
         for m in order:
-            dm = d[d["model"] == m].sort_values("layer_index")
-            ax.plot(dm["layer_index"], dm["value"], marker="o", ms=3, color=pal[m], label=m)
-            _band(ax, dm, "layer_index", pal[m])
-        ax.legend(title="model", fontsize=8)
+            dm = d[d["model"] == m].sort_values(x)
+            ax.plot(dm[x], dm["value"], marker="o", ms=3, color=pal[m], label=m)
+            _band(ax, dm, x, pal[m])
+    _legend_outside(ax)
     ax.set_xlabel(
         {"cos_lag": "lag", "param_grad_norm": "parameter (forward order)"}.get(
-            quantity, "block / layer index"
+            quantity,
+            "relative depth (first block 0, last 1)" if relative else "block / layer index",
         )
     )
     ax.set_ylabel(LABELS.get(quantity, quantity))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if not relative:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     positive = d["value"][d["value"] > 0]
     if logy and len(positive) == len(d) and positive.max() / positive.min() > 20:
         ax.set_yscale("log")  # only when the values span more than about a decade
+    fig.tight_layout()  # room for the axis labels and the outside legend
     return fig
 
 
@@ -167,6 +206,10 @@ def plot_vs_depth(df: pd.DataFrame, quantity: str, ylabel: str) -> plt.Figure:
     ax.set_xticks(sorted(d["depth"].unique()))
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel(ylabel)
+    if quantity in RATE_QUANTITIES:
+        _percent_axis(ax)
+    _legend_outside(ax, "architecture")
+    fig.tight_layout()
     return fig
 
 
@@ -184,8 +227,8 @@ def plot_fig7(df: pd.DataFrame, quantity: str = "response_std_pooled") -> plt.Fi
     axes[0].set_xlabel("layer index (original order)")
     axes[1].set_xlabel("layer index (sorted by magnitude)")
     for ax in axes:
-        ax.set_ylabel("std")
-    axes[0].legend(fontsize=8)
+        ax.set_ylabel(LABELS.get(quantity, quantity))
+    _legend_outside(axes[0])
     fig.tight_layout()
     return fig
 
@@ -227,6 +270,10 @@ def plot_training(history: pd.DataFrame, metric: str = "train_error") -> plt.Fig
         ax=ax,
     )
     ax.set_ylabel(metric.replace("_", " "))
+    if metric in RATE_QUANTITIES:
+        _percent_axis(ax)
+    _legend_outside(ax)
+    fig.tight_layout()
     return fig
 
 
@@ -251,8 +298,11 @@ def plot_lesions(df: pd.DataFrame) -> plt.Figure:
     for m, v in base.items():
         ax.axhline(v, color=pal[m], ls="--", lw=0.8)
     ax.set_xlabel("deleted block")
-    ax.set_ylabel("test error")
+    ax.set_ylabel("test error (dashed: intact net)")
+    _percent_axis(ax)
+    _legend_outside(ax)
     ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
     return fig
 
 
@@ -261,8 +311,11 @@ def plot_spectra(spectra: pd.DataFrame) -> plt.Figure:
     theme()
     positions = list(dict.fromkeys(spectra["position"]))
     order = model_order(spectra["model"])
-    fig, axes = plt.subplots(1, len(positions), figsize=(4.2 * len(positions), 3.4), squeeze=False)
-    for ax, pos in zip(axes[0], positions):
+    # One panel per row: side by side they shrink to a thumbnail in a two-column report.
+    fig, axes = plt.subplots(
+        len(positions), 1, figsize=(6.4, 2.6 * len(positions)), squeeze=False, sharex=True
+    )
+    for ax, pos in zip(axes[:, 0], positions):
         d = spectra[spectra["position"] == pos]
         sns.histplot(
             d,

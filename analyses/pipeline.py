@@ -26,6 +26,7 @@ from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 
 __all__ = [
+    "figure_caption",
     "AnalysisResult",
     "measure_table",
     "analyze",
@@ -56,6 +57,43 @@ FIGURES = {
     "segment_isometry_out": ("seg_out_msv", "probe 'segments'", True),
     "parameter_gradient_norms": ("param_grad_norm", "probe 'param_grads'", True),
 }
+# Quantities whose x-axis is not a block position (a lag, a parameter index).
+_NOT_PER_BLOCK = {"cos_lag", "param_grad_norm"}
+_CAPTIONS = {
+    "fig7_response_std": "He et al. (2016) Fig. 7: std of each BN output after a 3×3 conv, in "
+    "layer order (top) and sorted by size (bottom)",
+    "fig7_response_std_channel": "Fig. 7 per channel: mean over channels of each BN output's std",
+    "fig7_bn_gamma": "mean |γ| of the same BN layers (in eval mode the response std largely "
+    "reads out γ)",
+    "jacobian_spectra": "spectral density of JᵀJ (stochastic Lanczos quadrature) of the first, "
+    "middle and last captured block",
+    "training_error": "training error per epoch (eval mode); bands: 95% interval over seeds",
+    "training_batch_error": "training batch error per epoch; bands: 95% interval over seeds",
+    "lesions": "test error after deleting each single block (dashed: the intact net)",
+}
+
+
+def figure_caption(stem: str) -> str:
+    """A sentence for a figure file's stem (``final_identity_closeness`` -> what it shows, when).
+
+    Example:
+        >>> figure_caption("init_gradient_norms")
+        '||∂L/∂y|| (gradient norm) per block, at initialisation'
+    """
+    when, name = "", stem
+    for prefix, words in (("init_", "at initialisation"), ("final_", "after training")):
+        if stem.startswith(prefix):
+            when, name = words, stem[len(prefix) :]
+    if name in FIGURES:
+        quantity = FIGURES[name][0]
+        what = figures.LABELS.get(quantity, quantity) + (
+            "" if quantity in _NOT_PER_BLOCK else " per block"
+        )
+    elif name.startswith("cka_"):
+        what = f"linear CKA between every pair of captured layers ({name[4:]})"
+    else:
+        what = _CAPTIONS.get(name, name.replace("_", " "))
+    return f"{what}, {when}" if when else what
 
 
 @dataclass
@@ -153,13 +191,19 @@ def write_figures(
     files: list[Path] = []
     skipped: dict[str, str] = {}
     present = set(table["quantity"]) if len(table) else set()
+    # Nets of several depths line up by relative position (first block 0, last 1), not by index.
+    relative = len(table) > 0 and table["depth"].nunique() > 1
     for name, (quantity, how, logy) in FIGURES.items():
         if quantity not in present:
             skipped[name] = f"no '{quantity}' in the captures (needs {how})"
             continue
         d = table[table["quantity"] == quantity]
+        rel = relative and quantity not in _NOT_PER_BLOCK
         files += figures.save(
-            figures.plot_vs_layer(table, quantity, logy=logy), out, prefix + name, d
+            figures.plot_vs_layer(table, quantity, logy=logy, relative=rel),
+            out,
+            prefix + name,
+            figures.with_relative_depth(d) if rel else d,
         )
     if "response_std_pooled" in present:
         d = table[table["quantity"].str.startswith(("response_std", "bn_gamma"))]
@@ -168,10 +212,11 @@ def write_figures(
             figures.plot_fig7(table, "response_std_channel"),
             out,
             prefix + "fig7_response_std_channel",
+            d,
         )
         if "bn_gamma_abs" in present:
             files += figures.save(
-                figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma"
+                figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma", d
             )
     else:
         skipped["fig7_response_std"] = (

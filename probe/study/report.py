@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analyses.pipeline import figure_caption
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
 from probe.study.presets import StudyConfig
@@ -25,7 +26,7 @@ th{background:#f4f4f4}.verdict{border:1px solid #ccc;border-radius:6px;padding:.
 .supported,.present{background:#d7f5dd;color:#145a22}.not-supported,.absent{background:#fbe0e0;color:#7a1414}
 .inconclusive{background:#fff3cd;color:#6b5200}.rule{color:#555;font-size:.9em}
 figure{display:inline-block;margin:.5em;max-width:48%;vertical-align:top}figure img{max-width:100%}
-figcaption{font-size:.85em;color:#555}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
+figcaption{font-size:.85em;color:#555}.file{color:#999}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 """
 
 _SCRIPT = """
@@ -41,7 +42,8 @@ def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return (
         f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(path.stem)}</figcaption></figure>"
+        f"<figcaption>{html.escape(figure_caption(path.stem))} "
+        f"<span class='file'>({html.escape(path.name)})</span></figcaption></figure>"
     )
 
 

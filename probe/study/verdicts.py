@@ -44,8 +44,13 @@ class Verdict:
     figures: list[str] = field(default_factory=list)
 
 
+NOT_MEASURED = "not measured (see Measures skipped)"
+
+
 def _fmt(v: Interval, n: int | None = None, pct: bool = False) -> str:
     m, lo, hi = v
+    if np.isnan(m):
+        return NOT_MEASURED
     f = (lambda x: f"{100 * x:.2f}%") if pct else (lambda x: f"{x:.3g}")
     text = f(m) if np.isnan(lo) else f"{f(m)} [{f(lo)}, {f(hi)}]"
     return text if n is None else f"{text} (n={n})"
@@ -54,6 +59,8 @@ def _fmt(v: Interval, n: int | None = None, pct: bool = False) -> str:
 def _fmt_points(v: Interval, n: int) -> str:
     """A difference of error rates in percentage points, with its interval and n."""
     m, lo, hi = (100 * x for x in v)
+    if np.isnan(m):
+        return NOT_MEASURED
     text = f"{m:+.2f}" if np.isnan(lo) else f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]"
     return f"{text} points (n={n})"
 
@@ -416,7 +423,9 @@ def verdicts(
             {
                 f"median error increase {p_deep}": _fmt(ci_p, len(lp), pct=True),
                 f"median error increase {r_deep}": _fmt(ci_r, len(lr), pct=True),
-                f"intact test error {p_deep}": f"{100 * base_p:.2f}%",
+                f"intact test error {p_deep}": NOT_MEASURED
+                if np.isnan(base_p)
+                else f"{100 * base_p:.2f}%",
             },
             ["final_lesions"],
         )
