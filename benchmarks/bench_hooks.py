@@ -202,8 +202,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=512 if torch.cuda.is_available() else 64)
     ap.add_argument("--samples", type=int, default=8192 if torch.cuda.is_available() else 512)
     ap.add_argument("--repeats", type=int, default=20 if torch.cuda.is_available() else 5)
-    ap.add_argument("--out-dir", default=None)
+    ap.add_argument(
+        "--out-dir", default=None, help="an existing, writable folder for the dump test"
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
     args = ap.parse_args()
+    if args.out_dir is not None and not Path(args.out_dir).is_dir():
+        ap.error(
+            f"--out-dir {args.out_dir!r} is not an existing folder; create it or leave it out."
+        )
+    torch.manual_seed(args.seed)  # the same model and inputs on every run
     header(f"hook overhead and dump throughput, ResNet-56, batch {args.batch}")
     times = overhead(args.batch, args.repeats)
     base = times["unprobed (loss.backward)"]

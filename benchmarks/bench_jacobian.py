@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1000 if gpu else 64)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
     args = ap.parse_args()
+    torch.manual_seed(args.seed)  # the same model, inputs and sample on every run
     dev = device()
     header(
         f"Jacobian estimators, first-stage block, width {args.width}, batch {args.batch}, {args.probes} probes"

@@ -12,6 +12,7 @@ import argparse
 import tempfile
 
 import numpy as np
+import torch
 
 from benchmarks.common import device, header
 from probe.data import ImageArrays, load_dataset
@@ -49,7 +50,9 @@ def main() -> None:
         default="none",
         choices=["none", "default", "reduce-overhead", "max-autotune"],
     )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
     args = ap.parse_args()
+    torch.manual_seed(args.seed)  # the same model, inputs and sample on every run
     header(f"trainer speed: {args.model}, batch {args.batch_size}, compile={args.compile_mode}")
     data = load_dataset(args.data) if args.data else synthetic()
     data = data.subset(args.limit)

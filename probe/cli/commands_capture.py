@@ -35,8 +35,10 @@ __all__ = ["COMMANDS"]
     show_default=True,
     help="name[:key=value,...]: residual, channel, grad, activations, gradients, jacobian, shattered, segments, param_grads.",
 )
-@click.option("--limit", type=int, default=None, help="Capture at most this many samples.")
-@click.option("--batch-size", default=256, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Capture at most this many samples."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option(
     "--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True
 )

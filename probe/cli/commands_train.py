@@ -33,7 +33,12 @@ __all__ = ["COMMANDS"]
 )
 @click.option("--recipe", default="digits", show_default=True, help="he2016, fast or digits.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--epochs", type=int, default=None, help="Override the recipe's number of epochs.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Override the recipe's number of epochs (0: only the initialisation checkpoint).",
+)
 @click.option(
     "--save-at",
     default="0,last",

@@ -1,44 +1,81 @@
-"""Progress bars for the CLI (tqdm, shown only on a terminal)."""
+"""Progress for the CLI: tqdm bars on a terminal, one plain line per finished unit otherwise.
+
+A log file (a batch job, ``nohup``, CI) gets a line per training epoch and per finished capture,
+so it shows where a run is without carriage-return noise.
+"""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
+import click
 from tqdm.auto import tqdm
 
 __all__ = ["bar", "train_callback"]
 
 
-def bar(total: int | None, desc: str, unit: str = "it") -> tqdm:
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit=unit,
-        disable=not sys.stderr.isatty(),
-        leave=False,
-        dynamic_ncols=True,
-    )
+def _on_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+class _Lines:
+    """The part of tqdm's interface the CLI uses, printing one line when the work is done."""
+
+    def __init__(self, total: int | None, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.t0 = time.perf_counter()
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.n:
+            elapsed = time.perf_counter() - self.t0
+            click.echo(f"{self.desc}: {self.n} {self.unit}s in {elapsed:.1f} s", err=True)
+
+
+def bar(total: int | None, desc: str, unit: str = "it") -> tqdm | _Lines:
+    if not _on_terminal():
+        return _Lines(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def train_callback(desc: str) -> Callable[[str, dict], None]:
-    """A trainer callback drawing one bar over all iterations with loss and error."""
+    """A trainer callback: one bar over all iterations with loss and error on a terminal, else
+    one line per epoch."""
     state: dict = {}
+    terminal = _on_terminal()
 
     def cb(event: str, info: dict) -> None:
         if event == "start":
+            state["epochs"] = info["epochs"]
+            if not terminal:
+                return
             total = info["epochs"] * info["steps_per_epoch"]
             state["bar"] = bar(total, desc, unit="step")
             state["bar"].update(info["start_epoch"] * info["steps_per_epoch"])
             state["last"] = info["start_epoch"] * info["steps_per_epoch"]
-        elif event == "step":
+        elif event == "step" and terminal:
             b = state["bar"]
             b.update(info["iter"] - state["last"])
             state["last"] = info["iter"]
             b.set_postfix(
                 epoch=info["epoch"], loss=f"{info['loss']:.3f}", err=f"{info['error']:.3f}"
             )
-        elif event == "end":
+        elif event == "epoch" and not terminal:
+            parts = [f"{desc}: epoch {info['epoch']}/{state.get('epochs', '?')}"]
+            if "batch_loss" in info:
+                parts.append(f"batch loss {info['batch_loss']:.4f}")
+            if "train_error" in info:
+                parts.append(f"train error {100 * info['train_error']:.2f}%")
+            parts.append(f"{info.get('seconds', 0.0):.1f} s")
+            click.echo(", ".join(parts), err=True)
+        elif event == "end" and terminal and "bar" in state:
             state["bar"].close()
 
     return cb

@@ -151,7 +151,15 @@ def _iter_tree(path: Path):
             if file.suffix.lower() in _IMAGE_EXT and len(rel) >= 3:
                 yield rel[-3], rel[-2], rel[-1], file.read_bytes()
     else:
-        with tarfile.open(path) as tar:
+        try:
+            tar = tarfile.open(path)  # noqa: SIM115 -- closed by the 'with tar' below
+        except tarfile.TarError:
+            raise ProbeError(
+                f"Cannot read {path} as a dataset: it is neither a folder nor a tar archive. "
+                "Give a folder with train/<class>/* and test/<class>/* images, a .tar.gz of one, "
+                "or a built-in name (digits, cifar10, cifar100)."
+            ) from None
+        with tar:
             for member in tar:
                 parts = Path(member.name).parts
                 if (

@@ -10,9 +10,10 @@ input-gradient autocorrelation along a line through input space (Balduzzi et al.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from probe.errors import check_option
@@ -26,6 +27,7 @@ from probe.jacobian.segments import chain, segment
 from probe.jacobian.shattered import shattered_profile
 from probe.probes.base import Call, Probe
 from probe.probes.registry import register_probe
+from probe.validation import NonNegativeInt, PositiveFloat, PositiveInt
 
 __all__ = ["JacobianNorms", "SegmentJacobians", "ShatteredGradients"]
 
@@ -53,15 +55,15 @@ class JacobianNorms(Probe):
         "jac_slq_nodes": ("sample", "node"),
         "jac_slq_weights": ("sample", "node"),
     }
-    n_probes: int = 16
-    seed: int = 0
-    top_k: int = 0
-    iters: int = 30
-    slq_steps: int = 0
-    slq_vectors: int = 2
-    max_samples: int | None = 256
-    spectrum_samples: int | None = None
-    chunk_size: int | None = 8
+    n_probes: PositiveInt = 16
+    seed: NonNegativeInt = 0
+    top_k: NonNegativeInt = 0
+    iters: PositiveInt = 30
+    slq_steps: NonNegativeInt = 0
+    slq_vectors: PositiveInt = 2
+    max_samples: PositiveInt | None = 256
+    spectrum_samples: PositiveInt | None = None
+    chunk_size: PositiveInt | None = 8
 
     def applies_to(self, call: Call) -> bool:
         return (
@@ -131,14 +133,15 @@ class ShatteredGradients(Probe):
     scope: ClassVar[str] = "model"
     requires_eval: ClassVar[bool] = True
     dims: ClassVar = {"acf": ("sample", "lag"), "cos_lag": ("sample", "lag")}
-    n_points: int = 128
-    span: float = 1.0
-    max_lag: int = 32
-    direction: str = "random"  # "random" (per-sample seeded) or "next" sample of the batch
-    max_samples: int | None = 16
-    seed: int = 0
+    n_points: Annotated[int, Field(ge=2)] = 128
+    span: PositiveFloat = 1.0
+    max_lag: PositiveInt = 32
+    direction: str = "random"  # "random" (per-sample seeded) or "next" sample in capture order
+    max_samples: PositiveInt | None = 16
+    seed: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_option("shattered direction", self.direction, ["random", "next"])
 
     @property
@@ -179,10 +182,10 @@ class SegmentJacobians(Probe):
     scope: ClassVar[str] = "model"
     requires_eval: ClassVar[bool] = True
     dims: ClassVar = {"seg_in_msv": ("sample", "boundary"), "seg_out_msv": ("sample", "boundary")}
-    n_probes: int = 8
-    seed: int = 0
-    max_samples: int | None = 16
-    chunk_size: int | None = 8
+    n_probes: PositiveInt = 8
+    seed: NonNegativeInt = 0
+    max_samples: PositiveInt | None = 16
+    chunk_size: PositiveInt | None = 8
 
     def applies_to(self, call: Call) -> bool:
         try:

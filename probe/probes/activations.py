@@ -10,6 +10,7 @@ import torch
 from probe.errors import check_option
 from probe.probes.base import Call, Probe
 from probe.probes.layout import STRIDED, check_layout, layout_labels, resolve_layout
+from probe.validation import PositiveInt
 
 __all__ = ["Activations", "Gradients", "STORAGE_DTYPES"]
 
@@ -57,13 +58,14 @@ class Activations(Probe):
 
     name: ClassVar[str] = "activations"
     dtype: str = "fp16"
-    channel_stride: int = 1
-    spatial_stride: int = 1
-    max_samples: int | None = None
+    channel_stride: PositiveInt = 1
+    spatial_stride: PositiveInt = 1
+    max_samples: PositiveInt | None = None
     which: str = "output"
     layout: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_option("activation dtype", self.dtype, STORAGE_DTYPES)
         check_option("activation source", self.which, ["output", "input"])
         check_layout(self.layout)
@@ -94,12 +96,13 @@ class Gradients(Probe):
     name: ClassVar[str] = "gradients"
     needs_grad: ClassVar[bool] = True
     dtype: str = "fp16"
-    channel_stride: int = 1
-    spatial_stride: int = 1
-    max_samples: int | None = None
+    channel_stride: PositiveInt = 1
+    spatial_stride: PositiveInt = 1
+    max_samples: PositiveInt | None = None
     layout: str = "auto"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_option("gradient dtype", self.dtype, STORAGE_DTYPES)
         check_layout(self.layout)
 

@@ -15,6 +15,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from probe.validation import validate_fields
+
 __all__ = ["Probe", "Call", "BlockTensors"]
 
 
@@ -126,6 +128,10 @@ class Probe:
     name: ClassVar[str] = "probe"
     needs_grad: ClassVar[bool] = False
     dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+
+    def __post_init__(self) -> None:
+        # Types and ranges of every field (PositiveInt, ...), from Python and --probe specs alike.
+        validate_fields(self)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         return {}

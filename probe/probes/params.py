@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 from probe.losses import check_labels, exact_cross_entropy
 from probe.probes.base import Call, Probe
 from probe.probes.registry import register_probe
+from probe.validation import PositiveInt
 
 __all__ = ["ParamGradNorms"]
 
@@ -37,8 +38,8 @@ class ParamGradNorms(Probe):
     name: ClassVar[str] = "param_grads"
     scope: ClassVar[str] = "model"
     requires_eval: ClassVar[bool] = True
-    max_samples: int | None = 64
-    chunk_size: int | None = 16
+    max_samples: PositiveInt | None = 64
+    chunk_size: PositiveInt | None = 16
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         labels = call.labels

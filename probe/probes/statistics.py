@@ -125,6 +125,7 @@ class ChannelStats(Probe):
     layout: str = "auto"  # axes of the output, e.g. NHWC for channels-last (probe.probes.layout)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_layout(self.layout)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:

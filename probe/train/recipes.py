@@ -5,8 +5,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
-from probe.errors import ProbeError, did_you_mean
+from pydantic import Field, NonNegativeFloat
+
+from probe.errors import ProbeError, check_option, did_you_mean
+from probe.validation import NonNegativeInt, PositiveFloat, PositiveInt, validate_fields
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "lr_at"]
 
@@ -16,20 +20,24 @@ class Recipe:
     """An optimisation recipe; iterations are counted in optimizer steps."""
 
     name: str
-    epochs: int  # training stops after this many epochs (or ``max_iters`` if set)
-    batch_size: int
-    lr: float  # peak learning rate
-    momentum: float = 0.9
+    epochs: NonNegativeInt  # training stops after this many epochs (or ``max_iters`` if set)
+    batch_size: PositiveInt
+    lr: PositiveFloat  # peak learning rate
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     nesterov: bool = False
-    weight_decay: float = 1e-4
+    weight_decay: NonNegativeFloat = 1e-4
     schedule: str = (
         "step"  # "step" (divide by 10 at milestones) or "cosine" (linear warm-up, cosine)
     )
-    milestones: tuple[int, ...] = ()  # iterations at which "step" divides the lr by 10
-    warmup_iters: int = 0  # "cosine": linear ramp from 0; "step": constant warmup_lr for this long
-    warmup_lr: float = 0.0
-    max_iters: int | None = None  # hard stop in iterations (He et al. stop at 64k)
+    milestones: tuple[PositiveInt, ...] = ()  # iterations at which "step" divides the lr by 10
+    warmup_iters: NonNegativeInt = 0  # "cosine": ramp from 0; "step": constant warmup_lr this long
+    warmup_lr: NonNegativeFloat = 0.0
+    max_iters: PositiveInt | None = None  # hard stop in iterations (He et al. stop at 64k)
     wd_on_bn: bool = True  # apply weight decay to BN scales/shifts and biases too (He et al. do)
+
+    def __post_init__(self) -> None:
+        validate_fields(self)  # --set batch_size=-1 or lr=abc stop here, naming the field
+        check_option("schedule", self.schedule, ["step", "cosine"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -150,3 +150,35 @@ def test_capture_help_lists_every_registered_probe():
     make_probe("param_grads")
     text = " ".join(CliRunner().invoke(cli, ["capture", "--help"]).output.split())
     assert all(name in text for name in PROBES), sorted(PROBES)
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["capture", "{run}", "--batch-size", "0"], "'--batch-size': 0 is not in the range"),
+        (["capture", "{run}", "--batch-size", "-5"], "'--batch-size': -5 is not in the range"),
+        (["capture", "{run}", "--limit", "-1"], "'--limit': -1 is not in the range"),
+        (
+            ["capture", "{run}", "--probe", "jacobian:n_probes=abc"],
+            "JacobianNorms.n_probes = 'abc'",
+        ),
+        (["capture", "{run}", "--probe", "jacobian:n_probes=0"], "greater than 0"),
+        (["capture", "{run}", "--probe", "shattered:direction=sideways"], "allowed: random, next"),
+        (["train", "--set", "lr=abc"], "Recipe.lr = 'abc'"),
+        (["train", "--set", "batch_size=-1"], "Recipe.batch_size = -1"),
+        (["train", "--epochs", "-1"], "'--epochs': -1 is not in the range x>=0"),
+        (["train", "--data", "{notes}"], "neither a folder nor a tar archive"),
+        (["--threads", "0", "train"], "Invalid thread count '0'"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(run_dir, tmp_path, args, fragment):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a dataset")
+    out = tmp_path / "out.h5"
+    args = [a.format(run=run_dir, notes=notes) for a in args]
+    if args[0] == "capture":
+        args += ["--out", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code != 0, res.output
+    assert fragment in res.output and "Traceback" not in res.output, res.output
+    assert not out.exists()
