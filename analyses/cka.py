@@ -13,7 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gram", "hsic_biased", "hsic_unbiased", "linear_cka", "MinibatchCKA", "cka_matrix"]
+from probe.errors import ProbeError
+from probe.store.reader import CaptureReader
+
+__all__ = [
+    "capture_representations",
+    "gram",
+    "hsic_biased",
+    "hsic_unbiased",
+    "linear_cka",
+    "MinibatchCKA",
+    "cka_matrix",
+]
 
 
 def gram(x: np.ndarray) -> np.ndarray:
@@ -90,9 +101,27 @@ class MinibatchCKA:
         return self.hsic / np.outer(d, d)
 
 
-def cka_matrix(reps: list[np.ndarray], batch_size: int | None = None) -> np.ndarray:
+def capture_representations(cap: CaptureReader) -> tuple[list[str], list[np.ndarray]]:
+    """The layers of ``cap`` with captured ``output`` activations and their flattened rows
+    [n, features] over the samples they all share (the first n)."""
+    layers = [l for l in cap.layers if cap.has(l, "output")]
+    if not layers:
+        return [], []
+    n = min(cap.shape(l, "output")[0] for l in layers)
+    return layers, [cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers]
+
+
+def cka_matrix(reps: list[np.ndarray] | CaptureReader, batch_size: int | None = None) -> np.ndarray:
     """Layer x layer CKA of representations over the same samples (unbiased minibatch estimator
-    when ``batch_size`` is given, else biased one-shot CKA)."""
+    when ``batch_size`` is given, else biased one-shot CKA). ``reps`` may be a capture: its layers
+    with ``output`` activations (probe 'activations'), in capture order."""
+    if isinstance(reps, CaptureReader):
+        layers, reps = capture_representations(reps)
+        if len(layers) < 2:
+            raise ProbeError(
+                f"CKA needs 'output' activations of at least two layers; this capture has them "
+                f"for {len(layers)}. Capture with probes=[probe.Activations()] (--probe activations)."
+            )
     n = len(reps[0])
     if batch_size is None:
         grams = [gram(r) for r in reps]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analyses.cka import cka_matrix
+from analyses.cka import capture_representations, cka_matrix
 from analyses.stats import bootstrap_ci, mean_ci
-from analyses.tidy import frame, nan_ci, per_layer, row, run_key, stage_of
+from analyses.tidy import frame, nan_ci, needs, per_layer, row, run_key, stage_of
 from probe.store.reader import CaptureReader
 
 __all__ = ["closeness", "jacobian_deviation", "identity_closeness", "cka_layers"]
@@ -42,6 +42,7 @@ def _ratio_of_means(a, b, axis=-1):
     return np.sqrt(np.mean(a, axis=axis) / np.mean(b, axis=axis))
 
 
+@needs("probe 'residual' on blocks (and 'jacobian', 'activations')")
 def identity_closeness(cap: CaptureReader, cka_batch: int | None = None) -> pd.DataFrame:
     """Tidy rows of ``closeness``, ``cos_ys``, ``jac_rel_dev`` and ``cka_adjacent`` per block."""
     rows = per_layer(
@@ -71,11 +72,10 @@ def cka_layers(
 ) -> list[dict]:
     """CKA between the captured ``output`` activations of consecutive layers (``cka_adjacent``) or,
     with ``adjacent_only=False``, every pair (quantity ``cka``, ``layer`` = 'a|b')."""
-    layers = [l for l in cap.layers if cap.has(l, "output")]
+    layers, reps = capture_representations(cap)
     if len(layers) < 2:
         return []
-    n = min(cap.shape(l, "output")[0] for l in layers)
-    reps = [cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers]
+    n = len(reps[0])
     mat = cka_matrix(reps, batch_size if batch_size and n >= 2 * batch_size else None)
     key = run_key(cap)
     rows = []

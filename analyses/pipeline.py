@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 
 from analyses import figures
-from analyses.cka import cka_matrix
+from analyses.cka import capture_representations, cka_matrix
 from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
 from analyses.signal import model_level_table, shattered_table, signal_propagation
-from analyses.tidy import COLUMNS, check_poolable, run_key
+from analyses.tidy import COLUMNS, check_poolable, quietly, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 
@@ -57,6 +57,32 @@ FIGURES = {
     "segment_isometry_out": ("seg_out_msv", "probe 'segments'", True),
     "parameter_gradient_norms": ("param_grad_norm", "probe 'param_grads'", True),
 }
+# Measures whose inputs come from two probes, which must be in the same capture file
+# (quantity -> {probe: one dataset it writes}).
+_TWO_PROBES = {"gsc": {"jacobian": "jac_fro2", "residual": "x_norm"}}
+
+
+def _skip_reason(quantity: str, how: str, caps: Sequence[CaptureReader]) -> str:
+    """Why ``quantity`` is missing: its probe was not captured, or -- for a measure of two probes
+    -- they were captured into different files of one run."""
+    parts = _TWO_PROBES.get(quantity)
+    if parts and caps:
+        holds = {
+            p: [c for c in caps if any(c.has(l, q) for l in c.layers)] for p, q in parts.items()
+        }
+        if all(holds.values()):
+            names = {
+                p: ", ".join(str(getattr(c, "path", "<memory>")) for c in cs[:2])
+                for p, cs in holds.items()
+            }
+            return (
+                f"needs {how} in one capture; they are in different files "
+                + "; ".join(f"'{p}' in {n}" for p, n in names.items())
+                + ". Capture both probes together (--probe jacobian --probe residual)"
+            )
+    return f"no '{quantity}' in the captures (needs {how})"
+
+
 # Quantities whose x-axis is not a block position (a lag, a parameter index).
 _NOT_PER_BLOCK = {"cos_lag", "param_grad_norm"}
 _CAPTIONS = {
@@ -112,16 +138,17 @@ def measure_table(caps: Sequence[CaptureReader]) -> pd.DataFrame:
     see :func:`analyses.tidy.check_poolable`)."""
     check_poolable(caps)
     parts = []
-    for cap in caps:
-        for fn in (
-            identity_closeness,
-            residual_magnitude,
-            response_std_table,
-            signal_propagation,
-            shattered_table,
-            model_level_table,
-        ):
-            parts.append(fn(cap))
+    with quietly():  # what is missing is listed under "skipped" by the caller
+        for cap in caps:
+            for fn in (
+                identity_closeness,
+                residual_magnitude,
+                response_std_table,
+                signal_propagation,
+                shattered_table,
+                model_level_table,
+            ):
+                parts.append(fn(cap))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=COLUMNS)
 
@@ -195,7 +222,7 @@ def write_figures(
     relative = len(table) > 0 and table["depth"].nunique() > 1
     for name, (quantity, how, logy) in FIGURES.items():
         if quantity not in present:
-            skipped[name] = f"no '{quantity}' in the captures (needs {how})"
+            skipped[name] = _skip_reason(quantity, how, caps)
             continue
         d = table[table["quantity"] == quantity]
         rel = relative and quantity not in _NOT_PER_BLOCK
@@ -223,10 +250,9 @@ def write_figures(
             "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '**bn*')"
         )
     for cap in caps:
-        layers = [l for l in cap.layers if cap.has(l, "output")]
+        layers, reps = capture_representations(cap)
         if len(layers) >= 2:
-            n = min(cap.shape(l, "output")[0] for l in layers)
-            mat = cka_matrix([cap.read(l, "output", slice(0, n)).reshape(n, -1) for l in layers])
+            mat = cka_matrix(reps)
             key = run_key(cap)
             tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
             files += figures.save(

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import bootstrap_ci, mean_ci
-from analyses.tidy import frame, nan_ci, per_layer, row, run_key, stage_of
+from analyses.tidy import frame, nan_ci, needs, per_layer, row, run_key, stage_of
 from probe.stats import Moments, response_std
 from probe.store.reader import CaptureReader
 
@@ -49,6 +49,7 @@ def spp(m: Moments) -> tuple[float, float]:
     return float(np.mean(m.mean**2)), float(np.mean(m.var))
 
 
+@needs("probe 'residual' on blocks (and 'channel')")
 def residual_magnitude(cap: CaptureReader) -> pd.DataFrame:
     """Tidy rows of ``residual_ratio``, ``residual_share``, ``asm``, ``av`` and ``branch_av``."""
     rows = per_layer(
@@ -99,6 +100,7 @@ def bn_gammas(cap: CaptureReader) -> dict[str, np.ndarray]:
     }
 
 
+@needs("probe 'channel' on BatchNorm layers (--layers '**bn*')")
 def response_std_table(cap: CaptureReader) -> pd.DataFrame:
     """Fig. 7 of He et al. (2016): pooled and per-channel std of each captured BN output, in
     capture order, with the mean |gamma| of that BN (in eval mode the std largely reads out gamma)."""

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import mean_ci
-from analyses.tidy import frame, per_layer, row, run_key
+from analyses.tidy import frame, needs, per_layer, row, run_key
 from probe.store.reader import CaptureReader
 
 __all__ = [
@@ -67,6 +67,7 @@ def _d_out(cap: CaptureReader, layer: str) -> int:
     return int(np.prod(json.loads(cap.layer_attrs(layer).get("output_shape", "[]")))) or 1
 
 
+@needs("probe 'residual', 'grad' or 'jacobian'")
 def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
     """Tidy rows of act_norm, grad_norm, grad_x_norm, cos_f_grad, jac_msv, jac_top_sv and gsc."""
     simple = {
@@ -99,6 +100,7 @@ def signal_propagation(cap: CaptureReader) -> pd.DataFrame:
     return frame(rows)
 
 
+@needs("probe 'shattered'")
 def shattered_table(cap: CaptureReader) -> pd.DataFrame:
     """corr_length (mean over lines, with CI) and the mean cos_lag curve (layer_index = lag)."""
     if not cap.has("model", "cos_lag"):
@@ -113,6 +115,7 @@ def shattered_table(cap: CaptureReader) -> pd.DataFrame:
     return frame(rows)
 
 
+@needs("probe 'segments' or 'param_grads'")
 def model_level_table(cap: CaptureReader) -> pd.DataFrame:
     """Segment Jacobians (``seg_in_msv``/``seg_out_msv``, layer_index = boundary) and per-parameter
     gradient norms (``param_grad_norm``, layer = parameter name) from the ``model`` group."""

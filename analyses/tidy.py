@@ -6,7 +6,11 @@ ci_low, ci_high. Runs are identified from the capture's provenance.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import re
+import warnings
 from collections.abc import Callable
 
 import pandas as pd
@@ -16,6 +20,9 @@ from probe.store.reader import CaptureReader
 
 __all__ = [
     "COLUMNS",
+    "MissingProbeWarning",
+    "needs",
+    "quietly",
     "run_key",
     "identified",
     "check_poolable",
@@ -116,6 +123,46 @@ def check_poolable(caps: list[CaptureReader] | tuple) -> None:
 
 def _where(cap: CaptureReader) -> str:
     return str(getattr(cap, "path", "<in-memory capture>"))
+
+
+class MissingProbeWarning(UserWarning):
+    """A measure got a capture without the probe it needs and returns an empty table."""
+
+
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("quiet_measures", default=False)
+
+
+@contextlib.contextmanager
+def quietly():
+    """Silence :class:`MissingProbeWarning` (the pipeline runs every measure on every capture and
+    lists what it skipped itself)."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def needs(probes: str):
+    """Decorate a measure ``fn(cap, ...) -> DataFrame``: an empty result warns which probe the
+    capture lacked, instead of returning an empty table in silence."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def measure(cap, *args, **kwargs):
+            out = fn(cap, *args, **kwargs)
+            if len(out) == 0 and not _QUIET.get():
+                warnings.warn(
+                    f"{fn.__name__}: {_where(cap)} holds nothing it measures; capture with "
+                    f"{probes}.",
+                    MissingProbeWarning,
+                    stacklevel=2,
+                )
+            return out
+
+        return measure
+
+    return wrap
 
 
 def stage_of(layer: str) -> int:

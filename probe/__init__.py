@@ -11,6 +11,7 @@ from probe import testing, zoo
 from probe.capture import capture
 from probe.errors import ProbeError
 from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
+from probe.jacobian import JacobianNorms, SegmentJacobians, ShatteredGradients
 from probe.probes import (
     Activations,
     BlockTensors,
@@ -21,10 +22,13 @@ from probe.probes import (
     Probe,
     ResidualNorms,
 )
+from probe.probes.params import ParamGradNorms
+from probe.probes.registry import make_probe
 from probe.session import HookSession, InPlaceWarning
 from probe.stats import Moments, response_std
 from probe.store import join_shards
 from probe.store import open_capture as open
+from probe.zoo import list_models
 
 __version__ = "0.1.0"
 
@@ -37,15 +41,21 @@ __all__ = [
     "Gradients",
     "HookSession",
     "InPlaceWarning",
+    "JacobianNorms",
     "Moments",
+    "ParamGradNorms",
     "Probe",
     "ProbeError",
     "ResidualNorms",
     "ResidualSpec",
+    "SegmentJacobians",
+    "ShatteredGradients",
     "capture",
     "find_blocks",
     "join_shards",
     "list_layers",
+    "list_models",
+    "make_probe",
     "open",
     "register_residual",
     "response_std",

@@ -24,6 +24,7 @@ from torch import nn
 from probe.errors import ProbeError
 from probe.hooks.select import LayerSpec
 from probe.probes.base import Probe
+from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
 from probe.session import HookSession, LossFn
@@ -157,6 +158,7 @@ def capture(
     grad mode and outputs are unchanged; hooks are removed and a
     partially written file is deleted on any error.
     """
+    probes = as_probes(probes)
     if not probes:
         raise ProbeError(
             "No probes given; e.g. probes=[probe.ResidualNorms(), probe.ChannelStats()]."

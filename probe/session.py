@@ -27,6 +27,7 @@ from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, res
 from probe.hooks.select import LayerSpec, select_modules
 from probe.losses import exact_cross_entropy
 from probe.probes.base import BlockTensors, Call, Probe
+from probe.probes.registry import as_probes
 
 __all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "resolve_layers"]
 
@@ -123,6 +124,7 @@ class HookSession:
     ) -> None:
         if mode not in ("eval", "train", "keep"):
             raise ProbeError(f"Invalid mode {mode!r}; allowed: eval, train, keep.")
+        probes = as_probes(probes)
         if not probes:
             raise ProbeError("No probes given; pass e.g. probes=[probe.ResidualNorms()].")
         names = [p.name for p in probes]

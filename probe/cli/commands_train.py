@@ -6,6 +6,7 @@ import click
 
 from probe.cli.options import parse_overrides
 from probe.cli.progress import train_callback
+from probe.errors import ProbeError
 
 __all__ = ["COMMANDS"]
 
@@ -121,10 +122,16 @@ def train_cmd(
 @click.command("models")
 @click.argument("pattern", default="*")
 def models_cmd(pattern):
-    """List registered model names matching a glob PATTERN."""
+    """List registered model names matching a glob PATTERN (any depth 6n+2 also works)."""
     from probe.zoo import list_models
 
-    for name in list_models(pattern):
+    names = list_models(pattern)
+    if not names:
+        raise ProbeError(
+            f"No model matches {pattern!r}; models are family+depth, e.g. 'resnet*', 'plain2*' "
+            "(families: plain, resnet, preplain, preresnet)."
+        )
+    for name in names:
         click.echo(name)
 
 

@@ -10,7 +10,7 @@ from probe.probes.activations import Activations, Gradients
 from probe.probes.base import Probe
 from probe.probes.statistics import ChannelStats, GradNorms, ResidualNorms
 
-__all__ = ["PROBES", "register_probe", "make_probe"]
+__all__ = ["PROBES", "register_probe", "make_probe", "as_probes"]
 
 PROBES: dict[str, type[Probe]] = {}
 
@@ -29,6 +29,12 @@ for _cls in (ResidualNorms, ChannelStats, GradNorms, Activations, Gradients):
     register_probe(_cls)
 
 
+def _register_all() -> None:
+    """Probes defined beside the engine (Jacobians, parameter gradients) register on import."""
+    from probe.jacobian import probes as _jacobian_probes  # noqa: F401
+    from probe.probes import params as _param_probes  # noqa: F401
+
+
 def make_probe(spec: str) -> Probe:
     """Build a probe from ``name[:key=value,...]``.
 
@@ -37,9 +43,8 @@ def make_probe(spec: str) -> Probe:
         Activations(dtype='bf16', channel_stride=1, spatial_stride=1, max_samples=64, which='output', layout='auto')
     """
     name, _, args = spec.partition(":")
-    if name not in PROBES:  # probes defined beside the engine register themselves on import
-        from probe.jacobian import probes as _jacobian_probes  # noqa: F401
-        from probe.probes import params as _param_probes  # noqa: F401
+    if name not in PROBES:
+        _register_all()
     if name not in PROBES:
         raise ProbeError(
             f"Unknown probe {name!r}; available: {', '.join(sorted(PROBES))}."
@@ -63,3 +68,30 @@ def make_probe(spec: str) -> Probe:
         return cls(**kwargs)
     except TypeError as e:
         raise ProbeError(f"Invalid options for probe {name!r}: {e}") from e
+
+
+def as_probes(probes: object) -> list[Probe]:
+    """Probe instances from what a user may pass: instances, probe classes (built with their
+    defaults) or spec strings (``"residual"``, ``"jacobian:n_probes=8"``), alone or in a list.
+
+    Example:
+        >>> [type(p).__name__ for p in as_probes(["residual", ChannelStats, GradNorms()])]
+        ['ResidualNorms', 'ChannelStats', 'GradNorms']
+    """
+    items = [probes] if isinstance(probes, (str, Probe, type)) else list(probes or ())
+    out = []
+    for p in items:
+        if isinstance(p, Probe):
+            out.append(p)
+        elif isinstance(p, str):
+            out.append(make_probe(p))
+        elif isinstance(p, type) and issubclass(p, Probe):
+            out.append(p())
+        else:
+            _register_all()
+            raise ProbeError(
+                f"Invalid probe {p!r} ({type(p).__name__}): give a probe instance "
+                "(probe.ResidualNorms()), a probe class, or a spec string ('residual', "
+                f"'jacobian:n_probes=8'); registered: {', '.join(sorted(PROBES))}."
+            )
+    return out

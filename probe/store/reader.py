@@ -13,6 +13,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 
 from probe.errors import ProbeError
 from probe.stats import Moments
@@ -44,6 +45,42 @@ class CaptureReader:
 
     def has(self, layer: str, quantity: str) -> bool:
         return layer in self.layers and quantity in self.quantities(layer)
+
+    def __getitem__(self, layer: str) -> dict[str, np.ndarray]:
+        """Every quantity of ``layer``, read: ``cap["stages.0.0"]["f_norm"]``."""
+        return {q: self.read(layer, q) for q in self.quantities(layer)}
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.layers
+
+    def to_frame(self, layers: list[str] | None = None) -> pd.DataFrame:
+        """The per-sample scalar quantities as a tidy table: one row per (layer, sample) with
+        columns layer, sample_index, label and one column per quantity. Capped quantities are
+        NaN past their rows; array-valued quantities (activations, spectra) are left out.
+
+        Example:
+            >>> import probe, torch
+            >>> m = probe.zoo.create("resnet8", in_channels=1, width=4)
+            >>> cap = probe.capture(m, [torch.randn(3, 1, 8, 8)], probes=["residual"])
+            >>> cap.to_frame().shape
+            (9, 10)
+        """
+        index, labels = self.sample_index(), self.labels()
+        frames = []
+        for layer in layers if layers is not None else self.layers:
+            cols: dict[str, np.ndarray] = {}
+            for q in self.quantities(layer):
+                if len(self.shape(layer, q)) != 1:
+                    continue
+                v = np.full(len(index), np.nan)
+                data = self.read(layer, q)
+                v[: len(data)] = data
+                cols[q] = v
+            if cols:
+                frames.append(
+                    pd.DataFrame({"layer": layer, "sample_index": index, "label": labels, **cols})
+                )
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     def dim_labels(self, layer: str, quantity: str) -> tuple[str, ...]:
         """Axis labels of a quantity, sample axis first (e.g. sample, channel, height, width)."""

@@ -9,6 +9,7 @@ epoch; a finished run returns at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock, Timeout
 from torch import nn
 
 from probe.data import DeviceLoader, ImageArrays, load_dataset
@@ -75,6 +77,7 @@ class TrainResult:
     checkpoints: dict[int, Path]
     wall_s: float
     resumed_from: int | None = None
+    model: nn.Module | None = field(default=None, repr=False)  # the trained net, in eval mode
 
     @property
     def final(self) -> dict:
@@ -221,6 +224,24 @@ def _write_json(path: Path, doc: object) -> None:
     atomic_write_text(path, json.dumps(doc, indent=2, default=str))
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir``'s lock (``.lock``, via filelock) while a run writes there; a second
+    ``train`` into the same directory stops at once instead of interleaving checkpoints."""
+    lock = FileLock(run_dir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ProbeError(
+            f"Another training process is writing to {run_dir} (its lock file {run_dir / '.lock'} "
+            "is held). Wait for it to finish, or choose another --out."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def train(
     cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays | None = None
 ) -> TrainResult:
@@ -255,181 +276,189 @@ def train(
     }
     model = create(cfg.model, **options)  # validates name and options before anything is written
     run_dir.mkdir(parents=True, exist_ok=True)
+    with run_lock(run_dir):  # one writer per run directory
+        run_doc = {
+            "config": cfg.to_dict(),
+            "recipe": recipe.to_dict(),
+            "dataset": {
+                "name": data.name,
+                "source": data.source,
+                "train": int(len(data.y_train)),
+                "test": int(len(data.y_test)),
+            },
+        }
+        run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
+        run_json = run_dir / "run.json"
+        if run_json.exists():
+            previous = json.loads(run_json.read_text())
+            if (
+                previous.get("config") != run_doc["config"]
+                or previous.get("recipe") != run_doc["recipe"]
+            ):
+                raise ProbeError(
+                    f"{run_dir} holds a run with a different configuration; choose another --out or "
+                    "delete that directory to start over."
+                )
+        _write_json(
+            run_json,
+            {
+                **run_doc,
+                "versions": library_versions(),
+                "revision": code_revision(),
+                "command": command_line(),
+                "runtime": runtime_settings(),
+            },
+        )
 
-    run_doc = {
-        "config": cfg.to_dict(),
-        "recipe": recipe.to_dict(),
-        "dataset": {
-            "name": data.name,
-            "source": data.source,
-            "train": int(len(data.y_train)),
-            "test": int(len(data.y_test)),
-        },
-    }
-    run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
-    run_json = run_dir / "run.json"
-    if run_json.exists():
-        previous = json.loads(run_json.read_text())
-        if (
-            previous.get("config") != run_doc["config"]
-            or previous.get("recipe") != run_doc["recipe"]
-        ):
-            raise ProbeError(
-                f"{run_dir} holds a run with a different configuration; choose another --out or "
-                "delete that directory to start over."
-            )
-    _write_json(
-        run_json,
-        {
-            **run_doc,
+        model = model.to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            # Autotuned kernels are fast but not reproducible; deterministic mode keeps them off.
+            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+        opt = torch.optim.SGD(
+            _param_groups(model, recipe),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov and recipe.momentum > 0,
+        )
+        names = {id(p): n for n, p in model.named_parameters()}
+
+        history: list[dict] = []
+        start_epoch, resumed_from = 0, None
+        resume = run_dir / "resume.json"
+        if resume.exists():
+            restored, meta = load_checkpoint(resume, device=device)
+            model.load_state_dict(restored.state_dict())
+            _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
+            start_epoch = resumed_from = int(meta["epoch"])
+            history = json.loads((run_dir / "history.json").read_text())[: start_epoch + 1]
+        checkpoints = {
+            e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
+            for e in save_at
+            if (run_dir / "checkpoints" / f"epoch-{e:04d}.json").exists()
+        }
+        loader_kw = dict(
+            mean=data.mean, std=data.std, device=device, channels_last=device.type == "cuda"
+        )
+        train_loader = DeviceLoader(
+            data.x_train,
+            data.y_train,
+            recipe.batch_size,
+            shuffle=True,
+            augment=data.augment,
+            seed=cfg.seed,
+            **loader_kw,
+        )
+        eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
+        eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
+        step_fn = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+        meta_base = {
+            "model": model.config.to_dict(),
+            "model_name": cfg.model,
+            "recipe": recipe.to_dict(),
+            "seed": cfg.seed,
+            "dataset": run_doc["dataset"],
+            "dataset_spec": cfg.dataset,
+            "train_limit": cfg.train_limit,
             "versions": library_versions(),
             "revision": code_revision(),
-            "command": command_line(),
             "runtime": runtime_settings(),
-        },
-    )
-
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        # Autotuned kernels are fast but not reproducible; deterministic mode keeps them off.
-        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-    opt = torch.optim.SGD(
-        _param_groups(model, recipe),
-        lr=recipe.lr,
-        momentum=recipe.momentum,
-        nesterov=recipe.nesterov and recipe.momentum > 0,
-    )
-    names = {id(p): n for n, p in model.named_parameters()}
-
-    history: list[dict] = []
-    start_epoch, resumed_from = 0, None
-    resume = run_dir / "resume.json"
-    if resume.exists():
-        restored, meta = load_checkpoint(resume, device=device)
-        model.load_state_dict(restored.state_dict())
-        _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
-        start_epoch = resumed_from = int(meta["epoch"])
-        history = json.loads((run_dir / "history.json").read_text())[: start_epoch + 1]
-    checkpoints = {
-        e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
-        for e in save_at
-        if (run_dir / "checkpoints" / f"epoch-{e:04d}.json").exists()
-    }
-    loader_kw = dict(
-        mean=data.mean, std=data.std, device=device, channels_last=device.type == "cuda"
-    )
-    train_loader = DeviceLoader(
-        data.x_train,
-        data.y_train,
-        recipe.batch_size,
-        shuffle=True,
-        augment=data.augment,
-        seed=cfg.seed,
-        **loader_kw,
-    )
-    eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
-    eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
-    step_fn = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    meta_base = {
-        "model": model.config.to_dict(),
-        "model_name": cfg.model,
-        "recipe": recipe.to_dict(),
-        "seed": cfg.seed,
-        "dataset": run_doc["dataset"],
-        "dataset_spec": cfg.dataset,
-        "train_limit": cfg.train_limit,
-        "versions": library_versions(),
-        "revision": code_revision(),
-        "runtime": runtime_settings(),
-    }
-
-    def checkpoint(epoch: int, record: dict) -> None:
-        record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
-        record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
-        metrics = {k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")}
-        stem = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
-        checkpoints[epoch] = save_checkpoint(
-            stem, model, {**meta_base, "epoch": epoch, "metrics": metrics}
-        )
-
-    callback(
-        "start",
-        {
-            "epochs": epochs,
-            "start_epoch": start_epoch,
-            "steps_per_epoch": steps_per_epoch,
-            "run_dir": str(run_dir),
-        },
-    )
-    if start_epoch == 0 and not history:
-        record = {"epoch": 0, "lr": 0.0}
-        calibrate_bn_(
-            model, eval_train
-        )  # see calibrate_bn_: eval-mode measures at init need data statistics
-        if 0 in save_at:
-            checkpoint(0, record)
-        history.append(record)
-    it = start_epoch * steps_per_epoch
-    for epoch in range(start_epoch + 1, epochs + 1):
-        te = time.perf_counter()
-        model.train()
-        train_loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        wrong = torch.zeros((), device=device, dtype=torch.int64)
-        seen = 0
-        for x, y, _ in train_loader:
-            if it >= total_iters:
-                break
-            lr = lr_at(recipe, it, total_iters)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with _autocast(device):
-                out = step_fn(x)
-                loss = F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach().double() * len(y)
-            wrong += (out.detach().argmax(1) != y).sum()
-            seen += len(y)
-            it += 1
-            if it % 10 == 0:
-                callback(
-                    "step",
-                    {
-                        "epoch": epoch,
-                        "iter": it,
-                        "loss": loss_sum.item() / seen,
-                        "error": wrong.item() / seen,
-                    },
-                )
-        if not torch.isfinite(loss_sum):
-            raise ProbeError(
-                f"Training diverged at epoch {epoch} (loss is not finite); lower the lr."
-            )
-        record = {
-            "epoch": epoch,
-            "lr": lr,
-            "batch_loss": loss_sum.item() / max(seen, 1),
-            "batch_error": wrong.item() / max(seen, 1),
-            "seconds": time.perf_counter() - te,  # the training steps alone (.item() synchronised)
         }
-        if epoch in save_at:
-            te = time.perf_counter()
-            checkpoint(epoch, record)
-            record["eval_seconds"] = time.perf_counter() - te
-        history.append(record)
-        _write_json(run_dir / "history.json", history)
-        save_checkpoint(
-            run_dir / "resume",
-            model,
-            {**meta_base, "epoch": epoch},
-            extra_tensors=_momentum_state(opt, names),
+
+        def checkpoint(epoch: int, record: dict) -> None:
+            record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
+            record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
+            metrics = {
+                k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")
+            }
+            stem = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
+            checkpoints[epoch] = save_checkpoint(
+                stem, model, {**meta_base, "epoch": epoch, "metrics": metrics}
+            )
+
+        callback(
+            "start",
+            {
+                "epochs": epochs,
+                "start_epoch": start_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "run_dir": str(run_dir),
+            },
         )
-        callback("epoch", record)
-    result = TrainResult(
-        run_dir, history, dict(sorted(checkpoints.items())), time.perf_counter() - t0, resumed_from
-    )
-    callback("end", {"wall_s": result.wall_s, "final": result.final})
-    return result
+        if start_epoch == 0 and not history:
+            record = {"epoch": 0, "lr": 0.0}
+            calibrate_bn_(
+                model, eval_train
+            )  # see calibrate_bn_: eval-mode measures at init need data statistics
+            if 0 in save_at:
+                checkpoint(0, record)
+            history.append(record)
+        it = start_epoch * steps_per_epoch
+        for epoch in range(start_epoch + 1, epochs + 1):
+            te = time.perf_counter()
+            model.train()
+            train_loader.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            wrong = torch.zeros((), device=device, dtype=torch.int64)
+            seen = 0
+            for x, y, _ in train_loader:
+                if it >= total_iters:
+                    break
+                lr = lr_at(recipe, it, total_iters)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with _autocast(device):
+                    out = step_fn(x)
+                    loss = F.cross_entropy(out.float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_sum += loss.detach().double() * len(y)
+                wrong += (out.detach().argmax(1) != y).sum()
+                seen += len(y)
+                it += 1
+                if it % 10 == 0:
+                    callback(
+                        "step",
+                        {
+                            "epoch": epoch,
+                            "iter": it,
+                            "loss": loss_sum.item() / seen,
+                            "error": wrong.item() / seen,
+                        },
+                    )
+            if not torch.isfinite(loss_sum):
+                raise ProbeError(
+                    f"Training diverged at epoch {epoch} (loss is not finite); lower the lr."
+                )
+            record = {
+                "epoch": epoch,
+                "lr": lr,
+                "batch_loss": loss_sum.item() / max(seen, 1),
+                "batch_error": wrong.item() / max(seen, 1),
+                "seconds": time.perf_counter()
+                - te,  # the training steps alone (.item() synchronised)
+            }
+            if epoch in save_at:
+                te = time.perf_counter()
+                checkpoint(epoch, record)
+                record["eval_seconds"] = time.perf_counter() - te
+            history.append(record)
+            _write_json(run_dir / "history.json", history)
+            save_checkpoint(
+                run_dir / "resume",
+                model,
+                {**meta_base, "epoch": epoch},
+                extra_tensors=_momentum_state(opt, names),
+            )
+            callback("epoch", record)
+        result = TrainResult(
+            run_dir,
+            history,
+            dict(sorted(checkpoints.items())),
+            time.perf_counter() - t0,
+            resumed_from,
+            model=model.eval(),
+        )
+        callback("end", {"wall_s": result.wall_s, "final": result.final})
+        return result

@@ -18,7 +18,8 @@ from probe.zoo.cifar_resnet import CifarResNet, NetConfig
 
 __all__ = ["register_family", "create", "list_models", "parse_name", "model_name"]
 
-STANDARD_DEPTHS = (20, 32, 44, 56, 110, 1202)
+# He et al.'s depths plus the small ones the CPU studies use (any 6n+2 depth can be created).
+STANDARD_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110, 1202)
 _FAMILIES: dict[str, dict] = {}
 
 
@@ -42,14 +43,15 @@ _NAME = re.compile(r"^([a-z]+?)(\d+)$")
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered names at the standard depths that match a glob ``pattern``.
+    """Registered names at the standard depths that match a glob ``pattern``, by family and then
+    by depth (plain8 before plain20).
 
     Example:
-        >>> list_models("plain5*")
-        ['plain56']
+        >>> list_models("plain*")[:3]
+        ['plain8', 'plain14', 'plain20']
     """
-    names = [f"{p}{d}" for p in _FAMILIES for d in STANDARD_DEPTHS]
-    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+    names = [(p, d) for p in sorted(_FAMILIES) for d in STANDARD_DEPTHS]
+    return [f"{p}{d}" for p, d in names if fnmatch.fnmatchcase(f"{p}{d}", pattern)]
 
 
 def parse_name(name: str) -> tuple[str, int]:

@@ -130,9 +130,16 @@ def test_capture_with_bad_layer_pattern(run_dir, tmp_path):
     assert not (tmp_path / "c.h5").exists()
 
 
-def test_models_lists_names():
+def test_models_lists_names_by_depth_including_the_small_ones():
     res = CliRunner().invoke(cli, ["models", "plain1*"])
-    assert res.output.split() == ["plain110", "plain1202"]
+    assert res.output.split() == ["plain14", "plain110", "plain1202"]
+    res = CliRunner().invoke(cli, ["models", "resnet*"])
+    assert res.output.split()[:4] == ["resnet8", "resnet14", "resnet20", "resnet26"]
+
+
+def test_models_with_a_pattern_that_matches_nothing_fails():
+    res = CliRunner().invoke(cli, ["models", "vgg*"])
+    assert res.exit_code == 1 and "No model matches 'vgg*'" in res.output
 
 
 def test_python_dash_m_entry_point():

@@ -85,7 +85,7 @@ def test_preact_and_digits_configurations_run():
 
 
 def test_registry_lists_by_pattern():
-    assert list_models("resnet1*") == ["resnet110", "resnet1202"]
+    assert list_models("resnet1*") == ["resnet14", "resnet110", "resnet1202"]
     assert "preplain56" in list_models()
 
 
