@@ -16,13 +16,32 @@ __all__ = ["cli"]
 
 
 class _Group(click.Group):
+    """The one error boundary: anticipated failures (ProbeError, an OS error such as a full disk
+    or an unwritable path) print their message, anything else one line with a pointer to
+    ``--debug``; both exit 1 without a traceback."""
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ProbeError as e:
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise click.ClickException(str(e)) from e
+            raise click.ClickException(_one_line(e)) from e
+
+
+def _one_line(e: Exception) -> str:
+    if isinstance(e, ProbeError):
+        return str(e)
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return f"{e.strerror or e}{where}. Check the path, its permissions and the free disk space."
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return (
+        f"unexpected {type(e).__name__}: {first[:300]} -- run with --debug for the traceback, "
+        "and please report it."
+    )
 
 
 # Commands that run models: they get a thread count and say which.

@@ -34,7 +34,8 @@ class _Lines:
         pass
 
     def close(self) -> None:
-        if self.n:
+        # Only finished work gets its line: a run cut short by an error says so itself.
+        if self.n and (self.total is None or self.n >= self.total):
             elapsed = time.perf_counter() - self.t0
             click.echo(f"{self.desc}: {self.n} {self.unit}s in {elapsed:.1f} s", err=True)
 

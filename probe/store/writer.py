@@ -11,9 +11,11 @@ last, then the file is flushed, fsynced and atomically renamed to ``<out>``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_label
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
 
 _CHUNK_TARGET = 2 << 20  # ~2 MiB per chunk: within h5py's advice and the measured sweet spot
+_SPACE_RESERVE = 4 << 20  # free space kept for buffered chunks and metadata written at close
 
 
 @dataclass
@@ -206,7 +209,9 @@ class H5Writer:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise ProbeError(f"Writing {self.path} failed: {self._error}") from self._error
+            e = self._error
+            msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ProbeError(f"Writing {self.path} failed: {msg}.") from e
 
     # -- writer thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -230,7 +235,23 @@ class H5Writer:
         dset.resize(n + len(arr), axis=0)
         dset[n:] = arr
 
+    def _check_space(self, item: dict) -> None:
+        """Refuse a batch the disk cannot hold, before HDF5 sees ENOSPC: a failed write leaves
+        h5py's chunk cache in a state whose clean-up crashes the process (exit 139 after the
+        whole capture had run), so a full disk must be caught while the file is still sound."""
+        buffered = sum(p.nbytes for b in self._buffers.values() for p in b.parts)  # not yet written
+        need = sum(h.nbytes for h in item["rows"].values()) + buffered + _SPACE_RESERVE
+        free = shutil.disk_usage(self.tmp.parent).free
+        if free < need:
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on the device of {self.tmp.parent}: {free / 2**20:.1f} MiB free, "
+                f"the next batch needs {need / 2**20:.1f} MiB (with {_SPACE_RESERVE >> 20} MiB for "
+                "HDF5 metadata). Nothing was kept; free space or choose another --out",
+            )
+
     def _write_item(self, item: dict) -> None:
+        self._check_space(item)
         index = item["index"].numpy()
         self._append(self._index, index)
         self._append(self._labels, item["labels"].numpy())
