@@ -139,6 +139,23 @@ class CaptureReader:
         self.close()
 
 
+def _json_attr(path: Path, attrs: dict, key: str, kind: type) -> object:
+    """A JSON-encoded root attribute, parsed and type-checked (absent: an empty ``kind``)."""
+    raw = attrs.get(key)
+    if raw is None:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, kind):
+        raise ProbeError(
+            f"{path} is damaged: attribute {key!r} is not a JSON {kind.__name__} ({str(raw)[:60]!r}). "
+            "Re-run the capture."
+        )
+    return value
+
+
 class H5Capture(CaptureReader):
     """A capture file opened read-only; arrays are read on demand."""
 
@@ -165,19 +182,63 @@ class H5Capture(CaptureReader):
                     f"{self.path} has format version {a.get('format_version')!r}; this resprobe reads "
                     f"{FORMAT_VERSION} (same major version). Upgrade resprobe or re-capture."
                 )
-            if not bool(a.get("complete", False)):
+            complete = a.get("complete", False)
+            if not isinstance(complete, (bool, np.bool_)):
+                raise ProbeError(
+                    f"{self.path}: attribute 'complete' is {complete!r} ({type(complete).__name__}), "
+                    "not a boolean; the file was edited or damaged. Re-run the capture."
+                )
+            if not complete:
                 raise ProbeError(
                     f"{self.path} is incomplete: the capture that wrote it did not finish. Re-run the capture."
                 )
+            self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+            if "shards" in self.attrs:
+                self._check_shards(_json_attr(self.path, self.attrs, "shards", list))
+            order = _json_attr(self.path, self.attrs, "layer_order", list)
+            present = list(self._f[LAYERS].keys()) if LAYERS in self._f else []
+            self.layers = [n for n in order if n in present] + [
+                n for n in present if n not in order
+            ]
+            self._check_structure(order, present)
         except ProbeError:
             self._f.close()
             raise
-        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
-        if "shards" in self.attrs:
-            self._check_shards(json.loads(self.attrs["shards"]))
-        order = json.loads(self.attrs.get("layer_order", "[]"))
-        present = list(self._f[LAYERS].keys()) if LAYERS in self._f else []
-        self.layers = [n for n in order if n in present] + [n for n in present if n not in order]
+
+    def _check_structure(self, order: list, present: list[str]) -> None:
+        """Refuse a file whose structure does not match the schema (docs/schema.md): what was
+        damaged, what was expected. Metadata only -- no data is read."""
+
+        def bad(what: str) -> ProbeError:
+            return ProbeError(f"{self.path} is damaged: {what}. Re-run the capture.")
+
+        for key in ("config", "provenance"):
+            _json_attr(self.path, self.attrs, key, dict)
+        n = self.attrs.get("n_samples")
+        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
+            shown = n.item() if isinstance(n, np.generic) else n
+            raise bad(f"attribute 'n_samples' is {shown!r}, expected a positive integer")
+        for name in ("sample_index", "labels"):
+            d = self._f.get(name)
+            if not isinstance(d, h5py.Dataset):
+                raise bad(f"/{name} is missing")
+            if d.ndim != 1 or d.shape[0] != n or d.dtype.kind not in "iu":
+                raise bad(f"/{name} has shape {d.shape} and dtype {d.dtype}, expected [{n}] integers")
+        missing = [l for l in order if l not in present]
+        if missing:
+            raise bad(f"layers {missing[:3]} listed in 'layer_order' have no group under /{LAYERS}")
+        for layer in present:
+            group = self._f[f"{LAYERS}/{layer}"]
+            for q, d in group.items():
+                if not isinstance(d, h5py.Dataset):
+                    raise bad(f"/{LAYERS}/{layer}/{q} is not a dataset")
+                if d.ndim < 1 or d.shape[0] > n:
+                    raise bad(
+                        f"/{LAYERS}/{layer}/{q} has shape {d.shape}; expected at most {n} rows "
+                        "(one per sample)"
+                    )
+                if d.dtype.kind not in "fiub":
+                    raise bad(f"/{LAYERS}/{layer}/{q} has dtype {d.dtype}, expected numbers")
 
     def _check_shards(self, shards: list[str]) -> None:
         """An index file reads missing sources as fill values; refuse it instead."""

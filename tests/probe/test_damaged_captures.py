@@ -1,0 +1,66 @@
+"""Damaged or edited capture files are refused with a message naming what is wrong."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe.errors import ProbeError
+
+
+@pytest.fixture
+def capture_file(tmp_path):
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    path = tmp_path / "c.h5"
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    probe.capture(
+        model, [(x, y)], probes=["residual", "activations:max_samples=3"], out=path
+    ).close()
+    return path
+
+
+def _edit(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+DAMAGE = {
+    "complete as a string": (lambda f: f.attrs.__setitem__("complete", "False"), "not a boolean"),
+    "layers group deleted": (lambda f: f.__delitem__("layers"), "have no group"),
+    "labels of the wrong length": (
+        lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.zeros(4, "i8"))),
+        "/labels has shape (4,)",
+    ),
+    "sample_index missing": (lambda f: f.__delitem__("sample_index"), "/sample_index is missing"),
+    "more rows than samples": (
+        lambda f: (
+            f.__delitem__("layers/stages.0.0/f_norm"),
+            f.create_dataset("layers/stages.0.0/f_norm", data=np.zeros(9, "f4")),
+        ),
+        "expected at most 6 rows",
+    ),
+    "text instead of numbers": (
+        lambda f: (
+            f.__delitem__("layers/stages.0.0/f_norm"),
+            f.create_dataset("layers/stages.0.0/f_norm", data=np.array([b"x"] * 6)),
+        ),
+        "expected numbers",
+    ),
+    "config not JSON": (lambda f: f.attrs.__setitem__("config", "{oops"), "'config' is not a JSON"),
+    "n_samples a float": (lambda f: f.attrs.__setitem__("n_samples", 6.0), "'n_samples' is 6.0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_file_is_refused(capture_file, case):
+    damage, fragment = DAMAGE[case]
+    _edit(capture_file, damage)
+    with pytest.raises(ProbeError, match="damaged|not a boolean") as e:
+        probe.open(capture_file)
+    assert fragment in str(e.value) and str(capture_file) in str(e.value)
+
+
+def test_an_intact_file_still_opens(capture_file):
+    with probe.open(capture_file) as cap:
+        assert cap.read("stages.0.0", "output").shape[0] == 3
