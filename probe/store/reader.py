@@ -163,6 +163,11 @@ class H5Capture(CaptureReader):
         self.path = Path(path)
         if not self.path.exists():
             raise ProbeError(f"No capture file at {self.path}.")
+        if not self.path.is_file():  # a FIFO or a device would block h5py's open forever
+            raise ProbeError(
+                f"{self.path} is not a regular file (a folder, a FIFO or a device); give a capture "
+                "file written by probe capture."
+            )
         with contextlib.suppress(ImportError):
             import hdf5plugin  # noqa: F401  (registers the Blosc filter for compressed captures)
         try:
@@ -223,7 +228,9 @@ class H5Capture(CaptureReader):
             if not isinstance(d, h5py.Dataset):
                 raise bad(f"/{name} is missing")
             if d.ndim != 1 or d.shape[0] != n or d.dtype.kind not in "iu":
-                raise bad(f"/{name} has shape {d.shape} and dtype {d.dtype}, expected [{n}] integers")
+                raise bad(
+                    f"/{name} has shape {d.shape} and dtype {d.dtype}, expected [{n}] integers"
+                )
         missing = [l for l in order if l not in present]
         if missing:
             raise bad(f"layers {missing[:3]} listed in 'layer_order' have no group under /{LAYERS}")

@@ -27,6 +27,7 @@ import torch
 
 from probe.errors import ProbeError, check_option
 from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels
+from probe.tempfiles import remove_stale_temps, temp_path
 
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
 
@@ -134,7 +135,7 @@ class H5Writer:
     ) -> None:
         self.path = Path(path)
         self.options = options or WriterOptions()
-        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+        self.tmp = temp_path(self.path)
         self.layer_attrs = dict(layer_attrs or {})
         self.dims = dict(dims or {})
         self._filters = self.options.filter_kwargs()
@@ -148,6 +149,7 @@ class H5Writer:
         self._n_samples = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.path)  # left by a killed capture of the same file
             self._file = h5py.File(self.tmp, "w", libver=("v110", "latest"))
         except OSError as e:
             raise ProbeError(

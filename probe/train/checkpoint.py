@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.tempfiles import remove_stale_temps, temp_path
 from probe.zoo import NetConfig
 from probe.zoo.cifar_resnet import CifarResNet
 
@@ -51,7 +52,8 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` under a temporary name, fsync, and rename over ``path``."""
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    remove_stale_temps(path)
+    tmp = temp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -84,7 +86,8 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().to("cpu").contiguous()
-    tmp = weights.with_name(weights.name + f".tmp-{os.getpid()}")
+    remove_stale_temps(weights)
+    tmp = temp_path(weights)
     try:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
         os.replace(tmp, weights)

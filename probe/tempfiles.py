@@ -1,0 +1,53 @@
+"""Temporary names for atomic writes, and removal of the ones a killed process left behind.
+
+Every file is written as ``<name>.tmp-<pid>`` and renamed into place when complete. A process
+killed before the rename leaves its temporary file; the next writer of the same file removes
+those whose process is gone (a live pid may be another writer at work, so its file stays).
+
+Example:
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> (d / "x.h5.tmp-999999999").write_text("left by a killed run")
+    20
+    >>> remove_stale_temps(d / "x.h5"), list(d.iterdir())
+    (1, [])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["temp_path", "remove_stale_temps"]
+
+
+def temp_path(path: Path) -> Path:
+    """``<path>.tmp-<this pid>``, beside ``path`` (same file system, so the rename is atomic)."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier, failed attempt in this process (or a reused pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> int:
+    """Delete ``<path>.tmp-<pid>`` files of processes that no longer run; returns how many."""
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
