@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from analyses.stats import POSITIVE, RATE, seed_band  # noqa: E402
+from probe.tempfiles import atomic_path  # noqa: E402
 
 __all__ = [
     "theme",
@@ -98,11 +99,15 @@ def palette(models: list[str]) -> dict[str, tuple]:
 def save(fig: plt.Figure, out_dir: Path, name: str, data: pd.DataFrame | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
-    plt.close(fig)
+    try:
+        for path, kw in zip(paths, ({"dpi": 150}, {})):
+            with atomic_path(path) as tmp:  # a killed run leaves no half-written figure
+                fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", **kw)
+    finally:
+        plt.close(fig)
     if data is not None:
-        data.to_csv(out_dir / f"{name}.csv", index=False)
+        with atomic_path(out_dir / f"{name}.csv") as tmp:
+            data.to_csv(tmp, index=False)
         paths.append(out_dir / f"{name}.csv")
     return paths
 

@@ -24,6 +24,7 @@ from analyses.signal import model_level_table, shattered_table, signal_propagati
 from analyses.tidy import COLUMNS, check_poolable, quietly, run_key
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
+from probe.tempfiles import atomic_path
 
 __all__ = [
     "figure_caption",
@@ -347,7 +348,8 @@ def analyze(
         files, skipped = write_figures(table, out, caps, load_histories(caps), les)
         if skipped_lesions:
             skipped["lesions"] = skipped_lesions
-        table.to_csv(out / "measures.csv", index=False)
+        with atomic_path(out / "measures.csv") as tmp:
+            table.to_csv(tmp, index=False)
         files.append(out / "measures.csv")
         return AnalysisResult(table, files, skipped)
     finally:

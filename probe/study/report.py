@@ -14,6 +14,7 @@ from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict
+from probe.tempfiles import atomic_path
 
 __all__ = ["write_report"]
 
@@ -151,7 +152,8 @@ def write_report(
         f"<style>{_CSS}</style><script>{_SCRIPT}</script></head><body>{''.join(parts)}</body></html>"
     )
     report = out / "report.html"
-    report.write_text(page)
+    with atomic_path(report) as tmp:
+        tmp.write_text(page)
 
     md = [
         f"# Degradation study '{cfg.name}'",
@@ -172,5 +174,6 @@ def write_report(
         ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())
         md.append(f"| {v.explanation} | **{v.verdict}** | {ev} | {v.rule} |")
     summary = out / "summary.md"
-    summary.write_text("\n".join(md) + "\n")
+    with atomic_path(summary) as tmp:
+        tmp.write_text("\n".join(md) + "\n")
     return report, summary

@@ -15,6 +15,7 @@ Every step skips work whose output already exists and is valid, so an interrupte
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from analyses.figures import plot_vs_depth, save
 from analyses.lesions import checkpoint_lesions
 from analyses.pipeline import measure_table, write_figures
-from analyses.tidy import run_key
+from analyses.tidy import COLUMNS, run_key
 from probe.data import data_root, load_dataset
 from probe.errors import ProbeError
 from probe.loading import capture_checkpoint
@@ -35,6 +36,7 @@ from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
+from probe.tempfiles import atomic_path
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
@@ -59,6 +61,35 @@ class StudyResult:
 def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
     """Resolve ``capture_at`` ('0', 'mid', 'last', numbers) to sorted epochs."""
     return parse_save_at(",".join(str(t) for t in cfg.capture_at), epochs, what="capture_at")
+
+
+log = logging.getLogger(__name__)
+LESION_COLUMNS = (*COLUMNS, "downsampling")
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _write_csv(path: Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def _reusable_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
+    """A table a previous run wrote, if it is whole (parses, has rows and ``columns``); else None,
+    so the rerun recomputes it instead of trusting a damaged file."""
+    if not path.is_file():
+        return None
+    try:
+        t = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+        t = None
+    if t is None or t.empty or not set(columns) <= set(t.columns):
+        log.warning("recomputing %s: the stored table is empty or damaged", path)
+        return None
+    return t
 
 
 def _valid_capture(path: Path) -> bool:
@@ -93,7 +124,7 @@ def run_study(
         raise ProbeError(f"A study compares two families (plain, residual); got {cfg.families}.")
     for m in cfg.models:
         parse_name(m)
-    (out / "study.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    _write(out / "study.json", json.dumps(cfg.to_dict(), indent=2))
     timings: dict[str, float] = {}
     data = load_dataset(cfg.dataset).subset(cfg.train_limit)
     probes = [make_probe(s) for s in cfg.probes]
@@ -176,8 +207,9 @@ def run_study(
     if cfg.lesions:
         for (model, seed), cks in checkpoints.items():
             path = out / "tables" / f"lesions-{model}-s{seed}.csv"
-            if path.exists():
-                lesion_parts.append(pd.read_csv(path))
+            done = _reusable_table(path, LESION_COLUMNS)
+            if done is not None:
+                lesion_parts.append(done)
                 continue
             cb("stage", {"text": f"lesions {model} seed {seed}"})
             key = {
@@ -190,16 +222,16 @@ def run_study(
             part = checkpoint_lesions(
                 cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
             )
-            part.to_csv(path, index=False)
+            _write_csv(path, part)
             lesion_parts.append(part)
     lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None
     if lesions is not None:
         table = pd.concat([table, lesions], ignore_index=True)
         table["downsampling"] = table["downsampling"].astype("boolean").fillna(False).astype(bool)
-    table.to_csv(out / "tables" / "measures.csv", index=False)
-    runs.to_csv(out / "tables" / "runs.csv", index=False)
+    _write_csv(out / "tables" / "measures.csv", table)
+    _write_csv(out / "tables" / "runs.csv", runs)
     deg = degradation_table(runs, data.name)
-    deg.to_csv(out / "tables" / "degradation.csv", index=False)
+    _write_csv(out / "tables" / "degradation.csv", deg)
     timings["analysis"] = time.perf_counter() - ts
 
     # 4. Figures: final checkpoints, initialisation, training curves, degradation against depth.
@@ -252,7 +284,7 @@ def run_study(
     vs = verdicts(
         table, runs, (plain_fam, res_fam), cfg.depths, first, last, num_classes=data.num_classes
     )
-    (out / "tables" / "verdicts.json").write_text(json.dumps([v.__dict__ for v in vs], indent=2))
+    _write(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
     timings["total"] = time.perf_counter() - t0

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.tempfiles import remove_stale_temps, temp_path
+from probe.tempfiles import atomic_path, remove_stale_temps, temp_path
 from probe.zoo import NetConfig
 from probe.zoo.cifar_resnet import CifarResNet
 
@@ -52,13 +52,8 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` under a temporary name, fsync, and rename over ``path``."""
-    remove_stale_temps(path)
-    tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def save_checkpoint(
