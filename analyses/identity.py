@@ -27,7 +27,8 @@ def closeness(dev_norm: np.ndarray, s_norm: np.ndarray, eps: float = 1e-12) -> n
         >>> closeness(np.array([0.0, 1.0]), np.array([2.0, 2.0]))
         array([0. , 0.5])
     """
-    return np.asarray(dev_norm, np.float64) / np.maximum(np.asarray(s_norm, np.float64), eps)
+    with np.errstate(invalid="ignore"):  # inf / inf from a diverged net is NaN, said elsewhere
+        return np.asarray(dev_norm, np.float64) / np.maximum(np.asarray(s_norm, np.float64), eps)
 
 
 def jacobian_deviation(dev2: np.ndarray, p_fro2: np.ndarray) -> np.ndarray:

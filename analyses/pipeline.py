@@ -226,6 +226,12 @@ def write_figures(
             skipped[name] = _skip_reason(quantity, how, caps)
             continue
         d = table[table["quantity"] == quantity]
+        if not np.isfinite(d["value"].to_numpy(np.float64)).any():
+            skipped[name] = (
+                f"every value of '{quantity}' is NaN or infinite: the captured layers had "
+                "non-finite results (see each layer's nonfinite_samples in probe inspect)"
+            )
+            continue
         rel = relative and quantity not in _NOT_PER_BLOCK
         files += figures.save(
             figures.plot_vs_layer(table, quantity, logy=logy, relative=rel),

@@ -35,7 +35,8 @@ def residual_ratio(f_norm: np.ndarray, s_norm: np.ndarray, eps: float = 1e-12) -
         >>> residual_ratio(np.array([0.0, 3.0]), np.array([1.0, 6.0]))
         array([0. , 0.5])
     """
-    return np.asarray(f_norm, np.float64) / np.maximum(np.asarray(s_norm, np.float64), eps)
+    with np.errstate(invalid="ignore"):  # inf / inf from a diverged net is NaN, said elsewhere
+        return np.asarray(f_norm, np.float64) / np.maximum(np.asarray(s_norm, np.float64), eps)
 
 
 def residual_share(f_norm: np.ndarray, y_norm: np.ndarray, axis: int = -1) -> np.ndarray:

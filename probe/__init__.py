@@ -24,7 +24,7 @@ from probe.probes import (
 )
 from probe.probes.params import ParamGradNorms
 from probe.probes.registry import make_probe
-from probe.session import HookSession, InPlaceWarning
+from probe.session import HookSession, InPlaceWarning, NonFiniteWarning
 from probe.stats import Moments, response_std
 from probe.store import join_shards
 from probe.store import open_capture as open
@@ -43,6 +43,7 @@ __all__ = [
     "InPlaceWarning",
     "JacobianNorms",
     "Moments",
+    "NonFiniteWarning",
     "ParamGradNorms",
     "Probe",
     "ProbeError",

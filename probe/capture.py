@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from math import prod
 
@@ -27,7 +28,7 @@ from probe.probes.base import Probe
 from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
-from probe.session import HookSession, LossFn
+from probe.session import HookSession, LossFn, NonFiniteWarning
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
 from probe.store.writer import H5Writer, WriterOptions
 
@@ -93,6 +94,21 @@ def _with_next(batches: Iterable[tuple], lookahead: bool) -> Iterable[tuple]:
         yield (*prev, cur[0][:1])
         prev = cur
     yield (*prev, first)
+
+
+def _warn_nonfinite(bad: dict[str, int], seen: int) -> None:
+    if not bad:
+        return
+    worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
+    warnings.warn(
+        f"NaN or infinite probe results in {len(bad)} layer(s) (samples of {seen}): "
+        + ", ".join(f"{k} {n}" for k, n in worst)
+        + (" ..." if len(bad) > 3 else "")
+        + ". Measures over them are not finite; the counts are in each layer's "
+        "'nonfinite_samples' attribute.",
+        NonFiniteWarning,
+        stacklevel=3,
+    )
 
 
 def _layer_attrs(session: HookSession, key: str) -> dict:
@@ -252,10 +268,17 @@ def capture(
             if seen == 0:
                 raise ProbeError("The data yielded no samples; nothing was captured.")
             elapsed = time.perf_counter() - t0
+            bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
+            _warn_nonfinite(bad, seen)
             if writer is not None:
-                path = writer.close({"wall_seconds": elapsed})
+                for key, n in bad.items():
+                    writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
+                path = writer.close({"wall_seconds": elapsed, "nonfinite_layers": len(bad)})
                 return H5Capture(path)
             layer_attrs = {key: _layer_attrs(session, key) for key in mem}
+            for key, n in bad.items():
+                layer_attrs[key]["nonfinite_samples"] = n
+            attrs["nonfinite_layers"] = len(bad)
         except BaseException:
             if writer is not None:
                 writer.abort()

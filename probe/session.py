@@ -29,10 +29,14 @@ from probe.losses import exact_cross_entropy
 from probe.probes.base import BlockTensors, Call, Probe
 from probe.probes.registry import as_probes
 
-__all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "resolve_layers"]
+__all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "NonFiniteWarning", "resolve_layers"]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteWarning(UserWarning):
+    """Some probe results were NaN or infinite (overflowing weights, a diverged run)."""
 
 
 class InPlaceWarning(UserWarning):
@@ -146,6 +150,7 @@ class HookSession:
         self._suspended = False
         self._open = False
         self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
+        self._nonfinite: dict[str, torch.Tensor] = {}  # key -> samples with a NaN/inf result
         self.shapes: dict[
             str, tuple
         ] = {}  # key -> (output, branch or None, input or None) shapes per sample
@@ -435,12 +440,34 @@ class HookSession:
                             self._merge(
                                 self._results["model"], p.forward(call), p, "model", call.batch_size
                             )
+            self._count_nonfinite()
             return dict(self._results), out.detach()
         finally:
             self._calls = []  # drop references to the graph and activations
             self._branch_out.clear()
             self._shortcut_out.clear()
             self._entry.clear()
+
+    def _count_nonfinite(self) -> None:
+        """Per layer key: samples of this batch with a NaN/inf in any result (a few small
+        tensors per layer, already on the device: no pass over the activations)."""
+        for key, qs in self._results.items():
+            floats = [t for t in qs.values() if t.is_floating_point()]
+            if not floats:
+                continue
+            bad = torch.zeros(
+                max(len(t) for t in floats), dtype=torch.bool, device=floats[0].device
+            )
+            for t in floats:  # capped quantities cover the first rows only
+                bad[: len(t)] |= ~torch.isfinite(t.reshape(len(t), -1)).all(1)
+            # Summed on the device: reading the count here would sync the GPU once per layer.
+            self._nonfinite[key] = self._nonfinite.get(key, 0) + bad.sum()
+
+    @property
+    def nonfinite(self) -> dict[str, int]:
+        """Layer key -> samples so far with a NaN or infinite result (layers with none omitted)."""
+        counts = {k: int(v) for k, v in self._nonfinite.items()}
+        return {k: v for k, v in counts.items() if v}
 
     def layer_info(self, key: str) -> LayerInfo:
         """The :class:`LayerInfo` behind a result key (``name`` or ``name@k``)."""

@@ -7,6 +7,7 @@ message and exit status 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import click
 
@@ -29,6 +30,10 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             raise click.ClickException(_one_line(e)) from e
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _one_line(e: Exception) -> str:
@@ -68,6 +73,8 @@ def cli(ctx: click.Context, debug: bool, verbose: int, threads: str, determinist
     ctx.obj = {"debug": debug}
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:  # library warnings as one line each, without the source line they came from
+        warnings.showwarning = _show_warning
     if ctx.invoked_subcommand in _COMPUTE:
         from probe.runtime import available_cores, configure
 

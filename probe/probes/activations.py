@@ -15,6 +15,7 @@ from probe.validation import PositiveInt
 __all__ = ["Activations", "Gradients", "STORAGE_DTYPES"]
 
 STORAGE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_FP16_MAX = 65504.0
 
 
 def _subsample(
@@ -28,6 +29,21 @@ def _subsample(
         elif c in STRIDED and spatial_stride > 1:
             index[i] = slice(None, None, spatial_stride)
     return t[tuple(index)]
+
+
+def _stored(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+    """``{name: t in the storage dtype}``; for fp16 also ``{name}_clipped`` [N]: fp16 overflows to
+    inf beyond 65504, so larger magnitudes are stored as +-65504 and counted per sample -- no inf
+    appears that the model did not produce (a genuine inf or NaN stays and is counted by the
+    capture's non-finite check)."""
+    out = {}
+    if dtype == "fp16":
+        out[f"{name}_clipped"] = (t.abs() > _FP16_MAX).flatten(1).sum(1, dtype=torch.int32)
+        t = t.clamp(-_FP16_MAX, _FP16_MAX)
+    # .to() may return the same storage; clone so a later in-place op cannot change our copy.
+    stored = t.to(STORAGE_DTYPES[dtype])
+    out[name] = stored.clone() if stored.data_ptr() == t.data_ptr() else stored
+    return out
 
 
 def _capped(t: torch.Tensor, call: Call, max_samples: int | None) -> torch.Tensor | None:
@@ -71,6 +87,8 @@ class Activations(Probe):
         check_layout(self.layout)
 
     def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
+        if quantity.endswith("_clipped"):
+            return ("sample",)
         return layout_labels(self.layout, value)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
@@ -84,9 +102,7 @@ class Activations(Probe):
         )
         if t is None:
             return {}
-        # .to() may return the same storage; clone so a later in-place op cannot change our copy.
-        out = t.to(STORAGE_DTYPES[self.dtype])
-        return {self.which: out.clone() if out.data_ptr() == t.data_ptr() else out}
+        return _stored(self.which, t, self.dtype)
 
 
 @dataclass
@@ -107,6 +123,8 @@ class Gradients(Probe):
         check_layout(self.layout)
 
     def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
+        if quantity.endswith("_clipped"):
+            return ("sample",)
         return layout_labels(self.layout, value)
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
@@ -117,4 +135,4 @@ class Gradients(Probe):
             call,
             self.max_samples,
         )
-        return {} if g is None else {"grad_output": g.to(STORAGE_DTYPES[self.dtype])}
+        return {} if g is None else _stored("grad_output", g, self.dtype)

@@ -321,6 +321,8 @@ class H5Writer:
             self._raise_if_failed()
             for key, buf in self._buffers.items():
                 self._flush(key, buf, final=True)
+            for layer in self._layer_order:  # attributes known only at the end (non-finite counts)
+                self._file[f"{LAYERS}/{layer}"].attrs.update(self.layer_attrs.get(layer, {}))
             self._file.attrs["layer_order"] = json.dumps(self._layer_order)
             self._file.attrs["n_samples"] = self._n_samples
             for k, v in (extra_attrs or {}).items():

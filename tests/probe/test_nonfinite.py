@@ -1,0 +1,70 @@
+"""Numerics are data: NaN/inf results are counted per layer, warned about, and never drawn as
+empty figures; fp16 activations never turn large values into inf."""
+
+import numpy as np
+import pytest
+import torch
+
+import analyses
+import probe
+
+
+def _overflowing_model():
+    m = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    with torch.no_grad():
+        m.stages[1][0].branch.conv1.weight.mul_(1e38)  # float32 overflow from stage 1 on
+    return m
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g))]
+
+
+def test_nonfinite_results_are_counted_per_layer_and_warned(tmp_path):
+    with pytest.warns(probe.NonFiniteWarning, match="NaN or infinite probe results in"):
+        cap = probe.capture(
+            _overflowing_model(), _batch(), probes=["residual"], out=tmp_path / "c.h5"
+        )
+    counts = {l: cap.layer_attrs(l).get("nonfinite_samples", 0) for l in cap.layers}
+    # forward only: the blocks before the overflow stay finite
+    assert counts["stages.0.0"] == 0 and counts["stages.1.0"] == 4 and counts["stages.2.0"] == 4
+    assert cap.attrs["nonfinite_layers"] == 2
+
+
+def test_a_finite_capture_records_no_counts():
+    cap = probe.capture(
+        probe.zoo.create("resnet8", in_channels=1, width=4), _batch(), probes=["residual"]
+    )
+    assert cap.attrs["nonfinite_layers"] == 0
+    assert all("nonfinite_samples" not in cap.layer_attrs(l) for l in cap.layers)
+
+
+def test_figures_of_all_nonfinite_measures_are_skipped_with_a_reason(tmp_path):
+    with pytest.warns(probe.NonFiniteWarning):
+        cap = probe.capture(_overflowing_model(), _batch(), probes=["residual", "grad"])
+    res = analyses.analyze([cap], tmp_path / "fig", lesions=False)
+    assert "NaN or infinite" in res.skipped["gradient_norms"]
+    assert not (tmp_path / "fig" / "gradient_norms.png").exists()
+
+
+def test_fp16_activations_clip_and_count_instead_of_storing_inf():
+    m = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    x = torch.randn(3, 1, 8, 8) * 1e6  # block outputs far beyond fp16's 65504
+    cap = probe.capture(m, [x], probes=[probe.Activations(dtype="fp16")], layers=["stages.0.0"])
+    out = cap.read("stages.0.0", "output")
+    with torch.no_grad():
+        ref = m.stages[0][0](m.stem(x)).numpy()
+    assert np.isfinite(out).all()
+    assert np.array_equal(
+        cap.read("stages.0.0", "output_clipped"), (np.abs(ref) > 65504).reshape(3, -1).sum(1)
+    )
+    assert cap.read("stages.0.0", "output_clipped").min() > 0
+
+
+def test_the_cli_shows_a_warning_as_one_line(capsys):
+    from probe.cli.main import _show_warning
+
+    _show_warning(probe.NonFiniteWarning("NaN in 2 layers"), probe.NonFiniteWarning, "x.py", 1)
+    err = capsys.readouterr().err
+    assert err == "warning: NaN in 2 layers\n"
