@@ -2,23 +2,30 @@
 
 A checkpoint ``stem`` is two files: ``stem.safetensors`` (the state dict) and ``stem.json`` (model
 name and options, recipe, seed, epoch, metrics, library versions, code revision and the SHA-256 of
-the weights). Both are written under temporary names and renamed into place, the JSON last, so a
-checkpoint whose JSON exists is complete. Loading validates the weights against the config.
+the weights). Both are written under temporary names, fsynced and renamed into place, the weights
+first. The weights file also carries the whole config in its own header, so it is complete on its
+own: a process killed between the two renames leaves new weights beside the previous JSON, which
+the next read recognises (the JSON's hash is that of other weights) and rebuilds from the weights
+file, instead of refusing the run forever. A JSON whose hash matches but whose content differs
+from the header was edited (``"residual": false``, ``"epoch": 99``) and is refused. Loading
+validates the weights against the config.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from probe.errors import ProbeError
-from probe.tempfiles import atomic_path, remove_stale_temps, temp_path
+from probe.tempfiles import atomic_path
 from probe.zoo import NetConfig
 from probe.zoo.cifar_resnet import CifarResNet
 
@@ -31,6 +38,7 @@ __all__ = [
     "file_sha256",
 ]
 
+log = logging.getLogger(__name__)
 FORMAT = "resprobe-checkpoint"
 FORMAT_VERSION = 1
 
@@ -81,28 +89,76 @@ def save_checkpoint(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for k, v in (extra_tensors or {}).items():
         tensors[f"extra.{k}"] = v.detach().to("cpu").contiguous()
-    remove_stale_temps(weights)
-    tmp = temp_path(weights)
+    doc = json.loads(
+        json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights": weights.name},
+            default=str,
+        )
+    )
     try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, weights)
+        with atomic_path(weights) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": FORMAT, _HEADER_KEY: json.dumps(doc)})
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ProbeError(f"Could not write checkpoint {weights}: {e}") from e
-    doc = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **meta,
-        "sha256": file_sha256(weights),
-        "weights": weights.name,
-    }
-    atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
+    _write_config(js, {**doc, "sha256": file_sha256(weights)})
     return js
 
 
+_HEADER_KEY = "resprobe_config"  # the checkpoint's config inside the safetensors header
+
+
+def _write_config(js: Path, doc: dict) -> None:
+    atomic_write_text(js, json.dumps(doc, indent=2, sort_keys=True, default=str))
+
+
+def _header_config(weights: Path) -> dict | None:
+    """The config stored inside the weights file (None: an older checkpoint, or unreadable)."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            raw = (f.metadata() or {}).get(_HEADER_KEY)
+        return json.loads(raw) if raw else None
+    except Exception:  # not a safetensors file: load_checkpoint reports it
+        return None
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
-    """The JSON config of a checkpoint, validated for format and version."""
-    _, js = checkpoint_paths(path)
+    """The config of a checkpoint, validated: format and version, and -- for checkpoints that
+    carry their config in the weights header -- agreement of the JSON with that header. A JSON
+    left from the previous save (killed between the renames) is rebuilt from the header."""
+    weights, js = checkpoint_paths(path)
+    header = _header_config(weights) if weights.exists() else None
+    if header is not None:
+        return _reconciled(weights, js, header)
+    return _json_config(js)
+
+
+def _reconciled(weights: Path, js: Path, header: dict) -> dict:
+    sha = file_sha256(weights)
+    stored = None
+    if js.exists():
+        try:
+            stored = json.loads(js.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            stored = None
+    if not isinstance(stored, dict) or stored.get("sha256") != sha:
+        # The JSON is missing, damaged or describes other weights: the save was cut between its
+        # two renames. The weights file is complete (renamed whole) and says what it is.
+        doc = {**header, "sha256": sha}
+        _write_config(js, doc)
+        log.warning("rebuilt %s from the config stored in %s", js, weights.name)
+        return doc
+    edited = sorted(
+        k for k in set(header) | (set(stored) - {"sha256"}) if stored.get(k) != header.get(k)
+    )
+    if edited:
+        raise ProbeError(
+            f"{js} disagrees with the config stored inside {weights.name} on {', '.join(edited[:4])}: "
+            f"the JSON was edited. Restore it, or delete {js.name} to rebuild it from the weights."
+        )
+    return stored
+
+
+def _json_config(js: Path) -> dict:
     if not js.exists():
         raise ProbeError(
             f"No checkpoint config {js}. A checkpoint is a .safetensors file plus a .json beside it; "
@@ -132,7 +188,11 @@ def load_checkpoint(
     meta = read_checkpoint_meta(js)
     if not weights.exists():
         raise ProbeError(f"Checkpoint weights {weights} are missing (config {js} exists).")
-    if verify_hash and file_sha256(weights) != meta.get("sha256"):
+    if (
+        verify_hash
+        and _header_config(weights) is None
+        and file_sha256(weights) != meta.get("sha256")
+    ):
         raise ProbeError(
             f"Checkpoint weights {weights} do not match the hash in {js}: the file was modified or "
             "belongs to another checkpoint."

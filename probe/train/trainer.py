@@ -70,6 +70,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# Where and how fast a run executes, not what it is: a run directory that was moved or copied,
+# resumed on another device or with compilation, is the same run.
+_NOT_IDENTITY = ("out", "device", "compile", "compile_mode", "eval_batch_size")
+
+
+def run_identity(config: dict) -> dict:
+    """The fields of a (stored) TrainConfig that define the run."""
+    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -292,7 +302,7 @@ def train(
         if run_json.exists():
             previous = json.loads(run_json.read_text())
             if (
-                previous.get("config") != run_doc["config"]
+                run_identity(previous.get("config") or {}) != run_identity(run_doc["config"])
                 or previous.get("recipe") != run_doc["recipe"]
             ):
                 raise ProbeError(

@@ -44,7 +44,7 @@ def test_checkpoint_config_mismatch_is_refused(tmp_path):
     meta = json.loads(js.read_text())
     meta["model"]["width"] = 8
     js.write_text(json.dumps(meta))
-    with pytest.raises(ProbeError, match="wrong shape"):
+    with pytest.raises(ProbeError, match="was edited"):
         load_checkpoint(js)
 
 
@@ -158,3 +158,73 @@ def test_train_limit_out_of_range_is_a_clear_error_and_writes_nothing(tmp_path):
     with pytest.raises(ProbeError, match="between 1 and 1437"):
         train(_cfg(tmp_path, train_limit=5000))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_moved_run_directory_resumes(tmp_path):
+    import shutil
+
+    from probe.train import TrainConfig, train
+
+    first = TrainConfig(
+        model="plain8", recipe_overrides={"epochs": 2, "batch_size": 512}, out=str(tmp_path / "a")
+    )
+    done = train(first)
+    shutil.move(tmp_path / "a", tmp_path / "b")  # the run's identity is its configuration
+    again = train(
+        TrainConfig(
+            model="plain8",
+            recipe_overrides={"epochs": 2, "batch_size": 512},
+            out=str(tmp_path / "b"),
+        )
+    )
+    assert again.resumed_from == 2 and again.final["train_error"] == done.final["train_error"]
+
+
+def test_a_save_killed_between_its_two_renames_is_recovered_from_the_weights(tmp_path):
+    import shutil
+
+    net = create("resnet8", width=4)
+    js = save_checkpoint(tmp_path / "resume", net, {"model": net.config.to_dict(), "epoch": 1})
+    old_json = js.read_text()
+    with torch.no_grad():
+        net.stem.conv.weight.add_(1.0)
+    save_checkpoint(tmp_path / "resume", net, {"model": net.config.to_dict(), "epoch": 2})
+    js.write_text(old_json)  # the kill: new weights renamed, the JSON rename never happened
+    shutil.rmtree(tmp_path / "unused", ignore_errors=True)
+    model, meta = load_checkpoint(js)
+    assert meta["epoch"] == 2 and torch.equal(model.stem.conv.weight, net.stem.conv.weight)
+    assert json.loads(js.read_text())["epoch"] == 2  # the JSON was rebuilt
+
+
+@pytest.mark.parametrize("field,value", [("epoch", 99), ("model.residual", False)])
+def test_an_edited_checkpoint_config_is_refused(tmp_path, field, value):
+    net = create("resnet8", width=4)
+    js = save_checkpoint(tmp_path / "ck", net, {"model": net.config.to_dict(), "epoch": 3})
+    meta = json.loads(js.read_text())
+    if "." in field:
+        outer, inner = field.split(".")
+        meta[outer][inner] = value
+    else:
+        meta[field] = value
+    js.write_text(json.dumps(meta))
+    with pytest.raises(ProbeError, match="was edited"):
+        load_checkpoint(js)
+
+
+def test_training_resumes_after_a_kill_between_the_renames_of_resume(tmp_path):
+    from probe.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="plain8", recipe_overrides={"epochs": 2, "batch_size": 512}, out=str(tmp_path / "r")
+    )
+    resume = tmp_path / "r" / "resume.json"
+    kept = {}
+
+    def keep_epoch_1(event, info):
+        if event == "epoch" and info["epoch"] == 1:
+            kept["json"] = resume.read_text()
+
+    done = train(cfg, callback=keep_epoch_1)
+    resume.write_text(kept["json"])  # the kill: epoch-2 weights renamed, epoch-1 JSON left
+    again = train(cfg)
+    assert again.resumed_from == 2 and again.final["train_error"] == done.final["train_error"]
