@@ -33,7 +33,7 @@ __all__ = ["COMMANDS"]
     help="Train on the first N training images only (e.g. CIFAR-10 on a CPU).",
 )
 @click.option("--recipe", default="digits", show_default=True, help="he2016, fast or digits.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**63 - 1))
 @click.option(
     "--epochs",
     type=click.IntRange(min=0),

@@ -166,8 +166,13 @@ def _json_config(js: Path) -> dict:
         )
     try:
         meta = json.loads(js.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProbeError(f"Checkpoint config {js} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ProbeError(
+            f"Checkpoint config {js} holds a JSON {type(meta).__name__}, not an object; it is "
+            "damaged. Restore it or delete the checkpoint."
+        )
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise ProbeError(
             f"{js} is not a {FORMAT} v{FORMAT_VERSION} config (format={meta.get('format')!r}, "

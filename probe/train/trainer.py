@@ -98,10 +98,25 @@ class TrainResult:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    available = ["auto", "cpu"] + (
+        [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ProbeError(
-            f"Device {device!r} requested but CUDA is not available; use --device cpu."
+            f"Invalid device {device!r}; allowed here: {', '.join(available)}."
+        ) from None
+    usable = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available()
+        and (dev.index is None or dev.index < torch.cuda.device_count()),
+        "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
+    }
+    if not usable.get(dev.type, False):
+        raise ProbeError(
+            f"Device {device!r} is not available on this machine; allowed here: "
+            f"{', '.join(available)}."
         )
     return dev
 

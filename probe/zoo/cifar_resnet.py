@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.errors import ProbeError, check_option
+from probe.validation import validate_fields
 
 __all__ = ["NetConfig", "CifarResNet", "BasicBlock", "OptionA", "OptionB"]
 
@@ -43,6 +44,7 @@ class NetConfig:
     )
 
     def __post_init__(self) -> None:
+        validate_fields(self)  # types first: width=2.5 or depth="x" from a JSON or --opt
         if self.depth < 8 or (self.depth - 2) % 6:
             raise ProbeError(
                 f"Invalid depth {self.depth}: He et al. CIFAR nets have depth 6n+2 with n >= 1 "

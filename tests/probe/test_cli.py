@@ -176,13 +176,20 @@ def test_capture_help_lists_every_registered_probe():
         (["train", "--epochs", "-1"], "'--epochs': -1 is not in the range x>=0"),
         (["train", "--data", "{notes}"], "neither a folder nor a tar archive"),
         (["--threads", "0", "train"], "Invalid thread count '0'"),
+        (["train", "--device", "="], "Invalid device '='"),
+        (["train", "--device", "mps"], "'mps' is not available"),
+        (["train", "--seed", str(2**70)], "'--seed'"),
+        (["train", "--opt", "width=2.5"], "NetConfig.width = 2.5"),
+        (["capture", "{bad_json}"], "holds a JSON list"),
     ],
 )
 def test_bad_values_are_refused_before_any_work(run_dir, tmp_path, args, fragment):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a dataset")
     out = tmp_path / "out.h5"
-    args = [a.format(run=run_dir, notes=notes) for a in args]
+    bad_json = tmp_path / "ck.json"
+    bad_json.write_text("[]")
+    args = [a.format(run=run_dir, notes=notes, bad_json=bad_json) for a in args]
     if args[0] == "capture":
         args += ["--out", str(out)]
     res = CliRunner().invoke(cli, args)
