@@ -95,6 +95,28 @@ class TrainResult:
         return next(r for r in reversed(self.history) if "train_error" in r)
 
 
+def _resumed_history(meta: dict, path: Path, epoch: int) -> list[dict]:
+    """The history up to ``epoch``: from the resume checkpoint (written with its weights), else
+    from history.json (runs written before the history was kept in the checkpoint), validated."""
+    history = meta.get("history")
+    if history is None:
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            history = None
+    ok = (
+        isinstance(history, list)
+        and len(history) >= epoch + 1
+        and all(isinstance(r, dict) and r.get("epoch") == i for i, r in enumerate(history))
+    )
+    if not ok:
+        raise ProbeError(
+            f"Cannot resume from epoch {epoch}: {path} is missing, empty or damaged and the resume "
+            "checkpoint does not hold the history. Delete the run directory to train again."
+        )
+    return history[: epoch + 1]
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -356,7 +378,8 @@ def train(
             model.load_state_dict(restored.state_dict())
             _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
             start_epoch = resumed_from = int(meta["epoch"])
-            history = json.loads((run_dir / "history.json").read_text())[: start_epoch + 1]
+            history = _resumed_history(meta, run_dir / "history.json", start_epoch)
+            _write_json(run_dir / "history.json", history)  # mends a damaged history.json
         checkpoints = {
             e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
             for e in save_at
@@ -473,7 +496,8 @@ def train(
             save_checkpoint(
                 run_dir / "resume",
                 model,
-                {**meta_base, "epoch": epoch},
+                # the history travels with the weights it belongs to (one atomically written file)
+                {**meta_base, "epoch": epoch, "history": history},
                 extra_tensors=_momentum_state(opt, names),
             )
             callback("epoch", record)

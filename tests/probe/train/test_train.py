@@ -228,3 +228,17 @@ def test_training_resumes_after_a_kill_between_the_renames_of_resume(tmp_path):
     resume.write_text(kept["json"])  # the kill: epoch-2 weights renamed, epoch-1 JSON left
     again = train(cfg)
     assert again.resumed_from == 2 and again.final["train_error"] == done.final["train_error"]
+
+
+@pytest.mark.parametrize("damage", ["", "[]", "{"])
+def test_a_damaged_history_json_does_not_lose_the_history(tmp_path, damage):
+    from probe.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="plain8", recipe_overrides={"epochs": 2, "batch_size": 512}, out=str(tmp_path / "r")
+    )
+    done = train(cfg)
+    (tmp_path / "r" / "history.json").write_text(damage)
+    again = train(cfg)
+    assert [r["epoch"] for r in again.history] == [r["epoch"] for r in done.history] == [0, 1, 2]
+    assert json.loads((tmp_path / "r" / "history.json").read_text()) == again.history
