@@ -18,7 +18,7 @@ explanation is about depth, with the shallowest net of the same family) using on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,7 +72,7 @@ def _judge(
     outcomes: tuple[str, str] = (SUPPORTED, NOT_SUPPORTED),
     *,
     runs: dict[str, np.ndarray] | None = None,
-    untrained: list[str] = (),
+    untrained: Sequence[str] = (),
 ) -> tuple[str, str]:
     """(verdict, why-inconclusive): ``outcomes[0]`` if ``supported``, else ``outcomes[1]`` if
     ``refuted``, else inconclusive -- and inconclusive whenever a needed value is missing (NaN),
