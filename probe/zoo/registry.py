@@ -72,14 +72,28 @@ def model_name(config: NetConfig) -> str:
     return f"{family}{config.depth}"
 
 
-def create(name: str, **options: object) -> nn.Module:
+# Names that mean torchvision's ImageNet ResNets to most users but are also valid 6n+2 depths here.
+_IMAGENET_NAMES = {"resnet50", "resnet152"}
+
+
+def create(name: str, *, cifar: bool = False, **options: object) -> nn.Module:
     """Create a registered model by name.
+
+    ``resnet50`` and ``resnet152`` are torchvision's ImageNet ResNets to most readers; the zoo
+    builds its He et al. CIFAR net of those depths only when asked with ``cifar=True``.
 
     Example:
         >>> net = create("plain56")
         >>> net.config.residual, net.config.depth
         (False, 56)
     """
+    if name in _IMAGENET_NAMES and not cifar:
+        raise ProbeError(
+            f"{name!r} is torchvision's ImageNet {name.replace('resnet', 'ResNet-')} (bottleneck "
+            f"blocks, 224x224 inputs); the zoo holds He et al.'s CIFAR nets. For torchvision's, use "
+            f"torchvision.models.{name}(); for a CIFAR net of that depth, create({name!r}, "
+            "cifar=True) (CLI: --opt cifar=true)."
+        )
     family, depth = parse_name(name)
     if depth < 8 or (depth - 2) % 6:
         lower = max(8, depth - (depth - 2) % 6)

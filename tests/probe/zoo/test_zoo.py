@@ -106,3 +106,10 @@ def test_unknown_option_suggests_the_right_one():
 def test_option_fixed_by_name_is_refused():
     with pytest.raises(ProbeError, match="fixed by the name"):
         create("resnet20", residual=False)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet152"])
+def test_imagenet_names_are_not_silently_cifar_nets(name):
+    with pytest.raises(ProbeError, match="torchvision.models"):
+        create(name)
+    assert create(name, cifar=True).config.depth == int(name[6:])
