@@ -19,7 +19,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["temp_path", "remove_stale_temps", "atomic_path"]
+__all__ = ["temp_path", "remove_stale_temps", "commit", "atomic_path"]
 
 
 def temp_path(path: Path) -> Path:
@@ -53,6 +53,16 @@ def remove_stale_temps(path: Path) -> int:
     return removed
 
 
+def commit(tmp: Path, path: Path) -> None:
+    """Make the finished ``tmp`` durable (fsync) and rename it over ``path`` in one step."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path to write ``path``'s content to; on success it is fsynced and renamed
@@ -72,12 +82,7 @@ def atomic_path(path: str | os.PathLike):
     tmp = temp_path(path)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        commit(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()

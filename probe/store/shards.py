@@ -21,6 +21,7 @@ import numpy as np
 from probe.errors import ProbeError
 from probe.store.reader import H5Capture
 from probe.store.schema import LAYERS
+from probe.tempfiles import atomic_path
 
 __all__ = ["join_shards"]
 
@@ -31,7 +32,7 @@ _CAP_FIELDS = ("max_samples", "spectrum_samples")
 
 def _caps(cap: H5Capture) -> list[str]:
     """'probe.field=value' for every sample cap of the probes that wrote ``cap``."""
-    probes = json.loads(cap.attrs.get("config", "{}")).get("probes", [])
+    probes = cap.config.get("probes", [])
     return [
         f"{p.get('probe')}.{k}={p[k]}"
         for p in probes
@@ -104,14 +105,9 @@ def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     try:
         _check_offsets(caps)
         keys = _joined_keys(caps)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         rel = [os.path.relpath(Path(c.path).resolve(), out.resolve().parent) for c in caps]
-        try:
+        with atomic_path(out) as tmp:  # no index file that looks complete unless it is
             _write_index(tmp, caps, rel, keys)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, out)
     finally:
         for cap in caps:
             cap.close()

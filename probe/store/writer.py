@@ -27,7 +27,7 @@ import torch
 
 from probe.errors import ProbeError, check_option
 from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels
-from probe.tempfiles import remove_stale_temps, temp_path
+from probe.tempfiles import commit, remove_stale_temps, temp_path
 
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
 
@@ -330,12 +330,7 @@ class H5Writer:
             self._file.attrs["complete"] = True  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()
-            fd = os.open(self.tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(self.tmp, self.path)
+            commit(self.tmp, self.path)
         except OSError as e:
             self.abort()
             raise ProbeError(
