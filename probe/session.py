@@ -26,7 +26,7 @@ from probe.errors import ProbeError
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
 from probe.hooks.select import LayerSpec, select_modules
 from probe.losses import exact_cross_entropy
-from probe.probes.base import BlockTensors, Call, Probe
+from probe.probes.base import BlockTensors, Call, Probe, input_slot
 from probe.probes.registry import as_probes
 
 __all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "NonFiniteWarning", "resolve_layers"]
@@ -244,17 +244,16 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._suspended:
                 return
-            x = _first_tensor(args)
-            if x is None:
-                tensors = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-                if len(tensors) != 1:
-                    raise ProbeError(
-                        f"Block {info.name!r} ({type(module).__name__}) was called without a "
-                        f"positional tensor and with {len(tensors)} tensor keywords "
-                        f"({', '.join(tensors) or 'none'}), so its input x is ambiguous. Call it "
-                        "with x first, or select its submodules with layers=... instead."
-                    )
-                x = next(iter(tensors.values()))
+            slot = input_slot(args, kwargs)  # the same rule Call.function() differentiates by
+            if slot is None:
+                tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+                raise ProbeError(
+                    f"Block {info.name!r} ({type(module).__name__}) was called without a "
+                    f"positional tensor and with {len(tensors)} tensor keywords "
+                    f"({', '.join(tensors) or 'none'}), so its input x is ambiguous. Call it "
+                    "with x first, or select its submodules with layers=... instead."
+                )
+            x = args[slot] if isinstance(slot, int) else kwargs[slot]
             self._entry[info.name] = (x, _version(x))
             self._branch_calls[info.name] = 0
 

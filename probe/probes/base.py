@@ -17,7 +17,7 @@ from torch import nn
 
 from probe.validation import validate_fields
 
-__all__ = ["Probe", "Call", "BlockTensors"]
+__all__ = ["Probe", "Call", "BlockTensors", "input_slot"]
 
 
 @dataclass
@@ -34,6 +34,21 @@ class BlockTensors:
     y: torch.Tensor  # block output
     residual: bool  # whether the block adds S(x)
     shortcut: nn.Module | None  # the module computing S (None: identity)
+
+
+def input_slot(args: tuple, kwargs: dict) -> int | str | None:
+    """Where a module call's input x is: the index of the first positional tensor, else the name of
+    its only tensor keyword; None when neither (no tensor, or several tensor keywords).
+
+    Example:
+        >>> input_slot((3, torch.ones(1)), {}), input_slot((), {"hidden": torch.ones(1), "k": 2})
+        (1, 'hidden')
+    """
+    slot = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+    if slot is not None:
+        return slot
+    tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return tensors[0] if len(tensors) == 1 else None
 
 
 @dataclass
@@ -70,12 +85,9 @@ class Call:
             torch.Size([1, 2])
         """
         args, kwargs, module, n = self.args, self.kwargs, self.module, self.batch_size
-        slot = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
-        key = None
+        slot = input_slot(args, kwargs)
         if slot is None:
-            key = next((k for k, v in kwargs.items() if isinstance(v, torch.Tensor)), None)
-            if key is None:
-                return module
+            return module
 
         def rows(v: object, k: int) -> object:
             if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == n:
@@ -86,10 +98,10 @@ class Call:
             k = z.shape[0]
             a = [rows(v, k) for v in args]
             kw = {name: rows(v, k) for name, v in kwargs.items()}
-            if slot is not None:
+            if isinstance(slot, int):
                 a[slot] = z
             else:
-                kw[key] = z
+                kw[slot] = z
             out = module(*a, **kw)
             return (
                 out
