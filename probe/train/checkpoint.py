@@ -125,11 +125,15 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """The config of a checkpoint, validated: format and version, and -- for checkpoints that
     carry their config in the weights header -- agreement of the JSON with that header. A JSON
     left from the previous save (killed between the renames) is rebuilt from the header."""
-    weights, js = checkpoint_paths(path)
+    return _validated_meta(*checkpoint_paths(path))[0]
+
+
+def _validated_meta(weights: Path, js: Path) -> tuple[dict, bool]:
+    """(config, whether the weights' hash was checked against it on the way)."""
     header = _header_config(weights) if weights.exists() else None
     if header is not None:
-        return _reconciled(weights, js, header)
-    return _json_config(js)
+        return _reconciled(weights, js, header), True
+    return _json_config(js), False
 
 
 def _reconciled(weights: Path, js: Path, header: dict) -> dict:
@@ -190,14 +194,10 @@ def load_checkpoint(
     or do not fit the architecture (missing, unexpected or mis-shaped tensors).
     """
     weights, js = checkpoint_paths(path)
-    meta = read_checkpoint_meta(js)
+    meta, hash_checked = _validated_meta(weights, js)
     if not weights.exists():
         raise ProbeError(f"Checkpoint weights {weights} are missing (config {js} exists).")
-    if (
-        verify_hash
-        and _header_config(weights) is None
-        and file_sha256(weights) != meta.get("sha256")
-    ):
+    if verify_hash and not hash_checked and file_sha256(weights) != meta.get("sha256"):
         raise ProbeError(
             f"Checkpoint weights {weights} do not match the hash in {js}: the file was modified or "
             "belongs to another checkpoint."
