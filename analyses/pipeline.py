@@ -21,7 +21,7 @@ from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
 from analyses.signal import model_level_table, shattered_table, signal_propagation
-from analyses.tidy import COLUMNS, check_poolable, quietly, run_key
+from analyses.tidy import COLUMNS, check_poolable, quietly, run_key, source_of
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 from probe.tempfiles import atomic_path
@@ -72,14 +72,13 @@ def _skip_reason(quantity: str, how: str, caps: Sequence[CaptureReader]) -> str:
             p: [c for c in caps if any(c.has(l, q) for l in c.layers)] for p, q in parts.items()
         }
         if all(holds.values()):
-            names = {
-                p: ", ".join(str(getattr(c, "path", "<memory>")) for c in cs[:2])
-                for p, cs in holds.items()
-            }
+            names = {p: ", ".join(source_of(c) for c in cs[:2]) for p, cs in holds.items()}
             return (
                 f"needs {how} in one capture; they are in different files "
                 + "; ".join(f"'{p}' in {n}" for p, n in names.items())
-                + ". Capture both probes together (--probe jacobian --probe residual)"
+                + ". Capture both probes together ("
+                + " ".join(f"--probe {p}" for p in parts)
+                + ")"
             )
     return f"no '{quantity}' in the captures (needs {how})"
 

@@ -23,6 +23,7 @@ __all__ = [
     "MissingProbeWarning",
     "needs",
     "quietly",
+    "source_of",
     "run_key",
     "identified",
     "check_poolable",
@@ -98,7 +99,7 @@ def check_poolable(caps: list[CaptureReader] | tuple) -> None:
     that both hold the same quantity of the same layer (e.g. two splits of one checkpoint)."""
     if len(caps) < 2:
         return
-    anonymous = [_where(c) for c in caps if not identified(c)]
+    anonymous = [source_of(c) for c in caps if not identified(c)]
     if anonymous:
         raise ProbeError(
             f"Cannot analyse {len(caps)} captures together: {', '.join(anonymous[:3])} do(es) not "
@@ -114,14 +115,15 @@ def check_poolable(caps: list[CaptureReader] | tuple) -> None:
                 first = owner.setdefault((*ident, layer, q), cap)
                 if first is not cap:
                     raise ProbeError(
-                        f"Captures {_where(first)} and {_where(cap)} are both {key['model']} seed "
+                        f"Captures {source_of(first)} and {source_of(cap)} are both {key['model']} seed "
                         f"{key['seed']} epoch {key['checkpoint']} and both hold {layer}/{q}: one "
                         "table would pool their rows. Analyse them separately, or give them "
                         "different names (probe.capture(..., name=...))."
                     )
 
 
-def _where(cap: CaptureReader) -> str:
+def source_of(cap: CaptureReader) -> str:
+    """How messages name a capture: its file, or that it lives in memory."""
     return str(getattr(cap, "path", "<in-memory capture>"))
 
 
@@ -153,7 +155,7 @@ def needs(probes: str):
             out = fn(cap, *args, **kwargs)
             if len(out) == 0 and not _QUIET.get():
                 warnings.warn(
-                    f"{fn.__name__}: {_where(cap)} holds nothing it measures; capture with "
+                    f"{fn.__name__}: {source_of(cap)} holds nothing it measures; capture with "
                     f"{probes}.",
                     MissingProbeWarning,
                     stacklevel=2,
