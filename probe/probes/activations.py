@@ -51,8 +51,19 @@ def _capped(t: torch.Tensor, call: Call, max_samples: int | None) -> torch.Tenso
     return t[:keep] if keep else None
 
 
+class _RawTensorAxes:
+    """Axis labels of the raw-tensor probes: by ``layout``, and per sample for the clip counts."""
+
+    layout: str
+
+    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
+        if quantity.endswith("_clipped"):
+            return ("sample",)
+        return layout_labels(self.layout, value)
+
+
 @dataclass
-class Activations(Probe):
+class Activations(_RawTensorAxes, Probe):
     """A copy of a layer's output (or input) in a storage dtype.
 
     Args:
@@ -86,11 +97,6 @@ class Activations(Probe):
         check_option("activation source", self.which, ["output", "input"])
         check_layout(self.layout)
 
-    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
-        if quantity.endswith("_clipped"):
-            return ("sample",)
-        return layout_labels(self.layout, value)
-
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         t = call.output if self.which == "output" else call.input
         if t is None:
@@ -106,7 +112,7 @@ class Activations(Probe):
 
 
 @dataclass
-class Gradients(Probe):
+class Gradients(_RawTensorAxes, Probe):
     """The raw gradient dL/d(output) of each hooked layer, opt-in (see :class:`Activations`)."""
 
     name: ClassVar[str] = "gradients"
@@ -121,11 +127,6 @@ class Gradients(Probe):
         super().__post_init__()
         check_option("gradient dtype", self.dtype, STORAGE_DTYPES)
         check_layout(self.layout)
-
-    def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...]:
-        if quantity.endswith("_clipped"):
-            return ("sample",)
-        return layout_labels(self.layout, value)
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         if call.grad_output is None:
