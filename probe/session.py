@@ -25,11 +25,19 @@ from torch import nn
 from probe.errors import ProbeError
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
 from probe.hooks.select import LayerSpec, select_modules
+from probe.hooks.sites import OwnerCall, Site, SiteTracer, discover_sites, shortcut_map, site_keys
 from probe.losses import exact_cross_entropy
 from probe.probes.base import BlockTensors, Call, Probe, input_slot
 from probe.probes.registry import as_probes
 
-__all__ = ["HookSession", "InPlaceWarning", "LayerInfo", "NonFiniteWarning", "resolve_layers"]
+__all__ = [
+    "HookSession",
+    "InPlaceWarning",
+    "LayerInfo",
+    "NoResidualWarning",
+    "NonFiniteWarning",
+    "resolve_layers",
+]
 
 log = logging.getLogger(__name__)
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -39,53 +47,141 @@ class NonFiniteWarning(UserWarning):
     """Some probe results were NaN or infinite (overflowing weights, a diverged run)."""
 
 
+class NoResidualWarning(UserWarning):
+    """Selected modules contain no residual site: residual quantities are not recorded there."""
+
+
 class InPlaceWarning(UserWarning):
     """The hooked subtree contains in-place modules; captured tensors are cloned where needed."""
 
 
 @dataclass
 class LayerInfo:
-    """What the capture knows about one hooked module."""
+    """What the capture knows about one result key.
 
-    name: str
+    ``kind`` is ``"adapter"`` (a block read through a registered :class:`ResidualSpec`),
+    ``"site"`` (one residual add found by tracing, see :mod:`probe.hooks.sites`), ``"block"``
+    (a module with several sites, as a whole: its Jacobian, its input and output) or ``"layer"``
+    (any other module).
+    """
+
+    name: str  # the result key
     module: nn.Module
-    spec: ResidualSpec | None  # residual adapter, if the module is a block
+    spec: ResidualSpec | None  # residual adapter, if the module is a block read through one
     index: int  # position in the selection (forward-definition order)
+    kind: str = "layer"
+    module_name: str | None = None  # dotted name of the module that computes it (default: name)
+    site: int | None = None  # index among its owner's residual sites
+
+    def __post_init__(self) -> None:
+        if self.spec is not None:
+            self.kind = "adapter"
+        if self.module_name is None:
+            self.module_name = self.name
 
     @property
     def is_block(self) -> bool:
-        return self.spec is not None
+        return self.kind in ("adapter", "site")
 
     @property
     def residual(self) -> bool | None:
-        if self.spec is None:
-            return None
-        return bool(getattr(self.module, "residual", True))
+        if self.kind == "adapter":
+            return bool(getattr(self.module, "residual", True))
+        return True if self.kind in ("site", "block") else None
 
 
-def resolve_layers(model: nn.Module, layers: LayerSpec | None) -> tuple[list[LayerInfo], list[str]]:
-    """Selected modules with their residual adapters, plus names of unclassified block-like modules.
+@dataclass
+class _Owner:
+    """A traced module and what its sites are keyed by."""
 
-    ``layers=None`` or ``"auto"`` selects every residual block found automatically.
-    """
-    blocks, unknown = find_blocks(model)
+    module: nn.Module
+    sites: list[Site]
+    keys: list[str]  # one per site
+    block: LayerInfo | None  # the whole-module entry (modules with several non-loop sites)
+    selected: dict[int, LayerInfo]  # site index -> its entry, for the selected sites
+
+
+def _needs_tracing(model: nn.Module, layers: LayerSpec | None) -> bool:
+    """Whether the selection can only be resolved by tracing a forward pass: ``auto`` without any
+    registered adapter block, or an explicit selection with modules no adapter describes."""
     if layers is None or layers == "auto":
-        if not blocks:
+        return not find_blocks(model)[0]
+    return any(residual_spec(m) is None for _, m in select_modules(model, layers))
+
+
+def resolve_layers(
+    model: nn.Module,
+    layers: LayerSpec | None,
+    sites: dict[str, list[Site]] | None = None,
+) -> tuple[list[LayerInfo], dict[str, _Owner], list[str]]:
+    """Result entries of a selection, the traced owners behind them, and the names of selected
+    modules without any residual site.
+
+    ``layers=None`` or ``"auto"`` selects every block a registered adapter describes or, when none
+    does, every residual site ``sites`` (from :func:`~probe.hooks.sites.discover_sites`) holds.
+    """
+    adapters = {n: (m, spec) for n, m, spec in find_blocks(model)[0]}
+    sites = sites or {}
+    inside = tuple(n + "." for n in adapters)
+    owners_all = {o: v for o, v in sites.items() if o not in adapters and not o.startswith(inside)}
+    taken = set(owners_all)
+    keys = {o: site_keys(o, v, taken) for o, v in owners_all.items()}
+    by_key = {k: (o, i) for o, ks in keys.items() for i, k in enumerate(ks)}
+    auto = layers is None or layers == "auto"
+    if auto:
+        if adapters:
+            chosen = [(n, m) for n, (m, _) in adapters.items()]
+        else:
+            chosen = [(o, model.get_submodule(o)) for o in owners_all]
+        if not chosen:
             raise ProbeError(
-                f"No residual blocks recognised in {type(model).__name__}"
-                + (
-                    f" (block-like modules without an adapter: {', '.join(unknown[:4])})"
-                    if unknown
-                    else ""
-                )
-                + ". Pass layers explicitly (e.g. 'features.*') or declare your block with "
-                "probe.register_residual(BlockClass, ResidualSpec(branch=..., shortcut=...))."
+                f"No residual sites found in {type(model).__name__}: no module adds two tensors "
+                "of the same shape that are both computed from its input (y = S(x) + F(x)). "
+                "Models that concatenate features instead (DenseNet, Inception, ShuffleNet) or "
+                "have no shortcuts (VGG) have none. Select modules explicitly to probe them as "
+                "layers (e.g. layers='features.*'; see probe.list_layers(model)), or declare a "
+                "block with probe.register_residual(BlockClass, ResidualSpec(branch=..., "
+                "shortcut=...))."
             )
-        chosen = [(n, m) for n, m, _ in blocks]
     else:
         chosen = select_modules(model, layers)
-    infos = [LayerInfo(n, m, residual_spec(m), i) for i, (n, m) in enumerate(chosen)]
-    return infos, unknown
+    infos: list[LayerInfo] = []
+    owners: dict[str, _Owner] = {}
+    plain: list[str] = []
+
+    def owner(o: str) -> _Owner:
+        if o not in owners:
+            owners[o] = _Owner(model.get_submodule(o) if o else model, owners_all[o], keys[o], None, {})
+        return owners[o]
+
+    def add_site(o: str, i: int) -> None:
+        own = owner(o)
+        if i in own.selected:
+            return
+        module_name = own.sites[i].child if own.keys[i] == own.sites[i].child else o
+        info = LayerInfo(
+            own.keys[i], own.module, None, len(infos), "site", module_name or "model", i
+        )
+        own.selected[i] = info
+        infos.append(info)
+
+    for name, m in chosen:
+        spec = adapters.get(name, (None, None))[1] or residual_spec(m)
+        if spec is not None:
+            infos.append(LayerInfo(name, m, spec, len(infos)))
+        elif name in owners_all:
+            own = owner(name)
+            if len(own.sites) > 1 and own.keys[0] != own.sites[0].child:
+                own.block = LayerInfo(name, m, None, len(infos), "block")
+                infos.append(own.block)
+            for i in range(len(own.sites)):
+                add_site(name, i)
+        elif name in by_key:
+            add_site(*by_key[name])
+        else:
+            infos.append(LayerInfo(name, m, None, len(infos)))
+            plain.append(name)
+    return infos, owners, plain
 
 
 def _version(t: torch.Tensor | None) -> int | None:
@@ -137,13 +233,23 @@ class HookSession:
         self.model, self.probes, self.mode = model, list(probes), mode
         # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).
         self.loss_fn = loss_fn or exact_cross_entropy
-        self.layers, self.unclassified = resolve_layers(model, layers)
         self.needs_grad = any(p.needs_grad for p in probes)
         # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
         self.layer_probes = [p for p in probes if getattr(p, "scope", "layer") == "layer"]
         self.model_probes = [p for p in probes if getattr(p, "scope", "layer") == "model"]
         self._model_info = LayerInfo("model", model, None, -1)
-        self.inplace = sorted({n for info in self.layers for n in inplace_modules(info.module)})
+        self._selection = layers
+        # Blocks read through adapters are known now; residual sites anywhere else are found by
+        # tracing the first batch (run_batch), so the layers are resolved there.
+        self._tracing = _needs_tracing(model, layers)
+        self.layers: list[LayerInfo] = []
+        self.plain_layers: list[str] = []  # selected modules without a residual site
+        self._owners: dict[str, _Owner] = {}
+        if not self._tracing:
+            self.layers, self._owners, self.plain_layers = resolve_layers(model, layers)
+        self._tracer = SiteTracer(self._on_owner)
+        self._stack = contextlib.ExitStack()
+        self.inplace: list[str] = []
         self._handles: list = []
         self._flags: dict[nn.Module, bool] = {}
         self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -158,14 +264,6 @@ class HookSession:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> HookSession:
-        if self.inplace:
-            warnings.warn(
-                f"In-place modules in the hooked layers ({', '.join(self.inplace[:4])}"
-                f"{' ...' if len(self.inplace) > 4 else ''}): captured tensors are cloned where a later "
-                "in-place op could overwrite them.",
-                InPlaceWarning,
-                stacklevel=2,
-            )
         self._flags = {m: m.training for m in self.model.modules()}
         if self.mode != "keep":
             self.model.train(self.mode == "train")
@@ -178,14 +276,53 @@ class HookSession:
             if m.training
             for buf in m.buffers(recurse=False)
         ]
-        try:
-            for info in self.layers:
-                self._install(info)
-        except BaseException:
-            self.close()
-            raise
         self._open = True
+        if not self._tracing:
+            try:
+                self._install_all()
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def _resolve(self, x: torch.Tensor) -> None:
+        """Trace a forward of the batch's first two samples to find the residual sites, then
+        select the layers and install the hooks (first batch only)."""
+        with self._suspend():
+            sites = discover_sites(self.model, (x[:2] if len(x) > 1 else x,))
+        self.layers, self._owners, self.plain_layers = resolve_layers(
+            self.model, self._selection, sites
+        )
+        self._tracing = False
+        self._install_all()
+
+    def _install_all(self) -> None:
+        self.inplace = sorted({n for info in self.layers for n in inplace_modules(info.module)})
+        adapters = [info for info in self.layers if info.kind == "adapter"]
+        if self.inplace and adapters:
+            warnings.warn(
+                f"In-place modules in the hooked layers ({', '.join(self.inplace[:4])}"
+                f"{' ...' if len(self.inplace) > 4 else ''}): captured tensors are cloned where a later "
+                "in-place op could overwrite them.",
+                InPlaceWarning,
+                stacklevel=4,
+            )
+        if self.plain_layers and any(p.name in ("residual", "jacobian") for p in self.probes):
+            warnings.warn(
+                f"{len(self.plain_layers)} selected module(s) hold no residual site "
+                f"({', '.join(self.plain_layers[:4])}{' ...' if len(self.plain_layers) > 4 else ''}):"
+                " residual quantities (F, S, jac_dev2) are recorded only at residual sites. "
+                "layers='auto' selects every site.",
+                NoResidualWarning,
+                stacklevel=4,
+            )
+        for info in self.layers:
+            if info.kind in ("adapter", "layer"):
+                self._install(info)
+        if self._owners:
+            self._stack.enter_context(
+                self._tracer.attach({name: own.module for name, own in self._owners.items()})
+            )
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -196,6 +333,7 @@ class HookSession:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._stack.close()
         for m, flag in self._flags.items():
             m.training = flag
         self._flags = {}
@@ -298,7 +436,7 @@ class HookSession:
             else:  # plain pseudo-block: the shortcut is not in the forward pass; evaluate it here.
                 with self._suspend(), torch.no_grad():
                     s = shortcut(x)
-        return BlockTensors(x=x, f=f, s=s, y=y, residual=bool(info.residual), shortcut=shortcut)
+        return BlockTensors(x=x, f=f, s=s, y=y, residual=bool(info.residual))
 
     def _on_forward(self, info: LayerInfo):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -310,29 +448,94 @@ class HookSession:
             key = self._key(info.name)
             block = self._block_tensors(info, y) if info.spec is not None else None
             x = block.x if block is not None else _first_tensor(args)
-            self.shapes.setdefault(
-                key,
-                (
-                    tuple(y.shape[1:]),
-                    tuple(block.f.shape[1:]) if block else None,
-                    tuple(x.shape[1:]) if x is not None else None,
-                ),
-            )
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
-            self._info[key] = info
-            results = self._results[key]
-            with self._suspend():
-                for p in self.layer_probes:
-                    if p.applies_to(call):
-                        self._merge(results, p.forward(call), p, key, call.batch_size)
-            if self.needs_grad and y.requires_grad:
-                self._calls.append(call)
-                y.register_hook(self._grad_setter(call, "grad_output"))
-                if block is not None and x is not None and x.requires_grad:
-                    x.register_hook(self._grad_setter(call, "grad_input"))
+            if block is not None:
+                shortcut = info.spec.resolve(module)[1]
+                identity = shortcut is None or isinstance(shortcut, nn.Identity)
+                call.identity_shortcut, call.shortcut = identity, None if identity else shortcut
+            self._emit(info, call)
             return None  # a forward hook that returns a value would replace the output
 
         return hook
+
+    def _emit(self, info: LayerInfo, call: Call) -> None:
+        """Run the layer probes on one call and arrange for their backward half."""
+        key = call.name
+        self._info[key] = info
+        self.shapes.setdefault(
+            key,
+            (
+                tuple(call.output.shape[1:]),
+                tuple(call.block.f.shape[1:]) if call.block else None,
+                tuple(call.input.shape[1:]) if call.input is not None else None,
+            ),
+        )
+        results = self._results[key]
+        with self._suspend():
+            for p in self.layer_probes:
+                if p.applies_to(call):
+                    self._merge(results, p.forward(call), p, key, call.batch_size)
+        y, x = call.output, call.input
+        if self.needs_grad and y.requires_grad:
+            self._calls.append(call)
+            y.register_hook(self._grad_setter(call, "grad_output"))
+            if call.block is not None and x is not None and x.requires_grad:
+                x.register_hook(self._grad_setter(call, "grad_input"))
+
+    def _on_owner(self, owner_call: OwnerCall, output: object) -> None:
+        """A traced module returned: one call per selected site (and one for the whole block)."""
+        if self._suspended:
+            return
+        own = self._owners[owner_call.name]
+        records = owner_call.sites
+        where = f"{type(own.module).__name__} {owner_call.name or 'model'!r}"
+        if len(records) != len(own.sites):
+            raise ProbeError(
+                f"{where} ran {len(records)} residual add(s) in this call but {len(own.sites)} "
+                "when its sites were found on the first batch, so its sites cannot be matched. "
+                "Its forward takes different paths per call (e.g. a branch skipped at random in "
+                "training mode); capture in eval mode, or select it as a plain layer."
+            )
+        y = _first_tensor(output)
+        x0 = owner_call.x
+        if y is None or x0 is None:
+            return
+        args, kwargs = owner_call.args, owner_call.kwargs
+        whole = Call("", own.module, x0, y, self._offset, args=args, kwargs=kwargs).function()
+
+        def block_shortcut(call: Call, rec) -> None:
+            call.identity_shortcut = rec.identity
+            if not rec.identity:
+                call.shortcut = shortcut_map(own.module, whole)
+
+        if own.block is not None:
+            call = Call(self._key(own.block.name), own.module, x0, y, self._offset, args=args, kwargs=kwargs)
+            block_shortcut(call, records[-1])
+            self._emit(own.block, call)
+        for i, rec in enumerate(records):
+            info = own.selected.get(i)
+            if info is None:
+                continue
+            last = i == len(records) - 1
+            loop = own.keys[i] == rec.child
+            if loop:  # x + child(x): the site's map is z -> z + child(z)
+                child = self.model.get_submodule(rec.child)
+                x_k, y_k = rec.s, rec.out
+                fn = lambda z, child=child: z + _first_tensor(child(z))  # noqa: E731
+            else:
+                x_k = x0 if i == 0 else records[i - 1].out
+                y_k = y if last and y.shape == rec.out.shape else rec.out
+                fn = whole if len(records) == 1 else None
+            block = BlockTensors(x=x_k, f=rec.f, s=rec.s, y=y_k, residual=True)
+            call = Call(
+                self._key(info.name), own.module, x_k, y_k, self._offset, block, args=args, kwargs=kwargs
+            )
+            call.fn, call.own_map = fn, fn is not None
+            if loop:
+                call.identity_shortcut = True
+            elif fn is not None:
+                block_shortcut(call, rec)
+            self._emit(info, call)
 
     @staticmethod
     def _grad_setter(call: Call, attr: str):
@@ -364,10 +567,12 @@ class HookSession:
     @contextlib.contextmanager
     def _suspend(self):
         previous, self._suspended = self._suspended, True
+        traced, self._tracer.suspended = self._tracer.suspended, True
         try:
             yield
         finally:
             self._suspended = previous
+            self._tracer.suspended = traced
 
     def _reset_batch(self, offset: int) -> None:
         self._offset = offset
@@ -397,6 +602,8 @@ class HookSession:
         """
         if not self._open:
             raise ProbeError("HookSession.run_batch called outside its 'with' block.")
+        if self._tracing:
+            self._resolve(x)
         self._reset_batch(sample_offset)
         try:
             if self.needs_grad:

@@ -1,9 +1,11 @@
-"""Residual awareness: which submodule of a block is the branch F and which the shortcut S.
+"""Residual adapters: blocks that say by module name which submodule is F and which is S.
 
-For a block y = act(S(x) + F(x)) a capture needs x, F(x), S(x) and y. Adapters name the module
-whose output is F(x) and the module computing S(x) (``None``: identity). Built in: our zoo's
-:class:`~probe.zoo.BasicBlock`, torchvision ``BasicBlock``/``Bottleneck`` and timm ResNet blocks;
-register your own with :func:`register_residual`.
+Most models need none: :mod:`probe.hooks.sites` reads F(x) and S(x) at the residual add itself.
+An adapter is for a block whose split the add cannot show -- a *plain* block that is measured
+against a shortcut it does not compute (the zoo's plain nets), or an add whose two operands
+cannot be told apart. It names the module whose output is F(x) and the module computing S(x)
+(``None``: identity). Built in: the zoo's :class:`~probe.zoo.BasicBlock` (plain and residual alike,
+so both nets are measured the same way); register your own with :func:`register_residual`.
 """
 
 from __future__ import annotations
@@ -76,28 +78,10 @@ def register_residual(cls: type | str, spec: ResidualSpec) -> None:
     _ADAPTERS[cls if isinstance(cls, str) else _key(cls)] = spec
 
 
-def _timm_branch(block: nn.Module) -> nn.Module:
-    # timm blocks compute bn2/bn3 -> se (optional) -> drop_path -> add; drop_path is the identity
-    # in eval mode, so F(x) is the output of se when present, else of the last BN.
-    se = getattr(block, "se", None)
-    if se is not None and not isinstance(se, nn.Identity):
-        return se
-    return getattr(block, "bn3", None) or block.bn2
-
-
 register_residual(
     "probe.zoo.cifar_resnet.BasicBlock",
     ResidualSpec(branch="branch", shortcut="shortcut", clone_branch=False),
 )
-for _name, _last in (("BasicBlock", "bn2"), ("Bottleneck", "bn3")):
-    register_residual(
-        f"torchvision.models.resnet.{_name}",
-        ResidualSpec(branch=_last, shortcut=lambda b: b.downsample, clone_branch=True),
-    )
-    register_residual(
-        f"timm.models.resnet.{_name}",
-        ResidualSpec(branch=_timm_branch, shortcut=lambda b: b.downsample, clone_branch=True),
-    )
 
 _LOOKS_RESIDUAL = re.compile(r"(Block|Bottleneck|Residual|Res[A-Z]|Unit)", re.ASCII)
 

@@ -67,7 +67,8 @@ class JacobianNorms(Probe):
 
     def applies_to(self, call: Call) -> bool:
         return (
-            call.input is not None
+            call.own_map
+            and call.input is not None
             and call.input.shape[0] == call.batch_size
             and call.input.is_floating_point()
         )
@@ -79,10 +80,7 @@ class JacobianNorms(Probe):
         x = call.input[:keep].detach()
         f = call.function()  # the block with its other call arguments held fixed
         off = call.sample_offset
-        shortcut = call.block.shortcut if call.block is not None else None
-        identity = call.block is not None and (
-            shortcut is None or isinstance(shortcut, nn.Identity)
-        )
+        identity, shortcut = call.identity_shortcut, call.shortcut
         with torch.no_grad():
             r = hutchinson(
                 f,

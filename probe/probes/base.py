@@ -33,7 +33,6 @@ class BlockTensors:
     s: torch.Tensor  # shortcut output S(x)
     y: torch.Tensor  # block output
     residual: bool  # whether the block adds S(x)
-    shortcut: nn.Module | None  # the module computing S (None: identity)
 
 
 def input_slot(args: tuple, kwargs: dict) -> int | str | None:
@@ -67,6 +66,10 @@ class Call:
     next_input: torch.Tensor | None = None  # [1, ...] the sample after this batch (model level)
     args: tuple = ()  # the module's positional arguments in this call (x among them)
     kwargs: dict = field(default_factory=dict)  # its keyword arguments in this call
+    fn: Callable[[torch.Tensor], torch.Tensor] | None = None  # x -> y when not the module itself
+    own_map: bool = True  # False: no map x -> y of this key alone (a site inside a larger block)
+    identity_shortcut: bool = False  # the block's shortcut map is the identity
+    shortcut: Callable[[torch.Tensor], torch.Tensor] | None = None  # else x -> S(x), if known
 
     @property
     def batch_size(self) -> int:
@@ -84,6 +87,8 @@ class Call:
             >>> call.function()(torch.zeros(1, 3)).shape
             torch.Size([1, 2])
         """
+        if self.fn is not None:
+            return self.fn
         args, kwargs, module, n = self.args, self.kwargs, self.module, self.batch_size
         slot = input_slot(args, kwargs)
         if slot is None:

@@ -1,0 +1,421 @@
+"""Residual sites: the two operands of each residual add, read where the add happens.
+
+A residual network computes y = act(S(x) + F(x)) somewhere in its code: inside a block
+(``out += identity``), twice in a transformer block (attention, then MLP), or in the parent
+(``x = x + self.block(x)``). Instead of guessing from module names which submodule is F and which
+is S, resprobe watches the add itself. While a traced module runs its own ``forward`` (not inside a
+submodule), a :class:`~torch.overrides.TorchFunctionMode` sees each ``+`` / ``add`` / ``+=`` and its
+operands. An add is a *residual site* when both operands have the result's shape and both derive
+from the module's input x; the **shortcut** S is the operand computed from x with fewer parameters
+(then: fewer submodule calls), the **branch** F the other. F is therefore exactly what is added --
+after DropPath, stochastic depth or layer scale -- and S is what the code really adds (identity, a
+projection, or a projection of a pre-activated input). Adds whose operands cannot be told apart
+(same parameter count and depth) are not sites.
+
+Keys (see docs/probes.md, "Residual sites"): a module with one site is keyed by its dotted name;
+a module with several sites (a transformer block) by ``name#0``, ``name#1``, ... in forward order,
+and ``name`` itself is the whole block; when every site of a module is ``x + child(x)`` with its own
+child (a parent that loops over blocks) each site is keyed by that child's name.
+
+Nothing here changes what the model computes: operands are copied only when a later in-place op
+would overwrite them, and tensors are read, never replaced -- except in :func:`shortcut_map`, which
+evaluates the block with every branch set to zero on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from probe.probes.base import input_slot
+
+__all__ = [
+    "OwnerCall",
+    "Site",
+    "SiteRecord",
+    "SiteTracer",
+    "discover_sites",
+    "shortcut_map",
+    "site_keys",
+]
+
+_ADDS = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
+
+
+@dataclass(frozen=True)
+class Site:
+    """One residual add found in a module's own forward (structure only; no tensors)."""
+
+    owner: str  # dotted name of the module whose forward performs the add ('' = the model)
+    index: int  # position among the owner's sites, in forward order
+    child: str | None  # the site is x + child(x): the child's dotted name, else None
+    identity: bool  # S is the owner's input stream itself (no op or module applied)
+
+
+@dataclass
+class SiteRecord:
+    """The operands and result of one residual add in one call."""
+
+    f: torch.Tensor
+    s: torch.Tensor
+    out: torch.Tensor  # the add's result
+    child: str | None  # the site is x + child(x): that child's dotted name
+    identity: bool  # S is the owner's input stream itself
+
+
+@dataclass
+class _Entry:
+    """Provenance of a tensor seen in an owner's own code: parameters and submodule calls on its
+    path from the owner's input, whether it is that input (or the stream through earlier sites)
+    itself, and the child module that produced it."""
+
+    tensor: torch.Tensor
+    weight: int
+    hops: int
+    identity: bool
+    producer: str | None = None
+    producer_input: int | None = None  # id() of the producer's input tensor
+
+
+@dataclass
+class OwnerCall:
+    """One call of a traced module: its arguments, its input x and the sites its code ran."""
+
+    name: str
+    module: nn.Module
+    owner: bool  # whether this module's own code is traced for sites
+    prov: dict[int, _Entry] = field(default_factory=dict)
+    sites: list[SiteRecord] = field(default_factory=list)
+    x: torch.Tensor | None = None
+    input_prov: tuple[int, int] | None = None  # (weight, hops) of its input in the parent frame
+    input_id: int | None = None
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def _first(obj: object) -> torch.Tensor | None:
+    return next(_tensors(obj), None)
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # functorch wrappers, meta tensors
+        return None
+
+
+def _is_inplace(name: str, kwargs: dict) -> bool:
+    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or (
+        kwargs.get("inplace") is True
+    )
+
+
+class SiteTracer(TorchFunctionMode):
+    """Finds and records residual sites while traced modules run (use via :meth:`attach`).
+
+    ``on_owner(call, output)`` is called when a traced owner returns, with its
+    :class:`OwnerCall` (``call.sites``: the :class:`SiteRecord` of each site, in forward order). With ``zero_branches=True`` every branch
+    operand is replaced by zeros (the block's shortcut path alone, see :func:`shortcut_map`).
+
+    Example:
+        >>> class Block(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.f = nn.Linear(3, 3)
+        ...     def forward(self, x):
+        ...         return torch.relu(x + self.f(x))
+        >>> seen = {}
+        >>> tracer = SiteTracer(lambda call, out: seen.update({call.name: call.sites}))
+        >>> block = Block()
+        >>> with tracer.attach({"b": block}):
+        ...     y = block(torch.randn(2, 3))
+        >>> s = seen["b"][0]
+        >>> torch.allclose(torch.relu(s.f + s.s), y), s.identity
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        on_owner: Callable[..., None],
+        *,
+        zero_branches: bool = False,
+    ) -> None:
+        super().__init__()
+        self.on_owner = on_owner
+        self.zero_branches = zero_branches
+        self.stack: list[OwnerCall] = []
+        self.suspended = False
+        self.last_shortcut: torch.Tensor | None = None  # zero_branches: S of the latest site
+        self._active = False
+
+    # -- hooks -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def attach(
+        self, owners: dict[str, nn.Module], children: bool = True
+    ) -> Iterator[SiteTracer]:
+        """Trace ``owners`` ({dotted name: module}) while the context is open; their direct
+        children get light hooks (so the tracer knows when code runs inside them). Hooks are
+        removed on exit, also on error."""
+        handles = []
+        watched: dict[nn.Module, tuple[str, bool]] = {}
+        for name, m in owners.items():
+            watched[m] = (name, True)
+        if children:
+            for name, m in owners.items():
+                for cname, c in m.named_children():
+                    if c not in watched:
+                        watched[c] = (f"{name}.{cname}" if name else cname, False)
+        weights = {
+            m: sum(p.numel() for p in m.parameters()) for m in watched
+        }
+        try:
+            for m, (name, owner) in watched.items():
+                handles.append(
+                    m.register_forward_pre_hook(self._pre(name, owner), with_kwargs=True)
+                )
+                handles.append(
+                    m.register_forward_hook(
+                        self._post(name, weights[m]), with_kwargs=True, always_call=True
+                    )
+                )
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._unwind()
+
+    def _unwind(self) -> None:
+        self.stack.clear()
+        if self._active:
+            self._active = False
+            self.__exit__(None, None, None)
+
+    def _pre(self, name: str, owner: bool):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.suspended:
+                return
+            frame = OwnerCall(name, module, owner, args=args, kwargs=kwargs)
+            parent = self.stack[-1] if self.stack else None
+            x = None
+            slot = input_slot(args, kwargs)
+            if slot is not None:
+                x = args[slot] if isinstance(slot, int) else kwargs[slot]
+            if parent is not None and parent.owner:
+                # The child's input provenance in its parent: the heaviest tracked tensor argument.
+                found = [parent.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in parent.prov]
+                if found:
+                    frame.input_prov = (
+                        max(e.weight for e in found),
+                        max(e.hops for e in found),
+                    )
+                    frame.input_id = id(x) if x is not None else None
+            if owner and x is not None and x.is_floating_point():
+                frame.x = x
+                frame.prov[id(x)] = _Entry(x, 0, 0, True)
+            self.stack.append(frame)
+            if not self._active:
+                self.__enter__()
+                self._active = True
+
+        return hook
+
+    def _post(self, name: str, weight: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self.suspended or not self.stack:
+                return
+            # Pop up to this module's frame (frames above it are left by an exception).
+            while self.stack and self.stack[-1].module is not module:
+                self.stack.pop()
+            if not self.stack:
+                return
+            frame = self.stack.pop()
+            parent = self.stack[-1] if self.stack else None
+            if not self.stack and self._active:
+                self._active = False
+                self.__exit__(None, None, None)
+            if parent is not None and parent.owner and frame.input_prov is not None:
+                w, h = frame.input_prov
+                for t in _tensors(output):
+                    if t.is_floating_point():
+                        parent.prov[id(t)] = _Entry(
+                            t, w + weight, h + 1, False, frame.name, frame.input_id
+                        )
+            if frame.owner:
+                self.on_owner(frame, output)
+
+        return hook
+
+    # -- the mode ----------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        frame = self.stack[-1] if self.stack else None
+        if frame is None or self.suspended:
+            return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        inplace = _is_inplace(name, kwargs)
+        if inplace and args and isinstance(args[0], torch.Tensor) and not self.zero_branches:
+            self._protect(args[0])
+        if not frame.owner:
+            return func(*args, **kwargs)
+        if name in _ADDS and len(args) >= 2:
+            site = self._site(frame, name, func, args, kwargs, inplace)
+            if site is not None:
+                return site
+        out = func(*args, **kwargs)
+        found = [frame.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in frame.prov]
+        if found:  # an op in the owner's own code: its result derives from x as its inputs do
+            w, h = max(e.weight for e in found), max(e.hops for e in found)
+            for t in _tensors(out):
+                if t.is_floating_point() and (id(t) not in frame.prov or (inplace and t is args[0])):
+                    frame.prov[id(t)] = _Entry(t, w, h, False)
+        return out
+
+    def _site(self, frame: OwnerCall, name, func, args, kwargs, inplace: bool):
+        a, b = args[0], args[1]
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return None
+        if a.shape != b.shape or not a.is_floating_point() or not b.is_floating_point():
+            return None
+        ea, eb = frame.prov.get(id(a)), frame.prov.get(id(b))
+        if ea is None or eb is None or (ea.weight, ea.hops) == (eb.weight, eb.hops):
+            return None
+        alpha = kwargs.get("alpha", 1)
+        s_first = (ea.weight, ea.hops) < (eb.weight, eb.hops)
+        (s, es), (f, ef) = ((a, ea), (b, eb)) if s_first else ((b, eb), (a, ea))
+        if self.zero_branches:
+            self.last_shortcut = s.clone() if inplace and s is a else s
+            if inplace and f is a:
+                a.zero_()  # the branch is the in-place target: zero it, then add S into it
+                out = func(*args, **kwargs)
+            else:
+                zeros = torch.zeros_like(f)
+                out = func(*((s, zeros) if s_first else (zeros, s)), *args[2:], **kwargs)
+        else:
+            # The in-place target is overwritten by the add: keep its operand value first.
+            s_val = s.detach().clone() if inplace and s is a else s
+            f_val = f.detach().clone() if inplace and f is a else f
+            out = func(*args, **kwargs)
+            if alpha != 1:
+                f_val = alpha * f_val
+            # x + child(x): the site is that child's call with an identity shortcut around it.
+            child = ef.producer if ef.producer is not None and ef.producer_input == id(s) else None
+            frame.sites.append(
+                SiteRecord(f=f_val, s=s_val, out=out, child=child, identity=es.identity)
+            )
+        if out.shape == s.shape:
+            frame.prov[id(out)] = _Entry(out, es.weight, es.hops, es.identity)
+        return out
+
+    def _protect(self, target: torch.Tensor) -> None:
+        """``target`` is about to be modified in place: copy every recorded tensor that shares its
+        memory first, so the recorded values stay what they were at the add."""
+        ptr = _storage(target)
+        if ptr is None:
+            return
+        for frame in self.stack:
+            if frame.x is not None and _storage(frame.x) == ptr:
+                frame.x = frame.x.clone()
+            for rec in frame.sites:
+                for attr in ("f", "s", "out"):
+                    t = getattr(rec, attr)
+                    if _storage(t) == ptr:
+                        setattr(rec, attr, t.clone())
+
+
+def site_keys(owner: str, sites: list[Site] | list[SiteRecord], taken: set[str]) -> list[str]:
+    """Result keys of an owner's sites (rules in the module docstring).
+
+    Example:
+        >>> site_keys("enc.0", [Site("enc.0", 0, None, True), Site("enc.0", 1, None, True)], set())
+        ['enc.0#0', 'enc.0#1']
+    """
+    children = [s.child for s in sites]
+    loop = (
+        len(sites) >= 2 or not owner
+    ) and all(children) and len(set(children)) == len(children) and not (set(children) & taken)
+    if loop:
+        return list(children)
+    if len(sites) == 1 and owner:
+        return [owner]
+    base = owner or "model"
+    return [f"{base}#{k}" for k in range(len(sites))]
+
+
+def discover_sites(
+    model: nn.Module, args: tuple, kwargs: dict | None = None
+) -> dict[str, list[Site]]:
+    """Every module's residual sites, from one traced forward of ``model(*args, **kwargs)``.
+
+    Run on a couple of samples in the mode the capture will use; the model's outputs, parameters
+    and buffers are left as they were (random state is forked).
+
+    Example:
+        >>> from probe.zoo import create
+        >>> sites = discover_sites(create("resnet20").eval(), (torch.randn(2, 3, 32, 32),))
+        >>> len(sites), sites["stages.1.0"][0].identity
+        (9, False)
+    """
+    found: dict[str, list[Site]] = {}
+
+    def on_owner(call: OwnerCall, output: object) -> None:
+        if call.sites and call.name not in found:
+            found[call.name] = [
+                Site(call.name, i, r.child, r.identity) for i, r in enumerate(call.sites)
+            ]
+
+    owners = dict(model.named_modules())
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    tracer = SiteTracer(on_owner)
+    devices = [t.device for t in _tensors((args, kwargs)) if t.device.type == "cuda"]
+    with torch.random.fork_rng(devices=devices[:1]), torch.no_grad():
+        with tracer.attach(owners, children=False):
+            model(*args, **(kwargs or {}))
+        for b, saved in buffers:
+            b.copy_(saved)
+    return {name: found[name] for name in owners if name in found}
+
+
+def shortcut_map(
+    module: nn.Module, function: Callable[[torch.Tensor], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The map x -> S(x) of a block: ``function`` (the block as a map of x) evaluated with every
+    residual branch set to zero, read at the shortcut operand of its last site. For one site this
+    is the shortcut as the block computes it (identity, projection, projection of a pre-activated
+    x); for several sites, the composition of their shortcuts. Differentiable (JVPs run through it).
+
+    Example:
+        >>> class PreAct(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm, self.proj, self.f = nn.LayerNorm(3), nn.Linear(3, 3), nn.Linear(3, 3)
+        ...     def forward(self, x):
+        ...         z = self.norm(x)
+        ...         return self.proj(z) + self.f(torch.relu(self.f(z)))
+        >>> b, x = PreAct(), torch.randn(2, 3)
+        >>> torch.allclose(shortcut_map(b, b)(x), b.proj(b.norm(x)))
+        True
+    """
+    def s_of(z: torch.Tensor) -> torch.Tensor:
+        tracer = SiteTracer(lambda call, output: None, zero_branches=True)
+        with tracer.attach({"": module}):
+            function(z)
+        if tracer.last_shortcut is None:
+            raise RuntimeError(f"{type(module).__name__} ran no residual add to read S(x) from")
+        return tracer.last_shortcut
+
+    return s_of
