@@ -15,7 +15,8 @@ the spectral density of J^T J uses stochastic Lanczos quadrature (Ubaru, Chen & 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "rademacher",
     "per_sample_probes",
     "jvp_many",
+    "math_attention",
     "hutchinson",
     "hutchinson_interval",
     "top_singular_values",
@@ -79,11 +81,36 @@ def per_sample_probes(
     return out
 
 
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention in its composite (math) form while the context is open.
+
+    A forward without autograd selects fused attention kernels -- the fast path of
+    ``nn.MultiheadAttention`` and the flash / memory-efficient ``scaled_dot_product_attention``
+    backends -- that implement no forward-mode AD, so a JVP through a transformer block fails.
+    The math form computes the same function from differentiable primitives.
+    """
+    with contextlib.ExitStack() as stack:
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            previous = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, previous)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3: the math kernel is the fallback anyway
+            pass
+        else:
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
 def jvp_many(
     f: Fn, x: torch.Tensor, v: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
     """J v for a stack of tangents v [m, N, ...] -> [m, N, ...out], ``chunk_size`` probes at a time."""
-    return vmap(lambda t: jvp(f, (x,), (t,))[1], chunk_size=chunk_size)(v)
+    with math_attention():
+        return vmap(lambda t: jvp(f, (x,), (t,))[1], chunk_size=chunk_size)(v)
 
 
 def _mean_se(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +199,8 @@ def hutchinson(
 
 def _jtj(f: Fn, x: torch.Tensor, chunk_size: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """u [k, N, ...in] -> J^T J u, batched over k and samples."""
-    _, pullback = vjp(f, x)
+    with math_attention():
+        _, pullback = vjp(f, x)
 
     def apply(u: torch.Tensor) -> torch.Tensor:
         ju = jvp_many(f, x, u, chunk_size)

@@ -1,0 +1,240 @@
+"""Does resprobe read *your* model right? Residual sites checked against an independent reading.
+
+:func:`check_sites` captures a model's residual sites (F, S, y of every add) and compares them
+with a second, independent computation: each block that holds sites is traced symbolically with
+``torch.fx`` (its direct submodules kept as opaque calls), the traced graph is run on the block's
+recorded input, and the operands of its adds are read from the graph -- no hooks, no
+``TorchFunctionMode``. It reports, per model: sites found, the worst relative error of
+act(F + S) against the block's observed output y, the worst error of F and S against the graph's
+operands, the largest ||F||/||S|| (branches must be non-zero for the check to mean anything),
+which probes ran, and how many hooks were left behind.
+
+Example:
+    >>> from probe.zoo import create
+    >>> row = check_sites(create("resnet8", in_channels=1, width=4, num_classes=3), torch.randn(2, 1, 8, 8))
+    >>> row.sites, row.hooks_left, row.max_fs_error < 1e-5
+    (3, 0, True)
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import fx, nn
+
+from probe.capture import capture
+from probe.probes.base import Call, Probe
+
+__all__ = ["SiteCheck", "check_sites", "randomize_"]
+
+_FX_ADDS = {operator.add, operator.iadd, torch.add}
+_FX_METHOD_ADDS = {"add", "add_", "__add__", "__iadd__"}
+
+
+@dataclass
+class _Raw(Probe):
+    """The raw tensors of every residual site (for checking only: nothing is reduced)."""
+
+    name: ClassVar[str] = "_raw_sites"
+
+    def forward(self, call: Call) -> dict[str, torch.Tensor]:
+        b = call.block
+        if b is None:
+            return {}
+        return {"F": b.f, "S": b.s, "Y": b.y, "X": b.x}
+
+
+@dataclass
+class SiteCheck:
+    """One model's conformance row."""
+
+    model: str
+    mode: str
+    sites: int
+    max_act_error: float  # max over sites of ||act(F + S) - y|| / ||y||
+    max_fs_error: float  # max over sites of F and S against the fx graph's add operands
+    min_branch_ratio: float  # smallest ||F|| / ||S|| (0 would make the check vacuous)
+    fx_checked: int  # sites compared with an fx-traced reference
+    probes: list[str] = field(default_factory=list)
+    hooks_left: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every constant-initialised parameter (zero-init last norms, layer scales of 1e-6,
+    unit norm weights) and every norm's running statistics random values, so no branch is
+    trivially zero and eval-mode normalisation is not the identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 0 and bool((p == p.reshape(-1)[0]).all()):
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=g).to(p))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(torch.empty(m.running_var.shape).uniform_(0.5, 2.0, generator=g))
+    return model
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._children = {id(c) for c in root.children()}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return id(m) in self._children or super().is_leaf_module(m, qualname)
+
+
+def _fx_operands(
+    owner: nn.Module, args: tuple, kwargs: dict
+) -> list[tuple[torch.Tensor, torch.Tensor, bool | None]] | None:
+    """(S, F, ordered) for every same-shape tensor add in ``owner``'s own code, in execution order,
+    from an fx trace of it run by the fx interpreter: S is the operand whose own path (the
+    submodules only it goes through) holds fewer parameters; ``ordered`` is None when the paths
+    tie. None if the module cannot be traced."""
+    try:
+        graph = _ChildrenAsLeaves(owner).trace(owner)
+        gm = fx.GraphModule(owner, graph)
+    except Exception:  # data-dependent control flow, untraceable builtins
+        return None
+    found: list[tuple[torch.Tensor, torch.Tensor, bool | None]] = []
+    weights = {name: sum(p.numel() for p in m.parameters()) for name, m in owner.named_children()}
+    ancestors: dict[fx.Node, frozenset] = {}
+
+    def modules_above(n: fx.Node) -> frozenset:
+        # The submodule calls a node's value is computed through (its ancestors in the graph).
+        if n not in ancestors:
+            up = frozenset().union(*(modules_above(i) for i in n.all_input_nodes))
+            ancestors[n] = up | ({n.target} if n.op == "call_module" else set())
+        return ancestors[n]
+
+    def heavier_second(na: object, nb: object) -> bool | None:
+        """Whether operand b's own path holds more parameters than a's (None: a tie)."""
+        if not (isinstance(na, fx.Node) and isinstance(nb, fx.Node)):
+            return None
+        ua, ub = modules_above(na), modules_above(nb)
+        wa = sum(weights.get(str(t).split(".")[0], 0) for t in ua - ub)
+        wb = sum(weights.get(str(t).split(".")[0], 0) for t in ub - ua)
+        return None if wa == wb else wb > wa
+
+    class Reader(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            is_add = (n.op == "call_function" and n.target in _FX_ADDS) or (
+                n.op == "call_method" and n.target in _FX_METHOD_ADDS
+            )
+            if is_add and len(n.args) >= 2:
+                a, b = (self.env[x] if isinstance(x, fx.Node) else x for x in n.args[:2])
+                if (
+                    isinstance(a, torch.Tensor)
+                    and isinstance(b, torch.Tensor)
+                    and a.shape == b.shape
+                    and a.is_floating_point()
+                ):
+                    # Copies before the add runs: it, or a later op, may work in place.
+                    a, b = a.clone(), b.clone()
+                    order = heavier_second(*n.args[:2])
+                    # (S, F) by the graph's own structure; unordered when the paths tie.
+                    found.append((a, b, order) if order is not False else (b, a, True))
+            return super().run_node(n)
+
+    placeholders = [n.target for n in graph.nodes if n.op == "placeholder"]
+    try:
+        bound = dict(zip(placeholders, args))
+        bound.update({k: v for k, v in kwargs.items() if k in placeholders})
+        with torch.no_grad():
+            Reader(gm).run(*[bound[p] for p in placeholders if p in bound])
+    except Exception:
+        return None
+    return found
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def check_sites(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    name: str = "",
+    mode: str = "eval",
+    probes: Sequence[str] = ("residual",),
+) -> SiteCheck:
+    """Capture ``model``'s residual sites on ``x`` and check them (see the module docstring)."""
+    from probe.session import HookSession
+
+    inputs: dict[str, tuple] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for mname, m in model.named_modules():
+        def pre(mod, a, k, mname=mname):
+            inputs.setdefault(mname, (a, k))
+
+        def post(mod, a, k, out, mname=mname):
+            t = out if isinstance(out, torch.Tensor) else next((o for o in out if isinstance(o, torch.Tensor)), None) if isinstance(out, (tuple, list)) else None
+            if t is not None:
+                outputs.setdefault(mname, t.detach())
+        handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    y_labels = torch.zeros(len(x), dtype=torch.long)
+    try:
+        session = HookSession(model, "auto", [_Raw(), *probes], mode=mode)
+        with session:
+            results, _ = session.run_batch(x, y_labels)
+            infos = {i.name: i for i in session.layers}
+            owners = dict(session._owners)
+    finally:
+        for h in handles:
+            h.remove()
+    hooks_left = sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+    row = SiteCheck(name or type(model).__name__, mode, 0, 0.0, 0.0, float("inf"), 0,
+                    sorted({q for r in results.values() for q in r if not q[0].isupper()}), hooks_left)
+    fx_cache: dict[str, list | None] = {}
+    flags = {m: m.training for m in model.modules()}
+    model.train(mode == "train")  # the reference runs in the mode the capture ran in
+    for key, info in infos.items():
+        if not info.is_block:
+            continue
+        r = results[key]
+        F, S, Y = r["F"], r["S"], r["Y"]
+        row.sites += 1
+        # y as observed by an independent hook when it is the block's output.
+        owner_name = next((o for o, own in owners.items() if info in own.selected.values()), None)
+        observed = outputs.get(owner_name) if owner_name is not None else None
+        y = observed if observed is not None and observed.shape == Y.shape and torch.equal(observed, Y) else Y
+        err = min(_rel(F + S, y), _rel(torch.relu(F + S), y))
+        row.max_act_error = max(row.max_act_error, err)
+        row.min_branch_ratio = min(row.min_branch_ratio, float(F.norm() / S.norm().clamp_min(1e-30)))
+        if mode != "eval" or info.kind != "site":
+            continue
+        if owner_name is None or owner_name not in inputs:
+            continue
+        if owner_name not in fx_cache:
+            a, k = inputs[owner_name]
+            own = owners[owner_name]
+            fx_cache[owner_name] = _fx_operands(own.module, a, k)
+        ops = fx_cache[owner_name]
+        if ops is None:
+            if f"fx could not trace {owner_name}" not in row.notes:
+                row.notes.append(f"fx could not trace {owner_name}")
+            continue
+        if len(ops) <= info.site:
+            row.notes.append(f"{key}: fx found {len(ops)} adds")
+            row.max_fs_error = float("inf")
+            continue
+        s_ref, f_ref, ordered = ops[info.site]
+        e = max(_rel(F, f_ref), _rel(S, s_ref))
+        if ordered is None:
+            e = min(e, max(_rel(F, s_ref), _rel(S, f_ref)))
+        row.max_fs_error = max(row.max_fs_error, e)
+        row.fx_checked += 1
+    for m, flag in flags.items():
+        m.training = flag
+    return row
