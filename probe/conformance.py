@@ -29,7 +29,54 @@ from torch import fx, nn
 from probe.capture import capture
 from probe.probes.base import Call, Probe
 
-__all__ = ["SiteCheck", "check_sites", "randomize_"]
+__all__ = ["KNOWN_SITES", "SiteCheck", "check_sites", "expected_sites", "randomize_"]
+
+# Residual adds per instance of the blocks of torchvision and the main timm families, read from
+# their source (an int, or the attribute that says whether this instance adds its input). The
+# conformance check compares the traced site count with this independent count.
+KNOWN_SITES: dict[str, int | str] = {
+    "torchvision.models.resnet.BasicBlock": 1,
+    "torchvision.models.resnet.Bottleneck": 1,
+    "torchvision.models.mobilenetv2.InvertedResidual": "use_res_connect",
+    "torchvision.models.mobilenetv3.InvertedResidual": "use_res_connect",
+    "torchvision.models.efficientnet.MBConv": "use_res_connect",
+    "torchvision.models.efficientnet.FusedMBConv": "use_res_connect",
+    "torchvision.models.mnasnet._InvertedResidual": "apply_residual",
+    "torchvision.models.regnet.ResBottleneckBlock": 1,
+    "torchvision.models.convnext.CNBlock": 1,
+    "torchvision.models.vision_transformer.EncoderBlock": 2,
+    "torchvision.models.swin_transformer.SwinTransformerBlock": 2,
+    "torchvision.models.swin_transformer.SwinTransformerBlockV2": 2,
+    "torchvision.models.maxvit.MBConv": 1,
+    "torchvision.models.maxvit.PartitionAttentionLayer": 2,
+    "timm.models.resnet.BasicBlock": 1,
+    "timm.models.resnet.Bottleneck": 1,
+    "timm.models.resnetv2.PreActBottleneck": 1,
+    "timm.models.resnetv2.PreActBasic": 1,
+    "timm.models.resnetv2.Bottleneck": 1,
+    "timm.models.regnet.Bottleneck": 1,
+    "timm.models.convnext.ConvNeXtBlock": 1,
+    "timm.models.vision_transformer.Block": 2,
+    "timm.models.swin_transformer.SwinTransformerBlock": 2,
+    "timm.models._efficientnet_blocks.InvertedResidual": "has_skip",
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": "has_skip",
+    "timm.models._efficientnet_blocks.EdgeResidual": "has_skip",
+    "timm.models._efficientnet_blocks.UniversalInvertedResidual": "has_skip",
+}
+
+
+def expected_sites(model: nn.Module) -> int | None:
+    """The number of residual adds ``model`` holds by :data:`KNOWN_SITES` (None when a module
+    with an additive residual of unknown class may be present -- any class not listed counts 0)."""
+    total = 0
+    for m in model.modules():
+        rule = KNOWN_SITES.get(f"{type(m).__module__}.{type(m).__qualname__}")
+        if isinstance(rule, int):
+            total += rule
+        elif isinstance(rule, str):
+            total += int(bool(getattr(m, rule)))
+    return total
+
 
 _FX_ADDS = {operator.add, operator.iadd, torch.add}
 _FX_METHOD_ADDS = {"add", "add_", "__add__", "__iadd__"}
@@ -238,3 +285,102 @@ def check_sites(
     for m, flag in flags.items():
         m.training = flag
     return row
+
+
+# -- the catalogue resprobe is checked against ----------------------------------------------------
+
+# timm families checked (one small member each); DenseNet has no additive residual.
+TIMM_MODELS = (
+    "resnet18",
+    "seresnet18",
+    "resnet50d",
+    "resnetv2_50",
+    "regnetx_002",
+    "regnety_002",
+    "mobilenetv2_050",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "convnext_atto",
+    "vit_tiny_patch16_224",
+    "deit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "densenet121",
+)
+
+# Models whose random initialisation alone takes many seconds on a CPU (>100M parameters).
+LARGE = frozenset(
+    {
+        "regnet_y_128gf",
+        "regnet_y_32gf",
+        "regnet_x_32gf",
+        "regnet_y_16gf",
+        "vit_h_14",
+        "vit_l_16",
+        "vit_l_32",
+        "convnext_large",
+        "efficientnet_v2_l",
+        "vgg11",
+        "vgg11_bn",
+        "vgg13",
+        "vgg13_bn",
+        "vgg16",
+        "vgg16_bn",
+        "vgg19",
+        "vgg19_bn",
+        "resnext101_64x4d",
+        "wide_resnet101_2",
+    }
+)
+
+
+def catalogue() -> list[str]:
+    """``torchvision:NAME`` for every torchvision classification model and ``timm:NAME`` for
+    :data:`TIMM_MODELS`, as far as those packages are installed."""
+    names: list[str] = []
+    try:
+        import torchvision
+
+        names += [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+    except ImportError:
+        pass
+    try:
+        import timm  # noqa: F401
+
+        names += [f"timm:{n}" for n in TIMM_MODELS]
+    except ImportError:
+        pass
+    return names
+
+
+def build(spec: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A randomised model of the catalogue (10 classes) and a small input batch for it."""
+    source, _, name = spec.partition(":")
+    torch.manual_seed(seed)
+    size, kwargs = 32, {"num_classes": 10}
+    if source == "torchvision":
+        import torchvision
+
+        if name.startswith("vit_"):
+            kwargs["image_size"] = 32 if name.endswith("_16") or name.endswith("_32") else 28
+        elif name.startswith(("swin", "maxvit")):
+            size = 224
+        elif name.startswith("inception"):
+            size = 75
+        elif name == "alexnet":
+            size = 64
+        if name in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=False)
+        model = torchvision.models.get_model(name, **kwargs)
+        if name.startswith("vit_"):
+            size = kwargs["image_size"]
+    else:
+        import timm
+
+        if "vit" in name or "deit" in name:
+            kwargs["img_size"] = 32
+        elif "swin" in name:
+            size = 224
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    randomize_(model, seed)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return model, x

@@ -18,6 +18,8 @@ __all__ = [
     "capture_loader",
     "dataset_for",
     "capture_checkpoint",
+    "capture_model",
+    "parse_input_size",
 ]
 
 
@@ -98,3 +100,109 @@ def capture_checkpoint(
     loader = capture_loader(data, split, batch_size, next(model.parameters()).device, limit)
     prov.update(dataset=data.name, split=split, split_limit=limit, **(extra_provenance or {}))
     return capture(model, loader, provenance=prov, **capture_kwargs)
+
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    """``"3,64,64"`` (or ``3x64x64``) -> (3, 64, 64).
+
+    Example:
+        >>> parse_input_size("3,64,64"), parse_input_size(None)
+        ((3, 64, 64), None)
+    """
+    if text is None:
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) != 3 or min(size) < 1:
+        raise ProbeError(
+            f"Invalid --input-size {text!r}; give channels,height,width of positive integers, "
+            "e.g. 3,224,224."
+        )
+    return size  # type: ignore[return-value]
+
+
+class _Fit:
+    """A loader's batches resized to ``size`` (bilinear), a single channel repeated to C."""
+
+    def __init__(self, loader: DeviceLoader, size: tuple[int, int, int] | None) -> None:
+        self.loader, self.size = loader, size
+        self.num_samples = loader.num_samples
+
+    def __iter__(self):
+        import torch.nn.functional as F
+
+        for x, y, idx in self.loader:
+            if self.size is not None:
+                c, h, w = self.size
+                if x.shape[1] == 1 and c > 1:
+                    x = x.expand(-1, c, -1, -1)
+                if tuple(x.shape[2:]) != (h, w):
+                    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            yield x, y, idx
+
+
+def _probe_forward(model: torch.nn.Module, shape: tuple[int, ...], device, spec: str) -> int:
+    """Run one input of ``shape`` through the model; its number of outputs (classes)."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *shape, device=device))
+    except Exception as e:
+        raise ProbeError(
+            f"{spec} rejected an input of shape [1, {', '.join(map(str, shape))}]: "
+            f"{type(e).__name__}: {str(e)[:300]}. Give the size it takes with --input-size C,H,W "
+            "(e.g. 3,224,224 for ViTs)."
+        ) from e
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ProbeError(
+            f"{spec} returned {type(out).__name__}"
+            + (f" of shape {list(out.shape)}" if isinstance(out, torch.Tensor) else "")
+            + ", not logits [N, classes]; captures need a classifier's logits for the loss."
+        )
+    return int(out.shape[1])
+
+
+def capture_model(
+    model: torch.nn.Module,
+    provenance: dict,
+    data: str = "synthetic",
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    split: str = "test",
+    batch_size: int = 64,
+    limit: int | None = None,
+    device: str = "auto",
+    **capture_kwargs: object,
+):
+    """``probe.capture`` on any model (see :func:`probe.sources.load_model`) over ``data``:
+    ``"synthetic"`` (noise of ``input_size``) or a dataset spec (digits, cifar10, a folder or
+    ``.tar.gz`` tree), resized to ``input_size`` when given."""
+    from probe.data.synthetic import synthetic
+
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    spec = provenance.get("model_name", type(model).__name__)
+    if data == "synthetic":
+        if input_size is None:
+            raise ProbeError(
+                "--data synthetic needs --input-size C,H,W (e.g. 3,64,64): noise images have no "
+                "size of their own."
+            )
+        classes = _probe_forward(model, input_size, dev, spec)
+        arrays = synthetic(input_size, classes, n=limit or 256)
+    else:
+        arrays = load_dataset(data)
+        shape = input_size or arrays.image_shape
+        classes = _probe_forward(model, shape, dev, spec)
+        if classes < arrays.num_classes:
+            raise ProbeError(
+                f"{spec} has {classes} outputs but {arrays.name} has {arrays.num_classes} classes; "
+                f"build it with --model-arg num_classes={arrays.num_classes}."
+            )
+    loader = capture_loader(arrays, split, batch_size, dev, limit)
+    prov = {**provenance, "dataset": arrays.name, "split": split, "split_limit": limit}
+    if input_size is not None:
+        prov["input_size"] = list(input_size)
+    return capture(model, _Fit(loader, input_size), provenance=prov, **capture_kwargs)

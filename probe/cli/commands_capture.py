@@ -12,12 +12,38 @@ __all__ = ["COMMANDS"]
 
 
 @click.command("capture")
-@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("checkpoint", type=click.Path(exists=True), required=False)
+@click.option(
+    "--model",
+    "model_spec",
+    default=None,
+    help="Any model instead of a CHECKPOINT: torchvision:NAME, timm:NAME, zoo:NAME, "
+    "path/to/file.py:FUNCTION or package.module:FUNCTION.",
+)
+@click.option(
+    "--model-arg",
+    "model_args",
+    multiple=True,
+    help="key=value passed to the model's factory (JSON values), repeatable; e.g. num_classes=10.",
+)
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="State dict for --model: .safetensors, or a torch.save'd dict (read weights_only).",
+)
+@click.option(
+    "--input-size",
+    default=None,
+    help="C,H,W the model takes (e.g. 3,224,224); images are resized to it. Needed with "
+    "--data synthetic.",
+)
 @click.option(
     "--data",
     "dataset",
     default=None,
-    help="Dataset (default: the one the checkpoint was trained on).",
+    help="Dataset: digits, cifar10, a class-folder tree or .tar.gz, or 'synthetic' (noise, "
+    "--model only). Default: the one the checkpoint was trained on.",
 )
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option(
@@ -47,6 +73,10 @@ __all__ = ["COMMANDS"]
 @click.option("--device", default="auto", show_default=True)
 def capture_cmd(
     checkpoint,
+    model_spec,
+    model_args,
+    weights,
+    input_size,
     dataset,
     split,
     layers,
@@ -58,9 +88,32 @@ def capture_cmd(
     out,
     device,
 ):
-    """Run probes over a dataset with a trained CHECKPOINT (file or run directory) into an HDF5 file."""
-    from probe.loading import capture_checkpoint
+    """Run probes over a dataset with a trained CHECKPOINT (file or run directory), or with any
+    model given by --model, into an HDF5 file."""
+    from probe.errors import ProbeError
+    from probe.loading import capture_checkpoint, capture_model, parse_input_size
     from probe.probes.registry import make_probe
+    from probe.sources import load_model, parse_kwargs
+
+    if (checkpoint is None) == (model_spec is None):
+        raise ProbeError(
+            "Give either a CHECKPOINT (file or run directory) or --model SPEC, not "
+            + ("both." if checkpoint else "neither.")
+            + " E.g. probe capture --model torchvision:resnet18 --data synthetic --input-size "
+            "3,64,64 --out x.h5"
+        )
+    if checkpoint is not None and (model_args or weights or input_size):
+        raise ProbeError(
+            "--model-arg, --weights and --input-size go with --model; a checkpoint records its "
+            "own model, weights and data."
+        )
+    if model_spec is not None and dataset is None:
+        raise ProbeError(
+            "--model needs --data: digits, cifar10, a folder or .tar.gz of train/<class>/*, or "
+            "synthetic (noise of --input-size, for smoke runs)."
+        )
+    if checkpoint is None and dataset is not None and dataset == "synthetic" and input_size is None:
+        raise ProbeError("--data synthetic needs --input-size C,H,W (e.g. 3,64,64).")
 
     probes = [make_probe(s) for s in probe_specs]
     layer_spec = "auto" if list(layers) == ["auto"] else list(layers)
@@ -72,21 +125,26 @@ def capture_cmd(
         state["bar"].update(done - state["last"])
         state["last"] = done
 
+    common = dict(
+        split=split,
+        batch_size=batch_size,
+        limit=limit,
+        device=device,
+        layers=layer_spec,
+        probes=probes,
+        out=out,
+        mode=mode,
+        compression=None if compression == "none" else compression,
+        progress=progress,
+    )
     try:
-        cap = capture_checkpoint(
-            checkpoint,
-            dataset,
-            split=split,
-            batch_size=batch_size,
-            limit=limit,
-            device=device,
-            layers=layer_spec,
-            probes=probes,
-            out=out,
-            mode=mode,
-            compression=None if compression == "none" else compression,
-            progress=progress,
-        )
+        if model_spec is not None:
+            model, prov = load_model(model_spec, weights, parse_kwargs(model_args))
+            cap = capture_model(
+                model, prov, dataset, input_size=parse_input_size(input_size), **common
+            )
+        else:
+            cap = capture_checkpoint(checkpoint, dataset, **common)
     finally:
         if "bar" in state:
             state["bar"].close()

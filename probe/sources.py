@@ -1,0 +1,216 @@
+"""Models from anywhere: ``--model`` specs for torchvision, timm, the zoo, a file or a package.
+
+Specs (``probe capture --model SPEC``):
+
+- ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME)`` (random weights; ``--weights``)
+- ``timm:NAME`` -- ``timm.create_model(NAME, pretrained=False)``
+- ``zoo:NAME`` -- the project's He et al. CIFAR nets (``zoo:resnet20``)
+- ``path/to/file.py:FN`` -- ``FN()`` from a Python file
+- ``package.module:FN`` -- ``FN()`` from an importable module
+
+Keyword arguments for the factory come as ``key=value`` pairs (values parsed as JSON when they
+parse, e.g. ``num_classes=10``). Weights are a ``.safetensors`` file or a ``torch.save``'d state
+dict, read with ``weights_only=True`` (no code in the file runs); a dict holding the state dict
+under ``state_dict`` or ``model`` is unwrapped. Loading is strict: missing or unexpected keys are
+an error that lists them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from probe.errors import ProbeError, did_you_mean
+
+__all__ = ["load_model", "load_weights", "parse_kwargs", "SOURCES"]
+
+SOURCES = ("torchvision", "timm", "zoo")
+
+
+def parse_kwargs(pairs: list[str] | tuple[str, ...]) -> dict:
+    """``["num_classes=10", "name=x"]`` -> ``{"num_classes": 10, "name": "x"}``.
+
+    Example:
+        >>> parse_kwargs(["num_classes=10", "drop_rate=0.1", "act=relu"])
+        {'num_classes': 10, 'drop_rate': 0.1, 'act': 'relu'}
+    """
+    out = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ProbeError(
+                f"Model argument {pair!r} is not key=value; e.g. --model-arg num_classes=10."
+            )
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def _need(package: str, spec: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError as e:
+        raise ProbeError(
+            f"--model {spec!r} needs the {package} package, which is not installed here ({e}). "
+            f"Install it (pip install {package}) next to a matching torch."
+        ) from e
+
+
+def _factory_from_file(path: Path, fn: str, spec: str):
+    if not path.is_file():
+        raise ProbeError(f"--model {spec!r}: no Python file at {path}.")
+    name = f"_probe_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ProbeError(f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    return _attr(module, fn, spec)
+
+
+def _attr(module, fn: str, spec: str):
+    factory = getattr(module, fn, None)
+    if not callable(factory):
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise ProbeError(
+            f"--model {spec!r}: {module.__name__} has no callable {fn!r}.{did_you_mean(fn, names)}"
+        )
+    return factory
+
+
+def _build(spec: str, kwargs: dict) -> nn.Module:
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ProbeError(
+            f"Invalid --model {spec!r}; give torchvision:NAME, timm:NAME, zoo:NAME, "
+            "path/to/file.py:FUNCTION or package.module:FUNCTION."
+        )
+    if source == "torchvision":
+        tv = _need("torchvision", spec)
+        names = tv.models.list_models()
+        if name not in names:
+            raise ProbeError(
+                f"torchvision has no model {name!r}.{did_you_mean(name, names)} "
+                "See torchvision.models.list_models()."
+            )
+        return tv.models.get_model(name, weights=None, **kwargs)
+    if source == "timm":
+        timm = _need("timm", spec)
+        if not timm.is_model(name):
+            raise ProbeError(
+                f"timm has no model {name!r}.{did_you_mean(name, timm.list_models())} "
+                "See timm.list_models('pattern*')."
+            )
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if source == "zoo":
+        from probe.zoo import create
+
+        return create(name, **kwargs)
+    if source.endswith(".py"):
+        factory = _factory_from_file(Path(source), name, spec)
+    else:
+        try:
+            module = importlib.import_module(source)
+        except ImportError as e:
+            raise ProbeError(
+                f"--model {spec!r}: cannot import {source!r} ({e}). Known sources: "
+                f"{', '.join(SOURCES)}; a .py file; or an importable module."
+            ) from e
+        factory = _attr(module, name, spec)
+    try:
+        model = factory(**kwargs)
+    except TypeError as e:
+        raise ProbeError(f"--model {spec!r}: calling {name}({kwargs or ''}) failed: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ProbeError(
+            f"--model {spec!r}: {name}() returned {type(model).__name__}, not a torch.nn.Module."
+        )
+    return model
+
+
+def load_weights(model: nn.Module, path: str | Path) -> str:
+    """Load a state dict into ``model`` strictly; returns the file's sha256.
+
+    Example:
+        >>> import tempfile, os
+        >>> m = nn.Linear(2, 2); f = os.path.join(tempfile.mkdtemp(), "w.pt")
+        >>> torch.save(m.state_dict(), f)
+        >>> len(load_weights(nn.Linear(2, 2), f))
+        64
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"No weights file at {path}.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except SafetensorError as e:
+            raise ProbeError(f"{path} is not a readable safetensors file: {e}") from e
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ProbeError(
+                f"{path} is not a state dict torch can load with weights_only=True ({e}). Save "
+                "weights with torch.save(model.state_dict(), path) or as .safetensors."
+            ) from e
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ProbeError(f"{path} does not hold a state dict (name -> tensor).")
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        def show(keys):
+            return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
+
+        raise ProbeError(
+            f"Weights {path} do not fit {type(model).__name__}: "
+            + (f"missing {show(result.missing_keys)}" if result.missing_keys else "")
+            + ("; " if result.missing_keys and result.unexpected_keys else "")
+            + (f"unexpected {show(result.unexpected_keys)}" if result.unexpected_keys else "")
+            + ". Check the model spec and its arguments (e.g. num_classes)."
+        )
+    return digest
+
+
+def load_model(
+    spec: str, weights: str | Path | None = None, kwargs: dict | None = None
+) -> tuple[nn.Module, dict]:
+    """(model in eval mode, provenance) for a ``--model`` spec.
+
+    Example:
+        >>> model, prov = load_model("zoo:resnet8", kwargs={"in_channels": 1})
+        >>> prov["model_name"], model.training
+        ('zoo:resnet8', False)
+    """
+    kwargs = dict(kwargs or {})
+    try:
+        model = _build(spec, kwargs)
+    except ProbeError:
+        raise
+    except Exception as e:  # a factory's own error: say which spec and arguments failed
+        raise ProbeError(
+            f"--model {spec!r} with arguments {kwargs or '{}'} failed: {type(e).__name__}: {e}"
+        ) from e
+    prov: dict = {"model_name": spec, "model_source": spec.partition(":")[0], "model_kwargs": kwargs}
+    if weights is not None:
+        prov["weights"] = str(weights)
+        prov["weights_sha256"] = load_weights(model, weights)
+    return model.eval(), prov
