@@ -24,7 +24,10 @@ from probe.probes import (
 )
 from probe.probes.params import ParamGradNorms
 from probe.probes.registry import make_probe
-from probe.session import HookSession, InPlaceWarning, NonFiniteWarning
+from probe.conformance import check_sites
+from probe.hooks.sites import discover_sites
+from probe.session import HookSession, InPlaceWarning, NonFiniteWarning, NoResidualWarning
+from probe.sources import load_model
 from probe.stats import Moments, response_std
 from probe.store import join_shards
 from probe.store import open_capture as open
@@ -44,6 +47,7 @@ __all__ = [
     "JacobianNorms",
     "Moments",
     "NonFiniteWarning",
+    "NoResidualWarning",
     "ParamGradNorms",
     "Probe",
     "ProbeError",
@@ -52,10 +56,13 @@ __all__ = [
     "SegmentJacobians",
     "ShatteredGradients",
     "capture",
+    "check_sites",
+    "discover_sites",
     "find_blocks",
     "join_shards",
     "list_layers",
     "list_models",
+    "load_model",
     "make_probe",
     "open",
     "register_residual",

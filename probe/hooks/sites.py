@@ -126,6 +126,17 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
     )
 
 
+def _called_children(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """The submodules ``module``'s own code calls: its children, and the members of child
+    containers (``ModuleList``/``ModuleDict``, which are never called themselves)."""
+    for name, child in module.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from _called_children(child, full)
+        else:
+            yield full, child
+
+
 class SiteTracer(TorchFunctionMode):
     """Finds and records residual sites while traced modules run (use via :meth:`attach`).
 
@@ -177,9 +188,9 @@ class SiteTracer(TorchFunctionMode):
             watched[m] = (name, True)
         if children:
             for name, m in owners.items():
-                for cname, c in m.named_children():
+                for cname, c in _called_children(m, name):
                     if c not in watched:
-                        watched[c] = (f"{name}.{cname}" if name else cname, False)
+                        watched[c] = (cname, False)
         weights = {
             m: sum(p.numel() for p in m.parameters()) for m in watched
         }

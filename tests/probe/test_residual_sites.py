@@ -1,0 +1,338 @@
+"""Residual sites read at the add itself, on hand-built blocks of every shape the design covers,
+each compared with a direct computation (and, for Jacobians, jacrev in float64)."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import jacrev
+
+import probe
+from probe.errors import ProbeError
+from probe.hooks.sites import discover_sites
+from probe.jacobian.estimators import math_attention
+from probe.probes.base import Call, Probe
+
+
+class Raw(Probe):
+    """The raw site tensors, for comparison with direct computations."""
+
+    name = "raw"
+
+    def forward(self, call: Call):
+        b = call.block
+        return {} if b is None else {"F": b.f, "S": b.s, "X": b.x, "Y": b.y}
+
+
+def _x(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _run(model, x, layers="auto", probes=(), mode="eval"):
+    with probe.HookSession(model, layers, [Raw(), *probes], mode=mode) as s:
+        results, _ = s.run_batch(x, torch.zeros(len(x), dtype=torch.long))
+        return results, s
+
+
+class Transformerish(nn.Module):
+    """Two residual adds in one block (ViT): x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(d, 12), nn.GELU(), nn.Linear(12, d))
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Head(nn.Module):
+    def __init__(self, body, d):
+        super().__init__()
+        self.body, self.fc = body, nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(x).flatten(1))
+
+
+def test_two_sites_in_one_block_are_split_and_the_block_keeps_its_jacobian():
+    torch.manual_seed(0)
+    blk = Transformerish()
+    model = nn.Sequential(blk, nn.Flatten(), nn.Linear(24, 3)).eval()
+    x = _x(2, 4, 6)
+    jac = probe.make_probe("jacobian:n_probes=64")
+    results, s = _run(model, x, probes=[jac])
+    assert [i.name for i in s.layers] == ["0", "0#0", "0#1"]
+    with torch.no_grad():
+        h = blk.ln1(x)
+        f0 = blk.attn(h, h, h, need_weights=False)[0]
+        y0 = x + f0
+        f1 = blk.mlp(blk.ln2(y0))
+    r0, r1 = results["0#0"], results["0#1"]
+    for got, want in ((r0["F"], f0), (r0["S"], x), (r1["F"], f1), (r1["S"], y0), (r1["Y"], y0 + f1)):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert "jac_fro2" in results["0"] and "jac_fro2" not in results["0#0"]
+    # The whole block's shortcut is the identity: jac_dev2 = ||J - I||^2 (jacrev, float64).
+    b64 = Transformerish().double()
+    b64.load_state_dict(blk.state_dict())
+    for n in range(2):
+        with math_attention(), torch.no_grad():
+            J = jacrev(lambda z: b64(z[None])[0])(x[n].double()).reshape(24, 24)
+        exact = float(((J - torch.eye(24, dtype=torch.float64)) ** 2).sum().detach())
+        est, se = float(results["0"]["jac_dev2"][n]), float(results["0"]["jac_dev2_se"][n])
+        assert abs(est - exact) < 4 * se + 1e-4
+
+
+class DropPath(nn.Module):
+    """Stochastic depth with a fixed per-sample mask (train mode only), so F is computable."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.tensor([2.0, 0.0]).view(2, 1))
+
+    def forward(self, t):
+        return t * self.mask if self.training else t
+
+
+class SharedDropPath(nn.Module):
+    """Swin: one stochastic-depth module applied to both branches."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.f1, self.f2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.dp = DropPath()
+
+    def forward(self, x):
+        x = x + self.dp(self.f1(x))
+        return x + self.dp(self.f2(x))
+
+
+def test_a_branch_module_run_twice_and_drop_path_in_training_mode_are_read_at_the_add():
+    torch.manual_seed(0)
+    blk = SharedDropPath()
+    model = nn.Sequential(blk, nn.Linear(6, 3))
+    x = _x(2, 6)
+    results, _ = _run(model, x, mode="train")
+    with torch.no_grad():
+        f0 = blk.f1(x) * blk.dp.mask  # after DropPath, as the block adds it
+        f1 = blk.f2(x + f0) * blk.dp.mask
+    assert torch.allclose(results["0#0"]["F"], f0) and torch.allclose(results["0#1"]["F"], f1)
+    assert float(results["0#0"]["F"][1].abs().max()) == 0.0  # sample 1 dropped
+
+
+class PreActDown(nn.Module):
+    """Pre-activation downsampling block: S = down(norm(x)), not down(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(2)
+        self.down = nn.Conv2d(2, 3, 1, stride=2)
+        self.conv1 = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        z = torch.relu(self.norm(x))
+        return self.conv2(torch.relu(self.conv1(z))) + self.down(z)
+
+
+def test_jac_dev2_is_measured_against_the_shortcut_the_block_computes():
+    torch.manual_seed(0)
+    blk = PreActDown()
+    with torch.no_grad():
+        blk.norm.running_mean.normal_()
+        blk.norm.running_var.uniform_(0.5, 2)
+        blk.norm.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(blk, nn.Flatten(), nn.Linear(12, 3)).eval()
+    x = _x(2, 2, 4, 4)
+    results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
+    r = results["0"]
+    with torch.no_grad():
+        assert torch.allclose(r["S"], blk.down(torch.relu(blk.norm(x))), atol=1e-6)
+    b64 = PreActDown().double().eval()
+    b64.load_state_dict(blk.state_dict())
+    for n in range(2):
+        xn = x[n : n + 1].double()
+        J = jacrev(b64)(xn).reshape(12, 32)
+        P = jacrev(lambda z: b64.down(torch.relu(b64.norm(z))))(xn).reshape(12, 32)
+        P_naive = jacrev(b64.down)(xn).reshape(12, 32)
+        exact = float(((J - P) ** 2).sum().detach())
+        naive = float(((J - P_naive) ** 2).sum().detach())
+        est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
+        assert abs(est - exact) < 4 * se, (est, exact, se)
+        assert abs(naive - exact) > 8 * se  # the test can tell the two shortcut maps apart
+
+
+class InPlaceInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x += self.f(x)
+        return x
+
+
+class InPlaceBranchThenReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        out = self.f(x)
+        out += x
+        return torch.relu_(out)
+
+
+@pytest.mark.parametrize("cls", [InPlaceInput, InPlaceBranchThenReLU])
+def test_in_place_adds_and_later_in_place_ops_keep_the_operands(cls):
+    torch.manual_seed(0)
+    blk = cls()
+    model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x)
+    with torch.no_grad():
+        h = model[0](x)
+        f = blk.f(h)
+    r = results["1"]
+    assert torch.allclose(r["S"], h) and torch.allclose(r["F"], f)
+    assert torch.allclose(r["Y"], (h + f) if cls is InPlaceInput else torch.relu(h + f))
+
+
+class MaybeResidual(nn.Module):
+    """InvertedResidual: the shortcut exists only on some instances."""
+
+    def __init__(self, use_res):
+        super().__init__()
+        self.use_res = use_res
+        self.f = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.f(x) if self.use_res else self.f(x)
+
+
+def test_only_instances_that_add_their_input_are_sites():
+    model = nn.Sequential(MaybeResidual(True), MaybeResidual(False), MaybeResidual(True)).eval()
+    results, s = _run(model, _x(2, 4))
+    assert [i.name for i in s.layers] == ["0", "2"]
+    with pytest.warns(probe.NoResidualWarning, match="1"):
+        results, _ = _run(model, _x(2, 4), layers=["1"], probes=[probe.ResidualNorms()])
+    assert "f_norm" not in results["1"] and "y_norm" in results["1"]
+
+
+class Loop(nn.Module):
+    """Residual adds in the parent: x = x + blk(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(3))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = x + blk(x)
+        return self.fc(x)
+
+
+def test_sites_in_the_parent_are_keyed_by_the_block_they_wrap():
+    torch.manual_seed(0)
+    model = Loop().eval()
+    x = _x(2, 4)
+    results, s = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=64")])
+    assert [i.name for i in s.layers] == ["blocks.0", "blocks.1", "blocks.2"]
+    with torch.no_grad():
+        h = model.stem(x)
+        for i, blk in enumerate(model.blocks):
+            r = results[f"blocks.{i}"]
+            assert torch.allclose(r["X"], h) and torch.allclose(r["F"], blk(h))
+            h = h + blk(h)
+            assert torch.allclose(r["Y"], h)
+    # The site's map is z -> z + blk(z), its shortcut the identity.
+    m64 = Loop().double().eval()
+    m64.load_state_dict(model.state_dict())
+    z = m64.stem(x.double())
+    J = jacrev(lambda v: v + m64.blocks[0](v))(z[0])
+    exact = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum().detach())
+    r = results["blocks.0"]
+    assert abs(float(r["jac_dev2"][0]) - exact) < 4 * float(r["jac_dev2_se"][0]) + 1e-6
+
+
+class Twins(nn.Module):
+    """a(x) + b(x) with a, b of the same size: no operand is the shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+def test_an_add_whose_operands_cannot_be_told_apart_is_no_site():
+    assert discover_sites(nn.Sequential(Twins()).eval(), (_x(2, 4),)) == {}
+
+
+class Fickle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.f(x) if self.calls <= 2 else self.f(x)
+
+
+def test_a_block_whose_structure_changes_between_batches_stops_the_capture():
+    model = nn.Sequential(Fickle(), nn.Linear(4, 3)).eval()
+    with pytest.raises(ProbeError, match="ran 0 residual add"):
+        probe.capture(model, [_x(2, 4), _x(2, 4, seed=1)], probes=[probe.ResidualNorms()])
+
+
+class Boom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.armed = False
+
+    def forward(self, x):
+        y = x + self.f(x)
+        if self.armed:
+            raise RuntimeError("boom")
+        return y
+
+
+def test_an_error_inside_a_traced_block_leaves_no_hook_and_no_mode_behind():
+    blk = Boom()
+    model = nn.Sequential(blk, nn.Linear(4, 3)).eval()
+    with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s:
+        s.run_batch(_x(2, 4), torch.zeros(2, dtype=torch.long))
+        blk.armed = True
+        with pytest.raises(RuntimeError, match="boom"):
+            s.run_batch(_x(2, 4), torch.zeros(2, dtype=torch.long))
+    assert torch._C._len_torch_function_stack() == 0
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    blk.armed = False
+    assert torch.allclose(model(_x(2, 4)), model(_x(2, 4)))
+
+
+def test_capture_equals_an_unhooked_forward_and_changes_nothing():
+    torch.manual_seed(0)
+    model = Loop().eval()
+    x = _x(5, 4)
+    with torch.no_grad():
+        want = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s:
+            _, logits = s.run_batch(x, torch.zeros(5, dtype=torch.long))
+    assert torch.equal(logits, want)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert np.isfinite(logits.numpy()).all()
