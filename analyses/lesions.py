@@ -3,8 +3,9 @@
 Deleting a block removes its residual branch: the block runs as usual with F(x) replaced by zeros,
 so y = act(lambda * S(x)) -- the post-addition activation, the shortcut scale lambda and a
 projection (option-B) shortcut all stay, as in Veit et al.'s Sec. 4 (the path through F is
-dropped, the skip path kept). For torchvision/timm blocks the same zeroed branch keeps whatever the
-block does after the addition. A plain zoo pseudo-block has no addition; it is replaced by the map
+dropped, the skip path kept). Blocks of any other model (torchvision, timm, yours) are deleted at
+their residual adds (:mod:`probe.hooks.sites`): every add's branch operand is replaced by zeros,
+after DropPath and layer scale, and whatever the block does after the addition stays. A plain zoo pseudo-block has no addition; it is replaced by the map
 its residual counterpart falls back to, act(lambda * S(x)), so both nets lose the same thing.
 """
 
@@ -22,6 +23,7 @@ from analyses.stats import seed_ci
 from analyses.tidy import frame, nan_ci, row, stage_of
 from probe.errors import ProbeError
 from probe.hooks.residual import find_blocks
+from probe.hooks.sites import SiteTracer
 from probe.zoo.cifar_resnet import BasicBlock
 
 __all__ = ["Deleted", "deleted", "error_rate", "lesion_study", "checkpoint_lesions"]
@@ -38,7 +40,7 @@ class Deleted(nn.Module):
         True
     """
 
-    def __init__(self, block: nn.Module, branch: nn.Module) -> None:
+    def __init__(self, block: nn.Module, branch: nn.Module | None) -> None:
         super().__init__()
         self.original = block
         self._branch = (branch,)  # a tuple: the branch is a submodule of ``original`` already
@@ -48,6 +50,16 @@ class Deleted(nn.Module):
         if isinstance(block, BasicBlock) and not block.residual:
             (x,) = args
             return block.act(block.shortcut_scale * block.shortcut(x))
+        if self._branch[0] is None:  # any model: every residual add of the block gets F = 0
+            tracer = SiteTracer(lambda call, output: None, zero_branches=True)
+            with tracer.attach({"": block}):
+                out = block(*args, **kwargs)
+            if tracer.last_shortcut is None:
+                raise ProbeError(
+                    f"{type(block).__name__} ran no residual add (y = S(x) + F(x)), so there is no "
+                    "branch to delete; lesions apply to the residual sites probe.discover_sites finds."
+                )
+            return out
         handle = self._branch[0].register_forward_hook(_zeros)
         try:
             return block(*args, **kwargs)
@@ -77,14 +89,18 @@ def deleted(model: nn.Module, names: Iterable[str]):
     swapped = []
     try:
         for name in names:
-            if name not in specs:
+            if specs and name not in specs:
                 raise ProbeError(
                     f"{name!r} is not a recognised block; blocks: {', '.join(list(specs)[:6])} ..."
                 )
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
+            if child not in parent._modules:
+                raise ProbeError(f"{type(model).__name__} has no module {name!r}.")
             block = parent._modules[child]
-            parent._modules[child] = Deleted(block, specs[name].resolve(block)[0])
+            # Adapter blocks name their branch; any other block is deleted at its residual adds.
+            branch = specs[name].resolve(block)[0] if specs else None
+            parent._modules[child] = Deleted(block, branch)
             swapped.append((parent, child, block))
         yield model
     finally:

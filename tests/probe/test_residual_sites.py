@@ -336,3 +336,19 @@ def test_capture_equals_an_unhooked_forward_and_changes_nothing():
     assert torch.equal(logits, want)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
     assert np.isfinite(logits.numpy()).all()
+
+
+def test_deleting_a_block_of_any_model_zeroes_its_branches_at_the_add():
+    import analyses
+
+    torch.manual_seed(0)
+    blk = PreActDown().eval()
+    model = nn.Sequential(blk, nn.Flatten(), nn.Linear(12, 3)).eval()
+    x = _x(2, 2, 4, 4)
+    with torch.no_grad(), analyses.deleted(model, ["0"]):
+        got = model[0](x)
+    with torch.no_grad():
+        assert torch.allclose(got, blk.down(torch.relu(blk.norm(x))))
+    with pytest.raises(ProbeError, match="no residual add"), torch.no_grad():
+        with analyses.deleted(model, ["2"]):
+            model(x)
