@@ -9,8 +9,10 @@ Example:
 
 from probe import testing, zoo
 from probe.capture import capture
+from probe.conformance import check_sites
 from probe.errors import ProbeError
 from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
+from probe.hooks.sites import discover_sites
 from probe.jacobian import JacobianNorms, SegmentJacobians, ShatteredGradients
 from probe.probes import (
     Activations,
@@ -24,8 +26,6 @@ from probe.probes import (
 )
 from probe.probes.params import ParamGradNorms
 from probe.probes.registry import make_probe
-from probe.conformance import check_sites
-from probe.hooks.sites import discover_sites
 from probe.session import HookSession, InPlaceWarning, NonFiniteWarning, NoResidualWarning
 from probe.sources import load_model
 from probe.stats import Moments, response_std

@@ -26,7 +26,6 @@ from typing import ClassVar
 import torch
 from torch import fx, nn
 
-from probe.capture import capture
 from probe.probes.base import Call, Probe
 
 __all__ = ["KNOWN_SITES", "SiteCheck", "check_sites", "expected_sites", "randomize_"]
@@ -123,7 +122,9 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-                m.running_var.copy_(torch.empty(m.running_var.shape).uniform_(0.5, 2.0, generator=g))
+                m.running_var.copy_(
+                    torch.empty(m.running_var.shape).uniform_(0.5, 2.0, generator=g)
+                )
     return model
 
 
@@ -218,13 +219,21 @@ def check_sites(
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for mname, m in model.named_modules():
+
         def pre(mod, a, k, mname=mname):
             inputs.setdefault(mname, (a, k))
 
         def post(mod, a, k, out, mname=mname):
-            t = out if isinstance(out, torch.Tensor) else next((o for o in out if isinstance(o, torch.Tensor)), None) if isinstance(out, (tuple, list)) else None
+            t = (
+                out
+                if isinstance(out, torch.Tensor)
+                else next((o for o in out if isinstance(o, torch.Tensor)), None)
+                if isinstance(out, (tuple, list))
+                else None
+            )
             if t is not None:
                 outputs.setdefault(mname, t.detach())
+
         handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     y_labels = torch.zeros(len(x), dtype=torch.long)
@@ -241,8 +250,17 @@ def check_sites(
         len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
         for m in model.modules()
     )
-    row = SiteCheck(name or type(model).__name__, mode, 0, 0.0, 0.0, float("inf"), 0,
-                    sorted({q for r in results.values() for q in r if not q[0].isupper()}), hooks_left)
+    row = SiteCheck(
+        name or type(model).__name__,
+        mode,
+        0,
+        0.0,
+        0.0,
+        float("inf"),
+        0,
+        sorted({q for r in results.values() for q in r if not q[0].isupper()}),
+        hooks_left,
+    )
     fx_cache: dict[str, list | None] = {}
     flags = {m: m.training for m in model.modules()}
     model.train(mode == "train")  # the reference runs in the mode the capture ran in
@@ -255,10 +273,16 @@ def check_sites(
         # y as observed by an independent hook when it is the block's output.
         owner_name = next((o for o, own in owners.items() if info in own.selected.values()), None)
         observed = outputs.get(owner_name) if owner_name is not None else None
-        y = observed if observed is not None and observed.shape == Y.shape and torch.equal(observed, Y) else Y
+        y = (
+            observed
+            if observed is not None and observed.shape == Y.shape and torch.equal(observed, Y)
+            else Y
+        )
         err = min(_rel(F + S, y), _rel(torch.relu(F + S), y))
         row.max_act_error = max(row.max_act_error, err)
-        row.min_branch_ratio = min(row.min_branch_ratio, float(F.norm() / S.norm().clamp_min(1e-30)))
+        row.min_branch_ratio = min(
+            row.min_branch_ratio, float(F.norm() / S.norm().clamp_min(1e-30))
+        )
         if mode != "eval" or info.kind != "site":
             continue
         if owner_name is None or owner_name not in inputs:
@@ -340,7 +364,9 @@ def catalogue() -> list[str]:
     try:
         import torchvision
 
-        names += [f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+        names += [
+            f"torchvision:{n}" for n in torchvision.models.list_models(module=torchvision.models)
+        ]
     except ImportError:
         pass
     try:

@@ -151,7 +151,9 @@ def resolve_layers(
 
     def owner(o: str) -> _Owner:
         if o not in owners:
-            owners[o] = _Owner(model.get_submodule(o) if o else model, owners_all[o], keys[o], None, {})
+            owners[o] = _Owner(
+                model.get_submodule(o) if o else model, owners_all[o], keys[o], None, {}
+            )
         return owners[o]
 
     def add_site(o: str, i: int) -> None:
@@ -509,7 +511,9 @@ class HookSession:
                 call.shortcut = shortcut_map(own.module, whole)
 
         if own.block is not None:
-            call = Call(self._key(own.block.name), own.module, x0, y, self._offset, args=args, kwargs=kwargs)
+            call = Call(
+                self._key(own.block.name), own.module, x0, y, self._offset, args=args, kwargs=kwargs
+            )
             block_shortcut(call, records[-1])
             self._emit(own.block, call)
         for i, rec in enumerate(records):
@@ -528,7 +532,14 @@ class HookSession:
                 fn = whole if len(records) == 1 else None
             block = BlockTensors(x=x_k, f=rec.f, s=rec.s, y=y_k, residual=True)
             call = Call(
-                self._key(info.name), own.module, x_k, y_k, self._offset, block, args=args, kwargs=kwargs
+                self._key(info.name),
+                own.module,
+                x_k,
+                y_k,
+                self._offset,
+                block,
+                args=args,
+                kwargs=kwargs,
             )
             call.fn, call.own_map = fn, fn is not None
             if loop:

@@ -76,7 +76,9 @@ def _factory_from_file(path: Path, fn: str, spec: str):
         module_spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ProbeError(f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+        raise ProbeError(
+            f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}"
+        ) from e
     return _attr(module, fn, spec)
 
 
@@ -177,6 +179,7 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
         raise ProbeError(f"{path} does not hold a state dict (name -> tensor).")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
+
         def show(keys):
             return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
 
@@ -209,7 +212,11 @@ def load_model(
         raise ProbeError(
             f"--model {spec!r} with arguments {kwargs or '{}'} failed: {type(e).__name__}: {e}"
         ) from e
-    prov: dict = {"model_name": spec, "model_source": spec.partition(":")[0], "model_kwargs": kwargs}
+    prov: dict = {
+        "model_name": spec,
+        "model_source": spec.partition(":")[0],
+        "model_kwargs": kwargs,
+    }
     if weights is not None:
         prov["weights"] = str(weights)
         prov["weights_sha256"] = load_weights(model, weights)

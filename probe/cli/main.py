@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import click
 
@@ -32,7 +33,16 @@ class _Group(click.Group):
             raise click.ClickException(_one_line(e)) from e
 
 
+_PACKAGE = str(Path(__file__).resolve().parents[1])
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Deprecation notices raised inside other packages (torch, torchvision) are for their
+    # maintainers, not for someone running a capture: shown with --debug only.
+    if issubclass(category, (DeprecationWarning, FutureWarning)) and not str(filename).startswith(
+        _PACKAGE
+    ):
+        return
     click.echo(f"warning: {message}", err=True)
 
 

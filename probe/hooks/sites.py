@@ -121,8 +121,10 @@ def _storage(t: torch.Tensor) -> int | None:
 
 
 def _is_inplace(name: str, kwargs: dict) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or name.startswith("__i") or (
-        kwargs.get("inplace") is True
+    return (
+        (name.endswith("_") and not name.endswith("__"))
+        or name.startswith("__i")
+        or (kwargs.get("inplace") is True)
     )
 
 
@@ -176,9 +178,7 @@ class SiteTracer(TorchFunctionMode):
 
     # -- hooks -------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def attach(
-        self, owners: dict[str, nn.Module], children: bool = True
-    ) -> Iterator[SiteTracer]:
+    def attach(self, owners: dict[str, nn.Module], children: bool = True) -> Iterator[SiteTracer]:
         """Trace ``owners`` ({dotted name: module}) while the context is open; their direct
         children get light hooks (so the tracer knows when code runs inside them). Hooks are
         removed on exit, also on error."""
@@ -191,9 +191,7 @@ class SiteTracer(TorchFunctionMode):
                 for cname, c in _called_children(m, name):
                     if c not in watched:
                         watched[c] = (cname, False)
-        weights = {
-            m: sum(p.numel() for p in m.parameters()) for m in watched
-        }
+        weights = {m: sum(p.numel() for p in m.parameters()) for m in watched}
         try:
             for m, (name, owner) in watched.items():
                 handles.append(
@@ -228,7 +226,9 @@ class SiteTracer(TorchFunctionMode):
                 x = args[slot] if isinstance(slot, int) else kwargs[slot]
             if parent is not None and parent.owner:
                 # The child's input provenance in its parent: the heaviest tracked tensor argument.
-                found = [parent.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in parent.prov]
+                found = [
+                    parent.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in parent.prov
+                ]
                 if found:
                     frame.input_prov = (
                         max(e.weight for e in found),
@@ -292,7 +292,9 @@ class SiteTracer(TorchFunctionMode):
         if found:  # an op in the owner's own code: its result derives from x as its inputs do
             w, h = max(e.weight for e in found), max(e.hops for e in found)
             for t in _tensors(out):
-                if t.is_floating_point() and (id(t) not in frame.prov or (inplace and t is args[0])):
+                if t.is_floating_point() and (
+                    id(t) not in frame.prov or (inplace and t is args[0])
+                ):
                     frame.prov[id(t)] = _Entry(t, w, h, False)
         return out
 
@@ -357,8 +359,11 @@ def site_keys(owner: str, sites: list[Site] | list[SiteRecord], taken: set[str])
     """
     children = [s.child for s in sites]
     loop = (
-        len(sites) >= 2 or not owner
-    ) and all(children) and len(set(children)) == len(children) and not (set(children) & taken)
+        (len(sites) >= 2 or not owner)
+        and all(children)
+        and len(set(children)) == len(children)
+        and not (set(children) & taken)
+    )
     if loop:
         return list(children)
     if len(sites) == 1 and owner:
@@ -421,6 +426,7 @@ def shortcut_map(
         >>> torch.allclose(shortcut_map(b, b)(x), b.proj(b.norm(x)))
         True
     """
+
     def s_of(z: torch.Tensor) -> torch.Tensor:
         tracer = SiteTracer(lambda call, output: None, zero_branches=True)
         with tracer.attach({"": module}):

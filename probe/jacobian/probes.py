@@ -14,7 +14,6 @@ from typing import Annotated, ClassVar
 
 import torch
 from pydantic import Field
-from torch import nn
 
 from probe.errors import check_option
 from probe.jacobian.estimators import (

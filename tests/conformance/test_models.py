@@ -5,7 +5,6 @@ act(F + S) = y, F and S equal the operands an fx-traced copy of each block adds,
 left. Skips where torchvision / timm are not installed (CI installs them for this tier)."""
 
 import pytest
-import torch
 
 from probe.conformance import LARGE, build, catalogue, check_sites, expected_sites
 from probe.errors import ProbeError
@@ -58,7 +57,5 @@ def test_sites_are_found_and_split_right(spec, mode):
 )
 def test_jacobian_probe_runs_on_every_family(spec):
     model, x = build(spec)
-    row = check_sites(
-        model, x, name=spec, probes=("residual", "jacobian:n_probes=2,max_samples=1")
-    )
+    row = check_sites(model, x, name=spec, probes=("residual", "jacobian:n_probes=2,max_samples=1"))
     assert {"jac_fro2", "jac_dev2"} <= set(row.probes) and row.hooks_left == 0

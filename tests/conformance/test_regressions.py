@@ -33,7 +33,7 @@ def test_timm_drop_path_in_training_mode_is_inside_f():
     x = torch.randn(8, 3, 32, 32)
     results = _run(model, x, mode="train")
     dropped = 0
-    for key, r in results.items():
+    for r in results.values():
         assert torch.allclose(torch.relu(r["F"] + r["S"]), r["Y"], atol=1e-5)
         # F is DropPath's output: a dropped sample's F is exactly 0.
         dropped += int((r["F"].flatten(1).abs().amax(1) == 0).sum())

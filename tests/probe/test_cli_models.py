@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import probe
 from probe.cli.main import cli
 
-USER_FILE = '''
+USER_FILE = """
 import torch
 from torch import nn
 
@@ -39,7 +39,7 @@ class Net(nn.Module):
 
 def build_model(width=4, num_classes=10):
     return Net(width, num_classes)
-'''
+"""
 
 
 @pytest.fixture
@@ -93,7 +93,9 @@ def test_a_model_from_a_module_with_weights_on_a_real_dataset(tmp_path, user_fil
     x, y, _ = next(iter(capture_loader(data, "test", 12, torch.device("cpu"), 12)))
     x = x.expand(-1, 3, -1, -1)
     direct = probe.capture(net.eval(), [(x, y)], probes=[probe.ResidualNorms()])
-    assert torch.allclose(torch.from_numpy(f_norm), torch.from_numpy(direct.read("blocks.1", "f_norm")))
+    assert torch.allclose(
+        torch.from_numpy(f_norm), torch.from_numpy(direct.read("blocks.1", "f_norm"))
+    )
 
 
 def test_a_torch_state_dict_and_the_zoo(tmp_path):
@@ -117,12 +119,42 @@ def test_a_torch_state_dict_and_the_zoo(tmp_path):
         (["--model", "nosuchsource", "--data", "digits"], "Invalid --model"),
         (["--model", "zoo:resnet8", "--data", "synthetic"], "needs --input-size"),
         (["--model", "zoo:resnet8"], "needs --data"),
-        (["--model", "zoo:resnet8", "--data", "synthetic", "--input-size", "3,x,8"], "Invalid --input-size"),
-        (["--model", "zoo:resnet8", "--data", "synthetic", "--input-size", "1,8,8"], "rejected an input"),
-        (["--model", "zoo:resnet8", "--data", "synthetic", "--input-size", "3,8,8", "--model-arg", "width"], "key=value"),
+        (
+            ["--model", "zoo:resnet8", "--data", "synthetic", "--input-size", "3,x,8"],
+            "Invalid --input-size",
+        ),
+        (
+            ["--model", "zoo:resnet8", "--data", "synthetic", "--input-size", "1,8,8"],
+            "rejected an input",
+        ),
+        (
+            [
+                "--model",
+                "zoo:resnet8",
+                "--data",
+                "synthetic",
+                "--input-size",
+                "3,8,8",
+                "--model-arg",
+                "width",
+            ],
+            "key=value",
+        ),
         (["--model", "no_such_module_xyz:build", "--data", "digits"], "cannot import"),
         (["--model", "probe.zoo:nope", "--data", "digits"], "no callable 'nope'"),
-        (["--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--model-arg", "num_classes=3", "--data", "digits"], "num_classes=10"),
+        (
+            [
+                "--model",
+                "zoo:resnet8",
+                "--model-arg",
+                "in_channels=1",
+                "--model-arg",
+                "num_classes=3",
+                "--data",
+                "digits",
+            ],
+            "num_classes=10",
+        ),
     ],
 )
 def test_bad_model_arguments_are_clear_errors(tmp_path, args, message):
@@ -139,7 +171,9 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path, user_file):
         "--model", f"{user_file}:build_model", "--weights", weights, "--data", "synthetic",
         "--input-size", "3,8,8", "--out", tmp_path / "x.h5",
     )  # fmt: skip
-    assert res.exit_code != 0 and "unexpected other.weight" in res.output and "missing" in res.output
+    assert (
+        res.exit_code != 0 and "unexpected other.weight" in res.output and "missing" in res.output
+    )
 
 
 def test_a_pickled_module_is_refused_as_weights(tmp_path, user_file):

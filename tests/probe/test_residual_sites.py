@@ -74,7 +74,13 @@ def test_two_sites_in_one_block_are_split_and_the_block_keeps_its_jacobian():
         y0 = x + f0
         f1 = blk.mlp(blk.ln2(y0))
     r0, r1 = results["0#0"], results["0#1"]
-    for got, want in ((r0["F"], f0), (r0["S"], x), (r1["F"], f1), (r1["S"], y0), (r1["Y"], y0 + f1)):
+    for got, want in (
+        (r0["F"], f0),
+        (r0["S"], x),
+        (r1["F"], f1),
+        (r1["S"], y0),
+        (r1["Y"], y0 + f1),
+    ):
         assert torch.allclose(got, want, atol=1e-6)
     assert "jac_fro2" in results["0"] and "jac_fro2" not in results["0#0"]
     # The whole block's shortcut is the identity: jac_dev2 = ||J - I||^2 (jacrev, float64).
@@ -349,6 +355,9 @@ def test_deleting_a_block_of_any_model_zeroes_its_branches_at_the_add():
         got = model[0](x)
     with torch.no_grad():
         assert torch.allclose(got, blk.down(torch.relu(blk.norm(x))))
-    with pytest.raises(ProbeError, match="no residual add"), torch.no_grad():
-        with analyses.deleted(model, ["2"]):
-            model(x)
+    with (
+        pytest.raises(ProbeError, match="no residual add"),
+        torch.no_grad(),
+        analyses.deleted(model, ["2"]),
+    ):
+        model(x)
