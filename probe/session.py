@@ -348,7 +348,7 @@ class HookSession:
     # -- hooks -------------------------------------------------------------------------------
     def _install(self, info: LayerInfo) -> None:
         if info.spec is not None:
-            branch, shortcut = info.spec.resolve(info.module)
+            branch, shortcut = info.spec.resolve(info.module, info.name)
             clone = info.spec.clone_branch or bool(self.inplace)
             self._handles.append(
                 info.module.register_forward_pre_hook(self._on_entry(info), with_kwargs=True)
@@ -405,7 +405,7 @@ class HookSession:
         return name if k == 0 else f"{name}@{k}"
 
     def _block_tensors(self, info: LayerInfo, y: torch.Tensor) -> BlockTensors:
-        branch, shortcut = info.spec.resolve(info.module)
+        branch, shortcut = info.spec.resolve(info.module, info.name)
         x, x_version = self._entry.pop(info.name, (None, None))
         f = self._branch_out.pop(info.name, None)
         s = self._shortcut_out.pop(info.name, None)
@@ -452,7 +452,7 @@ class HookSession:
             x = block.x if block is not None else _first_tensor(args)
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
             if block is not None:
-                shortcut = info.spec.resolve(module)[1]
+                shortcut = info.spec.resolve(module, info.name)[1]
                 identity = shortcut is None or isinstance(shortcut, nn.Identity)
                 call.identity_shortcut, call.shortcut = identity, None if identity else shortcut
             self._emit(info, call)

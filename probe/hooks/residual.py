@@ -38,20 +38,40 @@ class ResidualSpec:
     shortcut: Resolver = None
     clone_branch: bool = True
 
-    def resolve(self, block: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-        return self._get(block, self.branch, "branch"), self._get(block, self.shortcut, "shortcut")
+    def resolve(
+        self, block: nn.Module, name: str | None = None
+    ) -> tuple[nn.Module, nn.Module | None]:
+        """(branch module, shortcut module or None for the identity) of ``block``; ``name`` (its
+        dotted name) goes into the error when the adapter does not fit this instance."""
+        branch = self._get(block, self.branch, "branch", name)
+        if branch is None:
+            raise ProbeError(
+                f"Residual adapter of {type(block).__name__}"
+                + (f" {name!r}" if name else "")
+                + f" names branch {self.branch!r}, which is None on this instance: the branch "
+                "must be a module that runs in every call."
+            )
+        return branch, self._get(block, self.shortcut, "shortcut", name)
 
     @staticmethod
-    def _get(block: nn.Module, ref: Resolver, role: str) -> nn.Module | None:
+    def _get(block: nn.Module, ref: Resolver, role: str, name: str | None) -> nn.Module | None:
         if ref is None:
             return None
         if callable(ref):
             return ref(block)
+        # An attribute set to None on this instance (a projection only some blocks have):
+        # no module, i.e. the identity for a shortcut.
+        parent, _, leaf = ref.rpartition(".")
         try:
+            owner = block.get_submodule(parent) if parent else block
+            if hasattr(owner, leaf) and getattr(owner, leaf) is None:
+                return None
             return block.get_submodule(ref)
         except AttributeError as e:
+            where = f"{type(block).__name__}" + (f" {name!r}" if name else "")
             raise ProbeError(
-                f"Residual adapter names {role} {ref!r}, which {type(block).__name__} lacks."
+                f"Residual adapter names {role} {ref!r}, which {where} lacks. Name a submodule "
+                "it has (probe.list_layers(block)), or a function block -> module."
             ) from e
 
 

@@ -345,7 +345,10 @@ def test_torchvision_resnet18_blocks_found_automatically():
 @pytest.mark.parametrize("arch, se", [("resnet18", False), ("seresnet18", True)])
 def test_timm_resnet_blocks_found_automatically(arch, se):
     timm = pytest.importorskip("timm")
-    model = timm.create_model(arch, num_classes=10, pretrained=False).eval()
+    from probe.conformance import randomize_
+
+    # timm zero-initialises each block's last norm (F = 0): randomise so F is worth comparing.
+    model = randomize_(timm.create_model(arch, num_classes=10, pretrained=False)).eval()
     x = torch.randn(2, 3, 32, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", probe.InPlaceWarning)
@@ -361,6 +364,7 @@ def test_timm_resnet_blocks_found_automatically(arch, se):
         s = blk.downsample(h)
     assert np.allclose(cap.read("layer2.0", "f_norm"), f.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
     assert np.allclose(cap.read("layer2.0", "s_norm"), s.flatten(1).norm(dim=1).numpy(), rtol=1e-4)
+    assert float(f.norm()) > 0.1 * float(s.norm())  # a non-trivial branch
 
 
 def test_torchvision_vgg11_bn_with_explicit_layers():

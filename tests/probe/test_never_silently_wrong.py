@@ -175,3 +175,36 @@ def test_jacobians_are_taken_with_the_arguments_the_block_was_called_with():
     got, se = cap.read("block", "jac_fro2"), cap.read("block", "jac_fro2_se")
     assert got.shape == (2,)
     assert np.all(np.abs(got - exact.detach().numpy()) <= 4 * se), (got, exact, se)
+
+
+class MaybeProjected(nn.Module):
+    """RegNet: ``proj`` is a module on some instances and None on others."""
+
+    def __init__(self, project):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.proj = nn.Linear(4, 4) if project else None
+
+    def forward(self, x):
+        return (self.proj(x) if self.proj is not None else x) + self.f(x)
+
+
+def test_an_adapter_shortcut_that_is_none_on_an_instance_is_the_identity():
+    probe.register_residual(MaybeProjected, probe.ResidualSpec(branch="f", shortcut="proj"))
+    model = nn.Sequential(MaybeProjected(True), MaybeProjected(False)).eval()
+    x = _x().flatten(1)[:, :4]
+    cap = probe.capture(model, [x], probes=[probe.ResidualNorms()])
+    with torch.no_grad():
+        h = model[0](x)
+        s0 = model[0].proj(x)
+    assert np.allclose(cap.read("0", "s_norm"), s0.norm(dim=1).numpy(), rtol=1e-5)
+    assert np.allclose(cap.read("1", "s_norm"), h.norm(dim=1).numpy(), rtol=1e-5)
+
+
+def test_an_adapter_that_does_not_fit_names_the_block():
+    probe.register_residual(MaybeProjected, probe.ResidualSpec(branch="g", shortcut="proj"))
+    with pytest.raises(ProbeError, match="'1'.*lacks"):
+        probe.capture(
+            nn.Sequential(nn.Linear(4, 4), MaybeProjected(False)), [torch.ones(2, 4)],
+            probes=[probe.ResidualNorms()],
+        )  # fmt: skip
