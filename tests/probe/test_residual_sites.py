@@ -30,9 +30,10 @@ def _x(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _run(model, x, layers="auto", probes=(), mode="eval"):
+def _run(model, x, layers="auto", probes=(), mode="eval", labels=None):
+    labels = torch.zeros(len(x), dtype=torch.long) if labels is None else labels
     with probe.HookSession(model, layers, [Raw(), *probes], mode=mode) as s:
-        results, _ = s.run_batch(x, torch.zeros(len(x), dtype=torch.long))
+        results, _ = s.run_batch(x, labels)
         return results, s
 
 
@@ -361,3 +362,25 @@ def test_deleting_a_block_of_any_model_zeroes_its_branches_at_the_add():
         analyses.deleted(model, ["2"]),
     ):
         model(x)
+
+
+def test_gradients_at_traced_sites_equal_autograd():
+    torch.manual_seed(0)
+    blk = Transformerish()
+    model = nn.Sequential(blk, nn.Flatten(), nn.Linear(24, 3)).eval()
+    x, y = _x(3, 4, 6), torch.tensor([0, 2, 1])
+    results, _ = _run(model, x, probes=[probe.GradNorms()], labels=y)
+    # Direct: dL/d(site input) and dL/d(site output) by autograd on a hand-written forward.
+    xr = x.clone().requires_grad_(True)
+    h = blk.ln1(xr)
+    y0 = xr + blk.attn(h, h, h, need_weights=False)[0]
+    y0.retain_grad()
+    y1 = y0 + blk.mlp(blk.ln2(y0))
+    y1.retain_grad()
+    loss = nn.functional.cross_entropy(model[2](y1.flatten(1)), y, reduction="sum")
+    loss.backward()
+    norms = lambda g: g.flatten(1).norm(dim=1)  # noqa: E731
+    assert torch.allclose(results["0#0"]["grad_x_norm"], norms(xr.grad), rtol=1e-4)
+    assert torch.allclose(results["0#0"]["grad_y_norm"], norms(y0.grad), rtol=1e-4)
+    assert torch.allclose(results["0#1"]["grad_x_norm"], norms(y0.grad), rtol=1e-4)
+    assert torch.allclose(results["0#1"]["grad_y_norm"], norms(y1.grad), rtol=1e-4)
