@@ -170,13 +170,34 @@ def _size(nbytes: int) -> str:
 @click.command("inspect")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False))
 @click.option("--attrs/--no-attrs", default=True, help="Show provenance and configuration.")
-def inspect_cmd(path, attrs):
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Also read every chunk and check its checksum; exit 1 if any dataset is damaged.",
+)
+def inspect_cmd(path, attrs, verify):
     """Print the tree, shapes, dtypes, sizes and provenance of a capture; exit 1 if it is invalid."""
     import h5py
 
     import probe
+    from probe.errors import ProbeError
 
     with probe.open(path) as cap:
+        if verify:
+            problems = cap.verify()
+            damaged = [(k, p) for k, p in problems if not p.startswith("no checksum")]
+            unchecked = len(problems) - len(damaged)
+            for k, p in problems:
+                click.echo(f"{'damaged' if (k, p) in damaged else 'unchecked'}: {k}: {p}", err=True)
+            if damaged:
+                raise ProbeError(
+                    f"{path}: {len(damaged)} damaged dataset(s) (first: {damaged[0][0]}); the "
+                    "capture cannot be trusted. Re-run it."
+                )
+            click.echo(
+                f"verified: every chunk of {path} matches its checksum"
+                + (f" ({unchecked} dataset(s) carry none)" if unchecked else "")
+            )
         click.echo(
             f"{path}: {cap.attrs['format']} v{cap.attrs['format_version']}, complete, "
             f"{cap.attrs.get('n_samples')} samples, {len(cap.layers)} layers"
