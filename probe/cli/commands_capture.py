@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -117,11 +118,11 @@ def capture_cmd(
 
     probes = [make_probe(s) for s in probe_specs]
     layer_spec = "auto" if list(layers) == ["auto"] else list(layers)
-    state: dict = {"last": 0}
+    state: dict = {"last": 0, "started": time.perf_counter()}
 
     def progress(done, total):
         if "bar" not in state:
-            state["bar"] = bar(total, "capture", unit="sample")
+            state["bar"] = bar(total, "capture", unit="sample", started=state["started"])
         state["bar"].update(done - state["last"])
         state["last"] = done
 

@@ -40,10 +40,21 @@ class _Lines:
             click.echo(f"{self.desc}: {self.n} {self.unit}s in {elapsed:.1f} s", err=True)
 
 
-def bar(total: int | None, desc: str, unit: str = "it") -> tqdm | _Lines:
+def bar(
+    total: int | None, desc: str, unit: str = "it", started: float | None = None
+) -> tqdm | _Lines:
+    """A progress bar on a terminal, else one summary line at the end. ``started``
+    (``time.perf_counter()``) backdates it to when the work began: callers that learn the
+    total only after the first batch would otherwise time the rest alone."""
     if not _on_terminal():
-        return _Lines(total, desc, unit)
-    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        lines = _Lines(total, desc, unit)
+        if started is not None:
+            lines.t0 = started
+        return lines
+    b = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    if started is not None:  # tqdm's clock is time.time
+        b.start_t = b.last_print_t = time.time() - (time.perf_counter() - started)
+    return b
 
 
 def train_callback(desc: str) -> Callable[[str, dict], None]:
