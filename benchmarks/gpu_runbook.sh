@@ -15,7 +15,8 @@ case "${1:-}" in
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --compile-mode reduce-overhead
     python3 -m benchmarks.bench_hooks --out-dir .data
-    python3 -m benchmarks.bench_jacobian ;;
+    python3 -m benchmarks.bench_jacobian
+    python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
   study)
     python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 ;;
   *)
