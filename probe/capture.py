@@ -115,8 +115,9 @@ def _layer_attrs(session: HookSession, key: str) -> dict:
     info = session.layer_info(key)
     out_shape, f_shape, in_shape = session.shapes.get(key, ((), None, None))
     attrs = {
-        "module": info.name,
+        "module": info.module_name,
         "module_type": type(info.module).__name__,
+        "kind": info.kind,
         "is_block": info.is_block,
         "residual": -1 if info.residual is None else int(info.residual),
         "layer_index": info.index,
@@ -124,6 +125,8 @@ def _layer_attrs(session: HookSession, key: str) -> dict:
         "output_shape": json.dumps(list(out_shape)),
         "spatial_size": prod(out_shape[1:]) if len(out_shape) > 1 else 1,
     }
+    if info.site is not None:
+        attrs["site"] = info.site
     if in_shape is not None:
         attrs["input_size"] = prod(in_shape)
     if f_shape is not None:

@@ -26,3 +26,11 @@ def test_every_cli_command_is_documented():
     text = (DOCS / "cli.md").read_text()
     for name in cli.commands:
         assert f"`probe {name}" in text, name
+
+
+def test_the_schema_tables_in_the_docs_are_the_declared_schema():
+    from probe.store.schema import schema_markdown
+
+    text = (DOCS / "schema.md").read_text()
+    block = re.search(r"<!-- schema:begin.*?-->\n(.*?)\n<!-- schema:end -->", text, flags=re.S)
+    assert block and block.group(1) == schema_markdown(), "regenerate with schema_markdown()"

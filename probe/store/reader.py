@@ -17,7 +17,17 @@ import pandas as pd
 
 from probe.errors import ProbeError
 from probe.stats import Moments
-from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels, is_compatible
+from probe.store.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_DATASETS,
+    LAYER_ATTRS,
+    LAYERS,
+    ROOT_ATTRS,
+    attr_problems,
+    default_dim_labels,
+    is_compatible,
+)
 
 __all__ = ["CaptureReader", "H5Capture", "MemoryCapture", "open_capture"]
 
@@ -217,13 +227,11 @@ class H5Capture(CaptureReader):
         def bad(what: str) -> ProbeError:
             return ProbeError(f"{self.path} is damaged: {what}. Re-run the capture.")
 
-        for key in ("config", "provenance"):
-            _json_attr(self.path, self.attrs, key, dict)
-        n = self.attrs.get("n_samples")
-        if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or n < 1:
-            shown = n.item() if isinstance(n, np.generic) else n
-            raise bad(f"attribute 'n_samples' is {shown!r}, expected a positive integer")
-        for name in ("sample_index", "labels"):
+        problems = attr_problems(self.attrs, ROOT_ATTRS)
+        if problems:
+            raise bad(f"root attribute {problems[0]}")
+        n = int(self.attrs["n_samples"])
+        for name in INDEX_DATASETS:
             d = self._f.get(name)
             if not isinstance(d, h5py.Dataset):
                 raise bad(f"/{name} is missing")
@@ -236,6 +244,9 @@ class H5Capture(CaptureReader):
             raise bad(f"layers {missing[:3]} listed in 'layer_order' have no group under /{LAYERS}")
         for layer in present:
             group = self._f[f"{LAYERS}/{layer}"]
+            problems = attr_problems(dict(group.attrs), LAYER_ATTRS)
+            if problems:
+                raise bad(f"/{LAYERS}/{layer} attribute {problems[0]}")
             for q, d in group.items():
                 if not isinstance(d, h5py.Dataset):
                     raise bad(f"/{LAYERS}/{layer}/{q} is not a dataset")
@@ -359,7 +370,9 @@ def _verify_dataset(d: h5py.Dataset) -> list[tuple[str, str]]:
         try:
             d[start : start + step] if d.ndim else d[()]
         except OSError as e:
-            out.append((d.name, f"damaged at rows {start}-{min(n, start + step) - 1}: {str(e).strip()}"))
+            out.append(
+                (d.name, f"damaged at rows {start}-{min(n, start + step) - 1}: {str(e).strip()}")
+            )
             break
     return out
 

@@ -13,11 +13,24 @@ Layout::
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "SUPPORTED_MAJOR",
     "LAYERS",
+    "Attr",
+    "ROOT_ATTRS",
+    "LAYER_ATTRS",
+    "INDEX_DATASETS",
+    "attr_problems",
+    "check_schema",
+    "schema_markdown",
     "is_compatible",
     "default_dim_labels",
 ]
@@ -38,3 +51,145 @@ def is_compatible(version: str) -> bool:
 def default_dim_labels(ndim: int) -> tuple[str, ...]:
     """Labels of a quantity whose probe declares none: ``sample`` then ``dim1``, ``dim2``, ..."""
     return ("sample", *(f"dim{i}" for i in range(1, ndim)))
+
+
+@dataclass(frozen=True)
+class Attr:
+    """One HDF5 attribute of the schema: its name, type, whether every file has it, and what it
+    means. The writer checks its own file against these before marking it complete, the reader
+    refuses a file that breaks them, and docs/schema.md shows them (:func:`schema_markdown`)."""
+
+    name: str
+    kind: str  # str | bool | int | count (int >= 0) | positive (int >= 1) | number | json-object | json-list
+    required: bool
+    doc: str
+
+
+ROOT_ATTRS: tuple[Attr, ...] = (
+    Attr("format", "str", True, f'"{FORMAT}"'),
+    Attr("format_version", "str", True, "semantic version; readers accept the same major"),
+    Attr("complete", "bool", True, "set last: a file without `True` was interrupted"),
+    Attr("created", "str", True, "ISO 8601 local time the capture started"),
+    Attr("n_samples", "positive", True, "rows of /sample_index and /labels"),
+    Attr("layer_order", "json-list", True, "layer keys in capture order"),
+    Attr(
+        "config",
+        "json-object",
+        True,
+        "layers, probes (each with its parameters), mode, limit, compression",
+    ),
+    Attr(
+        "provenance",
+        "json-object",
+        True,
+        "model, checkpoint and weights hashes, data, versions, command",
+    ),
+    Attr("shard_rank", "int", True, "this shard's rank; 0 for a single capture, -1 for an index"),
+    Attr("shard_count", "positive", True, "1 unless one shard of several"),
+    Attr("sample_offset", "count", False, "position of the first sample in the joined capture"),
+    Attr("wall_seconds", "number", False, "capture time"),
+    Attr("nonfinite_layers", "count", False, "layers with a NaN/inf result"),
+    Attr("shards", "json-list", False, "index files: the shard files joined (relative paths)"),
+)
+
+LAYER_ATTRS: tuple[Attr, ...] = (
+    Attr("module", "str", True, "dotted name of the module that computes it"),
+    Attr("module_type", "str", True, "its class name"),
+    Attr("kind", "str", False, "adapter, site, block (a module with several sites) or layer"),
+    Attr("site", "count", False, "index among its module's residual sites"),
+    Attr("is_block", "bool", True, "holds a residual split (F, S)"),
+    Attr("residual", "int", True, "1 residual, 0 plain, -1 not a block"),
+    Attr("layer_index", "int", True, "position in the selection"),
+    Attr("call", "count", True, "0 for the first call, k for 'name@k'"),
+    Attr("output_shape", "json-list", True, "per-sample output shape"),
+    Attr("spatial_size", "positive", True, "product of the output's non-channel axes"),
+    Attr("f_spatial_size", "positive", False, "the same for F(x)"),
+    Attr("input_size", "positive", False, "elements of one sample's input"),
+    Attr("nonfinite_samples", "count", False, "samples with a NaN/inf result"),
+)
+
+INDEX_DATASETS: dict[str, str] = {
+    "sample_index": "[N] int64: dataset index of each captured sample, in capture order",
+    "labels": "[N] int64: label of each sample (-1 unknown)",
+}
+
+
+def _kind_ok(value: object, kind: str) -> bool:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, (bool, np.bool_))
+    if kind in ("int", "count", "positive"):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return False
+        return kind == "int" or int(value) >= (1 if kind == "positive" else 0)
+    if kind == "number":
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, (bool, np.bool_)
+        )
+    if kind.startswith("json-"):
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else None
+        except json.JSONDecodeError:
+            return False
+        return isinstance(parsed, dict if kind == "json-object" else list)
+    raise ValueError(f"unknown attribute kind {kind!r}")
+
+
+def attr_problems(attrs: Mapping[str, object], spec: tuple[Attr, ...]) -> list[str]:
+    """What ``attrs`` breaks of ``spec``: missing required attributes and wrong types.
+
+    Example:
+        >>> attr_problems({"module": "a", "is_block": "yes"}, LAYER_ATTRS)[:2]
+        ["'module_type' is missing", "'is_block' is 'yes' (str), expected bool"]
+    """
+    out = []
+    for a in spec:
+        if a.name not in attrs:
+            if a.required:
+                out.append(f"{a.name!r} is missing")
+            continue
+        v = attrs[a.name]
+        if not _kind_ok(v, a.kind):
+            shown = v.item() if isinstance(v, np.generic) else v
+            out.append(f"{a.name!r} is {shown!r} ({type(shown).__name__}), expected {a.kind}")
+    return out
+
+
+def check_schema(f) -> None:
+    """Raise if an open h5py file about to be marked complete breaks the declared attributes
+    (``complete`` itself excepted): a writer bug, surfaced before a file looks finished."""
+    root = {k: v for k, v in f.attrs.items()}
+    root.setdefault("complete", True)
+    problems = [f"root {p}" for p in attr_problems(root, ROOT_ATTRS)]
+    if LAYERS in f:
+        for layer, group in f[LAYERS].items():
+            problems += [
+                f"/{LAYERS}/{layer} {p}" for p in attr_problems(dict(group.attrs), LAYER_ATTRS)
+            ]
+    if problems:
+        raise ValueError(
+            f"resprobe wrote a capture that breaks its own schema ({'; '.join(problems[:3])}); "
+            "this is a bug, please report it."
+        )
+
+
+def schema_markdown() -> str:
+    """The attribute tables of docs/schema.md, generated from the declarations above."""
+    lines = []
+    for title, spec in (("Root attributes", ROOT_ATTRS), ("Layer group attributes", LAYER_ATTRS)):
+        lines += [
+            f"**{title}**",
+            "",
+            "| attribute | type | required | meaning |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| `{a.name}` | {a.kind} | {'yes' if a.required else 'no'} | {a.doc} |" for a in spec
+        ]
+        lines.append("")
+    lines += ["**Index datasets**", "", "| dataset | meaning |", "|---|---|"]
+    lines += [f"| `/{k}` | {v} |" for k, v in INDEX_DATASETS.items()]
+    return "\n".join(lines)

@@ -20,7 +20,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.store.reader import H5Capture
-from probe.store.schema import LAYERS
+from probe.store.schema import LAYERS, check_schema
 from probe.tempfiles import atomic_path
 
 __all__ = ["join_shards"]
@@ -147,4 +147,5 @@ def _write_index(
                 vds.dims[i].label = dim.label
         for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
             f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))  # shard 0 holds all
+        check_schema(f)
         f.attrs["complete"] = True

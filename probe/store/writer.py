@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError, check_option
-from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, default_dim_labels
+from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, check_schema, default_dim_labels
 from probe.tempfiles import commit, remove_stale_temps, temp_path
 
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
@@ -121,9 +121,11 @@ class H5Writer:
 
     Example:
         >>> import tempfile
-        >>> w = H5Writer(tempfile.mkdtemp() + "/x.h5", attrs={"config": "{}"})
+        >>> w = H5Writer(tempfile.mkdtemp() + "/x.h5", attrs={"config": "{}", "provenance": "{}"})
+        >>> w.layer_attrs["fc"] = {"module": "fc", "module_type": "Linear", "is_block": False,
+        ...     "residual": -1, "layer_index": 0, "call": 0, "output_shape": "[3]", "spatial_size": 1}
         >>> w.submit({"fc": {"y_norm": torch.ones(3)}}, torch.arange(3))
-        >>> path = w.close()
+        >>> path = w.close()  # checked against probe.store.schema before it is marked complete
         >>> import h5py; h5py.File(w.path)["layers/fc/y_norm"].shape
         (3,)
     """
@@ -335,6 +337,7 @@ class H5Writer:
             self._file.attrs["n_samples"] = self._n_samples
             for k, v in (extra_attrs or {}).items():
                 self._file.attrs[k] = v
+            check_schema(self._file)  # a file the reader would refuse is never marked complete
             self._file.attrs["complete"] = True  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()

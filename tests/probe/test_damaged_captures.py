@@ -47,7 +47,16 @@ DAMAGE = {
         ),
         "expected numbers",
     ),
-    "config not JSON": (lambda f: f.attrs.__setitem__("config", "{oops"), "'config' is not a JSON"),
+    "config not JSON": (lambda f: f.attrs.__setitem__("config", "{oops"), "'config' is '{oops'"),
+    "a layer attribute of the wrong type": (
+        lambda f: f["layers/stages.0.0"].attrs.__setitem__("is_block", "yes"),
+        "/layers/stages.0.0 attribute 'is_block' is 'yes'",
+    ),
+    "a layer attribute missing": (
+        lambda f: f["layers/stages.0.0"].attrs.__delitem__("module_type"),
+        "'module_type' is missing",
+    ),
+    "shard_count zero": (lambda f: f.attrs.__setitem__("shard_count", 0), "'shard_count' is 0"),
     "n_samples a float": (lambda f: f.attrs.__setitem__("n_samples", 6.0), "'n_samples' is 6.0"),
 }
 
@@ -64,3 +73,19 @@ def test_damaged_file_is_refused(capture_file, case):
 def test_an_intact_file_still_opens(capture_file):
     with probe.open(capture_file) as cap:
         assert cap.read("stages.0.0", "output").shape[0] == 3
+
+
+def test_the_writer_never_marks_complete_a_file_that_breaks_the_schema(tmp_path, monkeypatch):
+    import sys
+
+    capture_module = sys.modules["probe.capture"]  # the module (probe.capture is the function)
+
+    real = capture_module._layer_attrs
+    monkeypatch.setattr(
+        capture_module, "_layer_attrs", lambda s, k: {**real(s, k), "is_block": "maybe"}
+    )
+    out = tmp_path / "c.h5"
+    model = probe.zoo.create("resnet8", in_channels=1, width=4)
+    with pytest.raises(ValueError, match="breaks its own schema.*is_block"):
+        probe.capture(model, [torch.randn(2, 1, 8, 8)], probes=["residual"], out=out)
+    assert not out.exists() and not list(tmp_path.glob("c.h5.tmp-*"))
