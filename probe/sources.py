@@ -194,9 +194,12 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
 
 
 def load_model(
-    spec: str, weights: str | Path | None = None, kwargs: dict | None = None
+    spec: str, weights: str | Path | None = None, kwargs: dict | None = None, seed: int = 0
 ) -> tuple[nn.Module, dict]:
     """(model in eval mode, provenance) for a ``--model`` spec.
+
+    The factory runs with torch's random state seeded by ``seed`` (and restored afterwards), so
+    random weights -- a model captured without ``weights`` -- are the same in every run.
 
     Example:
         >>> model, prov = load_model("zoo:resnet8", kwargs={"in_channels": 1})
@@ -205,7 +208,9 @@ def load_model(
     """
     kwargs = dict(kwargs or {})
     try:
-        model = _build(spec, kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build(spec, kwargs)
     except ProbeError:
         raise
     except Exception as e:  # a factory's own error: say which spec and arguments failed

@@ -34,6 +34,14 @@ __all__ = ["COMMANDS"]
     help="State dict for --model: .safetensors, or a torch.save'd dict (read weights_only).",
 )
 @click.option(
+    "--seed",
+    "model_seed",
+    type=click.IntRange(min=0, max=2**63 - 1),
+    default=0,
+    show_default=True,
+    help="Seed of --model's random initialisation (weights not given by --weights).",
+)
+@click.option(
     "--input-size",
     default=None,
     help="C,H,W the model takes (e.g. 3,224,224); images are resized to it. Needed with "
@@ -77,6 +85,7 @@ def capture_cmd(
     model_spec,
     model_args,
     weights,
+    model_seed,
     input_size,
     dataset,
     split,
@@ -140,7 +149,7 @@ def capture_cmd(
     )
     try:
         if model_spec is not None:
-            model, prov = load_model(model_spec, weights, parse_kwargs(model_args))
+            model, prov = load_model(model_spec, weights, parse_kwargs(model_args), model_seed)
             cap = capture_model(
                 model, prov, dataset, input_size=parse_input_size(input_size), **common
             )

@@ -184,3 +184,19 @@ def test_a_pickled_module_is_refused_as_weights(tmp_path, user_file):
         "--input-size", "3,8,8", "--out", tmp_path / "x.h5",
     )  # fmt: skip
     assert res.exit_code != 0 and "weights_only" in res.output
+
+
+def test_random_weights_are_seeded(tmp_path):
+    def f_norm(seed, name):
+        out = tmp_path / name
+        res = _capture(
+            "--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--seed", seed,
+            "--data", "digits", "--limit", "8", "--probe", "residual", "--out", out,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        with probe.open(out) as cap:
+            assert cap.provenance["model_seed"] == seed
+            return cap.read("stages.0.0", "f_norm")
+
+    a, b, c = f_norm(0, "a.h5"), f_norm(0, "b.h5"), f_norm(1, "c.h5")
+    assert (a == b).all() and not (a == c).all()
