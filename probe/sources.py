@@ -221,6 +221,7 @@ def load_model(
         "model_name": spec,
         "model_source": spec.partition(":")[0],
         "model_kwargs": kwargs,
+        "model_seed": seed,
     }
     if weights is not None:
         prov["weights"] = str(weights)
