@@ -25,6 +25,7 @@ from probe.store.schema import (
     LAYERS,
     ROOT_ATTRS,
     attr_problems,
+    attrs_digest,
     default_dim_labels,
     is_compatible,
 )
@@ -216,6 +217,13 @@ class H5Capture(CaptureReader):
                 n for n in present if n not in order
             ]
             self._check_structure(order, present)
+            # Last: the specific checks above say more about what is wrong when they fire.
+            digest = self.attrs.get("attrs_sha256")
+            if digest is not None and attrs_digest(self._f) != digest:
+                raise ProbeError(
+                    f"{self.path} is damaged: its attributes no longer match the digest written "
+                    "with them (attrs_sha256). Re-run the capture."
+                )
         except ProbeError:
             self._f.close()
             raise

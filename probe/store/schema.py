@@ -30,6 +30,7 @@ __all__ = [
     "INDEX_DATASETS",
     "attr_problems",
     "check_schema",
+    "attrs_digest",
     "schema_markdown",
     "is_compatible",
     "default_dim_labels",
@@ -90,6 +91,12 @@ ROOT_ATTRS: tuple[Attr, ...] = (
     Attr("wall_seconds", "number", False, "capture time"),
     Attr("nonfinite_layers", "count", False, "layers with a NaN/inf result"),
     Attr("shards", "json-list", False, "index files: the shard files joined (relative paths)"),
+    Attr(
+        "attrs_sha256",
+        "str",
+        False,
+        "digest of every other attribute in the file (set last but one)",
+    ),
 )
 
 LAYER_ATTRS: tuple[Attr, ...] = (
@@ -174,6 +181,34 @@ def check_schema(f) -> None:
             f"resprobe wrote a capture that breaks its own schema ({'; '.join(problems[:3])}); "
             "this is a bug, please report it."
         )
+
+
+def attrs_digest(f) -> str:
+    """sha256 over every attribute of an open h5py file (root, groups, datasets; sorted by
+    path and name), except ``complete`` and ``attrs_sha256`` itself. HDF5 keeps no checksum of
+    metadata: this one makes a flipped byte in an attribute an error on open."""
+    import hashlib
+
+    h = hashlib.sha256()
+
+    def add(path: str, attrs) -> None:
+        for k in sorted(attrs.keys()):
+            if path == "/" and k in ("complete", "attrs_sha256"):
+                continue
+            if k in ("DIMENSION_LIST", "REFERENCE_LIST", "CLASS", "NAME"):
+                continue  # dimension-scale bookkeeping: object references differ per file
+            v = attrs[k]
+            h.update(f"{path}|{k}|".encode())
+            # Canonical text, not raw bytes: string arrays are object arrays of pointers.
+            value = v.decode() if isinstance(v, bytes) else v
+            h.update(json.dumps(np.asarray(value).tolist(), default=str).encode())
+
+    add("/", f.attrs)
+    names: list[str] = []
+    f.visit(names.append)
+    for name in sorted(names):
+        add(name, f[name].attrs)
+    return h.hexdigest()
 
 
 def schema_markdown() -> str:

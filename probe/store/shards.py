@@ -20,7 +20,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.store.reader import H5Capture
-from probe.store.schema import LAYERS, check_schema
+from probe.store.schema import LAYERS, attrs_digest, check_schema
 from probe.tempfiles import atomic_path
 
 __all__ = ["join_shards"]
@@ -148,4 +148,5 @@ def _write_index(
         for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
             f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))  # shard 0 holds all
         check_schema(f)
+        f.attrs["attrs_sha256"] = attrs_digest(f)
         f.attrs["complete"] = True

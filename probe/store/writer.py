@@ -26,7 +26,14 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError, check_option
-from probe.store.schema import FORMAT, FORMAT_VERSION, LAYERS, check_schema, default_dim_labels
+from probe.store.schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    LAYERS,
+    attrs_digest,
+    check_schema,
+    default_dim_labels,
+)
 from probe.tempfiles import commit, remove_stale_temps, temp_path
 
 __all__ = ["H5Writer", "WriterOptions", "to_host"]
@@ -338,6 +345,7 @@ class H5Writer:
             for k, v in (extra_attrs or {}).items():
                 self._file.attrs[k] = v
             check_schema(self._file)  # a file the reader would refuse is never marked complete
+            self._file.attrs["attrs_sha256"] = attrs_digest(self._file)
             self._file.attrs["complete"] = True  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()

@@ -51,6 +51,23 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of tensors' names, dtypes, shapes and bytes (sorted by name): it identifies the
+    weights independently of the file they are in, so it can be stored inside that file.
+
+    Example:
+        >>> a = tensors_sha256({"w": torch.ones(2)}); b = tensors_sha256({"w": torch.ones(2)})
+        >>> a == b, a == tensors_sha256({"w": torch.zeros(2)})
+        (True, False)
+    """
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, json) for a checkpoint given as its stem, its .json or its .safetensors."""
     p = Path(path)
@@ -97,7 +114,15 @@ def save_checkpoint(
     )
     try:
         with atomic_path(weights) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT, _HEADER_KEY: json.dumps(doc)})
+            save_file(
+                tensors,
+                str(tmp),
+                metadata={
+                    "format": FORMAT,
+                    _HEADER_KEY: json.dumps(doc),
+                    _DIGEST_KEY: tensors_sha256(tensors),
+                },
+            )
     except OSError as e:
         raise ProbeError(f"Could not write checkpoint {weights}: {e}") from e
     _write_config(js, {**doc, "sha256": file_sha256(weights)})
@@ -105,6 +130,7 @@ def save_checkpoint(
 
 
 _HEADER_KEY = "resprobe_config"  # the checkpoint's config inside the safetensors header
+_DIGEST_KEY = "resprobe_tensors_sha256"  # tensors_sha256 of the weights, inside the same header
 
 
 def _write_config(js: Path, doc: dict) -> None:
@@ -136,6 +162,29 @@ def _validated_meta(weights: Path, js: Path) -> tuple[dict, bool]:
     return _json_config(js), False
 
 
+def _check_tensors(weights: Path) -> None:
+    """Refuse weights whose tensors no longer match the digest stored with them (bit rot, a
+    partial copy): without this a damaged file would pass as 'a save cut between its renames'."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+        tensors = load_file(str(weights)) if digest else None
+    except Exception as e:  # a header that parses but data that does not
+        raise ProbeError(f"Checkpoint weights {weights} are damaged and cannot be read: {e}") from e
+    if digest is None:
+        raise ProbeError(
+            f"Checkpoint weights {weights} do not match the hash recorded in their JSON, and the "
+            "file (written by an older resprobe) stores no digest of its own to tell a damaged "
+            "file from an interrupted save. If the save was interrupted, delete the .json to "
+            "rebuild it; otherwise the weights are damaged."
+        )
+    if tensors_sha256(tensors) != digest:
+        raise ProbeError(
+            f"Checkpoint weights {weights} are damaged: their tensors no longer match the digest "
+            "stored with them. Restore the file (or use another checkpoint)."
+        )
+
+
 def _reconciled(weights: Path, js: Path, header: dict) -> dict:
     sha = file_sha256(weights)
     stored = None
@@ -145,8 +194,10 @@ def _reconciled(weights: Path, js: Path, header: dict) -> dict:
         except (json.JSONDecodeError, UnicodeDecodeError):
             stored = None
     if not isinstance(stored, dict) or stored.get("sha256") != sha:
-        # The JSON is missing, damaged or describes other weights: the save was cut between its
-        # two renames. The weights file is complete (renamed whole) and says what it is.
+        # The JSON is missing, damaged or describes other weights: either the save was cut
+        # between its two renames (the weights file, renamed whole, says what it is) or the
+        # weights themselves are damaged -- which their stored digest tells apart.
+        _check_tensors(weights)
         doc = {**header, "sha256": sha}
         _write_config(js, doc)
         log.warning("rebuilt %s from the config stored in %s", js, weights.name)

@@ -57,3 +57,12 @@ def test_a_flipped_bit_is_found_by_verify_and_by_a_read(tmp_path):
         assert cap.read("stages.0.0", "output").shape[0] == 6  # other datasets still read
         with pytest.raises(ProbeError, match="stages.1.0/output is damaged"):
             cap.read("stages.1.0", "output")
+
+
+def test_a_flipped_byte_in_an_attribute_is_refused_on_open(tmp_path):
+    path = tmp_path / "c.h5"
+    _capture(path)
+    with h5py.File(path, "r+") as f:  # a provenance text that still parses as JSON
+        f.attrs["provenance"] = f.attrs["provenance"].replace('"resprobe"', '"resprobf"')
+    with pytest.raises(ProbeError, match="attrs_sha256"):
+        probe.open(path)
