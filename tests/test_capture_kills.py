@@ -2,8 +2,6 @@
 capture never leaves a file at its output path, and a rerun writes the uninterrupted result and
 removes the killed run's temporary file."""
 
-import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -11,21 +9,12 @@ import pytest
 
 import probe
 
-STRACE = shutil.which("strace")
 CALLS = "pwrite64,write,fsync,rename,renameat,renameat2"
 CAPTURE = [
     sys.executable, "-m", "probe", "--threads", "1", "capture", "--model", "zoo:resnet8",
     "--model-arg", "in_channels=1", "--model-arg", "width=4", "--data", "digits",
     "--limit", "400", "--batch-size", "50", "--probe", "residual", "--probe", "activations",
 ]  # fmt: skip
-
-
-def _capture(out, inject_at=None):
-    cmd = CAPTURE + ["--out", str(out)]
-    if inject_at is not None:
-        cmd = [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={CALLS}",
-               "-e", f"inject={CALLS}:signal=KILL:when={inject_at}"] + cmd  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def _contents(path):
@@ -36,8 +25,12 @@ def _contents(path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(STRACE is None, reason="needs strace")
-def test_a_killed_capture_leaves_nothing_and_a_rerun_is_the_uninterrupted_result(tmp_path):
+def test_a_killed_capture_leaves_nothing_and_a_rerun_is_the_uninterrupted_result(
+    tmp_path, run_killed
+):
+    def _capture(out, inject_at=None):
+        return run_killed(CAPTURE + ["--out", str(out)], CALLS, inject_at)
+
     ref = tmp_path / "ref.h5"
     assert _capture(ref).returncode == 0
     want = _contents(ref)

@@ -3,27 +3,16 @@ finishes, and require the result of an uninterrupted run: no point exists where 
 run that cannot be resumed or that resumes to different numbers."""
 
 import json
-import shutil
-import subprocess
 import sys
 
 import pytest
 from safetensors.torch import load_file
 
-STRACE = shutil.which("strace")
 RENAMES = "rename,renameat,renameat2"
 TRAIN = [
     sys.executable, "-m", "probe", "--threads", "1", "--deterministic", "train",
     "-m", "plain8", "--epochs", "2", "--set", "batch_size=512",
 ]  # fmt: skip
-
-
-def _train(out, inject_at=None):
-    cmd = TRAIN + ["--out", str(out)]
-    if inject_at is not None:
-        cmd = [STRACE, "-f", "-qq", "-o", "/dev/null", "-e", f"trace={RENAMES}",
-               "-e", f"inject={RENAMES}:signal=KILL:when={inject_at}"] + cmd  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
 def _result(run):
@@ -33,8 +22,10 @@ def _result(run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(STRACE is None, reason="needs strace")
-def test_a_kill_at_any_rename_leaves_a_run_that_resumes_to_the_same_result(tmp_path):
+def test_a_kill_at_any_rename_leaves_a_run_that_resumes_to_the_same_result(tmp_path, run_killed):
+    def _train(out, inject_at=None):
+        return run_killed(TRAIN + ["--out", str(out)], RENAMES, inject_at)
+
     ref = tmp_path / "ref"
     assert _train(ref).returncode == 0
     ref_weights, ref_history = _result(ref)
