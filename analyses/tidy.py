@@ -69,14 +69,16 @@ def run_key(cap: CaptureReader) -> dict:
     """model, depth, residual, seed and checkpoint (epoch) of the run a capture was taken from.
 
     The model's configuration decides (zoo models and checkpoints record it); without one the
-    residual flag comes from the captured blocks, and depth from a trailing number in the name.
+    residual flag comes from the captured blocks, and depth from a zoo-style name (``resnet56``,
+    ``preplain20``) -- any other name's digits (``vit_b_16``: the patch size, ``mobilenet_v2``: a
+    version) say nothing about depth, which is then -1 (unknown).
     """
     prov = cap.provenance
     cfg = prov.get("model_config") or {}
     name = prov.get("model_name") or prov.get("model_type", "model")
     depth = cfg.get("depth")
     if depth is None:
-        m = re.search(r"(\d+)$", str(name))
+        m = re.fullmatch(r"(?:zoo:)?(?:pre)?(?:resnet|plain)(\d+)", str(name))
         depth = int(m.group(1)) if m else -1
     residual = cfg.get("residual")
     if residual is None:

@@ -88,3 +88,23 @@ def test_two_captures_of_one_run_with_the_same_quantities_are_not_pooled():
 def test_an_empty_name_is_refused():
     with pytest.raises(ProbeError, match="name"):
         probe.capture(_zoo("resnet8"), _batch(), probes=[probe.ResidualNorms()], name=" ")
+
+
+@pytest.mark.parametrize(
+    "name, depth",
+    [
+        ("resnet56", 56),
+        ("zoo:plain20", 20),
+        ("torchvision:vit_b_16", -1),
+        ("torchvision:mobilenet_v2", -1),
+        ("mynet3", -1),
+    ],
+)
+def test_depth_is_read_only_from_zoo_style_names(name, depth):
+    from analyses.tidy import run_key
+
+    class Cap:
+        provenance = {"model_name": name}
+        layers = []
+
+    assert run_key(Cap())["depth"] == depth
