@@ -213,7 +213,7 @@ def check_sites(
     probes: Sequence[str] = ("residual",),
 ) -> SiteCheck:
     """Capture ``model``'s residual sites on ``x`` and check them (see the module docstring)."""
-    from probe.session import HookSession
+    from probe.session import HookSession, _first_tensor
 
     inputs: dict[str, tuple] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -224,13 +224,7 @@ def check_sites(
             inputs.setdefault(mname, (a, k))
 
         def post(mod, a, k, out, mname=mname):
-            t = (
-                out
-                if isinstance(out, torch.Tensor)
-                else next((o for o in out if isinstance(o, torch.Tensor)), None)
-                if isinstance(out, (tuple, list))
-                else None
-            )
+            t = _first_tensor(out)
             if t is not None:
                 outputs.setdefault(mname, t.detach())
 

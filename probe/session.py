@@ -404,7 +404,10 @@ class HookSession:
         self._counts[name] += 1
         return name if k == 0 else f"{name}@{k}"
 
-    def _block_tensors(self, info: LayerInfo, y: torch.Tensor) -> BlockTensors:
+    def _block_tensors(
+        self, info: LayerInfo, y: torch.Tensor
+    ) -> tuple[BlockTensors, nn.Module | None]:
+        """The block's split, and the module computing S (None: identity)."""
         branch, shortcut = info.spec.resolve(info.module, info.name)
         x, x_version = self._entry.pop(info.name, (None, None))
         f = self._branch_out.pop(info.name, None)
@@ -438,7 +441,7 @@ class HookSession:
             else:  # plain pseudo-block: the shortcut is not in the forward pass; evaluate it here.
                 with self._suspend(), torch.no_grad():
                     s = shortcut(x)
-        return BlockTensors(x=x, f=f, s=s, y=y, residual=bool(info.residual))
+        return BlockTensors(x=x, f=f, s=s, y=y, residual=bool(info.residual)), shortcut
 
     def _on_forward(self, info: LayerInfo):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
@@ -448,11 +451,12 @@ class HookSession:
             if y is None:
                 return
             key = self._key(info.name)
-            block = self._block_tensors(info, y) if info.spec is not None else None
+            block, shortcut = (
+                self._block_tensors(info, y) if info.spec is not None else (None, None)
+            )
             x = block.x if block is not None else _first_tensor(args)
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
             if block is not None:
-                shortcut = info.spec.resolve(module, info.name)[1]
                 identity = shortcut is None or isinstance(shortcut, nn.Identity)
                 call.identity_shortcut, call.shortcut = identity, None if identity else shortcut
             self._emit(info, call)

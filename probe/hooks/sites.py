@@ -109,8 +109,13 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
-def _first(obj: object) -> torch.Tensor | None:
-    return next(_tensors(obj), None)
+def _provenance(prov: dict[int, _Entry], obj: object) -> tuple[int, int] | None:
+    """(weight, hops) of what ``obj``'s tracked tensors derive from: the largest of each, since a
+    result is as far from x as its farthest input; None when no tensor of ``obj`` is tracked."""
+    found = [prov[id(t)] for t in _tensors(obj) if id(t) in prov]
+    if not found:
+        return None
+    return max(e.weight for e in found), max(e.hops for e in found)
 
 
 def _storage(t: torch.Tensor) -> int | None:
@@ -225,15 +230,9 @@ class SiteTracer(TorchFunctionMode):
             if slot is not None:
                 x = args[slot] if isinstance(slot, int) else kwargs[slot]
             if parent is not None and parent.owner:
-                # The child's input provenance in its parent: the heaviest tracked tensor argument.
-                found = [
-                    parent.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in parent.prov
-                ]
-                if found:
-                    frame.input_prov = (
-                        max(e.weight for e in found),
-                        max(e.hops for e in found),
-                    )
+                # The child's input provenance in its parent.
+                frame.input_prov = _provenance(parent.prov, (args, kwargs))
+                if frame.input_prov is not None:
                     frame.input_id = id(x) if x is not None else None
             if owner and x is not None and x.is_floating_point():
                 frame.x = x
@@ -288,9 +287,9 @@ class SiteTracer(TorchFunctionMode):
             if site is not None:
                 return site
         out = func(*args, **kwargs)
-        found = [frame.prov[id(t)] for t in _tensors((args, kwargs)) if id(t) in frame.prov]
-        if found:  # an op in the owner's own code: its result derives from x as its inputs do
-            w, h = max(e.weight for e in found), max(e.hops for e in found)
+        derived = _provenance(frame.prov, (args, kwargs))
+        if derived is not None:  # an op in the owner's own code: its result derives from x too
+            w, h = derived
             for t in _tensors(out):
                 if t.is_floating_point() and (
                     id(t) not in frame.prov or (inplace and t is args[0])
