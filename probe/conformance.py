@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from probe.probes.base import Call, Probe
 
-__all__ = ["KNOWN_SITES", "SiteCheck", "check_sites", "expected_sites", "randomize_"]
+__all__ = ["KNOWN_SITES", "RawSites", "SiteCheck", "check_sites", "expected_sites", "randomize_"]
 
 # Residual adds per instance of the blocks of torchvision and the main timm families, read from
 # their source (an int, or the attribute that says whether this instance adds its input). The
@@ -82,8 +82,9 @@ _FX_METHOD_ADDS = {"add", "add_", "__add__", "__iadd__"}
 
 
 @dataclass
-class _Raw(Probe):
-    """The raw tensors of every residual site (for checking only: nothing is reduced)."""
+class RawSites(Probe):
+    """The raw tensors of every residual site, ``F``, ``S``, ``Y``, ``X`` [N, ...] (for checking
+    against direct computations only: nothing is reduced)."""
 
     name: ClassVar[str] = "_raw_sites"
 
@@ -232,7 +233,7 @@ def check_sites(
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     y_labels = torch.zeros(len(x), dtype=torch.long)
     try:
-        session = HookSession(model, "auto", [_Raw(), *probes], mode=mode)
+        session = HookSession(model, "auto", [RawSites(), *probes], mode=mode)
         with session:
             results, _ = session.run_batch(x, y_labels)
             infos = {i.name: i for i in session.layers}

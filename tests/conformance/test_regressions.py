@@ -8,20 +8,11 @@ import torch
 from torch.func import jacrev
 
 import probe
-from probe.conformance import randomize_
-from probe.probes.base import Call, Probe
-
-
-class Raw(Probe):
-    name = "raw"
-
-    def forward(self, call: Call):
-        b = call.block
-        return {} if b is None else {"F": b.f, "S": b.s, "Y": b.y, "X": b.x}
+from probe.conformance import RawSites, randomize_
 
 
 def _run(model, x, layers="auto", probes=(), mode="eval"):
-    with probe.HookSession(model, layers, [Raw(), *probes], mode=mode) as s:
+    with probe.HookSession(model, layers, [RawSites(), *probes], mode=mode) as s:
         results, _ = s.run_batch(x, torch.zeros(len(x), dtype=torch.long))
     return results
 

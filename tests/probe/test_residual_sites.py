@@ -10,20 +10,10 @@ from torch import nn
 from torch.func import jacrev
 
 import probe
+from probe.conformance import RawSites
 from probe.errors import ProbeError
 from probe.hooks.sites import discover_sites
 from probe.jacobian.estimators import math_attention
-from probe.probes.base import Call, Probe
-
-
-class Raw(Probe):
-    """The raw site tensors, for comparison with direct computations."""
-
-    name = "raw"
-
-    def forward(self, call: Call):
-        b = call.block
-        return {} if b is None else {"F": b.f, "S": b.s, "X": b.x, "Y": b.y}
 
 
 def _x(*shape, seed=0):
@@ -32,7 +22,7 @@ def _x(*shape, seed=0):
 
 def _run(model, x, layers="auto", probes=(), mode="eval", labels=None):
     labels = torch.zeros(len(x), dtype=torch.long) if labels is None else labels
-    with probe.HookSession(model, layers, [Raw(), *probes], mode=mode) as s:
+    with probe.HookSession(model, layers, [RawSites(), *probes], mode=mode) as s:
         results, _ = s.run_batch(x, labels)
         return results, s
 
