@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from probe.train.checkpoint import (
     load_extra_tensors,
     save_checkpoint,
 )
+from probe.train.init import prepare_init
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.zoo import create, parse_name
 
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 Callback = Callable[[str, dict], None]
+_INIT_BATCHES = 50  # training batches whose statistics set identity-initialised BNs
 
 
 @dataclass
@@ -60,6 +63,8 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)  # NetConfig overrides (shortcut, width, ...)
     recipe_overrides: dict = field(default_factory=dict)  # Recipe overrides (epochs, lr, ...)
     save_at: str = "0,last"  # epochs to checkpoint; 0 is the initialisation, "last" the end
+    eval_at: str = ""  # extra epochs ("all", "0,2,4") with eval-mode metrics but no checkpoint
+    init: str = "he"  # he, dirac, identity, construct:<shallower checkpoint> (probe.train.init)
     out: str = ""  # run directory; default data/runs/<model>-<dataset>-<recipe>-s<seed>
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     compile: bool = False  # torch.compile the model (GPU)
@@ -72,12 +77,20 @@ class TrainConfig:
 
 # Where and how fast a run executes, not what it is: a run directory that was moved or copied,
 # resumed on another device or with compilation, is the same run.
-_NOT_IDENTITY = ("out", "device", "compile", "compile_mode", "eval_batch_size")
+# Evaluating in eval mode at more epochs does not change the weights either.
+_NOT_IDENTITY = ("out", "device", "compile", "compile_mode", "eval_batch_size", "eval_at")
 
 
 def run_identity(config: dict) -> dict:
-    """The fields of a (stored) TrainConfig that define the run."""
-    return {k: v for k, v in config.items() if k not in _NOT_IDENTITY}
+    """The fields of a (stored) TrainConfig that define the run; fields added since the run was
+    stored take their defaults (a run from before ``init`` existed used He init)."""
+    defaults = TrainConfig().to_dict()
+    full = {**{k: defaults[k] for k in defaults if k not in config}, **config}
+    if str(full["init"]).startswith("construct:"):
+        # The source checkpoint is identified by its digest (``init_source`` in run.json), not its
+        # path, so a study directory that was moved still resumes.
+        full["init"] = "construct"
+    return {k: v for k, v in full.items() if k not in _NOT_IDENTITY}
 
 
 @dataclass
@@ -144,7 +157,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 def parse_save_at(spec: str, epochs: int, what: str = "--save-at") -> list[int]:
-    """'0,1,5,mid,last' -> sorted epochs within [0, epochs] ('mid' = epochs // 2, at least 1).
+    """'0,1,5,mid,last' -> sorted epochs within [0, epochs] ('mid' = epochs // 2, at least 1;
+    'all' = every epoch).
 
     Example:
         >>> parse_save_at("0,1,5,last", 12)
@@ -155,6 +169,9 @@ def parse_save_at(spec: str, epochs: int, what: str = "--save-at") -> list[int]:
         tok = tok.strip()
         if not tok:
             continue
+        if tok == "all":
+            out.update(range(epochs + 1))
+            continue
         if tok in ("last", "mid"):
             out.add(epochs if tok == "last" else max(1, epochs // 2))
             continue
@@ -162,7 +179,7 @@ def parse_save_at(spec: str, epochs: int, what: str = "--save-at") -> list[int]:
             e = int(tok)
         except ValueError as exc:
             raise ProbeError(
-                f"Invalid {what} entry {tok!r} in {spec!r}; use epochs like '0,1,5,mid,last'."
+                f"Invalid {what} entry {tok!r} in {spec!r}; use epochs like '0,1,5,mid,last' or 'all'."
             ) from exc
         if not 0 <= e <= epochs:
             raise ProbeError(
@@ -322,6 +339,8 @@ def train(
         **cfg.model_options,
     }
     model = create(cfg.model, **options)  # validates name and options before anything is written
+    init = prepare_init(cfg.init, model)  # and the init (a construct source is loaded and checked)
+    eval_at = set(parse_save_at(cfg.eval_at, epochs, what="eval_at")) | set(save_at)
     run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir):  # one writer per run directory
         run_doc = {
@@ -333,6 +352,7 @@ def train(
                 "train": int(len(data.y_train)),
                 "test": int(len(data.y_test)),
             },
+            "init_source": init.meta.get("sha256"),  # the constructed-from checkpoint's weights
         }
         run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
         run_json = run_dir / "run.json"
@@ -341,6 +361,7 @@ def train(
             if (
                 run_identity(previous.get("config") or {}) != run_identity(run_doc["config"])
                 or previous.get("recipe") != run_doc["recipe"]
+                or previous.get("init_source") != run_doc["init_source"]
             ):
                 raise ProbeError(
                     f"{run_dir} holds a run with a different configuration; choose another --out or "
@@ -408,14 +429,18 @@ def train(
             "dataset": run_doc["dataset"],
             "dataset_spec": cfg.dataset,
             "train_limit": cfg.train_limit,
+            "init": cfg.init,
             "versions": library_versions(),
             "revision": code_revision(),
             "runtime": runtime_settings(),
         }
 
-        def checkpoint(epoch: int, record: dict) -> None:
+        def measure(record: dict) -> None:
             record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
             record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
+
+        def checkpoint(epoch: int, record: dict) -> None:
+            measure(record)
             metrics = {
                 k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")
             }
@@ -434,12 +459,28 @@ def train(
             },
         )
         if start_epoch == 0 and not history:
-            record = {"epoch": 0, "lr": 0.0}
-            calibrate_bn_(
-                model, eval_train
-            )  # see calibrate_bn_: eval-mode measures at init need data statistics
+            record: dict = {"epoch": 0, "lr": 0.0}
+            stats_loader = DeviceLoader(
+                data.x_train,
+                data.y_train,
+                recipe.batch_size,
+                shuffle=True,
+                drop_last=len(data.y_train) >= recipe.batch_size,  # full batches: BN's statistics
+                seed=cfg.seed,
+                **loader_kw,
+            )
+            init_record = init.apply(
+                model,
+                lambda: [x for x, _, _ in itertools.islice(stats_loader, _INIT_BATCHES)],
+                # see calibrate_bn_: eval-mode measures at init need data statistics
+                lambda: calibrate_bn_(model, eval_train),
+            )
+            if init_record["kind"] != "he":
+                record["init"] = init_record
             if 0 in save_at:
                 checkpoint(0, record)
+            elif 0 in eval_at:
+                measure(record)
             history.append(record)
         it = start_epoch * steps_per_epoch
         for epoch in range(start_epoch + 1, epochs + 1):
@@ -487,9 +528,9 @@ def train(
                 "seconds": time.perf_counter()
                 - te,  # the training steps alone (.item() synchronised)
             }
-            if epoch in save_at:
+            if epoch in eval_at:
                 te = time.perf_counter()
-                checkpoint(epoch, record)
+                checkpoint(epoch, record) if epoch in save_at else measure(record)
                 record["eval_seconds"] = time.perf_counter() - te
             history.append(record)
             _write_json(run_dir / "history.json", history)

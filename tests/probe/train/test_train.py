@@ -242,3 +242,60 @@ def test_a_damaged_history_json_does_not_lose_the_history(tmp_path, damage):
     again = train(cfg)
     assert [r["epoch"] for r in again.history] == [r["epoch"] for r in done.history] == [0, 1, 2]
     assert json.loads((tmp_path / "r" / "history.json").read_text()) == again.history
+
+
+def test_eval_at_all_records_eval_metrics_every_epoch_without_checkpoints(tmp_path):
+    res = train(_cfg(tmp_path, save_at="last", eval_at="all"))
+    assert all("train_error" in r and "test_error" in r for r in res.history)
+    assert sorted(res.checkpoints) == [3]
+
+
+def test_a_constructed_run_starts_at_the_shallow_nets_training_error(tmp_path):
+    """He et al.'s constructed solution, run literally: step 0 of the deeper plain net has exactly
+    the shallow net's eval-mode training error and loss."""
+    shallow = train(_cfg(tmp_path, "shallow", model="plain8", save_at="last"))
+    ck = shallow.checkpoints[3]
+    deep = train(_cfg(tmp_path, "deep", model="plain20", save_at="0,last", init=f"construct:{ck}"))
+    start, source = deep.history[0], shallow.final
+    assert start["init"]["kind"] == "construct" and start["init"]["eval_max_abs_diff"] < 1e-4
+    assert start["train_error"] == source["train_error"]
+    assert start["train_loss"] == pytest.approx(source["train_loss"], rel=1e-4, abs=1e-6)
+    assert start["train_loss"] < 2.0  # a trained start, not chance (ln 10 = 2.30)
+
+
+def test_a_constructed_run_is_identified_by_its_source_weights_not_their_path(tmp_path):
+    import shutil
+
+    shallow = train(_cfg(tmp_path, "shallow", model="plain8", save_at="last"))
+    ck = shallow.checkpoints[3]
+    train(_cfg(tmp_path, "deep", model="plain20", init=f"construct:{ck}"))
+    shutil.copytree(tmp_path / "shallow", tmp_path / "moved")
+    moved = tmp_path / "moved" / "checkpoints" / ck.name
+    again = train(_cfg(tmp_path, "deep", model="plain20", init=f"construct:{moved}"))
+    assert again.resumed_from == 3  # the finished run is reused
+    other = train(_cfg(tmp_path, "other", model="plain8", save_at="last", seed=5))
+    with pytest.raises(ProbeError, match="different configuration"):
+        train(_cfg(tmp_path, "deep", model="plain20", init=f"construct:{other.checkpoints[3]}"))
+
+
+@pytest.mark.parametrize(
+    "init,match",
+    [
+        ("zero", "Invalid init"),
+        ("construct:", "Invalid init"),
+        ("construct:/nonexistent/epoch-0001.json", "nonexistent"),
+    ],
+)
+def test_a_bad_init_is_a_clear_error_and_writes_nothing(tmp_path, init, match):
+    with pytest.raises(ProbeError, match=match):
+        train(_cfg(tmp_path, "bad", model="plain20", init=init))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_identity_init_of_a_plain_net_computes_the_stem_and_classifier_alone(tmp_path):
+    res = train(_cfg(tmp_path, model="plain20", init="identity", save_at="0"))
+    model, _ = load_checkpoint(res.checkpoints[0])
+    model.eval()
+    x = torch.rand(4, 1, 8, 8)
+    stem = model.stem(x)
+    torch.testing.assert_close(model.stages[0](stem), stem, rtol=1e-5, atol=1e-5)
