@@ -15,7 +15,16 @@ __all__ = ["COMMANDS"]
     "--preset",
     default="default",
     show_default=True,
-    help="default (offline digits, CPU) or he2016 (CIFAR-10, GPU).",
+    help="default (offline digits, CPU), interventions (every intervention arm on digits) or "
+    "he2016 (CIFAR-10, GPU).",
+)
+@click.option(
+    "--arm",
+    "arms",
+    default=None,
+    metavar="ARM[,ARM...]",
+    help="Intervention arms to run beside the grid: constructed, skipinit, shortcut_scale, lr, "
+    "matched_loss, toy, or all (docs/study.md).",
 )
 @click.option(
     "--set",
@@ -32,7 +41,7 @@ __all__ = ["COMMANDS"]
     help="Study directory (default data/studies/<preset>).",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda ...")
-def study_cmd(preset, sets, dataset, out, device):
+def study_cmd(preset, sets, dataset, out, device, arms):
     """Train plain and residual nets, capture along training, analyse and write a report.
 
     An interrupted study continues where it stopped; finished work is not recomputed.
@@ -44,6 +53,8 @@ def study_cmd(preset, sets, dataset, out, device):
         overrides["dataset"] = dataset
     if device:
         overrides["device"] = device
+    if arms:
+        overrides["arms"] = arms
     cfg = get_preset(preset, **overrides)
     draw_training = train_callback("  train")
 
@@ -56,7 +67,7 @@ def study_cmd(preset, sets, dataset, out, device):
     res = run_study(cfg, out, callback=cb)
     click.echo(
         f"\nstudy '{cfg.name}' finished in {res.wall_s:.0f} s "
-        f"(train {res.timings['train']:.0f} s, capture {res.timings['capture']:.0f} s, "
+        f"(train {res.timings['train']:.0f} s, interventions {res.timings.get('interventions', 0):.0f} s, capture {res.timings['capture']:.0f} s, "
         f"analysis {res.timings['analysis']:.0f} s, figures {res.timings['figures']:.0f} s)"
     )
     click.echo("\ndegradation (final training error, eval mode; mean over seeds):")
@@ -67,6 +78,10 @@ def study_cmd(preset, sets, dataset, out, device):
     click.echo("\nverdicts:")
     for v in res.verdicts:
         click.echo(f"  {v.verdict:>14s}  {v.explanation}")
+    if res.arm_verdicts:
+        click.echo("\ninterventions:")
+        for v in res.arm_verdicts:
+            click.echo(f"  {v.verdict:>14s}  {v.explanation}")
     click.echo(f"\nreport: {res.report}\nsummary: {res.summary}")
 
 

@@ -3,6 +3,7 @@
 ``default``: the offline digits study on the CPU -- plain and residual nets at depths 8, 20 and 32,
 two seeds, captures at initialisation, mid-training and the end. ``he2016``: CIFAR-10, depths
 20/32/44/56 with the ``fast`` recipe on a GPU (set ``depths`` to add 110, ``recipe`` to use he2016).
+``interventions``: every intervention arm (probe.study.interventions) on digits, three seeds.
 """
 
 from __future__ import annotations
@@ -45,6 +46,19 @@ class StudyConfig:
     lesions: bool = True
     lesion_limit: int | None = None  # test images per lesion pass (None: the whole test split)
     device: str = "auto"
+    # Intervention arms (probe.study.interventions.ARMS, or "all"), trained beside the grid at the
+    # shallowest (S) and deepest (D) depth; their settings:
+    arms: tuple[str, ...] = ()
+    lambdas: tuple[float, ...] = (0.0, 0.5, 1.0)  # shortcut_scale arm: y = act(lambda x + F(x))
+    lrs: tuple[float, ...] = (0.1, 0.03, 0.01)  # lr arm: peak learning rates
+    toy_seeds: int = 200  # toy arm: initialisations
+
+    def __post_init__(self) -> None:
+        from probe.study.interventions.arms import ARMS, check_arms
+
+        if self.arms == ("all",):
+            object.__setattr__(self, "arms", tuple(ARMS))
+        check_arms(self.arms)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,12 +78,15 @@ class StudyConfig:
                     if isinstance(value, list)
                     else tuple(v.strip() for v in str(value).split(","))
                 )
-                if key in ("depths", "seeds"):
+                kind = {"depths": int, "seeds": int, "lambdas": float, "lrs": float}.get(key)
+                if kind is not None:
                     try:
-                        value = tuple(int(v) for v in value)
+                        value = tuple(kind(v) for v in value)
                     except ValueError as e:
+                        example = "20,32" if kind is int else "0.1,0.01"
                         raise ProbeError(
-                            f"Study field {key!r} takes integers, e.g. {key}=20,32; got {overrides[key]!r}."
+                            f"Study field {key!r} takes {kind.__name__}s, e.g. {key}={example}; got "
+                            f"{overrides[key]!r}."
                         ) from e
             clean[key] = value
         return dataclasses.replace(self, **clean)
@@ -99,6 +116,20 @@ PRESETS: dict[str, StudyConfig] = {
             "segments:n_probes=8,max_samples=16",
             "param_grads:max_samples=64",
         ),
+    ),
+    # Every intervention arm on digits, three seeds, in minutes on a CPU: the grid is plain and
+    # residual nets at depths 8 and 32 with a 6-epoch schedule (at 12 epochs plain-32 nearly
+    # catches up on digits, leaving too small a gap to intervene on) and light probes.
+    "interventions": StudyConfig(
+        name="interventions",
+        depths=(8, 32),
+        seeds=(0, 1, 2),
+        recipe_overrides={"epochs": 6},
+        capture_at=("0", "last"),
+        capture_limit=256,
+        probes=("residual", "grad"),
+        lesions=False,
+        arms=("all",),
     ),
 }
 

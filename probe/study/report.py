@@ -12,6 +12,9 @@ import pandas as pd
 from analyses.pipeline import figure_caption
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
+from analyses.stats import RATE, seed_ci
+from probe.study.interventions.arms import ARMS
+from probe.study.interventions.runner import InterventionData
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict
 from probe.tempfiles import atomic_path
@@ -25,7 +28,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}.verdict{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
 .tag{display:inline-block;padding:.1em .6em;border-radius:1em;font-weight:600;font-size:.9em}
 .supported,.present{background:#d7f5dd;color:#145a22}.not-supported,.absent{background:#fbe0e0;color:#7a1414}
-.inconclusive{background:#fff3cd;color:#6b5200}.rule{color:#555;font-size:.9em}
+.inconclusive{background:#fff3cd;color:#6b5200}.SGD-leaves-it,.SGD-keeps-it{background:#e3e8f7;color:#1d3570}.rule{color:#555;font-size:.9em}
 figure{display:inline-block;margin:.5em;max-width:48%;vertical-align:top}figure img{max-width:100%}
 figcaption{font-size:.85em;color:#555}.file{color:#999}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 """
@@ -86,6 +89,70 @@ def _degradation_html(deg: pd.DataFrame) -> str:
     )
 
 
+def _arm_rows(arm: str, arms: InterventionData) -> list[tuple[str, str, str, str]]:
+    """(run, n, final train error mean ± sd [95% interval], final test error) per condition."""
+    t = arms.conditions[arms.conditions["arm"] == arm]
+    rows = []
+    for label, g in t.groupby("label", sort=False):
+        tr, te = (g[c].to_numpy(float) for c in ("final_train_error", "final_test_error"))
+        m, lo, hi = seed_ci(tr, bounds=RATE)
+        ci = "" if pd.isna(lo) else f" [{_pct(lo)}, {_pct(hi)}]"
+        sd = f" ± {_pct(tr.std(ddof=1))}" if len(tr) > 1 else ""
+        rows.append((label, str(len(tr)), f"{_pct(m)}{sd}{ci}", _pct(te.mean())))
+    return rows
+
+
+def _arm_html(v: Verdict, arms: InterventionData, figures: list[Path]) -> str:
+    arm = ARMS[v.arm]
+    head = (
+        f"<div class='verdict' id='arm-{v.arm}'><h3>{html.escape(arm.title)} "
+        f"<span class='tag {_slug(v.verdict)}'>{html.escape(v.verdict)}</span></h3>"
+        f"<p><b>Question.</b> {html.escape(arm.question)}<br><b>Manipulation.</b> "
+        f"{html.escape(arm.manipulation)}<br><b>Reference.</b> {html.escape(arm.reference)}</p>"
+    )
+    rows = _arm_rows(v.arm, arms)
+    table = (
+        "<table><tr><th>run</th><th>seeds (n)</th><th>final train error, mean ± sd [95% interval]</th>"
+        "<th>final test error</th></tr>"
+        + "".join(
+            f"<tr><td style='text-align:left'>{html.escape(a)}</td><td>{b}</td><td>{c}</td><td>{d}</td></tr>"
+            for a, b, c, d in rows
+        )
+        + "</table>"
+        if rows
+        else ""
+    )
+    ev = "".join(
+        f"<tr><td style='text-align:left'>{html.escape(k)}</td><td>{html.escape(val)}</td></tr>"
+        for k, val in v.evidence.items()
+    )
+    return (
+        head
+        + table
+        + f"<p class='rule'>Rule: {html.escape(v.rule)}</p><table>{ev}</table>"
+        + "".join(_img(f) for f in figures)
+        + "</div>"
+    )
+
+
+def _arm_markdown(arm_verdicts: list[Verdict], arms: InterventionData) -> list[str]:
+    md = [
+        "| experiment | run | n | final train error, mean ± sd [95% interval] | final test error | verdict |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for v in arm_verdicts:
+        for i, (label, n, tr, te) in enumerate(_arm_rows(v.arm, arms) or [("–", "", "", "")]):
+            md.append(
+                f"| {ARMS[v.arm].title if i == 0 else ''} | {label} | {n} | {tr} | {te} | "
+                f"{'**' + v.verdict + '**' if i == 0 else ''} |"
+            )
+    md += ["", "| experiment | verdict | evidence | rule |", "|---|---|---|---|"]
+    for v in arm_verdicts:
+        ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())
+        md.append(f"| {ARMS[v.arm].title} | **{v.verdict}** | {ev} | {v.rule} |")
+    return md
+
+
 def _slug(v: str) -> str:
     return v.replace(" ", "-")
 
@@ -99,8 +166,11 @@ def write_report(
     figdir: Path,
     skipped: dict[str, str],
     timings: dict[str, float],
+    arm_verdicts: list[Verdict] | None = None,
+    arms: InterventionData | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` and ``summary.md`` into ``out``; returns both paths."""
+    arm_verdicts = arm_verdicts or []
     pngs = {p.stem: p for p in sorted(figdir.glob("*.png"))}
     used: set[str] = set()
     parts = [
@@ -123,11 +193,24 @@ def write_report(
         )
         figs = [n for n in v.figures if n in pngs]
         used.update(figs)
+        tested = ", ".join(
+            f"<a href='#arm-{a}'>{html.escape(ARMS[a].title)}</a>" for a in v.tested_by
+        )
         parts.append(
             f"<div class='verdict'><h3>{html.escape(v.explanation)} <span class='tag {_slug(v.verdict)}'>"
             f"{html.escape(v.verdict)}</span></h3><p class='rule'>Rule: {html.escape(v.rule)}</p>"
-            f"<table>{ev}</table>{''.join(_img(pngs[n]) for n in figs)}</div>"
+            + (f"<p>Tested by intervention: {tested}</p>" if tested else "")
+            + f"<table>{ev}</table>{''.join(_img(pngs[n]) for n in figs)}</div>"
         )
+    if arm_verdicts and arms is not None:
+        parts.append(
+            "<h2>Interventions</h2><p>Each experiment changes one thing and watches the training "
+            "error; the verdicts above only say whether measures line up with an explanation.</p>"
+        )
+        for v in arm_verdicts:
+            figs = [n for n in v.figures if n in pngs]
+            used.update(figs)
+            parts.append(_arm_html(v, arms, [pngs[n] for n in figs]))
     rest = [n for n in pngs if n not in used]
     parts.append("<h2>All other figures</h2>" + "".join(_img(pngs[n]) for n in rest))
     if skipped:
@@ -173,6 +256,8 @@ def write_report(
     for v in verdicts:
         ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())
         md.append(f"| {v.explanation} | **{v.verdict}** | {ev} | {v.rule} |")
+    if arm_verdicts and arms is not None:
+        md += ["", "## Interventions", "", *_arm_markdown(arm_verdicts, arms)]
     summary = out / "summary.md"
     with atomic_path(summary) as tmp:
         tmp.write_text("\n".join(md) + "\n")

@@ -15,7 +15,6 @@ Every step skips work whose output already exists and is valid, so an interrupte
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +33,17 @@ from probe.loading import capture_checkpoint
 from probe.probes.registry import make_probe
 from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
+from probe.study.interventions import (
+    InterventionData,
+    ToyConfig,
+    intervention_verdicts,
+    link_tests,
+    run_interventions,
+    write_arm_figures,
+)
+from probe.study.files import reusable_table, valid_capture, write_csv, write_text
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
-from probe.tempfiles import atomic_path
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
@@ -56,6 +63,8 @@ class StudyResult:
     summary: Path
     wall_s: float
     timings: dict[str, float] = field(default_factory=dict)
+    arm_verdicts: list[Verdict] = field(default_factory=list)
+    interventions: InterventionData | None = None
 
 
 def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
@@ -63,44 +72,7 @@ def capture_epochs(cfg: StudyConfig, epochs: int) -> list[int]:
     return parse_save_at(",".join(str(t) for t in cfg.capture_at), epochs, what="capture_at")
 
 
-log = logging.getLogger(__name__)
 LESION_COLUMNS = (*COLUMNS, "downsampling")
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def _write_csv(path: Path, table: pd.DataFrame) -> None:
-    with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
-
-
-def _reusable_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
-    """A table a previous run wrote, if it is whole (parses, has rows and ``columns``); else None,
-    so the rerun recomputes it instead of trusting a damaged file."""
-    if not path.is_file():
-        return None
-    try:
-        t = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
-        t = None
-    if t is None or t.empty or not set(columns) <= set(t.columns):
-        log.warning("recomputing %s: the stored table is empty or damaged", path)
-        return None
-    return t
-
-
-def _valid_capture(path: Path) -> bool:
-    if not path.exists():
-        return False
-    try:
-        open_capture(path).close()
-        return True
-    except ProbeError:
-        path.unlink()
-        return False
 
 
 def _is_bn(name: str, module: torch.nn.Module) -> bool:
@@ -124,19 +96,21 @@ def run_study(
         raise ProbeError(f"A study compares two families (plain, residual); got {cfg.families}.")
     for m in cfg.models:
         parse_name(m)
-    _write(out / "study.json", json.dumps(cfg.to_dict(), indent=2))
+    write_text(out / "study.json", json.dumps(cfg.to_dict(), indent=2))
     timings: dict[str, float] = {}
     data = load_dataset(cfg.dataset).subset(cfg.train_limit)
     probes = [make_probe(s) for s in cfg.probes]
 
     # 1. Train (or reuse) every model.
     ts = time.perf_counter()
-    run_rows, checkpoints = [], {}
+    run_rows, checkpoints, grid = [], {}, {}
     for seed in cfg.seeds:
         for model in cfg.models:
             _, depth = parse_name(model)
             epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
             at = capture_epochs(cfg, epochs)
+            # arms construct from the grid's final nets and draw training curves at every epoch
+            save_epochs = sorted({*at, epochs}) if cfg.arms else at
             cb("stage", {"text": f"train {model} seed {seed}"})
             tc = TrainConfig(
                 model=model,
@@ -146,7 +120,8 @@ def run_study(
                 seed=seed,
                 model_options=dict(cfg.model_options),
                 recipe_overrides=dict(cfg.recipe_overrides),
-                save_at=",".join(str(e) for e in at),
+                save_at=",".join(str(e) for e in save_epochs),
+                eval_at="all" if cfg.arms else "",
                 out=str(out / "runs" / f"{model}-s{seed}"),
                 device=cfg.device,
             )
@@ -169,9 +144,15 @@ def run_study(
                     "epochs": final["epoch"],
                 }
             )
-            checkpoints[(model, seed)] = res.checkpoints
+            checkpoints[(model, seed)] = {e: res.checkpoints[e] for e in at if e in res.checkpoints}
+            grid[(model, seed)] = res
     runs = pd.DataFrame(run_rows)
     timings["train"] = time.perf_counter() - ts
+    arms = None
+    if cfg.arms:
+        ts = time.perf_counter()
+        arms = run_interventions(cfg, out, data, grid, cb)
+        timings["interventions"] = time.perf_counter() - ts
 
     # 2. Capture at the chosen epochs.
     ts = time.perf_counter()
@@ -181,7 +162,7 @@ def run_study(
             stem = out / "captures" / f"{model}-s{seed}-e{epoch:04d}"
             for suffix, layers, plist in (("", "auto", probes), ("-bn", _is_bn, [ChannelStats()])):
                 path = stem.with_name(stem.name + suffix + ".h5")
-                if not _valid_capture(path):
+                if not valid_capture(path):
                     cb("stage", {"text": f"capture {model} seed {seed} epoch {epoch}{suffix}"})
                     capture_checkpoint(
                         ck,
@@ -207,7 +188,7 @@ def run_study(
     if cfg.lesions:
         for (model, seed), cks in checkpoints.items():
             path = out / "tables" / f"lesions-{model}-s{seed}.csv"
-            done = _reusable_table(path, LESION_COLUMNS)
+            done = reusable_table(path, LESION_COLUMNS)
             if done is not None:
                 lesion_parts.append(done)
                 continue
@@ -222,16 +203,16 @@ def run_study(
             part = checkpoint_lesions(
                 cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
             )
-            _write_csv(path, part)
+            write_csv(path, part)
             lesion_parts.append(part)
     lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None
     if lesions is not None:
         table = pd.concat([table, lesions], ignore_index=True)
         table["downsampling"] = table["downsampling"].astype("boolean").fillna(False).astype(bool)
-    _write_csv(out / "tables" / "measures.csv", table)
-    _write_csv(out / "tables" / "runs.csv", runs)
+    write_csv(out / "tables" / "measures.csv", table)
+    write_csv(out / "tables" / "runs.csv", runs)
     deg = degradation_table(runs, data.name)
-    _write_csv(out / "tables" / "degradation.csv", deg)
+    write_csv(out / "tables" / "degradation.csv", deg)
     timings["analysis"] = time.perf_counter() - ts
 
     # 4. Figures: final checkpoints, initialisation, training curves, degradation against depth.
@@ -284,13 +265,25 @@ def run_study(
     vs = verdicts(
         table, runs, (plain_fam, res_fam), cfg.depths, first, last, num_classes=data.num_classes
     )
-    _write(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
+    arm_verdicts: list[Verdict] = []
+    if arms is not None:
+        cb("stage", {"text": "interventions: verdicts and figures"})
+        arm_verdicts = intervention_verdicts(arms, cfg, num_classes=data.num_classes)
+        link_tests(vs, arm_verdicts)
+        write_arm_figures(arms, figdir, cfg.families, max(cfg.depths), ToyConfig(seeds=cfg.toy_seeds).steps)
+        write_text(
+            out / "tables" / "intervention_verdicts.json",
+            json.dumps([v.__dict__ for v in arm_verdicts], indent=2),
+        )
+    write_text(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
     timings["total"] = time.perf_counter() - t0
     from probe.study.report import write_report
 
-    report, summary = write_report(out, cfg, runs, deg, vs, figdir, skipped, timings)
+    report, summary = write_report(
+        out, cfg, runs, deg, vs, figdir, skipped, timings, arm_verdicts, arms
+    )
     return StudyResult(
-        out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings
+        out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings, arm_verdicts, arms
     )

@@ -42,6 +42,8 @@ class Verdict:
     rule: str
     evidence: dict[str, str] = field(default_factory=dict)  # label -> "value [lo, hi] (n=k)"
     figures: list[str] = field(default_factory=list)
+    arm: str = ""  # the intervention arm that produced it ('' for the correlational verdicts)
+    tested_by: list[str] = field(default_factory=list)  # intervention arms that test this one
 
 
 NOT_MEASURED = "not measured (see Measures skipped)"
