@@ -36,6 +36,7 @@ from probe.store.reader import open_capture
 from probe.study.interventions import (
     InterventionData,
     ToyConfig,
+    conditions_for,
     intervention_verdicts,
     link_tests,
     run_interventions,
@@ -96,6 +97,7 @@ def run_study(
         raise ProbeError(f"A study compares two families (plain, residual); got {cfg.families}.")
     for m in cfg.models:
         parse_name(m)
+    conditions_for(cfg)  # an arm that cannot run stops the study before anything trains
     write_text(out / "study.json", json.dumps(cfg.to_dict(), indent=2))
     timings: dict[str, float] = {}
     data = load_dataset(cfg.dataset).subset(cfg.train_limit)

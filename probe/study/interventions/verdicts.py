@@ -153,7 +153,7 @@ def _shortcut_scale(data, p, r, s, d, lambdas) -> Verdict:
     slopes = grad_slopes(data.grad_profile) if len(data.grad_profile) else pd.DataFrame()
     for lam in lambdas:
         sl = slopes[slopes["lam"] == lam]["slope"].to_numpy() if len(slopes) else np.array([])
-        pred = "∞" if lam == 0 else f"{-np.log(lam):.3g}"
+        pred = "∞" if lam == 0 else f"{abs(np.log(lam)) if lam == 1 else -np.log(lam):.3g}"
         ev[f"slope of ln||∂L/∂y|| per block at init, λ = {lam:g} (shortcut path predicts {pred})"] = _fmt(
             seed_ci(sl), len(sl)
         )
