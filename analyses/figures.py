@@ -18,6 +18,8 @@ from probe.tempfiles import atomic_path  # noqa: E402
 
 __all__ = [
     "theme",
+    "legend_outside",
+    "percent_axis",
     "model_order",
     "palette",
     "save",
@@ -59,12 +61,12 @@ LABELS = {
 RATE_QUANTITIES = ("train_error", "test_error", "batch_error", "lesion_error")
 
 
-def _percent_axis(ax) -> None:
+def percent_axis(ax) -> None:
     """Error rates in percent, as in every table."""
     ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
 
 
-def _legend_outside(ax, title: str = "model") -> None:
+def legend_outside(ax, title: str = "model") -> None:
     """The legend right of the axes, where it cannot cover data."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
@@ -174,7 +176,7 @@ def plot_vs_layer(
             dm = d[d["model"] == m].sort_values(x)
             ax.plot(dm[x], dm["value"], marker="o", ms=3, color=pal[m], label=m)
             _band(ax, dm, x, pal[m])
-    _legend_outside(ax)
+    legend_outside(ax)
     ax.set_xlabel(
         {"cos_lag": "lag", "param_grad_norm": "parameter (forward order)"}.get(
             quantity,
@@ -212,8 +214,8 @@ def plot_vs_depth(df: pd.DataFrame, quantity: str, ylabel: str) -> plt.Figure:
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel(ylabel)
     if quantity in RATE_QUANTITIES:
-        _percent_axis(ax)
-    _legend_outside(ax, "architecture")
+        percent_axis(ax)
+    legend_outside(ax, "architecture")
     fig.tight_layout()
     return fig
 
@@ -233,7 +235,7 @@ def plot_fig7(df: pd.DataFrame, quantity: str = "response_std_pooled") -> plt.Fi
     axes[1].set_xlabel("layer index (sorted by magnitude)")
     for ax in axes:
         ax.set_ylabel(LABELS.get(quantity, quantity))
-    _legend_outside(axes[0])
+    legend_outside(axes[0])
     fig.tight_layout()
     return fig
 
@@ -276,8 +278,8 @@ def plot_training(history: pd.DataFrame, metric: str = "train_error") -> plt.Fig
     )
     ax.set_ylabel(metric.replace("_", " "))
     if metric in RATE_QUANTITIES:
-        _percent_axis(ax)
-    _legend_outside(ax)
+        percent_axis(ax)
+    legend_outside(ax)
     fig.tight_layout()
     return fig
 
@@ -304,8 +306,8 @@ def plot_lesions(df: pd.DataFrame) -> plt.Figure:
         ax.axhline(v, color=pal[m], ls="--", lw=0.8)
     ax.set_xlabel("deleted block")
     ax.set_ylabel("test error (dashed: intact net)")
-    _percent_axis(ax)
-    _legend_outside(ax)
+    percent_axis(ax)
+    legend_outside(ax)
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     return fig

@@ -47,6 +47,18 @@ __all__ = ["COMMANDS"]
     help="Epochs to checkpoint, e.g. 0,1,5,20,last.",
 )
 @click.option(
+    "--eval-at",
+    default="",
+    help="Extra epochs with eval-mode train/test metrics but no checkpoint, e.g. all.",
+)
+@click.option(
+    "--init",
+    default="he",
+    show_default=True,
+    help="he, dirac, identity (every block the identity at step 0), or construct:CHECKPOINT "
+    "(a trained shallower net copied in, extra blocks identities; docs/training.md).",
+)
+@click.option(
     "--opt",
     "model_opts",
     multiple=True,
@@ -79,6 +91,8 @@ def train_cmd(
     seed,
     epochs,
     save_at,
+    eval_at,
+    init,
     model_opts,
     recipe_sets,
     out,
@@ -101,6 +115,8 @@ def train_cmd(
         model_options=parse_overrides(model_opts, "--opt"),
         recipe_overrides=overrides,
         save_at=save_at,
+        eval_at=eval_at,
+        init=init,
         out=out,
         device=device,
         compile=compile_ or compile_mode is not None,

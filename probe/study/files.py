@@ -8,10 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from probe.errors import ProbeError
+from probe.loading import capture_checkpoint
 from probe.store.reader import open_capture
 from probe.tempfiles import atomic_path
 
-__all__ = ["write_text", "write_csv", "reusable_table", "valid_capture"]
+__all__ = ["write_text", "write_csv", "reusable_table", "valid_capture", "capture_once"]
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +51,24 @@ def valid_capture(path: Path) -> bool:
     except ProbeError:
         path.unlink()
         return False
+
+
+def capture_once(
+    path: Path, checkpoint: Path, cfg, data, callback, text: str, **capture_kwargs
+) -> None:
+    """Capture ``checkpoint`` on the study's split into ``path`` unless a whole capture is there
+    (a damaged one is redone); ``text`` is the progress stage shown while it runs."""
+    if valid_capture(path):
+        return
+    callback("stage", {"text": text})
+    capture_kwargs.setdefault("limit", cfg.capture_limit)
+    capture_checkpoint(
+        checkpoint,
+        data,
+        split=cfg.split,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+        extra_provenance={"study": cfg.name},
+        out=path,
+        **capture_kwargs,
+    ).close()

@@ -85,7 +85,8 @@ class StudyConfig:
                     except ValueError as e:
                         example = "20,32" if kind is int else "0.1,0.01"
                         raise ProbeError(
-                            f"Study field {key!r} takes {kind.__name__}s, e.g. {key}={example}; got "
+                            f"Study field {key!r} takes {'integers' if kind is int else 'numbers'}, "
+                            f"e.g. {key}={example}; got "
                             f"{overrides[key]!r}."
                         ) from e
             clean[key] = value

@@ -10,9 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from analyses.pipeline import figure_caption
+from analyses.stats import RATE, seed_ci
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
-from analyses.stats import RATE, seed_ci
 from probe.study.interventions.arms import ARMS
 from probe.study.interventions.runner import InterventionData
 from probe.study.presets import StudyConfig
@@ -146,10 +146,15 @@ def _arm_markdown(arm_verdicts: list[Verdict], arms: InterventionData) -> list[s
                 f"| {ARMS[v.arm].title if i == 0 else ''} | {label} | {n} | {tr} | {te} | "
                 f"{'**' + v.verdict + '**' if i == 0 else ''} |"
             )
-    md += ["", "| experiment | verdict | evidence | rule |", "|---|---|---|---|"]
-    for v in arm_verdicts:
+    return md + ["", *_verdict_table(arm_verdicts, "experiment", lambda v: ARMS[v.arm].title)]
+
+
+def _verdict_table(verdicts: list[Verdict], what: str, title) -> list[str]:
+    """Markdown rows: title, verdict, evidence and rule of each verdict."""
+    md = [f"| {what} | verdict | evidence | rule |", "|---|---|---|---|"]
+    for v in verdicts:
         ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())
-        md.append(f"| {ARMS[v.arm].title} | **{v.verdict}** | {ev} | {v.rule} |")
+        md.append(f"| {title(v)} | **{v.verdict}** | {ev} | {v.rule} |")
     return md
 
 
@@ -252,10 +257,7 @@ def write_report(
             f"| {r.family} | {r.depth} | {r.seeds} | {_interval(r, 'train_error')} | "
             f"{_interval(r, 'test_error')} | {_published(r) or '–'} |"
         )
-    md += ["", "| explanation | verdict | evidence | rule |", "|---|---|---|---|"]
-    for v in verdicts:
-        ev = "; ".join(f"{k}: {val}" for k, val in v.evidence.items())
-        md.append(f"| {v.explanation} | **{v.verdict}** | {ev} | {v.rule} |")
+    md += ["", *_verdict_table(verdicts, "explanation", lambda v: v.explanation)]
     if arm_verdicts and arms is not None:
         md += ["", "## Interventions", "", *_arm_markdown(arm_verdicts, arms)]
     summary = out / "summary.md"

@@ -29,10 +29,10 @@ from analyses.pipeline import measure_table, write_figures
 from analyses.tidy import COLUMNS, run_key
 from probe.data import data_root, load_dataset
 from probe.errors import ProbeError
-from probe.loading import capture_checkpoint
 from probe.probes.registry import make_probe
 from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
+from probe.study.files import capture_once, reusable_table, write_csv, write_text
 from probe.study.interventions import (
     InterventionData,
     ToyConfig,
@@ -42,7 +42,6 @@ from probe.study.interventions import (
     run_interventions,
     write_arm_figures,
 )
-from probe.study.files import reusable_table, valid_capture, write_csv, write_text
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
@@ -164,20 +163,16 @@ def run_study(
             stem = out / "captures" / f"{model}-s{seed}-e{epoch:04d}"
             for suffix, layers, plist in (("", "auto", probes), ("-bn", _is_bn, [ChannelStats()])):
                 path = stem.with_name(stem.name + suffix + ".h5")
-                if not valid_capture(path):
-                    cb("stage", {"text": f"capture {model} seed {seed} epoch {epoch}{suffix}"})
-                    capture_checkpoint(
-                        ck,
-                        data,
-                        split=cfg.split,
-                        batch_size=cfg.batch_size,
-                        limit=cfg.capture_limit,
-                        device=cfg.device,
-                        extra_provenance={"study": cfg.name},
-                        layers=layers,
-                        probes=plist,
-                        out=path,
-                    ).close()
+                capture_once(
+                    path,
+                    ck,
+                    cfg,
+                    data,
+                    cb,
+                    f"capture {model} seed {seed} epoch {epoch}{suffix}",
+                    layers=layers,
+                    probes=plist,
+                )
                 caps.append(open_capture(path))
     timings["capture"] = time.perf_counter() - ts
 
@@ -272,7 +267,9 @@ def run_study(
         cb("stage", {"text": "interventions: verdicts and figures"})
         arm_verdicts = intervention_verdicts(arms, cfg, num_classes=data.num_classes)
         link_tests(vs, arm_verdicts)
-        write_arm_figures(arms, figdir, cfg.families, max(cfg.depths), ToyConfig(seeds=cfg.toy_seeds).steps)
+        write_arm_figures(
+            arms, figdir, cfg.families, max(cfg.depths), ToyConfig(seeds=cfg.toy_seeds).steps
+        )
         write_text(
             out / "tables" / "intervention_verdicts.json",
             json.dumps([v.__dict__ for v in arm_verdicts], indent=2),
@@ -287,5 +284,15 @@ def run_study(
         out, cfg, runs, deg, vs, figdir, skipped, timings, arm_verdicts, arms
     )
     return StudyResult(
-        out, table, runs, deg, vs, report, summary, time.perf_counter() - t0, timings, arm_verdicts, arms
+        out,
+        table,
+        runs,
+        deg,
+        vs,
+        report,
+        summary,
+        time.perf_counter() - t0,
+        timings,
+        arm_verdicts,
+        arms,
     )

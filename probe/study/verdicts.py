@@ -27,7 +27,17 @@ import pandas as pd
 from analyses.stats import POSITIVE, RATE, contrast_ci, seed_ci
 from probe.study.references import published_test_error
 
-__all__ = ["Verdict", "degradation_table", "verdicts", "MIN_SEEDS"]
+__all__ = [
+    "Verdict",
+    "degradation_table",
+    "verdicts",
+    "MIN_SEEDS",
+    "UNTRAINED",
+    "judge",
+    "make_verdict",
+    "fmt_interval",
+    "fmt_points",
+]
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 MIN_SEEDS = 2  # an interval across seeds needs at least two runs
@@ -49,7 +59,13 @@ class Verdict:
 NOT_MEASURED = "not measured (see Measures skipped)"
 
 
-def _fmt(v: Interval, n: int | None = None, pct: bool = False) -> str:
+def fmt_interval(v: Interval, n: int | None = None, pct: bool = False) -> str:
+    """'value [lo, hi] (n=k)' of a (mean, low, high) interval, in percent with ``pct``.
+
+    Example:
+        >>> fmt_interval((0.02, 0.01, 0.03), 3, pct=True)
+        '2.00% [1.00%, 3.00%] (n=3)'
+    """
     m, lo, hi = v
     if np.isnan(m):
         return NOT_MEASURED
@@ -58,7 +74,7 @@ def _fmt(v: Interval, n: int | None = None, pct: bool = False) -> str:
     return text if n is None else f"{text} (n={n})"
 
 
-def _fmt_points(v: Interval, n: int) -> str:
+def fmt_points(v: Interval, n: int) -> str:
     """A difference of error rates in percentage points, with its interval and n."""
     m, lo, hi = (100 * x for x in v)
     if np.isnan(m):
@@ -67,7 +83,7 @@ def _fmt_points(v: Interval, n: int) -> str:
     return f"{text} points (n={n})"
 
 
-def _judge(
+def judge(
     values: list[float],
     supported: bool,
     refuted: bool,
@@ -93,13 +109,14 @@ def _judge(
     return INCONCLUSIVE, "the intervals do not decide between the outcomes"
 
 
-def _verdict(
+def make_verdict(
     explanation: str,
     judged: tuple[str, str],
     rule: str,
     evidence: dict[str, str],
     figures: list[str],
 ) -> Verdict:
+    """A :class:`Verdict` from :func:`judge`'s (verdict, why); the why joins the evidence."""
     verdict, why = judged
     if why:
         evidence = {**evidence, "why inconclusive": why}
@@ -224,13 +241,13 @@ def verdicts(
         return _per_run(table, quantity, model, ck, **kw)
 
     def value(v: np.ndarray, bounds=POSITIVE, pct: bool = False) -> str:
-        return _fmt(seed_ci(v, bounds=bounds), len(v), pct)
+        return fmt_interval(seed_ci(v, bounds=bounds), len(v), pct)
 
     # 0. Is there degradation at all? The plain net's depth penalty must be positive beyond seed
     # noise, and the shortcut must remove >= 90 % of it (the residual penalty <= 10 % of the plain).
     e = {m: err(m) for m in (p_shallow, p_deep, r_shallow, r_deep)}
     gp, gr = contrast_ci(e[p_deep], e[p_shallow]), contrast_ci(e[r_deep], e[r_shallow])
-    judged = _judge(
+    judged = judge(
         [gp[0], gr[0]],
         gp[1] > 0 and gr[0] <= 0.1 * gp[0],
         gp[2] <= 0 or (gr[1] > 0 and gr[0] >= gp[0]),
@@ -239,7 +256,7 @@ def verdicts(
         untrained=untrained(p_shallow, r_shallow),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Degradation (the phenomenon to explain)",
             judged,
             f"present if the depth penalty (mean final training error, eval mode) of {p_deep} over "
@@ -248,8 +265,8 @@ def verdicts(
             "lies at or below 0, or the residual net degrades significantly and as much",
             {
                 **{f"train error {m}": value(v, RATE, pct=True) for m, v in e.items()},
-                "depth penalty plain": _fmt_points(gp, min(map(len, (e[p_deep], e[p_shallow])))),
-                "depth penalty residual": _fmt_points(gr, min(map(len, (e[r_deep], e[r_shallow])))),
+                "depth penalty plain": fmt_points(gp, min(map(len, (e[p_deep], e[p_shallow])))),
+                "depth penalty residual": fmt_points(gr, min(map(len, (e[r_deep], e[r_shallow])))),
             },
             ["final_training_batch_error"],
         )
@@ -258,7 +275,7 @@ def verdicts(
     # 1. Identity is hard to learn: deep plain blocks stay far from the identity a shallower net implies.
     cp, cr = per_run("closeness", p_deep, last), per_run("closeness", r_deep, last)
     twice, above = contrast_ci(cp, cr, k=2.0), contrast_ci(cp, cr)
-    judged = _judge(
+    judged = judge(
         [twice[0], above[0]],
         twice[1] > 0 and cp.mean() >= 0.5,
         above[2] <= 0,
@@ -266,7 +283,7 @@ def verdicts(
         untrained=untrained(r_deep),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Identity is hard to learn (identity-closeness)",
             judged,
             f"supported if the mean block closeness d = ||y - S(x)||/||S(x)|| of {p_deep} is >= 0.5 and "
@@ -287,7 +304,7 @@ def verdicts(
     std_r, std_p = (per_run("response_std_pooled", m, last) for m in (r_deep, p_deep))
     rr = seed_ci(rr_deep, bounds=POSITIVE)
     smaller, quieter = contrast_ci(rr_deep, rr_shallow), contrast_ci(std_r, std_p)
-    judged = _judge(
+    judged = judge(
         [rr[0], smaller[0], quieter[0]],
         rr[2] < 1 and smaller[2] < 0 and quieter[2] < 0,
         rr[1] >= 1,
@@ -295,7 +312,7 @@ def verdicts(
         untrained=untrained(r_deep, r_shallow),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Residual branches stay small (residual magnitude, Fig. 7)",
             judged,
             f"supported if the 95% intervals put ||F||/||S|| of {r_deep} below 1 and below "
@@ -317,7 +334,7 @@ def verdicts(
 
     gi_p, ge_p, ge_r = grad_ratio(p_deep, first), grad_ratio(p_deep, last), grad_ratio(r_deep, last)
     ci_i, ci_e = seed_ci(gi_p, bounds=POSITIVE), seed_ci(ge_p, bounds=POSITIVE)
-    judged = _judge(
+    judged = judge(
         [ci_i[0], ci_e[0], float(np.mean(ge_r)) if len(ge_r) else float("nan")],
         min(ci_i[2], ci_e[2]) < 0.1 and not ge_r.mean() < 0.1,
         min(ci_i[1], ci_e[1]) >= 0.1,
@@ -325,7 +342,7 @@ def verdicts(
         untrained=untrained(r_deep),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Vanishing gradients (gradient norms against depth)",
             judged,
             f"supported if the 95% interval of ||dL/dy|| at the first block over that at the last block of "
@@ -353,14 +370,14 @@ def verdicts(
         contrast_ci(cl[p_deep], cl[p_shallow]),
     )
     not_shorter = contrast_ci(cl[p_deep], cl[r_deep])
-    judged = _judge(
+    judged = judge(
         [half[0], below_shallow[0]],
         half[2] < 0 and below_shallow[2] < 0,
         not_shorter[1] >= 0,
         runs=cl,
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Shattered gradients (input-gradient correlation at init)",
             judged,
             f"supported if, at init, the 95% intervals put the gradient correlation length of {p_deep} "
@@ -374,7 +391,7 @@ def verdicts(
     # 5. Jacobian conditioning: accumulated anisotropy sum_blocks log(sigma_max^2 / mean sigma^2).
     ap, ar = _anisotropy(table, p_deep, last), _anisotropy(table, r_deep, last)
     times, by = contrast_ci(ap, ar, k=1.5), contrast_ci(ap, ar)
-    judged = _judge(
+    judged = judge(
         [times[0], by[0]],
         times[1] > 0 and by[1] > 1,
         by[2] <= 0,
@@ -382,7 +399,7 @@ def verdicts(
         untrained=untrained(r_deep),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Ill-conditioned Jacobians (block spectra)",
             judged,
             f"supported if the summed log anisotropy sum_blocks log(sigma_max^2 / mean sigma^2) of {p_deep} "
@@ -406,7 +423,7 @@ def verdicts(
     ci_p, ci_r = seed_ci(lp, bounds=(-1.0, 1.0)), seed_ci(lr, bounds=(-1.0, 1.0))
     near_chance = ci_p[1] > 0.2 or (headroom > 0 and ci_p[1] >= 0.8 * headroom)
     intact_at_chance = [p_deep] if base_p >= UNTRAINED * chance else []
-    judged = _judge(
+    judged = judge(
         [ci_p[0], ci_r[0], base_p],
         ci_r[2] < 0.01 and near_chance,
         contrast_ci(lr, lp)[1] >= 0,
@@ -414,7 +431,7 @@ def verdicts(
         untrained=intact_at_chance + untrained(r_deep),
     )
     out.append(
-        _verdict(
+        make_verdict(
             "Ensemble-like behaviour (lesions)",
             judged,
             f"supported if the 95% intervals put the median test-error increase from deleting one "
@@ -423,8 +440,8 @@ def verdicts(
             "net's increase minus the plain net's has an interval at or above 0; inconclusive when the "
             "intact plain net is already at chance",
             {
-                f"median error increase {p_deep}": _fmt(ci_p, len(lp), pct=True),
-                f"median error increase {r_deep}": _fmt(ci_r, len(lr), pct=True),
+                f"median error increase {p_deep}": fmt_interval(ci_p, len(lp), pct=True),
+                f"median error increase {r_deep}": fmt_interval(ci_r, len(lr), pct=True),
                 f"intact test error {p_deep}": NOT_MEASURED
                 if np.isnan(base_p)
                 else f"{100 * base_p:.2f}%",

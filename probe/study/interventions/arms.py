@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["Condition", "Arm", "ARMS", "arm_conditions", "check_arms", "grid_pair"]
+__all__ = ["Condition", "Arm", "ARMS", "arm_conditions", "check_arms", "lr_key", "scale_key"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +45,12 @@ class Arm:
     tests: tuple[str, ...] = ()  # correlational explanations (verdict titles' first words) it tests
 
 
-def grid_pair(families: tuple[str, str]) -> tuple[str, str]:
-    return families[0], families[1]
-
-
 def _baselines(fam: tuple[str, str], s: int, d: int) -> list[Condition]:
     p, r = fam
-    return [Condition(f"{p}{d}", f"{p}{d}", f"{p}-{d}"), Condition(f"{r}{d}", f"{r}{d}", f"{r}-{d}")]
+    return [
+        Condition(f"{p}{d}", f"{p}{d}", f"{p}-{d}"),
+        Condition(f"{r}{d}", f"{r}{d}", f"{r}-{d}"),
+    ]
 
 
 def _constructed(fam, s, d, cfg) -> list[Condition]:
@@ -62,10 +61,18 @@ def _constructed(fam, s, d, cfg) -> list[Condition]:
         Condition(f"{r}{s}", f"{r}{s}", f"{r}-{s}"),
         *_baselines(fam, s, d),
         Condition(
-            f"{p}{d}-constructed", f"{p}{d}", f"{p}-{d} from {p}-{s}", init=f"construct:@{p}{s}", save_at=every
+            f"{p}{d}-constructed",
+            f"{p}{d}",
+            f"{p}-{d} from {p}-{s}",
+            init=f"construct:@{p}{s}",
+            save_at=every,
         ),
         Condition(
-            f"{r}{d}-constructed", f"{r}{d}", f"{r}-{d} from {r}-{s}", init=f"construct:@{r}{s}", save_at=every
+            f"{r}{d}-constructed",
+            f"{r}{d}",
+            f"{r}-{d} from {r}-{s}",
+            init=f"construct:@{r}{s}",
+            save_at=every,
         ),
     ]
 
@@ -76,11 +83,13 @@ def _skipinit(fam, s, d, cfg) -> list[Condition]:
         *_baselines(fam, s, d),
         Condition(f"{p}{d}-identity", f"{p}{d}", f"{p}-{d}, identity init", init="identity"),
         Condition(f"{p}{d}-dirac", f"{p}{d}", f"{p}-{d}, Dirac kernels only", init="dirac"),
-        Condition(f"{r}{d}-skipinit", f"{r}{d}", f"{r}-{d}, SkipInit", model_options={"zero_init": True}),
+        Condition(
+            f"{r}{d}-skipinit", f"{r}{d}", f"{r}-{d}, SkipInit", model_options={"zero_init": True}
+        ),
     ]
 
 
-def _scale_key(r: str, d: int, lam: float) -> str:
+def scale_key(r: str, d: int, lam: float) -> str:
     return f"{r}{d}-lambda{lam:g}"
 
 
@@ -95,19 +104,24 @@ def _shortcut_scale(fam, s, d, cfg) -> list[Condition]:
         else:
             out.append(
                 Condition(
-                    _scale_key(r, d, lam), f"{r}{d}", f"λ = {lam:g}", model_options={"shortcut_scale": lam}
+                    scale_key(r, d, lam),
+                    f"{r}{d}",
+                    f"λ = {lam:g}",
+                    model_options={"shortcut_scale": lam},
                 )
             )
     return out
 
 
-def _lr_key(m: str, lr: float) -> str:
+def lr_key(m: str, lr: float) -> str:
     return f"{m}-lr{lr:g}"
 
 
 def _learning_rate(fam, s, d, cfg) -> list[Condition]:
     return [
-        Condition(_lr_key(f"{m}{d}", lr), f"{m}{d}", f"{m}-{d}, lr {lr:g}", recipe_overrides={"lr": lr})
+        Condition(
+            lr_key(f"{m}{d}", lr), f"{m}{d}", f"{m}-{d}, lr {lr:g}", recipe_overrides={"lr": lr}
+        )
         for lr in cfg.lrs
         for m in fam
     ]
@@ -142,7 +156,11 @@ ARMS: dict[str, Arm] = {
             "De & Smith, NeurIPS 2020 (SkipInit); Zagoruyko & Komodakis 2017 (DiracNets); "
             "Xiao et al., ICML 2018 (delta-orthogonal)",
             _skipinit,
-            ("Identity is hard to learn", "Ill-conditioned Jacobians", "Residual branches stay small"),
+            (
+                "Identity is hard to learn",
+                "Ill-conditioned Jacobians",
+                "Residual branches stay small",
+            ),
         ),
         Arm(
             "shortcut_scale",
@@ -191,11 +209,14 @@ def check_arms(arms: tuple[str, ...]) -> None:
     for a in arms:
         if a not in ARMS:
             raise ProbeError(
-                f"Unknown study arm {a!r}; arms: {', '.join(ARMS)} (or 'all')." + did_you_mean(a, ARMS)
+                f"Unknown study arm {a!r}; arms: {', '.join(ARMS)} (or 'all')."
+                + did_you_mean(a, ARMS)
             )
 
 
-def arm_conditions(arm: str, families: tuple[str, str], depths: tuple[int, ...], cfg) -> list[Condition]:
+def arm_conditions(
+    arm: str, families: tuple[str, str], depths: tuple[int, ...], cfg
+) -> list[Condition]:
     """The conditions of ``arm`` for a study over ``families`` at ``depths`` (S = min, D = max)."""
     s, d = min(depths), max(depths)
     if s == d and arm == "constructed":

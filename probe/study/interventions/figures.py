@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analyses.figures import _legend_outside, _percent_axis, save, theme
+from analyses.figures import legend_outside, percent_axis, save, theme
 from analyses.stats import POSITIVE, RATE, seed_band
 from probe.study.interventions.runner import InterventionData
 from probe.study.interventions.verdicts import matched_loss_table
@@ -36,8 +36,8 @@ def plot_arm_curves(curves: pd.DataFrame, metric: str = "train_error") -> plt.Fi
     )
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel(metric.replace("_", " ") + " (eval mode)")
-    _percent_axis(ax)
-    _legend_outside(ax, "run")
+    percent_axis(ax)
+    legend_outside(ax, "run")
     fig.tight_layout()
     return fig
 
@@ -45,10 +45,19 @@ def plot_arm_curves(curves: pd.DataFrame, metric: str = "train_error") -> plt.Fi
 def _closeness(cl: pd.DataFrame) -> plt.Figure:
     theme()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    sns.lineplot(cl, x="step", y="closeness", hue="label", style="blocks", errorbar=seed_band(POSITIVE), marker="o", ax=ax)
+    sns.lineplot(
+        cl,
+        x="step",
+        y="closeness",
+        hue="label",
+        style="blocks",
+        errorbar=seed_band(POSITIVE),
+        marker="o",
+        ax=ax,
+    )
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel("identity-closeness d (mean over blocks)")
-    _legend_outside(ax, "run / blocks")
+    legend_outside(ax, "run / blocks")
     fig.tight_layout()
     return fig
 
@@ -58,11 +67,13 @@ def _gradients(profile: pd.DataFrame) -> plt.Figure:
     at = profile[profile["epoch"] == profile.groupby("key")["epoch"].transform("min")].copy()
     at["λ"] = at["lam"].map(lambda v: f"{v:g}")
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    sns.lineplot(at, x="layer_index", y="grad_norm", hue="λ", errorbar=seed_band(POSITIVE), marker="o", ax=ax)
+    sns.lineplot(
+        at, x="layer_index", y="grad_norm", hue="λ", errorbar=seed_band(POSITIVE), marker="o", ax=ax
+    )
     ax.set_yscale("log")
     ax.set_xlabel("block (input → output)")
     ax.set_ylabel("||∂L/∂y|| at initialisation")
-    _legend_outside(ax, "λ")
+    legend_outside(ax, "λ")
     fig.tight_layout()
     return fig
 
@@ -72,15 +83,24 @@ def _matched(curves: pd.DataFrame, keys: tuple[str, str]) -> tuple[plt.Figure, p
     c = curves[curves["key"].isin(keys) & (curves["epoch"] > 0)]
     _, target = matched_loss_table(curves, keys)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    sns.lineplot(c, x="train_loss", y="test_error", hue="label", units="seed", estimator=None, marker="o", ax=ax)
+    sns.lineplot(
+        c,
+        x="train_loss",
+        y="test_error",
+        hue="label",
+        units="seed",
+        estimator=None,
+        marker="o",
+        ax=ax,
+    )
     if np.isfinite(target):
         ax.axvline(target, color="0.4", ls="--", lw=1, label="matched loss")
     ax.set_xscale("log")
     ax.invert_xaxis()  # training proceeds to the right
     ax.set_xlabel("training loss (eval mode; training proceeds →)")
     ax.set_ylabel("test error")
-    _percent_axis(ax)
-    _legend_outside(ax, "run (one line per seed)")
+    percent_axis(ax)
+    legend_outside(ax, "run (one line per seed)")
     fig.tight_layout()
     return fig, c
 
@@ -95,12 +115,21 @@ def _toy_solved(steps: pd.DataFrame, budget: int) -> tuple[plt.Figure, pd.DataFr
     ]
     d = pd.DataFrame(rows)
     acts = list(dict.fromkeys(d["activation"]))
-    fig, axes = plt.subplots(1, len(acts), figsize=(3.2 * len(acts), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(acts), figsize=(3.2 * len(acts), 3.2), sharey=True, squeeze=False
+    )
     for ax, act in zip(axes[0], acts):
-        sns.lineplot(d[d["activation"] == act], x="step", y="solved", hue="variant", hue_order=["plain", "skip"], ax=ax)
+        sns.lineplot(
+            d[d["activation"] == act],
+            x="step",
+            y="solved",
+            hue="variant",
+            hue_order=["plain", "skip"],
+            ax=ax,
+        )
         ax.set_title(act)
         ax.set_xlabel("gradient steps")
-        _percent_axis(ax)
+        percent_axis(ax)
     axes[0][0].set_ylabel("initialisations solved")
     fig.tight_layout()
     return fig, d
@@ -109,10 +138,21 @@ def _toy_solved(steps: pd.DataFrame, budget: int) -> tuple[plt.Figure, pd.DataFr
 def _toy_loss(curves: pd.DataFrame) -> plt.Figure:
     theme()
     acts = list(dict.fromkeys(curves["activation"]))
-    fig, axes = plt.subplots(1, len(acts), figsize=(3.2 * len(acts), 3.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(acts), figsize=(3.2 * len(acts), 3.2), sharey=True, squeeze=False
+    )
     for ax, act in zip(axes[0], acts):
         c = curves[curves["activation"] == act]
-        sns.lineplot(c, x="step", y="loss", hue="variant", hue_order=["plain", "skip"], estimator="median", errorbar=("pi", 50), ax=ax)
+        sns.lineplot(
+            c,
+            x="step",
+            y="loss",
+            hue="variant",
+            hue_order=["plain", "skip"],
+            estimator="median",
+            errorbar=("pi", 50),
+            ax=ax,
+        )
         ax.set_yscale("log")
         ax.set_title(act)
         ax.set_xlabel("gradient steps")
@@ -121,7 +161,9 @@ def _toy_loss(curves: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def write_arm_figures(data: InterventionData, figdir: Path, families: tuple[str, str], depth: int, toy_steps: int) -> list[Path]:
+def write_arm_figures(
+    data: InterventionData, figdir: Path, families: tuple[str, str], depth: int, toy_steps: int
+) -> list[Path]:
     """Every arm's figures (PNG, SVG and the plotted numbers as CSV) into ``figdir``."""
     files: list[Path] = []
     keys_of = data.conditions.groupby("arm")["key"].unique()
@@ -133,9 +175,13 @@ def write_arm_figures(data: InterventionData, figdir: Path, families: tuple[str,
             c = c.assign(label=c["key"].map(labels))
             files += save(plot_arm_curves(c), figdir, f"arm_{arm}_training_error", c)
     if "constructed" in data.arms and len(data.closeness):
-        files += save(_closeness(data.closeness), figdir, "arm_constructed_closeness", data.closeness)
+        files += save(
+            _closeness(data.closeness), figdir, "arm_constructed_closeness", data.closeness
+        )
     if "shortcut_scale" in data.arms and len(data.grad_profile):
-        files += save(_gradients(data.grad_profile), figdir, "arm_shortcut_scale_gradients", data.grad_profile)
+        files += save(
+            _gradients(data.grad_profile), figdir, "arm_shortcut_scale_gradients", data.grad_profile
+        )
     if "matched_loss" in data.arms:
         keys = (f"{families[0]}{depth}", f"{families[1]}{depth}")
         fig, d = _matched(data.curves, keys)

@@ -20,11 +20,10 @@ from analyses.identity import identity_closeness
 from analyses.signal import signal_propagation
 from probe.data import ImageArrays
 from probe.errors import ProbeError
-from probe.loading import capture_checkpoint
 from probe.probes.registry import make_probe
 from probe.store.reader import open_capture
-from probe.study.files import reusable_table, valid_capture, write_csv, write_text
-from probe.study.interventions.arms import ARMS, Condition, arm_conditions
+from probe.study.files import capture_once, reusable_table, write_csv, write_text
+from probe.study.interventions.arms import Condition, arm_conditions
 from probe.study.interventions.toy import ToyConfig, run_toy
 from probe.train import TrainConfig, TrainResult, get_recipe, train
 from probe.zoo import parse_name
@@ -42,8 +41,12 @@ class InterventionData:
     arms: tuple[str, ...]
     conditions: pd.DataFrame  # arm, key, label, model, seed, start_*, final_* ...
     curves: pd.DataFrame  # key, label, seed, epoch, step, train_error, train_loss, test_error, ...
-    closeness: pd.DataFrame = field(default_factory=pd.DataFrame)  # key, seed, epoch, step, blocks, closeness
-    grad_profile: pd.DataFrame = field(default_factory=pd.DataFrame)  # key, lam, seed, epoch, layer_index, grad_norm
+    closeness: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # key, seed, epoch, step, blocks, closeness
+    grad_profile: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # key, lam, seed, epoch, layer_index, grad_norm
     toy: dict[str, pd.DataFrame] = field(default_factory=dict)  # steps, curves, weights, summary
 
 
@@ -68,7 +71,9 @@ def conditions_for(cfg) -> dict[str, tuple[Condition, dict[str, str]]]:
     return out
 
 
-def _train_condition(cfg, c: Condition, seed: int, out: Path, data: ImageArrays, grid, cb) -> TrainResult:
+def _train_condition(
+    cfg, c: Condition, seed: int, out: Path, data: ImageArrays, grid, cb
+) -> TrainResult:
     init = c.init
     if init.startswith("construct:@"):
         source = grid[(init.split("@", 1)[1], seed)]
@@ -116,14 +121,23 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
                     "label": label,
                     "residual": not c.model.startswith(("plain", "preplain")),
                     "init": c.init,
-                    "shortcut_scale": c.model_options.get("shortcut_scale", 1.0 if "resnet" in c.model else 0.0),
-                    "lr": c.recipe_overrides.get("lr", get_recipe(cfg.recipe, **cfg.recipe_overrides).lr),
+                    "shortcut_scale": c.model_options.get(
+                        "shortcut_scale", 1.0 if "resnet" in c.model else 0.0
+                    ),
+                    "lr": c.recipe_overrides.get(
+                        "lr", get_recipe(cfg.recipe, **cfg.recipe_overrides).lr
+                    ),
                     "start_train_error": start.get("train_error", float("nan")),
                     "start_train_loss": start.get("train_loss", float("nan")),
-                    "source_train_error": init.get("from_metrics", {}).get("train_error", float("nan")),
+                    "source_train_error": init.get("from_metrics", {}).get(
+                        "train_error", float("nan")
+                    ),
                     "construct_eval_max_abs_diff": init.get("eval_max_abs_diff", float("nan")),
                     "construct_train_rel_diff": init.get("train_rel_diff", float("nan")),
-                    **{f"final_{k}": final[k] for k in ("train_error", "train_loss", "test_error", "test_loss")},
+                    **{
+                        f"final_{k}": final[k]
+                        for k in ("train_error", "train_loss", "test_error", "test_loss")
+                    },
                     "epochs": final["epoch"],
                 }
             )
@@ -134,7 +148,10 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
                         **base,
                         "epoch": r["epoch"],
                         "step": r["epoch"] * spe,
-                        **{k: r[k] for k in ("train_error", "train_loss", "test_error", "test_loss")},
+                        **{
+                            k: r[k]
+                            for k in ("train_error", "train_loss", "test_error", "test_loss")
+                        },
                         "batch_error": r.get("batch_error", float("nan")),
                     }
                 )
@@ -142,20 +159,18 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
 
 
 def _capture(ck: Path, path: Path, probe: str, cfg, data: ImageArrays, cb) -> None:
-    if not valid_capture(path):
-        cb("stage", {"text": f"capture {path.stem}"})
-        capture_checkpoint(
-            ck,
-            data,
-            split=cfg.split,
-            batch_size=cfg.batch_size,
-            limit=min(cfg.capture_limit or _CAPTURE_LIMIT, _CAPTURE_LIMIT),
-            device=cfg.device,
-            extra_provenance={"study": cfg.name},
-            layers="auto",
-            probes=[make_probe(probe)],
-            out=path,
-        ).close()
+    limit = min(cfg.capture_limit or _CAPTURE_LIMIT, _CAPTURE_LIMIT)
+    capture_once(
+        path,
+        ck,
+        cfg,
+        data,
+        cb,
+        f"capture {path.stem}",
+        limit=limit,
+        layers="auto",
+        probes=[make_probe(probe)],
+    )
 
 
 def _closeness(cfg, conds, results, out, data, n_train, cb) -> pd.DataFrame:
@@ -173,7 +188,10 @@ def _closeness(cfg, conds, results, out, data, n_train, cb) -> pd.DataFrame:
             with open_capture(path) as cap:
                 t = identity_closeness(cap)
             t = t[t["quantity"] == "closeness"]
-            for blocks, part in (("extra", t[t["layer"].isin(extra)]), ("copied", t[~t["layer"].isin(extra)])):
+            for blocks, part in (
+                ("extra", t[t["layer"].isin(extra)]),
+                ("copied", t[~t["layer"].isin(extra)]),
+            ):
                 if len(part):
                     rows.append(
                         {
@@ -228,7 +246,10 @@ def _toy(cfg, tables: Path, cb) -> dict[str, pd.DataFrame]:
     stamp = tables / "toy.json"
     want = json.dumps(tc.__dict__, sort_keys=True, default=list)
     if stamp.is_file() and stamp.read_text() == want:
-        found = {n: reusable_table(tables / f"toy_{n}.csv", ("activation", "variant")) for n in _TOY_TABLES}
+        found = {
+            n: reusable_table(tables / f"toy_{n}.csv", ("activation", "variant"))
+            for n in _TOY_TABLES
+        }
         if all(t is not None for t in found.values()):
             return found
     cb("stage", {"text": f"toy: {tc.seeds} seeds x {len(tc.activations)} activations"})
@@ -241,7 +262,11 @@ def _toy(cfg, tables: Path, cb) -> dict[str, pd.DataFrame]:
 
 
 def run_interventions(
-    cfg, out: Path, data: ImageArrays, grid: dict[tuple[str, int], TrainResult], callback: Callback | None = None
+    cfg,
+    out: Path,
+    data: ImageArrays,
+    grid: dict[tuple[str, int], TrainResult],
+    callback: Callback | None = None,
 ) -> InterventionData:
     """Train every arm's runs (reusing the grid's), capture, and write the arms' tables."""
     cb = callback or (lambda event, info: None)
@@ -268,5 +293,4 @@ def run_interventions(
         write_csv(tables / "grad_profile.csv", res.grad_profile)
     if "toy" in cfg.arms:
         res.toy = _toy(cfg, tables, cb)
-    assert set(res.arms) <= set(ARMS)
     return res

@@ -129,7 +129,13 @@ def run_toy(cfg: ToyConfig = ToyConfig()) -> ToyResult:
             for step, loss in r["curve"]:
                 curves.append(
                     pd.DataFrame(
-                        {"activation": act, "variant": variant, "seed": seeds, "step": step, "loss": loss.numpy()}
+                        {
+                            "activation": act,
+                            "variant": variant,
+                            "seed": seeds,
+                            "step": step,
+                            "loss": loss.numpy(),
+                        }
                     )
                 )
             dist = _middle(w, b, x, ACTIVATIONS[act], variant == "skip")
@@ -148,7 +154,9 @@ def run_toy(cfg: ToyConfig = ToyConfig()) -> ToyResult:
                     )
                 )
     st = pd.concat(steps, ignore_index=True)
-    res = ToyResult(cfg, st, pd.concat(curves, ignore_index=True), pd.concat(weights, ignore_index=True))
+    res = ToyResult(
+        cfg, st, pd.concat(curves, ignore_index=True), pd.concat(weights, ignore_index=True)
+    )
     res.summary = (
         st.assign(solved=st["steps"].notna())
         .groupby(["activation", "variant"], sort=False)

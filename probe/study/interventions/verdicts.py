@@ -14,22 +14,22 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import POSITIVE, RATE, bootstrap_ci, contrast_ci, linear_contrast_ci, seed_ci
-from probe.study.interventions.arms import ARMS, _lr_key, _scale_key
+from probe.study.interventions.arms import ARMS, lr_key, scale_key
 from probe.study.interventions.runner import InterventionData
 from probe.study.verdicts import (
     INCONCLUSIVE,
     UNTRAINED,
     Verdict,
-    _fmt,
-    _fmt_points,
-    _judge,
-    _verdict,
+    fmt_interval,
+    fmt_points,
+    judge,
+    make_verdict,
 )
 
 __all__ = ["intervention_verdicts", "link_tests", "matched_loss_table", "grad_slopes", "MARGIN"]
 
 MARGIN = 0.005  # half a point of error rate: "no worse" / "the same" below it
-_UNDECIDED = "the intervals do not decide between the outcomes"  # _judge's reason
+_UNDECIDED = "the intervals do not decide between the outcomes"  # judge's reason
 
 
 def _final(data: InterventionData, key: str, col: str = "final_train_error") -> np.ndarray:
@@ -38,11 +38,7 @@ def _final(data: InterventionData, key: str, col: str = "final_train_error") -> 
 
 
 def _pct(v: np.ndarray) -> str:
-    return _fmt(seed_ci(v, bounds=RATE), len(v), pct=True)
-
-
-def _points(v, n: int) -> str:
-    return _fmt_points(v, n)
+    return fmt_interval(seed_ci(v, bounds=RATE), len(v), pct=True)
 
 
 def _constructed(data, p, r, s, d) -> Verdict:
@@ -51,7 +47,7 @@ def _constructed(data, p, r, s, d) -> Verdict:
     left_r = _final(data, rc) - _final(data, rc, "start_train_error")
     L, Lr = seed_ci(left), seed_ci(left_r)
     vs_r = contrast_ci(left, left_r)
-    judged = _judge(
+    judged = judge(
         [L[0], vs_r[0]],
         L[1] > MARGIN and vs_r[1] > 0,
         L[2] <= MARGIN,
@@ -60,20 +56,22 @@ def _constructed(data, p, r, s, d) -> Verdict:
     )
     cl = data.closeness
     ev = {
-        f"train error at step 0, {pc} (= {p}{s}'s final)": _pct(_final(data, pc, "start_train_error")),
+        f"train error at step 0, {pc} (= {p}{s}'s final)": _pct(
+            _final(data, pc, "start_train_error")
+        ),
         f"{p}{s}'s own final train error": _pct(_final(data, pc, "source_train_error")),
-        "largest eval-mode logit difference from the shallow net at step 0": _fmt(
+        "largest eval-mode logit difference from the shallow net at step 0": fmt_interval(
             (float(np.nanmax(_final(data, pc, "construct_eval_max_abs_diff"))), np.nan, np.nan)
         ),
-        "train-mode relative logit difference at step 0 (batch statistics)": _fmt(
+        "train-mode relative logit difference at step 0 (batch statistics)": fmt_interval(
             seed_ci(_final(data, pc, "construct_train_rel_diff"), bounds=POSITIVE)
         ),
         f"final train error {pc}": _pct(_final(data, pc)),
         f"final train error {p}{d} (He init)": _pct(_final(data, f"{p}{d}")),
         f"final train error {rc}": _pct(_final(data, rc)),
-        f"final − step 0, {pc}": _points(L, len(left)),
-        f"final − step 0, {rc}": _points(Lr, len(left_r)),
-        f"{pc} − {p}{d} (He), final": _points(
+        f"final − step 0, {pc}": fmt_points(L, len(left)),
+        f"final − step 0, {rc}": fmt_points(Lr, len(left_r)),
+        f"{pc} − {p}{d} (He), final": fmt_points(
             contrast_ci(_final(data, pc), _final(data, f"{p}{d}")), len(left)
         ),
     }
@@ -82,8 +80,10 @@ def _constructed(data, p, r, s, d) -> Verdict:
             part = cl[(cl["key"] == key) & (cl["blocks"] == "extra")]
             for tag, ep in (("step 0", part["epoch"].min()), ("end", part["epoch"].max())):
                 v = part[part["epoch"] == ep]["closeness"].to_numpy()
-                ev[f"closeness d of the extra blocks, {key}, {tag}"] = _fmt(seed_ci(v, bounds=POSITIVE), len(v))
-    return _verdict(
+                ev[f"closeness d of the extra blocks, {key}, {tag}"] = fmt_interval(
+                    seed_ci(v, bounds=POSITIVE), len(v)
+                )
+    return make_verdict(
         ARMS["constructed"].title,
         judged,
         f"'SGD leaves it' if the final training error of {pc} minus its step-0 error (paired per "
@@ -96,20 +96,27 @@ def _constructed(data, p, r, s, d) -> Verdict:
 
 def _skipinit(data, p, r, s, d) -> Verdict:
     ph, rh = _final(data, f"{p}{d}"), _final(data, f"{r}{d}")
-    pi, pdirac, rs = (_final(data, f"{p}{d}-identity"), _final(data, f"{p}{d}-dirac"), _final(data, f"{r}{d}-skipinit"))
+    pi, pdirac, rs = (
+        _final(data, f"{p}{d}-identity"),
+        _final(data, f"{p}{d}-dirac"),
+        _final(data, f"{r}{d}-skipinit"),
+    )
     gap, left = contrast_ci(ph, rh), contrast_ci(pi, rh)
     closes = linear_contrast_ci([ph, rh, pi], [0.1, 0.9, -1.0])  # >= 0: at least 90 % closed
     half = linear_contrast_ci([pi, rh, ph], [1.0, -0.5, -0.5])  # > 0: less than half closed
-    judged = _judge(
+    judged = judge(
         [gap[0], closes[0]],
         gap[1] > MARGIN and closes[1] > 0,
         gap[1] > MARGIN and half[1] > 0,
         runs={f"{p}{d}": ph, f"{r}{d}": rh, f"{p}{d}-identity": pi},
     )
     if judged == (INCONCLUSIVE, _UNDECIDED) and not gap[1] > MARGIN:
-        judged = (INCONCLUSIVE, f"no gap to close: {p}{d} − {r}{d} is not above {100 * MARGIN:.1f} point")
+        judged = (
+            INCONCLUSIVE,
+            f"no gap to close: {p}{d} − {r}{d} is not above {100 * MARGIN:.1f} point",
+        )
     frac = (gap[0] - left[0]) / gap[0] if gap[0] > 0 else float("nan")
-    return _verdict(
+    return make_verdict(
         ARMS["skipinit"].title,
         judged,
         f"supported (identity init closes the gap) if {p}{d} − {r}{d} (He init, final training error) "
@@ -122,10 +129,12 @@ def _skipinit(data, p, r, s, d) -> Verdict:
             f"final train error {p}{d}, identity init": _pct(pi),
             f"final train error {p}{d}, Dirac kernels only": _pct(pdirac),
             f"final train error {r}{d}, SkipInit": _pct(rs),
-            "gap plain − residual, He init": _points(gap, len(ph)),
-            "gap identity plain − residual": _points(left, len(pi)),
-            "fraction of the gap closed (estimate)": "not defined (no gap)" if np.isnan(frac) else f"{100 * frac:.0f}%",
-            f"SkipInit {r}{d} − He {r}{d}": _points(contrast_ci(rs, rh), len(rs)),
+            "gap plain − residual, He init": fmt_points(gap, len(ph)),
+            "gap identity plain − residual": fmt_points(left, len(pi)),
+            "fraction of the gap closed (estimate)": "not defined (no gap)"
+            if np.isnan(frac)
+            else f"{100 * frac:.0f}%",
+            f"SkipInit {r}{d} − He {r}{d}": fmt_points(contrast_ci(rs, rh), len(rs)),
         },
         ["arm_skipinit_training_error"],
     )
@@ -138,27 +147,40 @@ def grad_slopes(profile: pd.DataFrame, epoch: int | None = None) -> pd.DataFrame
     shortcut path predicts slope -ln(lambda): gradients shrink toward the input for lambda < 1."""
     rows = []
     for (key, lam, seed), g in profile.groupby(["key", "lam", "seed"]):
-        at = g[g["epoch"] == (g["epoch"].min() if epoch is None else epoch)].sort_values("layer_index")
+        at = g[g["epoch"] == (g["epoch"].min() if epoch is None else epoch)].sort_values(
+            "layer_index"
+        )
         y = np.log(np.maximum(at["grad_norm"].to_numpy(np.float64), 1e-30))
         if len(y) >= 2:
             slope = float(np.polyfit(np.arange(len(y)), y, 1)[0])
-            rows.append({"key": key, "lam": lam, "seed": seed, "slope": slope, "first_over_last": float(np.exp(y[0] - y[-1]))})
+            rows.append(
+                {
+                    "key": key,
+                    "lam": lam,
+                    "seed": seed,
+                    "slope": slope,
+                    "first_over_last": float(np.exp(y[0] - y[-1])),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _shortcut_scale(data, p, r, s, d, lambdas) -> Verdict:
-    keys = {lam: (f"{p}{d}" if lam == 0 else f"{r}{d}" if lam == 1 else _scale_key(r, d, lam)) for lam in lambdas}
+    keys = {
+        lam: (f"{p}{d}" if lam == 0 else f"{r}{d}" if lam == 1 else scale_key(r, d, lam))
+        for lam in lambdas
+    }
     mid = sorted(lam for lam in lambdas if 0 < lam < 1)
     ev = {f"final train error λ = {lam:g}": _pct(_final(data, k)) for lam, k in keys.items()}
     slopes = grad_slopes(data.grad_profile) if len(data.grad_profile) else pd.DataFrame()
     for lam in lambdas:
         sl = slopes[slopes["lam"] == lam]["slope"].to_numpy() if len(slopes) else np.array([])
         pred = "∞" if lam == 0 else f"{abs(np.log(lam)) if lam == 1 else -np.log(lam):.3g}"
-        ev[f"slope of ln||∂L/∂y|| per block at init, λ = {lam:g} (shortcut path predicts {pred})"] = _fmt(
-            seed_ci(sl), len(sl)
-        )
+        ev[
+            f"slope of ln||∂L/∂y|| per block at init, λ = {lam:g} (shortcut path predicts {pred})"
+        ] = fmt_interval(seed_ci(sl), len(sl))
     if not mid or 1.0 not in keys:
-        return _verdict(
+        return make_verdict(
             ARMS["shortcut_scale"].title,
             (INCONCLUSIVE, "needs λ = 1 and a λ strictly between 0 and 1"),
             "compares the smallest λ in (0, 1) with λ = 1",
@@ -168,9 +190,11 @@ def _shortcut_scale(data, p, r, s, d, lambdas) -> Verdict:
     lam = mid[0]
     a, b = _final(data, keys[lam]), _final(data, keys[1.0])
     hurt = contrast_ci(a, b)
-    judged = _judge([hurt[0]], hurt[1] > MARGIN, hurt[2] <= MARGIN, runs={keys[lam]: a, keys[1.0]: b})
-    ev[f"λ = {lam:g} − λ = 1, final train error"] = _points(hurt, min(len(a), len(b)))
-    return _verdict(
+    judged = judge(
+        [hurt[0]], hurt[1] > MARGIN, hurt[2] <= MARGIN, runs={keys[lam]: a, keys[1.0]: b}
+    )
+    ev[f"λ = {lam:g} − λ = 1, final train error"] = fmt_points(hurt, min(len(a), len(b)))
+    return make_verdict(
         ARMS["shortcut_scale"].title,
         judged,
         f"supported (a scaled shortcut hurts optimisation) if the final training error at λ = {lam:g} "
@@ -183,21 +207,29 @@ def _shortcut_scale(data, p, r, s, d, lambdas) -> Verdict:
 def _lr(data, p, r, s, d, lrs, chance) -> Verdict:
     ev, finals = {}, {}
     for lr in lrs:
-        finals[lr] = (_final(data, _lr_key(f"{p}{d}", lr)), _final(data, _lr_key(f"{r}{d}", lr)))
-        ev[f"gap {p}{d} − {r}{d} at lr {lr:g}"] = _points(contrast_ci(*finals[lr]), len(finals[lr][0]))
-        ev[f"final train error at lr {lr:g}: {p}{d} / {r}{d}"] = f"{_pct(finals[lr][0])} / {_pct(finals[lr][1])}"
+        finals[lr] = (_final(data, lr_key(f"{p}{d}", lr)), _final(data, lr_key(f"{r}{d}", lr)))
+        ev[f"gap {p}{d} − {r}{d} at lr {lr:g}"] = fmt_points(
+            contrast_ci(*finals[lr]), len(finals[lr][0])
+        )
+        ev[f"final train error at lr {lr:g}: {p}{d} / {r}{d}"] = (
+            f"{_pct(finals[lr][0])} / {_pct(finals[lr][1])}"
+        )
     hi, lo = max(lrs), min(lrs)
     shrink = linear_contrast_ci([*finals[hi], *finals[lo]], [1.0, -1.0, -1.0, 1.0])
-    ev[f"gap at lr {hi:g} − gap at lr {lo:g}"] = _points(shrink, len(finals[hi][0]))
-    untrained = [f"{r}{d} at lr {lr:g}" for lr in lrs if len(finals[lr][1]) and finals[lr][1].mean() >= UNTRAINED * chance]
-    judged = _judge(
+    ev[f"gap at lr {hi:g} − gap at lr {lo:g}"] = fmt_points(shrink, len(finals[hi][0]))
+    untrained = [
+        f"{r}{d} at lr {lr:g}"
+        for lr in lrs
+        if len(finals[lr][1]) and finals[lr][1].mean() >= UNTRAINED * chance
+    ]
+    judged = judge(
         [shrink[0]],
         shrink[1] > MARGIN,
         shrink[2] <= MARGIN,
         runs={f"{p}{d} lr {hi:g}": finals[hi][0], f"{p}{d} lr {lo:g}": finals[lo][0]},
         untrained=untrained,
     )
-    return _verdict(
+    return make_verdict(
         ARMS["lr"].title,
         judged,
         f"supported (the gap is partly an optimisation-stability effect) if the plain − residual gap in "
@@ -241,11 +273,13 @@ def matched_loss_table(curves: pd.DataFrame, keys: tuple[str, str]) -> tuple[pd.
 def _matched_loss(data, p, r, s, d) -> Verdict:
     pk, rk = f"{p}{d}", f"{r}{d}"
     t, target = matched_loss_table(data.curves, (pk, rk))
-    tp, tr = (t[t["key"] == k].sort_values("seed")["test_error"].to_numpy(np.float64) for k in (pk, rk))
+    tp, tr = (
+        t[t["key"] == k].sort_values("seed")["test_error"].to_numpy(np.float64) for k in (pk, rk)
+    )
     gap = contrast_ci(tp, tr)
-    judged = _judge([gap[0]], gap[1] > MARGIN, gap[2] <= MARGIN, runs={pk: tp, rk: tr})
+    judged = judge([gap[0]], gap[1] > MARGIN, gap[2] <= MARGIN, runs={pk: tp, rk: tr})
     ep = {k: t[t["key"] == k]["epoch"].to_numpy() for k in (pk, rk)}
-    return _verdict(
+    return make_verdict(
         ARMS["matched_loss"].title,
         judged,
         f"supported (a generalisation gap beyond optimisation) if the test error of {pk} minus {rk}, "
@@ -253,13 +287,16 @@ def _matched_loss(data, p, r, s, d) -> Verdict:
         f"interval above {100 * MARGIN:.1f} point; not supported if at or below it",
         {
             "matched training loss": f"{target:.4g}",
-            f"epoch reached, {pk}": _fmt(seed_ci(ep[pk], bounds=POSITIVE), len(ep[pk])),
-            f"epoch reached, {rk}": _fmt(seed_ci(ep[rk], bounds=POSITIVE), len(ep[rk])),
+            f"epoch reached, {pk}": fmt_interval(seed_ci(ep[pk], bounds=POSITIVE), len(ep[pk])),
+            f"epoch reached, {rk}": fmt_interval(seed_ci(ep[rk], bounds=POSITIVE), len(ep[rk])),
             f"test error at matched loss, {pk}": _pct(tp),
             f"test error at matched loss, {rk}": _pct(tr),
-            "gap at matched loss": _points(gap, min(len(tp), len(tr))),
-            "gap in final test error (unmatched)": _points(
-                contrast_ci(_final(data, pk, "final_test_error"), _final(data, rk, "final_test_error")), len(tp)
+            "gap at matched loss": fmt_points(gap, min(len(tp), len(tr))),
+            "gap in final test error (unmatched)": fmt_points(
+                contrast_ci(
+                    _final(data, pk, "final_test_error"), _final(data, rk, "final_test_error")
+                ),
+                len(tp),
             ),
         },
         ["arm_matched_loss"],
@@ -274,23 +311,30 @@ def _toy(data) -> Verdict:
     st = data.toy["steps"]
     ev, lows, highs = {}, [], []
     for act, g in st.groupby("activation", sort=False):
-        solved = {v: g[g["variant"] == v].sort_values("seed")["steps"].notna().to_numpy(float) for v in ("plain", "skip")}
+        solved = {
+            v: g[g["variant"] == v].sort_values("seed")["steps"].notna().to_numpy(float)
+            for v in ("plain", "skip")
+        }
         diff = bootstrap_ci(_mean_diff, solved["skip"], solved["plain"])
         med = {v: g[(g["variant"] == v)]["steps"].median() for v in ("plain", "skip")}
-        ev[f"{act}: seeds solved, plain / skip"] = f"{100 * solved['plain'].mean():.1f}% / {100 * solved['skip'].mean():.1f}% (n={len(solved['plain'])})"
-        ev[f"{act}: skip − plain, fraction solved"] = _fmt_points(diff, len(solved["plain"])).replace(" points", " points of seeds")
+        ev[f"{act}: seeds solved, plain / skip"] = (
+            f"{100 * solved['plain'].mean():.1f}% / {100 * solved['skip'].mean():.1f}% (n={len(solved['plain'])})"
+        )
+        ev[f"{act}: skip − plain, fraction solved"] = fmt_points(
+            diff, len(solved["plain"])
+        ).replace(" points", " points of seeds")
         ev[f"{act}: median steps of the solved seeds, plain / skip"] = " / ".join(
             "none solved" if np.isnan(med[v]) else f"{med[v]:.0f}" for v in ("plain", "skip")
         )
         if act != "linear":
             lows.append(diff[1])
             highs.append(diff[2])
-    judged = _judge(
+    judged = judge(
         [*lows, *highs],
         bool(lows) and all(lo > 0 for lo in lows),
         bool(highs) and all(hi <= 0 for hi in highs),
     )
-    return _verdict(
+    return make_verdict(
         ARMS["toy"].title,
         judged,
         "supported (zero is easier to learn than identity) if, for every nonlinear activation, the "
@@ -326,4 +370,6 @@ def link_tests(correlational: list[Verdict], arms: list[Verdict]) -> None:
     """Point each correlational verdict at the intervention arms that test it (``tested_by``)."""
     ran = {v.arm for v in arms}
     for v in correlational:
-        v.tested_by = [a for a in ARMS if a in ran and any(v.explanation.startswith(t) for t in ARMS[a].tests)]
+        v.tested_by = [
+            a for a in ARMS if a in ran and any(v.explanation.startswith(t) for t in ARMS[a].tests)
+        ]

@@ -12,14 +12,18 @@ from probe.study.interventions.runner import InterventionData
 from probe.study.interventions.toy import ACTIVATIONS, _forward
 from probe.study.interventions.verdicts import _cross
 
-CFG = SimpleNamespace(families=("plain", "resnet"), depths=(8, 32), lambdas=(0.0, 0.5, 1.0), lrs=(0.1, 0.01))
+CFG = SimpleNamespace(
+    families=("plain", "resnet"), depths=(8, 32), lambdas=(0.0, 0.5, 1.0), lrs=(0.1, 0.01)
+)
 
 
 def _seeds(v: float, n: int = 3, spread: float = 0.001) -> list[float]:
     return [v + spread * (k - (n - 1) / 2) for k in range(n)]
 
 
-def _data(arm: str, finals: dict[str, list[float]], starts: dict[str, list[float]] | None = None, **kw):
+def _data(
+    arm: str, finals: dict[str, list[float]], starts: dict[str, list[float]] | None = None, **kw
+):
     rows = []
     for key, vals in finals.items():
         for seed, v in enumerate(vals):
@@ -126,7 +130,15 @@ def test_lr_rule(low, verdict):
 
 def _curves(key: str, losses: list[float], errors: list[float], seed: int) -> list[dict]:
     return [
-        {"key": key, "label": key, "seed": seed, "epoch": e, "step": 10 * e, "train_loss": l, "test_error": t}
+        {
+            "key": key,
+            "label": key,
+            "seed": seed,
+            "epoch": e,
+            "step": 10 * e,
+            "train_loss": l,
+            "test_error": t,
+        }
         for e, (l, t) in enumerate(zip(losses, errors))
     ]
 
@@ -144,8 +156,12 @@ def test_matched_loss_rule(plain_err, verdict):
     for seed in range(3):
         j = 0.002 * seed
         # plain reaches the loss later and (here) with a higher test error at the matched point
-        rows += _curves("plain32", [2.0, 0.5, 0.1, 0.05], [0.9, 0.3, plain_err + j, plain_err + j], seed)
-        rows += _curves("resnet32", [2.0, 0.1, 0.05, 0.02], [0.9, 0.06 + j, 0.05 + j, 0.05 + j], seed)
+        rows += _curves(
+            "plain32", [2.0, 0.5, 0.1, 0.05], [0.9, 0.3, plain_err + j, plain_err + j], seed
+        )
+        rows += _curves(
+            "resnet32", [2.0, 0.1, 0.05, 0.02], [0.9, 0.06 + j, 0.05 + j, 0.05 + j], seed
+        )
     curves = pd.DataFrame(rows)
     table, target = matched_loss_table(curves, ("plain32", "resnet32"))
     assert target == pytest.approx(0.05)
@@ -156,11 +172,20 @@ def test_matched_loss_rule(plain_err, verdict):
 def test_gradient_slopes_recover_the_product_of_lambdas():
     """||dL/dy_l|| = lambda^(L - l): the fitted slope per block is -ln(lambda), as predicted."""
     rows = [
-        {"key": "k", "lam": 0.5, "seed": 0, "epoch": 0, "layer_index": i, "grad_norm": 0.5 ** (9 - i)}
+        {
+            "key": "k",
+            "lam": 0.5,
+            "seed": 0,
+            "epoch": 0,
+            "layer_index": i,
+            "grad_norm": 0.5 ** (9 - i),
+        }
         for i in range(10)
     ]
     s = grad_slopes(pd.DataFrame(rows))
-    assert s["slope"].iloc[0] == pytest.approx(-np.log(0.5)) and s["first_over_last"].iloc[0] == pytest.approx(0.5**9)
+    assert s["slope"].iloc[0] == pytest.approx(-np.log(0.5)) and s["first_over_last"].iloc[
+        0
+    ] == pytest.approx(0.5**9)
 
 
 def _toy_steps(plain: list[float], skip: list[float]) -> pd.DataFrame:
@@ -182,7 +207,9 @@ def _toy_steps(plain: list[float], skip: list[float]) -> pd.DataFrame:
     ],
 )
 def test_toy_rule(plain, skip, verdict):
-    d = InterventionData(("toy",), pd.DataFrame(), pd.DataFrame(), toy={"steps": _toy_steps(plain, skip)})
+    d = InterventionData(
+        ("toy",), pd.DataFrame(), pd.DataFrame(), toy={"steps": _toy_steps(plain, skip)}
+    )
     assert _verdict(d).verdict == verdict
 
 
@@ -197,4 +224,6 @@ def test_toy_solutions_are_exact():
         torch.testing.assert_close(_forward(w, b, x, ACTIVATIONS[act], skip=False)[0], 4 * x + 3)
     w_skip = torch.tensor([[4.0, 0, 0, 0, 0, 1]], dtype=torch.float64)
     for act in ("relu", "linear"):
-        torch.testing.assert_close(_forward(w_skip, b, x, ACTIVATIONS[act], skip=True)[0], 4 * x + 3)
+        torch.testing.assert_close(
+            _forward(w_skip, b, x, ACTIVATIONS[act], skip=True)[0], 4 * x + 3
+        )

@@ -51,7 +51,9 @@ def test_the_constructed_run_starts_exactly_at_the_shallow_nets_error(study):
     assert (built["start_train_error"] == built["source_train_error"]).all()
     assert (built["construct_eval_max_abs_diff"] < 1e-4).all()
     cl = pd.read_csv(study.out / "tables" / "closeness.csv")
-    start = cl[(cl["key"] == "plain14-constructed") & (cl["epoch"] == 0) & (cl["blocks"] == "extra")]
+    start = cl[
+        (cl["key"] == "plain14-constructed") & (cl["epoch"] == 0) & (cl["blocks"] == "extra")
+    ]
     assert len(start) == 2 and (start["closeness"] < 1e-3).all()  # the extra blocks are identities
 
 
