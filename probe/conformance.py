@@ -87,6 +87,7 @@ class RawSites(Probe):
     against direct computations only: nothing is reduced)."""
 
     name: ClassVar[str] = "_raw_sites"
+    forward_grad: ClassVar[bool] = False
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         b = call.block

@@ -480,7 +480,9 @@ class HookSession:
         with self._suspend():
             for p in self.layer_probes:
                 if p.applies_to(call):
-                    self._merge(results, p.forward(call), p, key, call.batch_size)
+                    with torch.set_grad_enabled(p.forward_grad and torch.is_grad_enabled()):
+                        new = p.forward(call)
+                    self._merge(results, new, p, key, call.batch_size)
         y, x = call.output, call.input
         if self.needs_grad and y.requires_grad:
             self._calls.append(call)

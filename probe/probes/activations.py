@@ -84,6 +84,7 @@ class Activations(_RawTensorAxes, Probe):
     """
 
     name: ClassVar[str] = "activations"
+    forward_grad: ClassVar[bool] = False
     dtype: str = "fp16"
     channel_stride: PositiveInt = 1
     spatial_stride: PositiveInt = 1
@@ -116,6 +117,7 @@ class Gradients(_RawTensorAxes, Probe):
     """The raw gradient dL/d(output) of each hooked layer, opt-in (see :class:`Activations`)."""
 
     name: ClassVar[str] = "gradients"
+    forward_grad: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = True
     dtype: str = "fp16"
     channel_stride: PositiveInt = 1

@@ -144,6 +144,10 @@ class Probe:
 
     name: ClassVar[str] = "probe"
     needs_grad: ClassVar[bool] = False
+    # Whether forward() needs autograd (it differentiates something itself). A probe that only
+    # reduces tensors sets False: the session then runs it under no_grad, so a capture with
+    # gradients does not record a graph of every statistic next to the model's.
+    forward_grad: ClassVar[bool] = True
     dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
