@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 th{background:#f4f4f4}.verdict{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
 .tag{display:inline-block;padding:.1em .6em;border-radius:1em;font-weight:600;font-size:.9em}
 .supported,.present{background:#d7f5dd;color:#145a22}.not-supported,.absent{background:#fbe0e0;color:#7a1414}
-.inconclusive{background:#fff3cd;color:#6b5200}.SGD-leaves-it,.SGD-keeps-it{background:#e3e8f7;color:#1d3570}.rule{color:#555;font-size:.9em}
+.inconclusive{background:#fff3cd;color:#6b5200}.SGD-leaves-it,.SGD-stays-at-it,.SGD-improves-on-it{background:#e3e8f7;color:#1d3570}.rule{color:#555;font-size:.9em}
 figure{display:inline-block;margin:.5em;max-width:48%;vertical-align:top}figure img{max-width:100%}
 figcaption{font-size:.85em;color:#555}.file{color:#999}pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:.8em}
 """

@@ -50,10 +50,12 @@ def _constructed(data, p, r, s, d) -> Verdict:
     judged = judge(
         [L[0], vs_r[0]],
         L[1] > MARGIN and vs_r[1] > 0,
-        L[2] <= MARGIN,
-        outcomes=("SGD leaves it", "SGD keeps it"),
+        L[2] < -MARGIN or -MARGIN <= L[1] <= L[2] <= MARGIN,
+        outcomes=("SGD leaves it", "SGD stays at it"),
         runs={pc: left, rc: left_r},
     )
+    if judged[0] == "SGD stays at it" and L[2] < -MARGIN:
+        judged = ("SGD improves on it", "")
     cl = data.closeness
     ev = {
         f"train error at step 0, {pc} (= {p}{s}'s final)": _pct(
@@ -87,8 +89,9 @@ def _constructed(data, p, r, s, d) -> Verdict:
         ARMS["constructed"].title,
         judged,
         f"'SGD leaves it' if the final training error of {pc} minus its step-0 error (paired per "
-        f"seed) has a 95% interval above {100 * MARGIN:.1f} point and above {rc}'s; 'SGD keeps it' "
-        f"if that interval lies at or below {100 * MARGIN:.1f} point",
+        f"seed) has a 95% interval above {100 * MARGIN:.1f} point and above {rc}'s; 'SGD improves "
+        f"on it' if the interval lies below −{100 * MARGIN:.1f} point; 'SGD stays at it' if it lies "
+        f"within ±{100 * MARGIN:.1f} point",
         ev,
         ["arm_constructed_training_error", "arm_constructed_closeness"],
     )

@@ -52,18 +52,23 @@ def _verdict(data):
 
 @pytest.mark.parametrize(
     "final,verdict",
-    [(0.05, "SGD leaves it"), (0.0, "SGD keeps it"), (0.004, "inconclusive")],
+    [
+        (0.05, "SGD leaves it"),
+        (0.0, "SGD stays at it"),
+        (-0.05, "SGD improves on it"),
+        (0.004, "inconclusive"),
+    ],
 )
 def test_constructed_rule(final, verdict):
     spread = 0.0 if final == 0.0 else 0.004
     d = _data(
         "constructed",
         {
-            "plain32-constructed": _seeds(final, spread=spread),
-            "resnet32-constructed": [0.0, 0.0, 0.0],
+            "plain32-constructed": _seeds(0.1 + final, spread=spread),
+            "resnet32-constructed": [0.1, 0.1, 0.1],
             "plain32": _seeds(0.1),
         },
-        starts={"plain32-constructed": [0.0] * 3, "resnet32-constructed": [0.0] * 3},
+        starts={"plain32-constructed": [0.1] * 3, "resnet32-constructed": [0.1] * 3},
     )
     assert _verdict(d).verdict == verdict
 
