@@ -86,8 +86,9 @@ def cli(ctx: click.Context, debug: bool, verbose: int, threads: str, determinist
     if not debug:  # library warnings as one line each, without the source line they came from
         warnings.showwarning = _show_warning
     if ctx.invoked_subcommand in _COMPUTE:
-        from probe.runtime import available_cores, configure
+        from probe.runtime import available_cores, configure, tune_allocator
 
+        tune_allocator()  # reuse freed tensor memory instead of page-faulting it in again
         try:
             n = configure(threads, deterministic)
         except ProbeError as e:

@@ -75,3 +75,15 @@ def test_deterministic_runs_at_one_thread_are_bit_identical(tmp_path):
 
 def test_runtime_settings_are_plain_json():
     json.dumps(runtime_settings())
+
+
+def test_the_allocator_tuning_applies_on_glibc_and_is_recorded():
+    import platform
+
+    from probe.runtime import tune_allocator
+
+    applied = tune_allocator()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert applied
+    assert runtime_settings()["allocator_tuned"] is applied
+    assert tune_allocator() is applied  # idempotent
