@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from importlib import metadata
@@ -13,7 +14,13 @@ _PACKAGES = ("resprobe", "torch", "numpy", "h5py", "safetensors", "scipy", "eino
 
 
 def library_versions() -> dict[str, str]:
-    """Installed versions of the packages a result depends on."""
+    """Installed versions of the packages a result depends on (looked up once per process: the
+    modules already imported are what produced the result)."""
+    return dict(_library_versions())
+
+
+@functools.cache
+def _library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for pkg in _PACKAGES:
         try:
@@ -23,8 +30,13 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+@functools.cache
 def code_revision() -> str:
-    """The git revision of the source tree this package runs from ('+dirty' if modified)."""
+    """The git revision of the source tree this package runs from ('+dirty' if modified).
+
+    Asked once per process (two git subprocesses cost ~10 ms, paid by every capture call before):
+    the code this process runs was loaded when it started, so a later edit of the tree does not
+    change what produced its results."""
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(
