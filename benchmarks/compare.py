@@ -1,0 +1,461 @@
+"""resprobe against the tools its users would pick instead, side by side in one run.
+
+Every (model, row, method) runs in a fresh Python process: build the model, warm up, then the
+median of ``--repeats`` timed passes over one batch; the unprobed pass of the row is measured at
+the start and at the end of the run, and the spread of those two is the noise floor. Every method
+that captures block outputs saves what it captured from the first batch, and the parent checks it
+against block outputs computed without any hook (the blocks called one after another), so a fast
+method that records the wrong tensor fails its row.
+
+Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
+block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stats``
+ResidualNorms + ChannelStats, forward; ``grad`` statistics + gradient norms, forward + backward.
+Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
+(cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``. Peers that are
+not installed (``pip install -e ".[bench]"``) are skipped with a note.
+
+Usage:
+    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stats,grad]
+        [--repeats 10] [--threads 2] [--json /tmp/compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MODELS = {
+    "zoo": ("zoo:resnet56, CIFAR 3x32x32", 64, (3, 32, 32)),
+    "tv": ("torchvision resnet50, 3x224x224", 8, (3, 224, 224)),
+}
+ROWS = {
+    "out": (
+        "block outputs in memory",
+        ["hooks", "hooks_clone", "nnsight", "captum", "torchlens", "resprobe"],
+    ),
+    "io": ("block input + branch + output in memory", ["hooks", "nnsight", "resprobe"]),
+    "disk": ("block outputs to HDF5 (uncompressed)", ["raw_write", "hooks_h5py", "resprobe"]),
+    "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe"]),
+    "grad": ("statistics + gradient norms, forward + backward", ["hooks", "resprobe"]),
+}
+PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
+
+
+# --------------------------------------------------------------------------- the model and data
+def build(model: str) -> tuple[torch.nn.Module, list[str], torch.Tensor, torch.Tensor]:
+    """(model in eval mode, dotted block names, x, y) with fixed seeds."""
+    torch.manual_seed(0)
+    _, batch, shape = MODELS[model]
+    if model == "zoo":
+        import probe
+
+        net = probe.zoo.create("resnet56")
+        blocks = [n for n, m in net.named_modules() if isinstance(m, probe.zoo.BasicBlock)]
+    else:
+        import torchvision
+
+        net = torchvision.models.resnet50()
+        blocks = [
+            f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(net, f"layer{i}")))
+        ]
+    x = torch.randn(batch, *shape)
+    y = torch.randint(0, 10, (batch,))
+    return net.eval(), blocks, x, y
+
+
+def reference_outputs(model: str) -> list[torch.Tensor]:
+    """Block outputs computed by calling the blocks in order, no hook anywhere."""
+    net, blocks, x, _ = build(model)
+    with torch.no_grad():
+        if model == "zoo":
+            h = net.stem(x)
+            outs = []
+            for b in net.blocks():
+                h = b(h)
+                outs.append(h.clone())
+            return outs
+        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        outs = []
+        for i in range(1, 5):
+            for b in getattr(net, f"layer{i}"):
+                h = b(h)
+                outs.append(h.clone())
+        return outs
+
+
+# --------------------------------------------------------------------------- methods
+def _module(net, name):
+    return net.get_submodule(name)
+
+
+def _envoy(wrapped, name):
+    """nnsight's proxy of a dotted submodule (it is reached by attribute and index)."""
+    obj = wrapped
+    for part in name.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def _branch_of(model: str, block: torch.nn.Module):
+    return block.branch if model == "zoo" else block.bn3  # bottleneck: F(x) = bn3(...)
+
+
+def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
+    hs = []
+    for name in blocks:
+        m = _module(net, name)
+        if what in ("out", "io"):
+            hs.append(
+                m.register_forward_hook(
+                    lambda mod, a, o, n=name: store.append(
+                        (n, o.detach().clone() if clone else o.detach())
+                    )
+                )
+            )
+        if what == "io":
+            hs.append(
+                m.register_forward_pre_hook(
+                    lambda mod, a, n=name: store.append((n + ":x", a[0].detach()))
+                )
+            )
+            hs.append(
+                _branch_of(model, m).register_forward_hook(
+                    lambda mod, a, o, n=name: store.append((n + ":f", o.detach()))
+                )
+            )
+    return hs
+
+
+def _stat_hooks(net, blocks, store, model, grads=False):
+    """The statistics resprobe computes, hand-written: ||x||, ||F||, ||y|| per sample; channel mean
+    and variance of y; with ``grads`` the per-sample ||dL/dy||."""
+    hs = []
+    for name in blocks:
+        m = _module(net, name)
+        fs = {}
+        hs.append(
+            _branch_of(model, m).register_forward_hook(
+                lambda mod, a, o, fs=fs: fs.__setitem__("f", o)
+            )
+        )
+
+        def hook(mod, a, o, fs=fs, n=name):
+            x, f = a[0], fs["f"]
+            store.append(
+                (
+                    n,
+                    x.flatten(1).norm(dim=1),
+                    f.flatten(1).norm(dim=1),
+                    o.flatten(1).norm(dim=1),
+                    o.mean((0, 2, 3)),
+                    o.var((0, 2, 3)),
+                )
+            )
+            if grads and o.requires_grad:
+                o.register_hook(lambda g, n=n: store.append((n + ":g", g.flatten(1).norm(dim=1))))
+
+        hs.append(m.register_forward_hook(hook))
+    return hs
+
+
+def make_pass(model: str, row: str, method: str, tmp: Path):
+    """(setup -> fn running one probed pass, teardown, captured block outputs of the first pass)."""
+    net, blocks, x, y = build(model)
+    captured: list = []
+    need_grad = row == "grad"
+
+    def unprobed():
+        if need_grad:
+            inp = x.detach().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(net(inp), y), [inp])
+        else:
+            with torch.no_grad():
+                net(x)
+
+    if method == "unprobed":
+        return unprobed, lambda: None, lambda: None
+    if method == "raw_write":  # the same bytes a dump of every block output writes, in fp32
+        nbytes = sum(t.numel() * 4 for t in reference_outputs(model))
+        buf = np.random.default_rng(0).bytes(nbytes)
+
+        def write():
+            with open(tmp / "raw.bin", "wb") as fh:
+                fh.write(buf)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+        return write, lambda: None, lambda: None
+
+    if method in ("hooks", "hooks_clone", "hooks_h5py") and row in ("out", "io", "disk"):
+        store: list = []
+        hs = _hooks(
+            net,
+            blocks,
+            store,
+            clone=method == "hooks_clone",
+            what="io" if row == "io" else "out",
+            model=model,
+        )
+        state = {"i": 0}
+
+        def fn():
+            store.clear()
+            with torch.no_grad():
+                net(x)
+            if method == "hooks_h5py":
+                import h5py
+
+                with h5py.File(tmp / f"hooks-{state['i']}.h5", "w") as f:
+                    for n, t in store:
+                        f.create_dataset(n, data=t.numpy())
+                os.remove(tmp / f"hooks-{state['i']}.h5")
+            if not captured:
+                captured.extend(t.clone() for n, t in store if ":" not in n)
+            state["i"] += 1
+
+        return fn, lambda: [h.remove() for h in hs], lambda: captured
+    if method == "hooks":  # stats / grad rows
+        store = []
+        hs = _stat_hooks(net, blocks, store, model, grads=need_grad)
+
+        def fn():
+            store.clear()
+            if need_grad:
+                inp = x.detach().requires_grad_(True)
+                torch.autograd.grad(F.cross_entropy(net(inp), y), [inp])
+            else:
+                with torch.no_grad():
+                    net(x)
+
+        return fn, lambda: [h.remove() for h in hs], lambda: None
+    if method == "nnsight":
+        from nnsight import NNsight
+
+        wrapped = NNsight(net)
+        mods = [_envoy(wrapped, n) for n in blocks]
+        branch = "branch" if model == "zoo" else "bn3"
+
+        def fn():
+            saved = []
+            with torch.no_grad(), wrapped.trace(x):
+                for m in mods:  # nnsight reads values in execution order: x, F(x), y
+                    if row == "io":
+                        m.input.save()
+                        getattr(m, branch).output.save()
+                    saved.append(m.output.save())
+            if not captured:
+                captured.extend(saved)
+
+        return fn, lambda: None, lambda: captured
+    if method == "captum":
+        from captum.attr import LayerActivation
+
+        la = LayerActivation(net, [_module(net, n) for n in blocks])
+
+        def fn():
+            with torch.no_grad():
+                outs = la.attribute(x)
+            if not captured:
+                captured.extend(outs)
+
+        return fn, lambda: None, lambda: captured
+    if method == "torchlens":
+        import torchlens as tl
+
+        def fn():
+            with torch.no_grad():
+                trace = tl.trace(net, x)  # saves every op's output (its default)
+            if not captured:
+                captured.extend(trace[n].out.detach().clone() for n in blocks)
+            del trace
+
+        return fn, lambda: None, lambda: captured
+    if method == "resprobe":
+        import probe
+        from probe.conformance import RawSites
+
+        probes = {
+            "out": [probe.Activations(dtype="fp32")],
+            "io": [RawSites()],
+            "disk": [probe.Activations(dtype="fp32")],
+            "stats": [probe.ResidualNorms(), probe.ChannelStats()],
+            "grad": [probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms()],
+        }[row]
+        if row == "disk":
+            state = {"i": 0}
+
+            def fn():
+                path = tmp / f"rp-{state['i']}.h5"
+                cap = probe.capture(
+                    net, [(x, y)], layers=blocks, probes=probes, out=path, name=model
+                )
+                if not captured:
+                    captured.extend(torch.from_numpy(cap.read(n, "output")) for n in blocks)
+                cap.close()
+                os.remove(path)
+                state["i"] += 1
+
+            return fn, lambda: None, lambda: captured
+        session = probe.HookSession(net, blocks, probes).__enter__()
+
+        def fn():
+            res, _ = session.run_batch(x, y)
+            if not captured and row in ("out", "io"):
+                key = "output" if row == "out" else "Y"
+                captured.extend(res[n][key] for n in blocks)
+
+        return fn, session.close, lambda: captured
+    raise SystemExit(f"no method {method!r} for row {row!r}")
+
+
+def worker(
+    model: str, row: str, method: str, repeats: int, warmup: int, out: str, allocator: str
+) -> None:
+    if allocator == "tuned":  # the same process settings for every method, baseline included
+        import probe.runtime
+
+        getattr(probe.runtime, "tune_allocator", lambda: None)()
+    with tempfile.TemporaryDirectory() as d:
+        fn, teardown, captured = make_pass(model, row, method, Path(d))
+        try:
+            for _ in range(warmup):
+                fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            teardown()
+        got = captured()
+        result = {"ms": statistics.median(times), "times": times}
+        if got:
+            ref = reference_outputs(model)
+            errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
+            result["ref_error"] = max(errs) if len(got) == len(ref) else float("inf")
+            result["ref_blocks"] = len(got)
+        Path(out).write_text(json.dumps(result))
+
+
+# --------------------------------------------------------------------------- the parent
+def _run(model, row, method, args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.compare",
+        "--worker",
+        model,
+        row,
+        method,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+        "--json",
+        path,
+        "--allocator",
+        args.allocator,
+        "--warmup",
+        str(args.warmup),
+    ]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if p.returncode:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    res = json.loads(Path(path).read_text())
+    os.remove(path)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="zoo,tv")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--methods", default="", help="only these methods (plus the baselines)")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="")
+    ap.add_argument(
+        "--allocator",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="tuned: probe.runtime.tune_allocator() in every worker (what the CLI does)",
+    )
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "ROW", "METHOD"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(*args.worker, args.repeats, args.warmup, args.json, args.allocator)
+        return
+    only = set(filter(None, args.methods.split(",")))
+    print(
+        f"# resprobe against its peers; torch {torch.__version__}, CPU, {args.threads} threads, "
+        f"median of {args.repeats}, allocator {args.allocator}"
+    )
+    report = {
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "models": {},
+    }
+    for model in args.models.split(","):
+        if model == "tv" and importlib.util.find_spec("torchvision") is None:
+            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
+            continue
+        print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
+        print(f"{'row':48s} {'method':12s} {'ms':>9s} {'ratio':>7s}  reference check")
+        report["models"][model] = rows = {}
+        for row in args.rows.split(","):
+            title, methods = ROWS[row]
+            base = [_run(model, row, "unprobed", args)]
+            out = {}
+            for method in methods:
+                if only and method not in only:
+                    continue
+                if method in PEERS and importlib.util.find_spec(PEERS[method]) is None:
+                    out[method] = {"skipped": f"{PEERS[method]} is not installed"}
+                    continue
+                out[method] = _run(model, row, method, args)
+            base.append(_run(model, row, "unprobed", args))
+            b = [r["ms"] for r in base if "ms" in r]
+            floor = abs(b[0] - b[-1]) / statistics.mean(b) if len(b) == 2 else float("nan")
+            rows[row] = {"title": title, "unprobed_ms": b, "noise_floor": floor, "methods": out}
+            print(
+                f"{title:48s} {'unprobed':12s} {statistics.mean(b):9.1f} {1:7.2f}  (start/end {b[0]:.1f}/{b[-1]:.1f}, noise ±{100 * floor:.1f}%)"
+            )
+            for method, r in out.items():
+                if "ms" not in r:
+                    print(
+                        f"{'':48s} {method:12s} {'–':>9s} {'–':>7s}  {r.get('skipped') or r.get('error')}"
+                    )
+                    continue
+                r["ratio"] = r["ms"] / statistics.mean(b)
+                check = (
+                    ""
+                    if "ref_error" not in r
+                    else ("ok" if r["ref_error"] < 1e-5 else "WRONG")
+                    + f" (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
+                )
+                print(f"{'':48s} {method:12s} {r['ms']:9.1f} {r['ratio']:7.2f}  {check}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
