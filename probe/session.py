@@ -236,6 +236,8 @@ class HookSession:
         # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).
         self.loss_fn = loss_fn or exact_cross_entropy
         self.needs_grad = any(p.needs_grad for p in probes)
+        # Gradient probes that only reduce what they are given run inside the tensor hooks.
+        self._eager_backward = all(p.eager_backward for p in probes if p.needs_grad)
         # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
         self.layer_probes = [p for p in probes if getattr(p, "scope", "layer") == "layer"]
         self.model_probes = [p for p in probes if getattr(p, "scope", "layer") == "model"]
@@ -486,9 +488,12 @@ class HookSession:
         y, x = call.output, call.input
         if self.needs_grad and y.requires_grad:
             self._calls.append(call)
-            y.register_hook(self._grad_setter(call, "grad_output"))
+            waits = {"grad_output"}
             if call.block is not None and x is not None and x.requires_grad:
-                x.register_hook(self._grad_setter(call, "grad_input"))
+                waits.add("grad_input")
+            y.register_hook(self._grad_setter(call, "grad_output", waits))
+            if "grad_input" in waits:
+                x.register_hook(self._grad_setter(call, "grad_input", waits))
 
     def _on_owner(self, owner_call: OwnerCall, output: object) -> None:
         """A traced module returned: one call per selected site (and one for the whole block)."""
@@ -554,12 +559,28 @@ class HookSession:
                 block_shortcut(call, rec)
             self._emit(info, call)
 
-    @staticmethod
-    def _grad_setter(call: Call, attr: str):
+    def _grad_setter(self, call: Call, attr: str, waits: set[str]):
+        """A tensor hook that hands ``call`` its gradient; once the call has every gradient it
+        waits for, probes that reduce gradients (``eager_backward``) run at once and the gradients
+        are dropped, so dL/dy of every block is not held until the whole backward pass ends."""
+
         def hook(grad: torch.Tensor) -> None:
             setattr(call, attr, grad.detach())
+            waits.discard(attr)
+            if not waits and self._eager_backward:
+                self._run_backward(call)
+                call.grad_output = call.grad_input = None
+                self._backward_done.add(id(call))
 
         return hook
+
+    def _run_backward(self, call: Call) -> None:
+        with self._suspend():
+            for p in self.layer_probes:
+                if p.needs_grad and p.applies_to(call):
+                    self._merge(
+                        self._results[call.name], p.backward(call), p, call.name, call.batch_size
+                    )
 
     def _merge(self, results: dict, new: dict, probe: Probe, key: str, n: int) -> None:
         for q, t in new.items():
@@ -597,6 +618,7 @@ class HookSession:
         self._results: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._info: dict[str, LayerInfo] = {}
         self._calls: list[Call] = []
+        self._backward_done: set[int] = set()
         self._branch_out: dict[str, torch.Tensor] = {}
         self._shortcut_out: dict[str, torch.Tensor] = {}
         self._entry: dict[str, tuple[torch.Tensor | None, int | None]] = {}
@@ -632,16 +654,8 @@ class HookSession:
                     loss = self.loss_fn(out, y)
                     torch.autograd.grad(loss, [inp], allow_unused=True)
                 for call in self._calls:
-                    with self._suspend():
-                        for p in self.layer_probes:
-                            if p.needs_grad and p.applies_to(call):
-                                self._merge(
-                                    self._results[call.name],
-                                    p.backward(call),
-                                    p,
-                                    call.name,
-                                    call.batch_size,
-                                )
+                    if id(call) not in self._backward_done:  # gradients that never all arrived
+                        self._run_backward(call)
             else:
                 with torch.no_grad():
                     out = self.model(x)

@@ -118,6 +118,7 @@ class Gradients(_RawTensorAxes, Probe):
 
     name: ClassVar[str] = "gradients"
     forward_grad: ClassVar[bool] = False
+    eager_backward: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     dtype: str = "fp16"
     channel_stride: PositiveInt = 1

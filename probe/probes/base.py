@@ -148,6 +148,10 @@ class Probe:
     # reduces tensors sets False: the session then runs it under no_grad, so a capture with
     # gradients does not record a graph of every statistic next to the model's.
     forward_grad: ClassVar[bool] = True
+    # Whether backward() may run inside autograd's tensor hooks, as soon as the call's gradients
+    # are all computed (it only reduces or copies them; it starts no autograd of its own). The
+    # session then frees each dL/dy during the backward pass instead of holding them all to its end.
+    eager_backward: ClassVar[bool] = False
     dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:

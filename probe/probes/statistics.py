@@ -186,6 +186,7 @@ class GradNorms(Probe):
 
     name: ClassVar[str] = "grad"
     forward_grad: ClassVar[bool] = False
+    eager_backward: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
