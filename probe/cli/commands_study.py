@@ -65,10 +65,12 @@ def study_cmd(preset, sets, dataset, out, device, arms):
             draw_training(event, info)
 
     res = run_study(cfg, out, callback=cb)
+    t = res.timings
+    parts = ["train", "interventions", "capture", "analysis", "figures"]
     click.echo(
-        f"\nstudy '{cfg.name}' finished in {res.wall_s:.0f} s "
-        f"(train {res.timings['train']:.0f} s, interventions {res.timings.get('interventions', 0):.0f} s, capture {res.timings['capture']:.0f} s, "
-        f"analysis {res.timings['analysis']:.0f} s, figures {res.timings['figures']:.0f} s)"
+        f"\nstudy '{cfg.name}' finished in {res.wall_s:.0f} s ("
+        + ", ".join(f"{k} {t[k]:.0f} s" for k in parts if k in t)
+        + ")"
     )
     click.echo("\ndegradation (final training error, eval mode; mean over seeds):")
     for r in res.degradation.itertuples():
