@@ -107,7 +107,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 def prepare_init(spec: str, model: CifarResNet) -> Init:
     """Validate ``spec`` against ``model`` (the freshly created net); load a ``construct`` source."""
     kind, arg = check_init(spec)
-    if kind in ("dirac", "identity") or kind == "construct":
+    if kind != "he":  # every construction needs ReLU after the add
         check_postact(model.blocks())
     if kind != "construct":
         return Init(spec, kind)

@@ -235,12 +235,14 @@ def construct_deeper_(
     was_d, was_s = deep.training, shallow.training
     try:
         deep.eval(), shallow.eval()
-        eval_diff = max(float((deep(x) - shallow(x)).abs().max()) for x in batches)
-        scale = max(float(shallow(x).abs().max()) for x in batches)
+        pairs = [(deep(x), shallow(x)) for x in batches]
+        eval_diff = max(float((a - b).abs().max()) for a, b in pairs)
+        scale = max(float(b.abs().max()) for _, b in pairs)
         with _kept_buffers(deep), _kept_buffers(shallow):
             deep.train(), shallow.train()
-            num = sum(float((deep(x) - shallow(x)).norm() ** 2) for x in batches)
-            den = sum(float(shallow(x).norm() ** 2) for x in batches)
+            pairs = [(deep(x), shallow(x)) for x in batches]
+            num = sum(float((a - b).norm() ** 2) for a, b in pairs)
+            den = sum(float(b.norm() ** 2) for _, b in pairs)
     finally:
         deep.train(was_d), shallow.train(was_s)
     if not eval_diff <= 1e-4 * max(1.0, scale):

@@ -99,6 +99,11 @@ def _train_condition(
     )
 
 
+def shortcut_scale(c: Condition) -> float:
+    """λ of a run's y = act(λ·S(x) + F(x)): its option, else 1 for a residual net, 0 for a plain one."""
+    return c.model_options.get("shortcut_scale", 1.0 if "resnet" in c.model else 0.0)
+
+
 def _steps_per_epoch(cfg, c: Condition, n_train: int) -> int:
     depth = parse_name(c.model)[1]
     recipe = get_recipe(cfg.recipe, depth=depth, **{**cfg.recipe_overrides, **c.recipe_overrides})
@@ -121,9 +126,7 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
                     "label": label,
                     "residual": not c.model.startswith(("plain", "preplain")),
                     "init": c.init,
-                    "shortcut_scale": c.model_options.get(
-                        "shortcut_scale", 1.0 if "resnet" in c.model else 0.0
-                    ),
+                    "shortcut_scale": shortcut_scale(c),
                     "lr": c.recipe_overrides.get(
                         "lr", get_recipe(cfg.recipe, **cfg.recipe_overrides).lr
                     ),
@@ -214,7 +217,7 @@ def _grad_profile(cfg, conds, results, out, data, cb) -> pd.DataFrame:
         c, arms = conds[key]
         if "shortcut_scale" not in arms:
             continue
-        lam = c.model_options.get("shortcut_scale", 1.0 if "resnet" in c.model else 0.0)
+        lam = shortcut_scale(c)
         for epoch in sorted({min(res.checkpoints), max(res.checkpoints)}):
             path = out / "captures" / "interventions" / f"{key}-s{seed}-e{epoch:04d}-grad.h5"
             _capture(res.checkpoints[epoch], path, "grad", cfg, data, cb)

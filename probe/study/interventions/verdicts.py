@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analyses.stats import POSITIVE, RATE, bootstrap_ci, contrast_ci, linear_contrast_ci, seed_ci
-from probe.study.interventions.arms import ARMS, lr_key, scale_key
-from probe.study.interventions.runner import InterventionData
+from probe.study.interventions.arms import ARMS, arm_conditions, lr_key
+from probe.study.interventions.runner import InterventionData, shortcut_scale
 from probe.study.verdicts import (
     INCONCLUSIVE,
     UNTRAINED,
@@ -168,10 +168,10 @@ def grad_slopes(profile: pd.DataFrame, epoch: int | None = None) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def _shortcut_scale(data, p, r, s, d, lambdas) -> Verdict:
+def _shortcut_scale(data, p, r, s, d, lambdas, cfg) -> Verdict:
+    # the runs the arm defined, by their λ (λ = 0 and 1 are the grid's plain and residual nets)
     keys = {
-        lam: (f"{p}{d}" if lam == 0 else f"{r}{d}" if lam == 1 else scale_key(r, d, lam))
-        for lam in lambdas
+        shortcut_scale(c): c.key for c in arm_conditions("shortcut_scale", (p, r), cfg.depths, cfg)
     }
     mid = sorted(lam for lam in lambdas if 0 < lam < 1)
     ev = {f"final train error λ = {lam:g}": _pct(_final(data, k)) for lam, k in keys.items()}
@@ -356,7 +356,7 @@ def intervention_verdicts(data: InterventionData, cfg, num_classes: int = 10) ->
     make = {
         "constructed": lambda: _constructed(data, p, r, s, d),
         "skipinit": lambda: _skipinit(data, p, r, s, d),
-        "shortcut_scale": lambda: _shortcut_scale(data, p, r, s, d, cfg.lambdas),
+        "shortcut_scale": lambda: _shortcut_scale(data, p, r, s, d, cfg.lambdas, cfg),
         "lr": lambda: _lr(data, p, r, s, d, cfg.lrs, 1 - 1 / num_classes),
         "matched_loss": lambda: _matched_loss(data, p, r, s, d),
         "toy": lambda: _toy(data),
