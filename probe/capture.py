@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -32,7 +33,7 @@ from probe.session import HookSession, LossFn, NonFiniteWarning
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
 from probe.store.writer import H5Writer, WriterOptions
 
-__all__ = ["capture"]
+__all__ = ["capture", "CaptureJob"]
 
 Progress = Callable[[int, int | None], None]
 
@@ -78,10 +79,13 @@ def _limited(batches: Iterable[tuple], limit: int | None) -> Iterable[tuple]:
         yield x, y, idx
 
 
-def _with_next(batches: Iterable[tuple], lookahead: bool) -> Iterable[tuple]:
+def _with_next(
+    batches: Iterable[tuple], lookahead: bool, after: torch.Tensor | None = None
+) -> Iterable[tuple]:
     """Each batch with the sample that follows it in capture order ([1, ...]); the last batch gets
-    the capture's first sample. One batch is read ahead only when ``lookahead`` (a probe that
-    pairs every sample with its successor, e.g. ``shattered:direction=next``) asks for it."""
+    ``after`` (a shard: the next shard's first sample), by default the capture's first sample.
+    One batch is read ahead only when ``lookahead`` (a probe that pairs every sample with its
+    successor, e.g. ``shattered:direction=next``) asks for it."""
     if not lookahead:
         yield from ((x, y, idx, None) for x, y, idx in batches)
         return
@@ -93,7 +97,7 @@ def _with_next(batches: Iterable[tuple], lookahead: bool) -> Iterable[tuple]:
     for cur in it:
         yield (*prev, cur[0][:1])
         prev = cur
-    yield (*prev, first)
+    yield (*prev, first if after is None else after.to(first.device, first.dtype))
 
 
 def _warn_nonfinite(bad: dict[str, int], seen: int) -> None:
@@ -151,6 +155,9 @@ def capture(
     shard: tuple[int, int] | None = None,
     sample_offset: int = 0,
     name: str | None = None,
+    next_sample: torch.Tensor | None = None,
+    distributed: bool | None = None,
+    join: str = "copy",
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -172,6 +179,18 @@ def capture(
             the number of samples in the shards before it). Sample caps (``max_samples``) and
             per-sample random probes count from it, so shards joined in rank order hold exactly
             the rows and values of one capture over all samples.
+        next_sample: ``[1, ...]`` the input that follows the data in capture order, for probes
+            that pair each sample with the next (``shattered:direction=next``); default: the
+            data's first sample (the order wraps around). A shard gives the next shard's first.
+        distributed: split the samples over the ranks of the initialised ``torch.distributed``
+            process group (e.g. under torchrun): each rank captures a contiguous part and rank 0
+            joins them into ``out`` once every rank has finished (docs/distributed.md). ``None``
+            (default): when a group with more than one rank is initialised and no ``shard`` is
+            given. Every rank must call ``capture`` with the same arguments; to capture on one
+            rank alone inside such a job, pass ``False``.
+        join: with ``distributed``: ``"copy"`` (default) writes ``out`` as one self-contained file,
+            as one process would; ``"virtual"`` writes an index over the ranks' shards, kept in
+            ``<out>.shards/`` (no copy: for captures too large to pass through one process).
 
     The model's training flags, buffers (BN running statistics, also after a train-mode capture),
     grad mode and outputs are unchanged; hooks are removed and a
@@ -186,7 +205,70 @@ def capture(
         raise ProbeError(
             "Jacobian probes need eval mode (train-mode BN couples the samples of a batch)."
         )
-    device = next((p.device for p in model.parameters()), None)
+    attrs = _root_attrs(model, layers, probes, mode, limit, compression, provenance, name)
+    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
+        raise ProbeError(
+            f"sample_offset must be a non-negative int (the samples before this shard); got "
+            f"{sample_offset!r}."
+        )
+    job = CaptureJob(model, layers, probes, mode, loss_fn, compression, queue_bytes)
+    if _over_ranks(distributed, shard):
+        from probe.distributed.capture import capture_over_ranks
+
+        return capture_over_ranks(
+            job, data, attrs, out=out, limit=limit, join=join, progress=progress
+        )
+    if shard is not None:
+        rank, count = shard
+        if not 0 <= rank < count:
+            raise ProbeError(f"Invalid shard {shard!r}: need 0 <= rank < count.")
+        attrs.update(shard_rank=rank, shard_count=count)
+    return job.run(
+        data,
+        attrs,
+        out=out,
+        limit=limit,
+        progress=progress,
+        sample_offset=sample_offset,
+        next_sample=next_sample,
+    )
+
+
+def _over_ranks(distributed: bool | None, shard: tuple[int, int] | None) -> bool:
+    """Whether this capture is split over the ranks of the process group."""
+    import torch.distributed as dist
+
+    from probe.distributed.group import grouped
+
+    if distributed is None:
+        return grouped() and shard is None
+    if not distributed:
+        return False
+    if shard is not None:
+        raise ProbeError(
+            f"Give either shard={shard!r} (this process writes one shard you join yourself) or "
+            "distributed=True (the ranks split the data and join it), not both."
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ProbeError(
+            "distributed=True needs an initialised torch.distributed process group; start the "
+            "script with torchrun (e.g. torchrun --standalone --nproc-per-node 2 script.py) and "
+            "call torch.distributed.init_process_group() first."
+        )
+    return True
+
+
+def _root_attrs(
+    model: nn.Module,
+    layers: LayerSpec | None,
+    probes: list[Probe],
+    mode: str,
+    limit: int | None,
+    compression: str | None,
+    provenance: dict | None,
+    name: str | None,
+) -> dict:
+    """The configuration and provenance attributes of a capture of ``model``."""
     config = {
         "layers": layers
         if isinstance(layers, (str, list, tuple)) or layers is None
@@ -209,92 +291,124 @@ def capture(
         if not isinstance(name, str) or not name.strip():
             raise ProbeError(f"name must be a non-empty string; got {name!r}.")
         meta["model_name"] = name
-    attrs = {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
-    if shard is not None:
-        rank, count = shard
-        if not 0 <= rank < count:
-            raise ProbeError(f"Invalid shard {shard!r}: need 0 <= rank < count.")
-        attrs.update(shard_rank=rank, shard_count=count)
-    if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
-        raise ProbeError(
-            f"sample_offset must be a non-negative int (the samples before this shard); got "
-            f"{sample_offset!r}."
-        )
-    attrs["sample_offset"] = sample_offset
-    total = limit
-    if total is None and hasattr(data, "num_samples"):
-        total = data.num_samples
-    t0 = time.perf_counter()
-    writer = None
-    mem: dict[str, dict[str, list[np.ndarray]]] = {}
-    indices: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
-    with HookSession(model, layers, probes, mode=mode, loss_fn=loss_fn) as session:
-        if out is not None:
-            writer = H5Writer(
-                out,
-                attrs,
-                WriterOptions(
-                    compression=compression, queue_bytes=queue_bytes, expected_rows=total
-                ),
-            )
-        try:
-            seen = 0
-            lookahead = any(getattr(p, "needs_next_sample", False) for p in probes)
-            batches = _with_next(_limited(_batches(data, device), limit), lookahead)
-            for x, y, idx, x_next in batches:
-                if idx is None:
-                    idx = torch.arange(sample_offset + seen, sample_offset + seen + len(x))
-                results, _ = session.run_batch(
-                    x, y, sample_offset=sample_offset + seen, next_input=x_next
+    return {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
+
+
+@dataclass
+class CaptureJob:
+    """What a capture runs -- model, layers, probes, mode -- and :meth:`run`, its data loop over
+    one stream of batches (the whole capture, or one rank's shard of it)."""
+
+    model: nn.Module
+    layers: LayerSpec | None
+    probes: list[Probe]
+    mode: str
+    loss_fn: LossFn | None
+    compression: str | None
+    queue_bytes: int
+
+    def run(
+        self,
+        data: Iterable,
+        attrs: dict,
+        *,
+        out: str | os.PathLike | None,
+        limit: int | None,
+        progress: Progress | None,
+        sample_offset: int = 0,
+        next_sample: torch.Tensor | None = None,
+        complete: bool = True,
+    ) -> CaptureReader:
+        """Capture ``data`` into ``out`` (or memory) with root attributes ``attrs``;
+        ``complete=False`` leaves the file a part (a shard of a capture over ranks)."""
+        model, probes = self.model, self.probes
+        device = next((p.device for p in model.parameters()), None)
+        attrs = {**attrs, "sample_offset": sample_offset}
+        total = limit
+        if total is None and hasattr(data, "num_samples"):
+            total = data.num_samples
+        t0 = time.perf_counter()
+        writer = None
+        mem: dict[str, dict[str, list[np.ndarray]]] = {}
+        indices: list[np.ndarray] = []
+        labels: list[np.ndarray] = []
+        with HookSession(
+            model, self.layers, probes, mode=self.mode, loss_fn=self.loss_fn
+        ) as session:
+            if out is not None:
+                writer = H5Writer(
+                    out,
+                    attrs,
+                    WriterOptions(
+                        compression=self.compression,
+                        queue_bytes=self.queue_bytes,
+                        expected_rows=total,
+                    ),
                 )
+            try:
+                seen = 0
+                lookahead = any(getattr(p, "needs_next_sample", False) for p in probes)
+                batches = _with_next(
+                    _limited(_batches(data, device), limit), lookahead, next_sample
+                )
+                for x, y, idx, x_next in batches:
+                    if idx is None:
+                        idx = torch.arange(sample_offset + seen, sample_offset + seen + len(x))
+                    results, _ = session.run_batch(
+                        x, y, sample_offset=sample_offset + seen, next_input=x_next
+                    )
+                    if writer is not None:
+                        for key in results:
+                            writer.layer_attrs.setdefault(key, _layer_attrs(session, key))
+                        writer.dims.update(session.dim_labels)  # before submit: read at creation
+                        writer.submit(results, idx, y)
+                    else:
+                        for key, qs in results.items():
+                            layer = mem.setdefault(key, {})
+                            for q, t in qs.items():
+                                arr = (
+                                    t.float().cpu().numpy()
+                                    if t.dtype == torch.bfloat16
+                                    else t.cpu().numpy()
+                                )
+                                layer.setdefault(q, []).append(arr)
+                        indices.append(torch.as_tensor(idx).cpu().numpy())
+                        labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
+                    seen += len(x)
+                    if progress is not None:
+                        progress(seen, total)
+                if seen == 0:
+                    raise ProbeError("The data yielded no samples; nothing was captured.")
+                elapsed = time.perf_counter() - t0
+                bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
+                _warn_nonfinite(bad, seen)
                 if writer is not None:
-                    for key in results:
-                        writer.layer_attrs.setdefault(key, _layer_attrs(session, key))
-                    writer.dims.update(session.dim_labels)  # before submit: read at creation
-                    writer.submit(results, idx, y)
-                else:
-                    for key, qs in results.items():
-                        layer = mem.setdefault(key, {})
-                        for q, t in qs.items():
-                            arr = (
-                                t.float().cpu().numpy()
-                                if t.dtype == torch.bfloat16
-                                else t.cpu().numpy()
-                            )
-                            layer.setdefault(q, []).append(arr)
-                    indices.append(torch.as_tensor(idx).cpu().numpy())
-                    labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
-                seen += len(x)
-                if progress is not None:
-                    progress(seen, total)
-            if seen == 0:
-                raise ProbeError("The data yielded no samples; nothing was captured.")
-            elapsed = time.perf_counter() - t0
-            bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
-            _warn_nonfinite(bad, seen)
-            if writer is not None:
+                    for key, n in bad.items():
+                        writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
+                    path = writer.close(
+                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad)}, complete=complete
+                    )
+                    return H5Capture(path, part_of=None if complete else attrs.get("part_of"))
+                layer_attrs = {key: _layer_attrs(session, key) for key in mem}
                 for key, n in bad.items():
-                    writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
-                path = writer.close({"wall_seconds": elapsed, "nonfinite_layers": len(bad)})
-                return H5Capture(path)
-            layer_attrs = {key: _layer_attrs(session, key) for key in mem}
-            for key, n in bad.items():
-                layer_attrs[key]["nonfinite_samples"] = n
-            attrs["nonfinite_layers"] = len(bad)
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-    data_out = {k: {q: np.concatenate(v) for q, v in qs.items()} for k, qs in mem.items()}
-    attrs.update(
-        n_samples=seen, wall_seconds=elapsed, layer_order=json.dumps(list(data_out)), complete=True
-    )
-    return MemoryCapture(
-        data_out,
-        layer_attrs,
-        np.concatenate(indices),
-        np.concatenate(labels),
-        attrs,
-        dims=session.dim_labels,
-    )
+                    layer_attrs[key]["nonfinite_samples"] = n
+                attrs["nonfinite_layers"] = len(bad)
+            except BaseException:
+                if writer is not None:
+                    writer.abort()
+                raise
+        data_out = {k: {q: np.concatenate(v) for q, v in qs.items()} for k, qs in mem.items()}
+        attrs.update(
+            n_samples=seen,
+            wall_seconds=elapsed,
+            layer_order=json.dumps(list(data_out)),
+            complete=True,
+        )
+        return MemoryCapture(
+            data_out,
+            layer_attrs,
+            np.concatenate(indices),
+            np.concatenate(labels),
+            attrs,
+            dims=session.dim_labels,
+        )

@@ -130,18 +130,28 @@ class _Fit:
     def __init__(self, loader: DeviceLoader, size: tuple[int, int, int] | None) -> None:
         self.loader, self.size = loader, size
         self.num_samples = loader.num_samples
+        self.batch_size = loader.batch_size
 
-    def __iter__(self):
+    def _fit(self, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
+        if self.size is not None:
+            c, h, w = self.size
+            if x.shape[1] == 1 and c > 1:
+                x = x.expand(-1, c, -1, -1)
+            if tuple(x.shape[2:]) != (h, w):
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        return x
+
+    def __iter__(self):
         for x, y, idx in self.loader:
-            if self.size is not None:
-                c, h, w = self.size
-                if x.shape[1] == 1 and c > 1:
-                    x = x.expand(-1, c, -1, -1)
-                if tuple(x.shape[2:]) != (h, w):
-                    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-            yield x, y, idx
+            yield self._fit(x), y, idx
+
+    def shard(self, start: int, stop: int) -> _Fit:
+        return _Fit(self.loader.shard(start, stop), self.size)
+
+    def sample(self, position: int) -> torch.Tensor:
+        return self._fit(self.loader.sample(position))
 
 
 def _probe_forward(model: torch.nn.Module, shape: tuple[int, ...], device, spec: str) -> int:

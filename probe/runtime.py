@@ -40,9 +40,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(requested: int | str = "auto") -> int:
-    """The intra-op thread count: ``requested``, or for ``"auto"`` the cores left idle by other
-    processes (available cores minus the 1-minute load average, at least 1).
+def choose_threads(requested: int | str = "auto", processes: int = 1) -> int:
+    """The intra-op thread count: ``requested``, or for ``"auto"`` this process's share of the
+    cores left idle by other processes (available cores minus the 1-minute load average, divided
+    among ``processes`` started together, e.g. the ranks torchrun starts on one node; at least 1).
 
     An oversubscribed CPU is far worse than an idle core: on a loaded 2-core machine torch's
     default (one thread per core) ran a study ~29x slower per step than one thread.
@@ -53,7 +54,7 @@ def choose_threads(requested: int | str = "auto") -> int:
             load = os.getloadavg()[0]
         except (AttributeError, OSError):
             load = 0.0
-        return max(1, min(cores, round(cores - load)))
+        return max(1, min(cores, round(cores - load)) // max(1, processes))
     try:
         n = int(requested)
     except (TypeError, ValueError):
@@ -66,10 +67,10 @@ def choose_threads(requested: int | str = "auto") -> int:
     return n
 
 
-def configure(threads: int | str = "auto", deterministic: bool = False) -> int:
+def configure(threads: int | str = "auto", deterministic: bool = False, processes: int = 1) -> int:
     """Set torch's intra-op threads (see :func:`choose_threads`) and, with ``deterministic``,
     deterministic algorithms and no cuDNN autotuning. Returns the thread count."""
-    n = choose_threads(threads)
+    n = choose_threads(threads, processes)
     torch.set_num_threads(n)
     if deterministic:
         # cuBLAS needs a fixed workspace for deterministic results; harmless on the CPU.

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from probe.cli.progress import bar
+from probe.cli.progress import bar, say
 
 __all__ = ["COMMANDS"]
 
@@ -80,6 +80,14 @@ __all__ = ["COMMANDS"]
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--join",
+    type=click.Choice(["copy", "virtual"]),
+    default="copy",
+    show_default=True,
+    help="Under torchrun: rank 0 copies the ranks' parts into one self-contained --out (copy), "
+    "or writes --out as an index over the parts kept in OUT.shards/ (virtual: no copy).",
+)
 def capture_cmd(
     checkpoint,
     model_spec,
@@ -97,6 +105,7 @@ def capture_cmd(
     mode,
     out,
     device,
+    join,
 ):
     """Run probes over a dataset with a trained CHECKPOINT (file or run directory), or with any
     model given by --model, into an HDF5 file."""
@@ -146,6 +155,7 @@ def capture_cmd(
         mode=mode,
         compression=None if compression == "none" else compression,
         progress=progress,
+        join=join,
     )
     try:
         if model_spec is not None:
@@ -162,11 +172,14 @@ def capture_cmd(
         n = int(cap.attrs["n_samples"])
         secs = float(cap.attrs["wall_seconds"])
         qs = sorted({q for layer in cap.layers for q in cap.quantities(layer)})
-        click.echo(
-            f"captured {n} samples x {len(cap.layers)} layers in {secs:.1f} s ({n / max(secs, 1e-9):.0f} samples/s)"
+        world = cap.provenance.get("ranks", {}).get("world", 1)
+        on = f" on {world} ranks" if world > 1 else ""
+        say(
+            f"captured {n} samples x {len(cap.layers)} layers in {secs:.1f} s{on} "
+            f"({n / max(secs, 1e-9):.0f} samples/s)"
         )
-        click.echo(f"quantities: {', '.join(qs)}")
-        click.echo(f"wrote {out}")
+        say(f"quantities: {', '.join(qs)}")
+        say(f"wrote {out}" + (f" (an index over {out}.shards/)" if "shards" in cap.attrs else ""))
 
 
 def _size(nbytes: int) -> str:
@@ -239,14 +252,22 @@ def inspect_cmd(path, attrs, verify):
 @click.command("join")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-def join_cmd(out, shards):
-    """Join shard captures (one per process) into OUT, an index of HDF5 virtual datasets."""
+@click.option(
+    "--copy",
+    is_flag=True,
+    help="Copy the shards' rows into OUT (one self-contained file) instead of writing an index "
+    "of HDF5 virtual datasets over them.",
+)
+def join_cmd(out, shards, copy):
+    """Join shard captures (one per process, in rank order) into OUT: an index of HDF5 virtual
+    datasets over them, or with --copy one file holding their rows."""
     import probe
 
-    path = probe.join_shards(list(shards), out)
+    path = probe.join_shards(list(shards), out, copy=copy)
     with probe.open(path) as cap:
         click.echo(
-            f"joined {len(shards)} shards: {cap.attrs['n_samples']} samples x {len(cap.layers)} layers -> {path}"
+            f"joined {len(shards)} shards{' (copied)' if copy else ''}: "
+            f"{cap.attrs['n_samples']} samples x {len(cap.layers)} layers -> {path}"
         )
 
 

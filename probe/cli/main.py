@@ -20,17 +20,36 @@ __all__ = ["cli"]
 class _Group(click.Group):
     """The one error boundary: anticipated failures (ProbeError, an OS error such as a full disk
     or an unwritable path) print their message, anything else one line with a pointer to
-    ``--debug``; both exit 1 without a traceback."""
+    ``--debug``; both exit 1 without a traceback. Under torchrun a failure every rank shares
+    (RankFailed) is printed by rank 0 alone; a rank's own failure by that rank, tagged."""
 
     def invoke(self, ctx: click.Context):
+        from probe.distributed import RankFailed, Terminated, ranks, shutdown
+        from probe.distributed.group import raise_on_sigterm
+
         try:
-            return super().invoke(ctx)
+            with raise_on_sigterm():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
+        except Terminated as e:
+            raise click.ClickException(_tagged(str(e))) from e
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            raise click.ClickException(_one_line(e)) from e
+            if isinstance(e, RankFailed) and not ranks().is_main:
+                raise click.exceptions.Exit(1) from e
+            raise click.ClickException(_tagged(_one_line(e))) from e
+        finally:
+            shutdown()
+
+
+def _tagged(message: str) -> str:
+    """``message``, prefixed with this process's rank when it is one of several."""
+    from probe.distributed import ranks
+
+    r = ranks()
+    return f"[rank {r.rank}/{r.world}] {message}" if r.world > 1 else message
 
 
 _PACKAGE = str(Path(__file__).resolve().parents[1])
@@ -61,6 +80,8 @@ def _one_line(e: Exception) -> str:
 
 # Commands that run models: they get a thread count and say which.
 _COMPUTE = {"train", "capture", "analyze", "study"}
+# Commands that run on the ranks torchrun starts (docs/distributed.md); the others run once.
+_DISTRIBUTED = {"train", "capture", "study"}
 
 
 @click.group(cls=_Group)
@@ -85,19 +106,32 @@ def cli(ctx: click.Context, debug: bool, verbose: int, threads: str, determinist
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if not debug:  # library warnings as one line each, without the source line they came from
         warnings.showwarning = _show_warning
+    from probe.distributed import init_from_env, launched
+
+    ranks = None
+    if launched():
+        if ctx.invoked_subcommand not in _DISTRIBUTED:
+            raise ProbeError(
+                f"probe {ctx.invoked_subcommand} runs in one process; start it without torchrun "
+                f"(torchrun runs {', '.join(sorted(_DISTRIBUTED))})."
+            )
+        ranks = init_from_env()
     if ctx.invoked_subcommand in _COMPUTE:
         from probe.runtime import available_cores, configure, tune_allocator
 
         tune_allocator()  # reuse freed tensor memory instead of page-faulting it in again
+        share = ranks.local_world if ranks else 1
         try:
-            n = configure(threads, deterministic)
+            n = configure(threads, deterministic, processes=share)
         except ProbeError as e:
             raise click.BadParameter(str(e), param_hint="--threads") from e
-        click.echo(
-            f"using {n} CPU thread{'s' * (n != 1)} of {available_cores()} cores"
-            f"{' (deterministic)' if deterministic else ''}; --threads N to change",
-            err=True,
-        )
+        where = f" per rank ({share} ranks on this node)" if share > 1 else ""
+        if ranks is None or ranks.is_main:
+            click.echo(
+                f"using {n} CPU thread{'s' * (n != 1)}{where} of {available_cores()} cores"
+                f"{' (deterministic)' if deterministic else ''}; --threads N to change",
+                err=True,
+            )
 
 
 def _register() -> None:

@@ -1,7 +1,8 @@
 """Progress for the CLI: tqdm bars on a terminal, one plain line per finished unit otherwise.
 
 A log file (a batch job, ``nohup``, CI) gets a line per training epoch and per finished capture,
-so it shows where a run is without carriage-return noise.
+so it shows where a run is without carriage-return noise. Under torchrun only rank 0 draws bars
+and prints results (:func:`say`); the other ranks work silently.
 """
 
 from __future__ import annotations
@@ -13,7 +14,20 @@ from collections.abc import Callable
 import click
 from tqdm.auto import tqdm
 
-__all__ = ["bar", "train_callback"]
+__all__ = ["bar", "train_callback", "say", "main_rank"]
+
+
+def main_rank() -> bool:
+    """Whether this process prints: the only process, or rank 0 of several."""
+    from probe.distributed import ranks
+
+    return ranks().is_main
+
+
+def say(message: str = "", err: bool = False) -> None:
+    """``click.echo`` on the printing rank only."""
+    if main_rank():
+        click.echo(message, err=err)
 
 
 def _on_terminal() -> bool:
@@ -40,12 +54,27 @@ class _Lines:
             click.echo(f"{self.desc}: {self.n} {self.unit}s in {elapsed:.1f} s", err=True)
 
 
+class _Silent:
+    """A bar for a rank that does not print."""
+
+    def update(self, k: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **kw: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def bar(
     total: int | None, desc: str, unit: str = "it", started: float | None = None
-) -> tqdm | _Lines:
+) -> tqdm | _Lines | _Silent:
     """A progress bar on a terminal, else one summary line at the end. ``started``
     (``time.perf_counter()``) backdates it to when the work began: callers that learn the
     total only after the first batch would otherwise time the rest alone."""
+    if not main_rank():
+        return _Silent()
     if not _on_terminal():
         lines = _Lines(total, desc, unit)
         if started is not None:
@@ -64,6 +93,8 @@ def train_callback(desc: str) -> Callable[[str, dict], None]:
     terminal = _on_terminal()
 
     def cb(event: str, info: dict) -> None:
+        if not main_rank():
+            return
         if event == "start":
             state["epochs"] = info["epochs"]
             if not terminal:

@@ -13,25 +13,55 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DeviceLoader", "random_crop", "random_flip"]
+from probe.errors import ProbeError
+
+__all__ = ["DeviceLoader", "random_crop", "random_flip", "even_split"]
 
 
-def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``pad`` and crop back at a random offset per image. [N, C, H, W] -> same."""
+def even_split(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each of ``parts`` contiguous pieces of ``range(n)``, in order, sizes
+    differing by at most one (the first ``n % parts`` pieces get one more).
+
+    Example:
+        >>> even_split(5, 2)
+        [(0, 3), (3, 5)]
+    """
+    base, extra = divmod(n, parts)
+    stops = [(k + 1) * base + min(k + 1, extra) for k in range(parts)]
+    return list(zip([0, *stops[:-1]], stops))
+
+
+def _crop_at(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
     rows = dy[:, None] + torch.arange(h, device=x.device)  # [N, H]
     cols = dx[:, None] + torch.arange(w, device=x.device)  # [N, W]
     xp = xp.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * pad))
     return xp.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
+def _crop_offsets(n: int, pad: int, gen: torch.Generator, device) -> tuple[torch.Tensor, ...]:
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=gen)
+    return dy, dx
+
+
+def _flips(n: int, gen: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, device=device, generator=gen) < 0.5
+
+
+def _flip_where(x: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def random_crop(x: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-pad by ``pad`` and crop back at a random offset per image. [N, C, H, W] -> same."""
+    return _crop_at(x, pad, *_crop_offsets(x.shape[0], pad, gen, x.device))
+
+
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Flip each image horizontally with probability 1/2. [N, C, H, W] -> same."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return _flip_where(x, _flips(x.shape[0], gen, x.device))
 
 
 class DeviceLoader:
@@ -64,6 +94,8 @@ class DeviceLoader:
         dtype: torch.dtype = torch.float32,
         channels_last: bool = False,
         limit: int | None = None,
+        part: tuple[int, int] = (0, 1),
+        index_offset: int = 0,
     ) -> None:
         self.device = torch.device(device)
         images = torch.as_tensor(images)[:limit]
@@ -76,6 +108,7 @@ class DeviceLoader:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.drop_last, self.seed, self.dtype = drop_last, seed, dtype
         self.channels_last = channels_last
+        self.part, self.index_offset = part, index_offset
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -89,6 +122,35 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batch_samples(self, k: int) -> int:
+        """Samples in global batch ``k`` (over every rank's part)."""
+        return min(self.batch_size, len(self.labels) - k * self.batch_size)
+
+    def shard(self, start: int, stop: int) -> DeviceLoader:
+        """The same ordered loader over samples ``[start, stop)`` only, yielding their indices in
+        this loader's numbering (no copy: the images stay where they are)."""
+        if self.shuffle or self.augment:
+            raise ProbeError(
+                "A shuffled or augmented loader has no fixed order of samples to shard; shard a "
+                "loader made with shuffle=False, augment=False (probe.loading.capture_loader)."
+            )
+        out = DeviceLoader.__new__(DeviceLoader)
+        out.__dict__.update(self.__dict__)
+        out.images, out.labels = self.images[start:stop], self.labels[start:stop]
+        out.index_offset = self.index_offset + start
+        return out
+
+    def sample(self, position: int) -> torch.Tensor:
+        """The normalised image at ``position``, as a batch of one. [1, C, H, W]"""
+        return self._output(self._normalised(self.images[position : position + 1]))
+
+    def _normalised(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def _generator(self) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -101,13 +163,20 @@ class DeviceLoader:
             order = torch.randperm(n, device=self.device, generator=gen)
         else:
             order = torch.arange(n, device=self.device)
+        rank, ranks = self.part
         for k in range(len(self)):
             idx = order[k * self.batch_size : (k + 1) * self.batch_size]
-            x = (self.images[idx].float() / 255.0 - self.mean) / self.std
+            start, stop = even_split(len(idx), ranks)[rank]
+            if self.augment:  # drawn for the whole batch, so every split sees the same draws
+                dy, dx = _crop_offsets(len(idx), 4, gen, self.device)
+                flips = _flips(len(idx), gen, self.device)
+            idx = idx[start:stop]
+            x = self._normalised(self.images[idx])
             if self.augment:
-                x = random_flip(random_crop(x, 4, gen), gen)
-            x = x.to(self.dtype)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx], idx
+                x = _flip_where(_crop_at(x, 4, dy[start:stop], dx[start:stop]), flips[start:stop])
+            yield (
+                self._output(x),
+                self.labels[idx],
+                idx + self.index_offset if self.index_offset else idx,
+            )
         self.epoch += 1

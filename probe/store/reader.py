@@ -167,10 +167,27 @@ def _json_attr(path: Path, attrs: dict, key: str, kind: type) -> object:
     return value
 
 
-class H5Capture(CaptureReader):
-    """A capture file opened read-only; arrays are read on demand."""
+def _incomplete(path: Path, attrs: dict) -> str:
+    part_of = attrs.get("part_of")
+    if part_of is None:
+        return (
+            f"{path} is incomplete: the capture that wrote it did not finish. Re-run the capture."
+        )
+    return (
+        f"{path} is one shard (rank {attrs.get('shard_rank')} of {attrs.get('shard_count')}) of "
+        f"the capture {part_of} over several ranks: it holds only part of the samples and is read "
+        "through the file the ranks joined. If that file is missing, the capture did not finish: "
+        "re-run it, or join its shards with `probe join OUT SHARD...` when all of them are there."
+    )
 
-    def __init__(self, path: str | os.PathLike) -> None:
+
+class H5Capture(CaptureReader):
+    """A capture file opened read-only; arrays are read on demand.
+
+    ``part_of``: also accept a shard of the capture with this id (a part that is complete only
+    together with the other ranks' shards; used by the join)."""
+
+    def __init__(self, path: str | os.PathLike, *, part_of: str | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ProbeError(f"No capture file at {self.path}.")
@@ -204,10 +221,8 @@ class H5Capture(CaptureReader):
                     f"{self.path}: attribute 'complete' is {complete!r} ({type(complete).__name__}), "
                     "not a boolean; the file was edited or damaged. Re-run the capture."
                 )
-            if not complete:
-                raise ProbeError(
-                    f"{self.path} is incomplete: the capture that wrote it did not finish. Re-run the capture."
-                )
+            if not complete and (part_of is None or a.get("part_of") != part_of):
+                raise ProbeError(_incomplete(self.path, a))
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
             if "shards" in self.attrs:
                 self._check_shards(_json_attr(self.path, self.attrs, "shards", list))
@@ -267,12 +282,16 @@ class H5Capture(CaptureReader):
                     raise bad(f"/{LAYERS}/{layer}/{q} has dtype {d.dtype}, expected numbers")
 
     def _check_shards(self, shards: list[str]) -> None:
-        """An index file reads missing sources as fill values; refuse it instead."""
+        """An index file reads missing sources as fill values; refuse it instead. A source is
+        whole when complete, or when it is a finished part of this very capture."""
         for rel in shards:
             path = self.path.parent / rel
             try:
                 with h5py.File(path, "r") as f:
-                    ok = bool(f.attrs.get("complete", False))
+                    ok = bool(f.attrs.get("complete", False)) or (
+                        "capture_id" in self.attrs
+                        and f.attrs.get("part_of") == self.attrs["capture_id"]
+                    )
             except OSError:
                 ok = False
             if not ok:
@@ -301,10 +320,10 @@ class H5Capture(CaptureReader):
 
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
         d = self.dataset(layer, quantity)
-        arr = self._checked(d, rows if rows is not None else ())
+        arr = self.read_checked(d, rows if rows is not None else ())
         return _decode(np.asarray(arr), d.attrs.get("encoding", ""))
 
-    def _checked(self, d: h5py.Dataset, sel: object) -> np.ndarray:
+    def read_checked(self, d: h5py.Dataset, sel: object) -> np.ndarray:
         """``d[sel]``; a chunk whose checksum fails (or that cannot be decoded) is an error."""
         try:
             return d[sel]
@@ -358,10 +377,10 @@ class H5Capture(CaptureReader):
         return dict(self._f[f"{LAYERS}/{layer}"].attrs)
 
     def sample_index(self) -> np.ndarray:
-        return self._checked(self._f["sample_index"], ())
+        return self.read_checked(self._f["sample_index"], ())
 
     def labels(self) -> np.ndarray:
-        return self._checked(self._f["labels"], ())
+        return self.read_checked(self._f["labels"], ())
 
     def close(self) -> None:
         self._f.close()

@@ -92,6 +92,14 @@ ROOT_ATTRS: tuple[Attr, ...] = (
     Attr("nonfinite_layers", "count", False, "layers with a NaN/inf result"),
     Attr("shards", "json-list", False, "index files: the shard files joined (relative paths)"),
     Attr(
+        "part_of",
+        "str",
+        False,
+        "a shard of a capture over several ranks: that capture's id; the shard stays "
+        "`complete = False` and is read through the file its ranks joined",
+    ),
+    Attr("capture_id", "str", False, "a capture joined from ranks: the id its shards carry"),
+    Attr(
         "attrs_sha256",
         "str",
         False,

@@ -1,15 +1,23 @@
-"""Join per-process shards of one capture into an index file of HDF5 virtual datasets.
+"""Join per-process shards of one capture into one capture file.
 
-Each process writes its own complete capture file (``capture(..., shard=(rank, count),
-sample_offset=<samples in earlier shards>)``) over its own samples; :func:`join_shards` then writes an index whose every dataset is a virtual
-dataset mapping one source per shard (a handful of mappings, which keeps reads fast). Source paths
-are stored relative to the index file, so the folder can be moved as a whole. The reader checks
-that every shard is still present and complete (a missing source would silently read as fill
-values otherwise).
+Each process writes its own capture file over its own samples (``capture(..., shard=(rank,
+count), sample_offset=<samples in earlier shards>)``, or a capture over several ranks, whose
+shards are *parts*: ``complete = False`` with ``part_of`` = the capture's id, refused on their
+own). :func:`join_shards` then writes ``out`` in one of two forms:
+
+- ``copy=True``: a self-contained file with the shards' rows copied in rank order -- the file one
+  process would have written (same chunks, filters, checksums, attributes). Costs a read and a
+  write of every byte, on the joining process.
+- ``copy=False``: an index whose every dataset is an HDF5 virtual dataset mapping one source per
+  shard (a handful of mappings keeps reads fast). Costs metadata only; the shards stay beside it
+  and are read through it. Source paths are relative to the index, so the folder moves as a
+  whole, and the reader checks every source is still there and whole (a missing source would
+  silently read as fill values otherwise).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,11 +31,12 @@ from probe.store.reader import H5Capture
 from probe.store.schema import LAYERS, attrs_digest, check_schema
 from probe.tempfiles import atomic_path
 
-__all__ = ["join_shards"]
+__all__ = ["join_shards", "merge_layer_attrs"]
 
 
 # Probe fields that cap the samples a probe records ("the first max_samples of the capture").
 _CAP_FIELDS = ("max_samples", "spectrum_samples")
+_COPY_BLOCK = 64 << 20  # bytes read and written at a time when copying a dataset
 
 
 def _caps(cap: H5Capture) -> list[str]:
@@ -92,8 +101,53 @@ def _fill(dtype: np.dtype):
     return np.nan if np.issubdtype(dtype, np.floating) else -1
 
 
-def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> Path:
-    """Write ``out``: an index of virtual datasets over ``shards`` (complete capture files).
+def _part_id(path: str | os.PathLike) -> str | None:
+    """The ``part_of`` id of a shard file, None if it has none or cannot be read (the reader then
+    says what is wrong with it)."""
+    with contextlib.suppress(OSError), h5py.File(path, "r") as f:
+        value = f.attrs.get("part_of")
+        return value.decode() if isinstance(value, bytes) else value
+    return None
+
+
+def _open_shards(shards: Sequence[str | os.PathLike]) -> list[H5Capture]:
+    """The shards, opened; parts of a capture over ranks only as the whole set of its ranks."""
+    ids = [_part_id(s) for s in shards]
+    if any(ids) and (len(set(ids)) != 1):
+        raise ProbeError(
+            "These shards are not parts of one capture: their part_of ids differ ("
+            + ", ".join(sorted({str(i) for i in ids}))
+            + "). Join the shards of one capture over ranks together, and nothing else."
+        )
+    caps: list[H5Capture] = []
+    try:
+        for s, pid in zip(shards, ids):
+            caps.append(H5Capture(s, part_of=pid))  # validates format, version, completeness
+        if ids[0] is not None:
+            ranks = [int(c.attrs["shard_rank"]) for c in caps]
+            count = int(caps[0].attrs["shard_count"])
+            if ranks != list(range(count)):
+                raise ProbeError(
+                    f"The capture {ids[0]} has {count} shards, ranks 0 to {count - 1}, to be "
+                    f"joined in rank order; got shard ranks {ranks}."
+                )
+    except BaseException:
+        for cap in caps:
+            cap.close()
+        raise
+    return caps
+
+
+def join_shards(
+    shards: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    copy: bool = False,
+    attrs: dict | None = None,
+) -> Path:
+    """Write ``out`` from ``shards`` (in rank order): a copy of their rows (``copy=True``) or an
+    index of virtual datasets over them. ``attrs`` replace root attributes of the result (a
+    capture over several ranks records its global configuration and provenance there).
 
     Example:
         >>> join_shards(["run/rank0.h5", "run/rank1.h5"], "run/index.h5")  # doctest: +SKIP
@@ -101,52 +155,125 @@ def join_shards(shards: Sequence[str | os.PathLike], out: str | os.PathLike) -> 
     out = Path(out)
     if len(shards) < 1:
         raise ProbeError("join_shards needs at least one shard file.")
-    caps = [H5Capture(s) for s in shards]  # validates format, version and completeness
+    caps = _open_shards(shards)
     try:
         _check_offsets(caps)
         keys = _joined_keys(caps)
         rel = [os.path.relpath(Path(c.path).resolve(), out.resolve().parent) for c in caps]
-        with atomic_path(out) as tmp:  # no index file that looks complete unless it is
-            _write_index(tmp, caps, rel, keys)
+        root = _root_attrs(caps, keys, rel, copy, attrs or {})
+        with atomic_path(out) as tmp:  # no file that looks complete unless it is
+            _write_joined(tmp, caps, rel, keys, copy, root)
     finally:
         for cap in caps:
             cap.close()
     return out
 
 
-def _write_index(
-    tmp: Path, caps: list[H5Capture], rel: list[str], keys: set[tuple[str, str]]
-) -> None:
+def merge_layer_attrs(parts: Sequence[dict]) -> dict:
+    """A layer's attributes over the shards that hold it (in rank order): the first's, with the
+    non-finite counts summed (a NaN in any shard is a NaN of the joined capture).
+
+    Example:
+        >>> merge_layer_attrs([{"module": "a", "nonfinite_samples": 2}, {"module": "a"},
+        ...                    {"module": "a", "nonfinite_samples": 1}])
+        {'module': 'a', 'nonfinite_samples': 3}
+    """
+    merged = dict(parts[0])
+    merged.pop("nonfinite_samples", None)
+    bad = sum(int(a.get("nonfinite_samples", 0)) for a in parts)
+    return merged | ({"nonfinite_samples": bad} if bad else {})
+
+
+def _merged_layer_attrs(caps: list[H5Capture], layer: str) -> dict:
+    return merge_layer_attrs([c.layer_attrs(layer) for c in caps if layer in c.layers])
+
+
+def _root_attrs(
+    caps: list[H5Capture], keys: set, rel: list[str], copy: bool, override: dict
+) -> dict:
     first = caps[0]
+    root = dict(first.attrs)
+    for k in ("part_of", "shards", "attrs_sha256", "complete"):
+        root.pop(k, None)
+    if first.attrs.get("part_of") is not None:
+        root["capture_id"] = first.attrs["part_of"]
+    layers = {l for l, _ in keys}
+    bad = sum(1 for l in layers if _merged_layer_attrs(caps, l).get("nonfinite_samples"))
+    root.update(
+        n_samples=int(sum(len(c.sample_index()) for c in caps)),
+        nonfinite_layers=bad,
+        wall_seconds=max(float(c.attrs.get("wall_seconds", 0.0)) for c in caps),
+        sample_offset=0,
+    )
+    if copy:  # one file, as one process writes it
+        root.update(shard_rank=0, shard_count=1)
+    else:
+        root.update(shard_rank=-1, shard_count=len(caps), shards=json.dumps(rel))
+    root.update(override)
+    return root
+
+
+def _create_copy(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:
+    """A dataset of ``rows`` rows shaped, chunked and filtered like ``src`` (its creation
+    properties -- chunks, compression, Fletcher-32 -- are copied as they are)."""
+    return f.create_dataset(
+        name,
+        shape=(rows, *src.shape[1:]),
+        maxshape=(None, *src.shape[1:]),
+        dtype=src.dtype,
+        chunks=src.chunks,
+        dcpl=src.id.get_create_plist(),
+    )
+
+
+def _copy_rows(dst: h5py.Dataset, start: int, cap: H5Capture, src: h5py.Dataset) -> None:
+    row_bytes = max(1, int(np.prod(src.shape[1:], dtype=np.int64)) * src.dtype.itemsize)
+    step = max(src.chunks[0] if src.chunks else 1, _COPY_BLOCK // row_bytes)
+    for a in range(0, src.shape[0], step):
+        b = min(src.shape[0], a + step)
+        dst[start + a : start + b] = cap.read_checked(src, slice(a, b))  # checksums verified
+
+
+def _write_joined(
+    tmp: Path,
+    caps: list[H5Capture],
+    rel: list[str],
+    keys: set[tuple[str, str]],
+    copy: bool,
+    root: dict,
+) -> None:
     with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
-        f.attrs.update(first.attrs)
-        f.attrs.update(
-            complete=False,
-            shard_count=len(caps),
-            shard_rank=-1,
-            shards=json.dumps(rel),
-            n_samples=int(sum(len(c.sample_index()) for c in caps)),
-        )
+        f.attrs.update(root)
+        f.attrs["complete"] = False
         names = ["sample_index", "labels"] + [f"{LAYERS}/{l}/{q}" for l, q in sorted(keys)]
         for name in names:
-            parts = [(p, c.node(name)) for p, c in zip(rel, caps) if name in c.node("/")]
-            feat, dtype = parts[0][1].shape[1:], parts[0][1].dtype
-            if any(d.shape[1:] != feat or d.dtype != dtype for _, d in parts):
+            parts = [(p, c, c.node(name)) for p, c in zip(rel, caps) if name in c.node("/")]
+            feat, dtype = parts[0][2].shape[1:], parts[0][2].dtype
+            if any(d.shape[1:] != feat or d.dtype != dtype for _, _, d in parts):
                 raise ProbeError(f"Shards disagree on the shape or dtype of {name}.")
-            rows = sum(d.shape[0] for _, d in parts)
-            layout = h5py.VirtualLayout(shape=(rows, *feat), dtype=dtype)
-            start = 0
-            for path, d in parts:
-                layout[start : start + d.shape[0]] = h5py.VirtualSource(path, name, shape=d.shape)
-                start += d.shape[0]
-            vds = f.create_virtual_dataset(name, layout, fillvalue=_fill(dtype))
-            for k, v in parts[0][1].attrs.items():
+            rows = sum(d.shape[0] for _, _, d in parts)
+            if copy:
+                out = _create_copy(f, name, parts[0][2], rows)
+                start = 0
+                for _, cap, d in parts:
+                    _copy_rows(out, start, cap, d)
+                    start += d.shape[0]
+            else:
+                layout = h5py.VirtualLayout(shape=(rows, *feat), dtype=dtype)
+                start = 0
+                for path, _, d in parts:
+                    layout[start : start + d.shape[0]] = h5py.VirtualSource(
+                        path, name, shape=d.shape
+                    )
+                    start += d.shape[0]
+                out = f.create_virtual_dataset(name, layout, fillvalue=_fill(dtype))
+            for k, v in parts[0][2].attrs.items():
                 if k not in ("DIMENSION_LIST", "REFERENCE_LIST"):  # dimension scales: per file
-                    vds.attrs[k] = v
-            for i, dim in enumerate(parts[0][1].dims):  # axis labels are not attributes
-                vds.dims[i].label = dim.label
+                    out.attrs[k] = v
+            for i, dim in enumerate(parts[0][2].dims):  # axis labels are not attributes
+                out.dims[i].label = dim.label
         for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
-            f[f"{LAYERS}/{layer}"].attrs.update(first.layer_attrs(layer))  # shard 0 holds all
+            f[f"{LAYERS}/{layer}"].attrs.update(_merged_layer_attrs(caps, layer))
         check_schema(f)
         f.attrs["attrs_sha256"] = attrs_digest(f)
         f.attrs["complete"] = True

@@ -330,8 +330,11 @@ class H5Writer:
         )
 
     # -- finishing --------------------------------------------------------------------------
-    def close(self, extra_attrs: dict | None = None) -> Path:
-        """Drain the queue, write remainders, mark complete, fsync and rename into place."""
+    def close(self, extra_attrs: dict | None = None, *, complete: bool = True) -> Path:
+        """Drain the queue, write remainders, mark complete, fsync and rename into place.
+
+        ``complete=False`` finishes the file without marking it complete: a shard of a capture
+        over several ranks, which becomes readable only through the file its ranks join."""
         self._queue.put(None)
         self._thread.join()
         try:
@@ -346,7 +349,7 @@ class H5Writer:
                 self._file.attrs[k] = v
             check_schema(self._file)  # a file the reader would refuse is never marked complete
             self._file.attrs["attrs_sha256"] = attrs_digest(self._file)
-            self._file.attrs["complete"] = True  # last: a file without it was interrupted
+            self._file.attrs["complete"] = complete  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()
             commit(self.tmp, self.path)
