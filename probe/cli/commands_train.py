@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from probe.cli.options import parse_overrides
-from probe.cli.progress import train_callback
+from probe.cli.progress import say, train_callback
 from probe.errors import ProbeError
 
 __all__ = ["COMMANDS"]
@@ -83,6 +83,12 @@ __all__ = ["COMMANDS"]
     type=click.Choice(["default", "reduce-overhead", "max-autotune"]),
     help="torch.compile mode (reduce-overhead uses CUDA graphs); implies --compile.",
 )
+@click.option(
+    "--sync-bn",
+    is_flag=True,
+    help="Under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) "
+    "instead of each rank's part.",
+)
 def train_cmd(
     model,
     dataset,
@@ -99,6 +105,7 @@ def train_cmd(
     device,
     compile_,
     compile_mode,
+    sync_bn,
 ):
     """Train a zoo model; an interrupted run resumes from its last epoch."""
     from probe.train import TrainConfig, train
@@ -121,18 +128,21 @@ def train_cmd(
         device=device,
         compile=compile_ or compile_mode is not None,
         compile_mode=None if compile_mode in (None, "default") else compile_mode,
+        sync_bn=sync_bn,
     )
     result = train(cfg, callback=train_callback(f"train {model}"))
     f = result.final
     if result.resumed_from is not None:
-        click.echo(f"resumed after epoch {result.resumed_from}")
-    click.echo(
+        say(f"resumed after epoch {result.resumed_from}")
+    ranks = f.get("ranks", 1) if isinstance(f, dict) else 1
+    say(
         f"{model} seed {seed}: train error {f['train_error']:.4f} (loss {f['train_loss']:.4f}), "
         f"test error {f['test_error']:.4f} after {f['epoch']} epochs in {result.wall_s:.1f} s"
+        + (f" on {ranks} ranks" if ranks > 1 else "")
     )
-    click.echo(f"run directory: {result.run_dir}")
+    say(f"run directory: {result.run_dir}")
     for epoch, path in result.checkpoints.items():
-        click.echo(f"  checkpoint epoch {epoch}: {path}")
+        say(f"  checkpoint epoch {epoch}: {path}")
 
 
 @click.command("models")

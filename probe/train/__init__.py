@@ -7,7 +7,9 @@ from probe.train.trainer import (
     TrainResult,
     evaluate,
     parse_save_at,
+    read_run,
     resolve_device,
+    run_finished,
     train,
 )
 
@@ -22,7 +24,9 @@ __all__ = [
     "lr_at",
     "parse_save_at",
     "read_checkpoint_meta",
+    "read_run",
     "resolve_device",
+    "run_finished",
     "save_checkpoint",
     "train",
 ]

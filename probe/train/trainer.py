@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import time
@@ -33,6 +34,7 @@ from probe.train.checkpoint import (
     load_extra_tensors,
     save_checkpoint,
 )
+from probe.train.ddp import Replicas
 from probe.train.init import prepare_init
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.zoo import create, parse_name
@@ -45,6 +47,8 @@ __all__ = [
     "calibrate_bn_",
     "parse_save_at",
     "resolve_device",
+    "read_run",
+    "run_finished",
 ]
 
 Callback = Callable[[str, dict], None]
@@ -69,6 +73,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     compile: bool = False  # torch.compile the model (GPU)
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+    sync_bn: bool = False  # over several ranks: BN statistics of the global batch (GPUs only)
     eval_batch_size: int = 1024
 
     def to_dict(self) -> dict:
@@ -78,7 +83,16 @@ class TrainConfig:
 # Where and how fast a run executes, not what it is: a run directory that was moved or copied,
 # resumed on another device or with compilation, is the same run.
 # Evaluating in eval mode at more epochs does not change the weights either.
-_NOT_IDENTITY = ("out", "device", "compile", "compile_mode", "eval_batch_size", "eval_at")
+# The number of ranks and sync_bn are recorded per epoch in the history instead.
+_NOT_IDENTITY = (
+    "out",
+    "device",
+    "compile",
+    "compile_mode",
+    "eval_batch_size",
+    "eval_at",
+    "sync_bn",
+)
 
 
 def run_identity(config: dict) -> dict:
@@ -91,6 +105,54 @@ def run_identity(config: dict) -> dict:
         # path, so a study directory that was moved still resumes.
         full["init"] = "construct"
     return {k: v for k, v in full.items() if k not in _NOT_IDENTITY}
+
+
+def _planned_epochs(recipe: Recipe, steps_per_epoch: int) -> int:
+    if recipe.max_iters is None:
+        return recipe.epochs
+    return min(recipe.epochs, -(-recipe.max_iters // steps_per_epoch))
+
+
+def run_finished(cfg: TrainConfig, n_train: int) -> bool:
+    """Whether ``cfg``'s run directory holds this run trained to its last epoch (so ``train``
+    would return at once), read from its files alone. ``n_train``: training images."""
+    run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
+    try:
+        resume = json.loads((run_dir / "resume.json").read_text())
+        stored = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    recipe = get_recipe(cfg.recipe, depth=parse_name(cfg.model)[1], **cfg.recipe_overrides)
+    mine = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return (
+        isinstance(resume, dict)
+        and isinstance(stored, dict)
+        and resume.get("epoch") == _planned_epochs(recipe, -(-n_train // recipe.batch_size))
+        and run_identity(stored.get("config") or {}) == run_identity(mine)
+    )
+
+
+def read_run(run_dir: str | Path) -> TrainResult:
+    """A run another process trained, as its files hold it: history and checkpoints (no model).
+
+    Example:
+        >>> read_run("data/runs/resnet8-digits-digits-s0").final["train_error"]  # doctest: +SKIP
+        0.0
+    """
+    run_dir = Path(run_dir)
+    try:
+        history = json.loads((run_dir / "history.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ProbeError(
+            f"{run_dir} holds no readable history.json ({e}); train the run (again) first."
+        ) from e
+    checkpoints = {
+        int(p.stem.split("-", 1)[1]): p
+        for p in sorted((run_dir / "checkpoints").glob("epoch-*.json"))
+        if p.stem.split("-", 1)[1].isdigit()
+    }
+    wall = sum(r.get("seconds", 0.0) + r.get("eval_seconds", 0.0) for r in history)
+    return TrainResult(run_dir, history, checkpoints, wall)
 
 
 @dataclass
@@ -153,6 +215,11 @@ def resolve_device(device: str) -> torch.device:
             f"Device {device!r} is not available on this machine; allowed here: "
             f"{', '.join(available)}."
         )
+    if dev.type == "cuda" and dev.index is None:
+        from probe.distributed import launched
+
+        if launched():  # each rank torchrun starts on a node has its own GPU
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -196,10 +263,16 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, float]:
-    """Mean cross-entropy and error of ``model`` in eval mode over ``loader``; restores the mode."""
+def evaluate(
+    model: nn.Module, loader: DeviceLoader, replicas: Replicas | None = None
+) -> dict[str, float]:
+    """Mean cross-entropy and error of ``model`` in eval mode over ``loader``; restores the mode.
+    With ``replicas`` over several ranks each rank evaluates its part and the sums are shared."""
     was_training = model.training
     model.eval()
+    n = loader.num_samples
+    if replicas is not None and replicas.parallel:
+        loader = loader.shard(*replicas.part(n))
     loss = torch.zeros((), device=loader.device, dtype=torch.float64)
     wrong = torch.zeros((), device=loader.device, dtype=torch.int64)
     try:
@@ -210,7 +283,8 @@ def evaluate(model: nn.Module, loader: DeviceLoader) -> dict[str, float]:
             wrong += (out.argmax(1) != y).sum()
     finally:
         model.train(was_training)
-    n = loader.num_samples
+    if replicas is not None:
+        loss, wrong = replicas.sum(loss, wrong)
     return {"loss": loss.item() / n, "error": wrong.item() / n}
 
 
@@ -289,6 +363,21 @@ def _write_json(path: Path, doc: object) -> None:
 
 
 @contextlib.contextmanager
+def _claimed(run_dir: Path, replicas: Replicas, setup: Callable[[], None]):
+    """Rank 0 (or the only process) creates ``run_dir``, holds its lock while the run writes
+    there and runs ``setup`` under it; a failure there stops every rank."""
+    with contextlib.ExitStack() as held:
+
+        def claim() -> None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            held.enter_context(run_lock(run_dir))
+            setup()
+
+        replicas.on_main(f"starting the run in {run_dir}", claim)
+        yield
+
+
+@contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Hold ``run_dir``'s lock (``.lock``, via filelock) while a run writes there; a second
     ``train`` into the same directory stops at once instead of interleaving checkpoints."""
@@ -307,12 +396,21 @@ def run_lock(run_dir: Path):
 
 
 def train(
-    cfg: TrainConfig, callback: Callback | None = None, data: ImageArrays | None = None
+    cfg: TrainConfig,
+    callback: Callback | None = None,
+    data: ImageArrays | None = None,
+    *,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.dataset`` with ``cfg.recipe``; resume if interrupted.
 
     ``callback(event, info)`` receives ``"start"``, ``"step"`` (every few iterations), ``"epoch"``
     and ``"end"`` events so a caller can draw progress; the library itself never prints.
+
+    Under an initialised process group with several ranks (torchrun; ``distributed=None``, the
+    default) the run is data-parallel (:mod:`probe.train.ddp`): the recipe's batch size is the
+    global batch, rank 0 writes the run directory, every rank resumes from its checkpoint. Pass
+    ``distributed=False`` to train in this process alone.
 
     Example:
         >>> cfg = TrainConfig(model="resnet8", recipe_overrides={"epochs": 1}, out="/tmp/rp-doc")
@@ -324,12 +422,13 @@ def train(
     _, depth = parse_name(cfg.model)
     recipe = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides)
     device = resolve_device(cfg.device)
-    data = (data if data is not None else load_dataset(cfg.dataset)).subset(cfg.train_limit)
+    replicas = Replicas.join(device, distributed)
+    if data is None:  # decoded once by rank 0 (a cache the other ranks then read)
+        data = replicas.main_first("loading the data", lambda: load_dataset(cfg.dataset))
+    data = data.subset(cfg.train_limit)
     run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
     steps_per_epoch = -(-len(data.y_train) // recipe.batch_size)
-    epochs = recipe.epochs
-    if recipe.max_iters is not None:
-        epochs = min(epochs, -(-recipe.max_iters // steps_per_epoch))
+    epochs = _planned_epochs(recipe, steps_per_epoch)
     total_iters = min(epochs * steps_per_epoch, recipe.max_iters or 1 << 62)
     save_at = parse_save_at(cfg.save_at, epochs)
     torch.manual_seed(cfg.seed)
@@ -341,20 +440,21 @@ def train(
     model = create(cfg.model, **options)  # validates name and options before anything is written
     init = prepare_init(cfg.init, model)  # and the init (a construct source is loaded and checked)
     eval_at = set(parse_save_at(cfg.eval_at, epochs, what="eval_at")) | set(save_at)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with run_lock(run_dir):  # one writer per run directory
-        run_doc = {
-            "config": cfg.to_dict(),
-            "recipe": recipe.to_dict(),
-            "dataset": {
-                "name": data.name,
-                "source": data.source,
-                "train": int(len(data.y_train)),
-                "test": int(len(data.y_test)),
-            },
-            "init_source": init.meta.get("sha256"),  # the constructed-from checkpoint's weights
-        }
-        run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
+    replicas.check(len(data.y_train), recipe.batch_size, cfg.sync_bn)
+    run_doc = {
+        "config": cfg.to_dict(),
+        "recipe": recipe.to_dict(),
+        "dataset": {
+            "name": data.name,
+            "source": data.source,
+            "train": int(len(data.y_train)),
+            "test": int(len(data.y_test)),
+        },
+        "init_source": init.meta.get("sha256"),  # the constructed-from checkpoint's weights
+    }
+    run_doc = json.loads(json.dumps(run_doc, default=str))  # compare in the form it is stored
+
+    def write_run_json() -> None:
         run_json = run_dir / "run.json"
         if run_json.exists():
             previous = json.loads(run_json.read_text())
@@ -375,9 +475,11 @@ def train(
                 "revision": code_revision(),
                 "command": command_line(),
                 "runtime": runtime_settings(),
+                "ranks": replicas.world,
             },
         )
 
+    with _claimed(run_dir, replicas, write_run_json):  # one writer per run directory
         model = model.to(device)
         if device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
@@ -400,7 +502,8 @@ def train(
             _restore_momentum(opt, names, load_extra_tensors(resume, device=device))
             start_epoch = resumed_from = int(meta["epoch"])
             history = _resumed_history(meta, run_dir / "history.json", start_epoch)
-            _write_json(run_dir / "history.json", history)  # mends a damaged history.json
+            if replicas.is_main:
+                _write_json(run_dir / "history.json", history)  # mends a damaged history.json
         checkpoints = {
             e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
             for e in save_at
@@ -416,11 +519,11 @@ def train(
             shuffle=True,
             augment=data.augment,
             seed=cfg.seed,
+            part=(replicas.rank, replicas.world),
             **loader_kw,
         )
         eval_train = DeviceLoader(data.x_train, data.y_train, cfg.eval_batch_size, **loader_kw)
         eval_test = DeviceLoader(data.x_test, data.y_test, cfg.eval_batch_size, **loader_kw)
-        step_fn = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
         meta_base = {
             "model": model.config.to_dict(),
             "model_name": cfg.model,
@@ -436,8 +539,9 @@ def train(
         }
 
         def measure(record: dict) -> None:
-            record.update({f"train_{k}": v for k, v in evaluate(model, eval_train).items()})
-            record.update({f"test_{k}": v for k, v in evaluate(model, eval_test).items()})
+            for split, loader in (("train", eval_train), ("test", eval_test)):
+                metrics = evaluate(model, loader, replicas)
+                record.update({f"{split}_{k}": v for k, v in metrics.items()})
 
         def checkpoint(epoch: int, record: dict) -> None:
             measure(record)
@@ -445,8 +549,21 @@ def train(
                 k: record[k] for k in ("train_loss", "train_error", "test_loss", "test_error")
             }
             stem = run_dir / "checkpoints" / f"epoch-{epoch:04d}"
-            checkpoints[epoch] = save_checkpoint(
-                stem, model, {**meta_base, "epoch": epoch, "metrics": metrics}
+            checkpoints[epoch] = replicas.on_main(
+                f"saving the checkpoint of epoch {epoch}",
+                lambda: save_checkpoint(
+                    stem, model, {**meta_base, "epoch": epoch, "metrics": metrics}
+                ),
+            )
+
+        def save_progress(epoch: int) -> None:
+            _write_json(run_dir / "history.json", history)
+            save_checkpoint(
+                run_dir / "resume",
+                model,
+                # the history travels with the weights it belongs to (one atomically written file)
+                {**meta_base, "epoch": epoch, "history": history},
+                extra_tensors=_momentum_state(opt, names),
             )
 
         callback(
@@ -482,6 +599,10 @@ def train(
             elif 0 in eval_at:
                 measure(record)
             history.append(record)
+        # the training steps' module: the model itself, or its DDP replica (after the init, which
+        # every rank computes alike on the whole data)
+        net = replicas.wrap(model, cfg.sync_bn)
+        step_fn = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
         it = start_epoch * steps_per_epoch
         for epoch in range(start_epoch + 1, epochs + 1):
             te = time.perf_counter()
@@ -490,7 +611,7 @@ def train(
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             wrong = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
-            for x, y, _ in train_loader:
+            for k, (x, y, _) in enumerate(train_loader):
                 if it >= total_iters:
                     break
                 lr = lr_at(recipe, it, total_iters)
@@ -498,11 +619,11 @@ def train(
                     g["lr"] = lr
                 with _autocast(device):
                     out = step_fn(x)
-                    loss = F.cross_entropy(out.float(), y)
+                    loss, summed = replicas.loss(out, y, train_loader.batch_samples(k))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                loss_sum += loss.detach().double() * len(y)
+                loss_sum += summed
                 wrong += (out.detach().argmax(1) != y).sum()
                 seen += len(y)
                 it += 1
@@ -516,6 +637,12 @@ def train(
                             "error": wrong.item() / seen,
                         },
                     )
+            if replicas.parallel:  # the epoch's batch loss and error over every rank's part
+                replicas.sync_buffers(model)
+                loss_sum, wrong, n = replicas.sum(
+                    loss_sum, wrong, torch.tensor(seen, device=device)
+                )
+                seen = int(n.item())
             if not torch.isfinite(loss_sum):
                 raise ProbeError(
                     f"Training diverged at epoch {epoch} (loss is not finite); lower the lr."
@@ -528,19 +655,15 @@ def train(
                 "seconds": time.perf_counter()
                 - te,  # the training steps alone (.item() synchronised)
             }
+            if replicas.parallel:  # how the epoch ran: BN statistics per rank, or synchronised
+                record.update(ranks=replicas.world, sync_bn=cfg.sync_bn)
             if epoch in eval_at:
                 te = time.perf_counter()
                 checkpoint(epoch, record) if epoch in save_at else measure(record)
                 record["eval_seconds"] = time.perf_counter() - te
             history.append(record)
-            _write_json(run_dir / "history.json", history)
-            save_checkpoint(
-                run_dir / "resume",
-                model,
-                # the history travels with the weights it belongs to (one atomically written file)
-                {**meta_base, "epoch": epoch, "history": history},
-                extra_tensors=_momentum_state(opt, names),
-            )
+
+            replicas.on_main(f"saving epoch {epoch}", functools.partial(save_progress, epoch))
             callback("epoch", record)
         result = TrainResult(
             run_dir,
