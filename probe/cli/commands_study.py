@@ -55,16 +55,22 @@ def study_cmd(preset, sets, dataset, out, device, arms):
         overrides["device"] = device
     if arms:
         overrides["arms"] = arms
+    from probe.distributed import ranks
+
     cfg = get_preset(preset, **overrides)
     draw_training = train_callback("  train")
+    r = ranks()
+    tag = f"[rank {r.rank}/{r.world}] " if r.world > 1 else ""
 
     def cb(event, info):
-        if event == "stage":
-            click.echo(f"· {info['text']}", err=True)
-        else:  # trainer events: one progress bar per training run
+        if event == "stage":  # every rank says what it works on
+            click.echo(f"· {tag}{info['text']}", err=True)
+        else:  # trainer events: one progress bar per training run (rank 0's)
             draw_training(event, info)
 
     res = run_study(cfg, out, callback=cb)
+    if res is None:  # another rank than 0: rank 0 reports
+        return
     t = res.timings
     parts = ["train", "interventions", "capture", "analysis", "figures"]
     click.echo(

@@ -47,7 +47,19 @@ from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
-__all__ = ["StudyResult", "run_study", "capture_epochs"]
+__all__ = [
+    "StudyResult",
+    "run_study",
+    "capture_epochs",
+    "grid_run",
+    "grid_captures",
+    "lesion_table",
+    "lesion_path",
+    "CaptureSpec",
+    "prepare_study",
+    "study_dir",
+    "run_study_here",
+]
 
 Callback = Callable[[str, dict], None]
 
@@ -79,28 +91,157 @@ def _is_bn(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.BatchNorm2d)
 
 
-def run_study(
-    cfg: StudyConfig, out: str | Path | None = None, callback: Callback | None = None
-) -> StudyResult:
-    """Run (or resume) the study described by ``cfg`` in ``out`` (default data/studies/<name>).
+def grid_run(cfg: StudyConfig, out: Path, model: str, seed: int) -> TrainConfig:
+    """The training run of ``model`` and ``seed`` in the study's grid."""
+    _, depth = parse_name(model)
+    epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
+    at = capture_epochs(cfg, epochs)
+    # arms construct from the grid's final nets and draw training curves at every epoch
+    save_epochs = sorted({*at, epochs}) if cfg.arms else at
+    return TrainConfig(
+        model=model,
+        dataset=cfg.dataset,
+        train_limit=cfg.train_limit,
+        recipe=cfg.recipe,
+        seed=seed,
+        model_options=dict(cfg.model_options),
+        recipe_overrides=dict(cfg.recipe_overrides),
+        save_at=",".join(str(e) for e in save_epochs),
+        eval_at="all" if cfg.arms else "",
+        out=str(out / "runs" / f"{model}-s{seed}"),
+        device=cfg.device,
+    )
 
-    ``callback(event, info)`` gets 'stage' events (a person-readable step) and the trainer's
-    events, for progress bars; the library itself never prints.
-    """
-    t0 = time.perf_counter()
-    cb = callback or (lambda event, info: None)
-    out = Path(out) if out else data_root() / "studies" / cfg.name
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """One capture of a study: a checkpoint, the file it goes to, what it records."""
+
+    path: Path
+    checkpoint: Path
+    text: str
+    layers: object
+    probes: tuple
+
+    def run(self, cfg: StudyConfig, data, cb: Callback) -> None:
+        capture_once(
+            self.path,
+            self.checkpoint,
+            cfg,
+            data,
+            cb,
+            self.text,
+            layers=self.layers,
+            probes=list(self.probes),
+        )
+
+
+def grid_captures(
+    cfg: StudyConfig, out: Path, model: str, seed: int, cks: dict[int, Path]
+) -> list[CaptureSpec]:
+    """The block and BN captures of a grid run at its capture epochs ``cks``."""
+    probes = tuple(make_probe(s) for s in cfg.probes)
+    specs = []
+    for epoch, ck in cks.items():
+        stem = out / "captures" / f"{model}-s{seed}-e{epoch:04d}"
+        for suffix, layers, plist in (("", "auto", probes), ("-bn", _is_bn, (ChannelStats(),))):
+            specs.append(
+                CaptureSpec(
+                    stem.with_name(stem.name + suffix + ".h5"),
+                    ck,
+                    f"capture {model} seed {seed} epoch {epoch}{suffix}",
+                    layers,
+                    plist,
+                )
+            )
+    return specs
+
+
+def lesion_path(out: Path, model: str, seed: int) -> Path:
+    return out / "tables" / f"lesions-{model}-s{seed}.csv"
+
+
+def lesion_table(
+    cfg: StudyConfig, out: Path, data, model: str, seed: int, cks: dict[int, Path], cb: Callback
+) -> pd.DataFrame:
+    """The lesion table of a grid run's last capture checkpoint: reused when whole, else
+    computed and written."""
+    path = lesion_path(out, model, seed)
+    done = reusable_table(path, LESION_COLUMNS)
+    if done is not None:
+        return done
+    cb("stage", {"text": f"lesions {model} seed {seed}"})
+    key = {
+        "model": model,
+        "depth": parse_name(model)[1],
+        "residual": not model.startswith(("plain", "preplain")),
+        "seed": seed,
+        "checkpoint": max(cks),
+    }
+    part = checkpoint_lesions(
+        cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
+    )
+    write_csv(path, part)
+    return part
+
+
+def study_dir(cfg: StudyConfig, out: str | Path | None) -> Path:
+    return Path(out) if out else data_root() / "studies" / cfg.name
+
+
+def prepare_study(cfg: StudyConfig, out: Path) -> None:
+    """Check ``cfg`` can run and lay out ``out``: nothing trains before an invalid study stops."""
     for sub in ("runs", "captures", "tables", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if len(cfg.families) != 2:
         raise ProbeError(f"A study compares two families (plain, residual); got {cfg.families}.")
     for m in cfg.models:
         parse_name(m)
+    for s in cfg.probes:
+        make_probe(s)
     conditions_for(cfg)  # an arm that cannot run stops the study before anything trains
     write_text(out / "study.json", json.dumps(cfg.to_dict(), indent=2))
+
+
+def run_study(
+    cfg: StudyConfig,
+    out: str | Path | None = None,
+    callback: Callback | None = None,
+    *,
+    distributed: bool | None = None,
+) -> StudyResult | None:
+    """Run (or resume) the study described by ``cfg`` in ``out`` (default data/studies/<name>).
+
+    ``callback(event, info)`` gets 'stage' events (a person-readable step) and the trainer's
+    events, for progress bars; the library itself never prints.
+
+    Under an initialised process group with several ranks (torchrun; ``distributed=None``, the
+    default) the study's runs, captures and lesion tables are spread over the ranks and rank 0
+    then writes tables, figures and report (:mod:`probe.study.distributed`); ranks other than 0
+    return None.
+    """
+    from probe.distributed.group import alone, grouped
+
+    if distributed is not False and grouped():
+        from probe.study.distributed import run_study_over_ranks
+
+        return run_study_over_ranks(cfg, study_dir(cfg, out), callback)
+    with alone():  # every run and capture below is this process's own
+        return run_study_here(cfg, study_dir(cfg, out), callback)
+
+
+def run_study_here(
+    cfg: StudyConfig, out: Path, callback: Callback | None, before: dict[str, float] | None = None
+) -> StudyResult:
+    """The whole study in this process (each step reuses what its files already hold). Call it
+    inside :func:`probe.distributed.group.alone` under a process group. ``before``: seconds
+    each stage already took elsewhere (on the ranks), added to this run's timings."""
+    before = before or {}
+    t0 = time.perf_counter() - before.get("total", 0.0)
+    cb = callback or (lambda event, info: None)
+    prepare_study(cfg, out)
     timings: dict[str, float] = {}
     data = load_dataset(cfg.dataset).subset(cfg.train_limit)
-    probes = [make_probe(s) for s in cfg.probes]
 
     # 1. Train (or reuse) every model.
     ts = time.perf_counter()
@@ -110,23 +251,8 @@ def run_study(
             _, depth = parse_name(model)
             epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
             at = capture_epochs(cfg, epochs)
-            # arms construct from the grid's final nets and draw training curves at every epoch
-            save_epochs = sorted({*at, epochs}) if cfg.arms else at
             cb("stage", {"text": f"train {model} seed {seed}"})
-            tc = TrainConfig(
-                model=model,
-                dataset=cfg.dataset,
-                train_limit=cfg.train_limit,
-                recipe=cfg.recipe,
-                seed=seed,
-                model_options=dict(cfg.model_options),
-                recipe_overrides=dict(cfg.recipe_overrides),
-                save_at=",".join(str(e) for e in save_epochs),
-                eval_at="all" if cfg.arms else "",
-                out=str(out / "runs" / f"{model}-s{seed}"),
-                device=cfg.device,
-            )
-            res = train(tc, callback=cb, data=data)
+            res = train(grid_run(cfg, out, model, seed), callback=cb, data=data)
             final = res.final
             run_rows.append(
                 {
@@ -159,21 +285,9 @@ def run_study(
     ts = time.perf_counter()
     caps = []
     for (model, seed), cks in checkpoints.items():
-        for epoch, ck in cks.items():
-            stem = out / "captures" / f"{model}-s{seed}-e{epoch:04d}"
-            for suffix, layers, plist in (("", "auto", probes), ("-bn", _is_bn, [ChannelStats()])):
-                path = stem.with_name(stem.name + suffix + ".h5")
-                capture_once(
-                    path,
-                    ck,
-                    cfg,
-                    data,
-                    cb,
-                    f"capture {model} seed {seed} epoch {epoch}{suffix}",
-                    layers=layers,
-                    probes=plist,
-                )
-                caps.append(open_capture(path))
+        for spec in grid_captures(cfg, out, model, seed, cks):
+            spec.run(cfg, data, cb)
+            caps.append(open_capture(spec.path))
     timings["capture"] = time.perf_counter() - ts
 
     # 3. Measures and lesions.
@@ -184,24 +298,7 @@ def run_study(
     lesion_parts = []
     if cfg.lesions:
         for (model, seed), cks in checkpoints.items():
-            path = out / "tables" / f"lesions-{model}-s{seed}.csv"
-            done = reusable_table(path, LESION_COLUMNS)
-            if done is not None:
-                lesion_parts.append(done)
-                continue
-            cb("stage", {"text": f"lesions {model} seed {seed}"})
-            key = {
-                "model": model,
-                "depth": parse_name(model)[1],
-                "residual": not model.startswith(("plain", "preplain")),
-                "seed": seed,
-                "checkpoint": max(cks),
-            }
-            part = checkpoint_lesions(
-                cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
-            )
-            write_csv(path, part)
-            lesion_parts.append(part)
+            lesion_parts.append(lesion_table(cfg, out, data, model, seed, cks, cb))
     lesions = pd.concat(lesion_parts, ignore_index=True) if lesion_parts else None
     if lesions is not None:
         table = pd.concat([table, lesions], ignore_index=True)
@@ -277,6 +374,9 @@ def run_study(
     write_text(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
     for c in caps:
         c.close()
+    for stage, seconds in before.items():
+        if stage != "total":
+            timings[stage] = timings.get(stage, 0.0) + seconds
     timings["total"] = time.perf_counter() - t0
     from probe.study.report import write_report
 

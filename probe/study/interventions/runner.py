@@ -25,10 +25,20 @@ from probe.store.reader import open_capture
 from probe.study.files import capture_once, reusable_table, write_csv, write_text
 from probe.study.interventions.arms import Condition, arm_conditions
 from probe.study.interventions.toy import ToyConfig, run_toy
-from probe.train import TrainConfig, TrainResult, get_recipe, train
+from probe.train import TrainConfig, TrainResult, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
-__all__ = ["InterventionData", "run_interventions", "conditions_for"]
+__all__ = [
+    "InterventionData",
+    "run_interventions",
+    "conditions_for",
+    "train_condition",
+    "condition_run",
+    "arm_captures",
+    "arm_capture",
+    "toy",
+    "toy_done",
+]
 
 Callback = Callable[[str, dict], None]
 _CAPTURE_LIMIT = 256  # samples per intervention capture (closeness and gradient profiles)
@@ -68,35 +78,54 @@ def conditions_for(cfg) -> dict[str, tuple[Condition, dict[str, str]]]:
                 # two arms describing one run differently would train it under one name
                 raise ProbeError(f"Arms disagree about run {c.key!r}: {out[c.key][0]} vs {c}.")
             out.setdefault(c.key, (c, {}))[1][arm] = c.label
+    for c, arms in out.values():  # a run that cannot save where its arm reads stops us now
+        overrides = {**cfg.recipe_overrides, **c.recipe_overrides}
+        epochs = get_recipe(cfg.recipe, depth=parse_name(c.model)[1], **overrides).epochs
+        try:
+            parse_save_at(c.save_at, epochs)
+        except ProbeError as e:
+            raise ProbeError(
+                f"The {', '.join(arms)} arm reads run {c.key} at epochs {c.save_at}: {e} Train "
+                "longer (e.g. --set recipe_overrides='{\"epochs\": 6}')."
+            ) from None
     return out
 
 
-def _train_condition(
+def condition_run(cfg, c: Condition, seed: int, out: Path, init: str | None = None) -> TrainConfig:
+    """The training run of condition ``c`` (``init``: its resolved init, for constructed runs
+    the source checkpoint's path)."""
+    return TrainConfig(
+        model=c.model,
+        dataset=cfg.dataset,
+        train_limit=cfg.train_limit,
+        recipe=cfg.recipe,
+        seed=seed,
+        model_options={**cfg.model_options, **c.model_options},
+        recipe_overrides={**cfg.recipe_overrides, **c.recipe_overrides},
+        save_at=c.save_at,
+        eval_at="all",
+        init=init or c.init,
+        out=str(out / "runs" / f"{c.key}-s{seed}"),
+        device=cfg.device,
+    )
+
+
+def train_condition(
     cfg, c: Condition, seed: int, out: Path, data: ImageArrays, grid, cb
 ) -> TrainResult:
+    """Train (or reuse) the run of condition ``c``; ``grid`` maps (model, seed) to the grid's
+    results, which constructed runs start from."""
     init = c.init
     if init.startswith("construct:@"):
         source = grid[(init.split("@", 1)[1], seed)]
         init = f"construct:{source.checkpoints[max(source.checkpoints)]}"
     cb("stage", {"text": f"train {c.key} seed {seed}"})
-    return train(
-        TrainConfig(
-            model=c.model,
-            dataset=cfg.dataset,
-            train_limit=cfg.train_limit,
-            recipe=cfg.recipe,
-            seed=seed,
-            model_options={**cfg.model_options, **c.model_options},
-            recipe_overrides={**cfg.recipe_overrides, **c.recipe_overrides},
-            save_at=c.save_at,
-            eval_at="all",
-            init=init,
-            out=str(out / "runs" / f"{c.key}-s{seed}"),
-            device=cfg.device,
-        ),
-        callback=cb,
-        data=data,
-    )
+    return train(condition_run(cfg, c, seed, out, init), callback=cb, data=data)
+
+
+def toy_done(cfg, tables: Path) -> bool:
+    """Whether the toy's tables are there, whole, for ``cfg``'s settings."""
+    return _toy_tables(cfg, tables) is not None
 
 
 def shortcut_scale(c: Condition) -> float:
@@ -161,7 +190,26 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
     return pd.DataFrame(rows), pd.DataFrame(curves)
 
 
-def _capture(ck: Path, path: Path, probe: str, cfg, data: ImageArrays, cb) -> None:
+def arm_captures(cfg, conds, results, out: Path) -> list[tuple[Path, Path, str]]:
+    """(checkpoint, capture file, probe) of every capture the arms read: identity-closeness of
+    each constructed run at its checkpoints, gradient profiles of each shortcut-scale run at its
+    first and last."""
+    jobs = []
+    for (key, seed), res in results.items():
+        c, arms = conds[key]
+        folder = out / "captures" / "interventions"
+        if "constructed" in cfg.arms and c.init.startswith("construct:"):
+            for epoch, ck in res.checkpoints.items():
+                jobs.append((ck, folder / f"{key}-s{seed}-e{epoch:04d}.h5", "residual"))
+        if "shortcut_scale" in cfg.arms and "shortcut_scale" in arms:
+            for epoch in sorted({min(res.checkpoints), max(res.checkpoints)}):
+                path = folder / f"{key}-s{seed}-e{epoch:04d}-grad.h5"
+                jobs.append((res.checkpoints[epoch], path, "grad"))
+    return jobs
+
+
+def arm_capture(ck: Path, path: Path, probe: str, cfg, data: ImageArrays, cb) -> None:
+    """One of :func:`arm_captures`, unless a whole capture is there."""
     limit = min(cfg.capture_limit or _CAPTURE_LIMIT, _CAPTURE_LIMIT)
     capture_once(
         path,
@@ -187,7 +235,7 @@ def _closeness(cfg, conds, results, out, data, n_train, cb) -> pd.DataFrame:
         spe = _steps_per_epoch(cfg, c, n_train)
         for epoch, ck in res.checkpoints.items():
             path = out / "captures" / "interventions" / f"{key}-s{seed}-e{epoch:04d}.h5"
-            _capture(ck, path, "residual", cfg, data, cb)
+            arm_capture(ck, path, "residual", cfg, data, cb)
             with open_capture(path) as cap:
                 t = identity_closeness(cap)
             t = t[t["quantity"] == "closeness"]
@@ -220,7 +268,7 @@ def _grad_profile(cfg, conds, results, out, data, cb) -> pd.DataFrame:
         lam = shortcut_scale(c)
         for epoch in sorted({min(res.checkpoints), max(res.checkpoints)}):
             path = out / "captures" / "interventions" / f"{key}-s{seed}-e{epoch:04d}-grad.h5"
-            _capture(res.checkpoints[epoch], path, "grad", cfg, data, cb)
+            arm_capture(res.checkpoints[epoch], path, "grad", cfg, data, cb)
             with open_capture(path) as cap:
                 t = signal_propagation(cap)
             t = t[t["quantity"] == "grad_norm"]
@@ -243,18 +291,29 @@ def _grad_profile(cfg, conds, results, out, data, cb) -> pd.DataFrame:
 _TOY_TABLES = ("steps", "curves", "weights", "summary")
 
 
-def _toy(cfg, tables: Path, cb) -> dict[str, pd.DataFrame]:
-    """Run the toy, or reuse its tables when they were made with the same settings."""
+def _toy_tables(cfg, tables: Path) -> dict[str, pd.DataFrame] | None:
+    """The toy's tables when whole and made with the settings ``cfg`` asks for, else None."""
     tc = ToyConfig(seeds=cfg.toy_seeds)
     stamp = tables / "toy.json"
-    want = json.dumps(tc.__dict__, sort_keys=True, default=list)
-    if stamp.is_file() and stamp.read_text() == want:
-        found = {
-            n: reusable_table(tables / f"toy_{n}.csv", ("activation", "variant"))
-            for n in _TOY_TABLES
-        }
-        if all(t is not None for t in found.values()):
-            return found
+    if not (stamp.is_file() and stamp.read_text() == _toy_stamp(tc)):
+        return None
+    found = {
+        n: reusable_table(tables / f"toy_{n}.csv", ("activation", "variant")) for n in _TOY_TABLES
+    }
+    return found if all(t is not None for t in found.values()) else None
+
+
+def _toy_stamp(tc: ToyConfig) -> str:
+    return json.dumps(tc.__dict__, sort_keys=True, default=list)
+
+
+def toy(cfg, tables: Path, cb) -> dict[str, pd.DataFrame]:
+    """Run the toy, or reuse its tables when they were made with the same settings."""
+    found = _toy_tables(cfg, tables)
+    if found is not None:
+        return found
+    tc = ToyConfig(seeds=cfg.toy_seeds)
+    stamp, want = tables / "toy.json", _toy_stamp(tc)
     cb("stage", {"text": f"toy: {tc.seeds} seeds x {len(tc.activations)} activations"})
     res = run_toy(tc)
     found = {n: getattr(res, n) for n in _TOY_TABLES}
@@ -281,7 +340,7 @@ def run_interventions(
             if (key, seed) in grid:
                 results[(key, seed)] = grid[(key, seed)]
             else:
-                results[(key, seed)] = _train_condition(cfg, c, seed, out, data, grid, cb)
+                results[(key, seed)] = train_condition(cfg, c, seed, out, data, grid, cb)
     n_train = len(data.y_train)
     table, curves = _rows(cfg, conds, results, n_train)
     tables = out / "tables"
@@ -295,5 +354,5 @@ def run_interventions(
         res.grad_profile = _grad_profile(cfg, conds, results, out, data, cb)
         write_csv(tables / "grad_profile.csv", res.grad_profile)
     if "toy" in cfg.arms:
-        res.toy = _toy(cfg, tables, cb)
+        res.toy = toy(cfg, tables, cb)
     return res
