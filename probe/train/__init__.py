@@ -2,16 +2,8 @@
 
 from probe.train.checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from probe.train.recipes import RECIPES, Recipe, get_recipe, lr_at
-from probe.train.trainer import (
-    TrainConfig,
-    TrainResult,
-    evaluate,
-    parse_save_at,
-    read_run,
-    resolve_device,
-    run_finished,
-    train,
-)
+from probe.train.runs import TrainConfig, TrainResult, read_run, run_finished
+from probe.train.trainer import evaluate, parse_save_at, resolve_device, train
 
 __all__ = [
     "RECIPES",

@@ -10,13 +10,11 @@ epoch; a finished run returns at once.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import itertools
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,137 +35,25 @@ from probe.train.checkpoint import (
 from probe.train.ddp import Replicas
 from probe.train.init import prepare_init
 from probe.train.recipes import Recipe, get_recipe, lr_at
+from probe.train.runs import (
+    TrainConfig,
+    TrainResult,
+    default_run_dir,
+    planned_epochs,
+    run_identity,
+)
 from probe.zoo import create, parse_name
 
 __all__ = [
-    "TrainConfig",
-    "TrainResult",
     "train",
     "evaluate",
     "calibrate_bn_",
     "parse_save_at",
     "resolve_device",
-    "read_run",
-    "run_finished",
 ]
 
 Callback = Callable[[str, dict], None]
 _INIT_BATCHES = 50  # training batches whose statistics set identity-initialised BNs
-
-
-@dataclass
-class TrainConfig:
-    """What to train, on what, how; every field is recorded in ``run.json``."""
-
-    model: str = "plain20"  # registry name, e.g. resnet56, plain56, preresnet110
-    dataset: str = "digits"  # digits, cifar10, cifar100, or a path to an image tree / .tar.gz
-    train_limit: int | None = None  # train on the first N training images only (CPU-sized runs)
-    recipe: str = "digits"  # he2016, fast, digits
-    seed: int = 0
-    model_options: dict = field(default_factory=dict)  # NetConfig overrides (shortcut, width, ...)
-    recipe_overrides: dict = field(default_factory=dict)  # Recipe overrides (epochs, lr, ...)
-    save_at: str = "0,last"  # epochs to checkpoint; 0 is the initialisation, "last" the end
-    eval_at: str = ""  # extra epochs ("all", "0,2,4") with eval-mode metrics but no checkpoint
-    init: str = "he"  # he, dirac, identity, construct:<shallower checkpoint> (probe.train.init)
-    out: str = ""  # run directory; default data/runs/<model>-<dataset>-<recipe>-s<seed>
-    device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
-    compile: bool = False  # torch.compile the model (GPU)
-    compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
-    sync_bn: bool = False  # over several ranks: BN statistics of the global batch (GPUs only)
-    eval_batch_size: int = 1024
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-# Where and how fast a run executes, not what it is: a run directory that was moved or copied,
-# resumed on another device or with compilation, is the same run.
-# Evaluating in eval mode at more epochs does not change the weights either.
-# The number of ranks and sync_bn are recorded per epoch in the history instead.
-_NOT_IDENTITY = (
-    "out",
-    "device",
-    "compile",
-    "compile_mode",
-    "eval_batch_size",
-    "eval_at",
-    "sync_bn",
-)
-
-
-def run_identity(config: dict) -> dict:
-    """The fields of a (stored) TrainConfig that define the run; fields added since the run was
-    stored take their defaults (a run from before ``init`` existed used He init)."""
-    defaults = TrainConfig().to_dict()
-    full = {**{k: defaults[k] for k in defaults if k not in config}, **config}
-    if str(full["init"]).startswith("construct:"):
-        # The source checkpoint is identified by its digest (``init_source`` in run.json), not its
-        # path, so a study directory that was moved still resumes.
-        full["init"] = "construct"
-    return {k: v for k, v in full.items() if k not in _NOT_IDENTITY}
-
-
-def _planned_epochs(recipe: Recipe, steps_per_epoch: int) -> int:
-    if recipe.max_iters is None:
-        return recipe.epochs
-    return min(recipe.epochs, -(-recipe.max_iters // steps_per_epoch))
-
-
-def run_finished(cfg: TrainConfig, n_train: int) -> bool:
-    """Whether ``cfg``'s run directory holds this run trained to its last epoch (so ``train``
-    would return at once), read from its files alone. ``n_train``: training images."""
-    run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
-    try:
-        resume = json.loads((run_dir / "resume.json").read_text())
-        stored = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return False
-    recipe = get_recipe(cfg.recipe, depth=parse_name(cfg.model)[1], **cfg.recipe_overrides)
-    mine = json.loads(json.dumps(cfg.to_dict(), default=str))
-    return (
-        isinstance(resume, dict)
-        and isinstance(stored, dict)
-        and resume.get("epoch") == _planned_epochs(recipe, -(-n_train // recipe.batch_size))
-        and run_identity(stored.get("config") or {}) == run_identity(mine)
-    )
-
-
-def read_run(run_dir: str | Path) -> TrainResult:
-    """A run another process trained, as its files hold it: history and checkpoints (no model).
-
-    Example:
-        >>> read_run("data/runs/resnet8-digits-digits-s0").final["train_error"]  # doctest: +SKIP
-        0.0
-    """
-    run_dir = Path(run_dir)
-    try:
-        history = json.loads((run_dir / "history.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ProbeError(
-            f"{run_dir} holds no readable history.json ({e}); train the run (again) first."
-        ) from e
-    checkpoints = {
-        int(p.stem.split("-", 1)[1]): p
-        for p in sorted((run_dir / "checkpoints").glob("epoch-*.json"))
-        if p.stem.split("-", 1)[1].isdigit()
-    }
-    wall = sum(r.get("seconds", 0.0) + r.get("eval_seconds", 0.0) for r in history)
-    return TrainResult(run_dir, history, checkpoints, wall)
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    history: list[dict]
-    checkpoints: dict[int, Path]
-    wall_s: float
-    resumed_from: int | None = None
-    model: nn.Module | None = field(default=None, repr=False)  # the trained net, in eval mode
-
-    @property
-    def final(self) -> dict:
-        """The last epoch record that carries eval-mode metrics."""
-        return next(r for r in reversed(self.history) if "train_error" in r)
 
 
 def _resumed_history(meta: dict, path: Path, epoch: int) -> list[dict]:
@@ -331,13 +217,6 @@ def _param_groups(model: nn.Module, recipe: Recipe) -> list[dict]:
     ]
 
 
-def _default_out(cfg: TrainConfig) -> Path:
-    from probe.data import data_root
-
-    name = Path(cfg.dataset).name.split(".")[0]
-    return data_root() / "runs" / f"{cfg.model}-{name}-{cfg.recipe}-s{cfg.seed}"
-
-
 def _momentum_state(opt: torch.optim.SGD, names: dict[int, str]) -> dict[str, torch.Tensor]:
     out = {}
     for group in opt.param_groups:
@@ -426,9 +305,9 @@ def train(
     if data is None:  # decoded once by rank 0 (a cache the other ranks then read)
         data = replicas.main_first("loading the data", lambda: load_dataset(cfg.dataset))
     data = data.subset(cfg.train_limit)
-    run_dir = Path(cfg.out) if cfg.out else _default_out(cfg)
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
     steps_per_epoch = -(-len(data.y_train) // recipe.batch_size)
-    epochs = _planned_epochs(recipe, steps_per_epoch)
+    epochs = planned_epochs(recipe, steps_per_epoch)
     total_iters = min(epochs * steps_per_epoch, recipe.max_iters or 1 << 62)
     save_at = parse_save_at(cfg.save_at, epochs)
     torch.manual_seed(cfg.seed)
