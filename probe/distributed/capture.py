@@ -193,11 +193,12 @@ def _join(
     keep = ("config", "provenance", "capture_id")
     root = {k: attrs[k] for k in keep} | {"wall_seconds": time.perf_counter() - t0}
     join_shards(paths, out, copy=join == "copy", attrs=root)
-    if join == "copy":
-        for path in paths:
-            path.unlink()
-        with contextlib.suppress(OSError):
-            paths[0].parent.rmdir()
+    folder = paths[0].parent
+    stale = set(folder.glob("rank-*-of-*.h5")) - set(paths)  # parts of an earlier capture
+    for path in stale | (set(paths) if join == "copy" else set()):
+        path.unlink()
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only when empty: a virtual join keeps its parts there
 
 
 def _in_memory(part: MemoryCapture | None, attrs: dict, t0: float) -> MemoryCapture:

@@ -51,6 +51,10 @@ def _caps(cap: H5Capture) -> list[str]:
     ]
 
 
+def _rows(cap: H5Capture) -> int:
+    return int(cap.attrs["n_samples"])  # = rows of /sample_index (checked on open)
+
+
 def _check_offsets(caps: list[H5Capture]) -> None:
     """Shards with sample caps must have been captured at their position in the joined order:
     a shard that counted its cap from 0 holds rows of samples beyond the joined capture's cap."""
@@ -66,11 +70,12 @@ def _check_offsets(caps: list[H5Capture]) -> None:
                 f"again with probe.capture(..., sample_offset={start}), or give the shards in rank "
                 "order."
             )
-        start += len(cap.sample_index())
+        start += _rows(cap)
 
 
-def _joined_keys(caps: list[H5Capture]) -> set[tuple[str, str]]:
-    """Every (layer, quantity) of the joined capture, after checking that the shards are parts of
+def _joined_keys(caps: list[H5Capture]) -> dict[tuple[str, str], list[int]]:
+    """Every (layer, quantity) of the joined capture and the shards that hold it, after checking
+    that the shards are parts of
     one capture: the same probes, and each dataset held by a prefix of the shards in which every
     shard but the last holds all of its samples. A capped probe's rows end in one shard and the
     shards after it hold none (their samples lie past the cap); any other pattern would leave
@@ -83,10 +88,10 @@ def _joined_keys(caps: list[H5Capture]) -> set[tuple[str, str]]:
                 "with other probes. Shards of one capture need the same --probe settings."
             )
     held = [{(l, q) for l in c.layers for q in c.quantities(l)} for c in caps]
-    keys = set().union(*held)
-    for key in sorted(keys):
-        owners = [i for i, h in enumerate(held) if key in h]
-        full = [len(caps[i].sample_index()) == caps[i].shape(*key)[0] for i in owners[:-1]]
+    keys = {}
+    for key in sorted(set().union(*held)):
+        owners = keys[key] = [i for i, h in enumerate(held) if key in h]
+        full = [_rows(caps[i]) == caps[i].shape(*key)[0] for i in owners[:-1]]
         if owners != list(range(len(owners))) or not all(full):
             raise ProbeError(
                 f"Shards hold different datasets: {key[0]}/{key[1]} is in shards {owners} of "
@@ -189,7 +194,7 @@ def _merged_layer_attrs(caps: list[H5Capture], layer: str) -> dict:
 
 
 def _root_attrs(
-    caps: list[H5Capture], keys: set, rel: list[str], copy: bool, override: dict
+    caps: list[H5Capture], keys: dict, rel: list[str], copy: bool, override: dict
 ) -> dict:
     first = caps[0]
     root = dict(first.attrs)
@@ -200,7 +205,7 @@ def _root_attrs(
     layers = {l for l, _ in keys}
     bad = sum(1 for l in layers if _merged_layer_attrs(caps, l).get("nonfinite_samples"))
     root.update(
-        n_samples=int(sum(len(c.sample_index()) for c in caps)),
+        n_samples=sum(_rows(c) for c in caps),
         nonfinite_layers=bad,
         wall_seconds=max(float(c.attrs.get("wall_seconds", 0.0)) for c in caps),
         sample_offset=0,
@@ -238,16 +243,19 @@ def _write_joined(
     tmp: Path,
     caps: list[H5Capture],
     rel: list[str],
-    keys: set[tuple[str, str]],
+    keys: dict[tuple[str, str], list[int]],
     copy: bool,
     root: dict,
 ) -> None:
+    every = list(range(len(caps)))
+    sources = {"sample_index": every, "labels": every} | {
+        f"{LAYERS}/{l}/{q}": owners for (l, q), owners in sorted(keys.items())
+    }
     with h5py.File(tmp, "w", libver=("v110", "latest")) as f:
         f.attrs.update(root)
         f.attrs["complete"] = False
-        names = ["sample_index", "labels"] + [f"{LAYERS}/{l}/{q}" for l, q in sorted(keys)]
-        for name in names:
-            parts = [(p, c, c.node(name)) for p, c in zip(rel, caps) if name in c.node("/")]
+        for name, owners in sources.items():
+            parts = [(rel[i], caps[i], caps[i].node(name)) for i in owners]
             feat, dtype = parts[0][2].shape[1:], parts[0][2].dtype
             if any(d.shape[1:] != feat or d.dtype != dtype for _, _, d in parts):
                 raise ProbeError(f"Shards disagree on the shape or dtype of {name}.")
