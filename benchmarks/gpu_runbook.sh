@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
+#   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
 set -euo pipefail
 export PYTHONPATH=.
 ARCHIVE=${CIFAR_ARCHIVE:-.data/cifar10-jpg.tar.gz}
@@ -19,6 +20,9 @@ case "${1:-}" in
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
   study)
     python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 ;;
+  dist)
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json .data/dist.json ;;
   *)
-    echo "usage: $0 data|bench|study" >&2; exit 2 ;;
+    echo "usage: $0 data|bench|study|dist" >&2; exit 2 ;;
 esac

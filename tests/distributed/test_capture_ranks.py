@@ -18,15 +18,7 @@ from click.testing import CliRunner
 import probe
 from probe.cli.main import cli
 
-API_SCRIPT = Path(__file__).parent / "scripts" / "capture_api.py"
-
-CAPTURE = [
-    "capture", "--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--model-arg", "width=4",
-    "--data", "digits", "--limit", "151", "--batch-size", "32", "--probe", "residual",
-    "--probe", "channel", "--probe", "grad", "--probe", "activations:dtype=fp16",
-    "--probe", "jacobian:n_probes=2,max_samples=90",
-    "--probe", "shattered:n_points=8,max_lag=4,max_samples=100,direction=next",
-]  # fmt: skip
+JOB = Path(__file__).parent / "scripts" / "ranks_job.py"
 
 
 def _same_capture(one, two, rtol=1e-5, atol=1e-5):
@@ -53,73 +45,73 @@ def _one_process(tmp_path, args, name="one.h5"):
     return probe.open(tmp_path / name)
 
 
-def test_a_two_rank_capture_is_the_one_process_capture(tmp_path, torchrun, monkeypatch):
+def _job_module():
+    spec = importlib.util.spec_from_file_location("ranks_job", JOB)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_a_two_rank_capture_is_the_one_process_capture(ranks_job, tmp_path, monkeypatch):
+    out, res = ranks_job
     monkeypatch.setenv("RESPROBE_DATA", str(tmp_path / "data"))
-    res = torchrun("-m", "probe", "--threads", "1", *CAPTURE, "--out", "two.h5")
-    assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("captured 151 samples x 4 layers") == 1, res.stdout  # rank 0 speaks
     assert "on 2 ranks" in res.stdout
-    assert not (tmp_path / "two.h5.shards").exists()  # a copied join keeps no parts
-    with probe.open(tmp_path / "two.h5") as two:
+    assert not (out / "two.h5.shards").exists()  # a copied join keeps no parts
+    with probe.open(out / "two.h5") as two:
         assert two.attrs["shard_count"] == 1 and two.attrs["n_samples"] == 151  # odd count: once
         ranks = two.provenance["ranks"]
         assert ranks["world"] == 2 and ranks["samples"] == [[0, 76], [76, 151]]
         assert two.verify() == []
-        one = _one_process(tmp_path, CAPTURE)
+        one = _one_process(tmp_path, _job_module().CAPTURE)
         assert json.loads(two.attrs["config"]) == json.loads(one.attrs["config"])
         _same_capture(one, two)
 
 
-def test_probe_capture_in_a_script_under_torchrun(tmp_path, torchrun):
-    res = torchrun(API_SCRIPT, tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-
-    # in memory, train mode: every rank holds the whole capture, batches as one process has them
-    spec = importlib.util.spec_from_file_location("capture_api", API_SCRIPT)
-    api = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(api)
-    data, model = api.data, api.model
-    torch.set_num_threads(1)
-    whole = probe.capture(model(), data(), probes=["residual", "channel"], mode="train")
-    for r in range(2):
-        got = np.load(tmp_path / f"memory{r}.npz")
-        assert got["index"].tolist() == list(range(37))
-        for layer in whole.layers:
-            for q in whole.quantities(layer):
-                assert np.array_equal(got[f"{layer}|{q}"], whole.read(layer, q)), (layer, q)
-        assert seen[r]["memory_attrs"]["n_samples"] == 37
-
-    # the virtual join: parts kept, refused alone, read through the index; they join by hand too
-    parts = sorted((tmp_path / "virtual.h5.shards").glob("*.h5"))
+def test_a_virtual_join_keeps_parts_that_open_only_through_it(ranks_job, tmp_path, monkeypatch):
+    out, _ = ranks_job
+    monkeypatch.setenv("RESPROBE_DATA", str(tmp_path / "data"))
+    parts = sorted((out / "virtual.h5.shards").glob("*.h5"))
     assert [p.name for p in parts] == ["rank-00000-of-00002.h5", "rank-00001-of-00002.h5"]
     with pytest.raises(probe.ProbeError, match="one shard .* of the capture"):
         probe.open(parts[0])
-    args = ["capture", "--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--model-arg",
-            "width=4", "--data", "digits", "--limit", "77", "--batch-size", "32", "--probe",
-            "residual", "--probe", "grad"]  # fmt: skip
-    one = _one_process(tmp_path, args)
-    with probe.open(tmp_path / "virtual.h5") as index:
+    one = _one_process(tmp_path, _job_module().VIRTUAL)
+    with probe.open(out / "virtual.h5") as index:
         assert index.attrs["shard_count"] == 2 and "capture_id" in index.attrs
         for layer in one.layers:
             assert np.allclose(index.read(layer, "f_norm"), one.read(layer, "f_norm"), rtol=1e-5)
-    res = CliRunner().invoke(cli, ["join", "--copy", str(tmp_path / "byhand.h5"), *map(str, parts)])
+    byhand = tmp_path / "byhand.h5"
+    res = CliRunner().invoke(cli, ["join", "--copy", str(byhand), *map(str, parts)])
     assert res.exit_code == 0, res.output
-    with probe.open(tmp_path / "byhand.h5") as byhand, probe.open(tmp_path / "virtual.h5") as index:
-        assert byhand.attrs["capture_id"] == index.attrs["capture_id"]
+    with probe.open(byhand) as copied, probe.open(out / "virtual.h5") as index:
+        assert copied.attrs["capture_id"] == index.attrs["capture_id"]
         assert np.array_equal(
-            byhand.read("stages.1.0", "f_norm"), index.read("stages.1.0", "f_norm")
+            copied.read("stages.1.0", "f_norm"), index.read("stages.1.0", "f_norm")
         )
     res = CliRunner().invoke(cli, ["join", str(tmp_path / "half.h5"), str(parts[1])])
     assert res.exit_code == 1 and "ranks 0 to 1" in res.output  # half a capture is no capture
 
+
+def test_probe_capture_in_a_script_under_torchrun(ranks_job):
+    out, _ = ranks_job
+    seen = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    job = _job_module()
+    torch.set_num_threads(1)
+    # in memory, train mode: every rank holds the whole capture, batches as one process has them
+    whole = probe.capture(job.model(), job.data(), probes=["residual", "channel"], mode="train")
+    for r in range(2):
+        got = np.load(out / f"memory{r}.npz")
+        assert got["index"].tolist() == list(range(37)) and seen[r]["memory_samples"] == 37
+        for layer in whole.layers:
+            for q in whole.quantities(layer):
+                assert np.array_equal(got[f"{layer}|{q}"], whole.read(layer, q)), (layer, q)
     # a failing rank: both ranks raise its message; a rank with other weights: refused
     for r in range(2):
         assert "capture failed on rank 1 of 2" in seen[r]["failure"], seen[r]
         assert "this rank's model broke" in seen[r]["failure"]
         assert "model weights" in seen[r]["weights"], seen[r]
-    assert not list(tmp_path.glob("f.h5*")) and not list(tmp_path.glob("w.h5*"))
-    assert probe.open(tmp_path / "alone.h5").attrs["n_samples"] == 37  # distributed=False
+    assert not list(out.glob("f.h5*")) and not list(out.glob("w.h5*"))
+    assert probe.open(out / "alone.h5").attrs["n_samples"] == 37  # distributed=False
 
 
 def _accepted(folder):
@@ -134,11 +126,12 @@ def _accepted(folder):
     return found
 
 
+@pytest.mark.slow
 def test_killing_one_rank_mid_capture_leaves_no_capture(tmp_path):
     """SIGKILL rank 1 while it writes its part (its temporary file names its pid): torchrun stops
     rank 0, which deletes its own part; no file anywhere opens as a capture, and a rerun of the
     same command writes the capture."""
-    args = [*CAPTURE[:7], "--data", "digits", "--split", "train", "--batch-size", "16",
+    args = [*_job_module().CAPTURE[:7], "--data", "digits", "--split", "train", "--batch-size", "16",
             "--limit", "600", "--probe", "residual", "--probe", "activations", "--out", "k.h5"]  # fmt: skip
     env = {**os.environ, "RESPROBE_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
