@@ -116,7 +116,9 @@ def capture_over_ranks(
         n = min(n, limit)
     if n == 0:
         raise ProbeError("The data yielded no samples; nothing was captured.")
-    edges = batch_edges(data, n) if job.mode == "train" else None
+    # BatchNorm in training mode normalises by each batch: ranks must see one process's batches
+    batch_stats = job.mode == "train" or (job.mode == "keep" and job.model.training)
+    edges = batch_edges(data, n) if batch_stats else None
     splits = split_samples(n, r.world, edges)
     hosts = _agree_on_settings(job, attrs, out, n, join)
     capture_id = broadcast(uuid.uuid4().hex)

@@ -274,10 +274,14 @@ def raise_on_sigterm() -> Iterator[None]:
         yield
         return
 
+    why = (
+        "torchrun stops every rank when one fails; see that rank's error"
+        if launched()
+        else "partial files were removed"
+    )
+
     def _raise(signum, frame):
-        raise Terminated(
-            "stopped by SIGTERM (torchrun stops every rank when one fails; see that rank's error)"
-        )
+        raise Terminated(f"stopped by SIGTERM ({why})")
 
     previous = signal.signal(signal.SIGTERM, _raise)
     try:

@@ -187,3 +187,29 @@ def test_bad_input_gives_a_clean_error_and_nonzero_exit_before_any_work(
     assert res.exit_code != 0, res.output
     assert fragment in res.output and "Traceback" not in res.output, res.output
     assert not out.exists()
+
+
+def test_sigterm_stops_a_capture_cleanly(tmp_path):
+    """A batch scheduler's (or torchrun's) SIGTERM unwinds: one line, exit 1, no output file and
+    no temporary file left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "x.h5"
+    cmd = [sys.executable, "-m", "probe", "--threads", "1", "capture", "--model", "zoo:resnet8",
+           "--model-arg", "in_channels=1", "--model-arg", "width=4", "--data", "digits",
+           "--split", "train", "--batch-size", "8", "--probe", "residual", "--probe",
+           "activations", "--out", str(out)]  # fmt: skip
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while job.poll() is None and not list(tmp_path.glob("x.h5.tmp-*")):
+        assert time.monotonic() - t0 < 60, "the capture never started writing"
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 1, err
+    assert "stopped by SIGTERM (partial files were removed)" in err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
