@@ -68,3 +68,18 @@ def test_the_cli_shows_a_warning_as_one_line(capsys):
     _show_warning(probe.NonFiniteWarning("NaN in 2 layers"), probe.NonFiniteWarning, "x.py", 1)
     err = capsys.readouterr().err
     assert err == "warning: NaN in 2 layers\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_them(dtype):
+    from probe.session import nonfinite_rows
+
+    big = torch.finfo(dtype).max
+    t = torch.full((6, 3, 4), big, dtype=dtype)  # finite rows whose sum overflows the dtype
+    t[1, 0, 0] = float("nan")
+    t[2, 2, 3] = float("inf")
+    t[3, 1, 1], t[3, 1, 2] = float("inf"), float("-inf")
+    t[4] = -big
+    t[5, 0, 0] = float("-inf")
+    want = ~torch.isfinite(t.reshape(6, -1)).all(1)
+    assert nonfinite_rows(t).tolist() == want.tolist() == [False, True, True, True, False, True]
