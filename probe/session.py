@@ -202,6 +202,9 @@ def _first_tensor(obj: object) -> torch.Tensor | None:
     return None
 
 
+_SMALL_ROW = 4096  # elements per sample up to which results are checked together
+
+
 def nonfinite_rows(t: torch.Tensor) -> torch.Tensor:
     """Which rows (samples) of ``t`` hold a NaN or an infinity. [N, ...] -> [N] bool
 
@@ -711,11 +714,18 @@ class HookSession:
             floats = [t for t in qs.values() if t.is_floating_point()]
             if not floats:
                 continue
-            bad = torch.zeros(
-                max(len(t) for t in floats), dtype=torch.bool, device=floats[0].device
-            )
+            n = max(len(t) for t in floats)
+            bad = torch.zeros(n, dtype=torch.bool, device=floats[0].device)
+            # A layer's statistics are a dozen small tensors: one concatenated check instead of
+            # one per tensor (each small op costs more in Python than in arithmetic). Large,
+            # capped and float64 results are checked alone.
+            small = [t for t in floats if len(t) == n and t[:1].numel() <= _SMALL_ROW]
+            small = [t for t in small if t.dtype != torch.float64]
+            if small:
+                bad |= nonfinite_rows(torch.cat([t.reshape(n, -1) for t in small], dim=1))
             for t in floats:  # capped quantities cover the first rows only
-                bad[: len(t)] |= nonfinite_rows(t)
+                if not any(t is u for u in small):
+                    bad[: len(t)] |= nonfinite_rows(t)
             # Summed on the device: reading the count here would sync the GPU once per layer.
             self._nonfinite[key] = self._nonfinite.get(key, 0) + bad.sum()
 

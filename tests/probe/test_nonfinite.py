@@ -83,3 +83,36 @@ def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_the
     t[5, 0, 0] = float("-inf")
     want = ~torch.isfinite(t.reshape(6, -1)).all(1)
     assert nonfinite_rows(t).tolist() == want.tolist() == [False, True, True, True, False, True]
+
+
+def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results():
+    """Small results are checked together, large, capped and float64 ones alone; the count per
+    layer is the number of samples with any non-finite value, as an element-by-element check
+    counts them."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    @dataclass
+    class Planted(probe.Probe):
+        name: ClassVar[str] = "planted"
+        forward_grad: ClassVar[bool] = False
+
+        def forward(self, call):
+            n = call.batch_size
+            small = torch.zeros(n)
+            small[1] = float("nan")
+            half = torch.zeros(n, 3, dtype=torch.float16)
+            half[2, 1] = float("inf")
+            capped = torch.zeros(2, dtype=torch.float64)
+            capped[0] = float("-inf")
+            large = torch.zeros(n, 5000)
+            large[3, 4999] = float("nan")
+            huge = torch.full((n, 4), 3e38)  # finite, though its sum overflows float32
+            return {"small": small, "half": half, "capped": capped, "large": large, "huge": huge}
+
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    with pytest.warns(probe.NonFiniteWarning):
+        cap = probe.capture(
+            model, [torch.randn(6, 1, 8, 8)], layers=["stages.0.0"], probes=[Planted()]
+        )
+    assert cap.layer_attrs("stages.0.0")["nonfinite_samples"] == 4  # samples 0, 1, 2 and 3
