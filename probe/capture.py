@@ -388,7 +388,8 @@ class CaptureJob:
                     path = writer.close(
                         {"wall_seconds": elapsed, "nonfinite_layers": len(bad)}, complete=complete
                     )
-                    return H5Capture(path, part_of=None if complete else attrs.get("part_of"))
+                    part_of = None if complete else attrs.get("part_of")
+                    return H5Capture(path, part_of=part_of, written=True)
                 layer_attrs = {key: _layer_attrs(session, key) for key in mem}
                 for key, n in bad.items():
                     layer_attrs[key]["nonfinite_samples"] = n
