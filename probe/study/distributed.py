@@ -38,8 +38,8 @@ from probe.study.presets import StudyConfig
 from probe.study.runner import (
     LESION_COLUMNS,
     StudyResult,
-    capture_epochs,
     grid_captures,
+    grid_epochs,
     grid_run,
     lesion_path,
     lesion_table,
@@ -94,7 +94,7 @@ def _epochs(cfg: StudyConfig, model: str, overrides: dict | None = None) -> int:
 
 def _grid_checkpoints(cfg: StudyConfig, out: Path, model: str, seed: int) -> dict[int, Path]:
     folder = out / "runs" / f"{model}-s{seed}" / "checkpoints"
-    return {e: folder / f"epoch-{e:04d}.json" for e in capture_epochs(cfg, _epochs(cfg, model))}
+    return {e: folder / f"epoch-{e:04d}.json" for e in grid_epochs(cfg, model)[1]}
 
 
 def _capture_cost(cfg: StudyConfig, model: str, n: int, probes: tuple[str, ...]) -> float:

@@ -52,6 +52,7 @@ __all__ = [
     "run_study",
     "capture_epochs",
     "grid_run",
+    "grid_epochs",
     "grid_captures",
     "lesion_table",
     "lesion_path",
@@ -91,11 +92,15 @@ def _is_bn(name: str, module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.BatchNorm2d)
 
 
+def grid_epochs(cfg: StudyConfig, model: str) -> tuple[int, list[int]]:
+    """(epochs the recipe trains ``model`` in the grid, the epochs its captures read)."""
+    epochs = get_recipe(cfg.recipe, depth=parse_name(model)[1], **cfg.recipe_overrides).epochs
+    return epochs, capture_epochs(cfg, epochs)
+
+
 def grid_run(cfg: StudyConfig, out: Path, model: str, seed: int) -> TrainConfig:
     """The training run of ``model`` and ``seed`` in the study's grid."""
-    _, depth = parse_name(model)
-    epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
-    at = capture_epochs(cfg, epochs)
+    epochs, at = grid_epochs(cfg, model)
     # arms construct from the grid's final nets and draw training curves at every epoch
     save_epochs = sorted({*at, epochs}) if cfg.arms else at
     return TrainConfig(
@@ -249,8 +254,7 @@ def run_study_here(
     for seed in cfg.seeds:
         for model in cfg.models:
             _, depth = parse_name(model)
-            epochs = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides).epochs
-            at = capture_epochs(cfg, epochs)
+            _, at = grid_epochs(cfg, model)
             cb("stage", {"text": f"train {model} seed {seed}"})
             res = train(grid_run(cfg, out, model, seed), callback=cb, data=data)
             final = res.final
