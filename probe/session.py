@@ -719,13 +719,14 @@ class HookSession:
             # A layer's statistics are a dozen small tensors: one concatenated check instead of
             # one per tensor (each small op costs more in Python than in arithmetic). Large,
             # capped and float64 results are checked alone.
-            small = [t for t in floats if len(t) == n and t[:1].numel() <= _SMALL_ROW]
-            small = [t for t in small if t.dtype != torch.float64]
-            if small:
-                bad |= nonfinite_rows(torch.cat([t.reshape(n, -1) for t in small], dim=1))
-            for t in floats:  # capped quantities cover the first rows only
-                if not any(t is u for u in small):
-                    bad[: len(t)] |= nonfinite_rows(t)
+            together, alone = [], []
+            for t in floats:
+                small = len(t) == n and t[:1].numel() <= _SMALL_ROW and t.dtype != torch.float64
+                (together if small else alone).append(t)
+            if together:
+                bad |= nonfinite_rows(torch.cat([t.reshape(n, -1) for t in together], dim=1))
+            for t in alone:  # capped quantities cover the first rows only
+                bad[: len(t)] |= nonfinite_rows(t)
             # Summed on the device: reading the count here would sync the GPU once per layer.
             self._nonfinite[key] = self._nonfinite.get(key, 0) + bad.sum()
 

@@ -257,8 +257,9 @@ def on_main(what: str, fn: Callable[[], T]) -> T:
 def main_first(what: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0, then on the other ranks: for steps that fill a cache the others
     then read (a dataset decoded once, not by every rank at the same time)."""
-    value = on_main(what, fn)
-    return value if ranks().is_main else fn()
+    kept: list = []
+    on_main(what, lambda: kept.append(fn()))  # shares success or failure, not the value itself
+    return kept[0] if kept else fn()
 
 
 def hostname() -> str:

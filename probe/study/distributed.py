@@ -28,6 +28,7 @@ from probe.study.files import reusable_table, valid_capture
 from probe.study.interventions.runner import (
     arm_capture,
     arm_captures,
+    condition_recipe,
     condition_run,
     conditions_for,
     toy,
@@ -46,7 +47,7 @@ from probe.study.runner import (
     prepare_study,
     run_study_here,
 )
-from probe.train import get_recipe, read_run, run_finished, train
+from probe.train import read_run, run_finished, train
 from probe.zoo import parse_name
 
 __all__ = ["Unit", "STAGES", "study_units", "assign", "run_study_over_ranks"]
@@ -85,13 +86,6 @@ def assign(costs: list[float], world: int) -> list[int]:
     return owner
 
 
-def _epochs(cfg: StudyConfig, model: str, overrides: dict | None = None) -> int:
-    depth = parse_name(model)[1]
-    return get_recipe(
-        cfg.recipe, depth=depth, **{**cfg.recipe_overrides, **(overrides or {})}
-    ).epochs
-
-
 def _grid_checkpoints(cfg: StudyConfig, out: Path, model: str, seed: int) -> dict[int, Path]:
     folder = out / "runs" / f"{model}-s{seed}" / "checkpoints"
     return {e: folder / f"epoch-{e:04d}.json" for e in grid_epochs(cfg, model)[1]}
@@ -115,7 +109,7 @@ def study_units(cfg: StudyConfig, out: Path, data: ImageArrays, cb: Callback) ->
                 Unit(
                     0,
                     f"train {model} seed {seed}",
-                    parse_name(model)[1] * _epochs(cfg, model) * n_train,
+                    parse_name(model)[1] * grid_epochs(cfg, model)[0] * n_train,
                     lambda tc=tc, name=f"train {model} seed {seed}": (
                         cb("stage", {"text": name}),
                         train(tc, callback=cb, data=data),
@@ -143,7 +137,7 @@ def study_units(cfg: StudyConfig, out: Path, data: ImageArrays, cb: Callback) ->
                 Unit(
                     1,
                     f"train {key} seed {seed}",
-                    parse_name(c.model)[1] * _epochs(cfg, c.model, c.recipe_overrides) * n_train,
+                    parse_name(c.model)[1] * condition_recipe(cfg, c).epochs * n_train,
                     lambda c=c, seed=seed: train_condition(
                         cfg, c, seed, out, data, _GridRuns(out), cb
                     ),

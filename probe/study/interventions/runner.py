@@ -25,7 +25,7 @@ from probe.store.reader import open_capture
 from probe.study.files import capture_once, reusable_table, write_csv, write_text
 from probe.study.interventions.arms import Condition, arm_conditions
 from probe.study.interventions.toy import ToyConfig, run_toy
-from probe.train import TrainConfig, TrainResult, get_recipe, parse_save_at, train
+from probe.train import Recipe, TrainConfig, TrainResult, get_recipe, parse_save_at, train
 from probe.zoo import parse_name
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "conditions_for",
     "train_condition",
     "condition_run",
+    "condition_recipe",
     "arm_captures",
     "arm_capture",
     "toy",
@@ -79,10 +80,8 @@ def conditions_for(cfg) -> dict[str, tuple[Condition, dict[str, str]]]:
                 raise ProbeError(f"Arms disagree about run {c.key!r}: {out[c.key][0]} vs {c}.")
             out.setdefault(c.key, (c, {}))[1][arm] = c.label
     for c, arms in out.values():  # a run that cannot save where its arm reads stops us now
-        overrides = {**cfg.recipe_overrides, **c.recipe_overrides}
-        epochs = get_recipe(cfg.recipe, depth=parse_name(c.model)[1], **overrides).epochs
         try:
-            parse_save_at(c.save_at, epochs)
+            parse_save_at(c.save_at, condition_recipe(cfg, c).epochs)
         except ProbeError as e:
             raise ProbeError(
                 f"The {', '.join(arms)} arm reads run {c.key} at epochs {c.save_at}: {e} Train "
@@ -133,10 +132,14 @@ def shortcut_scale(c: Condition) -> float:
     return c.model_options.get("shortcut_scale", 1.0 if "resnet" in c.model else 0.0)
 
 
+def condition_recipe(cfg, c: Condition) -> Recipe:
+    """The recipe condition ``c`` trains with: the study's, with the arm's overrides."""
+    overrides = {**cfg.recipe_overrides, **c.recipe_overrides}
+    return get_recipe(cfg.recipe, depth=parse_name(c.model)[1], **overrides)
+
+
 def _steps_per_epoch(cfg, c: Condition, n_train: int) -> int:
-    depth = parse_name(c.model)[1]
-    recipe = get_recipe(cfg.recipe, depth=depth, **{**cfg.recipe_overrides, **c.recipe_overrides})
-    return -(-n_train // recipe.batch_size)
+    return -(-n_train // condition_recipe(cfg, c).batch_size)
 
 
 def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -156,9 +159,7 @@ def _rows(cfg, conds, results, n_train: int) -> tuple[pd.DataFrame, pd.DataFrame
                     "residual": not c.model.startswith(("plain", "preplain")),
                     "init": c.init,
                     "shortcut_scale": shortcut_scale(c),
-                    "lr": c.recipe_overrides.get(
-                        "lr", get_recipe(cfg.recipe, **cfg.recipe_overrides).lr
-                    ),
+                    "lr": condition_recipe(cfg, c).lr,
                     "start_train_error": start.get("train_error", float("nan")),
                     "start_train_loss": start.get("train_loss", float("nan")),
                     "source_train_error": init.get("from_metrics", {}).get(
