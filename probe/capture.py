@@ -335,17 +335,17 @@ class CaptureJob:
         with HookSession(
             model, self.layers, probes, mode=self.mode, loss_fn=self.loss_fn
         ) as session:
-            if out is not None:
-                writer = H5Writer(
-                    out,
-                    attrs,
-                    WriterOptions(
-                        compression=self.compression,
-                        queue_bytes=self.queue_bytes,
-                        expected_rows=total,
-                    ),
-                )
-            try:
+            try:  # the writer is made inside: a signal right after it opens must still abort it
+                if out is not None:
+                    writer = H5Writer(
+                        out,
+                        attrs,
+                        WriterOptions(
+                            compression=self.compression,
+                            queue_bytes=self.queue_bytes,
+                            expected_rows=total,
+                        ),
+                    )
                 seen = 0
                 lookahead = any(getattr(p, "needs_next_sample", False) for p in probes)
                 batches = _with_next(

@@ -27,8 +27,9 @@ class _Group(click.Group):
         from probe.distributed import RankFailed, Terminated, ranks, shutdown
         from probe.distributed.group import raise_on_sigterm
 
+        sigterm = None
         try:
-            with raise_on_sigterm():
+            with raise_on_sigterm() as sigterm:
                 return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
@@ -37,6 +38,8 @@ class _Group(click.Group):
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
+            if sigterm is not None and sigterm.message:  # the signal, come out as another error
+                raise click.ClickException(_tagged(sigterm.message)) from e
             if isinstance(e, RankFailed) and not ranks().is_main:
                 raise click.exceptions.Exit(1) from e
             raise click.ClickException(_tagged(_one_line(e))) from e

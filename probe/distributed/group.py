@@ -52,6 +52,7 @@ __all__ = [
     "on_main",
     "main_first",
     "raise_on_sigterm",
+    "Sigterm",
 ]
 
 T = TypeVar("T")
@@ -266,13 +267,25 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+@dataclass
+class Sigterm:
+    """What :func:`raise_on_sigterm` saw: ``message`` is set once SIGTERM arrived."""
+
+    message: str | None = None
+
+
 @contextlib.contextmanager
-def raise_on_sigterm() -> Iterator[None]:
+def raise_on_sigterm() -> Iterator[Sigterm]:
     """Turn SIGTERM into :class:`Terminated` while the block runs, so that a process torchrun
     stops (after another rank failed) unwinds and deletes its partial files. Main thread only;
-    elsewhere a no-op."""
+    elsewhere a no-op.
+
+    The exception is raised at whatever line is running. Inside a C callback (h5py's type
+    conversions) it can come out as another error, so the yielded :class:`Sigterm` records
+    that the signal came, and the caller reports the signal rather than its side effect."""
+    seen = Sigterm()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield seen
         return
 
     why = (
@@ -282,10 +295,11 @@ def raise_on_sigterm() -> Iterator[None]:
     )
 
     def _raise(signum, frame):
-        raise Terminated(f"stopped by SIGTERM ({why})")
+        seen.message = f"stopped by SIGTERM ({why})"
+        raise Terminated(seen.message)
 
     previous = signal.signal(signal.SIGTERM, _raise)
     try:
-        yield
+        yield seen
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -159,14 +159,25 @@ class H5Writer:
         self._encodings: dict[str, str] = {}
         self._layer_order: list[str] = []
         self._n_samples = 0
+        self._file: h5py.File | None = None
+        self._thread = threading.Thread(target=self._run, name="resprobe-h5-writer", daemon=True)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temps(self.path)  # left by a killed capture of the same file
             self._file = h5py.File(self.tmp, "w", libver=("v110", "latest"))
-        except OSError as e:
-            raise ProbeError(
-                f"Cannot write the capture to {self.path}: {e.strerror or e}. Choose a writable --out location."
-            ) from e
+            self._index, self._labels = self._start_file(attrs)
+            self._thread.start()
+        except BaseException as e:  # a signal (SIGTERM) included: no temporary file outlives us
+            self.abort()
+            if isinstance(e, OSError):
+                raise ProbeError(
+                    f"Cannot write the capture to {self.path}: {e.strerror or e}. "
+                    "Choose a writable --out location."
+                ) from e
+            raise
+
+    def _start_file(self, attrs: dict | None) -> tuple[h5py.Dataset, h5py.Dataset]:
+        """Write the file's opening attributes and its two index datasets."""
         self._file.attrs.update(
             {
                 "format": FORMAT,
@@ -179,7 +190,7 @@ class H5Writer:
             }
         )
         index_chunk = (min(65536, max(1, self.options.expected_rows or 65536)),)
-        self._index, self._labels = (
+        return tuple(
             self._file.create_dataset(
                 name,
                 shape=(0,),
@@ -190,8 +201,6 @@ class H5Writer:
             )
             for name in ("sample_index", "labels")
         )
-        self._thread = threading.Thread(target=self._run, name="resprobe-h5-writer", daemon=True)
-        self._thread.start()
 
     # -- producer side (GPU loop) -------------------------------------------------------------
     def submit(
@@ -366,10 +375,11 @@ class H5Writer:
 
     def abort(self) -> None:
         """Stop the writer and delete the temporary file; the final path is never created."""
+        self._error = self._error or RuntimeError("aborted")
+        self._queue.put(None)  # also stops a thread interrupted while starting (not yet alive)
         if self._thread.is_alive():
-            self._error = self._error or RuntimeError("aborted")
-            self._queue.put(None)
             self._thread.join()
-        with contextlib.suppress(Exception):  # the file may already be closed or broken
-            self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(Exception):  # the file may already be closed or broken
+                self._file.close()
         self.tmp.unlink(missing_ok=True)

@@ -213,3 +213,27 @@ def test_sigterm_stops_a_capture_cleanly(tmp_path):
     assert "stopped by SIGTERM (partial files were removed)" in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_that_surfaces_as_another_error_is_still_reported_as_sigterm(tmp_path, monkeypatch):
+    """The signal's exception is raised at whatever line runs; inside an h5py type-conversion
+    callback it comes out as a TypeError. The user is told about the signal, not the side effect."""
+    import os
+    import signal
+    import time
+
+    import probe
+
+    def _open_interrupted(path, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        except BaseException as e:
+            raise TypeError("Operation not defined for data type class") from e
+
+    monkeypatch.setattr(probe, "open", _open_interrupted)
+    (tmp_path / "x.h5").write_bytes(b"")
+    res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "x.h5")])
+    assert res.exit_code == 1
+    assert "stopped by SIGTERM" in res.output and "TypeError" not in res.output
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import threading
 
+import pytest
 import torch
 
 import probe
@@ -33,3 +35,34 @@ def test_json_writes_clean_up_after_killed_writers(tmp_path):
     stale.write_text("{")
     atomic_write_text(tmp_path / "run.json", "{}")
     assert not stale.exists() and (tmp_path / "run.json").read_text() == "{}"
+
+
+def _interrupt_opening(monkeypatch, writer_module):
+    def _interrupted(self, attrs):
+        assert self.tmp.exists()  # the window: the temporary file exists, the writer does not
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer_module.H5Writer, "_start_file", _interrupted)
+
+
+def _interrupt_thread_start(monkeypatch, writer_module):
+    class _Thread(threading.Thread):
+        def start(self):
+            super().start()
+            if self.name == "resprobe-h5-writer":
+                raise KeyboardInterrupt  # the signal lands in Thread.start's wait for the thread
+
+    monkeypatch.setattr(writer_module.threading, "Thread", _Thread)
+
+
+@pytest.mark.parametrize("interrupt", [_interrupt_opening, _interrupt_thread_start])
+def test_an_interrupt_while_the_writer_starts_leaves_no_temporary(tmp_path, monkeypatch, interrupt):
+    """SIGTERM becomes an exception at whatever line is running: here, between HDF5 creating
+    the temporary file and the writer existing (windows the CLI's SIGTERM test hit under load)."""
+    from probe.store import writer as writer_module
+
+    interrupt(monkeypatch, writer_module)
+    model = probe.zoo.create("resnet8", in_channels=1, width=4)
+    with pytest.raises(KeyboardInterrupt):
+        probe.capture(model, [torch.randn(2, 1, 8, 8)], probes=["residual"], out=tmp_path / "x.h5")
+    assert list(tmp_path.iterdir()) == []
