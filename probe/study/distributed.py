@@ -17,6 +17,7 @@ sees the same plan.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from probe.study.runner import (
     lesion_table,
     prepare_study,
     run_study_here,
+    study_lock,
 )
 from probe.train import read_run, run_finished, train
 from probe.zoo import parse_name
@@ -224,10 +226,20 @@ def run_study_over_ranks(
     cb = callback or (lambda event, info: None)
     r = ranks()
     t0 = time.perf_counter()
-    on_main("preparing the study", lambda: prepare_study(cfg, out))
-    data = main_first("loading the data", lambda: load_dataset(cfg.dataset).subset(cfg.train_limit))
     before: dict[str, float] = {}
-    with alone():  # each unit is this rank's own run or capture
+    result: dict = {}
+    with contextlib.ExitStack() as held:
+
+        def prepare() -> None:  # rank 0 holds the study's lock until the report is written
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(study_lock(out))
+            prepare_study(cfg, out)
+
+        on_main("preparing the study", prepare)
+        data = main_first(
+            "loading the data", lambda: load_dataset(cfg.dataset).subset(cfg.train_limit)
+        )
+        held.enter_context(alone())  # each unit is this rank's own run or capture
         for stage, title in enumerate(STAGES):
             ts = time.perf_counter()
             units = [u for u in study_units(cfg, out, data, cb) if u.stage == stage]
@@ -240,7 +252,6 @@ def run_study_over_ranks(
             agree(title, lambda mine=mine: [u.run() for u in mine])
             if units:  # a stage with no units (no arms) is no stage of this study
                 before[_TIMING[stage]] = time.perf_counter() - ts
-        result: dict = {}
 
         def report() -> None:
             before["total"] = time.perf_counter() - t0

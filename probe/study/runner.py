@@ -60,6 +60,7 @@ __all__ = [
     "prepare_study",
     "study_dir",
     "run_study_here",
+    "study_lock",
 ]
 
 Callback = Callable[[str, dict], None]
@@ -231,8 +232,20 @@ def run_study(
         from probe.study.distributed import run_study_over_ranks
 
         return run_study_over_ranks(cfg, study_dir(cfg, out), callback)
-    with alone():  # every run and capture below is this process's own
-        return run_study_here(cfg, study_dir(cfg, out), callback)
+    out = study_dir(cfg, out)
+    out.mkdir(parents=True, exist_ok=True)
+    # alone: every run and capture below is this process's own
+    with study_lock(out), alone():
+        return run_study_here(cfg, out, callback)
+
+
+def study_lock(out: Path):
+    """The study directory's lock, held while a study writes there: a second study into the same
+    directory (or ranks left running from a killed job) stops at once instead of mixing its
+    tables with this one's."""
+    from probe.train.trainer import run_lock
+
+    return run_lock(out, who="study")
 
 
 def run_study_here(

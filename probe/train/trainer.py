@@ -50,6 +50,7 @@ __all__ = [
     "calibrate_bn_",
     "parse_save_at",
     "resolve_device",
+    "run_lock",
 ]
 
 Callback = Callable[[str, dict], None]
@@ -257,15 +258,16 @@ def _claimed(run_dir: Path, replicas: Replicas, setup: Callable[[], None]):
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
+def run_lock(run_dir: Path, who: str = "training process"):
     """Hold ``run_dir``'s lock (``.lock``, via filelock) while a run writes there; a second
-    ``train`` into the same directory stops at once instead of interleaving checkpoints."""
+    ``train`` (or ``who``) into the same directory stops at once instead of interleaving its
+    files."""
     lock = FileLock(run_dir / ".lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise ProbeError(
-            f"Another training process is writing to {run_dir} (its lock file {run_dir / '.lock'} "
+            f"Another {who} is writing to {run_dir} (its lock file {run_dir / '.lock'} "
             "is held). Wait for it to finish, or choose another --out."
         ) from None
     try:

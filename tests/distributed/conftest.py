@@ -1,6 +1,9 @@
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +38,37 @@ def ranks_job(tmp_path_factory):
     res = _torchrun(out, [JOB, out])
     assert res.returncode == 0, res.stderr[-4000:]
     return out, res
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: the parent's pid
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.fixture
+def kill_job():
+    """``kill(job)``: SIGKILL a torchrun job started with ``start_new_session=True`` -- the
+    launcher and its workers, which torchrun starts in sessions of their own (killing the
+    launcher's process group alone leaves them running, writing beside whatever runs next) --
+    and wait until every one of them is gone."""
+
+    def kill(job: subprocess.Popen) -> None:
+        pids = [job.pid, *_children(job.pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        job.wait()
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in pids[1:]):
+            assert time.monotonic() < deadline, "a killed rank is still running"
+            time.sleep(0.05)
+
+    return kill

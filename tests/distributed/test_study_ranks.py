@@ -4,7 +4,6 @@ interrupted study resumes under another number of ranks."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -79,19 +78,20 @@ def test_a_two_rank_study_has_the_tables_and_verdicts_of_one_process(tmp_path, t
     assert (tmp_path / "two" / "report.html").is_file()
 
 
-def _killed_after(cmd, tmp_path, ready) -> None:
+def _killed_after(cmd, tmp_path, ready, kill_job) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESPROBE_DATA": str(tmp_path / "data")}
     job = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     t0 = time.monotonic()
     while job.poll() is None and not ready() and time.monotonic() - t0 < 300:
         time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    kill_job(job)
 
 
 @pytest.mark.slow
-def test_an_interrupted_two_rank_study_with_arms_resumes_in_one_process(tmp_path, torchrun):
+def test_an_interrupted_two_rank_study_with_arms_resumes_in_one_process(
+    tmp_path, torchrun, kill_job
+):
     """Two ranks start a study with intervention arms and are killed once its first captures
     exist; one process finishes it; tables and verdicts equal those of one uninterrupted
     process. Then three ranks rerun it and find nothing left to do."""
@@ -99,9 +99,8 @@ def test_an_interrupted_two_rank_study_with_arms_resumes_in_one_process(tmp_path
     grid |= {"arms": "constructed,shortcut_scale", "lambdas": "0,1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "probe", "--threads", "1", "study", *_sets(grid), "--out", "cut"]  # fmt: skip
-    _killed_after(
-        cmd, tmp_path, lambda: len(list((tmp_path / "cut" / "captures").glob("*.h5"))) >= 2
-    )
+    captures = tmp_path / "cut" / "captures"
+    _killed_after(cmd, tmp_path, lambda: len(list(captures.glob("*.h5"))) >= 2, kill_job)
     assert not (tmp_path / "cut" / "report.html").exists(), "the study finished before the kill"
     _one_process(tmp_path / "cut", grid)
     _one_process(tmp_path / "one", grid)

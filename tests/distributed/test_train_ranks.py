@@ -115,7 +115,7 @@ def test_every_rank_gets_images_in_every_step(n_train, batch, ok):
 
 
 @pytest.mark.slow
-def test_an_interrupted_two_rank_run_resumes_to_the_same_weights(tmp_path, torchrun):
+def test_an_interrupted_two_rank_run_resumes_to_the_same_weights(tmp_path, torchrun, kill_job):
     """Kill the whole job after epoch 1 is saved; started again, every rank resumes from that
     checkpoint and the run ends bit for bit where an uninterrupted run ends."""
     args = [a if a != "2" else "3" for a in TRAIN]  # three epochs
@@ -130,8 +130,7 @@ def test_an_interrupted_two_rank_run_resumes_to_the_same_weights(tmp_path, torch
         resume.exists() and json.loads(resume.read_text())["epoch"] >= 1
     ):
         pass
-    os.killpg(job.pid, 9)
-    job.wait()
+    kill_job(job)
     assert json.loads(resume.read_text())["epoch"] < 3, "the job finished before it was killed"
     res = torchrun("-m", "probe", *args, "--out", "cut")
     assert res.returncode == 0, res.stderr[-2000:]

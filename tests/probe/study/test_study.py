@@ -165,3 +165,15 @@ def test_he2016_preset_runs_on_an_image_tree(tmp_path):
     run = json.loads((tmp_path / "study" / "runs" / "plain8-s0" / "run.json").read_text())
     assert run["dataset"]["train"] == 16
     assert '"lesion_limit": 6' in (tmp_path / "study" / "study.json").read_text()
+
+
+def test_a_second_study_into_the_same_directory_stops_at_once(tmp_path):
+    """One writer per study directory: a second study (or ranks left running by a killed job)
+    would mix its tables with the first one's."""
+    from probe.study.runner import study_lock
+
+    out = tmp_path / "study"
+    out.mkdir()
+    with study_lock(out), pytest.raises(ProbeError, match="Another study is writing to"):
+        run_study(get_preset("default"), out)
+    assert list(out.iterdir()) == [out / ".lock"]  # nothing written
