@@ -6,6 +6,7 @@ Example:
     array([0. , 0.5])
 """
 
+from analyses.checkpoints import CheckpointMissingWarning, source_checkpoint
 from analyses.cka import MinibatchCKA, cka_matrix, hsic_biased, hsic_unbiased, linear_cka
 from analyses.identity import closeness, identity_closeness, jacobian_deviation
 from analyses.lesions import deleted, error_rate, lesion_study
@@ -22,6 +23,7 @@ from analyses.stats import bootstrap_ci, mean_ci, seed_ci
 
 __all__ = [
     "AnalysisResult",
+    "CheckpointMissingWarning",
     "MinibatchCKA",
     "analyze",
     "bootstrap_ci",
@@ -46,5 +48,6 @@ __all__ = [
     "seed_ci",
     "shattered_table",
     "signal_propagation",
+    "source_checkpoint",
     "spp",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from analyses import figures
+from analyses.checkpoints import source_checkpoint
 from analyses.cka import capture_representations, cka_matrix
 from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
@@ -185,10 +186,10 @@ def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
     """Per-epoch training histories of the runs the captures came from (where still on disk)."""
     frames, seen = [], set()
     for cap in caps:
-        ck = cap.provenance.get("checkpoint")
-        if not ck:
+        ck = source_checkpoint(cap)
+        if ck is None:
             continue
-        hist = Path(ck).parent.parent / "history.json"
+        hist = ck.parent.parent / "history.json"
         if hist.exists() and hist not in seen:
             seen.add(hist)
             key = run_key(cap)
@@ -200,8 +201,8 @@ def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
 
 
 def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
-    ck = cap.provenance.get("checkpoint")
-    if not ck or not Path(ck).exists():
+    ck = source_checkpoint(cap)
+    if ck is None:
         return None
     return checkpoint_lesions(ck, run_key(cap), device=device)
 

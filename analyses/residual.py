@@ -8,11 +8,10 @@ sigma_pool, sigma_chan of BN outputs after 3x3 convs, beside mean |gamma|  (He e
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
+from analyses.checkpoints import source_checkpoint
 from analyses.stats import bootstrap_ci, mean_ci
 from analyses.tidy import frame, nan_ci, needs, per_layer, row, run_key, stage_of
 from probe.stats import Moments, response_std
@@ -84,13 +83,12 @@ def residual_magnitude(cap: CaptureReader) -> pd.DataFrame:
 
 
 def bn_gammas(cap: CaptureReader) -> dict[str, np.ndarray]:
-    """BN scales gamma of the checkpoint a capture came from ({} when it cannot be found)."""
-    ck = cap.provenance.get("checkpoint")
-    if not ck:
+    """BN scales gamma of the checkpoint a capture came from ({} when it cannot be found, or
+    holds other weights now: see :func:`analyses.checkpoints.source_checkpoint`)."""
+    ck = source_checkpoint(cap)
+    if ck is None:
         return {}
-    weights = Path(ck).with_suffix(".safetensors")
-    if not weights.exists():
-        return {}
+    weights = ck.with_suffix(".safetensors")
     from safetensors.numpy import load_file
 
     state = load_file(str(weights))

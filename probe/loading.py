@@ -48,7 +48,7 @@ def load_for_capture(path: str | Path, device: str = "auto") -> tuple[torch.nn.M
     model, meta = load_checkpoint(js, device=dev)
     weights, _ = checkpoint_paths(js)
     prov = {
-        "checkpoint": str(js),
+        "checkpoint": str(js.resolve()),  # analyses find it from any working directory
         "checkpoint_sha256": file_sha256(weights),
         "model_name": meta.get("model_name"),
         "model_config": meta.get("model"),
