@@ -382,4 +382,6 @@ class H5Writer:
         if self._file is not None:
             with contextlib.suppress(Exception):  # the file may already be closed or broken
                 self._file.close()
-        self.tmp.unlink(missing_ok=True)
+        # An unwritable --out never had one: the error that brought us here is the one to report.
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
