@@ -1,0 +1,76 @@
+"""A session keeps no batch's tensors once the batch is done: gradient probes hook the hooked
+tensors, and those hooks close over the tensors themselves -- a cycle through autograd's C++
+nodes that Python's garbage collector cannot see, so the session must undo it."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import probe
+
+
+def _tracked(model, name):
+    """Weak references to every output of ``model.<name>`` from now on."""
+    refs = []
+    model.get_submodule(name).register_forward_hook(lambda m, a, out: refs.append(weakref.ref(out)))
+    return refs
+
+
+class _Deferred(probe.Probe):
+    """A gradient probe whose backward half runs once the whole backward pass is done."""
+
+    name = "deferred"
+    needs_grad = True
+    eager_backward = False
+
+    def backward(self, call):
+        return {"g": call.grad_output.flatten(1).norm(dim=1)}
+
+
+@pytest.mark.parametrize(
+    "probes",
+    [["grad"], ["residual", "grad"], ["gradients"], [_Deferred()]],
+    ids=["norms", "stats", "raw", "deferred"],
+)
+def test_gradient_probes_let_every_batch_go(probes):
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    refs = _tracked(model, "stages.1.0")
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with probe.HookSession(model, "auto", probes) as session:
+        for _ in range(3):
+            res, _ = session.run_batch(x, y)
+            assert res  # something was measured
+        gc.collect()
+        assert len(refs) == 3 and all(r() is None for r in refs), "a batch's activations leaked"
+
+
+def test_a_forward_outside_run_batch_is_let_go_on_close():
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    refs = _tracked(model, "stages.1.0")
+    with probe.HookSession(model, "auto", ["grad"]):
+        model(torch.randn(4, 1, 8, 8).requires_grad_(True))  # hooks its tensors, nobody runs them
+    gc.collect()
+    assert len(refs) == 1 and refs[0]() is None
+
+
+def test_small_results_are_compacted_into_one_block_per_dtype():
+    """Equal values, shapes and dtypes; the small ones share a block made after the pass (see
+    probe.session._compacted), large raw tensors are left as the probes made them."""
+    from probe.session import _COMPACT_BYTES, _compacted
+
+    big = torch.randn(_COMPACT_BYTES // 4 + 1)
+    results = {
+        "a": {"n": torch.randn(8), "m": torch.randn(8, 3).t(), "big": big},  # .t(): not contiguous
+        "b": {"k": torch.arange(8), "v": torch.randn(8, 2, 2, dtype=torch.float64)},
+    }
+    expected = {k: {q: t.clone() for q, t in qs.items()} for k, qs in results.items()}
+    out = _compacted(results)
+    for k, qs in expected.items():
+        for q, t in qs.items():
+            assert out[k][q].dtype == t.dtype and torch.equal(out[k][q], t), (k, q)
+    assert out["a"]["big"] is big
+    float_storage = out["a"]["n"].untyped_storage().data_ptr()
+    assert out["a"]["m"].untyped_storage().data_ptr() == float_storage
+    assert out["b"]["v"].untyped_storage().data_ptr() != float_storage  # float64: its own block
