@@ -46,6 +46,7 @@ class CaptureReader:
     layers: list[str]
 
     def quantities(self, layer: str) -> list[str]:
+        """The quantities recorded for ``layer``, sorted by name."""
         raise NotImplementedError
 
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
@@ -430,7 +431,7 @@ class MemoryCapture(CaptureReader):
 
     def quantities(self, layer: str) -> list[str]:
         self._check_layer(layer)
-        return list(self._data[layer])
+        return sorted(self._data[layer])  # by name, as HDF5 lists a group's datasets
 
     def read(self, layer: str, quantity: str, rows: slice | None = None) -> np.ndarray:
         self._check_layer(layer)

@@ -383,3 +383,16 @@ def test_unlabelled_capture_stores_minus_one_labels(tmp_path):
         _model(), [torch.randn(4, 1, 8, 8)], probes=[ResidualNorms()], out=tmp_path / "c.h5"
     ) as cap:
         assert cap.labels().tolist() == [-1, -1, -1, -1] and len(cap.sample_index()) == 4
+
+
+@pytest.mark.parametrize("probes", [["shattered"], ["shattered", "residual"], ["grad"]])
+def test_in_memory_and_hdf5_captures_list_the_same_layers(tmp_path, probes):
+    """A layer where every probe declined (model-level probes only) is not a layer of the
+    capture, in memory as in the file; before, memory listed such layers with no quantities."""
+    net = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    mem = probe.capture(net, batches, probes=probes)
+    with probe.capture(net, batches, probes=probes, out=tmp_path / "x.h5") as disk:
+        assert mem.layers == disk.layers
+        assert all(mem.quantities(k) == disk.quantities(k) for k in mem.layers)
+        assert all(mem.quantities(k) for k in mem.layers)
