@@ -20,7 +20,7 @@ from pathlib import Path
 
 from analyses.tidy import source_of
 from probe.store.reader import CaptureReader
-from probe.train.checkpoint import file_sha256
+from probe.train.checkpoint import checkpoint_paths, file_sha256
 
 __all__ = ["source_checkpoint", "CheckpointMissingWarning"]
 
@@ -62,7 +62,7 @@ def source_checkpoint(cap: CaptureReader) -> Path | None:
     want = prov.get("checkpoint_sha256")
     capture = getattr(cap, "path", None)
     for path in _candidates(Path(recorded), None if capture is None else Path(capture)):
-        weights = path.with_suffix(".safetensors")
+        weights, _ = checkpoint_paths(path)
         if (
             path.is_file()
             and weights.is_file()

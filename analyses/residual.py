@@ -16,6 +16,7 @@ from analyses.stats import bootstrap_ci, mean_ci
 from analyses.tidy import frame, nan_ci, needs, per_layer, row, run_key, stage_of
 from probe.stats import Moments, response_std
 from probe.store.reader import CaptureReader
+from probe.train.checkpoint import checkpoint_paths
 
 __all__ = [
     "residual_ratio",
@@ -88,7 +89,7 @@ def bn_gammas(cap: CaptureReader) -> dict[str, np.ndarray]:
     ck = source_checkpoint(cap)
     if ck is None:
         return {}
-    weights = ck.with_suffix(".safetensors")
+    weights, _ = checkpoint_paths(ck)
     from safetensors.numpy import load_file
 
     state = load_file(str(weights))

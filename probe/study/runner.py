@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from probe.study.interventions import (
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
+from probe.train.trainer import run_lock
 from probe.zoo import parse_name
 
 __all__ = [
@@ -239,12 +241,10 @@ def run_study(
         return run_study_here(cfg, out, callback)
 
 
-def study_lock(out: Path):
+def study_lock(out: Path) -> AbstractContextManager[None]:
     """The study directory's lock, held while a study writes there: a second study into the same
-    directory (or ranks left running from a killed job) stops at once instead of mixing its
-    tables with this one's."""
-    from probe.train.trainer import run_lock
-
+    directory (also one started while ranks of a killed job still run) stops at once instead of
+    mixing its tables with that one's."""
     return run_lock(out, who="study")
 
 
