@@ -118,7 +118,8 @@ def _provenance(prov: dict[int, _Entry], obj: object) -> tuple[int, int] | None:
     return max(e.weight for e in found), max(e.hops for e in found)
 
 
-def _storage(t: torch.Tensor) -> int | None:
+def storage_ptr(t: torch.Tensor) -> int | None:
+    """Address of the memory behind ``t`` (shared by all its views); None where there is none."""
     try:
         return t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):  # functorch wrappers, meta tensors
@@ -336,16 +337,16 @@ class SiteTracer(TorchFunctionMode):
     def _protect(self, target: torch.Tensor) -> None:
         """``target`` is about to be modified in place: copy every recorded tensor that shares its
         memory first, so the recorded values stay what they were at the add."""
-        ptr = _storage(target)
+        ptr = storage_ptr(target)
         if ptr is None:
             return
         for frame in self.stack:
-            if frame.x is not None and _storage(frame.x) == ptr:
+            if frame.x is not None and storage_ptr(frame.x) == ptr:
                 frame.x = frame.x.clone()
             for rec in frame.sites:
                 for attr in ("f", "s", "out"):
                     t = getattr(rec, attr)
-                    if _storage(t) == ptr:
+                    if storage_ptr(t) == ptr:
                         setattr(rec, attr, t.clone())
 
 

@@ -31,18 +31,21 @@ def _subsample(
     return t[tuple(index)]
 
 
-def _stored(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
+def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, torch.Tensor]:
     """``{name: t in the storage dtype}``; for fp16 also ``{name}_clipped`` [N]: fp16 overflows to
     inf beyond 65504, so larger magnitudes are stored as +-65504 and counted per sample -- no inf
     appears that the model did not produce (a genuine inf or NaN stays and is counted by the
-    capture's non-finite check)."""
+    capture's non-finite check).
+
+    In the stored dtype already, ``t`` is returned as it is unless ``copy``: a forward tensor the
+    :class:`~probe.session.HookSession` guards (it copies what a later in-place op would change,
+    see ``HookSession.run_batch``), so the copy is made only where it is needed."""
     out = {}
     if dtype == "fp16":
         out[f"{name}_clipped"] = (t.abs() > _FP16_MAX).flatten(1).sum(1, dtype=torch.int32)
         t = t.clamp(-_FP16_MAX, _FP16_MAX)
-    # .to() may return the same storage; clone so a later in-place op cannot change our copy.
     stored = t.to(STORAGE_DTYPES[dtype])
-    out[name] = stored.clone() if stored.data_ptr() == t.data_ptr() else stored
+    out[name] = stored.clone() if copy and stored.data_ptr() == t.data_ptr() else stored
     return out
 
 
@@ -109,7 +112,7 @@ class Activations(_RawTensorAxes, Probe):
         )
         if t is None:
             return {}
-        return _stored(self.which, t, self.dtype)
+        return _stored(self.which, t, self.dtype, copy=False)
 
 
 @dataclass
@@ -139,4 +142,4 @@ class Gradients(_RawTensorAxes, Probe):
             call,
             self.max_samples,
         )
-        return {} if g is None else _stored("grad_output", g, self.dtype)
+        return {} if g is None else _stored("grad_output", g, self.dtype, copy=True)

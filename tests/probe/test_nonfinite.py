@@ -70,8 +70,9 @@ def test_the_cli_shows_a_warning_as_one_line(capsys):
     assert err == "warning: NaN in 2 layers\n"
 
 
+@pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_them(dtype):
+def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_them(dtype, pick_rows):
     from probe.session import nonfinite_rows
 
     big = torch.finfo(dtype).max
@@ -82,7 +83,35 @@ def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_the
     t[4] = -big
     t[5, 0, 0] = float("-inf")
     want = ~torch.isfinite(t.reshape(6, -1)).all(1)
-    assert nonfinite_rows(t).tolist() == want.tolist() == [False, True, True, True, False, True]
+    got = nonfinite_rows(t, pick_rows=pick_rows)
+    assert got.tolist() == want.tolist() == [False, True, True, True, False, True]
+
+
+@pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_planted_values_in_large_rows_are_found_wherever_they_are(dtype, pick_rows):
+    """Rows of a block output's size, some holding NaN, +-inf or values whose sum overflows the
+    accumulator, at random places: the same rows an element-by-element check finds."""
+    from probe.session import nonfinite_rows
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(32, 16, 32, 32, generator=g).to(dtype)
+    flat = t.view(32, -1)
+    big = torch.finfo(dtype).max
+    for row in range(32):
+        col = int(torch.randint(flat.shape[1], (1,), generator=g))
+        kind = row % 5
+        if kind == 1:
+            flat[row, col] = float("nan")
+        elif kind == 2:
+            flat[row, col] = float("inf") if row % 2 else float("-inf")
+        elif kind == 3:
+            flat[row, : flat.shape[1] // 2] = big / 4  # finite, but the sum overflows
+        elif kind == 4:
+            flat[row, col], flat[row, -1] = float("inf"), float("-inf")
+    want = ~torch.isfinite(flat).all(1)
+    assert want.sum() == 19  # kinds 1, 2 and 4; kind 3 is finite
+    assert nonfinite_rows(t, pick_rows=pick_rows).tolist() == want.tolist()
 
 
 def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results():

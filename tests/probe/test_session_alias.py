@@ -1,0 +1,133 @@
+"""Raw results kept as views of the pass's own tensors: never changed by a later in-place op.
+
+The session copies a raw activation only where a later in-place op would change it: the first
+batch copies and watches each quantity's version counter, later batches keep views of the
+quantities that stayed unchanged and run a batch again, copying, if one did change after all.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import probe
+
+
+class Noise(nn.Module):
+    """Adds fresh random noise: a batch that runs twice must draw the same noise twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.1 * torch.randn_like(x)
+
+
+class MaybeDouble(nn.Module):
+    """Doubles its input in place when switched on (an in-place op only some batches take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            x.mul_(2)
+        return x
+
+
+WIDTH = 4096  # 16 KiB a row: larger than the small results the session packs together
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(Noise(), nn.Linear(6, WIDTH), MaybeDouble(), nn.Linear(WIDTH, 3)).eval()
+
+
+def _reference(model: nn.Sequential, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Layer 1's output as it was computed (copied in a plain hook), and the logits."""
+    kept = []
+    h = model[1].register_forward_hook(lambda m, a, o: kept.append(o.clone()))
+    try:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        h.remove()
+    return kept[0], logits
+
+
+def _capture(session: probe.HookSession, x: torch.Tensor, seed: int):
+    torch.manual_seed(seed)
+    results, logits = session.run_batch(x)
+    return results["1"]["output"], logits
+
+
+def test_an_output_changed_in_place_on_every_batch_is_copied_on_every_batch():
+    model, x = _model(), torch.randn(32, 6)
+    model[2].on = True
+    with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
+        for seed in range(3):
+            got, logits = _capture(s, x, seed)
+            want, want_logits = _reference(model, x, seed)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+
+
+def test_an_output_left_alone_is_kept_as_a_view_after_the_first_batch():
+    model, x = _model(), torch.randn(32, 6)
+    seen = []
+    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o))
+    with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
+        first, _ = _capture(s, x, 0)
+        assert first.data_ptr() != seen[-1].data_ptr()  # the first batch copies while it watches
+        second, _ = _capture(s, x, 1)
+        assert second.data_ptr() == seen[-1].data_ptr()  # then no copy is made
+    h.remove()
+    torch.testing.assert_close(second, _reference(model, x, 1)[0], rtol=0, atol=0)
+
+
+def test_an_in_place_op_that_starts_later_runs_the_batch_again_with_the_same_random_draws():
+    model, x = _model(), torch.randn(32, 6)
+    seen = []
+    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o))
+    with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
+        _capture(s, x, 0)
+        _capture(s, x, 1)  # a view from now on
+        model[2].on = True
+        seen.clear()
+        got, logits = _capture(s, x, 2)
+        assert len(seen) == 2  # the batch ran twice: the view was changed, so it was redone
+        later, _ = _capture(s, x, 3)  # and the quantity is copied from then on
+        assert len(seen) == 3
+    h.remove()
+    want, want_logits = _reference(model, x, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
+    torch.testing.assert_close(later, _reference(model, x, 3)[0], rtol=0, atol=0)
+    assert later.data_ptr() != seen[-1].data_ptr()
+
+
+def test_a_partial_view_is_copied_so_it_does_not_pin_the_whole_activation():
+    model, x = _model(), torch.randn(32, 6)
+    with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32", max_samples=2)]) as s:
+        for seed in range(2):
+            got, _ = _capture(s, x, seed)
+            assert got.untyped_storage().nbytes() == got.numel() * got.element_size()
+            torch.testing.assert_close(got, _reference(model, x, seed)[0][:2], rtol=0, atol=0)
+
+
+def test_residual_split_views_stay_what_the_probe_saw():
+    """The raw split (F, S, y, x) of a zoo block, whose output the next block's ReLU does not
+    touch: every batch equals the split computed directly."""
+    from probe.conformance import RawSites
+    from probe.zoo import create
+
+    torch.manual_seed(0)
+    net = create("resnet8", in_channels=3).eval()
+    x = torch.randn(3, 3, 8, 8)
+    block = net.get_submodule("stages.0.0")
+    with probe.HookSession(net, ["stages.0.0"], [RawSites()]) as s:
+        for _ in range(3):
+            r = s.run_batch(x)[0]["stages.0.0"]
+            with torch.no_grad():
+                y = block(r["X"])
+            torch.testing.assert_close(r["Y"], y, rtol=0, atol=0)
+            torch.testing.assert_close(torch.relu(r["F"] + r["S"]), y, rtol=0, atol=0)
