@@ -687,7 +687,9 @@ class HookSession:
         are dropped, so dL/dy of every block is not held until the whole backward pass ends."""
 
         def hook(grad: torch.Tensor) -> None:
-            setattr(call, attr, grad.detach())
+            # The gradient object itself (it needs no graph here): a block's dL/dy is the next
+            # block's dL/dx, and probes recognise the same tensor (statistics.NormMemo).
+            setattr(call, attr, grad.detach() if grad.requires_grad else grad)
             waits.discard(attr)
             if not waits and self._eager_backward:
                 self._run_backward(call)

@@ -7,6 +7,8 @@ tensors (fp16, bf16) are accumulated in float32, float64 tensors stay in float64
 from __future__ import annotations
 
 import functools
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,6 +26,7 @@ __all__ = [
     "per_sample_dot",
     "channel_moments",
     "accumulation_dtype",
+    "NormMemo",
 ]
 
 
@@ -105,6 +108,36 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     return mean.squeeze(2), var.clamp_min(0)
 
 
+class NormMemo:
+    """Per-sample norms of the last few tensors normed, reused when the very same tensor comes
+    again unchanged: a block's output is the next block's input (the same object), and one
+    gradient reaches the hooks of both, so each would otherwise be normed twice.
+
+    The memo keeps weak references only, so it never keeps a tensor (nor its memory address)
+    alive, and an in-place change since (the version counter moved) is a miss.
+
+    Example:
+        >>> memo, t = NormMemo(), torch.ones(2, 4)
+        >>> memo.norm(t) is memo.norm(t), memo.norm(t.clone()) is memo.norm(t)
+        (True, False)
+    """
+
+    def __init__(self, size: int = 4) -> None:
+        self._entries: deque = deque(maxlen=size)
+
+    def norm(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            version = t._version
+        except RuntimeError:  # inference-mode tensors have no version counter: no reuse
+            return per_sample_norm(t)
+        for ref, seen, n in self._entries:
+            if ref() is t and seen == version:
+                return n
+        n = per_sample_norm(t)
+        self._entries.append((weakref.ref(t), version, n))
+        return n
+
+
 @dataclass
 class ResidualNorms(Probe):
     """Per-sample norms of a block's x, F(x), S(x), y and the identity-closeness quantities.
@@ -118,15 +151,19 @@ class ResidualNorms(Probe):
     name: ClassVar[str] = "residual"
     forward_grad: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._norms = NormMemo()  # not a setting: kept out of the probe's fields
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        b = call.block
+        b, norm = call.block, self._norms.norm
         if b is None:
-            out = {"y_norm": per_sample_norm(call.output)}
+            out = {"y_norm": norm(call.output)}
             if call.input is not None and call.input.shape[0] == call.batch_size:
-                out["x_norm"] = per_sample_norm(call.input)
+                out["x_norm"] = norm(call.input)
             return out
-        nx, nf, ny = per_sample_norm(b.x), per_sample_norm(b.f), per_sample_norm(b.y)
-        ns = nx if b.s is b.x else per_sample_norm(b.s)  # an identity shortcut returns x itself
+        nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
+        ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
         return {
             "x_norm": nx,
             "f_norm": nf,
@@ -189,12 +226,16 @@ class GradNorms(Probe):
     eager_backward: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._norms = NormMemo()  # not a setting: kept out of the probe's fields
+
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         out = {}
         if call.grad_output is not None:
-            out["grad_y_norm"] = per_sample_norm(call.grad_output)
+            out["grad_y_norm"] = self._norms.norm(call.grad_output)
         if call.grad_input is not None:
-            out["grad_x_norm"] = per_sample_norm(call.grad_input)
+            out["grad_x_norm"] = self._norms.norm(call.grad_input)
             if call.block is not None and call.block.f.shape == call.grad_input.shape:
                 out["cos_f_grad"] = per_sample_cos(
                     call.block.f,

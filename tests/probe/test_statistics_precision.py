@@ -28,3 +28,43 @@ def test_dot_norm_and_cosine_match_numpy():
     np.testing.assert_allclose(per_sample_cos(a, b).numpy(), cos, rtol=1e-5, atol=1e-6)
     norms = (per_sample_norm(a), per_sample_norm(b))
     assert torch.equal(per_sample_cos(a, b, norms=norms), per_sample_cos(a, b))
+
+
+def test_a_remembered_norm_is_reused_only_for_the_same_unchanged_tensor():
+    from probe.probes.statistics import NormMemo, per_sample_norm
+
+    memo, t = NormMemo(), torch.randn(3, 5)
+    first = memo.norm(t)
+    assert memo.norm(t) is first  # the same object, unchanged: reused
+    same_values = t.clone()
+    assert memo.norm(same_values) is not first  # another tensor: computed again
+    t.mul_(2)  # changed in place: the version counter moved, so the norm is computed again
+    torch.testing.assert_close(memo.norm(t), per_sample_norm(t), rtol=0, atol=0)
+    torch.testing.assert_close(memo.norm(t), 2 * first)
+
+
+def test_block_and_gradient_norms_equal_norms_computed_afresh():
+    """The memo reuses a block's output norm as the next block's input norm and one gradient's
+    norm at both hooks that see it: every value equals a direct norm of the tensor itself."""
+    import probe
+    from probe.conformance import RawSites
+    from probe.probes.statistics import per_sample_norm
+
+    torch.manual_seed(0)
+    net = probe.zoo.create("resnet20").eval()
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    probes = [probe.ResidualNorms(), probe.GradNorms(), RawSites(), probe.Gradients(dtype="fp32")]
+    with probe.HookSession(net, probes=probes) as s:
+        for _ in range(2):
+            res, _ = s.run_batch(x, y)
+            for r in res.values():
+                for q, raw in (("x_norm", "X"), ("s_norm", "S"), ("y_norm", "Y"), ("f_norm", "F")):
+                    torch.testing.assert_close(r[q], per_sample_norm(r[raw]), rtol=0, atol=0)
+                torch.testing.assert_close(
+                    r["grad_y_norm"], per_sample_norm(r["grad_output"]), rtol=0, atol=0
+                )
+            keys = list(res)
+            for before, after in zip(keys, keys[1:]):  # dL/dx of a block is dL/dy of the one before
+                torch.testing.assert_close(
+                    res[after]["grad_x_norm"], res[before]["grad_y_norm"], rtol=0, atol=0
+                )
