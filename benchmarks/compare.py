@@ -5,7 +5,9 @@ median of ``--repeats`` timed passes over one batch; the unprobed pass of the ro
 the start and at the end of the run, and the spread of those two is the noise floor. Every method
 that captures block outputs saves what it captured from the first batch, and the parent checks it
 against block outputs computed without any hook (the blocks called one after another), so a fast
-method that records the wrong tensor fails its row.
+method that records the wrong tensor fails its row. Each worker also times the unprobed pass on a
+twin of the model (same weights, no hooks) alternately with its method; ``paired`` is the median of
+those pass-by-pass ratios, which the drift between processes (often +-20 % here) does not reach.
 
 Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
 block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stats``
@@ -324,11 +326,21 @@ def worker(
         getattr(probe.runtime, "tune_allocator", lambda: None)()
     with tempfile.TemporaryDirectory() as d:
         fn, teardown, captured = make_pass(model, row, method, Path(d))
+        # The same unprobed pass on a twin of the model (same seed, same weights, no hooks),
+        # timed alternately with the method: their ratio, pair by pair, is immune to the drift
+        # between processes that the start/end baselines only bound.
+        twin = make_pass(model, row, "unprobed", Path(d))[0] if method != "unprobed" else None
         try:
             for _ in range(warmup):
                 fn()
-            times = []
+                if twin is not None:
+                    twin()
+            times, base = [], []
             for _ in range(repeats):
+                if twin is not None:
+                    t0 = time.perf_counter()
+                    twin()
+                    base.append((time.perf_counter() - t0) * 1e3)
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -336,6 +348,9 @@ def worker(
             teardown()
         got = captured()
         result = {"ms": statistics.median(times), "times": times}
+        if base:
+            result["paired"] = statistics.median(t / b for t, b in zip(times, base))
+            result["paired_base_ms"] = statistics.median(base)
         if got:
             ref = reference_outputs(model)
             errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
@@ -413,7 +428,9 @@ def main() -> None:
             print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
             continue
         print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
-        print(f"{'row':48s} {'method':12s} {'ms':>9s} {'ratio':>7s}  reference check")
+        print(
+            f"{'row':48s} {'method':12s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
+        )
         report["models"][model] = rows = {}
         for row in args.rows.split(","):
             title, methods = ROWS[row]
@@ -431,12 +448,12 @@ def main() -> None:
             floor = abs(b[0] - b[-1]) / statistics.mean(b) if len(b) == 2 else float("nan")
             rows[row] = {"title": title, "unprobed_ms": b, "noise_floor": floor, "methods": out}
             print(
-                f"{title:48s} {'unprobed':12s} {statistics.mean(b):9.1f} {1:7.2f}  (start/end {b[0]:.1f}/{b[-1]:.1f}, noise ±{100 * floor:.1f}%)"
+                f"{title:48s} {'unprobed':12s} {statistics.mean(b):9.1f} {1:7.2f} {'':7s}  (start/end {b[0]:.1f}/{b[-1]:.1f}, noise ±{100 * floor:.1f}%)"
             )
             for method, r in out.items():
                 if "ms" not in r:
                     print(
-                        f"{'':48s} {method:12s} {'–':>9s} {'–':>7s}  {r.get('skipped') or r.get('error')}"
+                        f"{'':48s} {method:12s} {'–':>9s} {'–':>7s} {'–':>7s}  {r.get('skipped') or r.get('error')}"
                     )
                     continue
                 r["ratio"] = r["ms"] / statistics.mean(b)
@@ -446,7 +463,8 @@ def main() -> None:
                     else ("ok" if r["ref_error"] < 1e-5 else "WRONG")
                     + f" (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
                 )
-                print(f"{'':48s} {method:12s} {r['ms']:9.1f} {r['ratio']:7.2f}  {check}")
+                paired = f"{r['paired']:7.2f}" if "paired" in r else f"{'–':>7s}"
+                print(f"{'':48s} {method:12s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired}  {check}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")
