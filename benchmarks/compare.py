@@ -42,6 +42,7 @@ MODELS = {
     "zoo": ("zoo:resnet56, CIFAR 3x32x32", 64, (3, 32, 32)),
     "tv": ("torchvision resnet50, 3x224x224", 8, (3, 224, 224)),
 }
+STREAM = 8  # batches per file in the "stream" row: a capture's own cost, its set-up spread out
 ROWS = {
     "out": (
         "block outputs in memory",
@@ -49,6 +50,10 @@ ROWS = {
     ),
     "io": ("block input + branch + output in memory", ["hooks", "nnsight", "resprobe"]),
     "disk": ("block outputs to HDF5 (uncompressed)", ["raw_write", "hooks_h5py", "resprobe"]),
+    "stream": (
+        f"block outputs to HDF5, {STREAM} batches per file",
+        ["raw_write", "hooks_h5py", "resprobe"],
+    ),
     "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe"]),
     "grad": ("statistics + gradient norms, forward + backward", ["hooks", "resprobe"]),
 }
@@ -177,9 +182,14 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
     net, blocks, x, y = build(model)
     captured: list = []
     need_grad = row == "grad"
+    batches = STREAM if row == "stream" else 1
 
     def unprobed():
-        if need_grad:
+        if batches > 1:
+            with torch.no_grad():
+                for _ in range(batches):
+                    net(x)
+        elif need_grad:
             inp = x.detach().requires_grad_(True)
             torch.autograd.grad(F.cross_entropy(net(inp), y), [inp])
         else:
@@ -189,7 +199,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
     if method == "unprobed":
         return unprobed, lambda: None, lambda: None
     if method == "raw_write":  # the same bytes a dump of every block output writes, in fp32
-        nbytes = sum(t.numel() * 4 for t in reference_outputs(model))
+        nbytes = batches * sum(t.numel() * 4 for t in reference_outputs(model))
         buf = np.random.default_rng(0).bytes(nbytes)
 
         def write():
@@ -200,6 +210,32 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
         return write, lambda: None, lambda: None
 
+    if method == "hooks_h5py" and row == "stream":  # one file, datasets filled batch by batch
+        import h5py
+
+        store: list = []
+        hs = _hooks(net, blocks, store, model=model)
+        state = {"i": 0}
+
+        def fn():
+            path = tmp / f"hooks-{state['i']}.h5"
+            with h5py.File(path, "w") as f:
+                for b in range(batches):
+                    store.clear()
+                    with torch.no_grad():
+                        net(x)
+                    for n, t in store:
+                        if b == 0:
+                            f.create_dataset(n, (batches * len(t), *t.shape[1:]), "f4")
+                        f[n][b * len(t) : (b + 1) * len(t)] = t.numpy()
+                    if not captured:
+                        captured.extend(t.clone() for _, t in store)
+                f.flush()
+                os.fsync(f.id.get_vfd_handle())
+            os.remove(path)
+            state["i"] += 1
+
+        return fn, lambda: [h.remove() for h in hs], lambda: captured
     if method in ("hooks", "hooks_clone", "hooks_h5py") and row in ("out", "io", "disk"):
         store: list = []
         hs = _hooks(
@@ -287,19 +323,23 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             "out": [probe.Activations(dtype="fp32")],
             "io": [RawSites()],
             "disk": [probe.Activations(dtype="fp32")],
+            "stream": [probe.Activations(dtype="fp32")],
             "stats": [probe.ResidualNorms(), probe.ChannelStats()],
             "grad": [probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms()],
         }[row]
-        if row == "disk":
+        if row in ("disk", "stream"):
             state = {"i": 0}
 
             def fn():
                 path = tmp / f"rp-{state['i']}.h5"
                 cap = probe.capture(
-                    net, [(x, y)], layers=blocks, probes=probes, out=path, name=model
+                    net, [(x, y)] * batches, layers=blocks, probes=probes, out=path, name=model
                 )
                 if not captured:
-                    captured.extend(torch.from_numpy(cap.read(n, "output")) for n in blocks)
+                    n_rows = len(x)  # the first batch's rows
+                    captured.extend(
+                        torch.from_numpy(cap.read(n, "output")[:n_rows]) for n in blocks
+                    )
                 cap.close()
                 os.remove(path)
                 state["i"] += 1
