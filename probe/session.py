@@ -828,6 +828,12 @@ class HookSession:
         The logits are detached and equal to an unhooked forward pass. Layers without any result
         are left out. Small CPU results are views of one fresh block per dtype (see
         ``_compacted``): keeping any of them keeps that block, about 2 MB for a ResNet-56 batch.
+
+        A raw result that shares memory with the pass's tensors (an activation returned as it is)
+        is copied on the first batches while its source's version counter is watched, and kept
+        as a view once no in-place op has changed it (see :meth:`_guard`). Should a watched view
+        change after all, the batch runs again with the same random draws, copying: a model
+        whose forward keeps other state of its own sees that batch twice.
         """
         if not self._open:
             raise ProbeError("HookSession.run_batch called outside its 'with' block.")

@@ -67,7 +67,10 @@ class _RawTensorAxes:
 
 @dataclass
 class Activations(_RawTensorAxes, Probe):
-    """A copy of a layer's output (or input) in a storage dtype.
+    """A layer's output (or input) in a storage dtype.
+
+    In the tensor's own dtype the result is the activation itself, not a copy: the session copies
+    it only where a later in-place op would change it (see ``HookSession.run_batch``).
 
     Args:
         dtype: "fp32", "fp16" or "bf16" (bf16 is stored as its 16 raw bits and read back as fp32).
