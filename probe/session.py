@@ -16,7 +16,7 @@ import contextlib
 import gc
 import logging
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -734,7 +734,7 @@ class HookSession:
                 )
             t = t.detach()
             if sources and storage_ptr(t) in sources:
-                t = self._guard((forward[0], q), t)
+                t = self._guard(key, (forward[0], q), t)
             results[q] = t
             if t.is_floating_point() and _checked_alone(t):
                 # Checked now, while the tensor is still in the cache; a tensor kept under several
@@ -748,7 +748,7 @@ class HookSession:
             if labels is not None:
                 self.dim_labels.setdefault((key, q), tuple(labels))
 
-    def _guard(self, slot: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
+    def _guard(self, key: str, slot: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
         """A result that shares memory with the pass's own tensors (an activation kept as it is):
         kept as a view where no in-place op changes it later in the pass, copied elsewhere.
 
@@ -766,7 +766,25 @@ class HookSession:
         )
         if state is not False:
             self._watched.append((slot, t, version, state is None))
+        if state:
+            self._views.append((key, slot))
         return t if state else t.clone()
+
+    def _unshared(self, results: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Copy the views whose memory anything but the results still holds once the batch is
+        over: a buffer the model keeps and refills (preallocated or CUDA-graph outputs), the
+        caller's batch (a loader may refill it), the logits. Version counters cannot see a change
+        made after the batch, so only memory no one else holds is left shared. Without the
+        storage use count (a private torch API), every view is copied."""
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        views = [(key, slot, results[key][slot[1]]) for key, slot in self._views]
+        ours = Counter(storage_ptr(t) for _, _, t in views)
+        for key, slot, t in views:
+            # tensors holding the memory, besides the Python storage object made to ask
+            holders = use_count(t.untyped_storage()._cdata) - 1 if use_count else None
+            if holders is None or holders > ours[storage_ptr(t)]:
+                results[key][slot[1]] = t.clone()
+                self._may_alias[slot] = False
 
     def _aliases_held(self) -> bool:
         """Whether every result kept as a view still holds what its probe saw; learns which
@@ -812,6 +830,7 @@ class HookSession:
         self._branch_calls: dict[str, int] = defaultdict(int)
         self._bad_rows: dict[str, list[torch.Tensor]] = defaultdict(list)  # large results' checks
         self._checked: dict[tuple, torch.Tensor] = {}  # a checked result's memory -> bad rows
+        self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -894,6 +913,7 @@ class HookSession:
         finally:
             self._release_batch()
         del out  # the last reference to the graph: the batch's activations are all freed now
+        self._unshared(results)
         return _compacted(results), logits
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:

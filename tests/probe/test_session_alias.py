@@ -73,13 +73,13 @@ def test_an_output_changed_in_place_on_every_batch_is_copied_on_every_batch():
 
 def test_an_output_left_alone_is_kept_as_a_view_after_the_first_batch():
     model, x = _model(), torch.randn(32, 6)
-    seen = []
-    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o))
+    seen = []  # addresses only: holding the outputs themselves would make them shared (copied)
+    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o.data_ptr()))
     with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
         first, _ = _capture(s, x, 0)
-        assert first.data_ptr() != seen[-1].data_ptr()  # the first batch copies while it watches
+        assert first.data_ptr() != seen[-1]  # the first batch copies while it watches
         second, _ = _capture(s, x, 1)
-        assert second.data_ptr() == seen[-1].data_ptr()  # then no copy is made
+        assert second.data_ptr() == seen[-1]  # then no copy is made
     h.remove()
     torch.testing.assert_close(second, _reference(model, x, 1)[0], rtol=0, atol=0)
 
@@ -87,7 +87,7 @@ def test_an_output_left_alone_is_kept_as_a_view_after_the_first_batch():
 def test_an_in_place_op_that_starts_later_runs_the_batch_again_with_the_same_random_draws():
     model, x = _model(), torch.randn(32, 6)
     seen = []
-    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o))
+    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o.data_ptr()))
     with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
         _capture(s, x, 0)
         _capture(s, x, 1)  # a view from now on
@@ -102,7 +102,7 @@ def test_an_in_place_op_that_starts_later_runs_the_batch_again_with_the_same_ran
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=0)
     torch.testing.assert_close(later, _reference(model, x, 3)[0], rtol=0, atol=0)
-    assert later.data_ptr() != seen[-1].data_ptr()
+    assert later.data_ptr() != seen[-1]
 
 
 def test_a_partial_view_is_copied_so_it_does_not_pin_the_whole_activation():
@@ -131,3 +131,45 @@ def test_residual_split_views_stay_what_the_probe_saw():
                 y = block(r["X"])
             torch.testing.assert_close(r["Y"], y, rtol=0, atol=0)
             torch.testing.assert_close(torch.relu(r["F"] + r["S"]), y, rtol=0, atol=0)
+
+
+class StaticOutput(nn.Module):
+    """Writes its result into one buffer it keeps and returns that buffer (as CUDA-graph replays
+    and preallocated-output code do): the next batch overwrites what this one returned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, WIDTH)
+        self.register_buffer("out", torch.zeros(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        if self.out.shape != y.shape:
+            self.out = torch.empty_like(y)
+        self.out.copy_(y)
+        return self.out
+
+
+def test_an_output_the_model_keeps_and_overwrites_on_the_next_batch_is_copied():
+    torch.manual_seed(0)
+    model = nn.Sequential(StaticOutput(), nn.Linear(WIDTH, 3)).eval()
+    xs = [torch.randn(32, 6) for _ in range(4)]
+    with probe.HookSession(model, ["0"], [probe.Activations(dtype="fp32")]) as s:
+        kept = [s.run_batch(x)[0]["0"]["output"] for x in xs]
+    for x, got in zip(xs, kept):
+        with torch.no_grad():
+            torch.testing.assert_close(got, model[0].lin(x), rtol=0, atol=0)
+
+
+def test_an_input_the_caller_keeps_is_copied():
+    """The batch itself belongs to the caller (a loader may refill it in place)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, 3)).eval()
+    x = torch.randn(32, WIDTH)
+    with probe.HookSession(model, ["0"], [probe.Activations(dtype="fp32", which="input")]) as s:
+        kept = []
+        for k in range(3):
+            x.fill_(float(k))  # refilled in place, as a reused buffer is
+            kept.append(s.run_batch(x)[0]["0"]["input"])
+    for k, got in enumerate(kept):
+        assert bool((got == float(k)).all())
