@@ -173,3 +173,17 @@ def test_an_input_the_caller_keeps_is_copied():
             kept.append(s.run_batch(x)[0]["0"]["input"])
     for k, got in enumerate(kept):
         assert bool((got == float(k)).all())
+
+
+def test_without_the_storage_use_count_every_view_is_copied(monkeypatch):
+    """The use count is a private torch API: where it is missing, nothing is kept as a view."""
+    monkeypatch.delattr(torch._C, "_storage_Use_Count", raising=False)
+    model, x = _model(), torch.randn(32, 6)
+    seen = []
+    h = model[1].register_forward_hook(lambda m, a, o: seen.append(o.data_ptr()))
+    with probe.HookSession(model, ["1"], [probe.Activations(dtype="fp32")]) as s:
+        for seed in range(3):
+            got, _ = _capture(s, x, seed)
+            assert got.data_ptr() != seen[-1]
+            torch.testing.assert_close(got, _reference(model, x, seed)[0], rtol=0, atol=0)
+    h.remove()
