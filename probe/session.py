@@ -886,6 +886,7 @@ class HookSession:
             # (dropout), copying what it keeps. Training-mode BN buffers see the batch twice;
             # the session restores them on close.
             log.debug("a result kept as a view was modified in place; running the batch again")
+            out = None  # the first attempt's graph and activations, not held through the second
             _set_rng_state(x.device, rng)
         try:
             if self.model_probes:
