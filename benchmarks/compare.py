@@ -10,14 +10,15 @@ twin of the model (same weights, no hooks) alternately with its method; ``paired
 those pass-by-pass ratios, which the drift between processes (often +-20 % here) does not reach.
 
 Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
-block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stats``
+block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stream`` the same
+for 8 batches into one file (the per-file set-up spread out); ``stats``
 ResidualNorms + ChannelStats, forward; ``grad`` statistics + gradient norms, forward + backward.
 Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
 (cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``. Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
 Usage:
-    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stats,grad]
+    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stream,stats,grad]
         [--repeats 10] [--threads 2] [--json /tmp/compare.json]
 """
 
