@@ -132,7 +132,7 @@ def test_killing_one_rank_mid_capture_leaves_no_capture(tmp_path):
     rank 0, which deletes its own part; no file anywhere opens as a capture, and a rerun of the
     same command writes the capture."""
     args = [*_job_module().CAPTURE[:7], "--data", "digits", "--split", "train", "--batch-size", "16",
-            "--limit", "600", "--probe", "residual", "--probe", "activations", "--out", "k.h5"]  # fmt: skip
+            "--limit", "1400", "--probe", "residual", "--probe", "activations", "--out", "k.h5"]  # fmt: skip
     env = {**os.environ, "RESPROBE_DATA": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "probe", "--threads", "1", *args]  # fmt: skip
@@ -142,16 +142,18 @@ def test_killing_one_rank_mid_capture_leaves_no_capture(tmp_path):
     while run.poll() is None and time.monotonic() - t0 < 120 and killed is None:
         temps = list((tmp_path / "k.h5.shards").glob("rank-00001-of-00002.h5.tmp-*"))
         if temps:
-            time.sleep(0.2)  # well inside the writing
+            # at once: the part is written in well under a second, so any wait could land after it
             killed = int(temps[0].name.rsplit("-", 1)[1])
             os.kill(killed, signal.SIGKILL)
-        time.sleep(0.01)
+        time.sleep(0.005)
     output, _ = run.communicate(timeout=120)
     assert killed is not None, "rank 1 never started writing:\n" + output[-2000:]
+    # the kill landed before rank 1 finished its part, or this run tests nothing
+    assert not (tmp_path / "k.h5.shards" / "rank-00001-of-00002.h5").exists(), output[-2000:]
     assert run.returncode != 0
     assert not (tmp_path / "k.h5").exists()
     assert _accepted(tmp_path) == [], "a killed capture left a file that opens as a capture"
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert probe.open(tmp_path / "k.h5").attrs["n_samples"] == 600
+    assert probe.open(tmp_path / "k.h5").attrs["n_samples"] == 1400
     assert not list((tmp_path).rglob("*.tmp-*"))  # the killed rank's temporary file is gone
