@@ -57,6 +57,10 @@ def test_capture_to_hdf5_equals_direct_computation(tmp_path, name):
         assert np.allclose(
             cap.read("stages.1.0", "dev_norm"), (y - s).flatten(1).norm(dim=1).numpy(), rtol=1e-5
         )
+        F, S, Y = (t.double().flatten(1).numpy() for t in (f, s, y))
+        for q, a, b in (("cos_ys", Y, S), ("cos_fs", F, S)):
+            cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            np.testing.assert_allclose(cap.read("stages.1.0", q), cos, rtol=0, atol=2e-6)
         assert cap.sample_index().tolist() == list(range(15))
         assert cap.layer_attrs("stages.1.0")["residual"] == int(name.startswith("res"))
 

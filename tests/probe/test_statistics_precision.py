@@ -4,6 +4,8 @@ where the shortcut formulas (E[x^2] - E[x]^2, ||a||^2 + ||b||^2 - 2ab) lose ever
 import numpy as np
 import torch
 
+import pytest
+
 from probe.probes.statistics import channel_moments, per_sample_cos, per_sample_dot, per_sample_norm
 
 
@@ -68,3 +70,21 @@ def test_block_and_gradient_norms_equal_norms_computed_afresh():
                 torch.testing.assert_close(
                     res[after]["grad_x_norm"], res[before]["grad_y_norm"], rtol=0, atol=0
                 )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_variance_matches_numpy_for_rows_of_every_condition(dtype):
+    """Rows of every mean^2/var from 0 to 1e12 side by side, constant rows and all-zero rows:
+    each matches numpy in float64."""
+    g = torch.Generator().manual_seed(2)
+    ratios = [0.0, 1.0, 1e3, 1e4, 1e6, 1e9, 1e12]
+    noise = torch.randn(3, len(ratios), 9, 9, generator=g, dtype=torch.float64)
+    noise = (noise - noise.mean((2, 3), keepdim=True)) / noise.std((2, 3), keepdim=True)
+    x = (noise + torch.tensor(ratios, dtype=torch.float64).sqrt()[:, None, None]).to(dtype)
+    x = torch.cat([x, torch.full_like(x[:1], 0.1), torch.zeros_like(x[:1])])
+    mean, var = channel_moments(x)
+    ref = x.double().numpy().reshape(*x.shape[:2], -1)
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(mean.numpy(), ref.mean(2), rtol=rtol, atol=rtol)  # spread 1
+    np.testing.assert_allclose(var.numpy(), ref.var(2), rtol=rtol, atol=1e-30)
+
