@@ -28,6 +28,7 @@ from probe.store.schema import (
     attrs_digest,
     default_dim_labels,
     is_compatible,
+    read_attrs,
 )
 
 __all__ = ["CaptureReader", "H5Capture", "MemoryCapture", "open_capture"]
@@ -239,10 +240,11 @@ class H5Capture(CaptureReader):
             ]
             if written:
                 return
-            self._check_structure(order, present)
+            attrs = read_attrs(self._f)  # once, for the structure and the digest
+            self._check_structure(order, present, attrs)
             # Last: the specific checks above say more about what is wrong when they fire.
             digest = self.attrs.get("attrs_sha256")
-            if digest is not None and attrs_digest(self._f) != digest:
+            if digest is not None and attrs_digest(attrs) != digest:
                 raise ProbeError(
                     f"{self.path} is damaged: its attributes no longer match the digest written "
                     "with them (attrs_sha256). Re-run the capture."
@@ -251,9 +253,10 @@ class H5Capture(CaptureReader):
             self._f.close()
             raise
 
-    def _check_structure(self, order: list, present: list[str]) -> None:
+    def _check_structure(self, order: list, present: list[str], attrs: dict) -> None:
         """Refuse a file whose structure does not match the schema (docs/schema.md): what was
-        damaged, what was expected. Metadata only -- no data is read."""
+        damaged, what was expected. Metadata only -- no data is read; ``attrs`` are the file's
+        attributes (:func:`~probe.store.schema.read_attrs`)."""
 
         def bad(what: str) -> ProbeError:
             return ProbeError(f"{self.path} is damaged: {what}. Re-run the capture.")
@@ -275,7 +278,9 @@ class H5Capture(CaptureReader):
             raise bad(f"layers {missing[:3]} listed in 'layer_order' have no group under /{LAYERS}")
         for layer in present:
             group = self._f[f"{LAYERS}/{layer}"]
-            problems = attr_problems(dict(group.attrs), LAYER_ATTRS)
+            # a layer reached only through a link is not in ``attrs`` (each object is read once)
+            own = attrs.get(f"{LAYERS}/{layer}")
+            problems = attr_problems(dict(group.attrs) if own is None else own, LAYER_ATTRS)
             if problems:
                 raise bad(f"/{LAYERS}/{layer} attribute {problems[0]}")
             for q, d in group.items():

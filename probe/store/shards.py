@@ -28,7 +28,7 @@ import numpy as np
 
 from probe.errors import ProbeError
 from probe.store.reader import H5Capture
-from probe.store.schema import LAYERS, attrs_digest, check_schema
+from probe.store.schema import LAYERS, attrs_digest, check_schema, read_attrs
 from probe.tempfiles import atomic_path
 
 __all__ = ["join_shards", "merge_layer_attrs"]
@@ -282,6 +282,7 @@ def _write_joined(
                 out.dims[i].label = dim.label
         for layer in {l for l, _ in keys}:  # layer attributes once per group, not per quantity
             f[f"{LAYERS}/{layer}"].attrs.update(_merged_layer_attrs(caps, layer))
-        check_schema(f)
-        f.attrs["attrs_sha256"] = attrs_digest(f)
+        attrs = read_attrs(f)  # once, for both
+        check_schema(f, attrs)
+        f.attrs["attrs_sha256"] = attrs_digest(attrs)
         f.attrs["complete"] = True

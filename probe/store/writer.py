@@ -33,6 +33,7 @@ from probe.store.schema import (
     attrs_digest,
     check_schema,
     default_dim_labels,
+    read_attrs,
 )
 from probe.tempfiles import commit, remove_stale_temps, temp_path
 
@@ -356,8 +357,10 @@ class H5Writer:
             self._file.attrs["n_samples"] = self._n_samples
             for k, v in (extra_attrs or {}).items():
                 self._file.attrs[k] = v
-            check_schema(self._file)  # a file the reader would refuse is never marked complete
-            self._file.attrs["attrs_sha256"] = attrs_digest(self._file)
+            # a file the reader would refuse is never marked complete; attributes read once
+            attrs = read_attrs(self._file)
+            check_schema(self._file, attrs)
+            self._file.attrs["attrs_sha256"] = attrs_digest(attrs)
             self._file.attrs["complete"] = complete  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()

@@ -58,6 +58,15 @@ DAMAGE = {
     ),
     "shard_count zero": (lambda f: f.attrs.__setitem__("shard_count", 0), "'shard_count' is 0"),
     "n_samples a float": (lambda f: f.attrs.__setitem__("n_samples", 6.0), "'n_samples' is 6.0"),
+    # well-typed edits only the attribute digest can tell, on a group and on a dataset
+    "a layer attribute edited": (
+        lambda f: f["layers/stages.0.0"].attrs.__setitem__("module_type", "Linear"),
+        "no longer match the digest",
+    ),
+    "a dataset attribute edited": (
+        lambda f: f["layers/stages.1.0/output"].attrs.__setitem__("DIMENSION_LABELS", ["a"] * 4),
+        "no longer match the digest",
+    ),
 }
 
 
