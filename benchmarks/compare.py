@@ -14,7 +14,8 @@ block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``st
 for 8 batches into one file (the per-file set-up spread out); ``stats``
 ResidualNorms + ChannelStats, forward; ``grad`` statistics + gradient norms, forward + backward.
 Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
-(cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``. Peers that are
+(cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``, and in the
+statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics). Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
 Usage:
@@ -55,8 +56,11 @@ ROWS = {
         f"block outputs to HDF5, {STREAM} batches per file",
         ["raw_write", "hooks_h5py", "resprobe"],
     ),
-    "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe"]),
-    "grad": ("statistics + gradient norms, forward + backward", ["hooks", "resprobe"]),
+    "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe", "resprobe_fused"]),
+    "grad": (
+        "statistics + gradient norms, forward + backward",
+        ["hooks", "resprobe", "resprobe_fused"],
+    ),
 }
 PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
 
@@ -316,17 +320,19 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             del trace
 
         return fn, lambda: None, lambda: captured
-    if method == "resprobe":
+    if method in ("resprobe", "resprobe_fused"):
         import probe
         from probe.conformance import RawSites
 
+        fused = method == "resprobe_fused"  # compiled statistics; warm-up pays the compilation
+        stats = [probe.ResidualNorms(fused=fused), probe.ChannelStats(fused=fused)]
         probes = {
             "out": [probe.Activations(dtype="fp32")],
             "io": [RawSites()],
             "disk": [probe.Activations(dtype="fp32")],
             "stream": [probe.Activations(dtype="fp32")],
-            "stats": [probe.ResidualNorms(), probe.ChannelStats()],
-            "grad": [probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms()],
+            "stats": stats,
+            "grad": [*stats, probe.GradNorms()],
         }[row]
         if row in ("disk", "stream"):
             state = {"i": 0}
@@ -470,7 +476,7 @@ def main() -> None:
             continue
         print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
         print(
-            f"{'row':48s} {'method':12s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
+            f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
         )
         report["models"][model] = rows = {}
         for row in args.rows.split(","):
@@ -489,12 +495,12 @@ def main() -> None:
             floor = abs(b[0] - b[-1]) / statistics.mean(b) if len(b) == 2 else float("nan")
             rows[row] = {"title": title, "unprobed_ms": b, "noise_floor": floor, "methods": out}
             print(
-                f"{title:48s} {'unprobed':12s} {statistics.mean(b):9.1f} {1:7.2f} {'':7s}  (start/end {b[0]:.1f}/{b[-1]:.1f}, noise ±{100 * floor:.1f}%)"
+                f"{title:48s} {'unprobed':14s} {statistics.mean(b):9.1f} {1:7.2f} {'':7s}  (start/end {b[0]:.1f}/{b[-1]:.1f}, noise ±{100 * floor:.1f}%)"
             )
             for method, r in out.items():
                 if "ms" not in r:
                     print(
-                        f"{'':48s} {method:12s} {'–':>9s} {'–':>7s} {'–':>7s}  {r.get('skipped') or r.get('error')}"
+                        f"{'':48s} {method:14s} {'–':>9s} {'–':>7s} {'–':>7s}  {r.get('skipped') or r.get('error')}"
                     )
                     continue
                 r["ratio"] = r["ms"] / statistics.mean(b)
@@ -505,7 +511,7 @@ def main() -> None:
                     + f" (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
                 )
                 paired = f"{r['paired']:7.2f}" if "paired" in r else f"{'–':>7s}"
-                print(f"{'':48s} {method:12s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired}  {check}")
+                print(f"{'':48s} {method:14s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired}  {check}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 
 from probe.probes.base import Call, Probe
+from probe.probes.fused import Fused, moments, moments_of_two, residual_quantities
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -108,6 +109,12 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     return mean.squeeze(2), var.clamp_min(0)
 
 
+# compiled once per process, shared by every probe instance (probe.probes.fused)
+_FUSED_RESIDUAL = Fused(residual_quantities)
+_FUSED_MOMENTS = Fused(moments)
+_FUSED_MOMENTS_OF_TWO = Fused(moments_of_two)
+
+
 class NormMemo:
     """Per-sample norms of the last few tensors normed, reused when the very same tensor comes
     again unchanged: a block's output is the next block's input (the same object), and one
@@ -146,10 +153,15 @@ class ResidualNorms(Probe):
     ``cos_ys`` = cos(y, S(x)) and ``cos_fs`` = cos(F(x), S(x)). For any other layer: ``x_norm`` and
     ``y_norm`` (input and output). Residual magnitude ||F||/||S|| follows Jastrzebski et al.
     (ICLR 2018); d = ||y - S(x)||/||S(x)|| is the identity-closeness of the analyses.
+
+    ``fused=True`` computes a block's seven quantities in one compiled loop over x, F, S and y
+    (:mod:`probe.probes.fused`): the same formulas, a fraction of the passes; the first batch pays
+    the compilation.
     """
 
     name: ClassVar[str] = "residual"
     forward_grad: ClassVar[bool] = False
+    fused: bool = False  # one compiled kernel per block (probe.probes.fused; compiles once)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -162,6 +174,10 @@ class ResidualNorms(Probe):
             if call.input is not None and call.input.shape[0] == call.batch_size:
                 out["x_norm"] = norm(call.input)
             return out
+        if self.fused:
+            names = ("x_norm", "f_norm", "s_norm", "y_norm", "dev_norm", "cos_ys", "cos_fs")
+            tensors = (b.x, b.f, b.s, b.y)
+            return dict(zip(names, _FUSED_RESIDUAL(*tensors, accumulation_dtype(*tensors))))
         nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
         ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
         return {
@@ -187,6 +203,8 @@ class ChannelStats(Probe):
     Merged exactly over the dataset (:class:`probe.stats.Moments`), they give the signal-propagation
     statistics of Brock et al. (ICLR 2021) -- average channel squared mean and average channel
     variance -- and the layer-response std of He et al. (2016, Fig. 7), pooled and per channel.
+
+    ``fused=True`` computes each tensor's moments in one compiled kernel (:mod:`probe.probes.fused`).
     """
 
     name: ClassVar[str] = "channel"
@@ -196,17 +214,30 @@ class ChannelStats(Probe):
         for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
     }
     layout: str = "auto"  # axes of the output, e.g. NHWC for channels-last (probe.probes.layout)
+    fused: bool = False  # one compiled kernel per tensor (probe.probes.fused; compiles once)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_layout(self.layout)
 
+    def _moments(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fused or t.ndim <= 2:  # [N, C] has one position: nothing to fuse
+            return channel_moments(t, self.layout)
+        return _FUSED_MOMENTS(self._channel_first(t), accumulation_dtype(t))
+
+    def _channel_first(self, t: torch.Tensor) -> torch.Tensor:
+        return t.movedim(channel_axis(self.layout, t), 1)  # a view; no-op for channel-first
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        mean, var = channel_moments(call.output, self.layout)
-        out = {"channel_mean": mean, "channel_var": var}
-        if call.block is not None:
-            out["f_channel_mean"], out["f_channel_var"] = channel_moments(call.block.f, self.layout)
-        return out
+        names = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
+        y, b = call.output, call.block
+        if b is None:
+            return dict(zip(names, self._moments(y)))
+        if self.fused and y.ndim > 2 and b.f.ndim > 2:  # one compiled call for both tensors
+            dtype = accumulation_dtype(y, b.f)
+            both = (self._channel_first(y), self._channel_first(b.f))
+            return dict(zip(names, _FUSED_MOMENTS_OF_TWO(*both, dtype)))
+        return dict(zip(names, (*self._moments(y), *self._moments(b.f))))
 
 
 @dataclass

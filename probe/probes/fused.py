@@ -1,0 +1,114 @@
+"""Statistics fused into compiled kernels: each tensor read once or twice instead of once per
+reduction.
+
+In eager PyTorch every norm, difference, product and sum of :class:`~probe.ResidualNorms` and
+:class:`~probe.ChannelStats` is its own pass over a block-sized tensor (about twenty per block),
+and on a CPU those passes, not the hooks, are most of the probes' cost. ``torch.compile`` turns
+each probe's arithmetic into one loop over its inputs (two for the channel variance, which needs
+the mean first). The formulas are the same as the eager ones and are tested against numpy in
+float64 (tests/probe/test_fused_statistics.py).
+
+The first batch pays the compilation (seconds to half a minute on a CPU; shapes are dynamic, so
+later batch sizes and block widths reuse it). Where ``torch.compile`` cannot run (no C++
+compiler, an unsupported platform) the probe warns once with :class:`FusedStatsWarning` and
+computes eagerly: the same numbers, at the eager speed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["FusedStatsWarning", "Fused", "residual_quantities", "moments", "moments_of_two"]
+
+
+class FusedStatsWarning(UserWarning):
+    """``fused=True`` statistics fell back to eager computation (torch.compile failed)."""
+
+
+class Fused:
+    """``fn`` compiled on its first call (dynamic shapes); eager ``fn`` where compiling fails.
+
+    Example:
+        >>> double = Fused(lambda t: 2 * t)
+        >>> double(torch.ones(2))
+        tensor([2., 2.])
+    """
+
+    def __init__(self, fn: Callable[..., object]) -> None:
+        self.fn = fn
+        self._compiled: Callable[..., object] | None = None
+        self.failed: str | None = None  # why compiling failed, once it has
+
+    def __call__(self, *args: torch.Tensor) -> object:
+        if self.failed is not None:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager result is the same
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            warnings.warn(
+                f"fused statistics could not be compiled ({self.failed[:300]}); computing them "
+                "eagerly instead (same numbers, eager speed). torch.compile needs a working C++ "
+                "compiler on the CPU and Triton on a GPU; or pass fused=False.",
+                FusedStatsWarning,
+                stacklevel=2,
+            )
+            return self.fn(*args)
+
+
+def residual_quantities(
+    x: torch.Tensor, f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """Per-sample ||x||, ||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S) of one block, with
+    ResidualNorms' formulas, accumulated in ``dtype``. [N, ...] x4 -> 7 x [N]
+
+    Example:
+        >>> t = torch.ones(2, 4)
+        >>> [float(q[0]) for q in residual_quantities(t, t, t, 2 * t, torch.float32)]
+        [2.0, 2.0, 2.0, 4.0, 2.0, 1.0, 1.0]
+    """
+    n = y.shape[0]
+    xf, ff, sf, yf = (t.reshape(n, -1).to(dtype) for t in (x, f, s, y))
+    nx, nf, ns, ny = (torch.linalg.vector_norm(t, dim=1) for t in (xf, ff, sf, yf))
+    # ||y - S|| from the difference itself (no cancellation near the identity), as in eager
+    dev = torch.linalg.vector_norm(yf - sf, dim=1)
+    cos_ys = (yf * sf).sum(1) / (ny * ns).clamp_min(1e-12)
+    cos_fs = (ff * sf).sum(1) / (nf * ns).clamp_min(1e-12)
+    return nx, nf, ns, ny, dev, cos_ys, cos_fs
+
+
+def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and population variance of a channel-first [N, C, ...]
+    tensor over its other axes, by the corrected two-pass algorithm of
+    :func:`probe.probes.statistics.channel_moments`. -> ([N, C], [N, C])
+
+    Example:
+        >>> moments(torch.tensor([[[1.0, 3.0]]]), torch.float32)
+        (tensor([[2.]]), tensor([[1.]]))
+    """
+    flat = t.flatten(2).to(dtype)  # inside the compiled loop: a channels-last view is not copied
+    n = flat.shape[2]
+    mean = flat.mean(2, keepdim=True)
+    d = flat - mean
+    var = (d.square().sum(2) - d.sum(2).square() / n) / n
+    return mean.squeeze(2), var.clamp_min(0)
+
+
+def moments_of_two(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moments` of a block's output and of its F(x) in one compiled call: each call of a
+    compiled function costs tens of microseconds of guards and wrappers, as much as a small
+    block's arithmetic. -> (mean a, var a, mean b, var b)
+
+    Example:
+        >>> t = torch.tensor([[[1.0, 3.0]]])
+        >>> moments_of_two(t, 2 * t, torch.float32)[3]
+        tensor([[4.]])
+    """
+    return (*moments(a, dtype), *moments(b, dtype))

@@ -1,0 +1,136 @@
+"""Fused (compiled) statistics give the eager probes' numbers and numpy's float64 ones; where
+torch.compile fails they warn and compute eagerly."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import probe
+from probe.cli.main import cli
+from probe.conformance import RawSites
+from probe.probes import fused, statistics
+from probe.probes.fused import Fused, FusedStatsWarning, residual_quantities
+from probe.probes.statistics import ChannelStats, ResidualNorms
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return probe.zoo.create("resnet8", in_channels=1, width=4).eval().to(dtype)
+
+
+def _batches(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)  # two batch sizes: the compiled kernels are dynamic
+    return [
+        (torch.randn(n, 1, 8, 8, generator=g).to(dtype), torch.randint(0, 10, (n,), generator=g))
+        for n in (5, 3)
+    ]
+
+
+def _numpy_reference(raw):
+    """ResidualNorms' and ChannelStats' quantities from a block's X, F, S, Y in float64."""
+    X, F, S, Y = (raw[k].double().numpy() for k in "XFSY")
+    flat = {k: v.reshape(len(v), -1) for k, v in zip("XFSY", (X, F, S, Y))}
+    norm = {k: np.linalg.norm(v, axis=1) for k, v in flat.items()}
+    ref = {
+        "x_norm": norm["X"],
+        "f_norm": norm["F"],
+        "s_norm": norm["S"],
+        "y_norm": norm["Y"],
+        "dev_norm": np.linalg.norm(flat["Y"] - flat["S"], axis=1),
+        "cos_ys": (flat["Y"] * flat["S"]).sum(1) / norm["Y"] / norm["S"],
+        "cos_fs": (flat["F"] * flat["S"]).sum(1) / norm["F"] / norm["S"],
+    }
+    for prefix, t in (("", Y), ("f_", F)):
+        per_channel = t.reshape(*t.shape[:2], -1)
+        ref[f"{prefix}channel_mean"] = per_channel.mean(2)
+        ref[f"{prefix}channel_var"] = per_channel.var(2)
+    return ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_statistics_equal_eager_and_numpy_float64(dtype):
+    model, batches = _net(dtype), _batches(dtype)
+    kinds = {
+        "eager": [ResidualNorms(), ChannelStats()],
+        "fused": [ResidualNorms(fused=True), ChannelStats(fused=True), RawSites()],
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedStatsWarning)  # it must really compile
+        got = {k: probe.capture(model, batches, probes=p) for k, p in kinds.items()}
+    rtol = 1e-5 if dtype == torch.float32 else 1e-10
+    n_blocks = 0
+    for layer in got["fused"].layers:
+        if "F" not in got["fused"].quantities(layer):
+            continue
+        n_blocks += 1
+        raw = {k: torch.from_numpy(got["fused"].read(layer, k)) for k in "XFSY"}
+        for q, want in _numpy_reference(raw).items():
+            have = got["fused"].read(layer, q)
+            np.testing.assert_allclose(have, want, rtol=rtol, atol=rtol, err_msg=f"{layer} {q}")
+            np.testing.assert_allclose(have, got["eager"].read(layer, q), rtol=rtol, atol=rtol)
+    assert n_blocks == 3
+
+
+@pytest.mark.slow
+def test_fused_channel_moments_of_a_channels_last_view_equal_numpy():
+    t = torch.randn(4, 6, 5, 3).add_(3.0)  # [N, H, W, C]-like view: channel last, strided
+    mean, var = ChannelStats(layout="NHWC", fused=True)._moments(t)
+    ref = t.double().numpy().transpose(0, 3, 1, 2).reshape(4, 3, -1)
+    np.testing.assert_allclose(mean.numpy(), ref.mean(2), rtol=1e-5)
+    np.testing.assert_allclose(var.numpy(), ref.var(2), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_cli_takes_fused_statistics(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESPROBE_DATA", str(tmp_path / "data"))
+    args = ["capture", "--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--model-arg",
+            "width=4", "--data", "digits", "--limit", "40", "--batch-size", "16"]  # fmt: skip
+    for name, extra in (("eager.h5", ""), ("fused.h5", ":fused=true")):
+        res = CliRunner().invoke(
+            cli,
+            [
+                *args,
+                "--probe",
+                f"residual{extra}",
+                "--probe",
+                f"channel{extra}",
+                "--out",
+                str(tmp_path / name),
+            ],  # fmt: skip
+        )
+        assert res.exit_code == 0, res.output
+    eager, fused_cap = probe.open(tmp_path / "eager.h5"), probe.open(tmp_path / "fused.h5")
+    assert {"probe": "residual", "fused": True} in fused_cap.config["probes"]
+    for layer in eager.layers:
+        for q in eager.quantities(layer):
+            np.testing.assert_allclose(
+                fused_cap.read(layer, q), eager.read(layer, q), rtol=1e-5, atol=1e-6
+            )
+
+
+def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(statistics, "_FUSED_RESIDUAL", Fused(residual_quantities))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(fused.moments))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(fused.moments_of_two))
+    model, batches = _net(), _batches()
+    with pytest.warns(FusedStatsWarning, match="no working C.. compiler") as seen:
+        got = probe.capture(
+            model, batches, probes=[ResidualNorms(fused=True), ChannelStats(fused=True)]
+        )
+    assert len(seen) == 2  # once per compiled function, not once per call
+    want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
+    for layer in want.layers:
+        for q in want.quantities(layer):
+            np.testing.assert_allclose(got.read(layer, q), want.read(layer, q), rtol=1e-6)
+    assert statistics._FUSED_RESIDUAL.failed.startswith("RuntimeError: InvalidCxxCompiler")
