@@ -288,7 +288,7 @@ def test_provenance_is_recorded(tmp_path):
         provenance={"seed": 7},
     ) as cap:
         assert cap.provenance["seed"] == 7 and "torch" in cap.provenance["versions"]
-        assert cap.config["probes"] == [{"probe": "residual"}]
+        assert cap.config["probes"] == [{"probe": "residual", "fused": False}]
 
 
 _KILLED = textwrap.dedent(
