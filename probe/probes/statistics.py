@@ -64,6 +64,11 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.flatten(1).to(dtype) * b.flatten(1).to(dtype)).sum(1)
 
 
+def _widened(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """``t`` in the accumulation dtype of ``t`` and ``other`` (itself when already there)."""
+    return t.to(accumulation_dtype(t, other))
+
+
 def per_sample_cos(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -186,8 +191,9 @@ class ResidualNorms(Probe):
             "s_norm": ns,
             "y_norm": ny,
             # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
-            # where it matters, for blocks near the identity (d -> 0)
-            "dev_norm": per_sample_norm(b.y - b.s),
+            # where it matters, for blocks near the identity (d -> 0). The difference is taken in
+            # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
+            "dev_norm": per_sample_norm(_widened(b.y, b.s) - _widened(b.s, b.y)),
             "cos_ys": per_sample_cos(b.y, b.s, norms=(ny, ns)),
             "cos_fs": per_sample_cos(b.f, b.s, norms=(nf, ns)),
         }
