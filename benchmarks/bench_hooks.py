@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import probe
+import probe.runtime
 from benchmarks.common import device, header, median_ms
 
 
@@ -223,6 +224,7 @@ def main() -> None:
         ap.error(
             f"--out-dir {args.out_dir!r} is not an existing folder; create it or leave it out."
         )
+    probe.runtime.tune_allocator()  # as the CLI does: otherwise glibc's page faults dominate
     torch.manual_seed(args.seed)  # the same model and inputs on every run
     header(f"hook overhead and dump throughput, ResNet-56, batch {args.batch}")
     times = overhead(args.batch, args.repeats)
