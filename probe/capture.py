@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from probe.distributed.group import raise_if_terminated
 from probe.errors import ProbeError
 from probe.hooks.select import LayerSpec
 from probe.probes.base import Probe
@@ -352,6 +353,7 @@ class CaptureJob:
                     _limited(_batches(data, device), limit), lookahead, next_sample
                 )
                 for x, y, idx, x_next in batches:
+                    raise_if_terminated()  # a SIGTERM whose exception Python dropped
                     if idx is None:
                         idx = torch.arange(sample_offset + seen, sample_offset + seen + len(x))
                     results, _ = session.run_batch(
@@ -386,7 +388,9 @@ class CaptureJob:
                     for key, n in bad.items():
                         writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
                     path = writer.close(
-                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad)}, complete=complete
+                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad)},
+                        complete=complete,
+                        before_commit=raise_if_terminated,  # a dropped SIGTERM: nothing committed
                     )
                     part_of = None if complete else attrs.get("part_of")
                     return H5Capture(path, part_of=part_of, written=True)

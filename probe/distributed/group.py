@@ -52,6 +52,7 @@ __all__ = [
     "on_main",
     "main_first",
     "raise_on_sigterm",
+    "raise_if_terminated",
     "Sigterm",
 ]
 
@@ -299,7 +300,29 @@ def raise_on_sigterm() -> Iterator[Sigterm]:
         raise Terminated(seen.message)
 
     previous = signal.signal(signal.SIGTERM, _raise)
+    _watched.append(seen)
     try:
         yield seen
     finally:
+        _watched.remove(seen)
         signal.signal(signal.SIGTERM, previous)
+
+
+# The Sigterm records of the raise_on_sigterm blocks running now (innermost last).
+_watched: list[Sigterm] = []
+
+
+def raise_if_terminated() -> None:
+    """Raise :class:`Terminated` if SIGTERM arrived inside a :func:`raise_on_sigterm` block.
+
+    The handler's exception is raised at whatever line runs, and Python drops an exception
+    raised inside a weakref callback or a ``__del__`` ("Exception ignored in ..."): the signal
+    would be lost and the job would run to the end. Long loops call this at safe points (each
+    batch, before a file is committed) so that a dropped signal still stops them there.
+
+    Example:
+        >>> raise_if_terminated()  # no SIGTERM: nothing happens
+    """
+    for seen in _watched:
+        if seen.message:
+            raise Terminated(seen.message)

@@ -18,6 +18,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,11 +341,18 @@ class H5Writer:
         )
 
     # -- finishing --------------------------------------------------------------------------
-    def close(self, extra_attrs: dict | None = None, *, complete: bool = True) -> Path:
+    def close(
+        self,
+        extra_attrs: dict | None = None,
+        *,
+        complete: bool = True,
+        before_commit: Callable[[], None] | None = None,
+    ) -> Path:
         """Drain the queue, write remainders, mark complete, fsync and rename into place.
 
         ``complete=False`` finishes the file without marking it complete: a shard of a capture
-        over several ranks, which becomes readable only through the file its ranks join."""
+        over several ranks, which becomes readable only through the file its ranks join.
+        ``before_commit`` runs just before the rename; if it raises, the file is deleted."""
         self._queue.put(None)
         self._thread.join()
         try:
@@ -364,6 +372,8 @@ class H5Writer:
             self._file.attrs["complete"] = complete  # last: a file without it was interrupted
             self._file.flush()
             self._file.close()
+            if before_commit is not None:
+                before_commit()
             commit(self.tmp, self.path)
         except OSError as e:
             self.abort()

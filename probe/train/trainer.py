@@ -23,6 +23,7 @@ from filelock import FileLock, Timeout
 from torch import nn
 
 from probe.data import DeviceLoader, ImageArrays, load_dataset
+from probe.distributed.group import raise_if_terminated
 from probe.errors import ProbeError
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
@@ -493,6 +494,7 @@ def train(
             wrong = torch.zeros((), device=device, dtype=torch.int64)
             seen = 0
             for k, (x, y, _) in enumerate(train_loader):
+                raise_if_terminated()  # a SIGTERM whose exception Python dropped
                 if it >= total_iters:
                     break
                 lr = lr_at(recipe, it, total_iters)
