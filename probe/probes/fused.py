@@ -5,8 +5,9 @@ In eager PyTorch every norm, difference, product and sum of :class:`~probe.Resid
 :class:`~probe.ChannelStats` is its own pass over a block-sized tensor (about twenty per block),
 and on a CPU those passes, not the hooks, are most of the probes' cost. ``torch.compile`` turns
 each probe's arithmetic into one loop over its inputs (two for the channel variance, which needs
-the mean first). The formulas are the same as the eager ones and are tested against numpy in
-float64 (tests/probe/test_fused_statistics.py).
+the mean first). The channel moments compile :func:`probe.probes.statistics.moments`, the eager
+formula itself; :func:`residual_quantities` is ResidualNorms' formulas in one function. Both are
+tested against numpy in float64 (tests/probe/test_fused_statistics.py).
 
 The first batch pays the compilation (seconds to half a minute on a CPU; shapes are dynamic, so
 later batch sizes and block widths reuse it). Where ``torch.compile`` cannot run (no C++
@@ -21,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["FusedStatsWarning", "Fused", "residual_quantities", "moments", "moments_of_two"]
+__all__ = ["FusedStatsWarning", "Fused", "residual_quantities"]
 
 
 class FusedStatsWarning(UserWarning):
@@ -80,35 +81,3 @@ def residual_quantities(
     cos_ys = (yf * sf).sum(1) / (ny * ns).clamp_min(1e-12)
     cos_fs = (ff * sf).sum(1) / (nf * ns).clamp_min(1e-12)
     return nx, nf, ns, ny, dev, cos_ys, cos_fs
-
-
-def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-channel mean and population variance of a channel-first [N, C, ...]
-    tensor over its other axes, by the corrected two-pass algorithm of
-    :func:`probe.probes.statistics.channel_moments`. -> ([N, C], [N, C])
-
-    Example:
-        >>> moments(torch.tensor([[[1.0, 3.0]]]), torch.float32)
-        (tensor([[2.]]), tensor([[1.]]))
-    """
-    flat = t.flatten(2).to(dtype)  # inside the compiled loop: a channels-last view is not copied
-    n = flat.shape[2]
-    mean = flat.mean(2, keepdim=True)
-    d = flat - mean
-    var = (d.square().sum(2) - d.sum(2).square() / n) / n
-    return mean.squeeze(2), var.clamp_min(0)
-
-
-def moments_of_two(
-    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`moments` of a block's output and of its F(x) in one compiled call: each call of a
-    compiled function costs tens of microseconds of guards and wrappers, as much as a small
-    block's arithmetic. -> (mean a, var a, mean b, var b)
-
-    Example:
-        >>> t = torch.tensor([[[1.0, 3.0]]])
-        >>> moments_of_two(t, 2 * t, torch.float32)[3]
-        tensor([[4.]])
-    """
-    return (*moments(a, dtype), *moments(b, dtype))

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from probe.probes.base import Call, Probe
-from probe.probes.fused import Fused, moments, moments_of_two, residual_quantities
+from probe.probes.fused import Fused, residual_quantities
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -26,6 +26,8 @@ __all__ = [
     "per_sample_cos",
     "per_sample_dot",
     "channel_moments",
+    "moments",
+    "moments_of_two",
     "accumulation_dtype",
     "NormMemo",
 ]
@@ -64,11 +66,6 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.flatten(1).to(dtype) * b.flatten(1).to(dtype)).sum(1)
 
 
-def _widened(t: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """``t`` in the accumulation dtype of ``t`` and ``other`` (itself when already there)."""
-    return t.to(accumulation_dtype(t, other))
-
-
 def per_sample_cos(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -98,11 +95,24 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
         >>> channel_moments(tokens, "auto")[0]
         tensor([[4., 5., 6., 7.]])
     """
-    t = t.to(accumulation_dtype(t))
     t = t.movedim(channel_axis(layout, t), 1)  # a view; no-op for channel-first tensors
     if t.ndim == 2:
+        t = t.to(accumulation_dtype(t))
         return t, torch.zeros_like(t)
-    flat = t.flatten(2)  # [N, C, positions]
+    return moments(t, accumulation_dtype(t))
+
+
+def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-channel mean and population variance of a channel-first [N, C, ...]
+    tensor with at least one axis after C, accumulated in ``dtype``: the formula behind
+    :func:`channel_moments`, compiled as it is by ``ChannelStats(fused=True)``.
+    -> ([N, C], [N, C])
+
+    Example:
+        >>> moments(torch.tensor([[[1.0, 3.0, 1.0, 3.0]]]), torch.float32)
+        (tensor([[2.]]), tensor([[1.]]))
+    """
+    flat = t.flatten(2).to(dtype)  # [N, C, positions]; compiled, a channels-last view is not copied
     # The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): deviations d from the mean,
     # var = (sum d^2 - (sum d)^2 / n) / n, where the second term removes the rounding error of the
     # mean itself. As exact as var_mean (no E[x^2] - E[x]^2 cancellation; tested against numpy at
@@ -112,6 +122,21 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     d = flat - mean
     var = (torch.linalg.vector_norm(d, dim=2).square() - d.sum(2).square() / n) / n
     return mean.squeeze(2), var.clamp_min(0)
+
+
+def moments_of_two(
+    a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moments` of a block's output and of its F(x) in one call: each call of a compiled
+    function costs tens of microseconds of guards and wrappers, as much as a small block's
+    arithmetic. -> (mean a, var a, mean b, var b)
+
+    Example:
+        >>> t = torch.tensor([[[1.0, 3.0, 1.0, 3.0]]])
+        >>> moments_of_two(t, 2 * t, torch.float32)[3]
+        tensor([[4.]])
+    """
+    return (*moments(a, dtype), *moments(b, dtype))
 
 
 # compiled once per process, shared by every probe instance (probe.probes.fused)
@@ -185,6 +210,7 @@ class ResidualNorms(Probe):
             return dict(zip(names, _FUSED_RESIDUAL(*tensors, accumulation_dtype(*tensors))))
         nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
         ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
+        dtype = accumulation_dtype(b.y, b.s)
         return {
             "x_norm": nx,
             "f_norm": nf,
@@ -193,7 +219,7 @@ class ResidualNorms(Probe):
             # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
             # where it matters, for blocks near the identity (d -> 0). The difference is taken in
             # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
-            "dev_norm": per_sample_norm(_widened(b.y, b.s) - _widened(b.s, b.y)),
+            "dev_norm": per_sample_norm(b.y.to(dtype) - b.s.to(dtype)),
             "cos_ys": per_sample_cos(b.y, b.s, norms=(ny, ns)),
             "cos_fs": per_sample_cos(b.f, b.s, norms=(nf, ns)),
         }
@@ -226,24 +252,14 @@ class ChannelStats(Probe):
         super().__post_init__()
         check_layout(self.layout)
 
-    def _moments(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fused or t.ndim <= 2:  # [N, C] has one position: nothing to fuse
-            return channel_moments(t, self.layout)
-        return _FUSED_MOMENTS(self._channel_first(t), accumulation_dtype(t))
-
-    def _channel_first(self, t: torch.Tensor) -> torch.Tensor:
-        return t.movedim(channel_axis(self.layout, t), 1)  # a view; no-op for channel-first
-
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         names = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
-        y, b = call.output, call.block
-        if b is None:
-            return dict(zip(names, self._moments(y)))
-        if self.fused and y.ndim > 2 and b.f.ndim > 2:  # one compiled call for both tensors
-            dtype = accumulation_dtype(y, b.f)
-            both = (self._channel_first(y), self._channel_first(b.f))
-            return dict(zip(names, _FUSED_MOMENTS_OF_TWO(*both, dtype)))
-        return dict(zip(names, (*self._moments(y), *self._moments(b.f))))
+        tensors = (call.output,) if call.block is None else (call.output, call.block.f)
+        if self.fused and all(t.ndim > 2 for t in tensors):  # [N, C] has nothing to fuse
+            first = [t.movedim(channel_axis(self.layout, t), 1) for t in tensors]
+            fn = _FUSED_MOMENTS if len(tensors) == 1 else _FUSED_MOMENTS_OF_TWO  # one call
+            return dict(zip(names, fn(*first, accumulation_dtype(*tensors))))
+        return dict(zip(names, [q for t in tensors for q in channel_moments(t, self.layout)]))
 
 
 @dataclass

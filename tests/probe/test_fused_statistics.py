@@ -11,7 +11,8 @@ from click.testing import CliRunner
 import probe
 from probe.cli.main import cli
 from probe.conformance import RawSites
-from probe.probes import fused, statistics
+from probe.probes import statistics
+from probe.probes.base import Call
 from probe.probes.fused import Fused, FusedStatsWarning, residual_quantities
 from probe.probes.statistics import ChannelStats, ResidualNorms
 
@@ -78,7 +79,10 @@ def test_fused_statistics_equal_eager_and_numpy_float64(dtype):
 @pytest.mark.slow
 def test_fused_channel_moments_of_a_channels_last_view_equal_numpy():
     t = torch.randn(4, 6, 5, 3).add_(3.0)  # [N, H, W, C]-like view: channel last, strided
-    mean, var = ChannelStats(layout="NHWC", fused=True)._moments(t)
+    got = ChannelStats(layout="NHWC", fused=True).forward(
+        Call("l", torch.nn.Identity(), None, t, 0)
+    )
+    mean, var = got["channel_mean"], got["channel_var"]
     ref = t.double().numpy().transpose(0, 3, 1, 2).reshape(4, 3, -1)
     np.testing.assert_allclose(mean.numpy(), ref.mean(2), rtol=1e-5)
     np.testing.assert_allclose(var.numpy(), ref.var(2), rtol=1e-5)
@@ -121,8 +125,8 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(statistics, "_FUSED_RESIDUAL", Fused(residual_quantities))
-    monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(fused.moments))
-    monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(fused.moments_of_two))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(statistics.moments))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(statistics.moments_of_two))
     model, batches = _net(), _batches()
     with pytest.warns(FusedStatsWarning, match="no working C.. compiler") as seen:
         got = probe.capture(
