@@ -26,6 +26,7 @@ from probe.store.schema import (
     ROOT_ATTRS,
     attr_problems,
     attrs_digest,
+    attrs_of,
     default_dim_labels,
     is_compatible,
     read_attrs,
@@ -278,9 +279,7 @@ class H5Capture(CaptureReader):
             raise bad(f"layers {missing[:3]} listed in 'layer_order' have no group under /{LAYERS}")
         for layer in present:
             group = self._f[f"{LAYERS}/{layer}"]
-            # a layer reached only through a link is not in ``attrs`` (each object is read once)
-            own = attrs.get(f"{LAYERS}/{layer}")
-            problems = attr_problems(dict(group.attrs) if own is None else own, LAYER_ATTRS)
+            problems = attr_problems(attrs_of(attrs, group), LAYER_ATTRS)
             if problems:
                 raise bad(f"/{LAYERS}/{layer} attribute {problems[0]}")
             for q, d in group.items():

@@ -32,6 +32,7 @@ __all__ = [
     "check_schema",
     "attrs_digest",
     "read_attrs",
+    "attrs_of",
     "schema_markdown",
     "is_compatible",
     "default_dim_labels",
@@ -194,6 +195,14 @@ def read_attrs(f) -> dict[str, dict[str, object]]:
     return out
 
 
+def attrs_of(attrs: Mapping[str, Mapping[str, object]], obj) -> Mapping[str, object]:
+    """``obj``'s attributes from what :func:`read_attrs` returned, or read from ``obj`` itself
+    when it was reached through a second link (read_attrs reads each object once, under one
+    path)."""
+    own = attrs.get(obj.name.lstrip("/"))
+    return dict(obj.attrs) if own is None else own
+
+
 def check_schema(f, attrs: Mapping[str, Mapping[str, object]] | None = None) -> None:
     """Raise if an open h5py file about to be marked complete breaks the declared attributes
     (``complete`` itself excepted): a writer bug, surfaced before a file looks finished.
@@ -204,9 +213,7 @@ def check_schema(f, attrs: Mapping[str, Mapping[str, object]] | None = None) -> 
     problems = [f"root {p}" for p in attr_problems(root, ROOT_ATTRS)]
     if LAYERS in f:
         for layer, group in f[LAYERS].items():
-            # a layer reached only through a link is not in ``attrs`` (each object is read once)
-            own = attrs.get(f"{LAYERS}/{layer}")
-            own = dict(group.attrs) if own is None else own
+            own = attrs_of(attrs, group)
             problems += [f"/{LAYERS}/{layer} {p}" for p in attr_problems(own, LAYER_ATTRS)]
     if problems:
         raise ValueError(
