@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError, check_option
+from probe.store.checksum import with_fletcher32
 from probe.store.schema import (
     FORMAT,
     FORMAT_VERSION,
@@ -120,9 +121,23 @@ def to_host(t: torch.Tensor) -> _HostTensor:
 
 @dataclass
 class _Buffer:
-    parts: list[np.ndarray] = field(default_factory=list)
+    parts: list[np.ndarray] = field(default_factory=list)  # rows not yet written, oldest first
     rows: int = 0
-    written: int = 0
+
+    def take(self, rows: int) -> np.ndarray:
+        """Remove the oldest ``rows`` rows; one array (a view when a single part holds them)."""
+        head, n = [], 0
+        while n < rows:
+            part = self.parts[0]
+            use = min(len(part), rows - n)
+            head.append(part[:use])
+            if use == len(part):
+                self.parts.pop(0)
+            else:
+                self.parts[0] = part[use:]
+            n += use
+        self.rows -= rows
+        return head[0] if len(head) == 1 else np.concatenate(head)
 
 
 class H5Writer:
@@ -153,6 +168,9 @@ class H5Writer:
         self.layer_attrs = dict(layer_attrs or {})
         self.dims = dict(dims or {})
         self._filters = self.options.filter_kwargs()
+        # with no compression the only filter is the checksum, which _write_chunks computes
+        self._direct = self.options.compression is None
+        self._staging = np.empty(0, np.uint8)  # one chunk and its checksum, reused
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
         self._cond = threading.Condition()
@@ -291,16 +309,39 @@ class H5Writer:
             arr = host.numpy()
             if host.encoding == "bfloat16":
                 arr = arr.view(np.uint16)
-            self._encodings[key] = host.encoding
             buf = self._buffers.get(key)
             if buf is None:
                 buf = self._buffers[key] = _Buffer()
+                self._encodings[key] = host.encoding
                 if layer not in self._layer_order:
                     self._layer_order.append(layer)
                 self._create(key, layer, q, arr)
+            else:
+                arr = self._like_earlier_rows(key, arr, host.encoding)
             buf.parts.append(arr)
             buf.rows += len(arr)
             self._flush(key, buf, final=False)
+
+    def _like_earlier_rows(self, key: str, arr: np.ndarray, encoding: str) -> np.ndarray:
+        """``arr`` as rows of ``key``'s dataset, or an error: chunks are written as raw bytes, so
+        rows of another shape or type would be stored as wrong numbers, not refused by HDF5."""
+        dset = self._file[key]
+        if arr.shape[1:] != dset.shape[1:]:
+            raise ProbeError(
+                f"{key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
+                f"{list(dset.shape[1:])}. A probe's quantity must keep its per-sample shape "
+                "from batch to batch (check the probe's forward for batch-dependent shapes)."
+            )
+        earlier = self._encodings[key]
+        if arr.dtype == dset.dtype and encoding == earlier:
+            return arr
+        if not encoding and not earlier and np.can_cast(arr.dtype, dset.dtype, "safe"):
+            return arr.astype(dset.dtype)  # exact: e.g. float16 rows into a float32 dataset
+        raise ProbeError(
+            f"{key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
+            f"{earlier or dset.dtype}, and they cannot be stored together exactly. Return the "
+            "same dtype from every batch (e.g. cast in the probe's forward)."
+        )
 
     def _create(self, key: str, layer: str, q: str, arr: np.ndarray) -> None:
         feat = arr.shape[1:]
@@ -328,17 +369,28 @@ class H5Writer:
     def _flush(self, key: str, buf: _Buffer, final: bool) -> None:
         dset = self._file[key]
         rows_per_chunk = dset.chunks[0]
-        n_write = buf.rows if final else (buf.rows // rows_per_chunk) * rows_per_chunk
-        if n_write == 0:
-            return
-        data = np.concatenate(buf.parts) if len(buf.parts) > 1 else buf.parts[0]
-        self._append(dset, data[:n_write])
-        rest = data[n_write:]
-        buf.parts, buf.rows, buf.written = (
-            ([rest] if len(rest) else []),
-            len(rest),
-            buf.written + n_write,
-        )
+        n_chunks = buf.rows // rows_per_chunk
+        if n_chunks and self._direct:
+            self._write_chunks(dset, buf, n_chunks)
+        elif n_chunks:
+            self._append(dset, buf.take(n_chunks * rows_per_chunk))
+        if final and buf.rows:  # the last, partial chunk: HDF5 pads it and checksums it
+            self._append(dset, buf.take(buf.rows))
+
+    def _write_chunks(self, dset: h5py.Dataset, buf: _Buffer, n_chunks: int) -> None:
+        """Write whole chunks past HDF5's filter pipeline, each followed by its Fletcher-32
+        checksum exactly as the filter stores it: HDF5's own byte-at-a-time checksum and its
+        extra copy per chunk cost more than writing the chunk (docs/performance.md)."""
+        rows_per_chunk = dset.chunks[0]
+        start = dset.shape[0]
+        dset.resize(start + n_chunks * rows_per_chunk, axis=0)
+        zeros = (0,) * (dset.ndim - 1)
+        for k in range(n_chunks):
+            rows = buf.take(rows_per_chunk)
+            if self._staging.size < rows.nbytes + 4:
+                self._staging = np.empty(rows.nbytes + 4, np.uint8)
+            stored = with_fletcher32(rows, self._staging)
+            dset.id.write_direct_chunk((start + k * rows_per_chunk, *zeros), stored)
 
     # -- finishing --------------------------------------------------------------------------
     def close(

@@ -1,0 +1,121 @@
+"""Whole chunks are written past HDF5's filter pipeline with a Fletcher-32 checksum computed in
+numpy: every stored byte, checksum included, must equal what HDF5's own filter stores, and a
+damaged chunk must still be refused on read."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe.errors import ProbeError
+from probe.store.checksum import fletcher32
+from probe.store.writer import H5Writer, WriterOptions
+
+LAYER = {"module": "b", "module_type": "X", "is_block": True, "residual": 1, "layer_index": 0,
+         "call": 0, "output_shape": "[3]", "spatial_size": 1}  # fmt: skip
+
+
+def _hdf5_checksum(tmp_path, data: np.ndarray) -> int:
+    """The checksum HDF5's filter stores after a chunk holding ``data``."""
+    with h5py.File(tmp_path / "ref.h5", "w") as f:
+        f.create_dataset("d", data=data, chunks=data.shape, fletcher32=True)
+    with h5py.File(tmp_path / "ref.h5", "r") as f:
+        _, raw = f["d"].id.read_direct_chunk((0,) * data.ndim)
+    return int.from_bytes(raw[-4:], "little")
+
+
+def _patterns():
+    rng = np.random.default_rng(0)
+    yield "random 1 byte", rng.integers(0, 256, 1, dtype=np.uint8)
+    yield "random odd", rng.integers(0, 256, 1001, dtype=np.uint8)
+    yield "zeros", np.zeros(4096, np.uint8)
+    yield "all ones (sums at multiples of 65535)", np.full(600_000, 255, np.uint8)
+    yield "one 360-word block of ones", np.full(720, 255, np.uint8)
+    yield "float32 normals, 4 MiB + 28 B", rng.standard_normal((1 << 20) + 7).astype(np.float32)
+    # more words than one reduction block (512 × 32768): the block loop and its offsets
+    yield "uint16, two blocks", rng.integers(0, 1 << 16, (1 << 24) + 2050, dtype=np.uint16)
+
+
+@pytest.mark.parametrize("name,data", list(_patterns()), ids=[n for n, _ in _patterns()])
+def test_fletcher32_equals_the_checksum_hdf5_stores(tmp_path, name, data):
+    assert fletcher32(data) == _hdf5_checksum(tmp_path, data), name
+
+
+def _write(path, batches, chunk_bytes):
+    w = H5Writer(path, attrs={"config": "{}", "provenance": "{}"},
+                 options=WriterOptions(chunk_bytes=chunk_bytes))  # fmt: skip
+    w.layer_attrs["b"] = LAYER
+    start = 0
+    for rows in batches:
+        w.submit({"b": rows}, torch.arange(start, start + len(next(iter(rows.values())))))
+        start += len(next(iter(rows.values())))
+    w.close()
+
+
+def test_direct_chunks_are_byte_identical_to_hdf5s_filtered_chunks(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sizes = [7, 5, 13, 1, 9]  # batches straddle chunk boundaries; the last chunk is partial
+    batches = [
+        {
+            "f32": torch.randn(n, 3, 4, generator=gen),
+            "f16": torch.randn(n, 5, generator=gen).half(),
+            "bf16": torch.randn(n, 6, generator=gen).bfloat16(),
+            "i64": torch.randint(-(2**40), 2**40, (n, 2), generator=gen),
+        }
+        for n in sizes
+    ]
+    _write(tmp_path / "w.h5", batches, chunk_bytes=96)  # 2, 9, 8 and 6 rows per chunk
+    with h5py.File(tmp_path / "w.h5", "r") as f, h5py.File(tmp_path / "r.h5", "w") as ref:
+        for q in batches[0]:
+            d = f[f"layers/b/{q}"]
+            rows = torch.cat([b[q] for b in batches])
+            expect = rows.view(torch.int16).numpy().view(np.uint16) if q == "bf16" else rows.numpy()
+            np.testing.assert_array_equal(d[:], expect)  # HDF5 checks every checksum here
+            r = ref.create_dataset(q, data=expect, chunks=d.chunks, fletcher32=True)
+            n_chunks = -(-len(expect) // d.chunks[0])
+            assert n_chunks > 2, q
+            for k in range(n_chunks):
+                offset = (k * d.chunks[0],) + (0,) * (d.ndim - 1)
+                assert d.id.read_direct_chunk(offset) == r.id.read_direct_chunk(offset), (q, k)
+
+
+def test_a_flipped_bit_in_a_direct_chunk_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet8", in_channels=1, width=16)
+    path = tmp_path / "c.h5"
+    x = torch.randn(160, 1, 32, 32)  # 32 KiB of fp16 per sample of stage 1: 64 rows per chunk
+    probe.capture(model, x.split(40), probes=["activations"], out=path).close()
+    key = "layers/stages.0.0/output"
+    with h5py.File(path, "r") as f:
+        info = f[key].id.get_chunk_info(1)  # the second chunk: written whole, past the filter
+        assert f[key].chunks[0] == 64 and info.filter_mask == 0
+        offset = info.byte_offset + 1000
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x01]))
+    with probe.open(path) as cap, pytest.raises(ProbeError, match="stages.0.0/output is damaged"):
+        cap.read("stages.0.0", "output")
+
+
+@pytest.mark.parametrize(
+    "second,match",
+    [
+        (torch.zeros(4, 2, 3), r"rows of shape \[2, 3\], earlier batches \[3, 2\]"),  # same bytes
+        (torch.zeros(4, 3, 2, dtype=torch.float64), "float64 rows, earlier batches float32"),
+        (torch.zeros(4, 3, 2).bfloat16(), "bfloat16 rows, earlier batches float32"),
+    ],
+)
+def test_rows_unlike_earlier_batches_are_refused_not_reinterpreted(tmp_path, second, match):
+    with pytest.raises(ProbeError, match=match):
+        _write(tmp_path / "w.h5", [{"q": torch.zeros(4, 3, 2)}, {"q": second}], chunk_bytes=24)
+    assert not (tmp_path / "w.h5").exists()
+
+
+def test_rows_of_a_narrower_float_are_stored_exactly(tmp_path):
+    second = torch.randn(4, 3).half()
+    _write(tmp_path / "w.h5", [{"q": torch.ones(4, 3)}, {"q": second}], chunk_bytes=24)
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        np.testing.assert_array_equal(f["layers/b/q"][4:], second.float().numpy())
