@@ -9,6 +9,7 @@ import torch
 
 import probe
 from probe.errors import ProbeError
+from probe.store import writer as writer_module
 from probe.store.checksum import fletcher32
 from probe.store.writer import H5Writer, WriterOptions
 
@@ -119,3 +120,12 @@ def test_rows_of_a_narrower_float_are_stored_exactly(tmp_path):
     _write(tmp_path / "w.h5", [{"q": torch.ones(4, 3)}, {"q": second}], chunk_bytes=24)
     with h5py.File(tmp_path / "w.h5", "r") as f:
         np.testing.assert_array_equal(f["layers/b/q"][4:], second.float().numpy())
+
+
+def test_written_data_reaches_the_disk_while_the_capture_runs(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(writer_module, "_SYNC_BYTES", 1)
+    monkeypatch.setattr(writer_module.os, "fdatasync", synced.append, raising=False)
+    monkeypatch.setattr(writer_module.os, "fsync", synced.append)
+    _write(tmp_path / "w.h5", [{"q": torch.ones(4, 3)}] * 3, chunk_bytes=24)
+    assert len(synced) >= 3  # one per batch here, before the fsync of the finished file
