@@ -122,6 +122,14 @@ def to_host(t: torch.Tensor) -> _HostTensor:
 
 @dataclass
 class _Buffer:
+    """One dataset's rows not yet written, and what every later batch of it must match."""
+
+    layer: str
+    quantity: str
+    feat: tuple[int, ...]  # the per-sample shape
+    dtype: np.dtype
+    encoding: str
+    dset: h5py.Dataset | None = None  # created once a chunk's worth of rows is known
     parts: list[np.ndarray] = field(default_factory=list)  # rows not yet written, oldest first
     rows: int = 0
 
@@ -139,6 +147,25 @@ class _Buffer:
             n += use
         self.rows -= rows
         return head[0] if len(head) == 1 else np.concatenate(head)
+
+    def conform(self, key: str, arr: np.ndarray, encoding: str) -> np.ndarray:
+        """``arr`` as more rows of this dataset, or an error: chunks are written as raw bytes,
+        so rows of another shape or type would be stored as wrong numbers, not refused by HDF5."""
+        if arr.shape[1:] != self.feat:
+            raise ProbeError(
+                f"{key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
+                f"{list(self.feat)}. A probe's quantity must keep its per-sample shape "
+                "from batch to batch (check the probe's forward for batch-dependent shapes)."
+            )
+        if arr.dtype == self.dtype and encoding == self.encoding:
+            return arr
+        if not encoding and not self.encoding and np.can_cast(arr.dtype, self.dtype, "safe"):
+            return arr.astype(self.dtype)  # exact: e.g. float16 rows into a float32 dataset
+        raise ProbeError(
+            f"{key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
+            f"{self.encoding or self.dtype}, and they cannot be stored together exactly. Return "
+            "the same dtype from every batch (e.g. cast in the probe's forward)."
+        )
 
 
 class H5Writer:
@@ -178,7 +205,6 @@ class H5Writer:
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._buffers: dict[str, _Buffer] = {}
-        self._encodings: dict[str, str] = {}
         self._layer_order: list[str] = []
         self._n_samples = 0
         self._file: h5py.File | None = None
@@ -211,7 +237,8 @@ class H5Writer:
                 **(attrs or {}),
             }
         )
-        index_chunk = (min(65536, max(1, self.options.expected_rows or 65536)),)
+        # 64 KiB chunks unless the capture is known to be smaller (512 KiB for a long one)
+        index_chunk = (max(1, min(65536, self.options.expected_rows or 8192)),)
         return tuple(
             self._file.create_dataset(
                 name,
@@ -327,63 +354,55 @@ class H5Writer:
                 arr = arr.view(np.uint16)
             buf = self._buffers.get(key)
             if buf is None:
-                buf = self._buffers[key] = _Buffer()
-                self._encodings[key] = host.encoding
+                buf = self._buffers[key] = _Buffer(
+                    layer, q, arr.shape[1:], arr.dtype, host.encoding
+                )
                 if layer not in self._layer_order:
                     self._layer_order.append(layer)
-                self._create(key, layer, q, arr)
             else:
-                arr = self._like_earlier_rows(key, arr, host.encoding)
+                arr = buf.conform(key, arr, host.encoding)
             buf.parts.append(arr)
             buf.rows += len(arr)
             self._flush(key, buf, final=False)
 
-    def _like_earlier_rows(self, key: str, arr: np.ndarray, encoding: str) -> np.ndarray:
-        """``arr`` as rows of ``key``'s dataset, or an error: chunks are written as raw bytes, so
-        rows of another shape or type would be stored as wrong numbers, not refused by HDF5."""
-        dset = self._file[key]
-        if arr.shape[1:] != dset.shape[1:]:
-            raise ProbeError(
-                f"{key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
-                f"{list(dset.shape[1:])}. A probe's quantity must keep its per-sample shape "
-                "from batch to batch (check the probe's forward for batch-dependent shapes)."
-            )
-        earlier = self._encodings[key]
-        if arr.dtype == dset.dtype and encoding == earlier:
-            return arr
-        if not encoding and not earlier and np.can_cast(arr.dtype, dset.dtype, "safe"):
-            return arr.astype(dset.dtype)  # exact: e.g. float16 rows into a float32 dataset
-        raise ProbeError(
-            f"{key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
-            f"{earlier or dset.dtype}, and they cannot be stored together exactly. Return the "
-            "same dtype from every batch (e.g. cast in the probe's forward)."
-        )
-
-    def _create(self, key: str, layer: str, q: str, arr: np.ndarray) -> None:
-        feat = arr.shape[1:]
-        row_bytes = max(1, int(np.prod(feat, dtype=np.int64)) * arr.dtype.itemsize)
+    def _chunk_rows(self, buf: _Buffer) -> int:
+        row_bytes = max(1, int(np.prod(buf.feat, dtype=np.int64)) * buf.dtype.itemsize)
         rows = max(1, self.options.chunk_bytes // row_bytes)
         if self.options.expected_rows:
             rows = min(rows, max(1, self.options.expected_rows))
+        return rows
+
+    def _create(self, key: str, buf: _Buffer, chunk_rows: int) -> h5py.Dataset:
         dset = self._file.create_dataset(
             key,
-            shape=(0, *feat),
-            maxshape=(None, *feat),
-            dtype=arr.dtype,
-            chunks=(rows, *feat),
+            shape=(0, *buf.feat),
+            maxshape=(None, *buf.feat),
+            dtype=buf.dtype,
+            chunks=(chunk_rows, *buf.feat),
             **self._filters,
         )
-        labels = self.dims.get((layer, q)) or self.dims.get(q) or default_dim_labels(arr.ndim)
-        for i, label in enumerate(labels[: arr.ndim]):
+        ndim = 1 + len(buf.feat)
+        labels = (
+            self.dims.get((buf.layer, buf.quantity))
+            or self.dims.get(buf.quantity)
+            or default_dim_labels(ndim)
+        )
+        for i, label in enumerate(labels[:ndim]):
             dset.dims[i].label = label
-        if self._encodings.get(key):
-            dset.attrs["encoding"] = self._encodings[key]
-        group = self._file[f"{LAYERS}/{layer}"]
-        for k, v in self.layer_attrs.get(layer, {}).items():
-            group.attrs[k] = v
+        if buf.encoding:
+            dset.attrs["encoding"] = buf.encoding
+        return dset
 
     def _flush(self, key: str, buf: _Buffer, final: bool) -> None:
-        dset = self._file[key]
+        if buf.dset is None:
+            # A dataset is created once a whole chunk of its rows is here, or at the end with
+            # one chunk of all its rows: a chunk is stored whole, so a 2 MiB chunk for the 64
+            # rows of a per-sample norm made a one-batch capture of statistics a 600 MB file.
+            rows = self._chunk_rows(buf)
+            if buf.rows < rows and not final:
+                return
+            buf.dset = self._create(key, buf, min(rows, buf.rows))
+        dset = buf.dset
         rows_per_chunk = dset.chunks[0]
         n_chunks = buf.rows // rows_per_chunk
         if n_chunks and self._direct:
@@ -427,7 +446,9 @@ class H5Writer:
             self._raise_if_failed()
             for key, buf in self._buffers.items():
                 self._flush(key, buf, final=True)
-            for layer in self._layer_order:  # attributes known only at the end (non-finite counts)
+            # written once, here, with the counts known only at the end (non-finite samples): an
+            # attribute write costs ~80 us, and a layer has a dataset per quantity
+            for layer in self._layer_order:
                 self._file[f"{LAYERS}/{layer}"].attrs.update(self.layer_attrs.get(layer, {}))
             self._file.attrs["layer_order"] = json.dumps(self._layer_order)
             self._file.attrs["n_samples"] = self._n_samples
