@@ -263,6 +263,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                 with h5py.File(tmp / f"hooks-{state['i']}.h5", "w") as f:
                     for n, t in store:
                         f.create_dataset(n, data=t.numpy())
+                    f.flush()  # on the disk, as raw_write and resprobe leave their bytes
+                    os.fsync(f.id.get_vfd_handle())
                 os.remove(tmp / f"hooks-{state['i']}.h5")
             if not captured:
                 captured.extend(t.clone() for n, t in store if ":" not in n)
