@@ -12,14 +12,16 @@ those pass-by-pass ratios, which the drift between processes (often +-20 % here)
 Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
 block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stream`` the same
 for 8 batches into one file (the per-file set-up spread out); ``stats``
-ResidualNorms + ChannelStats, forward; ``grad`` statistics + gradient norms, forward + backward.
+ResidualNorms + ChannelStats, forward; ``stats_disk`` the same to HDF5, one batch per file (~300
+small datasets: a file's per-dataset cost); ``grad`` statistics + gradient norms, forward +
+backward.
 Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
 (cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``, and in the
 statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics). Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
 Usage:
-    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stream,stats,grad]
+    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stream,stats,stats_disk,grad]
         [--repeats 10] [--threads 2] [--json /tmp/compare.json]
 """
 
@@ -57,6 +59,7 @@ ROWS = {
         ["raw_write", "hooks_h5py", "resprobe"],
     ),
     "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe", "resprobe_fused"]),
+    "stats_disk": ("ResidualNorms + ChannelStats to HDF5, one batch per file", ["resprobe"]),
     "grad": (
         "statistics + gradient norms, forward + backward",
         ["hooks", "resprobe", "resprobe_fused"],
@@ -334,9 +337,10 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             "disk": [probe.Activations(dtype="fp32")],
             "stream": [probe.Activations(dtype="fp32")],
             "stats": stats,
+            "stats_disk": stats,
             "grad": [*stats, probe.GradNorms()],
         }[row]
-        if row in ("disk", "stream"):
+        if row in ("disk", "stream", "stats_disk"):
             state = {"i": 0}
 
             def fn():
@@ -344,7 +348,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                 cap = probe.capture(
                     net, [(x, y)] * batches, layers=blocks, probes=probes, out=path, name=model
                 )
-                if not captured:
+                if not captured and row != "stats_disk":
                     n_rows = len(x)  # the first batch's rows
                     captured.extend(
                         torch.from_numpy(cap.read(n, "output")[:n_rows]) for n in blocks
