@@ -401,7 +401,7 @@ class H5Writer:
             rows = self._chunk_rows(buf)
             if buf.rows < rows and not final:
                 return
-            buf.dset = self._create(key, buf, min(rows, buf.rows))
+            buf.dset = self._create(key, buf, max(1, min(rows, buf.rows)))  # 0 rows: empty
         dset = buf.dset
         rows_per_chunk = dset.chunks[0]
         n_chunks = buf.rows // rows_per_chunk

@@ -149,3 +149,17 @@ def test_a_capture_of_unknown_length_has_no_chunk_larger_than_its_data(tmp_path)
     # one 2 MiB chunk, and this capture's file took ~70 MB
     assert stored <= data_bytes + 4 * len(sets) + 2 * 8192 * 8, (stored, data_bytes)
     assert path.stat().st_size < data_bytes + (1 << 20)
+
+
+@pytest.mark.parametrize("sizes", [[0], [0, 4, 0, 3], [4, 0]])
+def test_batches_without_rows_are_stored_as_what_they_hold(tmp_path, sizes):
+    # a probe may return fewer rows than the batch has samples (a sample cap), even none
+    w = H5Writer(tmp_path / "w.h5", attrs={"config": "{}", "provenance": "{}"},
+                 options=WriterOptions(chunk_bytes=24))  # fmt: skip
+    w.layer_attrs["b"] = LAYER
+    rows = [torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) for n in sizes]
+    for i, r in enumerate(rows):
+        w.submit({"b": {"q": r}}, torch.arange(4 * i, 4 * i + 4))
+    w.close()
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        np.testing.assert_array_equal(f["layers/b/q"][:], torch.cat(rows).numpy())
