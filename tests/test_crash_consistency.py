@@ -22,6 +22,7 @@ def _result(run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~25 training runs under strace: 355 s here, past the default 300
 def test_a_kill_at_any_rename_leaves_a_run_that_resumes_to_the_same_result(tmp_path, run_killed):
     def _train(out, inject_at=None):
         return run_killed(TRAIN + ["--out", str(out)], RENAMES, inject_at)
