@@ -19,7 +19,7 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["temp_path", "remove_stale_temps", "commit", "atomic_path"]
+__all__ = ["temp_path", "remove_stale_temps", "sync", "commit", "atomic_path"]
 
 
 def temp_path(path: Path) -> Path:
@@ -53,13 +53,19 @@ def remove_stale_temps(path: Path) -> int:
     return removed
 
 
-def commit(tmp: Path, path: Path) -> None:
-    """Make the finished ``tmp`` durable (fsync) and rename it over ``path`` in one step."""
-    fd = os.open(tmp, os.O_RDONLY)
+def sync(path: Path, *, data_only: bool = False) -> None:
+    """Wait until what was written to ``path`` is on the disk (fsync; ``data_only``: fdatasync,
+    which skips metadata such as the modification time, where the system has it)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        (getattr(os, "fdatasync", os.fsync) if data_only else os.fsync)(fd)
     finally:
         os.close(fd)
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Make the finished ``tmp`` durable (fsync) and rename it over ``path`` in one step."""
+    sync(tmp)
     os.replace(tmp, path)
 
 

@@ -16,7 +16,8 @@ Two facts make it cheap here:
 
 The filter stores the checksum little-endian after the chunk's bytes; HDF5 verifies it on every
 read, so a chunk written with :func:`fletcher32` reads back exactly like one HDF5 filtered itself
-(tests/store/test_checksum.py compares both ways on random, zero, all-ones and odd-length data).
+(tests/probe/test_direct_chunks.py compares it with HDF5 on random, zero, all-ones and
+odd-length data, and every stored chunk byte for byte).
 
 Example:
     >>> import numpy as np
