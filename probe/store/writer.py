@@ -148,12 +148,16 @@ class _Buffer:
         self.rows -= rows
         return head[0] if len(head) == 1 else np.concatenate(head)
 
-    def conform(self, key: str, arr: np.ndarray, encoding: str) -> np.ndarray:
+    @property
+    def key(self) -> str:
+        return f"{LAYERS}/{self.layer}/{self.quantity}"  # the dataset's path in the file
+
+    def conform(self, arr: np.ndarray, encoding: str) -> np.ndarray:
         """``arr`` as more rows of this dataset, or an error: chunks are written as raw bytes,
         so rows of another shape or type would be stored as wrong numbers, not refused by HDF5."""
         if arr.shape[1:] != self.feat:
             raise ProbeError(
-                f"{key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
+                f"{self.key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
                 f"{list(self.feat)}. A probe's quantity must keep its per-sample shape "
                 "from batch to batch (check the probe's forward for batch-dependent shapes)."
             )
@@ -162,7 +166,7 @@ class _Buffer:
         if not encoding and not self.encoding and np.can_cast(arr.dtype, self.dtype, "safe"):
             return arr.astype(self.dtype)  # exact: e.g. float16 rows into a float32 dataset
         raise ProbeError(
-            f"{key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
+            f"{self.key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
             f"{self.encoding or self.dtype}, and they cannot be stored together exactly. Return "
             "the same dtype from every batch (e.g. cast in the probe's forward)."
         )
@@ -204,7 +208,7 @@ class H5Writer:
         self._pending = 0
         self._cond = threading.Condition()
         self._error: BaseException | None = None
-        self._buffers: dict[str, _Buffer] = {}
+        self._buffers: dict[tuple[str, str], _Buffer] = {}  # (layer, quantity)
         self._layer_order: list[str] = []
         self._n_samples = 0
         self._file: h5py.File | None = None
@@ -344,22 +348,21 @@ class H5Writer:
         self._append(self._labels, item["labels"].numpy())
         self._n_samples += len(index)
         for (layer, q), host in item["rows"].items():
-            key = f"{LAYERS}/{layer}/{q}"
             arr = host.numpy()
             if host.encoding == "bfloat16":
                 arr = arr.view(np.uint16)
-            buf = self._buffers.get(key)
+            buf = self._buffers.get((layer, q))
             if buf is None:
-                buf = self._buffers[key] = _Buffer(
+                buf = self._buffers[layer, q] = _Buffer(
                     layer, q, arr.shape[1:], arr.dtype, host.encoding
                 )
                 if layer not in self._layer_order:
                     self._layer_order.append(layer)
             else:
-                arr = buf.conform(key, arr, host.encoding)
+                arr = buf.conform(arr, host.encoding)
             buf.parts.append(arr)
             buf.rows += len(arr)
-            self._flush(key, buf, final=False)
+            self._flush(buf, final=False)
 
     def _chunk_rows(self, buf: _Buffer) -> int:
         row_bytes = max(1, int(np.prod(buf.feat, dtype=np.int64)) * buf.dtype.itemsize)
@@ -368,9 +371,9 @@ class H5Writer:
             rows = min(rows, max(1, self.options.expected_rows))
         return rows
 
-    def _create(self, key: str, buf: _Buffer, chunk_rows: int) -> h5py.Dataset:
+    def _create(self, buf: _Buffer, chunk_rows: int) -> h5py.Dataset:
         dset = self._file.create_dataset(
-            key,
+            buf.key,
             shape=(0, *buf.feat),
             maxshape=(None, *buf.feat),
             dtype=buf.dtype,
@@ -389,7 +392,7 @@ class H5Writer:
             dset.attrs["encoding"] = buf.encoding
         return dset
 
-    def _flush(self, key: str, buf: _Buffer, final: bool) -> None:
+    def _flush(self, buf: _Buffer, final: bool) -> None:
         if buf.dset is None:
             # A dataset is created once a whole chunk of its rows is here, or at the end with
             # one chunk of all its rows: a chunk is stored whole, so a 2 MiB chunk for the 64
@@ -397,7 +400,7 @@ class H5Writer:
             rows = self._chunk_rows(buf)
             if buf.rows < rows and not final:
                 return
-            buf.dset = self._create(key, buf, max(1, min(rows, buf.rows)))  # 0 rows: empty
+            buf.dset = self._create(buf, max(1, min(rows, buf.rows)))  # 0 rows: empty
         dset = buf.dset
         rows_per_chunk = dset.chunks[0]
         n_chunks = buf.rows // rows_per_chunk
@@ -440,8 +443,8 @@ class H5Writer:
         self._thread.join()
         try:
             self._raise_if_failed()
-            for key, buf in self._buffers.items():
-                self._flush(key, buf, final=True)
+            for buf in self._buffers.values():
+                self._flush(buf, final=True)
             # written once, here, with the counts known only at the end (non-finite samples): an
             # attribute write costs ~80 us, and a layer has a dataset per quantity
             for layer in self._layer_order:
