@@ -36,6 +36,7 @@ from probe.hooks.sites import (
     storage_ptr,
 )
 from probe.losses import exact_cross_entropy
+from probe.nonfinite import NonFiniteCounter
 from probe.probes.base import BlockTensors, Call, Probe, input_slot
 from probe.probes.registry import as_probes
 
@@ -251,48 +252,6 @@ def _first_tensor(obj: object) -> torch.Tensor | None:
     return None
 
 
-_SMALL_RESULT = 16384  # elements up to which a layer's results are checked together
-
-
-def _checked_alone(t: torch.Tensor) -> bool:
-    """Whether a result's non-finite check runs on it alone, as it arrives (large results,
-    float64), rather than concatenated with the layer's other small results at the end of the
-    batch (where a dozen small statistics cost one check, not a dozen)."""
-    return t.dtype == torch.float64 or t.numel() > _SMALL_RESULT
-
-
-def nonfinite_rows(t: torch.Tensor, *, pick_rows: bool | None = None) -> torch.Tensor:
-    """Which rows (samples) of ``t`` hold a NaN or an infinity. [N, ...] -> [N] bool
-
-    One reduction per row instead of a boolean copy of every element (the copy cost a captured
-    ResNet-56's block outputs 14 % of the pass). A NaN or an inf makes the row's sum non-finite
-    (inf + finite = inf, inf - inf = NaN, and NaN stays), so a row whose sum is finite holds
-    neither. A non-finite sum may also be an overflow of finite values, so on the CPU those rows
-    alone are checked element by element: the row sums are taken in float32 (the tensor's own
-    dtype for float64), which CPU torch vectorises; accumulating float32 in float64 ran 4-60x
-    slower there (21 ms against 0.35 ms for one ResNet-50 block output). On an accelerator, where
-    picking out the rows would sync the host, the sum is taken in float64, which finite
-    float32/float16/bfloat16 values cannot overflow (that would take ~10^270 of them); float64
-    rows there are checked element by element. ``pick_rows`` chooses the first way (True) or the
-    second (False) whatever the device; by default, the first on the CPU only.
-
-    Example:
-        >>> nonfinite_rows(torch.tensor([[1.0, 3e38, 3e38], [1.0, float("nan"), 0.0]]))
-        tensor([False,  True])
-    """
-    rows = t.reshape(len(t), -1)
-    if not (t.device.type == "cpu" if pick_rows is None else pick_rows):
-        if t.dtype == torch.float64:
-            return ~torch.isfinite(rows).all(1)
-        return ~torch.isfinite(rows.sum(1, dtype=torch.float64))
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    bad = ~torch.isfinite(rows.sum(1, dtype=acc))
-    suspects = bad.nonzero().flatten()
-    if len(suspects):  # NaN/inf, or finite values whose sum overflowed: look at each element
-        bad[suspects] = ~torch.isfinite(rows[suspects]).all(1)
-    return bad
-
-
 # Small CPU results are copied into one block per dtype once the batch's activations are freed.
 # Left where the probes allocated them -- between activations -- the results a capture keeps
 # (in memory, or queued for HDF5 until a chunk fills) split glibc's heap so that later batches
@@ -369,12 +328,13 @@ class HookSession:
         self._stack = contextlib.ExitStack()
         self.inplace: list[str] = []
         self._handles: list = []
+        self._split: dict[str, tuple[nn.Module, nn.Module | None]] = {}  # adapter blocks' F, S
         self._flags: dict[nn.Module, bool] = {}
         self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._suspended = False
         self._open = False
         self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
-        self._nonfinite: dict[str, torch.Tensor] = {}  # key -> samples with a NaN/inf result
+        self._nonfinite = NonFiniteCounter()  # key -> samples with a NaN/inf result
         self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []  # this batch's tensor hooks
         # (layer, quantity) -> whether its results may stay views of the pass's own tensors:
         # unknown until a batch has shown that no later in-place op changes them (_guard).
@@ -470,7 +430,7 @@ class HookSession:
     # -- hooks -------------------------------------------------------------------------------
     def _install(self, info: LayerInfo) -> None:
         if info.spec is not None:
-            branch, shortcut = info.spec.resolve(info.module, info.name)
+            branch, shortcut = self._split[info.name] = info.spec.resolve(info.module, info.name)
             clone = info.spec.clone_branch or bool(self.inplace)
             self._handles.append(
                 info.module.register_forward_pre_hook(self._on_entry(info), with_kwargs=True)
@@ -530,7 +490,7 @@ class HookSession:
         self, info: LayerInfo, y: torch.Tensor
     ) -> tuple[BlockTensors, nn.Module | None]:
         """The block's split, and the module computing S (None: identity)."""
-        branch, shortcut = info.spec.resolve(info.module, info.name)
+        branch, shortcut = self._split[info.name]  # resolved once, where the hooks went
         x, x_version = self._entry.pop(info.name, (None, None))
         f = self._branch_out.pop(info.name, None)
         s = self._shortcut_out.pop(info.name, None)
@@ -590,14 +550,12 @@ class HookSession:
         """Run the layer probes on one call and arrange for their backward half."""
         key = call.name
         self._info[key] = info
-        self.shapes.setdefault(
-            key,
-            (
+        if key not in self.shapes:
+            self.shapes[key] = (
                 tuple(call.output.shape[1:]),
                 tuple(call.block.f.shape[1:]) if call.block else None,
                 tuple(call.input.shape[1:]) if call.input is not None else None,
-            ),
-        )
+            )
         results = self._results[key]
         with self._suspend():
             for p in self.layer_probes:
@@ -736,17 +694,12 @@ class HookSession:
             if sources and storage_ptr(t) in sources:
                 t = self._guard(key, (forward[0], q), t)
             results[q] = t
-            if t.is_floating_point() and _checked_alone(t):
-                # Checked now, while the tensor is still in the cache; a tensor kept under several
-                # names (a block's y is the next block's x; an identity S is x) is checked once.
-                seen = (t.data_ptr(), t.dtype, t.shape, t.stride())  # alive: results hold it
-                rows = self._checked.get(seen)
-                if rows is None:
-                    rows = self._checked[seen] = nonfinite_rows(t)
-                self._bad_rows[key].append(rows)
-            labels = probe.dim_labels(q, t)
-            if labels is not None:
-                self.dim_labels.setdefault((key, q), tuple(labels))
+            if t.is_floating_point():
+                self._nonfinite.add(key, t)
+            if (key, q) not in self.dim_labels:  # a quantity's axes: fixed by its first batch
+                labels = probe.dim_labels(q, t)
+                if labels is not None:
+                    self.dim_labels[(key, q)] = tuple(labels)
 
     def _guard(self, key: str, slot: tuple[str, str], t: torch.Tensor) -> torch.Tensor:
         """A result that shares memory with the pass's own tensors (an activation kept as it is):
@@ -813,6 +766,7 @@ class HookSession:
         for handle in self._grad_hooks:
             handle.remove()
         self._grad_hooks.clear()
+        self._nonfinite.discard_batch()
         self._watched: list[tuple[tuple[str, str], torch.Tensor, int | None, bool]] = []
         self._calls: list[Call] = []
         self._branch_out: dict[str, torch.Tensor] = {}
@@ -828,8 +782,6 @@ class HookSession:
         self._backward_done: set[int] = set()
         self._versions: dict[tuple[str, str], int | None] = {}
         self._branch_calls: dict[str, int] = defaultdict(int)
-        self._bad_rows: dict[str, list[torch.Tensor]] = defaultdict(list)  # large results' checks
-        self._checked: dict[tuple, torch.Tensor] = {}  # a checked result's memory -> bad rows
         self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
 
     # -- running -----------------------------------------------------------------------------
@@ -907,7 +859,7 @@ class HookSession:
                             self._merge(
                                 self._results["model"], p.forward(call), p, "model", call.batch_size
                             )
-            self._count_nonfinite()
+            self._nonfinite.end_batch()  # on the device: no host sync per batch
             # layers whose probes all declined (model-level probes only, say) have nothing to say
             results = {k: qs for k, qs in self._results.items() if qs}
             logits = out.detach()
@@ -934,35 +886,10 @@ class HookSession:
                 self._run_backward(call)
         return out
 
-    def _count_nonfinite(self) -> None:
-        """Per layer key: samples of this batch with a NaN/inf in any result (on the device:
-        no host sync)."""
-        for key, qs in self._results.items():
-            floats = [t for t in qs.values() if t.is_floating_point()]
-            if not floats:
-                continue
-            n = max(len(t) for t in floats)
-            bad = torch.zeros(n, dtype=torch.bool, device=floats[0].device)
-            # A layer's statistics are a dozen small tensors: one concatenated check instead of
-            # one per tensor (each small op costs more in Python than in arithmetic). Large and
-            # float64 results were checked alone as they arrived (_merge).
-            small = [t for t in floats if not _checked_alone(t)]
-            together = [t for t in small if len(t) == n]
-            if together:
-                bad |= nonfinite_rows(torch.cat([t.reshape(n, -1) for t in together], dim=1))
-            for t in small:  # capped quantities cover the first rows only
-                if len(t) < n:
-                    bad[: len(t)] |= nonfinite_rows(t)
-            for rows in self._bad_rows.get(key, ()):
-                bad[: len(rows)] |= rows
-            # Summed on the device: reading the count here would sync the GPU once per layer.
-            self._nonfinite[key] = self._nonfinite.get(key, 0) + bad.sum()
-
     @property
     def nonfinite(self) -> dict[str, int]:
         """Layer key -> samples so far with a NaN or infinite result (layers with none omitted)."""
-        counts = {k: int(v) for k, v in self._nonfinite.items()}
-        return {k: v for k, v in counts.items() if v}
+        return self._nonfinite.counts
 
     def layer_info(self, key: str) -> LayerInfo:
         """The :class:`LayerInfo` behind a result key (``name`` or ``name@k``)."""

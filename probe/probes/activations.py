@@ -21,6 +21,8 @@ _FP16_MAX = 65504.0
 def _subsample(
     t: torch.Tensor, layout: str, channel_stride: int, spatial_stride: int
 ) -> torch.Tensor:
+    if channel_stride == spatial_stride == 1:
+        return t
     letters = resolve_layout(layout, t)
     index = [slice(None)] * t.ndim
     for i, c in enumerate(letters):
@@ -50,6 +52,8 @@ def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, 
 
 
 def _capped(t: torch.Tensor, call: Call, max_samples: int | None) -> torch.Tensor | None:
+    if max_samples is None:
+        return t
     keep = call.rows_within(max_samples, len(t))
     return t[:keep] if keep else None
 

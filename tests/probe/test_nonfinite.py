@@ -73,7 +73,7 @@ def test_the_cli_shows_a_warning_as_one_line(capsys):
 @pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_them(dtype, pick_rows):
-    from probe.session import nonfinite_rows
+    from probe.nonfinite import nonfinite_rows
 
     big = torch.finfo(dtype).max
     t = torch.full((6, 3, 4), big, dtype=dtype)  # finite rows whose sum overflows the dtype
@@ -92,7 +92,7 @@ def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_the
 def test_planted_values_in_large_rows_are_found_wherever_they_are(dtype, pick_rows):
     """Rows of a block output's size, some holding NaN, +-inf or values whose sum overflows the
     accumulator, at random places: the same rows an element-by-element check finds."""
-    from probe.session import nonfinite_rows
+    from probe.nonfinite import nonfinite_rows
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(32, 16, 32, 32, generator=g).to(dtype)
@@ -145,3 +145,58 @@ def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results()
             model, [torch.randn(6, 1, 8, 8)], layers=["stages.0.0"], probes=[Planted()]
         )
     assert cap.layer_attrs("stages.0.0")["nonfinite_samples"] == 4  # samples 0, 1, 2 and 3
+
+
+@pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
+def test_the_counter_agrees_with_an_element_by_element_count_over_many_batches(pick_rows):
+    """Random batches of results per layer (several dtypes and ranks, capped rows, a tensor kept
+    under two keys, finite rows whose sums overflow, layers that come and go): every layer's
+    count is the samples that numpy finds a NaN or an inf in, summed over the batches."""
+    from probe.nonfinite import NonFiniteCounter
+
+    g = np.random.default_rng(0)
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+    def planted(rows: int) -> torch.Tensor:
+        shape = (rows, *[int(s) for s in g.integers(1, 5, size=int(g.integers(0, 3)))])
+        dtype = dtypes[int(g.integers(len(dtypes)))]
+        t = torch.randn(shape, dtype=torch.float64).to(dtype)
+        for r in range(rows):
+            flat = t.view(rows, -1)
+            kind = int(g.integers(6))
+            if kind in (1, 2):
+                flat[r, int(g.integers(flat.shape[1]))] = float("nan" if kind == 1 else "-inf")
+            elif kind == 3:  # finite, but a sum in the dtype would overflow
+                flat[r] = torch.finfo(dtype).max
+        return t
+
+    counter, bad = NonFiniteCounter(pick_rows=pick_rows), {}
+    for batch in range(6):
+        n = int(g.integers(1, 9))
+        for key in ["a", "b", "c"] + (["d"] if batch % 2 else []):
+            for _ in range(int(g.integers(1, 4))):
+                rows = int(g.integers(0, n + 1)) if g.random() < 0.3 else n  # a capped result
+                t = planted(rows)
+                names = [key, "c"] if key == "b" else [key]  # one tensor kept under two keys
+                for name in names:
+                    counter.add(name, t)
+                    hit = bad.setdefault((name, batch), np.zeros(n, bool))
+                    if rows:
+                        hit[:rows] |= ~np.isfinite(t.reshape(rows, -1).double().numpy()).all(1)
+        counter.end_batch()
+    expected = {}
+    for (key, _), hit in bad.items():  # a sample counts once per batch, whatever holds it
+        expected[key] = expected.get(key, 0) + int(hit.sum())
+    assert counter.counts == {k: v for k, v in expected.items() if v}
+    assert sum(expected.values()) > 10  # planted values were found, not vacuously none
+
+
+def test_a_discarded_batch_is_not_counted():
+    from probe.nonfinite import NonFiniteCounter
+
+    counter = NonFiniteCounter()
+    counter.add("a", torch.tensor([float("nan"), 0.0]))
+    counter.discard_batch()
+    counter.add("a", torch.tensor([0.0, float("inf")]))
+    counter.end_batch()
+    assert counter.counts == {"a": 1}
