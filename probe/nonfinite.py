@@ -55,7 +55,7 @@ def _row_sums(t: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     ``pick_rows`` a non-finite one may be an overflow of finite values and needs a second look."""
     if t.ndim == 1:  # one value per sample: its own check
         return t
-    rows = t.reshape(len(t), -1)
+    rows = t if t.ndim == 2 else t.reshape(len(t), -1)
     if pick_rows:
         return rows.sum(1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.dtype == torch.float64:  # a float64 sum could overflow: element by element, as flags
@@ -90,7 +90,10 @@ class NonFiniteCounter:
 
     def add(self, key: str, t: torch.Tensor) -> None:
         """Note a floating-point result [N, ...] of layer ``key`` in this batch."""
-        if not len(t) or not t.numel():
+        if t.ndim == 1:  # one value per sample: its own check, nothing to reduce
+            self._pending.append((key, t, t))
+            return
+        if not t.numel():
             return
         # A tensor kept under several names (a block's y is the next block's x; an identity S is
         # x) is reduced once; the results hold it, so its address is not reused meanwhile.

@@ -264,14 +264,15 @@ def _compacted(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[st
     groups: dict[torch.dtype, list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
     for key, qs in results.items():
         for q, t in qs.items():
-            if t.device.type == "cpu" and t.numel() * t.element_size() <= _COMPACT_BYTES:
+            if t.is_cpu and t.numel() * t.element_size() <= _COMPACT_BYTES:
                 groups[t.dtype].append((key, q, t))
     for items in groups.values():
-        block = torch.cat([t.reshape(-1) for _, _, t in items])
-        start = 0
-        for key, q, t in items:
-            results[key][q] = block[start : start + t.numel()].view(t.shape)
-            start += t.numel()
+        # one split for all the pieces, and a view only for those of another shape: a statistics
+        # batch holds ~300 small results, most of them [N], and each call costs microseconds
+        block = torch.cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items])
+        pieces = block.split([t.numel() for _, _, t in items])
+        for (key, q, t), piece in zip(items, pieces):
+            results[key][q] = piece if t.ndim == 1 else piece.view(t.shape)
     return results
 
 
@@ -557,12 +558,13 @@ class HookSession:
                 tuple(call.input.shape[1:]) if call.input is not None else None,
             )
         results = self._results[key]
+        sources = _storages(call)  # the memory a result kept as it is would share
         with self._suspend():
             for p in self.layer_probes:
                 if p.applies_to(call):
                     with torch.set_grad_enabled(p.forward_grad and torch.is_grad_enabled()):
                         new = p.forward(call)
-                    self._merge(results, new, p, key, call.batch_size, (info.name, call))
+                    self._merge(results, new, p, key, call.batch_size, (info.name, sources))
         y, x = call.output, call.input
         if self.needs_grad and y.requires_grad:
             self._calls.append(call)
@@ -671,11 +673,12 @@ class HookSession:
         probe: Probe,
         key: str,
         n: int,
-        forward: tuple[str, Call] | None = None,
+        forward: tuple[str, set[int]] | None = None,
     ) -> None:
-        """Add a probe's results to the layer's; ``forward`` = (layer name, call) for the results
-        of a forward half, which may be views of the call's tensors (see :meth:`_guard`)."""
-        sources = _storages(forward[1]) if forward is not None else set()
+        """Add a probe's results to the layer's; ``forward`` = (layer name, the call's storages,
+        see ``_storages``) for the results of a forward half, which may be views of the call's
+        tensors (see :meth:`_guard`)."""
+        sources = forward[1] if forward is not None else ()
         for q, t in new.items():
             if not isinstance(t, torch.Tensor) or t.ndim == 0:
                 raise ProbeError(

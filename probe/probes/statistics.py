@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from probe.errors import ProbeError
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, residual_quantities
 from probe.probes.layout import channel_axis, check_layout
@@ -33,11 +34,32 @@ __all__ = [
 ]
 
 
+_SINGLE = (torch.float16, torch.bfloat16, torch.float32)  # accumulated in float32
+
+
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float32 for fp16/bf16/fp32 inputs, float64 when any input is float64."""
+    if all(t.dtype in _SINGLE for t in tensors):  # the usual case, without promotion calls
+        return torch.float32
     return torch.promote_types(
         torch.float32, functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     )
+
+
+def _rows(t: torch.Tensor) -> int | tuple[int, ...]:
+    """Every axis but the first: a per-sample reduction over them needs no flattened copy (a
+    channels-last tensor's ``flatten(1)`` is one) and no view call. [N] tensors are refused:
+    torch reads ``dim=()`` as every axis, which would be one number for the whole batch."""
+    if t.ndim < 2:
+        raise ProbeError(
+            f"Per-sample norms need a tensor [N, ...] with at least one axis after the sample "
+            f"axis; got shape {tuple(t.shape)}. Select layers whose outputs have features."
+        )
+    return 1 if t.ndim == 2 else tuple(range(1, t.ndim))
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -48,7 +70,7 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
         >>> per_sample_norm(torch.ones(2, 3, 4, dtype=torch.float64))
         tensor([3.4641, 3.4641], dtype=torch.float64)
     """
-    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=accumulation_dtype(t))
+    return torch.linalg.vector_norm(t, dim=_rows(t), dtype=accumulation_dtype(t))
 
 
 def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,7 +85,7 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         tensor([6., 6.])
     """
     dtype = accumulation_dtype(a, b)
-    return (a.flatten(1).to(dtype) * b.flatten(1).to(dtype)).sum(1)
+    return (_as(a, dtype) * _as(b, dtype)).sum(_rows(a))
 
 
 def per_sample_cos(
@@ -120,8 +142,9 @@ def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     n = flat.shape[2]
     mean = flat.mean(2, keepdim=True)
     d = flat - mean
-    var = (torch.linalg.vector_norm(d, dim=2).square() - d.sum(2).square() / n) / n
-    return mean.squeeze(2), var.clamp_min(0)
+    total = d.sum(2)  # in place on the [N, C] results below: fewer calls, the same arithmetic
+    var = torch.linalg.vector_norm(d, dim=2).square_().addcmul_(total, total, value=-1 / n)
+    return mean.squeeze(2), var.div_(n).clamp_min_(0)
 
 
 def moments_of_two(
@@ -219,7 +242,7 @@ class ResidualNorms(Probe):
             # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
             # where it matters, for blocks near the identity (d -> 0). The difference is taken in
             # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
-            "dev_norm": per_sample_norm(b.y.to(dtype) - b.s.to(dtype)),
+            "dev_norm": per_sample_norm(_as(b.y, dtype) - _as(b.s, dtype)),
             "cos_ys": per_sample_cos(b.y, b.s, norms=(ny, ns)),
             "cos_fs": per_sample_cos(b.f, b.s, norms=(nf, ns)),
         }

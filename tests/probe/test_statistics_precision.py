@@ -102,3 +102,27 @@ def test_the_deviation_of_a_bf16_block_is_taken_in_float32():
         y, s = (cap.read(layer, k).astype(np.float64).reshape(6, -1) for k in "YS")
         ref = np.linalg.norm(y - s, axis=1)
         np.testing.assert_allclose(cap.read(layer, "dev_norm"), ref, rtol=1e-6, err_msg=layer)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 3, 6), (5, 8, 4, 4), (5, 2, 3, 4, 4)])
+def test_per_sample_reductions_match_numpy_for_every_rank_and_memory_layout(shape):
+    """Reductions over every axis but the first, on contiguous, channels-last and transposed
+    tensors alike (no flattened copy is taken), and a clear error for [N] tensors, where
+    reducing over "every other axis" would silently reduce over the batch."""
+    import probe
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    A, B = a.double().numpy().reshape(5, -1), b.double().numpy().reshape(5, -1)
+    layouts = [lambda t: t, lambda t: t.transpose(-1, -2).contiguous().transpose(-1, -2)]
+    if len(shape) == 4:
+        layouts.append(lambda t: t.contiguous(memory_format=torch.channels_last))
+    for layout in layouts:
+        x, y = layout(a), layout(b)
+        assert torch.equal(x, a)
+        np.testing.assert_allclose(per_sample_norm(x).numpy(), np.linalg.norm(A, axis=1), rtol=1e-6)
+        np.testing.assert_allclose(
+            per_sample_dot(x, y).numpy(), (A * B).sum(1), rtol=1e-5, atol=1e-5
+        )
+    with pytest.raises(probe.ProbeError, match=r"got shape \(5,\)"):
+        per_sample_norm(torch.ones(5))
