@@ -203,6 +203,9 @@ class H5Writer:
         # with no compression the only filter is the checksum, which _write_chunks computes
         self._direct = self.options.compression is None
         self._staging = np.empty(0, np.uint8)  # one chunk and its checksum, reused
+        # each layer's group, found once: HDF5 looks up every parent of a path it is given
+        # (~0.1 ms a dataset, ~300 datasets in a statistics capture)
+        self._groups: dict[str, h5py.Group] = {}
         self._unsynced = 0
         self._queue: queue.Queue = queue.Queue()
         self._pending = 0
@@ -372,8 +375,11 @@ class H5Writer:
         return rows
 
     def _create(self, buf: _Buffer, chunk_rows: int) -> h5py.Dataset:
-        dset = self._file.create_dataset(
-            buf.key,
+        group = self._groups.get(buf.layer)
+        if group is None:
+            group = self._groups[buf.layer] = self._file.require_group(f"{LAYERS}/{buf.layer}")
+        dset = group.create_dataset(
+            buf.quantity,
             shape=(0, *buf.feat),
             maxshape=(None, *buf.feat),
             dtype=buf.dtype,
@@ -448,7 +454,8 @@ class H5Writer:
             # written once, here, with the counts known only at the end (non-finite samples): an
             # attribute write costs ~80 us, and a layer has a dataset per quantity
             for layer in self._layer_order:
-                self._file[f"{LAYERS}/{layer}"].attrs.update(self.layer_attrs.get(layer, {}))
+                group = self._groups.get(layer) or self._file[f"{LAYERS}/{layer}"]
+                group.attrs.update(self.layer_attrs.get(layer, {}))
             self._file.attrs["layer_order"] = json.dumps(self._layer_order)
             self._file.attrs["n_samples"] = self._n_samples
             for k, v in (extra_attrs or {}).items():
