@@ -34,15 +34,12 @@ def nonfinite_rows(t: torch.Tensor, *, pick_rows: bool | None = None) -> torch.T
         >>> nonfinite_rows(torch.tensor([[1.0, 3e38, 3e38], [1.0, float("nan"), 0.0]]))
         tensor([False,  True])
     """
-    rows = t.reshape(len(t), -1)
-    if not _picks_rows(t, pick_rows):
-        if t.dtype == torch.float64:
-            return ~torch.isfinite(rows).all(1)
-        return ~torch.isfinite(rows.sum(1, dtype=torch.float64))
-    bad = ~torch.isfinite(_row_sums(t, True))
-    suspects = bad.nonzero().flatten()
-    if len(suspects):  # NaN/inf, or finite values whose sum overflowed: look at each element
-        bad[suspects] = ~torch.isfinite(rows[suspects]).all(1)
+    pick = _picks_rows(t, pick_rows)
+    bad = ~torch.isfinite(_row_sums(t, pick))
+    if pick:
+        suspects = bad.nonzero().flatten()
+        if len(suspects):  # NaN/inf, or finite values whose sum overflowed: look at each element
+            bad[suspects] = ~torch.isfinite(t.reshape(len(t), -1)[suspects]).all(1)
     return bad
 
 

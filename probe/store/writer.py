@@ -453,9 +453,8 @@ class H5Writer:
                 self._flush(buf, final=True)
             # written once, here, with the counts known only at the end (non-finite samples): an
             # attribute write costs ~80 us, and a layer has a dataset per quantity
-            for layer in self._layer_order:
-                group = self._groups.get(layer) or self._file[f"{LAYERS}/{layer}"]
-                group.attrs.update(self.layer_attrs.get(layer, {}))
+            for layer in self._layer_order:  # each has a dataset now, so its group
+                self._groups[layer].attrs.update(self.layer_attrs.get(layer, {}))
             self._file.attrs["layer_order"] = json.dumps(self._layer_order)
             self._file.attrs["n_samples"] = self._n_samples
             for k, v in (extra_attrs or {}).items():
