@@ -120,5 +120,7 @@ def runtime_settings() -> dict:
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        # TF32 convolutions (on by default on CUDA) change float32 results at ~1e-3 relative
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
         "allocator_tuned": _allocator["tuned"],
     }
