@@ -43,3 +43,23 @@ def test_a_capture_onto_a_full_disk_fails_early_and_leaves_nothing(tiny_disk):
         )
     assert len(seen) < 10, f"{len(seen)} batches ran before the error"
     assert list(tiny_disk.iterdir()) == []
+
+
+def test_a_failed_background_flush_fails_the_capture_and_leaves_nothing(tmp_path, monkeypatch):
+    """The periodic fdatasync runs on its own thread; an I/O error there (EIO on a dying disk)
+    fails the capture with that error instead of being lost with the thread."""
+    import errno
+
+    from probe.store import writer
+
+    def failing_sync(path, *, data_only=False):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer, "_SYNC_BYTES", 1)  # a flush after every batch
+    monkeypatch.setattr(writer, "sync", failing_sync)
+    model = probe.zoo.create("resnet8", in_channels=1, width=8).eval()
+    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))) for _ in range(4)]
+    out = tmp_path / "x.h5"
+    with pytest.raises(ProbeError, match="Input/output error"):
+        probe.capture(model, batches, probes=[probe.Activations(dtype="fp32")], out=out)
+    assert list(tmp_path.iterdir()) == []
