@@ -89,12 +89,30 @@ def test_cuda_capture_with_pinned_copies_equals_cpu(tmp_path):
     cpu = probe.capture(model, [(x, y)], probes=probes)
     with _float32_convolutions():
         gpu = probe.capture(model.cuda(), [(x, y)], probes=probes, out=tmp_path / "c.h5")
+    worse = []
     for layer in cpu.layers:
         for q in cpu.quantities(layer):
             g, c = gpu.read(layer, q), cpu.read(layer, q)
-            # float32 kernels differ in summation order (~1e-6 relative, absolute for sums that
-            # cancel); a bf16 value may round to a neighbour of the CPU's, one unit in its last
-            # place (2**-7 relative) away
-            rel = 2**-7 if q == "output" else 1e-4
-            bound = rel * np.maximum(np.abs(g), np.abs(c)) + 1e-5 * np.abs(c).max()
-            assert np.all(np.abs(g - c) <= bound), (layer, q, float(np.abs(g - c).max()))
+            rel, floor = _cross_device_tolerance(q)
+            bound = rel * np.maximum(np.abs(g), np.abs(c)) + floor * np.abs(c).max()
+            if q.startswith("cos"):
+                bound = np.full_like(c, floor)
+            excess = float((np.abs(g - c) / np.maximum(bound, 1e-30)).max())
+            if excess > 1:
+                worse.append((layer, q, float(np.abs(g - c).max()), excess))
+    assert not worse, worse
+
+
+def _cross_device_tolerance(quantity: str) -> tuple[float, float]:
+    """(relative, floor) for one quantity of a float32 GPU capture against the CPU's; a cosine's
+    floor is absolute (a cosine is a dot product that cancels, bounded by 1)."""
+    if quantity == "output":
+        # a bf16 value may round to a neighbour of the CPU's, one unit in its last place away
+        return 2**-7, 1e-6
+    if "grad" in quantity:
+        # gradients reach the first block through every layer's backward, where a pre-activation
+        # within float32 error of zero can pass its ReLU on one device and not the other: on an
+        # H200 one sample's cos_f_grad differed by 4.2e-4, the others' by ~1e-8
+        return 2e-3, 2e-3
+    # forward statistics: float32 kernels that differ in summation order (~1e-6 relative)
+    return 1e-4, 1e-5
