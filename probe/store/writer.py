@@ -47,6 +47,16 @@ _SPACE_RESERVE = 4 << 20  # free space kept for buffered chunks and metadata wri
 _SYNC_BYTES = 64 << 20  # written data made durable in steps of this size, while the model runs
 
 
+def _checksum_workers() -> int:
+    # half the cores at most: the model's own threads run beside the writer
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _checksummed(rows: np.ndarray) -> np.ndarray:
+    """One chunk's bytes followed by their Fletcher-32 checksum, as HDF5's filter stores it."""
+    return with_fletcher32(rows, np.empty(rows.nbytes + 4, np.uint8))
+
+
 @dataclass
 class WriterOptions:
     compression: str | None = None  # None, "zstd" (Blosc-Zstd via hdf5plugin) or "gzip"; lossless
@@ -203,7 +213,10 @@ class H5Writer:
         self._filters = self.options.filter_kwargs()
         # with no compression the only filter is the checksum, which _write_chunks computes
         self._direct = self.options.compression is None
-        self._staging = np.empty(0, np.uint8)  # one chunk and its checksum, reused
+        # chunks are checksummed on other threads (numpy releases the GIL) while this one writes
+        # the chunks before them: one thread doing both ran at ~1.1 GB/s on a GPU host whose
+        # disk wrote 1.36 GB/s
+        self._checksums = ThreadPoolExecutor(_checksum_workers(), "resprobe-h5-checksum")
         # each layer's group, found once: HDF5 looks up every parent of a path it is given
         # (~0.1 ms a dataset, ~300 datasets in a statistics capture)
         self._groups: dict[str, h5py.Group] = {}
@@ -335,10 +348,11 @@ class H5Writer:
         self._sync_step = self._syncer.submit(sync, self.tmp, data_only=True)
         self._unsynced = 0
 
-    def _stop_syncing(self) -> None:
-        """Wait for the background flush, if any, and end its thread; raises what it raised."""
+    def _stop_helpers(self) -> None:
+        """End the checksum and flush threads; raises what the last background flush raised."""
         step, self._sync_step = self._sync_step, None
         self._syncer.shutdown(wait=True)
+        self._checksums.shutdown(wait=True)
         if step is not None:
             step.result()
 
@@ -443,11 +457,9 @@ class H5Writer:
         start = dset.shape[0]
         dset.resize(start + n_chunks * rows_per_chunk, axis=0)
         zeros = (0,) * (dset.ndim - 1)
-        for k in range(n_chunks):
-            rows = buf.take(rows_per_chunk)
-            if self._staging.size < rows.nbytes + 4:
-                self._staging = np.empty(rows.nbytes + 4, np.uint8)
-            stored = with_fletcher32(rows, self._staging)
+        blocks = [buf.take(rows_per_chunk) for _ in range(n_chunks)]
+        # map submits every chunk at once and yields them in order, as each is ready
+        for k, stored in enumerate(self._checksums.map(_checksummed, blocks)):
             dset.id.write_direct_chunk((start + k * rows_per_chunk, *zeros), stored)
 
     # -- finishing --------------------------------------------------------------------------
@@ -467,9 +479,9 @@ class H5Writer:
         self._thread.join()
         try:
             self._raise_if_failed()
-            self._stop_syncing()
             for buf in self._buffers.values():
                 self._flush(buf, final=True)
+            self._stop_helpers()
             # written once, here, with the counts known only at the end (non-finite samples): an
             # attribute write costs ~80 us, and a layer has a dataset per quantity
             for layer in self._layer_order:  # each has a dataset now, so its group
@@ -506,7 +518,7 @@ class H5Writer:
         if self._thread.is_alive():
             self._thread.join()
         with contextlib.suppress(Exception):  # its error, if any, is not the one to report
-            self._stop_syncing()
+            self._stop_helpers()
         if self._file is not None:
             with contextlib.suppress(Exception):  # the file may already be closed or broken
                 self._file.close()
