@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:1 ...
     compile: bool = False  # torch.compile the model (GPU)
     compile_mode: str | None = None  # torch.compile mode, e.g. "reduce-overhead" (CUDA graphs)
+    cuda_graph: bool = False  # replay full batches' forward + backward as CUDA graphs (GPU)
     sync_bn: bool = False  # over several ranks: BN statistics of the global batch (GPUs only)
     eval_batch_size: int = 1024
 
@@ -65,6 +66,7 @@ _NOT_IDENTITY = (
     "device",
     "compile",
     "compile_mode",
+    "cuda_graph",
     "eval_batch_size",
     "eval_at",
     "sync_bn",

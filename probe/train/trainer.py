@@ -34,6 +34,7 @@ from probe.train.checkpoint import (
     save_checkpoint,
 )
 from probe.train.ddp import Replicas
+from probe.train.graphs import check_graphable, graph_autocast, graphed_forward
 from probe.train.init import prepare_init
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.train.runs import (
@@ -305,6 +306,8 @@ def train(
     recipe = get_recipe(cfg.recipe, depth=depth, **cfg.recipe_overrides)
     device = resolve_device(cfg.device)
     replicas = Replicas.join(device, distributed)
+    if cfg.cuda_graph:  # before anything is written
+        check_graphable(device, compiled=cfg.compile, ranks=replicas.world)
     if data is None:  # decoded once by rank 0 (a cache the other ranks then read)
         data = replicas.main_first("loading the data", lambda: load_dataset(cfg.dataset))
     data = data.subset(cfg.train_limit)
@@ -484,7 +487,11 @@ def train(
         # the training steps' module: the model itself, or its DDP replica (after the init, which
         # every rank computes alike on the whole data)
         net = replicas.wrap(model, cfg.sync_bn)
-        step_fn = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+        if cfg.cuda_graph:
+            step_fn, step_autocast = graphed_forward(net, device), graph_autocast
+        else:
+            step_fn = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
+            step_autocast = functools.partial(_autocast, device)
         it = start_epoch * steps_per_epoch
         for epoch in range(start_epoch + 1, epochs + 1):
             te = time.perf_counter()
@@ -500,7 +507,7 @@ def train(
                 lr = lr_at(recipe, it, total_iters)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with _autocast(device):
+                with step_autocast():
                     out = step_fn(x)
                     loss, summed = replicas.loss(out, y, train_loader.batch_samples(k))
                 opt.zero_grad(set_to_none=True)
