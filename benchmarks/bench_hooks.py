@@ -128,6 +128,7 @@ def hwm_mb():  # peak RSS of this process image (ru_maxrss would include the par
             return int(line.split()[1]) / 1024
 n, batch, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.backends.cudnn.benchmark = dev.type == "cuda"
 model = probe.zoo.create("resnet56").to(dev).eval()
 x = torch.randn(batch, 3, 32, 32, device=dev)
 def batches():

@@ -12,7 +12,12 @@ __all__ = ["device", "median_ms", "header"]
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU when there is one, with cuDNN's autotuner on: the fast unprobed pass the reference
+    measurement used (docs/performance.md), so that ratios are not flattered by a slow one."""
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> float:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -28,13 +29,24 @@ from torch import nn
 
 from probe.errors import ProbeError
 
-__all__ = ["check_graphable", "graphed_forward", "graph_autocast"]
+__all__ = ["check_graphable", "graphed_forward", "graph_autocast", "replayed_backward"]
 
 
 def graph_autocast() -> contextlib.AbstractContextManager:
     """The trainer's bf16 autocast without its cast cache, which graph recording refuses (the
     cached bf16 weights would be freed between replays)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def replayed_backward():
+    """Around ``loss.backward()`` through a replayed forward: recording creates the parameters'
+    gradient-accumulation nodes on its side stream, so autograd warns (per process) that their
+    stream differs from the replay's. The gradients are the same (tested against eager steps);
+    the warning would only tell a user of the trainer about this module's internals."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The AccumulateGrad node's stream", UserWarning)
+        yield
 
 
 class _Forward(nn.Module):

@@ -34,7 +34,12 @@ from probe.train.checkpoint import (
     save_checkpoint,
 )
 from probe.train.ddp import Replicas
-from probe.train.graphs import check_graphable, graph_autocast, graphed_forward
+from probe.train.graphs import (
+    check_graphable,
+    graph_autocast,
+    graphed_forward,
+    replayed_backward,
+)
 from probe.train.init import prepare_init
 from probe.train.recipes import Recipe, get_recipe, lr_at
 from probe.train.runs import (
@@ -489,9 +494,11 @@ def train(
         net = replicas.wrap(model, cfg.sync_bn)
         if cfg.cuda_graph:
             step_fn, step_autocast = graphed_forward(net, device), graph_autocast
+            step_backward = replayed_backward
         else:
             step_fn = torch.compile(net, mode=cfg.compile_mode) if cfg.compile else net
             step_autocast = functools.partial(_autocast, device)
+            step_backward = contextlib.nullcontext
         it = start_epoch * steps_per_epoch
         for epoch in range(start_epoch + 1, epochs + 1):
             te = time.perf_counter()
@@ -511,7 +518,8 @@ def train(
                     out = step_fn(x)
                     loss, summed = replicas.loss(out, y, train_loader.batch_samples(k))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with step_backward():
+                    loss.backward()
                 opt.step()
                 loss_sum += summed
                 wrong += (out.detach().argmax(1) != y).sum()

@@ -94,3 +94,18 @@ def test_graphed_training_follows_eager_training(tmp_path):
     for e, g in zip(eager.history[1:], graphed.history[1:]):
         assert g["batch_loss"] == pytest.approx(e["batch_loss"], rel=2e-2), (e, g)
     assert graphed.final["train_error"] == pytest.approx(eager.final["train_error"], abs=0.03)
+
+
+def test_replayed_backward_hides_only_the_recording_stream_warning():
+    import warnings
+
+    from probe.train.graphs import replayed_backward
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with replayed_backward():
+            warnings.warn(
+                "The AccumulateGrad node's stream does not match", UserWarning, stacklevel=1
+            )
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]
