@@ -3,7 +3,9 @@
 # dependencies are importable but the package is not installed (hence PYTHONPATH=.).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
-#   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks
+#   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture, CUDA-graph training)
+#   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
+#   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
 #   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
 set -euo pipefail
@@ -12,17 +14,21 @@ ARCHIVE=${CIFAR_ARCHIVE:-.data/cifar10-jpg.tar.gz}
 case "${1:-}" in
   data)
     python3 -c "import sys; from probe.data import load_dataset; d = load_dataset(sys.argv[1]); print(d.x_train.shape, d.x_test.shape)" "$ARCHIVE" ;;
+  tests)
+    python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py ;;
   bench)
-    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3
-    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --compile-mode reduce-overhead
-    python3 -m benchmarks.bench_hooks --out-dir .data
+    mkdir -p .data
+    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph
+    python3 -m benchmarks.bench_hooks --samples 4096 --out-dir .data
     python3 -m benchmarks.bench_jacobian
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
+  compiled)
+    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes reduce-overhead ;;
   study)
     python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 ;;
   dist)
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
     python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json .data/dist.json ;;
   *)
-    echo "usage: $0 data|bench|study|dist" >&2; exit 2 ;;
+    echo "usage: $0 data|tests|bench|compiled|study|dist" >&2; exit 2 ;;
 esac
