@@ -25,7 +25,7 @@ case "${1:-}" in
   compiled)
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes reduce-overhead ;;
   study)
-    python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 ;;
+    python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 --cuda-graph ;;
   dist)
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
     python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json .data/dist.json ;;

@@ -41,7 +41,13 @@ __all__ = ["COMMANDS"]
     help="Study directory (default data/studies/<preset>).",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda ...")
-def study_cmd(preset, sets, dataset, out, device, arms):
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="On one CUDA GPU: train with each full batch's forward and backward replayed as CUDA "
+    "graphs (docs/training.md).",
+)
+def study_cmd(preset, sets, dataset, out, device, arms, cuda_graph):
     """Train plain and residual nets, capture along training, analyse and write a report.
 
     An interrupted study continues where it stopped; finished work is not recomputed.
@@ -55,6 +61,8 @@ def study_cmd(preset, sets, dataset, out, device, arms):
         overrides["device"] = device
     if arms:
         overrides["arms"] = arms
+    if cuda_graph:
+        overrides["cuda_graph"] = True
     from probe.distributed import ranks
 
     cfg = get_preset(preset, **overrides)

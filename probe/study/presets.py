@@ -46,6 +46,7 @@ class StudyConfig:
     lesions: bool = True
     lesion_limit: int | None = None  # test images per lesion pass (None: the whole test split)
     device: str = "auto"
+    cuda_graph: bool = False  # train with CUDA graphs (one GPU; docs/training.md)
     # Intervention arms (probe.study.interventions.ARMS, or "all"), trained beside the grid at the
     # shallowest (S) and deepest (D) depth; their settings:
     arms: tuple[str, ...] = ()

@@ -46,7 +46,8 @@ from probe.study.interventions import (
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
-from probe.train.trainer import run_lock
+from probe.train.graphs import check_graphable
+from probe.train.trainer import resolve_device, run_lock
 from probe.zoo import parse_name
 
 __all__ = [
@@ -118,6 +119,7 @@ def grid_run(cfg: StudyConfig, out: Path, model: str, seed: int) -> TrainConfig:
         eval_at="all" if cfg.arms else "",
         out=str(out / "runs" / f"{model}-s{seed}"),
         device=cfg.device,
+        cuda_graph=cfg.cuda_graph,
     )
 
 
@@ -230,6 +232,8 @@ def run_study(
     """
     from probe.distributed.group import alone, grouped
 
+    if cfg.cuda_graph:  # refused before the study directory is made
+        check_graphable(resolve_device(cfg.device))
     if distributed is not False and grouped():
         from probe.study.distributed import run_study_over_ranks
 

@@ -106,6 +106,7 @@ def condition_run(cfg, c: Condition, seed: int, out: Path, init: str | None = No
         init=init or c.init,
         out=str(out / "runs" / f"{c.key}-s{seed}"),
         device=cfg.device,
+        cuda_graph=cfg.cuda_graph,
     )
 
 

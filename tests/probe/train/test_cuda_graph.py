@@ -109,3 +109,22 @@ def test_replayed_backward_hides_only_the_recording_stream_warning():
             )
             warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_a_study_with_cuda_graph_off_cuda_is_refused_before_its_directory_exists(tmp_path):
+    out = tmp_path / "study"
+    r = CliRunner().invoke(cli, ["study", "--device", "cpu", "--cuda-graph", "--out", str(out)])
+    assert r.exit_code != 0
+    assert "CUDA graphs need a CUDA device" in r.output and "Traceback" not in r.output
+    assert not out.exists()
+
+
+def test_the_study_passes_cuda_graph_to_every_training_run(tmp_path):
+    from probe.study import get_preset
+    from probe.study.interventions.runner import condition_run, conditions_for
+    from probe.study.runner import grid_run
+
+    cfg = get_preset("default", cuda_graph=True, arms=("all",))
+    assert grid_run(cfg, tmp_path, "resnet8", 0).cuda_graph
+    conditions = [c for c, _ in conditions_for(cfg).values()]
+    assert conditions and all(condition_run(cfg, c, 0, tmp_path).cuda_graph for c in conditions)
