@@ -31,6 +31,7 @@ from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
 from probe.session import HookSession, LossFn, NonFiniteWarning
+from probe.store.memory import MemoryRows
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
 from probe.store.writer import H5Writer, WriterOptions
 
@@ -295,6 +296,24 @@ def _root_attrs(
     return {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
 
 
+def _sample_bound(data: object, limit: int | None) -> int | None:
+    """At most how many samples ``data`` yields (None when unknown): the limit, a loader's
+    ``num_samples`` or a DataLoader's dataset length, whichever is smallest."""
+    known = [limit, getattr(data, "num_samples", None)]
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__len__"):
+        known.append(len(dataset) if _plain(data) else None)
+    known = [int(k) for k in known if isinstance(k, int) and k >= 0]
+    return min(known) if known else None
+
+
+def _plain(loader: torch.utils.data.DataLoader) -> bool:
+    # a sequential or shuffled pass over the dataset: each sample at most once
+    return isinstance(
+        loader.sampler, (torch.utils.data.SequentialSampler, torch.utils.data.RandomSampler)
+    ) and not getattr(loader.sampler, "replacement", False)
+
+
 @dataclass
 class CaptureJob:
     """What a capture runs -- model, layers, probes, mode -- and :meth:`run`, its data loop over
@@ -330,7 +349,7 @@ class CaptureJob:
             total = data.num_samples
         t0 = time.perf_counter()
         writer = None
-        mem: dict[str, dict[str, list[np.ndarray]]] = {}
+        mem = MemoryRows(capacity=_sample_bound(data, limit))
         indices: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         with HookSession(
@@ -366,14 +385,8 @@ class CaptureJob:
                         writer.submit(results, idx, y)
                     else:
                         for key, qs in results.items():
-                            layer = mem.setdefault(key, {})
                             for q, t in qs.items():
-                                arr = (
-                                    t.float().cpu().numpy()
-                                    if t.dtype == torch.bfloat16
-                                    else t.cpu().numpy()
-                                )
-                                layer.setdefault(q, []).append(arr)
+                                mem.add(key, q, t)
                         indices.append(torch.as_tensor(idx).cpu().numpy())
                         labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
                     seen += len(x)
@@ -394,7 +407,8 @@ class CaptureJob:
                     )
                     part_of = None if complete else attrs.get("part_of")
                     return H5Capture(path, part_of=part_of, written=True)
-                layer_attrs = {key: _layer_attrs(session, key) for key in mem}
+                data_out = mem.arrays()
+                layer_attrs = {key: _layer_attrs(session, key) for key in data_out}
                 for key, n in bad.items():
                     layer_attrs[key]["nonfinite_samples"] = n
                 attrs["nonfinite_layers"] = len(bad)
@@ -402,7 +416,6 @@ class CaptureJob:
                 if writer is not None:
                     writer.abort()
                 raise
-        data_out = {k: {q: np.concatenate(v) for q, v in qs.items()} for k, qs in mem.items()}
         attrs.update(
             n_samples=seen,
             wall_seconds=elapsed,
