@@ -298,8 +298,16 @@ def _root_attrs(
 
 def _sample_bound(data: object, limit: int | None) -> int | None:
     """At most how many samples ``data`` yields (None when unknown): the limit, a loader's
-    ``num_samples`` or a DataLoader's dataset length, whichever is smallest."""
+    ``num_samples``, a DataLoader's dataset length or the sum of a list's batch sizes, whichever
+    is smallest."""
     known = [limit, getattr(data, "num_samples", None)]
+    if isinstance(data, (list, tuple)):  # of batches: a tensor, or (x, y[, index])
+        sizes = [
+            len(b if isinstance(b, torch.Tensor) else b[0])
+            for b in data
+            if isinstance(b, torch.Tensor) or (isinstance(b, (list, tuple)) and b)
+        ]
+        known.append(sum(sizes) if len(sizes) == len(data) else None)
     dataset = getattr(data, "dataset", None)
     if isinstance(data, torch.utils.data.DataLoader) and hasattr(dataset, "__len__"):
         known.append(len(dataset) if _plain(data) else None)

@@ -103,4 +103,7 @@ def test_the_sample_bound_of_a_capture():
         ds, sampler=torch.utils.data.RandomSampler(ds, replacement=True, num_samples=30)
     )
     assert _sample_bound(with_replacement, None) is None  # may repeat samples: unknown
-    assert _sample_bound([(torch.zeros(2, 1), None)], None) is None
+    assert _sample_bound([(torch.zeros(2, 1), None), torch.zeros(3, 1)], None) == 5
+    assert _sample_bound([(torch.zeros(2, 1), None)], 1) == 1
+    assert _sample_bound([{"x": torch.zeros(2, 1)}], None) is None  # not a batch it reads
+    assert _sample_bound(iter([(torch.zeros(2, 1), None)]), None) is None
