@@ -55,7 +55,9 @@ class _Column:
 
     def result(self) -> np.ndarray:
         if self.array is not None:
-            return self.array[: self.filled].numpy()
+            rows = self.array[: self.filled]
+            # a quantity kept for a few samples (max_samples) frees the rest of its reservation
+            return (rows.clone() if 2 * self.filled < len(self.array) else rows).numpy()
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 

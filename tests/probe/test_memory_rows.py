@@ -35,7 +35,10 @@ def test_rows_equal_the_batches_joined_by_numpy(dtype, feat, capacity):
 def test_a_quantity_kept_for_fewer_samples_than_the_capacity_has_just_its_rows():
     rows = MemoryRows(capacity=1000)
     rows.add("a", "q", torch.arange(6.0).reshape(3, 2))
-    assert rows.arrays()["a"]["q"].tolist() == [[0, 1], [2, 3], [4, 5]]
+    got = rows.arrays()["a"]["q"]
+    assert got.tolist() == [[0, 1], [2, 3], [4, 5]]
+    # its own small array, not a view that keeps the 1000-row reservation alive
+    assert not np.shares_memory(got, rows._columns["a"]["q"].array.numpy())
 
 
 @pytest.mark.parametrize("capacity", [None, 4, 3])  # gathered, preallocated, overflowing
