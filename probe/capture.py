@@ -395,6 +395,7 @@ class CaptureJob:
                         for key, qs in results.items():
                             for q, t in qs.items():
                                 mem.add(key, q, t)
+                        mem.end_batch()
                         indices.append(torch.as_tensor(idx).cpu().numpy())
                         labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
                     seen += len(x)

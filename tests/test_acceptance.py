@@ -42,9 +42,11 @@ def _float32_convolutions():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_capture_equals_a_reference_on_the_same_device(tmp_path):
-    """Pinned, non-blocking copies through the writer thread deliver exactly the block outputs a
-    hand-written hook sees on the GPU (same device, same kernels, same bf16 rounding)."""
+@pytest.mark.parametrize("to_disk", [True, False], ids=["hdf5", "memory"])
+def test_cuda_capture_equals_a_reference_on_the_same_device(tmp_path, to_disk):
+    """Pinned, non-blocking copies (to the writer thread, or into memory at the end of each
+    batch) deliver exactly the block outputs a hand-written hook sees on the GPU (same device,
+    same kernels, same bf16 rounding)."""
     torch.manual_seed(0)
     model = probe.zoo.create("resnet20").eval().cuda()
     x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
@@ -65,7 +67,10 @@ def test_cuda_capture_equals_a_reference_on_the_same_device(tmp_path):
         for h in hooks:
             h.remove()
     cap = probe.capture(
-        model, batches, probes=[probe.Activations(dtype="bf16")], out=tmp_path / "a.h5"
+        model,
+        batches,
+        probes=[probe.Activations(dtype="bf16")],
+        out=tmp_path / "a.h5" if to_disk else None,
     )
     assert sorted(cap.layers) == sorted(seen)
     for layer, ref in seen.items():

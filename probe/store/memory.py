@@ -9,11 +9,16 @@ Unknown sizes, and quantities with more rows than samples, are gathered and join
 Rows keep the dtype and per-sample shape of a quantity's first batch; a later batch that cannot
 be stored that way exactly is an error, as in an HDF5 capture (:mod:`probe.store.writer`).
 
+Results on an accelerator leave it as an HDF5 capture's do (:func:`probe.store.writer.to_host`):
+pinned, non-blocking copies, waited for once at the end of the batch (:meth:`MemoryRows.end_batch`)
+instead of a synchronising ``.cpu()`` per result.
+
 Example:
     >>> import torch
     >>> rows = MemoryRows(capacity=6)
     >>> for i in range(2):
     ...     rows.add("fc", "y_norm", torch.full((3,), float(i)))
+    ...     rows.end_batch()
     >>> rows.arrays()["fc"]["y_norm"].tolist()
     [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
 """
@@ -28,6 +33,7 @@ import numpy as np
 import torch
 
 from probe.errors import ProbeError
+from probe.store.writer import to_host
 
 __all__ = ["MemoryRows"]
 
@@ -68,6 +74,7 @@ class MemoryRows:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self._columns: dict[str, dict[str, _Column]] = {}
+        self._pending: list[tuple[_Column, object]] = []  # copies in flight, in arrival order
 
     def add(self, layer: str, quantity: str, t: torch.Tensor) -> None:
         """Append the rows of one batch; bfloat16 is stored as float32 (numpy has no bfloat16)."""
@@ -80,7 +87,20 @@ class MemoryRows:
             col = columns[quantity] = _Column(feat, dtype, self._allocate(feat, dtype))
         else:
             _check(f"{layer}/{quantity}", col, feat, dtype)
-        col.add(t)
+        if _deferred(t):
+            self._pending.append((col, to_host(t)))
+        else:
+            col.add(t)
+
+    def end_batch(self) -> None:
+        """Wait for the batch's copies from the accelerator and store their rows; call it before
+        the probes' tensors can change (the next batch)."""
+        pending, self._pending = self._pending, []
+        for col, host in pending:
+            rows = torch.from_numpy(host.numpy())  # waits for this copy's event
+            if host.encoding == "bfloat16":  # its raw 16 bits, as they left the device
+                rows = rows.view(torch.bfloat16)
+            col.add(rows)
 
     def _allocate(self, feat: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         """Rows for the whole capture, or None (gather instead). The pages are touched only as
@@ -98,6 +118,7 @@ class MemoryRows:
 
     def arrays(self) -> dict[str, dict[str, np.ndarray]]:
         """Every quantity's rows, in the order layers and quantities first arrived."""
+        self.end_batch()
         return {
             layer: {q: col.result() for q, col in cols.items()}
             for layer, cols in self._columns.items()
@@ -117,6 +138,11 @@ def _check(key: str, col: _Column, feat: tuple[int, ...], dtype: torch.dtype) ->
             "be stored together exactly. Return the same dtype from every batch (e.g. cast in "
             "the probe's forward)."
         )
+
+
+def _deferred(t: torch.Tensor) -> bool:
+    # an accelerator's tensor: copied to pinned memory without waiting, stored at end_batch
+    return t.device.type != "cpu"
 
 
 def _physical_memory() -> int:

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import probe
 from probe.errors import ProbeError
+from probe.store import memory
 from probe.store.memory import MemoryRows
 
 
@@ -15,15 +16,27 @@ def _batches(rng, sizes, feat, dtype):
     return [torch.from_numpy(rng.standard_normal((n, *feat))).to(dtype) for n in sizes]
 
 
+@pytest.fixture(params=[False, True], ids=["cpu", "accelerator-path"])
+def deferred(request, monkeypatch):
+    """Also run the accelerator's path (copies through to_host, stored at end_batch) on CPU
+    tensors: all of it but the wait for a CUDA event."""
+    if request.param:
+        monkeypatch.setattr(memory, "_deferred", lambda t: True)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("feat", [(), (3,), (2, 3, 4)])
 @pytest.mark.parametrize("capacity", [None, 20, 9])  # unknown, room to spare, overflow at batch 3
-def test_rows_equal_the_batches_joined_by_numpy(dtype, feat, capacity):
+def test_rows_equal_the_batches_joined_by_numpy(dtype, feat, capacity, deferred):
     rng = np.random.default_rng(0)
     batches = _batches(rng, [4, 4, 5, 1], feat, dtype)
     rows = MemoryRows(capacity)
     for b in batches:
         rows.add("layer", "q", b)
+        rows.add("layer", "other", -b)  # two quantities in flight at once
+        rows.end_batch()
+    np.testing.assert_array_equal(rows.arrays()["layer"]["other"], -rows.arrays()["layer"]["q"])
     got = rows.arrays()["layer"]["q"]
     want = np.concatenate(
         [b.float().numpy() if dtype == torch.bfloat16 else b.numpy() for b in batches]
@@ -42,10 +55,12 @@ def test_a_quantity_kept_for_fewer_samples_than_the_capacity_has_just_its_rows()
 
 
 @pytest.mark.parametrize("capacity", [None, 4, 3])  # gathered, preallocated, overflowing
-def test_rows_do_not_alias_the_batches(capacity):
+def test_rows_do_not_alias_the_batches(capacity, deferred):
     rows, b = MemoryRows(capacity), torch.zeros(2, 3)
     rows.add("a", "q", b)
+    rows.end_batch()
     rows.add("a", "q", b)
+    rows.end_batch()
     b += 1  # a probe's tensor reused or changed in place later
     assert rows.arrays()["a"]["q"].sum() == 0
 
