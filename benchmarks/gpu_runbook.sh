@@ -18,7 +18,7 @@ case "${1:-}" in
     python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py ;;
   bench)
     mkdir -p .data
-    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph
+    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal
     python3 -m benchmarks.bench_hooks --samples 4096 --out-dir .data
     python3 -m benchmarks.bench_jacobian
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
