@@ -82,13 +82,21 @@ class _Graphed:
         buffers = [b for b in self.net.buffers() if b is not None]
         saved = [b.detach().clone() for b in buffers]  # BN statistics the warm-up would move
         module = _Forward(self.net).train(self.net.training)
-        with graph_autocast():
-            self._replay = torch.cuda.make_graphed_callables(
-                module, (x.detach().clone(),), num_warmup_iters=self.warmup
-            )
-        with torch.no_grad():
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
+        try:
+            with graph_autocast():
+                self._replay = torch.cuda.make_graphed_callables(
+                    module, (x.detach().clone(),), num_warmup_iters=self.warmup
+                )
+        except RuntimeError as e:  # e.g. an operation that waits for the host
+            raise ProbeError(
+                f"Recording the training step as CUDA graphs failed: {e}. Train without "
+                "--cuda-graph (the model may synchronise with the host or change shape inside "
+                "its forward)."
+            ) from e
+        finally:
+            with torch.no_grad():
+                for b, s in zip(buffers, saved):
+                    b.copy_(s)
 
 
 def check_graphable(device: torch.device, *, compiled: bool = False, ranks: int = 1) -> None:

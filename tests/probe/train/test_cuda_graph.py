@@ -128,3 +128,23 @@ def test_the_study_passes_cuda_graph_to_every_training_run(tmp_path):
     assert grid_run(cfg, tmp_path, "resnet8", 0).cuda_graph
     conditions = [c for c, _ in conditions_for(cfg).values()]
     assert conditions and all(condition_run(cfg, c, 0, tmp_path).cuda_graph for c in conditions)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")  # the bf16 autocast, on a CPU
+def test_a_failed_recording_is_a_clear_error_and_moves_no_statistics(monkeypatch):
+    """A model that cannot be recorded (here: the recorder itself fails, as it does for a forward
+    that waits for the host) stops with ProbeError, its BatchNorm statistics untouched."""
+    from probe.train import graphs
+
+    def failing(module, sample_args, num_warmup_iters):
+        module(*sample_args)  # a warm-up pass moves the running statistics, then it fails
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", failing)
+    net = create("resnet8", width=4).train()
+    before = [b.clone() for b in net.buffers()]
+    step = graphs._Graphed(net, warmup=1)
+    with pytest.raises(ProbeError, match="Train without --cuda-graph"):
+        step(torch.randn(4, 3, 32, 32))
+    for a, b in zip(before, net.buffers()):
+        assert torch.equal(a, b)
