@@ -77,6 +77,13 @@ def test_runtime_settings_are_plain_json():
     json.dumps(runtime_settings())
 
 
+def test_tf32_convolutions_are_recorded(monkeypatch):
+    # on CUDA they change float32 results (~1e-3 relative per layer), so a run says which it used
+    for allowed in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", allowed)
+        assert runtime_settings()["cudnn_allow_tf32"] is allowed
+
+
 def test_the_allocator_tuning_applies_on_glibc_and_is_recorded():
     import platform
 
