@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,7 +39,7 @@ def graph_autocast() -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def replayed_backward():
+def replayed_backward() -> Iterator[None]:
     """Around ``loss.backward()`` through a replayed forward: recording creates the parameters'
     gradient-accumulation nodes on its side stream, so autograd warns (per process) that their
     stream differs from the replay's. The gradients are the same (tested against eager steps);
