@@ -32,8 +32,7 @@ from math import prod
 import numpy as np
 import torch
 
-from probe.errors import ProbeError
-from probe.store.writer import to_host
+from probe.store.writer import dtype_mismatch, shape_mismatch, to_host
 
 __all__ = ["MemoryRows"]
 
@@ -53,11 +52,10 @@ class _Column:
             self.parts, self.array = [self.array[: self.filled].numpy()], None
         if self.array is not None:
             self.array[self.filled : self.filled + n].copy_(t)  # device to host, cast, one copy
-            self.filled += n
         else:
             # a copy: the probe's tensor may be reused or changed in place after this batch
             self.parts.append(t.to("cpu", self.dtype, copy=True).numpy())
-            self.filled += n
+        self.filled += n
 
     def result(self) -> np.ndarray:
         if self.array is not None:
@@ -127,17 +125,9 @@ class MemoryRows:
 
 def _check(key: str, col: _Column, feat: tuple[int, ...], dtype: torch.dtype) -> None:
     if feat != col.feat:
-        raise ProbeError(
-            f"{key}: this batch gave rows of shape {list(feat)}, earlier batches {list(col.feat)}. "
-            "A probe's quantity must keep its per-sample shape from batch to batch (check the "
-            "probe's forward for batch-dependent shapes)."
-        )
+        raise shape_mismatch(key, feat, col.feat)
     if dtype != col.dtype and not np.can_cast(_np(dtype), _np(col.dtype), "safe"):
-        raise ProbeError(
-            f"{key}: this batch gave {dtype} rows, earlier batches {col.dtype}, and they cannot "
-            "be stored together exactly. Return the same dtype from every batch (e.g. cast in "
-            "the probe's forward)."
-        )
+        raise dtype_mismatch(key, dtype, col.dtype)
 
 
 def _deferred(t: torch.Tensor) -> bool:

@@ -40,7 +40,7 @@ from probe.store.schema import (
 )
 from probe.tempfiles import commit, remove_stale_temps, sync, temp_path
 
-__all__ = ["H5Writer", "WriterOptions", "to_host"]
+__all__ = ["H5Writer", "WriterOptions", "dtype_mismatch", "shape_mismatch", "to_host"]
 
 _CHUNK_TARGET = 2 << 20  # ~2 MiB per chunk: within h5py's advice and the measured sweet spot
 _SPACE_RESERVE = 4 << 20  # free space kept for buffered chunks and metadata written at close
@@ -167,20 +167,32 @@ class _Buffer:
         """``arr`` as more rows of this dataset, or an error: chunks are written as raw bytes,
         so rows of another shape or type would be stored as wrong numbers, not refused by HDF5."""
         if arr.shape[1:] != self.feat:
-            raise ProbeError(
-                f"{self.key}: this batch gave rows of shape {list(arr.shape[1:])}, earlier batches "
-                f"{list(self.feat)}. A probe's quantity must keep its per-sample shape "
-                "from batch to batch (check the probe's forward for batch-dependent shapes)."
-            )
+            raise shape_mismatch(self.key, arr.shape[1:], self.feat)
         if arr.dtype == self.dtype and encoding == self.encoding:
             return arr
         if not encoding and not self.encoding and np.can_cast(arr.dtype, self.dtype, "safe"):
             return arr.astype(self.dtype)  # exact: e.g. float16 rows into a float32 dataset
-        raise ProbeError(
-            f"{self.key}: this batch gave {encoding or arr.dtype} rows, earlier batches "
-            f"{self.encoding or self.dtype}, and they cannot be stored together exactly. Return "
-            "the same dtype from every batch (e.g. cast in the probe's forward)."
-        )
+        raise dtype_mismatch(self.key, encoding or arr.dtype, self.encoding or self.dtype)
+
+
+def shape_mismatch(key: str, got: tuple[int, ...], had: tuple[int, ...]) -> ProbeError:
+    """The error for a batch whose rows of ``key`` have another per-sample shape than before
+    (HDF5 and in-memory captures alike)."""
+    return ProbeError(
+        f"{key}: this batch gave rows of shape {list(got)}, earlier batches {list(had)}. A "
+        "probe's quantity must keep its per-sample shape from batch to batch (check the probe's "
+        "forward for batch-dependent shapes)."
+    )
+
+
+def dtype_mismatch(key: str, got: object, had: object) -> ProbeError:
+    """The error for a batch whose rows of ``key`` cannot be stored exactly in the dtype of the
+    earlier batches (HDF5 and in-memory captures alike)."""
+    return ProbeError(
+        f"{key}: this batch gave {got} rows, earlier batches {had}, and they cannot be stored "
+        "together exactly. Return the same dtype from every batch (e.g. cast in the probe's "
+        "forward)."
+    )
 
 
 class H5Writer:
