@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import device, header
 from probe.data import DeviceLoader, ImageArrays, load_dataset
-from probe.train import TrainConfig, get_recipe, train
+from probe.train import TrainConfig, TrainResult, get_recipe, train
 from probe.zoo import create, parse_name
 
 
@@ -74,37 +74,38 @@ def main() -> None:
         torch.manual_seed(args.seed)  # the same model, inputs and sample order in every mode
         if mode.startswith("minimal"):
             secs, loss = minimal_loop(args, data, augment=mode == "minimal")
-            steady[mode] = float(np.median(secs[1:] or secs))
-            ratio = (
-                f" ({steady[mode] / steady[modes[0]]:.2f}x {modes[0]})" if mode != modes[0] else ""
+            first, outcome = "", f"loss of the last batch {loss:.4f}"
+        else:
+            res = trainer_run(args, data, mode)
+            secs = [h["seconds"] for h in res.history if "seconds" in h]
+            first = " (includes warm-up/recording/compile)"
+            outcome = (
+                f"final train error {res.final['train_error']:.4f}, batch loss of the last epoch "
+                f"{res.history[-1]['batch_loss']:.4f}"
             )
-            print(
-                f"{mode:16s} s/epoch: first {secs[0]:6.2f}, steady median {steady[mode]:.2f}"
-                f"{ratio}; loss of the last batch {loss:.4f}"
-            )
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(
-                model=args.model,
-                dataset=args.data or "synthetic",
-                recipe="fast",
-                save_at="last",
-                out=tmp,
-                recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size},
-                device=str(device()),
-                seed=args.seed,
-                **_MODES[mode],
-            )
-            res = train(cfg, data=data)
-        secs = [h["seconds"] for h in res.history if "seconds" in h]
         steady[mode] = float(np.median(secs[1:] or secs))
         ratio = f" ({steady[mode] / steady[modes[0]]:.2f}x {modes[0]})" if mode != modes[0] else ""
         print(
-            f"{mode:16s} s/epoch: first {secs[0]:6.2f} (includes warm-up/recording/compile), "
-            f"steady median {steady[mode]:.2f}{ratio}; final train error "
-            f"{res.final['train_error']:.4f}, batch loss of the last epoch "
-            f"{res.history[-1]['batch_loss']:.4f}"
+            f"{mode:16s} s/epoch: first {secs[0]:6.2f}{first}, steady median {steady[mode]:.2f}"
+            f"{ratio}; {outcome}"
         )
+
+
+def trainer_run(args: argparse.Namespace, data: ImageArrays, mode: str) -> TrainResult:
+    """The trainer in ``mode`` (``_MODES``), the fast recipe, in a throw-away run directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(
+            model=args.model,
+            dataset=args.data or "synthetic",
+            recipe="fast",
+            save_at="last",
+            out=tmp,
+            recipe_overrides={"epochs": args.epochs, "batch_size": args.batch_size},
+            device=str(device()),
+            seed=args.seed,
+            **_MODES[mode],
+        )
+        return train(cfg, data=data)
 
 
 def minimal_loop(args: argparse.Namespace, data: ImageArrays, augment: bool) -> tuple[list, float]:
