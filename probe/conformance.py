@@ -215,7 +215,8 @@ def check_sites(
     probes: Sequence[str] = ("residual",),
 ) -> SiteCheck:
     """Capture ``model``'s residual sites on ``x`` and check them (see the module docstring)."""
-    from probe.session import HookSession, _first_tensor
+    from probe.probes.base import first_tensor
+    from probe.session import HookSession
 
     inputs: dict[str, tuple] = {}
     outputs: dict[str, torch.Tensor] = {}
@@ -226,7 +227,7 @@ def check_sites(
             inputs.setdefault(mname, (a, k))
 
         def post(mod, a, k, out, mname=mname):
-            t = _first_tensor(out)
+            t = first_tensor(out)
             if t is not None:
                 outputs.setdefault(mname, t.detach())
 

@@ -37,7 +37,7 @@ from probe.hooks.sites import (
 )
 from probe.losses import exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
-from probe.probes.base import BlockTensors, Call, Probe, input_slot
+from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_slot
 from probe.probes.registry import as_probes
 
 __all__ = [
@@ -244,14 +244,6 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _first_tensor(obj: object) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, (tuple, list)):
-        return next((o for o in obj if isinstance(o, torch.Tensor)), None)
-    return None
-
-
 # Small CPU results are copied into one block per dtype once the batch's activations are freed.
 # Left where the probes allocated them -- between activations -- the results a capture keeps
 # (in memory, or queued for HDF5 until a chunk fills) split glibc's heap so that later batches
@@ -315,6 +307,8 @@ class HookSession:
         # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
         self.layer_probes = [p for p in probes if getattr(p, "scope", "layer") == "layer"]
         self.model_probes = [p for p in probes if getattr(p, "scope", "layer") == "model"]
+        # Probes that read a call's output alone let traced blocks go untraced (_served).
+        self._output_only = all(p.output_only() for p in self.layer_probes)
         self._model_info = LayerInfo("model", model, None, -1)
         self._selection = layers
         # Blocks read through adapters are known now; residual sites anywhere else are found by
@@ -403,10 +397,15 @@ class HookSession:
         for info in self.layers:
             if info.kind in ("adapter", "layer"):
                 self._install(info)
-        if self._owners:
-            self._stack.enter_context(
-                self._tracer.attach({name: own.module for name, own in self._owners.items()})
-            )
+        traced = {}
+        for name, own in self._owners.items():
+            if self._served(own):
+                hook = self._on_served(own)
+                self._handles.append(own.module.register_forward_hook(hook, with_kwargs=True))
+            else:
+                traced[name] = own.module
+        if traced:
+            self._stack.enter_context(self._tracer.attach(traced))
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -450,7 +449,7 @@ class HookSession:
     def _stash(self, store: str, name: str, clone: bool):
         def hook(module: nn.Module, args: tuple, output: object) -> None:
             if not self._suspended:
-                t = _first_tensor(output)
+                t = first_tensor(output)
                 t = t.clone() if clone and t is not None else t
                 getattr(self, store)[name] = t
                 # Version counters tell, at the block's output, whether the stored tensor was
@@ -530,14 +529,14 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self._suspended:
                 return
-            y = _first_tensor(output)
+            y = first_tensor(output)
             if y is None:
                 return
             key = self._key(info.name)
             block, shortcut = (
                 self._block_tensors(info, y) if info.spec is not None else (None, None)
             )
-            x = block.x if block is not None else _first_tensor(args)
+            x = block.x if block is not None else first_tensor(args)
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
             if block is not None:
                 identity = shortcut is None or isinstance(shortcut, nn.Identity)
@@ -577,6 +576,38 @@ class HookSession:
                     x.register_hook(self._grad_setter(call, "grad_input", waits))
                 )
 
+    def _served(self, own: _Owner) -> bool:
+        """Whether ``own`` is read from a forward hook on its module instead of by tracing its
+        code: every layer probe reads outputs only (``Probe.output_only``), and the module's one
+        site is not a loop site (x + child(x), whose output is not the module's) and has the
+        module's output shape, so that the site's y is the module's output (as in _on_owner)."""
+        if not self._output_only or own.block is not None or len(own.sites) != 1:
+            return False
+        site = own.sites[0]
+        return site.as_output and own.keys[0] != site.child and 0 in own.selected
+
+    def _on_served(self, own: _Owner):
+        """Forward hook of a module read without tracing (see _served): the call _on_owner makes
+        for its site, less what output-only probes do not read (input, split, function)."""
+        info = own.selected[0]
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            if self._suspended:
+                return
+            y = first_tensor(output)
+            slot = input_slot(args, kwargs)
+            x = None if slot is None else args[slot] if isinstance(slot, int) else kwargs[slot]
+            if y is None or x is None or not x.is_floating_point():
+                return  # _on_owner has no input stream there either
+            key = self._key(info.name)
+            # the shapes _on_owner records (F has the add's shape, which is y's): same attributes
+            self.shapes.setdefault(
+                key, (tuple(y.shape[1:]), tuple(y.shape[1:]), tuple(x.shape[1:]))
+            )
+            self._emit(info, Call(key, module, None, y, self._offset, args=args, kwargs=kwargs))
+
+        return hook
+
     def _on_owner(self, owner_call: OwnerCall, output: object) -> None:
         """A traced module returned: one call per selected site (and one for the whole block)."""
         if self._suspended:
@@ -591,7 +622,7 @@ class HookSession:
                 "Its forward takes different paths per call (e.g. a branch skipped at random in "
                 "training mode); capture in eval mode, or select it as a plain layer."
             )
-        y = _first_tensor(output)
+        y = first_tensor(output)
         x0 = owner_call.x
         if y is None or x0 is None:
             return
@@ -618,7 +649,7 @@ class HookSession:
             if loop:  # x + child(x): the site's map is z -> z + child(z)
                 child = self.model.get_submodule(rec.child)
                 x_k, y_k = rec.s, rec.out
-                fn = lambda z, child=child: z + _first_tensor(child(z))  # noqa: E731
+                fn = lambda z, child=child: z + first_tensor(child(z))  # noqa: E731
             else:
                 x_k = x0 if i == 0 else records[i - 1].out
                 y_k = y if last and y.shape == rec.out.shape else rec.out

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from probe.probes.base import input_slot
+from probe.probes.base import first_tensor, input_slot
 
 __all__ = [
     "OwnerCall",
@@ -55,6 +55,9 @@ class Site:
     index: int  # position among the owner's sites, in forward order
     child: str | None  # the site is x + child(x): the child's dotted name, else None
     identity: bool  # S is the owner's input stream itself (no op or module applied)
+    # The owner's output (its first tensor) had this add's shape when the sites were found: the
+    # output of a module's only site is then the module's own output (y = act(F + S)).
+    as_output: bool = False
 
 
 @dataclass
@@ -390,8 +393,10 @@ def discover_sites(
 
     def on_owner(call: OwnerCall, output: object) -> None:
         if call.sites and call.name not in found:
+            y = first_tensor(output)
             found[call.name] = [
-                Site(call.name, i, r.child, r.identity) for i, r in enumerate(call.sites)
+                Site(call.name, i, r.child, r.identity, y is not None and y.shape == r.out.shape)
+                for i, r in enumerate(call.sites)
             ]
 
     owners = dict(model.named_modules())

@@ -108,6 +108,9 @@ class Activations(_RawTensorAxes, Probe):
         check_option("activation source", self.which, ["output", "input"])
         check_layout(self.layout)
 
+    def output_only(self) -> bool:
+        return self.which == "output"
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         t = call.output if self.which == "output" else call.input
         if t is None:
@@ -140,6 +143,9 @@ class Gradients(_RawTensorAxes, Probe):
         super().__post_init__()
         check_option("gradient dtype", self.dtype, STORAGE_DTYPES)
         check_layout(self.layout)
+
+    def output_only(self) -> bool:
+        return True
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         if call.grad_output is None:

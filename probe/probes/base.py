@@ -17,7 +17,7 @@ from torch import nn
 
 from probe.validation import validate_fields
 
-__all__ = ["Probe", "Call", "BlockTensors", "input_slot"]
+__all__ = ["Probe", "Call", "BlockTensors", "input_slot", "first_tensor"]
 
 
 @dataclass
@@ -48,6 +48,21 @@ def input_slot(args: tuple, kwargs: dict) -> int | str | None:
         return slot
     tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return tensors[0] if len(tensors) == 1 else None
+
+
+def first_tensor(obj: object) -> torch.Tensor | None:
+    """A module's output as the probes see it: the tensor itself, or the first tensor of a tuple
+    or list (None when there is none).
+
+    Example:
+        >>> first_tensor((None, torch.ones(1), torch.zeros(1)))
+        tensor([1.])
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return next((o for o in obj if isinstance(o, torch.Tensor)), None)
+    return None
 
 
 @dataclass
@@ -171,6 +186,17 @@ class Probe:
     def applies_to(self, call: Call) -> bool:
         """Whether this probe has anything to say about ``call`` (default: every call)."""
         return True
+
+    def output_only(self) -> bool:
+        """Whether ``forward`` and ``backward`` read nothing of a call but ``output`` and
+        ``grad_output`` (default: False, they may read anything).
+
+        When every probe of a session says so, a traced block whose one residual site yields the
+        block's output is read from a hook on the block's module instead of tracing its code,
+        which costs every op of the block a Python call: its ``input``, ``block`` and
+        ``grad_input`` are then None (the output is the same tensor either way). A probe that says True must not read them.
+        """
+        return False
 
     def config(self) -> dict:
         """The probe's parameters, recorded in the capture's provenance."""
