@@ -29,6 +29,7 @@ from probe.hooks.select import LayerSpec, select_modules
 from probe.hooks.sites import (
     OwnerCall,
     Site,
+    SiteRecord,
     SiteTracer,
     discover_sites,
     shortcut_map,
@@ -268,6 +269,27 @@ def _compacted(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[st
     return results
 
 
+def _output_site(own: _Owner) -> bool:
+    """Whether the one selected site of ``own`` has the owner's output as its y: the owner has a
+    single site, not a loop site (x + child(x), whose y is the add inside a parent), whose add has
+    the owner's output shape (see _on_owner). Its add's result itself is then never read."""
+    if own.block is not None or len(own.sites) != 1:
+        return False
+    site = own.sites[0]
+    return site.as_output and own.keys[0] != site.child and 0 in own.selected
+
+
+def _kept_out(rec: SiteRecord, where: str) -> torch.Tensor:
+    """A site's add result, where it is read; never one an in-place op changed uncopied."""
+    if not rec.out_kept:
+        raise ProbeError(
+            f"The result of the residual add in {where} was changed in place and is needed, but "
+            "the module's output was expected to stand for it (its output no longer has the "
+            "add's shape). Capture it with layers= selecting its submodules instead."
+        )
+    return rec.out
+
+
 class HookSession:
     """Hooks on the selected layers of ``model`` running ``probes``; use as a context manager.
 
@@ -405,6 +427,7 @@ class HookSession:
             else:
                 traced[name] = own.module
         if traced:
+            self._tracer.spare = frozenset(n for n in traced if _output_site(self._owners[n]))
             self._stack.enter_context(self._tracer.attach(traced))
 
     def __exit__(self, *exc: object) -> None:
@@ -581,10 +604,7 @@ class HookSession:
         code: every layer probe reads outputs only (``Probe.output_only``), and the module's one
         site is not a loop site (x + child(x), whose output is not the module's) and has the
         module's output shape, so that the site's y is the module's output (as in _on_owner)."""
-        if not self._output_only or own.block is not None or len(own.sites) != 1:
-            return False
-        site = own.sites[0]
-        return site.as_output and own.keys[0] != site.child and 0 in own.selected
+        return self._output_only and _output_site(own)
 
     def _on_served(self, own: _Owner):
         """Forward hook of a module read without tracing (see _served): the call _on_owner makes
@@ -648,11 +668,11 @@ class HookSession:
             loop = own.keys[i] == rec.child
             if loop:  # x + child(x): the site's map is z -> z + child(z)
                 child = self.model.get_submodule(rec.child)
-                x_k, y_k = rec.s, rec.out
+                x_k, y_k = rec.s, _kept_out(rec, where)
                 fn = lambda z, child=child: z + first_tensor(child(z))  # noqa: E731
             else:
-                x_k = x0 if i == 0 else records[i - 1].out
-                y_k = y if last and y.shape == rec.out.shape else rec.out
+                x_k = x0 if i == 0 else _kept_out(records[i - 1], where)
+                y_k = y if last and y.shape == rec.out.shape else _kept_out(rec, where)
                 fn = whole if len(records) == 1 else None
             block = BlockTensors(x=x_k, f=rec.f, s=rec.s, y=y_k, residual=True)
             call = Call(

@@ -69,6 +69,9 @@ class SiteRecord:
     out: torch.Tensor  # the add's result
     child: str | None  # the site is x + child(x): that child's dotted name
     identity: bool  # S is the owner's input stream itself
+    # False once an in-place op changed ``out`` without a copy first: its owner's output stands
+    # for it (SiteTracer.spare), so ``out`` holds only the add's shape, not its values.
+    out_kept: bool = True
 
 
 @dataclass
@@ -183,6 +186,9 @@ class SiteTracer(TorchFunctionMode):
         self.stack: list[OwnerCall] = []
         self.suspended = False
         self.last_shortcut: torch.Tensor | None = None  # zero_branches: S of the latest site
+        # Owners with one site whose result the caller reads from the owner's output instead
+        # (y = act(F + S)): an in-place op on that result (torchvision's ReLU) needs no copy.
+        self.spare: frozenset[str] = frozenset()
         self._active = False
 
     # -- hooks -------------------------------------------------------------------------------
@@ -346,10 +352,15 @@ class SiteTracer(TorchFunctionMode):
         for frame in self.stack:
             if frame.x is not None and storage_ptr(frame.x) == ptr:
                 frame.x = frame.x.clone()
+            spare = frame.name in self.spare
             for rec in frame.sites:
                 for attr in ("f", "s", "out"):
                     t = getattr(rec, attr)
-                    if storage_ptr(t) == ptr:
+                    if storage_ptr(t) != ptr:
+                        continue
+                    if attr == "out" and spare:
+                        rec.out_kept = False
+                    else:
                         setattr(rec, attr, t.clone())
 
 

@@ -292,3 +292,62 @@ def test_served_hooks_are_removed_on_success_and_on_error():
         s.run_batch(_x(*shape), labels)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
     assert torch._C._len_torch_function_stack() == 0
+
+
+class Narrowing(nn.Module):
+    """``out += x; relu_(out)`` returned whole at first, then only some channels: the add's result
+    is needed from then on, but its in-place ReLU went uncopied (the output stood for it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.f(x)
+        out += x
+        out = torch.relu_(out)
+        return out if self.calls <= 2 else out[:, :2]
+
+
+def test_a_sum_changed_in_place_uncopied_is_an_error_where_it_would_be_read():
+    model = nn.Sequential(nn.Linear(4, 4), Narrowing()).eval()
+    labels = torch.zeros(3, dtype=torch.long)
+    with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s:
+        s.run_batch(_x(3, 4), labels)  # the sites are found on a first call, then it runs
+        with pytest.raises(probe.ProbeError, match="changed in place and is needed"):
+            s.run_batch(_x(3, 4, seed=1), labels)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_add_of_a_block_with_an_in_place_activation_is_read_without_a_second_copy():
+    model, shape = _convnet()
+    x = _x(*shape)
+    copies = []
+    original = torch.Tensor.clone
+
+    def counted(t, *a, **k):
+        copies.append(tuple(t.shape))
+        return original(t, *a, **k)
+
+    with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s:
+        s.run_batch(x, torch.zeros(shape[0], dtype=torch.long))
+        torch.Tensor.clone = counted
+        try:
+            results = s.run_batch(x, torch.zeros(shape[0], dtype=torch.long))[0]
+        finally:
+            torch.Tensor.clone = original
+    assert len(copies) == 3  # F of each block, which `out += identity` overwrites; not the sum
+    with torch.no_grad():
+        h = model[0](x)
+        for key in ("1", "2", "3"):
+            blk = model[int(key)]
+            f = blk.bn(blk.conv(h))
+            sc = h if blk.down is None else blk.down(h)
+            y = torch.relu(f + sc)
+            r = results[key]
+            torch.testing.assert_close(r["f_norm"], f.flatten(1).norm(dim=1))
+            torch.testing.assert_close(r["dev_norm"], (y - sc).flatten(1).norm(dim=1))
+            torch.testing.assert_close(r["y_norm"], y.flatten(1).norm(dim=1))
+            h = y
