@@ -193,8 +193,13 @@ class Probe:
 
         When every probe of a session says so, a traced block whose one residual site yields the
         block's output is read from a hook on the block's module instead of tracing its code,
-        which costs every op of the block a Python call: its ``input``, ``block`` and
-        ``grad_input`` are then None (the output is the same tensor either way). A probe that says True must not read them.
+        which costs every op of the block a Python call. Its ``input``, ``block`` and
+        ``grad_input`` are then None (the output is the same tensor either way), so a probe
+        that says True must not read them.
+
+        Example:
+            >>> Probe().output_only()  # a probe may read anything unless it says otherwise
+            False
         """
         return False
 
