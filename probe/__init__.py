@@ -7,31 +7,46 @@ Example:
     ['stages.0.0', 'stages.0.1', 'stages.0.2']
 """
 
-from probe import testing, zoo
-from probe.capture import capture
-from probe.conformance import check_sites
-from probe.errors import ProbeError
-from probe.hooks import ResidualSpec, find_blocks, list_layers, register_residual, select_modules
-from probe.hooks.sites import discover_sites
-from probe.jacobian import JacobianNorms, SegmentJacobians, ShatteredGradients
-from probe.probes import (
-    Activations,
-    BlockTensors,
-    Call,
-    ChannelStats,
-    Gradients,
-    GradNorms,
-    Probe,
-    ResidualNorms,
-)
-from probe.probes.params import ParamGradNorms
-from probe.probes.registry import make_probe
-from probe.session import HookSession, InPlaceWarning, NonFiniteWarning, NoResidualWarning
-from probe.sources import load_model
-from probe.stats import Moments, response_std
-from probe.store import join_shards
-from probe.store import open_capture as open
-from probe.zoo import list_models
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads on first use
+    from probe import testing, zoo
+    from probe.capture import capture
+    from probe.conformance import check_sites
+    from probe.errors import ProbeError
+    from probe.hooks import (
+        ResidualSpec,
+        find_blocks,
+        list_layers,
+        register_residual,
+        select_modules,
+    )
+    from probe.hooks.sites import discover_sites
+    from probe.jacobian import JacobianNorms, SegmentJacobians, ShatteredGradients
+    from probe.probes import (
+        Activations,
+        BlockTensors,
+        Call,
+        ChannelStats,
+        Gradients,
+        GradNorms,
+        Probe,
+        ResidualNorms,
+    )
+    from probe.probes.params import ParamGradNorms
+    from probe.probes.registry import make_probe
+    from probe.session import HookSession, InPlaceWarning, NonFiniteWarning, NoResidualWarning
+    from probe.sources import load_model
+    from probe.stats import Moments, response_std
+    from probe.store import join_shards
+    from probe.store import open_capture as open
+    from probe.zoo import list_models
+
 
 __version__ = "0.1.0"
 
@@ -71,3 +86,83 @@ __all__ = [
     "testing",
     "zoo",
 ]
+
+# Where each public name lives. ``import probe`` loads none of them (nor torch), so the command
+# line answers --help and argument errors at once; each loads, with its module, on first use.
+_HOME = {
+    "testing": ("probe.testing", None),
+    "zoo": ("probe.zoo", None),
+    "capture": ("probe.capture", "capture"),
+    "check_sites": ("probe.conformance", "check_sites"),
+    "ProbeError": ("probe.errors", "ProbeError"),
+    **{
+        n: ("probe.hooks", n)
+        for n in (
+            "ResidualSpec",
+            "find_blocks",
+            "list_layers",
+            "register_residual",
+            "select_modules",
+        )
+    },
+    "discover_sites": ("probe.hooks.sites", "discover_sites"),
+    **{
+        n: ("probe.jacobian", n)
+        for n in ("JacobianNorms", "SegmentJacobians", "ShatteredGradients")
+    },
+    **{
+        n: ("probe.probes", n)
+        for n in (
+            "Activations",
+            "BlockTensors",
+            "Call",
+            "ChannelStats",
+            "Gradients",
+            "GradNorms",
+            "Probe",
+            "ResidualNorms",
+        )
+    },
+    "ParamGradNorms": ("probe.probes.params", "ParamGradNorms"),
+    "make_probe": ("probe.probes.registry", "make_probe"),
+    **{
+        n: ("probe.session", n)
+        for n in ("HookSession", "InPlaceWarning", "NonFiniteWarning", "NoResidualWarning")
+    },
+    "load_model": ("probe.sources", "load_model"),
+    "Moments": ("probe.stats", "Moments"),
+    "response_std": ("probe.stats", "response_std"),
+    "join_shards": ("probe.store", "join_shards"),
+    "open": ("probe.store", "open_capture"),
+    "list_models": ("probe.zoo", "list_models"),
+}
+
+
+class _Package(types.ModuleType):
+    """``probe`` itself. Importing a submodule binds it on its package, and ``probe.capture``
+    (the module) would then hide ``probe.capture`` (the function) from :func:`__getattr__`: a
+    module bound under a public name that is not a module is left unbound instead."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _HOME.get(name, (None, None))[1] is not None:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> object:
+    try:
+        module, attr = _HOME[name]
+    except KeyError:
+        raise AttributeError(f"module 'probe' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

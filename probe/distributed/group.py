@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +32,14 @@ import torch
 import torch.distributed as dist
 
 from probe.errors import ProbeError
+from probe.sigterm import (  # re-exported: part of this module's surface
+    Sigterm,
+    Terminated,
+    _env_int,
+    launched,
+    raise_if_terminated,
+    raise_on_sigterm,
+)
 
 __all__ = [
     "Ranks",
@@ -82,26 +88,6 @@ class Ranks:
 
 class RankFailed(ProbeError):
     """A step failed on one or more ranks; raised on every rank with the same message."""
-
-
-class Terminated(BaseException):
-    """The launcher stopped this process (SIGTERM), usually because another rank failed.
-
-    A BaseException, like KeyboardInterrupt: it unwinds through ``except Exception`` clean-up
-    code (partial files are deleted on the way) instead of being handled as a failed step."""
-
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-def launched() -> bool:
-    """Whether torchrun (or another launcher that sets its variables) started this process as
-    one of several ranks."""
-    return "RANK" in os.environ and _env_int("WORLD_SIZE", 1) > 1
 
 
 def ranks() -> Ranks:
@@ -266,63 +252,3 @@ def main_first(what: str, fn: Callable[[], T]) -> T:
 
 def hostname() -> str:
     return socket.gethostname()
-
-
-@dataclass
-class Sigterm:
-    """What :func:`raise_on_sigterm` saw: ``message`` is set once SIGTERM arrived."""
-
-    message: str | None = None
-
-
-@contextlib.contextmanager
-def raise_on_sigterm() -> Iterator[Sigterm]:
-    """Turn SIGTERM into :class:`Terminated` while the block runs, so that a process torchrun
-    stops (after another rank failed) unwinds and deletes its partial files. Main thread only;
-    elsewhere a no-op.
-
-    The exception is raised at whatever line is running. Inside a C callback (h5py's type
-    conversions) it can come out as another error, so the yielded :class:`Sigterm` records
-    that the signal came, and the caller reports the signal rather than its side effect."""
-    seen = Sigterm()
-    if threading.current_thread() is not threading.main_thread():
-        yield seen
-        return
-
-    why = (
-        "torchrun stops every rank when one fails; see that rank's error"
-        if launched()
-        else "partial files were removed"
-    )
-
-    def _raise(signum, frame):
-        seen.message = f"stopped by SIGTERM ({why})"
-        raise Terminated(seen.message)
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    _watched.append(seen)
-    try:
-        yield seen
-    finally:
-        _watched.remove(seen)
-        signal.signal(signal.SIGTERM, previous)
-
-
-# The Sigterm records of the raise_on_sigterm blocks running now (innermost last).
-_watched: list[Sigterm] = []
-
-
-def raise_if_terminated() -> None:
-    """Raise :class:`Terminated` if SIGTERM arrived inside a :func:`raise_on_sigterm` block.
-
-    The handler's exception is raised at whatever line runs, and Python drops an exception
-    raised inside a weakref callback or a ``__del__`` ("Exception ignored in ..."): the signal
-    would be lost and the job would run to the end. Long loops call this at safe points (each
-    batch, before a file is committed) so that a dropped signal still stops them there.
-
-    Example:
-        >>> raise_if_terminated()  # no SIGTERM: nothing happens
-    """
-    for seen in _watched:
-        if seen.message:
-            raise Terminated(seen.message)

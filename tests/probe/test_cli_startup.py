@@ -1,0 +1,74 @@
+"""The command line answers --help and argument errors without loading torch (~2 s), and the
+lazily loaded top-level names of ``import probe`` are the ones its type-checking imports name."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import probe
+
+
+def _fresh(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def test_help_and_argument_errors_do_not_load_torch(tmp_path):
+    code = f"""
+import sys
+from click.testing import CliRunner
+from probe.cli.main import cli
+runner = CliRunner()
+for args, code in (
+    (["--help"], 0),
+    (["capture", "--help"], 0),
+    (["study", "--help"], 0),
+    (["train", "--nope"], 2),
+    (["capture", "--probe", "residual", {str(tmp_path / "missing.pt")!r}], 2),
+):
+    result = runner.invoke(cli, args)
+    assert result.exit_code == code, (args, result.output)
+print(sorted(m for m in ("torch", "numpy", "h5py") if m in sys.modules))
+"""
+    assert _fresh(code) == "[]"
+
+
+def test_a_command_that_runs_models_still_sets_its_threads(tmp_path):
+    out = str(tmp_path / "x.h5")
+    code = f"""
+from click.testing import CliRunner
+from probe.cli.main import cli
+args = ["--threads", "1", "capture", "--model", "nope:x", "--out", {out!r}]
+result = CliRunner().invoke(cli, args)
+print(result.exit_code, "using 1 CPU thread" in result.output)
+"""
+    exit_code, said = _fresh(code).split()
+    assert exit_code == "1" and said == "True"  # the threads were set before the model failed
+
+
+def test_import_probe_loads_no_torch_and_every_name_resolves():
+    assert _fresh("import sys, probe; print('torch' in sys.modules)") == "False"
+    for name in probe.__all__:
+        assert getattr(probe, name) is not None, name
+    assert set(probe.__all__) <= set(dir(probe))
+
+
+def test_lazy_names_match_the_type_checking_imports():
+    tree = ast.parse(Path(probe.__file__).read_text())
+    checked = next(n for n in tree.body if isinstance(n, ast.If))  # if TYPE_CHECKING:
+    imported = {}
+    for node in checked.body:
+        for alias in node.names:
+            name = alias.asname or alias.name
+            if node.module == "probe":  # from probe import testing, zoo: submodules
+                imported[name] = (f"probe.{alias.name}", None)
+            else:
+                imported[name] = (node.module, alias.name)
+    assert imported == probe._HOME
+    assert set(imported) == set(probe.__all__)
+
+
+def test_a_submodule_imported_first_does_not_hide_the_function_of_its_name():
+    code = "import probe.capture, probe; print(callable(probe.capture), probe.capture.__module__)"
+    assert _fresh(code) == "True probe.capture"
