@@ -9,10 +9,9 @@ Example:
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
+
+from probe.lazy import attach
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads on first use
     from probe import testing, zoo
@@ -138,31 +137,4 @@ _HOME = {
 }
 
 
-class _Package(types.ModuleType):
-    """``probe`` itself. Importing a submodule binds it on its package, and ``probe.capture``
-    (the module) would then hide ``probe.capture`` (the function) from :func:`__getattr__`: a
-    module bound under a public name that is not a module is left unbound instead."""
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and _HOME.get(name, (None, None))[1] is not None:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
-
-
-def __getattr__(name: str) -> object:
-    try:
-        module, attr = _HOME[name]
-    except KeyError:
-        raise AttributeError(f"module 'probe' has no attribute {name!r}") from None
-    value = importlib.import_module(module)
-    if attr is not None:
-        value = getattr(value, attr)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = attach(__name__, _HOME)

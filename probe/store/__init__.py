@@ -1,9 +1,20 @@
-"""HDF5 capture store: schema, streaming writer, lazy readers."""
+"""HDF5 capture store: schema, streaming writer, lazy readers.
 
-from probe.store.reader import CaptureReader, H5Capture, MemoryCapture, open_capture
-from probe.store.schema import FORMAT, FORMAT_VERSION
-from probe.store.shards import join_shards
-from probe.store.writer import H5Writer, WriterOptions
+Each name loads with its module on first use (:mod:`probe.lazy`): reading a capture
+(``probe inspect``) then loads no torch, which only the writer needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from probe.lazy import attach
+
+if TYPE_CHECKING:
+    from probe.store.reader import CaptureReader, H5Capture, MemoryCapture, open_capture
+    from probe.store.schema import FORMAT, FORMAT_VERSION
+    from probe.store.shards import join_shards
+    from probe.store.writer import H5Writer, WriterOptions
 
 __all__ = [
     "FORMAT",
@@ -16,3 +27,14 @@ __all__ = [
     "join_shards",
     "open_capture",
 ]
+
+_HOME = {
+    **{n: ("probe.store.reader", n) for n in ("CaptureReader", "H5Capture", "MemoryCapture")},
+    "open_capture": ("probe.store.reader", "open_capture"),
+    "FORMAT": ("probe.store.schema", "FORMAT"),
+    "FORMAT_VERSION": ("probe.store.schema", "FORMAT_VERSION"),
+    "join_shards": ("probe.store.shards", "join_shards"),
+    "H5Writer": ("probe.store.writer", "H5Writer"),
+    "WriterOptions": ("probe.store.writer", "WriterOptions"),
+}
+__getattr__, __dir__ = attach(__name__, _HOME)

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import probe
+import probe.store
 
 
 def _fresh(code: str) -> str:
@@ -54,19 +57,40 @@ def test_import_probe_loads_no_torch_and_every_name_resolves():
     assert set(probe.__all__) <= set(dir(probe))
 
 
-def test_lazy_names_match_the_type_checking_imports():
-    tree = ast.parse(Path(probe.__file__).read_text())
+def test_inspecting_a_capture_loads_no_torch(tmp_path):
+    import torch
+
+    out = tmp_path / "c.h5"
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batch = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    probe.capture(model, batch, probes=["residual"], out=out).close()
+    code = f"""
+import sys
+from click.testing import CliRunner
+from probe.cli.main import cli
+result = CliRunner().invoke(cli, ["inspect", "--verify", {str(out)!r}])
+assert result.exit_code == 0 and "stages.0.0" in result.output, result.output
+print("torch" in sys.modules)
+"""
+    assert _fresh(code) == "False"
+
+
+@pytest.mark.parametrize("package", [probe, probe.store], ids=["probe", "probe.store"])
+def test_lazy_names_match_the_type_checking_imports(package):
+    tree = ast.parse(Path(package.__file__).read_text())
     checked = next(n for n in tree.body if isinstance(n, ast.If))  # if TYPE_CHECKING:
     imported = {}
     for node in checked.body:
         for alias in node.names:
             name = alias.asname or alias.name
-            if node.module == "probe":  # from probe import testing, zoo: submodules
+            if node.module == package.__name__:  # from probe import testing, zoo: submodules
                 imported[name] = (f"probe.{alias.name}", None)
             else:
                 imported[name] = (node.module, alias.name)
-    assert imported == probe._HOME
-    assert set(imported) == set(probe.__all__)
+    assert imported == package._HOME
+    assert set(imported) == set(package.__all__)
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
 
 
 def test_a_submodule_imported_first_does_not_hide_the_function_of_its_name():
