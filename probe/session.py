@@ -38,7 +38,7 @@ from probe.hooks.sites import (
 )
 from probe.losses import exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
-from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_slot
+from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor
 from probe.probes.registry import as_probes
 
 __all__ = [
@@ -489,8 +489,8 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if self._suspended:
                 return
-            slot = input_slot(args, kwargs)  # the same rule Call.function() differentiates by
-            if slot is None:
+            x = input_tensor(args, kwargs)  # the same rule Call.function() differentiates by
+            if x is None:
                 tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
                 raise ProbeError(
                     f"Block {info.name!r} ({type(module).__name__}) was called without a "
@@ -498,7 +498,6 @@ class HookSession:
                     f"({', '.join(tensors) or 'none'}), so its input x is ambiguous. Call it "
                     "with x first, or select its submodules with layers=... instead."
                 )
-            x = args[slot] if isinstance(slot, int) else kwargs[slot]
             self._entry[info.name] = (x, _version(x))
             self._branch_calls[info.name] = 0
 
@@ -614,9 +613,7 @@ class HookSession:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             if self._suspended:
                 return
-            y = first_tensor(output)
-            slot = input_slot(args, kwargs)
-            x = None if slot is None else args[slot] if isinstance(slot, int) else kwargs[slot]
+            y, x = first_tensor(output), input_tensor(args, kwargs)
             if y is None or x is None or not x.is_floating_point():
                 return  # _on_owner has no input stream there either
             key = self._key(info.name)

@@ -21,7 +21,14 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Sigterm", "Terminated", "launched", "raise_if_terminated", "raise_on_sigterm"]
+__all__ = [
+    "Sigterm",
+    "Terminated",
+    "env_int",
+    "launched",
+    "raise_if_terminated",
+    "raise_on_sigterm",
+]
 
 
 class Terminated(BaseException):
@@ -31,7 +38,13 @@ class Terminated(BaseException):
     code (partial files are deleted on the way) instead of being handled as a failed step."""
 
 
-def _env_int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
+    """An integer the launcher set in the environment (``default`` when unset or not a number).
+
+    Example:
+        >>> env_int("RESPROBE_UNSET_VARIABLE", 1)
+        1
+    """
     try:
         return int(os.environ.get(name, default))
     except ValueError:
@@ -41,7 +54,7 @@ def _env_int(name: str, default: int) -> int:
 def launched() -> bool:
     """Whether torchrun (or another launcher that sets its variables) started this process as
     one of several ranks."""
-    return "RANK" in os.environ and _env_int("WORLD_SIZE", 1) > 1
+    return "RANK" in os.environ and env_int("WORLD_SIZE", 1) > 1
 
 
 @dataclass

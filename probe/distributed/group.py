@@ -35,7 +35,7 @@ from probe.errors import ProbeError
 from probe.sigterm import (  # re-exported: part of this module's surface
     Sigterm,
     Terminated,
-    _env_int,
+    env_int,
     launched,
     raise_if_terminated,
     raise_on_sigterm,
@@ -98,8 +98,8 @@ def ranks() -> Ranks:
     return Ranks(
         dist.get_rank(),
         world,
-        _env_int("LOCAL_RANK", 0),
-        _env_int("LOCAL_WORLD_SIZE", world),
+        env_int("LOCAL_RANK", 0),
+        env_int("LOCAL_WORLD_SIZE", world),
     )
 
 
@@ -142,7 +142,7 @@ def init_from_env() -> Ranks:
         )
     cuda = torch.cuda.is_available() and dist.is_nccl_available()
     if cuda:
-        torch.cuda.set_device(_env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
+        torch.cuda.set_device(env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
     try:
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         _state["control"] = dist.new_group(backend="gloo", timeout=_wait())

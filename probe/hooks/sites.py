@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from probe.probes.base import first_tensor, input_slot
+from probe.probes.base import first_tensor, input_tensor
 
 __all__ = [
     "OwnerCall",
@@ -235,10 +235,7 @@ class SiteTracer(TorchFunctionMode):
                 return
             frame = OwnerCall(name, module, owner, args=args, kwargs=kwargs)
             parent = self.stack[-1] if self.stack else None
-            x = None
-            slot = input_slot(args, kwargs)
-            if slot is not None:
-                x = args[slot] if isinstance(slot, int) else kwargs[slot]
+            x = input_tensor(args, kwargs)
             if parent is not None and parent.owner:
                 # The child's input provenance in its parent.
                 frame.input_prov = _provenance(parent.prov, (args, kwargs))

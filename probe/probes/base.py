@@ -17,7 +17,7 @@ from torch import nn
 
 from probe.validation import validate_fields
 
-__all__ = ["Probe", "Call", "BlockTensors", "input_slot", "first_tensor"]
+__all__ = ["Probe", "Call", "BlockTensors", "input_slot", "input_tensor", "first_tensor"]
 
 
 @dataclass
@@ -48,6 +48,19 @@ def input_slot(args: tuple, kwargs: dict) -> int | str | None:
         return slot
     tensors = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return tensors[0] if len(tensors) == 1 else None
+
+
+def input_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A module call's input x, at :func:`input_slot` (None when there is no such slot).
+
+    Example:
+        >>> input_tensor((3, torch.ones(1)), {})
+        tensor([1.])
+    """
+    slot = input_slot(args, kwargs)
+    if slot is None:
+        return None
+    return args[slot] if isinstance(slot, int) else kwargs[slot]
 
 
 def first_tensor(obj: object) -> torch.Tensor | None:
