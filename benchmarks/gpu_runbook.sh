@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce the GPU measurements from the repository root on a CUDA machine where resprobe's
-# dependencies are importable but the package is not installed (hence PYTHONPATH=.).
+# dependencies are importable but the package is not installed (hence PYTHONPATH=., put before
+# any PYTHONPATH already set, e.g. a folder of carried wheels).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture, CUDA-graph training)
@@ -9,13 +10,14 @@
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
 #   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
 set -euo pipefail
-export PYTHONPATH=.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 ARCHIVE=${CIFAR_ARCHIVE:-.data/cifar10-jpg.tar.gz}
 case "${1:-}" in
   data)
     python3 -c "import sys; from probe.data import load_dataset; d = load_dataset(sys.argv[1]); print(d.x_train.shape, d.x_test.shape)" "$ARCHIVE" ;;
   tests)
-    python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py ;;
+    python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py \
+      tests/probe/test_served_sites.py ;;
   bench)
     mkdir -p .data
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal

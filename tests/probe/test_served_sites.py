@@ -351,3 +351,44 @@ def test_the_add_of_a_block_with_an_in_place_activation_is_read_without_a_second
             torch.testing.assert_close(r["dev_norm"], (y - sc).flatten(1).norm(dim=1))
             torch.testing.assert_close(r["y_norm"], y.flatten(1).norm(dim=1))
             h = y
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("to_disk", [True, False], ids=["hdf5", "memory"])
+def test_served_blocks_on_cuda_under_bf16_autocast_equal_the_traced_capture(tmp_path, to_disk):
+    """On the GPU under bf16 autocast (the benchmark's setting), a block read from its hook gives
+    the traced capture's values and the module's output, bit for bit, and its gradient too."""
+    model, shape = _convnet()
+    model = model.cuda()
+    xs = [_x(*shape, seed=s) for s in (1, 2)]
+    data = [(x, torch.tensor([0, 1, 2, 0, 1])) for x in xs]
+    runs = []
+    for probes, name in (([], "a"), ([Reads()], "b")):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            runs.append(
+                probe.capture(
+                    model,
+                    data,
+                    probes=[
+                        probe.Activations(dtype="fp32"),
+                        probe.Gradients(dtype="fp32"),
+                        *probes,
+                    ],
+                    out=tmp_path / f"{name}.h5" if to_disk else None,
+                )
+            )
+    served, traced = runs
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        reference = [_module_outputs(model, x.cuda()) for x in xs]
+    try:
+        assert served.layers == traced.layers and SERVED["torchvision-like"] <= set(served.layers)
+        for key in served.layers:
+            for q in ("output", "grad_output"):
+                assert (served.read(key, q) == traced.read(key, q)).all(), (key, q)
+            want = torch.cat([r[key].float() for r in reference]).cpu().numpy()
+            assert (served.read(key, "output") == want).all(), key
+    finally:
+        if to_disk:
+            served.close()
+            traced.close()
