@@ -17,12 +17,39 @@ computes eagerly: the same numbers, at the eager speed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["FusedStatsWarning", "Fused", "residual_quantities"]
+__all__ = ["FusedStatsWarning", "Fused", "residual_quantities", "identity_quantities"]
+
+
+@contextlib.contextmanager
+def _distinct_sizes() -> Iterator[None]:
+    """Sizes that happen to be equal traced as distinct symbols while a compiled statistic runs.
+
+    Dynamo's duck sizing gives equal sizes one symbol (a batch of 64 and 64 channels), then
+    guards on the coincidence, so a later call without it compiles again: a ResNet's blocks made
+    five to eight variants of one function, the recompile limit (8) was reached and later blocks
+    ran eagerly, with Dynamo warning on stderr. Only tracing reads the setting; the guards of
+    code compiled without it stay as they are. (A private setting: absent, nothing changes.)
+    """
+    try:
+        from torch.fx.experimental import _config as fx_config
+    except ImportError:  # pragma: no cover -- torch without the setting
+        yield
+        return
+    saved = getattr(fx_config, "use_duck_shape", None)
+    if saved is None:  # pragma: no cover
+        yield
+        return
+    fx_config.use_duck_shape = False
+    try:
+        yield
+    finally:
+        fx_config.use_duck_shape = saved
 
 
 class FusedStatsWarning(UserWarning):
@@ -48,8 +75,12 @@ class Fused:
             return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True)
+        # Statistics carry no gradient: detached, a gradient pass's tensors neither compile a
+        # variant of their own nor get an autograd graph built around the kernel.
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            return self._compiled(*args)
+            with _distinct_sizes():
+                return self._compiled(*args)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager result is the same
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             warnings.warn(
@@ -81,3 +112,17 @@ def residual_quantities(
     cos_ys = (yf * sf).sum(1) / (ny * ns).clamp_min(1e-12)
     cos_fs = (ff * sf).sum(1) / (nf * ns).clamp_min(1e-12)
     return nx, nf, ns, ny, dev, cos_ys, cos_fs
+
+
+def identity_quantities(
+    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """:func:`residual_quantities` of a block whose shortcut is the identity (S = x): x passed
+    once, since a tensor given twice is a variant of its own to the compiler. -> 7 x [N]
+
+    Example:
+        >>> t = torch.ones(2, 4)
+        >>> [float(q[0]) for q in identity_quantities(t, t, 2 * t, torch.float32)]
+        [2.0, 2.0, 2.0, 4.0, 2.0, 1.0, 1.0]
+    """
+    return residual_quantities(x, f, x, y, dtype)

@@ -16,7 +16,7 @@ import torch
 
 from probe.errors import ProbeError
 from probe.probes.base import Call, Probe
-from probe.probes.fused import Fused, residual_quantities
+from probe.probes.fused import Fused, identity_quantities, residual_quantities
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -164,6 +164,7 @@ def moments_of_two(
 
 # compiled once per process, shared by every probe instance (probe.probes.fused)
 _FUSED_RESIDUAL = Fused(residual_quantities)
+_FUSED_IDENTITY = Fused(identity_quantities)
 _FUSED_MOMENTS = Fused(moments)
 _FUSED_MOMENTS_OF_TWO = Fused(moments_of_two)
 
@@ -230,7 +231,10 @@ class ResidualNorms(Probe):
         if self.fused:
             names = ("x_norm", "f_norm", "s_norm", "y_norm", "dev_norm", "cos_ys", "cos_fs")
             tensors = (b.x, b.f, b.s, b.y)
-            return dict(zip(names, _FUSED_RESIDUAL(*tensors, accumulation_dtype(*tensors))))
+            dtype = accumulation_dtype(*tensors)
+            if b.s is b.x:
+                return dict(zip(names, _FUSED_IDENTITY(b.x, b.f, b.y, dtype)))
+            return dict(zip(names, _FUSED_RESIDUAL(*tensors, dtype)))
         nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
         ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
         dtype = accumulation_dtype(b.y, b.s)

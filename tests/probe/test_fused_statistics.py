@@ -1,6 +1,7 @@
 """Fused (compiled) statistics give the eager probes' numbers and numpy's float64 ones; where
 torch.compile fails they warn and compute eagerly."""
 
+import collections
 import warnings
 
 import numpy as np
@@ -13,7 +14,7 @@ from probe.cli.main import cli
 from probe.conformance import RawSites
 from probe.probes import statistics
 from probe.probes.base import Call
-from probe.probes.fused import Fused, FusedStatsWarning, residual_quantities
+from probe.probes.fused import Fused, FusedStatsWarning, identity_quantities, residual_quantities
 from probe.probes.statistics import ChannelStats, ResidualNorms
 
 
@@ -116,6 +117,44 @@ def test_the_cli_takes_fused_statistics(tmp_path, monkeypatch):
             )
 
 
+def _fresh_fused(monkeypatch):
+    """Every compiled statistic of the probes, not yet compiled."""
+    monkeypatch.setattr(statistics, "_FUSED_RESIDUAL", Fused(residual_quantities))
+    monkeypatch.setattr(statistics, "_FUSED_IDENTITY", Fused(identity_quantities))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(statistics.moments))
+    monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(statistics.moments_of_two))
+
+
+def test_a_whole_resnet_compiles_each_statistic_once_whatever_its_sizes(monkeypatch):
+    """A batch the size of a block's width (16 and 16, 64 and 64), identity and projection
+    shortcuts, a gradient pass: one compiled graph per function. Sizes that happen to be equal
+    made Dynamo guard on the coincidence and compile again, up to its limit of 8, after which the
+    remaining blocks ran eagerly."""
+    graphs = collections.Counter()
+    compile_ = torch.compile
+
+    def counting(fn, **kwargs):
+        def backend(gm, inputs):
+            graphs[fn.__name__] += 1
+            return gm.forward
+
+        return compile_(fn, **kwargs, backend=backend)
+
+    torch._dynamo.reset()  # compiled code is cached per function, across Fused objects
+    monkeypatch.setattr(torch, "compile", counting)
+    _fresh_fused(monkeypatch)
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet20").eval()  # widths 16, 32, 64; option A and identity blocks
+    probes = [ResidualNorms(fused=True), ChannelStats(fused=True)]
+    for n, more in ((16, []), (64, [probe.GradNorms()]), (7, [])):
+        x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FusedStatsWarning)
+            probe.capture(model, [(x, y)], probes=probes + more)
+    torch._dynamo.reset()
+    assert graphs == {"identity_quantities": 1, "residual_quantities": 1, "moments_of_two": 1}
+
+
 def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
     def broken(fn, **kwargs):
         def run(*args):
@@ -124,15 +163,15 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(statistics, "_FUSED_RESIDUAL", Fused(residual_quantities))
-    monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(statistics.moments))
-    monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(statistics.moments_of_two))
+    _fresh_fused(monkeypatch)
     model, batches = _net(), _batches()
     with pytest.warns(FusedStatsWarning, match="no working C.. compiler") as seen:
         got = probe.capture(
             model, batches, probes=[ResidualNorms(fused=True), ChannelStats(fused=True)]
         )
-    assert len(seen) == 2  # once per compiled function, not once per call
+    assert (
+        len(seen) == 3
+    )  # once per compiled function (identity, projection, moments), not per call
     want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
     for layer in want.layers:
         for q in want.quantities(layer):
