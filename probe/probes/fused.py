@@ -17,39 +17,20 @@ computes eagerly: the same numbers, at the eager speed.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
 __all__ = ["FusedStatsWarning", "Fused", "residual_quantities", "identity_quantities"]
 
 
-@contextlib.contextmanager
-def _distinct_sizes() -> Iterator[None]:
-    """Sizes that happen to be equal traced as distinct symbols while a compiled statistic runs.
+try:  # a private setting; where it is absent, sizes are traced as torch does by default
+    from torch.fx.experimental import _config as _FX_CONFIG
 
-    Dynamo's duck sizing gives equal sizes one symbol (a batch of 64 and 64 channels), then
-    guards on the coincidence, so a later call without it compiles again: a ResNet's blocks made
-    five to eight variants of one function, the recompile limit (8) was reached and later blocks
-    ran eagerly, with Dynamo warning on stderr. Only tracing reads the setting; the guards of
-    code compiled without it stay as they are. (A private setting: absent, nothing changes.)
-    """
-    try:
-        from torch.fx.experimental import _config as fx_config
-    except ImportError:  # pragma: no cover -- torch without the setting
-        yield
-        return
-    saved = getattr(fx_config, "use_duck_shape", None)
-    if saved is None:  # pragma: no cover
-        yield
-        return
-    fx_config.use_duck_shape = False
-    try:
-        yield
-    finally:
-        fx_config.use_duck_shape = saved
+    _FX_CONFIG.use_duck_shape  # noqa: B018 -- present in this torch?
+except (ImportError, AttributeError):  # pragma: no cover
+    _FX_CONFIG = None
 
 
 class FusedStatsWarning(UserWarning):
@@ -78,9 +59,16 @@ class Fused:
         # Statistics carry no gradient: detached, a gradient pass's tensors neither compile a
         # variant of their own nor get an autograd graph built around the kernel.
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        # Sizes that happen to be equal are traced as distinct symbols: Dynamo's duck sizing
+        # gives them one symbol (a batch of 64 and 64 channels) and guards on the coincidence,
+        # so a later call without it compiled again: a ResNet's blocks made five to eight
+        # variants of one function, reached the recompile limit (8), and the remaining blocks
+        # ran eagerly with Dynamo warning on stderr. Only tracing reads the setting.
+        duck = _FX_CONFIG is not None and _FX_CONFIG.use_duck_shape
+        if duck:
+            _FX_CONFIG.use_duck_shape = False
         try:
-            with _distinct_sizes():
-                return self._compiled(*args)
+            return self._compiled(*args)
         except Exception as e:  # noqa: BLE001 -- any compiler failure: the eager result is the same
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             warnings.warn(
@@ -91,6 +79,9 @@ class Fused:
                 stacklevel=2,
             )
             return self.fn(*args)
+        finally:
+            if duck:
+                _FX_CONFIG.use_duck_shape = True
 
 
 def residual_quantities(

@@ -159,6 +159,10 @@ def moments_of_two(
         >>> moments_of_two(t, 2 * t, torch.float32)[3]
         tensor([[4.]])
     """
+    # Equal shapes, said to the compiler: its sizes are distinct symbols (probe.probes.fused), and
+    # two tensors of one shape are reduced in one loop only where it knows they have one shape.
+    for i in range(a.ndim):
+        torch._check(a.shape[i] == b.shape[i])
     return (*moments(a, dtype), *moments(b, dtype))
 
 
