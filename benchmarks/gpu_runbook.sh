@@ -22,6 +22,7 @@ case "${1:-}" in
     mkdir -p .data
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal
     python3 -m benchmarks.bench_hooks --samples 4096 --out-dir .data
+    python3 -m benchmarks.bench_breakdown
     python3 -m benchmarks.bench_jacobian
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
   compiled)

@@ -1,0 +1,122 @@
+"""What each probe costs on its own: a ResNet-56 pass with one probe (or one set) at a time, each
+paired with the unprobed pass it is like for like with, timed right after it.
+
+A forward-only probe is paired with a bare forward; one with gradients with a forward plus the
+gradient w.r.t. the input (a capture computes no weight gradient). On a GPU the model runs
+channels-last under bf16 autocast, as in ``bench_hooks``; there the host's issue time (until the
+call returns, before the device is waited for) is printed beside the wall time: where the two
+are equal the pass is bound by the host's dispatch, not by the device.
+
+Usage: python -m benchmarks.bench_breakdown [--batch 512] [--repeats 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+import probe
+from benchmarks.common import device, header
+from probe.conformance import RawSites
+
+
+def _times(fn: Callable[[], object], repeats: int, dev: torch.device) -> tuple[float, float]:
+    """Median wall and host-issue milliseconds of ``fn`` after three warm-up calls."""
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        fn()
+    sync()
+    wall, issue = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        sync()
+        wall.append((time.perf_counter() - t0) * 1e3)
+        issue.append((t1 - t0) * 1e3)
+    return statistics.median(wall), statistics.median(issue)
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512 if cuda else 64)
+    ap.add_argument("--repeats", type=int, default=20 if cuda else 5)
+    args = ap.parse_args()
+    dev = device()
+    header(f"what each probe costs, ResNet-56, batch {args.batch}")
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet56").to(dev).eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (args.batch,), device=dev)
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(x)
+
+    def forward_backward():
+        inp = x.detach().requires_grad_(True)
+        with autocast():
+            loss = F.cross_entropy(model(inp).float(), y, reduction="sum")
+        torch.autograd.grad(loss, [inp])
+
+    def report(name: str, fn: Callable[[], object], base: Callable[[], object]) -> None:
+        wall, issue = _times(fn, args.repeats, dev)
+        base_wall, _ = _times(base, args.repeats, dev)
+        print(
+            f"{name:38s} {wall:8.2f} ms  issue {issue:8.2f} ms  "
+            f"unprobed {base_wall:8.2f} ms  {wall / base_wall:5.2f}x",
+            flush=True,
+        )
+
+    kept: list[torch.Tensor] = []
+    handles = [
+        b.register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
+        for b in model.blocks()
+    ]
+    try:
+        report("hand-written hooks, clone each output", lambda: (forward(), kept.clear()), forward)
+    finally:
+        for h in handles:
+            h.remove()
+    stats = [probe.ResidualNorms(), probe.ChannelStats()]
+    fused = [probe.ResidualNorms(fused=True), probe.ChannelStats(fused=True)]
+    rows = [
+        ("Activations (block outputs)", [probe.Activations()]),
+        ("RawSites (input, branch, output)", [RawSites()]),
+        ("ResidualNorms", stats[:1]),
+        ("ChannelStats", stats[1:]),
+        ("ResidualNorms + ChannelStats", stats),
+        ("  the same, fused", fused),
+        ("GradNorms", [probe.GradNorms()]),
+        ("all three", [*stats, probe.GradNorms()]),
+        ("  the same, fused", [*fused, probe.GradNorms()]),
+    ]
+    for name, probes in rows:
+        with probe.HookSession(model, "auto", probes) as session:
+
+            def run(session=session):
+                with autocast():
+                    session.run_batch(x, y)
+
+            grads = any(p.needs_grad for p in probes)
+            report(name, run, forward_backward if grads else forward)
+
+
+if __name__ == "__main__":
+    main()
