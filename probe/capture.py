@@ -58,7 +58,7 @@ def _batches(
 
 def model_identity(model: nn.Module) -> dict:
     """``model_name`` and ``model_config`` of a zoo model (from its NetConfig); {} otherwise."""
-    from probe.zoo.cifar_resnet import NetConfig
+    from probe.zoo.config import NetConfig
     from probe.zoo.registry import model_name
 
     config = getattr(model, "config", None)

@@ -1,7 +1,19 @@
-"""Model zoo: plain and residual CIFAR networks that differ only by the shortcut."""
+"""Model zoo: plain and residual CIFAR networks that differ only by the shortcut.
 
-from probe.zoo.cifar_resnet import BasicBlock, CifarResNet, NetConfig, OptionA, OptionB
-from probe.zoo.registry import create, list_models, model_name, parse_name, register_family
+Each name loads with its module on first use (:mod:`probe.lazy`): listing or naming models
+(``probe models``) loads no torch, which only building one needs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from probe.lazy import attach
+
+if TYPE_CHECKING:
+    from probe.zoo.cifar_resnet import BasicBlock, CifarResNet, OptionA, OptionB
+    from probe.zoo.config import NetConfig
+    from probe.zoo.registry import create, list_models, model_name, parse_name, register_family
 
 __all__ = [
     "BasicBlock",
@@ -15,3 +27,16 @@ __all__ = [
     "parse_name",
     "register_family",
 ]
+
+_HOME = {
+    **{
+        n: ("probe.zoo.cifar_resnet", n)
+        for n in ("BasicBlock", "CifarResNet", "OptionA", "OptionB")
+    },
+    "NetConfig": ("probe.zoo.config", "NetConfig"),
+    **{
+        n: ("probe.zoo.registry", n)
+        for n in ("create", "list_models", "model_name", "parse_name", "register_family")
+    },
+}
+__getattr__, __dir__ = attach(__name__, _HOME)

@@ -1,7 +1,7 @@
 """A small model registry: create by name, list by pattern, did-you-mean errors.
 
 Names are ``{family}{depth}`` with depth = 6n+2, e.g. ``resnet56``, ``plain56``, ``preresnet110``,
-``preplain20``. Options of :class:`~probe.zoo.cifar_resnet.NetConfig` are passed as keyword
+``preplain20``. Options of :class:`~probe.zoo.config.NetConfig` are passed as keyword
 arguments (``shortcut="B"``, ``zero_init=True``, ``width=8``, ``in_channels=1``).
 """
 
@@ -10,11 +10,13 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from probe.errors import ProbeError, did_you_mean
-from probe.zoo.cifar_resnet import CifarResNet, NetConfig
+from probe.zoo.config import NetConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["register_family", "create", "list_models", "parse_name", "model_name"]
 
@@ -31,6 +33,9 @@ def register_family(prefix: str, builder: Callable[..., nn.Module], **fixed: obj
 
 
 def _build(**options: object) -> nn.Module:
+    # torch is loaded when a model is built, not when names are listed or parsed
+    from probe.zoo.cifar_resnet import CifarResNet
+
     return CifarResNet(NetConfig(**options))
 
 

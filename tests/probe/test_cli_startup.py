@@ -10,6 +10,7 @@ import pytest
 
 import probe
 import probe.store
+import probe.zoo
 
 
 def _fresh(code: str) -> str:
@@ -35,6 +36,24 @@ for args, code in (
 print(sorted(m for m in ("torch", "numpy", "h5py") if m in sys.modules))
 """
     assert _fresh(code) == "[]"
+
+
+def test_listing_and_naming_zoo_models_loads_no_torch():
+    code = """
+import sys
+from click.testing import CliRunner
+from probe.cli.main import cli
+result = CliRunner().invoke(cli, ["models", "plain5*"])
+assert result.exit_code == 0 and result.output.split() == ["plain56"], result.output
+assert CliRunner().invoke(cli, ["models", "vgg*"]).exit_code != 0
+import probe.zoo
+assert probe.zoo.parse_name("preresnet110") == ("preresnet", 110)
+assert probe.zoo.NetConfig(depth=20).blocks_per_stage == 3
+loaded = "torch" in sys.modules
+probe.zoo.create("resnet8")  # building one loads it
+print(loaded, "torch" in sys.modules)
+"""
+    assert _fresh(code) == "False True"
 
 
 def test_a_command_that_runs_models_still_sets_its_threads(tmp_path):
@@ -75,7 +94,9 @@ print("torch" in sys.modules)
     assert _fresh(code) == "False"
 
 
-@pytest.mark.parametrize("package", [probe, probe.store], ids=["probe", "probe.store"])
+@pytest.mark.parametrize(
+    "package", [probe, probe.store, probe.zoo], ids=["probe", "probe.store", "probe.zoo"]
+)
 def test_lazy_names_match_the_type_checking_imports(package):
     tree = ast.parse(Path(package.__file__).read_text())
     checked = next(n for n in tree.body if isinstance(n, ast.If))  # if TYPE_CHECKING:
