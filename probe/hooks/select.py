@@ -91,9 +91,19 @@ def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
         )
     chosen: set[str] = set()
     names = [n for n, _ in named]
+    known = set(names)
     for pattern in patterns:
-        match = _matcher(pattern)
-        hits = {n for n in names if match(n)}
+        if (
+            isinstance(pattern, str)
+            and not pattern.startswith("re:")
+            and not set("*?") & set(pattern)
+        ):
+            # a plain dotted name (what a capture of listed blocks passes, one per block): found
+            # directly, not by matching it against every module (~10 ms a capture of ResNet-56)
+            hits = {pattern} & known
+        else:
+            match = _matcher(pattern)
+            hits = {n for n in names if match(n)}
         if not hits:
             # Suggest the closest names, and globs built from them (replace digits with '*').
             globs = sorted({re.sub(r"\d+", "*", n) for n in names})
