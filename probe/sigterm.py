@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,11 +90,22 @@ def raise_on_sigterm() -> Iterator[Sigterm]:
         raise Terminated(seen.message)
 
     previous = signal.signal(signal.SIGTERM, _raise)
+    previous_hook = sys.unraisablehook
+
+    def _unraisable(report) -> None:
+        # Python drops an exception raised in a weakref callback or a __del__ and prints it
+        # with a traceback ("Exception ignored in ..."). Ours is not lost: seen.message keeps
+        # it and raise_if_terminated raises it at the next safe point, so nothing is printed.
+        if not isinstance(report.exc_value, Terminated):
+            previous_hook(report)
+
+    sys.unraisablehook = _unraisable
     _watched.append(seen)
     try:
         yield seen
     finally:
         _watched.remove(seen)
+        sys.unraisablehook = previous_hook
         signal.signal(signal.SIGTERM, previous)
 
 

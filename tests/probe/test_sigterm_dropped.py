@@ -81,3 +81,38 @@ def test_a_sigterm_dropped_while_the_file_is_finished_commits_nothing(tmp_path, 
     with pytest.raises(Terminated), raise_on_sigterm():
         probe.capture(_model(), _batches(2), probes=["residual"], out=tmp_path / "c.h5")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_dropped_sigterm_prints_no_traceback():
+    """The dropped exception is not reported on stderr ("Exception ignored ... Traceback"): the
+    command line's one error line is all a user sees; other dropped exceptions still show."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import weakref
+        from probe.sigterm import Terminated, raise_if_terminated, raise_on_sigterm
+        from tests.probe.test_sigterm_dropped import _sigterm_that_python_drops
+
+        class Other:
+            def __del__(self):
+                raise ValueError("another dropped exception")
+
+        with raise_on_sigterm() as seen:
+            _sigterm_that_python_drops()
+            try:
+                raise_if_terminated()
+            except Terminated:
+                print("raised at the safe point")
+            Other()
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True
+    )
+    assert done.stdout.strip() == "raised at the safe point"
+    assert "Terminated" not in done.stderr and "SIGTERM" not in done.stderr, done.stderr
+    assert "another dropped exception" in done.stderr  # the hook passes the rest on
