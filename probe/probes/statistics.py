@@ -241,7 +241,10 @@ class ResidualNorms(Probe):
             return dict(zip(names, _FUSED_RESIDUAL(*tensors, dtype)))
         nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
         ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
-        dtype = accumulation_dtype(b.y, b.s)
+        # y, F and S in the accumulation dtype once each (no-ops for float32 tensors): S takes
+        # part in three quantities and y in two, and each cast of a bf16 tensor is a kernel
+        dtype = accumulation_dtype(b.y, b.f, b.s)
+        y, f, s = _as(b.y, dtype), _as(b.f, dtype), _as(b.s, dtype)
         return {
             "x_norm": nx,
             "f_norm": nf,
@@ -250,9 +253,9 @@ class ResidualNorms(Probe):
             # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
             # where it matters, for blocks near the identity (d -> 0). The difference is taken in
             # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
-            "dev_norm": per_sample_norm(_as(b.y, dtype) - _as(b.s, dtype)),
-            "cos_ys": per_sample_cos(b.y, b.s, norms=(ny, ns)),
-            "cos_fs": per_sample_cos(b.f, b.s, norms=(nf, ns)),
+            "dev_norm": per_sample_norm(y - s),
+            "cos_ys": per_sample_cos(y, s, norms=(ny, ns)),
+            "cos_fs": per_sample_cos(f, s, norms=(nf, ns)),
         }
 
 

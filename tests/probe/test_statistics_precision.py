@@ -126,3 +126,31 @@ def test_per_sample_reductions_match_numpy_for_every_rank_and_memory_layout(shap
         )
     with pytest.raises(probe.ProbeError, match=r"got shape \(5,\)"):
         per_sample_norm(torch.ones(5))
+
+
+def test_a_bf16_block_is_cast_to_float32_once_per_tensor():
+    """y, F and S are cast once each per block (3 casts), not once per quantity (6): each cast of
+    a bf16 tensor is a kernel launch, and on a GPU the launches are what a probed pass waits on."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import probe
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n[func] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval().to(torch.bfloat16)
+    x, labels = torch.randn(6, 1, 8, 8).bfloat16(), torch.zeros(6, dtype=torch.long)
+    with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as session:
+        session.run_batch(x, labels)  # the first batch resolves the layers
+        with Casts() as seen:
+            session.run_batch(x, labels)
+    assert seen.n[torch.ops.aten._to_copy.default] == 3 * len(model.blocks())
