@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,19 +34,42 @@ def _subsample(
     return t[tuple(index)]
 
 
+def _clip_to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per sample, how many finite values lie beyond fp16's +-65504; ``t`` with those values
+    set to +-65504). A NaN or an infinity stays what it is: it is the model's own, and the
+    capture's non-finite check must see it (clamping turned a genuine inf into 65504, counted as
+    clipped and never as non-finite).
+
+    Example:
+        >>> clipped, t = _clip_to_fp16(torch.tensor([[1e5, float("inf"), -1e6, 1.0]]))
+        >>> clipped.tolist(), t.tolist()
+        ([2], [[65504.0, inf, -65504.0, 1.0]])
+    """
+    n = len(t)
+    if not t.numel():
+        return torch.zeros(n, dtype=torch.int32, device=t.device), t
+    if t.is_cpu:  # one read says whether anything needs clipping (on a GPU it would sync)
+        lo, hi = torch.aminmax(t)
+        if lo >= -_FP16_MAX and hi <= _FP16_MAX:  # a NaN compares False: the careful way
+            return torch.zeros(n, dtype=torch.int32), t
+    magnitude = t.abs()
+    over = (magnitude > _FP16_MAX) & (magnitude < math.inf)  # NaN: False, as inf
+    clipped = over.reshape(n, -1).sum(1, dtype=torch.int32)
+    return clipped, torch.where(over, t.clamp(-_FP16_MAX, _FP16_MAX), t)
+
+
 def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, torch.Tensor]:
     """``{name: t in the storage dtype}``; for fp16 also ``{name}_clipped`` [N]: fp16 overflows to
-    inf beyond 65504, so larger magnitudes are stored as +-65504 and counted per sample -- no inf
-    appears that the model did not produce (a genuine inf or NaN stays and is counted by the
-    capture's non-finite check).
+    inf beyond 65504, so larger finite magnitudes are stored as +-65504 and counted per sample --
+    no inf appears that the model did not produce, and a genuine inf or NaN stays and is counted
+    by the capture's non-finite check (see :func:`_clip_to_fp16`).
 
     In the stored dtype already, ``t`` is returned as it is unless ``copy``: a forward tensor the
     :class:`~probe.session.HookSession` guards (it copies what a later in-place op would change,
     see ``HookSession.run_batch``), so the copy is made only where it is needed."""
     out = {}
     if dtype == "fp16":
-        out[f"{name}_clipped"] = (t.abs() > _FP16_MAX).flatten(1).sum(1, dtype=torch.int32)
-        t = t.clamp(-_FP16_MAX, _FP16_MAX)
+        out[f"{name}_clipped"], t = _clip_to_fp16(t)
     stored = t.to(STORAGE_DTYPES[dtype])
     out[name] = stored.clone() if copy and stored.data_ptr() == t.data_ptr() else stored
     return out

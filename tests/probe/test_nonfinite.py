@@ -1,5 +1,8 @@
 """Numerics are data: NaN/inf results are counted per layer, warned about, and never drawn as
-empty figures; fp16 activations never turn large values into inf."""
+empty figures; fp16 activations never turn large values into inf, nor a genuine inf into a
+number."""
+
+import math
 
 import numpy as np
 import pytest
@@ -200,3 +203,77 @@ def test_a_discarded_batch_is_not_counted():
     counter.add("a", torch.tensor([0.0, float("inf")]))
     counter.end_batch()
     assert counter.counts == {"a": 1}
+
+
+class _Scales(torch.nn.Module):
+    """y = x * w with w = [1, inf, -inf, nan, 1e6, -1e6, 65504, 7e4] on sample 0 only: genuine
+    non-finite values, finite overflows of fp16, and fp16's largest value itself."""
+
+    def forward(self, x):
+        w = torch.tensor([1.0, math.inf, -math.inf, math.nan, 1e6, -1e6, 65504.0, 7e4])
+        scale = torch.ones(len(x), 8)
+        scale[0] = w
+        return x * scale
+
+
+@pytest.mark.parametrize("to_disk", [True, False], ids=["hdf5", "memory"])
+def test_fp16_storage_keeps_genuine_inf_and_nan_and_counts_them_as_nonfinite(tmp_path, to_disk):
+    """Only finite values beyond 65504 are clipped (and counted as clipped); an inf or NaN the
+    model produced is stored as itself, so the sample is counted as non-finite and warned about.
+    Clamping turned inf into 65504: the sample then looked finite."""
+    model = torch.nn.Sequential(torch.nn.Identity(), _Scales(), torch.nn.Identity()).eval()
+    x = torch.ones(3, 8)
+    with pytest.warns(probe.NonFiniteWarning):
+        cap = probe.capture(
+            model,
+            [x],
+            layers=["1"],
+            probes=[probe.Activations(dtype="fp16")],
+            out=tmp_path / "c.h5" if to_disk else None,
+        )
+    out = cap.read("1", "output")
+    want = np.array([1.0, np.inf, -np.inf, np.nan, 65504.0, -65504.0, 65504.0, 65504.0])
+    np.testing.assert_array_equal(out[0], want)  # NaN positions must match too
+    np.testing.assert_array_equal(out[1:], np.ones((2, 8)))
+    assert cap.read("1", "output_clipped").tolist() == [3, 0, 0]  # 1e6, -1e6, 7e4
+    assert cap.layer_attrs("1")["nonfinite_samples"] == 1
+
+
+def test_fp16_gradients_keep_a_genuine_inf():
+    """The same for stored gradients: an inf in dL/dy stays inf and the sample is non-finite."""
+
+    class Inf(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class Blow(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            g = g.clone()
+            g[0, 0] = math.inf
+            return g
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inf, self.fc = Inf(), torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(Blow.apply(self.inf(x)))
+
+    torch.manual_seed(0)
+    with pytest.warns(probe.NonFiniteWarning):
+        cap = probe.capture(
+            Net().eval(),
+            [(torch.randn(2, 4), torch.tensor([0, 1]))],
+            layers=["inf"],
+            probes=[probe.Gradients(dtype="fp16")],
+        )
+    g = cap.read("inf", "grad_output")
+    assert g[0, 0] == np.inf and np.isfinite(g[1]).all()
+    assert cap.read("inf", "grad_output_clipped").tolist() == [0, 0]
+    assert cap.layer_attrs("inf")["nonfinite_samples"] == 1
