@@ -94,10 +94,22 @@ def judge(
 ) -> tuple[str, str]:
     """(verdict, why-inconclusive): ``outcomes[0]`` if ``supported``, else ``outcomes[1]`` if
     ``refuted``, else inconclusive -- and inconclusive whenever a needed value is missing (NaN),
-    a compared net has fewer than ``MIN_SEEDS`` runs, or a reference net did not train."""
+    a compared net has fewer than ``MIN_SEEDS`` runs, a run's value is not finite, or a reference
+    net did not train.
+
+    A run whose value is NaN or infinite (a diverged seed, a non-finite capture) is not left out
+    of the interval silently: the intervals would then speak for the other seeds alone while the
+    evidence counted it, and a diverged seed is part of what the rule is about."""
     few = [m for m, v in (runs or {}).items() if len(v) < MIN_SEEDS]
     if few:
         return INCONCLUSIVE, f"fewer than {MIN_SEEDS} seeds of {', '.join(few)}"
+    nonfinite = [
+        f"{m} ({int((~np.isfinite(v)).sum())} of {len(v)})"
+        for m, v in (runs or {}).items()
+        if not np.isfinite(np.asarray(v, np.float64)).all()
+    ]
+    if nonfinite:
+        return INCONCLUSIVE, f"runs with a value that is not finite: {', '.join(nonfinite)}"
     if untrained:
         return INCONCLUSIVE, f"{', '.join(untrained)} did not train (error near chance)"
     if any(np.isnan(v) for v in values):
@@ -241,7 +253,9 @@ def verdicts(
         return _per_run(table, quantity, model, ck, **kw)
 
     def value(v: np.ndarray, bounds=POSITIVE, pct: bool = False) -> str:
-        return fmt_interval(seed_ci(v, bounds=bounds), len(v), pct)
+        finite = int(np.isfinite(v).sum())  # the runs the interval is made of
+        text = fmt_interval(seed_ci(v, bounds=bounds), finite, pct)
+        return text if finite == len(v) else f"{text}; {len(v) - finite} run(s) not finite"
 
     # 0. Is there degradation at all? The plain net's depth penalty must be positive beyond seed
     # noise, and the shortcut must remove >= 90 % of it (the residual penalty <= 10 % of the plain).
@@ -308,7 +322,12 @@ def verdicts(
         [rr[0], smaller[0], quieter[0]],
         rr[2] < 1 and smaller[2] < 0 and quieter[2] < 0,
         rr[1] >= 1,
-        runs={r_deep: rr_deep, r_shallow: rr_shallow, p_deep: std_p},
+        runs={
+            r_deep: rr_deep,
+            r_shallow: rr_shallow,
+            f"{r_deep} response std": std_r,
+            p_deep: std_p,
+        },
         untrained=untrained(r_deep, r_shallow),
     )
     out.append(
@@ -338,7 +357,7 @@ def verdicts(
         [ci_i[0], ci_e[0], float(np.mean(ge_r)) if len(ge_r) else float("nan")],
         min(ci_i[2], ci_e[2]) < 0.1 and not ge_r.mean() < 0.1,
         min(ci_i[1], ci_e[1]) >= 0.1,
-        runs={p_deep: gi_p, r_deep: ge_r},
+        runs={f"{p_deep} at init": gi_p, p_deep: ge_p, r_deep: ge_r},
         untrained=untrained(r_deep),
     )
     out.append(

@@ -194,6 +194,23 @@ def test_identity_rule(plain, resnet, expected):
     assert _verdict(RUNS, _closeness(plain, resnet), "Identity").verdict == expected
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_run_whose_value_is_not_finite_is_not_left_out_silently(bad):
+    """Three seeds that support the rule, plus a fourth whose value is NaN or infinite (a diverged
+    seed, a non-finite capture): the verdict is inconclusive and says why, and the evidence
+    counts only the runs its interval is made of. Left out, the other seeds decided alone while
+    the evidence said n=4."""
+    good = _verdict(RUNS, _closeness([1.2, 1.25, 1.18], [0.30, 0.34, 0.32]), "Identity")
+    assert good.verdict == "supported"
+    v = _verdict(RUNS, _closeness([1.2, 1.25, 1.18, bad], [0.30, 0.34, 0.32, 0.31]), "Identity")
+    assert v.verdict == "inconclusive"
+    assert (
+        v.evidence["why inconclusive"] == "runs with a value that is not finite: plain56 (1 of 4)"
+    )
+    assert v.evidence["d plain56"].endswith("(n=3); 1 run(s) not finite")
+    assert v.evidence["d resnet56"].endswith("(n=4)")
+
+
 def test_every_rule_is_inconclusive_when_the_residual_reference_did_not_train():
     runs = _runs(
         {
