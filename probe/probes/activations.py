@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -34,43 +35,62 @@ def _subsample(
     return t[tuple(index)]
 
 
-def _clip_to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per sample, how many finite values lie beyond fp16's +-65504; ``t`` with those values
-    set to +-65504). A NaN or an infinity stays what it is: it is the model's own, and the
-    capture's non-finite check must see it (clamping turned a genuine inf into 65504, counted as
-    clipped and never as non-finite).
+@functools.lru_cache
+def _fp16_limit(dtype: torch.dtype) -> float:
+    """The largest value of ``dtype`` not above fp16's 65504: larger magnitudes overflow fp16.
+
+    A number compared with a tensor is rounded to the tensor's dtype first, and bfloat16 rounds
+    65504 up to 65536: compared as it is, 65536 passed as in range and became inf in fp16.
+    65504 lies in the binade [2^15, 2^16), where ``dtype``'s values are multiples of
+    2^(15 - mantissa bits).
 
     Example:
-        >>> clipped, t = _clip_to_fp16(torch.tensor([[1e5, float("inf"), -1e6, 1.0]]))
+        >>> _fp16_limit(torch.bfloat16), _fp16_limit(torch.float16), _fp16_limit(torch.float32)
+        (65280.0, 65504.0, 65504.0)
+    """
+    if not dtype.is_floating_point:
+        return _FP16_MAX
+    step = 2.0 ** (math.floor(math.log2(_FP16_MAX)) + math.log2(torch.finfo(dtype).eps))
+    return math.floor(_FP16_MAX / step) * step
+
+
+def _to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per sample, how many finite values lie beyond fp16's range; ``t`` in fp16 with those
+    values stored as +-65504). A NaN or an infinity stays what it is: it is the model's own, and
+    the capture's non-finite check must see it (clamping turned a genuine inf into 65504, counted
+    as clipped and never as non-finite).
+
+    Example:
+        >>> clipped, t = _to_fp16(torch.tensor([[1e5, float("inf"), -1e6, 1.0]]))
         >>> clipped.tolist(), t.tolist()
         ([2], [[65504.0, inf, -65504.0, 1.0]])
     """
-    n = len(t)
-    if not t.numel():
-        return torch.zeros(n, dtype=torch.int32, device=t.device), t
-    if t.is_cpu:  # one read says whether anything needs clipping (on a GPU it would sync)
+    n, limit = len(t), _fp16_limit(t.dtype)
+    if t.is_cpu and t.numel():  # one read says whether anything is out of range (a GPU would sync)
         lo, hi = torch.aminmax(t)
-        if lo >= -_FP16_MAX and hi <= _FP16_MAX:  # a NaN compares False: the careful way
-            return torch.zeros(n, dtype=torch.int32), t
+        if lo >= -limit and hi <= limit:  # a NaN compares False: the careful way
+            return torch.zeros(n, dtype=torch.int32), t.to(torch.float16)
     magnitude = t.abs()
-    over = (magnitude > _FP16_MAX) & (magnitude < math.inf)  # NaN: False, as inf
+    over = (magnitude > limit) & (magnitude < math.inf)  # NaN: False, as inf
     clipped = over.reshape(n, -1).sum(1, dtype=torch.int32)
-    return clipped, torch.where(over, t.clamp(-_FP16_MAX, _FP16_MAX), t)
+    stored = t.to(torch.float16)  # beyond the range: +-inf, made +-65504 (exact in fp16) below
+    return clipped, torch.where(over, stored.clamp(-_FP16_MAX, _FP16_MAX), stored)
 
 
 def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, torch.Tensor]:
     """``{name: t in the storage dtype}``; for fp16 also ``{name}_clipped`` [N]: fp16 overflows to
     inf beyond 65504, so larger finite magnitudes are stored as +-65504 and counted per sample --
     no inf appears that the model did not produce, and a genuine inf or NaN stays and is counted
-    by the capture's non-finite check (see :func:`_clip_to_fp16`).
+    by the capture's non-finite check (see :func:`_to_fp16`).
 
     In the stored dtype already, ``t`` is returned as it is unless ``copy``: a forward tensor the
     :class:`~probe.session.HookSession` guards (it copies what a later in-place op would change,
     see ``HookSession.run_batch``), so the copy is made only where it is needed."""
     out = {}
     if dtype == "fp16":
-        out[f"{name}_clipped"], t = _clip_to_fp16(t)
-    stored = t.to(STORAGE_DTYPES[dtype])
+        out[f"{name}_clipped"], stored = _to_fp16(t)
+    else:
+        stored = t.to(STORAGE_DTYPES[dtype])
     out[name] = stored.clone() if copy and stored.data_ptr() == t.data_ptr() else stored
     return out
 

@@ -3,6 +3,7 @@ empty figures; fp16 activations never turn large values into inf, nor a genuine 
 number."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -277,3 +278,42 @@ def test_fp16_gradients_keep_a_genuine_inf():
     assert g[0, 0] == np.inf and np.isfinite(g[1]).all()
     assert cap.read("inf", "grad_output_clipped").tolist() == [0, 0]
     assert cap.layer_attrs("inf")["nonfinite_samples"] == 1
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64],
+    ids=["bf16", "fp16", "fp32", "fp64"],
+)
+def test_fp16_storage_clips_exactly_the_values_fp16_cannot_hold_in_every_float_dtype(dtype):
+    """Against numpy: a finite value (as ``dtype`` holds it) beyond 65504 is stored as +-65504 and
+    counted, anything else is numpy's float16 of it. bfloat16 holds no value between 65280 and
+    65536, and rounds the number 65504 up to 65536: compared with it, 65536 passed as in range
+    and was stored as inf (a finite activation counted as non-finite). A second capture, of
+    in-range values only, takes the CPU's one-pass way."""
+    values = [65280.0, 65504.0, 65536.0, 7e4, -1e6, 1.0, -3.5, math.inf, math.nan]
+    w = torch.tensor(values, dtype=torch.float64).to(dtype)  # what the model's dtype holds
+    held = w.double().numpy()
+    big = np.isfinite(held) & (np.abs(held) > 65504)
+    want = np.where(big, np.sign(held) * 65504, held).astype(np.float16)
+
+    class Emit(torch.nn.Module):
+        def __init__(self, row):
+            super().__init__()
+            self.row = row
+
+        def forward(self, x):
+            return x * self.row
+
+    inside = [0, 5, 6]  # 65280, 1, -3.5: in range in every dtype
+    rows = ((w, want, int(big.sum()), held), (w[inside], want[inside], 0, held[inside]))
+    for row, expect, clipped, row_held in rows:
+        model = torch.nn.Sequential(torch.nn.Identity(), Emit(row)).eval()
+        x = torch.ones(2, len(row), dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", probe.NonFiniteWarning)  # the NaN and inf are real
+            cap = probe.capture(model, [x], layers=["1"], probes=[probe.Activations(dtype="fp16")])
+        np.testing.assert_array_equal(cap.read("1", "output"), np.stack([expect, expect]))
+        assert cap.read("1", "output_clipped").tolist() == [clipped, clipped]
+        nonfinite = 0 if np.isfinite(row_held).all() else 2  # fp16 itself holds 7e4 as inf
+        assert cap.layer_attrs("1").get("nonfinite_samples", 0) == nonfinite
