@@ -9,6 +9,8 @@ input-gradient autocorrelation along a line through input space (Balduzzi et al.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -29,6 +31,23 @@ from probe.probes.registry import register_probe
 from probe.validation import NonNegativeInt, PositiveFloat, PositiveInt
 
 __all__ = ["JacobianNorms", "SegmentJacobians", "ShatteredGradients"]
+
+
+@contextlib.contextmanager
+def _in_parameter_precision(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``x`` in the dtype of ``module``'s parameters, with autocast off while the block runs.
+
+    Under autocast a block's input arrives in bf16 or fp16 while its weights stay float32: the
+    Jacobian products then failed (functorch's dual tensors are not cast, so a convolution met a
+    float32 input and bf16 weights), and in bf16 they would carry three significant digits, the
+    size of the deviations from the identity being measured. The estimates are taken of the
+    block in its parameters' precision at the input the pass produced.
+    """
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+        x = x.to(param.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        yield x
 
 
 @register_probe
@@ -76,11 +95,13 @@ class JacobianNorms(Probe):
         keep = call.rows_within(self.max_samples)
         if keep == 0:
             return {}
-        x = call.input[:keep].detach()
         f = call.function()  # the block with its other call arguments held fixed
         off = call.sample_offset
         identity, shortcut = call.identity_shortcut, call.shortcut
-        with torch.no_grad():
+        with (
+            _in_parameter_precision(call.module, call.input[:keep].detach()) as x,
+            torch.no_grad(),
+        ):
             r = hutchinson(
                 f,
                 x,
@@ -149,18 +170,20 @@ class ShatteredGradients(Probe):
         keep = call.rows_within(self.max_samples)
         if keep == 0 or call.input is None:
             return {}
-        res = shattered_profile(
-            call.module,
-            call.input.detach(),
-            keep,
-            n_points=self.n_points,
-            span=self.span,
-            max_lag=self.max_lag,
-            direction=self.direction,
-            seed=self.seed,
-            first_index=call.sample_offset,
-            next_input=call.next_input,
-        )
+        following = call.next_input
+        with _in_parameter_precision(call.module, call.input.detach()) as x:
+            res = shattered_profile(
+                call.module,
+                x,
+                keep,
+                n_points=self.n_points,
+                span=self.span,
+                max_lag=self.max_lag,
+                direction=self.direction,
+                seed=self.seed,
+                first_index=call.sample_offset,
+                next_input=None if following is None else following.to(x.dtype),
+            )
         return {k: v.float() for k, v in res.items()}
 
 
@@ -196,10 +219,12 @@ class SegmentJacobians(Probe):
             return {}
         model = call.module
         names = [n for n, _ in chain(model)][:-1]  # every boundary before the head
-        x = call.input[:keep].detach()
         seg_in, seg_out = [], []
-        v_in = per_sample_probes(self.n_probes, x, self.seed, call.sample_offset)
-        with torch.no_grad():
+        with (
+            _in_parameter_precision(model, call.input[:keep].detach()) as x,
+            torch.no_grad(),
+        ):
+            v_in = per_sample_probes(self.n_probes, x, self.seed, call.sample_offset)
             for name in names:
                 pre, post = segment(model, None, name), segment(model, name, None)
                 h = pre(x)
