@@ -9,8 +9,6 @@ input-gradient autocorrelation along a line through input space (Balduzzi et al.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, ClassVar
 
@@ -26,28 +24,11 @@ from probe.jacobian.estimators import (
 )
 from probe.jacobian.segments import chain, segment
 from probe.jacobian.shattered import shattered_profile
-from probe.probes.base import Call, Probe
+from probe.probes.base import Call, Probe, in_parameter_precision
 from probe.probes.registry import register_probe
 from probe.validation import NonNegativeInt, PositiveFloat, PositiveInt
 
 __all__ = ["JacobianNorms", "SegmentJacobians", "ShatteredGradients"]
-
-
-@contextlib.contextmanager
-def _in_parameter_precision(module: torch.nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
-    """``x`` in the dtype of ``module``'s parameters, with autocast off while the block runs.
-
-    Under autocast a block's input arrives in bf16 or fp16 while its weights stay float32: the
-    Jacobian products then failed (functorch's dual tensors are not cast, so a convolution met a
-    float32 input and bf16 weights), and in bf16 they would carry three significant digits, the
-    size of the deviations from the identity being measured. The estimates are taken of the
-    block in its parameters' precision at the input the pass produced.
-    """
-    param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    if param is not None and x.is_floating_point() and x.dtype != param.dtype:
-        x = x.to(param.dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        yield x
 
 
 @register_probe
@@ -99,7 +80,7 @@ class JacobianNorms(Probe):
         off = call.sample_offset
         identity, shortcut = call.identity_shortcut, call.shortcut
         with (
-            _in_parameter_precision(call.module, call.input[:keep].detach()) as x,
+            in_parameter_precision(call.module, call.input[:keep].detach()) as x,
             torch.no_grad(),
         ):
             r = hutchinson(
@@ -171,7 +152,7 @@ class ShatteredGradients(Probe):
         if keep == 0 or call.input is None:
             return {}
         following = call.next_input
-        with _in_parameter_precision(call.module, call.input.detach()) as x:
+        with in_parameter_precision(call.module, call.input.detach()) as x:
             res = shattered_profile(
                 call.module,
                 x,
@@ -221,7 +202,7 @@ class SegmentJacobians(Probe):
         names = [n for n, _ in chain(model)][:-1]  # every boundary before the head
         seg_in, seg_out = [], []
         with (
-            _in_parameter_precision(model, call.input[:keep].detach()) as x,
+            in_parameter_precision(model, call.input[:keep].detach()) as x,
             torch.no_grad(),
         ):
             v_in = per_sample_probes(self.n_probes, x, self.seed, call.sample_offset)

@@ -8,7 +8,8 @@ been propagated, with ``call.grad_output`` (dL/dy) and, for blocks, ``call.grad_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -17,7 +18,15 @@ from torch import nn
 
 from probe.validation import validate_fields
 
-__all__ = ["Probe", "Call", "BlockTensors", "input_slot", "input_tensor", "first_tensor"]
+__all__ = [
+    "Probe",
+    "Call",
+    "BlockTensors",
+    "input_slot",
+    "input_tensor",
+    "first_tensor",
+    "in_parameter_precision",
+]
 
 
 @dataclass
@@ -221,3 +230,27 @@ class Probe:
         import dataclasses
 
         return {"probe": self.name, **dataclasses.asdict(self)}
+
+
+@contextlib.contextmanager
+def in_parameter_precision(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``x`` in the dtype of ``module``'s parameters, with autocast off while the block runs.
+
+    Under autocast a block's input arrives in bf16 or fp16 while its weights stay float32: the
+    Jacobian products then failed (functorch's dual tensors are not cast, so a convolution met a
+    float32 input and bf16 weights), and in bf16 they would carry three significant digits, the
+    size of the deviations from the identity being measured. The estimates are taken of the
+    block in its parameters' precision at the input the pass produced. Per-sample parameter
+    gradients (``vmap(grad)``) failed the same way and are taken the same way.
+
+    Example:
+        >>> lin = nn.Linear(2, 1)
+        >>> with in_parameter_precision(lin, torch.ones(3, 2, dtype=torch.bfloat16)) as x:
+        ...     print(x.dtype, lin(x).dtype)
+        torch.float32 torch.float32
+    """
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is not None and x.is_floating_point() and x.dtype != param.dtype:
+        x = x.to(param.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        yield x

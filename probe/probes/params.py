@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from probe.losses import check_labels, exact_cross_entropy
-from probe.probes.base import Call, Probe
+from probe.probes.base import Call, Probe, in_parameter_precision
 from probe.probes.registry import register_probe
 from probe.validation import PositiveInt
 
@@ -56,9 +56,14 @@ class ParamGradNorms(Probe):
             out = functional_call(model, (p, buffers), (x[None],))
             return exact_cross_entropy(out, y[None], check=False)  # exact for confident samples
 
-        with torch.enable_grad():
+        # under autocast, vmap(grad) met float32 inputs and bf16 weights: the parameters'
+        # precision, autocast off (see in_parameter_precision)
+        with (
+            in_parameter_precision(model, call.input[:keep].detach()) as x,
+            torch.enable_grad(),
+        ):
             grads = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(
-                params, call.input[:keep].detach(), labels[:keep]
+                params, x, labels[:keep]
             )
         return {
             f"grad_norm.{k}": torch.linalg.vector_norm(g.flatten(1), dim=1, dtype=torch.float32)

@@ -1,6 +1,7 @@
-"""Jacobian probes under autocast: the block is differentiated in its parameters' precision with
-autocast off, at the input the (low-precision) pass produced. They failed outright before (a
-convolution met functorch's float32 dual input and autocast's bf16 weights)."""
+"""Jacobian and per-sample gradient probes under autocast: the block (or model) is differentiated
+in its parameters' precision with autocast off, at the input the (low-precision) pass produced.
+They failed outright before (a convolution met functorch's float32 dual input and autocast's bf16
+weights)."""
 
 import copy
 
@@ -46,3 +47,20 @@ def test_model_level_jacobian_probes_under_autocast_equal_the_float32_capture():
     plain, mixed = (_capture(model, x, probes, autocast=a) for a in (False, True))
     for q in plain.quantities("model"):
         np.testing.assert_array_equal(mixed.read("model", q), plain.read("model", q), err_msg=q)
+
+
+def test_per_sample_parameter_gradients_under_autocast_equal_the_float32_capture():
+    """vmap(grad) over the model input (float32) failed under autocast; with autocast off inside
+    the probe it gives the float32 capture's numbers exactly."""
+    model, x = _model(), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    y = torch.tensor([0, 3, 5, 9])
+    probes = [probe.ParamGradNorms(max_samples=4)]
+    plain, mixed = (_capture_labelled(model, x, y, probes, autocast=a) for a in (False, True))
+    assert plain.quantities("model")
+    for q in plain.quantities("model"):
+        np.testing.assert_array_equal(mixed.read("model", q), plain.read("model", q), err_msg=q)
+
+
+def _capture_labelled(model, x, y, probes, autocast):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return probe.capture(model, [(x, y)], probes=probes)
