@@ -261,8 +261,11 @@ def _compacted(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[st
                 groups[t.dtype].append((key, q, t))
     for items in groups.values():
         # one split for all the pieces, and a view only for those of another shape: a statistics
-        # batch holds ~300 small results, most of them [N], and each call costs microseconds
-        block = torch.cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items])
+        # batch holds ~300 small results, most of them [N], and each call costs microseconds.
+        # Autocast off: this is bookkeeping, and a capture inside the user's CPU autocast made
+        # cat refuse fp16 results (fp16 activations under bf16 autocast failed).
+        with torch.autocast("cpu", enabled=False):
+            block = torch.cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items])
         pieces = block.split([t.numel() for _, _, t in items])
         for (key, q, t), piece in zip(items, pieces):
             results[key][q] = piece if t.ndim == 1 else piece.view(t.shape)
