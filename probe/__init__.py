@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from probe.lazy import attach
+from probe.lazy import attach, names_in
 
 if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads on first use
     from probe import testing, zoo
@@ -91,49 +91,40 @@ __all__ = [
 _HOME = {
     "testing": ("probe.testing", None),
     "zoo": ("probe.zoo", None),
-    "capture": ("probe.capture", "capture"),
-    "check_sites": ("probe.conformance", "check_sites"),
-    "ProbeError": ("probe.errors", "ProbeError"),
-    **{
-        n: ("probe.hooks", n)
-        for n in (
-            "ResidualSpec",
-            "find_blocks",
-            "list_layers",
-            "register_residual",
-            "select_modules",
-        )
-    },
-    "discover_sites": ("probe.hooks.sites", "discover_sites"),
-    **{
-        n: ("probe.jacobian", n)
-        for n in ("JacobianNorms", "SegmentJacobians", "ShatteredGradients")
-    },
-    **{
-        n: ("probe.probes", n)
-        for n in (
-            "Activations",
-            "BlockTensors",
-            "Call",
-            "ChannelStats",
-            "Gradients",
-            "GradNorms",
-            "Probe",
-            "ResidualNorms",
-        )
-    },
-    "ParamGradNorms": ("probe.probes.params", "ParamGradNorms"),
-    "make_probe": ("probe.probes.registry", "make_probe"),
-    **{
-        n: ("probe.session", n)
-        for n in ("HookSession", "InPlaceWarning", "NonFiniteWarning", "NoResidualWarning")
-    },
-    "load_model": ("probe.sources", "load_model"),
-    "Moments": ("probe.stats", "Moments"),
-    "response_std": ("probe.stats", "response_std"),
-    "join_shards": ("probe.store", "join_shards"),
+    **names_in("probe.capture", "capture"),
+    **names_in("probe.conformance", "check_sites"),
+    **names_in("probe.errors", "ProbeError"),
+    **names_in(
+        "probe.hooks",
+        "ResidualSpec",
+        "find_blocks",
+        "list_layers",
+        "register_residual",
+        "select_modules",
+    ),
+    **names_in("probe.hooks.sites", "discover_sites"),
+    **names_in("probe.jacobian", "JacobianNorms", "SegmentJacobians", "ShatteredGradients"),
+    **names_in(
+        "probe.probes",
+        "Activations",
+        "BlockTensors",
+        "Call",
+        "ChannelStats",
+        "Gradients",
+        "GradNorms",
+        "Probe",
+        "ResidualNorms",
+    ),
+    **names_in("probe.probes.params", "ParamGradNorms"),
+    **names_in("probe.probes.registry", "make_probe"),
+    **names_in(
+        "probe.session", "HookSession", "InPlaceWarning", "NonFiniteWarning", "NoResidualWarning"
+    ),
+    **names_in("probe.sources", "load_model"),
+    **names_in("probe.stats", "Moments", "response_std"),
+    **names_in("probe.store", "join_shards"),
     "open": ("probe.store", "open_capture"),
-    "list_models": ("probe.zoo", "list_models"),
+    **names_in("probe.zoo", "list_models"),
 }
 
 

@@ -23,7 +23,18 @@ import sys
 import types
 from collections.abc import Callable, Mapping
 
-__all__ = ["attach"]
+__all__ = ["attach", "names_in"]
+
+
+def names_in(module: str, *names: str) -> dict[str, tuple[str, str]]:
+    """Table entries for :func:`attach`: each of ``names`` is the attribute of that name in
+    ``module``.
+
+    Example:
+        >>> names_in("json", "dumps", "loads")
+        {'dumps': ('json', 'dumps'), 'loads': ('json', 'loads')}
+    """
+    return {n: (module, n) for n in names}
 
 
 def attach(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from probe.lazy import attach
+from probe.lazy import attach, names_in
 
 if TYPE_CHECKING:
     from probe.store.reader import CaptureReader, H5Capture, MemoryCapture, open_capture
@@ -29,12 +29,9 @@ __all__ = [
 ]
 
 _HOME = {
-    **{n: ("probe.store.reader", n) for n in ("CaptureReader", "H5Capture", "MemoryCapture")},
-    "open_capture": ("probe.store.reader", "open_capture"),
-    "FORMAT": ("probe.store.schema", "FORMAT"),
-    "FORMAT_VERSION": ("probe.store.schema", "FORMAT_VERSION"),
-    "join_shards": ("probe.store.shards", "join_shards"),
-    "H5Writer": ("probe.store.writer", "H5Writer"),
-    "WriterOptions": ("probe.store.writer", "WriterOptions"),
+    **names_in("probe.store.reader", "CaptureReader", "H5Capture", "MemoryCapture", "open_capture"),
+    **names_in("probe.store.schema", "FORMAT", "FORMAT_VERSION"),
+    **names_in("probe.store.shards", "join_shards"),
+    **names_in("probe.store.writer", "H5Writer", "WriterOptions"),
 }
 __getattr__, __dir__ = attach(__name__, _HOME)

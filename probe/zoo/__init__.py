@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from probe.lazy import attach
+from probe.lazy import attach, names_in
 
 if TYPE_CHECKING:
     from probe.zoo.cifar_resnet import BasicBlock, CifarResNet, OptionA, OptionB
@@ -29,14 +29,10 @@ __all__ = [
 ]
 
 _HOME = {
-    **{
-        n: ("probe.zoo.cifar_resnet", n)
-        for n in ("BasicBlock", "CifarResNet", "OptionA", "OptionB")
-    },
-    "NetConfig": ("probe.zoo.config", "NetConfig"),
-    **{
-        n: ("probe.zoo.registry", n)
-        for n in ("create", "list_models", "model_name", "parse_name", "register_family")
-    },
+    **names_in("probe.zoo.cifar_resnet", "BasicBlock", "CifarResNet", "OptionA", "OptionB"),
+    **names_in("probe.zoo.config", "NetConfig"),
+    **names_in(
+        "probe.zoo.registry", "create", "list_models", "model_name", "parse_name", "register_family"
+    ),
 }
 __getattr__, __dir__ = attach(__name__, _HOME)
