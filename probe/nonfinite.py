@@ -43,6 +43,19 @@ def nonfinite_rows(t: torch.Tensor, *, pick_rows: bool | None = None) -> torch.T
     return bad
 
 
+def _rows_of(t: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+    """(base, first row) where ``t`` is a run of whole rows of the tensor it views (a call's rows
+    of a statistic computed for a group of calls, probe.probes.group); else None."""
+    base = t._base
+    if base is None or base.shape[1:] != t.shape[1:] or base.stride() != t.stride():
+        return None
+    offset = t.storage_offset() - base.storage_offset()
+    row = base.stride(0) if base.ndim else 0
+    if row <= 0 or offset % row:
+        return None
+    return base, offset // row
+
+
 def _picks_rows(t: torch.Tensor, pick_rows: bool | None) -> bool:
     return t.is_cpu if pick_rows is None else pick_rows
 
@@ -92,13 +105,22 @@ class NonFiniteCounter:
             return
         if not t.numel():
             return
+        rows = _rows_of(t)
+        if rows is not None:  # a run of rows of a larger result: its sums are that one's rows
+            base, start = rows
+            sums = self._sums(base)[start : start + len(t)]
+        else:
+            sums = self._sums(t)
+        self._pending.append((key, t, sums))
+
+    def _sums(self, t: torch.Tensor) -> torch.Tensor:
         # A tensor kept under several names (a block's y is the next block's x; an identity S is
         # x) is reduced once; the results hold it, so its address is not reused meanwhile.
         seen = (t.data_ptr(), t.dtype, t.shape, t.stride())
         sums = self._sums_of.get(seen)
         if sums is None:
             sums = self._sums_of[seen] = _row_sums(t, _picks_rows(t, self.pick_rows))
-        self._pending.append((key, t, sums))
+        return sums
 
     def discard_batch(self) -> None:
         """Forget this batch's results (a batch run again, or failed)."""

@@ -39,6 +39,7 @@ from probe.hooks.sites import (
 from probe.losses import exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
 from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor
+from probe.probes.group import CallGroup, check_grouped, group_key, group_tensors, takes_groups
 from probe.probes.registry import as_probes
 
 __all__ = [
@@ -293,6 +294,35 @@ def _kept_out(rec: SiteRecord, where: str) -> torch.Tensor:
     return rec.out
 
 
+# Calls held for grouped statistics are computed once their tensors reach this many bytes: the
+# stack copies them, so a group costs about twice this at its peak (ResNet-56 at batch 512 in
+# bf16: a stage's nine blocks, ~450 MB).
+_GROUP_BYTES = 512 << 20
+
+
+@dataclass
+class _Held:
+    """A call held for its groupable probes' forward or backward half, with what its results
+    are merged with."""
+
+    call: Call
+    phase: str  # "forward" or "backward"
+    name: str  # the layer's name (the results' view slots are keyed by it)
+    probes: tuple[Probe, ...]
+    sources: set[int] | None = None  # see _storages (forward results only)
+
+    def __post_init__(self) -> None:
+        tensors = {id(t): t for t in group_tensors(self.call, self.phase) if t is not None}
+        self.tensors = list(tensors.values())
+        versions = [_version(t) for t in self.tensors]
+        self.versions = None if None in versions else versions
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def changed(self) -> bool:
+        """Whether an in-place op changed one of the call's tensors since it was held."""
+        return [_version(t) for t in self.tensors] != self.versions
+
+
 class HookSession:
     """Hooks on the selected layers of ``model`` running ``probes``; use as a context manager.
 
@@ -314,9 +344,11 @@ class HookSession:
         *,
         mode: str = "eval",
         loss_fn: LossFn | None = None,
+        grouped: bool | None = None,
     ) -> None:
         if mode not in ("eval", "train", "keep"):
             raise ProbeError(f"Invalid mode {mode!r}; allowed: eval, train, keep.")
+        check_grouped(grouped)
         probes = as_probes(probes)
         if not probes:
             raise ProbeError("No probes given; pass e.g. probes=[probe.ResidualNorms()].")
@@ -334,6 +366,13 @@ class HookSession:
         self.model_probes = [p for p in probes if getattr(p, "scope", "layer") == "model"]
         # Probes that read a call's output alone let traced blocks go untraced (_served).
         self._output_only = all(p.output_only() for p in self.layer_probes)
+        # probes with a forward or backward half of their own (the others' return nothing)
+        self._forward_probes = [
+            p for p in self.layer_probes if type(p).forward is not Probe.forward
+        ]
+        self._grad_probes = [p for p in self.layer_probes if p.needs_grad]
+        self._groups_forward = {id(p) for p in self.layer_probes if takes_groups(p, "forward")}
+        self._groups_backward = {id(p) for p in self._grad_probes if takes_groups(p, "backward")}
         self._model_info = LayerInfo("model", model, None, -1)
         self._selection = layers
         # Blocks read through adapters are known now; residual sites anywhere else are found by
@@ -360,6 +399,11 @@ class HookSession:
         # unknown until a batch has shown that no later in-place op changes them (_guard).
         self._may_alias: dict[tuple[str, str], bool] = {}
         self._in_batch = False
+        # Groupable probes' calls held and computed together (probe.probes.group): on by default
+        # where a batch is on an accelerator, whose probed pass is bound by kernel launches.
+        self.grouped = grouped
+        self._grouping = False  # for the batch being run
+        self._group_unsafe = False  # a held call's tensor changed in place before it was computed
         self.shapes: dict[
             str, tuple
         ] = {}  # key -> (output, branch or None, input or None) shapes per sample
@@ -583,12 +627,18 @@ class HookSession:
             )
         results = self._results[key]
         sources = _storages(call)  # the memory a result kept as it is would share
+        held: list[Probe] = []
         with self._suspend():
-            for p in self.layer_probes:
+            for p in self._forward_probes:
                 if p.applies_to(call):
+                    if self._grouping and id(p) in self._groups_forward:
+                        held.append(p)
+                        continue
                     with torch.set_grad_enabled(p.forward_grad and torch.is_grad_enabled()):
                         new = p.forward(call)
                     self._merge(results, new, p, key, call.batch_size, (info.name, sources))
+            if held:
+                self._hold(_Held(call, "forward", info.name, tuple(held), sources))
         y, x = call.output, call.input
         if self.needs_grad and y.requires_grad:
             self._calls.append(call)
@@ -600,6 +650,46 @@ class HookSession:
                 self._grad_hooks.append(
                     x.register_hook(self._grad_setter(call, "grad_input", waits))
                 )
+
+    def _hold(self, held: _Held) -> None:
+        """Keep a call for its groupable probes; first compute the calls held so far, when this
+        one cannot join them (another key) or they hold enough memory already."""
+        if held.versions is None:  # no version counter to tell an in-place change: compute now
+            self._compute([held])
+            return
+        key = (group_key(held.call, held.phase), tuple(map(id, held.probes)))
+        if self._held and (key != self._held_key or self._held_bytes >= _GROUP_BYTES):
+            self.flush_held()
+        self._held.append(held)
+        self._held_key = key
+        self._held_bytes += held.nbytes
+
+    def flush_held(self) -> None:
+        """Compute the calls held for groupable probes (the session does at the end of every
+        forward pass). Should a held tensor have changed in place since its call, nothing is
+        computed and the batch runs again, without holding (:meth:`run_batch`)."""
+        held, self._held, self._held_bytes = self._held, [], 0
+        if not held:
+            return
+        if any(h.changed() for h in held):
+            log.debug("a tensor held for grouped statistics changed in place; not grouping")
+            self._group_unsafe = self._group_changed = True
+            return
+        self._compute(held)
+
+    def _compute(self, held: list[_Held]) -> None:
+        group = CallGroup([h.call for h in held])
+        forward = held[0].phase == "forward"
+        with self._suspend(), torch.no_grad():
+            for p in held[0].probes:
+                news = p.forward_group(group) if forward else p.backward_group(group)
+                for h, new in zip(held, news):
+                    c = h.call
+                    where = (h.name, h.sources) if forward else None
+                    self._merge(self._results[c.name], new, p, c.name, c.batch_size, where)
+        if not forward:
+            for c in group.calls:  # their gradients are not held to the end of the pass
+                c.grad_output = c.grad_input = None
 
     def _served(self, own: _Owner) -> bool:
         """Whether ``own`` is read from a forward hook on its module instead of by tracing its
@@ -703,16 +793,24 @@ class HookSession:
             setattr(call, attr, grad.detach() if grad.requires_grad else grad)
             waits.discard(attr)
             if not waits and self._eager_backward:
+                self._backward_done.add(id(call))
+                probes = tuple(p for p in self._grad_probes if p.applies_to(call))
+                if (
+                    self._grouping
+                    and probes
+                    and all(id(p) in self._groups_backward for p in probes)
+                ):
+                    self._hold(_Held(call, "backward", call.name, probes))
+                    return
                 self._run_backward(call)
                 call.grad_output = call.grad_input = None
-                self._backward_done.add(id(call))
 
         return hook
 
     def _run_backward(self, call: Call) -> None:
         with self._suspend():
-            for p in self.layer_probes:
-                if p.needs_grad and p.applies_to(call):
+            for p in self._grad_probes:
+                if p.applies_to(call):
                     self._merge(
                         self._results[call.name], p.backward(call), p, call.name, call.batch_size
                     )
@@ -744,7 +842,8 @@ class HookSession:
                 raise ProbeError(
                     f"Quantity {q!r} at layer {key!r} is produced by two probes; rename one."
                 )
-            t = t.detach()
+            if t.requires_grad:  # a probe that differentiated; detach() costs a dispatch each
+                t = t.detach()
             if sources and storage_ptr(t) in sources:
                 t = self._guard(key, (forward[0], q), t)
             results[q] = t
@@ -826,6 +925,9 @@ class HookSession:
         self._branch_out: dict[str, torch.Tensor] = {}
         self._shortcut_out: dict[str, torch.Tensor] = {}
         self._entry: dict[str, tuple[torch.Tensor | None, int | None]] = {}
+        self._held: list[_Held] = []  # calls held for groupable probes (_hold)
+        self._held_key: object = None
+        self._held_bytes = 0
 
     def _reset_batch(self, offset: int) -> None:
         self._release_batch()  # forwards run outside run_batch leave theirs until here
@@ -837,6 +939,7 @@ class HookSession:
         self._versions: dict[tuple[str, str], int | None] = {}
         self._branch_calls: dict[str, int] = defaultdict(int)
         self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
+        self._group_changed = False  # flush_held found a held tensor changed in place
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -875,21 +978,24 @@ class HookSession:
         if self._tracing:
             self._resolve(x)
         rng = _rng_state(x.device)
+        grouping = self.grouped if self.grouped is not None else x.device.type != "cpu"
         for attempt in range(2):
             self._reset_batch(sample_offset)
             self._in_batch = attempt == 0  # a second attempt copies every result
+            self._grouping = grouping and attempt == 0 and not self._group_unsafe
             try:
                 out = self._forward_backward(x, y)
-                if self._aliases_held():
+                if self._aliases_held() and not self._group_changed:
                     break
             except BaseException:
                 self._release_batch()
                 raise
             finally:
-                self._in_batch = False
+                self._in_batch = self._grouping = False
             # A result kept as a view was changed later in the pass (an in-place op this batch
-            # took and earlier ones did not): run the batch again, with the same random draws
-            # (dropout), copying what it keeps. Training-mode BN buffers see the batch twice;
+            # took and earlier ones did not), or a tensor held for grouped statistics was: run
+            # the batch again, with the same random draws (dropout), copying what it keeps and
+            # computing every statistic at its call. Training-mode BN buffers see the batch twice;
             # the session restores them on close.
             log.debug("a result kept as a view was modified in place; running the batch again")
             out = None  # the first attempt's graph and activations, not held through the second
@@ -927,14 +1033,18 @@ class HookSession:
         """The batch's forward (and backward, for gradient probes) with the hooks on; the logits."""
         if not self.needs_grad:
             with torch.no_grad():
-                return self.model(x)
+                out = self.model(x)
+            self.flush_held()
+            return out
         if y is None:
             raise ProbeError("Probes that need gradients require labels y for the loss.")
         inp = x.detach().requires_grad_(True)
         with torch.enable_grad():
             out = self.model(inp)
+            self.flush_held()  # before the backward pass: the held tensors are freed first
             loss = self.loss_fn(out, y)
             torch.autograd.grad(loss, [inp], allow_unused=True)
+        self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived
                 self._run_backward(call)

@@ -98,7 +98,32 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
                             equal_nan=True,
                         ):
                             _fail(probe, f"changes {layer}/{q} in the HDF5 round trip.")
+    if probe.groupable:
+        _check_groups(probe, layers, x, y, rtol)
     try:
         type(probe)(**{k: v for k, v in probe.config().items() if k != "probe"})
     except (TypeError, ProbeError) as e:
         _fail(probe, f"cannot be rebuilt from its config(): {e}")
+
+
+def _check_groups(probe: Probe, layers: str, x: torch.Tensor, y: torch.Tensor, rtol: float) -> None:
+    """A ``groupable`` probe gives each call's numbers when its calls are grouped: on a net with
+    runs of equally shaped blocks, grouped (probe.probes.group) and per call."""
+    torch.manual_seed(0)
+    model = create("resnet14", in_channels=1, width=4, num_classes=3).eval()
+    runs = []
+    for grouped in (False, True):
+        with HookSession(model, layers, [probe], grouped=grouped) as session:
+            runs.append(session.run_batch(x, y)[0])
+    alone, grouped = runs
+    for layer, qs in alone.items():
+        for q, t in qs.items():
+            got = grouped.get(layer, {}).get(q)
+            if got is None or got.shape != t.shape:
+                _fail(probe, f"gives no {layer}/{q} of shape {tuple(t.shape)} for grouped calls.")
+            if not torch.allclose(got.float(), t.float(), rtol=rtol, atol=1e-6, equal_nan=True):
+                _fail(
+                    probe,
+                    f"gives a different {layer}/{q} for grouped calls (forward_group / "
+                    "backward_group) than call by call; a group's rows must be each call's own.",
+                )

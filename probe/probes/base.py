@@ -11,12 +11,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from probe.validation import validate_fields
+
+if TYPE_CHECKING:
+    from probe.probes.group import CallGroup
 
 __all__ = [
     "Probe",
@@ -189,6 +192,11 @@ class Probe:
     # are all computed (it only reduces or copies them; it starts no autograd of its own). The
     # session then frees each dL/dy during the backward pass instead of holding them all to its end.
     eager_backward: ClassVar[bool] = False
+    # Whether forward() and backward() may be taken for several calls at once (forward_group,
+    # backward_group): they only reduce the call's tensors, read no state that changes during
+    # the pass and record no graph. The session may then hold a run of equally shaped calls and
+    # stack them (probe.probes.group); for backward() this needs eager_backward too.
+    groupable: ClassVar[bool] = False
     dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:
@@ -200,6 +208,24 @@ class Probe:
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         return {}
+
+    def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """``forward`` of each call of ``group`` (consecutive calls of one pass with equal shapes,
+        :class:`probe.probes.group.CallGroup`), in order. A ``groupable`` probe computes them
+        together from ``group.stacked(...)``; the default takes the calls one at a time.
+
+        Example:
+            >>> from probe.probes.group import CallGroup
+            >>> calls = [Call(str(i), nn.Identity(), None, torch.ones(2, 3), 0) for i in range(2)]
+            >>> Probe().forward_group(CallGroup(calls))
+            [{}, {}]
+        """
+        return [self.forward(call) for call in group.calls]
+
+    def backward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """``backward`` of each call of ``group``, whose gradients have equal shapes, in the
+        order their gradients completed; see :meth:`forward_group`."""
+        return [self.backward(call) for call in group.calls]
 
     def dim_labels(self, quantity: str, value: torch.Tensor) -> tuple[str, ...] | None:
         """Axis labels of ``quantity`` (sample axis first) for the HDF5 file; default: ``dims``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -17,6 +18,7 @@ import torch
 from probe.errors import ProbeError
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, identity_quantities, residual_quantities
+from probe.probes.group import CallGroup
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -140,11 +142,13 @@ def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     # mean itself. As exact as var_mean (no E[x^2] - E[x]^2 cancellation; tested against numpy at
     # mean^2/var = 1e12) and on the CPU ~15x faster than its Welford kernel.
     n = flat.shape[2]
-    mean = flat.mean(2, keepdim=True)
-    d = flat - mean
+    # [N, C] tensors of their own, not views: a grouped call's rows are then plain row runs of
+    # them (probe.nonfinite checks a group's rows at once)
+    mean = flat.mean(2)
+    d = flat - mean.unsqueeze(2)
     total = d.sum(2)  # in place on the [N, C] results below: fewer calls, the same arithmetic
     var = torch.linalg.vector_norm(d, dim=2).square_().addcmul_(total, total, value=-1 / n)
-    return mean.squeeze(2), var.div_(n).clamp_min_(0)
+    return mean, var.div_(n).clamp_min_(0)
 
 
 def moments_of_two(
@@ -219,6 +223,7 @@ class ResidualNorms(Probe):
 
     name: ClassVar[str] = "residual"
     forward_grad: ClassVar[bool] = False
+    groupable: ClassVar[bool] = True
     fused: bool = False  # one compiled kernel per block (probe.probes.fused; compiles once)
 
     def __post_init__(self) -> None:
@@ -229,34 +234,85 @@ class ResidualNorms(Probe):
         b, norm = call.block, self._norms.norm
         if b is None:
             out = {"y_norm": norm(call.output)}
-            if call.input is not None and call.input.shape[0] == call.batch_size:
+            if _batch_input(call):
                 out["x_norm"] = norm(call.input)
             return out
         if self.fused:
-            names = ("x_norm", "f_norm", "s_norm", "y_norm", "dev_norm", "cos_ys", "cos_fs")
-            tensors = (b.x, b.f, b.s, b.y)
-            dtype = accumulation_dtype(*tensors)
-            if b.s is b.x:
-                return dict(zip(names, _FUSED_IDENTITY(b.x, b.f, b.y, dtype)))
-            return dict(zip(names, _FUSED_RESIDUAL(*tensors, dtype)))
-        nx, nf, ny = norm(b.x), per_sample_norm(b.f), norm(b.y)
-        ns = norm(b.s)  # an identity shortcut returns x itself: its norm is nx
-        # y, F and S in the accumulation dtype once each (no-ops for float32 tensors): S takes
-        # part in three quantities and y in two, and each cast of a bf16 tensor is a kernel
-        dtype = accumulation_dtype(b.y, b.f, b.s)
-        y, f, s = _as(b.y, dtype), _as(b.f, dtype), _as(b.s, dtype)
-        return {
-            "x_norm": nx,
-            "f_norm": nf,
-            "s_norm": ns,
-            "y_norm": ny,
-            # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
-            # where it matters, for blocks near the identity (d -> 0). The difference is taken in
-            # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
-            "dev_norm": per_sample_norm(y - s),
-            "cos_ys": per_sample_cos(y, s, norms=(ny, ns)),
-            "cos_fs": per_sample_cos(f, s, norms=(nf, ns)),
-        }
+            return _fused_block(b.x, b.f, b.s, b.y)
+        # an identity shortcut returns x itself: the memo gives its norm once
+        norms = (norm(b.x), per_sample_norm(b.f), norm(b.s), norm(b.y))
+        return _block_quantities(b.x, b.f, b.s, b.y, norms)
+
+    def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
+        first = group.calls[0]
+        if first.block is None:
+            out = {"y_norm": group.rowwise(_output, per_sample_norm)}
+            if _batch_input(first):
+                out["x_norm"] = group.rowwise(_input, per_sample_norm)
+            return group.per_call(out)
+        x, f, s, y = (group.stacked(get) for get in _PARTS)
+        if self.fused:
+            return group.per_call(_fused_block(x, f, s, y))
+        norms = tuple(group.rowwise(get, per_sample_norm) for get in _PARTS)
+        return group.per_call(_block_quantities(x, f, s, y, norms))
+
+
+def _output(call: Call) -> torch.Tensor:
+    return call.output
+
+
+def _input(call: Call) -> torch.Tensor:
+    return call.input
+
+
+# a block's x, F, S, y (named functions: CallGroup stacks each tensor once, whoever asks)
+_PARTS = tuple((lambda call, part=part: getattr(call.block, part)) for part in ("x", "f", "s", "y"))
+
+
+def _batch_input(call: Call) -> bool:
+    """Whether a layer's input has a row per sample (an input of another size has no x_norm)."""
+    return call.input is not None and call.input.shape[0] == call.batch_size
+
+
+_BLOCK_NAMES = ("x_norm", "f_norm", "s_norm", "y_norm", "dev_norm", "cos_ys", "cos_fs")
+
+
+def _fused_block(
+    x: torch.Tensor, f: torch.Tensor, s: torch.Tensor, y: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A block's seven quantities in one compiled kernel (probe.probes.fused)."""
+    dtype = accumulation_dtype(x, f, s, y)
+    if s is x:
+        return dict(zip(_BLOCK_NAMES, _FUSED_IDENTITY(x, f, y, dtype)))
+    return dict(zip(_BLOCK_NAMES, _FUSED_RESIDUAL(x, f, s, y, dtype)))
+
+
+def _block_quantities(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    s: torch.Tensor,
+    y: torch.Tensor,
+    norms: tuple[torch.Tensor, ...],
+) -> dict[str, torch.Tensor]:
+    """A block's seven quantities from its tensors and their per-sample norms (x, F, S, y)."""
+    nx, nf, ns, ny = norms
+    # y, F and S in the accumulation dtype once each (no-ops for float32 tensors): S takes part
+    # in three quantities and y in two, and each cast of a bf16 tensor is a kernel
+    dtype = accumulation_dtype(y, f, s)
+    y, f, s = _as(y, dtype), _as(f, dtype), _as(s, dtype)
+    return {
+        "x_norm": nx,
+        "f_norm": nf,
+        "s_norm": ns,
+        "y_norm": ny,
+        # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly
+        # where it matters, for blocks near the identity (d -> 0). The difference is taken in
+        # the accumulation dtype: in bf16 it would be rounded to 3 significant digits.
+        "dev_norm": per_sample_norm(y - s),
+        "cos_ys": per_sample_cos(y, s, norms=(ny, ns)),
+        "cos_fs": per_sample_cos(f, s, norms=(nf, ns)),
+    }
 
 
 @dataclass
@@ -275,6 +331,7 @@ class ChannelStats(Probe):
 
     name: ClassVar[str] = "channel"
     forward_grad: ClassVar[bool] = False
+    groupable: ClassVar[bool] = True
     dims: ClassVar = {
         q: ("sample", "channel")
         for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
@@ -287,8 +344,16 @@ class ChannelStats(Probe):
         check_layout(self.layout)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        names = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
         tensors = (call.output,) if call.block is None else (call.output, call.block.f)
+        return self._moments(tensors)
+
+    def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
+        parts = (_output,) if group.calls[0].block is None else (_output, _PARTS[1])
+        return group.per_call(self._moments([group.stacked(get) for get in parts]))
+
+    def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        names = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
         if self.fused and all(t.ndim > 2 for t in tensors):  # [N, C] has nothing to fuse
             first = [t.movedim(channel_axis(self.layout, t), 1) for t in tensors]
             fn = _FUSED_MOMENTS if len(tensors) == 1 else _FUSED_MOMENTS_OF_TWO  # one call
@@ -312,6 +377,7 @@ class GradNorms(Probe):
     forward_grad: ClassVar[bool] = False
     eager_backward: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
+    groupable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -330,3 +396,24 @@ class GradNorms(Probe):
                     norms=(per_sample_norm(call.block.f), out["grad_x_norm"]),
                 )
         return out
+
+    def backward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """:meth:`backward` of a group of equally shaped calls, computed on their stacked rows."""
+        first, out = group.calls[0], {}
+        if first.grad_output is not None:
+            out["grad_y_norm"] = group.rowwise(_grad_output, per_sample_norm)
+        if first.grad_input is not None:
+            out["grad_x_norm"] = nx = group.rowwise(_grad_input, per_sample_norm)
+            if first.block is not None and first.block.f.shape == first.grad_input.shape:
+                f, g = group.stacked(_PARTS[1]), group.stacked(_grad_input)
+                nf = group.rowwise(_PARTS[1], per_sample_norm)
+                out["cos_f_grad"] = per_sample_cos(f, g, norms=(nf, nx))
+        return group.per_call(out)
+
+
+def _grad_output(call: Call) -> torch.Tensor:
+    return call.grad_output
+
+
+def _grad_input(call: Call) -> torch.Tensor:
+    return call.grad_input
