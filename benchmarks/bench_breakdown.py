@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20 if cuda else 5)
     args = ap.parse_args()
     dev = device()
+    probe.runtime.tune_allocator()  # as the CLI does: glibc's page faults made the passes noisy
     header(f"what each probe costs, ResNet-56, batch {args.batch}")
     torch.manual_seed(0)
     model = probe.zoo.create("resnet56").to(dev).eval()
@@ -107,8 +108,11 @@ def main() -> None:
         ("all three", [*stats, probe.GradNorms()]),
         ("  the same, fused", [*fused, probe.GradNorms()]),
     ]
-    for name, probes in rows:
-        with probe.HookSession(model, "auto", probes) as session:
+    # statistics grouped across equally shaped blocks (the default on an accelerator) and each
+    # block's at its own call (the CPU's default), side by side
+    rows += [(f"{name}, per call", probes, False) for name, probes in rows if probes[0].groupable]
+    for name, probes, *grouped in rows:
+        with probe.HookSession(model, "auto", probes, grouped=(grouped or [None])[0]) as session:
 
             def run(session=session):
                 with autocast():

@@ -86,10 +86,10 @@ def overhead(batch: int, repeats: int) -> dict:
                 h.remove()
             stats.clear()
 
-    def with_probes(*probes):
+    def with_probes(*probes, grouped=None):
         # The session is opened for its own measurement only: its hooks, left on the model,
         # would run inside the unprobed and naive passes too and flatter every ratio.
-        with probe.HookSession(model, "auto", list(probes)) as session:
+        with probe.HookSession(model, "auto", list(probes), grouped=grouped) as session:
 
             def run():
                 with _autocast(dev):
@@ -108,6 +108,10 @@ def overhead(batch: int, repeats: int) -> dict:
         ),
         "resprobe stats, fused": with_probes(
             probe.ResidualNorms(fused=True), probe.ChannelStats(fused=True), probe.GradNorms()
+        ),
+        # each call's statistics computed at its call (the default on the CPU)
+        "resprobe stats, per call": with_probes(
+            probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms(), grouped=False
         ),
         # the same pass again at the end: its distance from the first is the noise floor
         "unprobed, again at the end": median_ms(unprobed_backward, repeats=repeats),

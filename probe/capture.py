@@ -27,6 +27,7 @@ from probe.distributed.group import raise_if_terminated
 from probe.errors import ProbeError
 from probe.hooks.select import LayerSpec
 from probe.probes.base import Probe
+from probe.probes.group import check_grouped
 from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.runtime import runtime_settings
@@ -160,6 +161,7 @@ def capture(
     next_sample: torch.Tensor | None = None,
     distributed: bool | None = None,
     join: str = "copy",
+    grouped: bool | None = None,
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -193,6 +195,10 @@ def capture(
         join: with ``distributed``: ``"copy"`` (default) writes ``out`` as one self-contained file,
             as one process would; ``"virtual"`` writes an index over the ranks' shards, kept in
             ``<out>.shards/`` (no copy: for captures too large to pass through one process).
+        grouped: compute the statistics of equally shaped blocks together, once per run of
+            them (:mod:`probe.probes.group`): the same numbers with a fraction of the kernel
+            launches, for a little more memory. ``None`` (default): on for batches on an
+            accelerator, where launches bound a probed pass; off on the CPU.
 
     The model's training flags, buffers (BN running statistics, also after a train-mode capture),
     grad mode and outputs are unchanged; hooks are removed and a
@@ -213,7 +219,8 @@ def capture(
             f"sample_offset must be a non-negative int (the samples before this shard); got "
             f"{sample_offset!r}."
         )
-    job = CaptureJob(model, layers, probes, mode, loss_fn, compression, queue_bytes)
+    check_grouped(grouped)
+    job = CaptureJob(model, layers, probes, mode, loss_fn, compression, queue_bytes, grouped)
     if _over_ranks(distributed, shard):
         from probe.distributed.capture import capture_over_ranks
 
@@ -334,6 +341,7 @@ class CaptureJob:
     loss_fn: LossFn | None
     compression: str | None
     queue_bytes: int
+    grouped: bool | None = None  # see HookSession
 
     def run(
         self,
@@ -361,7 +369,7 @@ class CaptureJob:
         indices: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         with HookSession(
-            model, self.layers, probes, mode=self.mode, loss_fn=self.loss_fn
+            model, self.layers, probes, mode=self.mode, loss_fn=self.loss_fn, grouped=self.grouped
         ) as session:
             try:  # the writer is made inside: a signal right after it opens must still abort it
                 if out is not None:

@@ -78,6 +78,12 @@ __all__ = ["COMMANDS"]
     "--compression", type=click.Choice(["none", "zstd", "gzip"]), default="none", show_default=True
 )
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True)
+@click.option(
+    "--grouped/--per-call",
+    default=None,
+    help="Compute statistics of equally shaped blocks together (fewer kernel launches, the "
+    "same numbers) or each at its call. Default: grouped on a GPU, per call on the CPU.",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -103,6 +109,7 @@ def capture_cmd(
     batch_size,
     compression,
     mode,
+    grouped,
     out,
     device,
     join,
@@ -156,6 +163,7 @@ def capture_cmd(
         compression=None if compression == "none" else compression,
         progress=progress,
         join=join,
+        grouped=grouped,
     )
     try:
         if model_spec is not None:
