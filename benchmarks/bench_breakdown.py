@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import probe
 from benchmarks.common import device, header
 from probe.conformance import RawSites
+from probe.runtime import tune_allocator
 
 
 def _times(fn: Callable[[], object], repeats: int, dev: torch.device) -> tuple[float, float]:
@@ -54,7 +55,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20 if cuda else 5)
     args = ap.parse_args()
     dev = device()
-    probe.runtime.tune_allocator()  # as the CLI does: glibc's page faults made the passes noisy
+    tune_allocator()  # as the CLI does: glibc's page faults made the passes noisy
     header(f"what each probe costs, ResNet-56, batch {args.batch}")
     torch.manual_seed(0)
     model = probe.zoo.create("resnet56").to(dev).eval()

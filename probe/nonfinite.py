@@ -65,7 +65,7 @@ def _row_sums(t: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     ``pick_rows`` a non-finite one may be an overflow of finite values and needs a second look."""
     if t.ndim == 1:  # one value per sample: its own check
         return t
-    rows = t if t.ndim == 2 else t.reshape(len(t), -1)
+    rows = t if t.ndim == 2 else t.reshape(t.shape[0], -1)
     if pick_rows:
         return rows.sum(1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.dtype == torch.float64:  # a float64 sum could overflow: element by element, as flags
@@ -93,25 +93,24 @@ class NonFiniteCounter:
 
     def __init__(self, pick_rows: bool | None = None) -> None:
         self.pick_rows = pick_rows
-        self._pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # key, result, row sums
+        # key, result, the row sums it is read from, its first row there, its rows
+        self._pending: list[tuple[str, torch.Tensor, torch.Tensor, int, int]] = []
         self._sums_of: dict[tuple, torch.Tensor] = {}  # a result's memory -> its row sums
-        self._index: dict[tuple, torch.Tensor] = {}  # a batch's layout -> rows' grid positions
+        self._index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # layout -> indices
         self._totals: list[tuple[tuple[str, ...], torch.Tensor]] = []  # keys, their counts
 
     def add(self, key: str, t: torch.Tensor) -> None:
         """Note a floating-point result [N, ...] of layer ``key`` in this batch."""
-        if t.ndim == 1:  # one value per sample: its own check, nothing to reduce
-            self._pending.append((key, t, t))
+        n = t.shape[0]
+        # A run of rows of a larger result (a call's rows of a grouped statistic) is read from
+        # that result's row sums, taken once for the whole group: no reduction, no slice here.
+        base, start = _rows_of(t) or (t, 0)
+        if base.ndim == 1:  # one value per sample: its own check, nothing to reduce
+            self._pending.append((key, t, base, start, n))
             return
         if not t.numel():
             return
-        rows = _rows_of(t)
-        if rows is not None:  # a run of rows of a larger result: its sums are that one's rows
-            base, start = rows
-            sums = self._sums(base)[start : start + len(t)]
-        else:
-            sums = self._sums(t)
-        self._pending.append((key, t, sums))
+        self._pending.append((key, t, self._sums(base), start, n))
 
     def _sums(self, t: torch.Tensor) -> torch.Tensor:
         # A tensor kept under several names (a block's y is the next block's x; an identity S is
@@ -129,7 +128,7 @@ class NonFiniteCounter:
 
     def end_batch(self) -> None:
         """Add this batch's samples with a non-finite result to every layer's count."""
-        by_device: dict[torch.device, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        by_device: dict[torch.device, list] = {}
         for entry in self._pending:
             by_device.setdefault(entry[2].device, []).append(entry)
         try:
@@ -138,19 +137,35 @@ class NonFiniteCounter:
         finally:
             self.discard_batch()
 
-    def _count(self, entries: list[tuple[str, torch.Tensor, torch.Tensor]]) -> None:
-        bad = ~torch.isfinite(torch.cat([s for _, _, s in entries]))
+    def _count(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, int, int]]) -> None:
+        """One cat of the batch's distinct row sums, one gather of each entry's rows from it and
+        one index_add of those into a [keys, samples] grid, whatever the number of results."""
+        sums: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (its first row in the cat, it)
+        offset = 0
+        for entry in entries:
+            s = entry[2]
+            if id(s) not in sums:
+                sums[id(s)] = (offset, s)
+                offset += s.shape[0]
+        keys = list(dict.fromkeys(entry[0] for entry in entries))
+        width = max(entry[4] for entry in entries)
+        row = {k: i * width for i, k in enumerate(keys)}
+        layout = (
+            width,
+            offset,
+            tuple((sums[id(s)][0] + start, n, row[key]) for key, _, s, start, n in entries),
+        )
+        bad = ~torch.isfinite(torch.cat([s for _, s in sums.values()]))
         device = bad.device
-        if device.type == "cpu":  # no sync to avoid: skip the counting when nothing is bad
-            if not bad.any():
-                return
-            if _picks_rows(bad, self.pick_rows):  # overflowed sums: look at those rows' elements
-                bad = torch.cat([self._exact(t, s) for _, t, s in entries])
-        keys = list(dict.fromkeys(key for key, _, _ in entries))
-        width = max(len(s) for _, _, s in entries)
-        index = self._grid_index(keys, entries, width, device)
+        if device.type == "cpu" and not bad.any():  # no sync to avoid here: nothing is bad
+            return
+        gather, grid = self._indices(layout, device)
+        bad = bad[gather]  # each entry's rows, in entry order
+        if device.type == "cpu" and _picks_rows(bad, self.pick_rows):
+            # overflowed sums: look at the flagged rows' elements
+            bad = torch.cat([self._exact(t, s[start : start + n]) for _, t, s, start, n in entries])
         hits = torch.zeros(len(keys) * width, dtype=torch.int32, device=device)
-        hits.index_add_(0, index, bad.to(torch.int32))
+        hits.index_add_(0, grid, bad.to(torch.int32))
         counts = (hits.view(len(keys), width) > 0).sum(1)
         for seen, total in self._totals:
             if seen == tuple(keys) and total.device == device:  # the usual case: the same layers
@@ -160,23 +175,22 @@ class NonFiniteCounter:
 
     def _exact(self, t: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
         if bool(torch.isfinite(sums).all()):
-            return torch.zeros(len(sums), dtype=torch.bool, device=sums.device)
+            return torch.zeros(sums.shape[0], dtype=torch.bool, device=sums.device)
         return nonfinite_rows(t, pick_rows=True)
 
-    def _grid_index(
-        self, keys: list[str], entries: list, width: int, device: torch.device
-    ) -> torch.Tensor:
-        """Each pending row's place in a [keys, width] grid (cached: batches repeat a layout)."""
-        row = {k: i * width for i, k in enumerate(keys)}
-        layout = (width, device, tuple((row[key], len(s)) for key, _, s in entries))
-        index = self._index.get(layout)
-        if index is None:
+    def _indices(self, layout: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each entry's rows are in the cat of row sums, and their places in the
+        [keys, width] grid (cached: batches repeat a layout)."""
+        key = (layout, device)
+        found = self._index.get(key)
+        if found is None:
             if len(self._index) > 64:  # layouts that never repeat (ragged batches)
                 self._index.clear()
-            index = self._index[layout] = torch.cat(
-                [torch.arange(start, start + n) for start, n in layout[2]]
-            ).to(device)
-        return index
+            segments = layout[2]
+            gather = torch.cat([torch.arange(first, first + n) for first, n, _ in segments])
+            grid = torch.cat([torch.arange(cell, cell + n) for _, n, cell in segments])
+            found = self._index[key] = (gather.to(device), grid.to(device))
+        return found
 
     @property
     def counts(self) -> dict[str, int]:

@@ -218,5 +218,20 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # cat of [N, ...] tensors is their stack with the first two axes merged, in one copy
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+    """``tensors`` [N, ...] stacked along their first axis, [G * N, ...], in the memory layout
+    they have: one copy, and a view of the one tensor when there is one."""
+    first = tensors[0]
+    if len(tensors) == 1:
+        return first
+    if first.is_contiguous():
+        return torch.cat(tensors)
+    # A dense layout other than the default (channels-last maps): cat reads the tensors through
+    # the permutation that makes them contiguous, so it stays one copy (on CUDA, cat of
+    # channels-last inputs copied each input with a launch of its own), and the result is
+    # permuted back: the same values at the same indices, in the tensors' own layout.
+    order = sorted(range(first.ndim), key=lambda d: -first.stride(d))
+    dense = order[0] == 0 and all(t.stride() == first.stride() for t in tensors)
+    if not dense or not first.permute(order).is_contiguous():
+        return torch.cat(tensors)
+    inverse = [order.index(d) for d in range(first.ndim)]
+    return torch.cat([t.permute(order) for t in tensors]).permute(inverse)

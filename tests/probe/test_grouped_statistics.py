@@ -289,6 +289,36 @@ def test_gradients_in_backward_order_chain_as_well():
     assert group_key(calls[0], "backward") == group_key(calls[2], "backward")
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last),
+        lambda: torch.randn(2, 3, 4, 6)[..., :5],  # not dense
+        lambda: torch.randn(4, 2, 3).transpose(0, 1),  # the sample axis not outermost
+    ],
+    ids=["channels-last", "strided", "transposed"],
+)
+def test_stacks_hold_the_tensors_values_in_their_layout(make):
+    from probe.probes.group import _stack
+
+    ts = [make() for _ in range(3)]
+    out = _stack(ts)
+    assert torch.equal(out, torch.cat(ts))
+    if ts[0].is_contiguous(memory_format=torch.channels_last):
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_channels_last_net_grouped_gives_the_per_call_numbers():
+    model = _net("resnet14").to(memory_format=torch.channels_last)
+    x, y = _x()
+    x = x.to(memory_format=torch.channels_last)
+    alone, _ = _run(model, _stats(), False, x, y)
+    grouped, _ = _run(model, _stats(), True, x, y)
+    for key, qs in alone.items():
+        for q, t in qs.items():
+            torch.testing.assert_close(grouped[key][q], t, rtol=1e-5, atol=1e-7)
+
+
 def test_calls_of_other_shapes_or_kinds_get_other_keys():
     t = torch.ones(2, 3)
     a, b = _block_call("a", t, t, t), _block_call("b", t, t, torch.ones(2, 4))
