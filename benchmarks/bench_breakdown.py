@@ -2,7 +2,8 @@
 paired with the unprobed pass it is like for like with, timed right after it.
 
 A forward-only probe is paired with a bare forward; one with gradients with a forward plus the
-gradient w.r.t. the input (a capture computes no weight gradient). On a GPU the model runs
+gradient w.r.t. the input (a capture computes no weight gradient). The unprobed pass is timed
+right before and right after each probed one, with no hook on the model. On a GPU the model runs
 channels-last under bf16 autocast, as in ``bench_hooks``; there the host's issue time (until the
 call returns, before the device is waited for) is printed beside the wall time: where the two
 are equal the pass is bound by the host's dispatch, not by the device.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -77,25 +79,45 @@ def main() -> None:
             loss = F.cross_entropy(model(inp).float(), y, reduction="sum")
         torch.autograd.grad(loss, [inp])
 
-    def report(name: str, fn: Callable[[], object], base: Callable[[], object]) -> None:
-        wall, issue = _times(fn, args.repeats, dev)
-        base_wall, _ = _times(base, args.repeats, dev)
+    def report(name: str, probed: Callable, base: Callable[[], object]) -> None:
+        """``probed()`` is a context holding the hooks, giving the probed pass; the unprobed
+        pass is timed before it is entered and after it is left, without the hooks (their mean;
+        the distance between the two is this row's noise)."""
+        before, _ = _times(base, args.repeats, dev)
+        with probed() as fn:
+            wall, issue = _times(fn, args.repeats, dev)
+        after, _ = _times(base, args.repeats, dev)
+        base_wall = (before + after) / 2
         print(
-            f"{name:38s} {wall:8.2f} ms  issue {issue:8.2f} ms  "
-            f"unprobed {base_wall:8.2f} ms  {wall / base_wall:5.2f}x",
+            f"{name:40s} {wall:8.2f} ms  issue {issue:8.2f} ms  unprobed {base_wall:8.2f} ms "
+            f"(+-{abs(after - before) / 2 / base_wall:4.0%})  {wall / base_wall:5.2f}x",
             flush=True,
         )
 
-    kept: list[torch.Tensor] = []
-    handles = [
-        b.register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
-        for b in model.blocks()
-    ]
-    try:
-        report("hand-written hooks, clone each output", lambda: (forward(), kept.clear()), forward)
-    finally:
-        for h in handles:
-            h.remove()
+    @contextlib.contextmanager
+    def clone_hooks():
+        kept: list[torch.Tensor] = []
+        handles = [
+            b.register_forward_hook(lambda m, a, o: kept.append(o.detach().clone()))
+            for b in model.blocks()
+        ]
+        try:
+            yield lambda: (forward(), kept.clear())
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def session(probes: list, grouped: bool | None):
+        with probe.HookSession(model, "auto", probes, grouped=grouped) as s:
+
+            def run():
+                with autocast():
+                    s.run_batch(x, y)
+
+            yield run
+
+    report("hand-written hooks, clone each output", clone_hooks, forward)
     stats = [probe.ResidualNorms(), probe.ChannelStats()]
     fused = [probe.ResidualNorms(fused=True), probe.ChannelStats(fused=True)]
     rows = [
@@ -113,14 +135,9 @@ def main() -> None:
     # block's at its own call (the CPU's default), side by side
     rows += [(f"{name}, per call", probes, False) for name, probes in rows if probes[0].groupable]
     for name, probes, *grouped in rows:
-        with probe.HookSession(model, "auto", probes, grouped=(grouped or [None])[0]) as session:
-
-            def run(session=session):
-                with autocast():
-                    session.run_batch(x, y)
-
-            grads = any(p.needs_grad for p in probes)
-            report(name, run, forward_backward if grads else forward)
+        grads = any(p.needs_grad for p in probes)
+        opened = functools.partial(session, probes, (grouped or [None])[0])
+        report(name, opened, forward_backward if grads else forward)
 
 
 if __name__ == "__main__":
