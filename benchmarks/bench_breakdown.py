@@ -132,8 +132,10 @@ def main() -> None:
         ("  the same, fused", [*fused, probe.GradNorms()]),
     ]
     # statistics grouped across equally shaped blocks (the default on an accelerator) and each
-    # block's at its own call (the CPU's default), side by side
-    rows += [(f"{name}, per call", probes, False) for name, probes in rows if probes[0].groupable]
+    # block's at its own call (the CPU's default), side by side: the rows above run the device's
+    # default, these the other way
+    other = "per call" if cuda else "grouped"
+    rows += [(f"{name}, {other}", probes, not cuda) for name, probes in rows if probes[0].groupable]
     for name, probes, *grouped in rows:
         grads = any(p.needs_grad for p in probes)
         opened = functools.partial(session, probes, (grouped or [None])[0])

@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,36 @@ def _seed_and_isolated_data_root(tmp_path, monkeypatch):
 def tiny_batch():
     g = torch.Generator().manual_seed(0)
     return torch.randn(6, 1, 8, 8, generator=g), torch.randint(0, 10, (6,), generator=g)
+
+
+def _statistics_reference(raw):
+    """ResidualNorms' and ChannelStats' quantities of one block in numpy float64, from the
+    block's X, F, S, Y ({name: tensor [N, ...]}, as RawSites records them at the call); the
+    channel moments for [N, C, H, W] maps only."""
+    X, F, S, Y = (raw[k].double().numpy() for k in "XFSY")
+    flat = {k: v.reshape(len(v), -1) for k, v in zip("XFSY", (X, F, S, Y))}
+    norm = {k: np.linalg.norm(v, axis=1) for k, v in flat.items()}
+    ref = {
+        "x_norm": norm["X"],
+        "f_norm": norm["F"],
+        "s_norm": norm["S"],
+        "y_norm": norm["Y"],
+        "dev_norm": np.linalg.norm(flat["Y"] - flat["S"], axis=1),
+        "cos_ys": (flat["Y"] * flat["S"]).sum(1) / norm["Y"] / norm["S"],
+        "cos_fs": (flat["F"] * flat["S"]).sum(1) / norm["F"] / norm["S"],
+    }
+    if Y.ndim == 4:
+        for prefix, t in (("", Y), ("f_", F)):
+            per_channel = t.reshape(*t.shape[:2], -1)
+            ref[f"{prefix}channel_mean"] = per_channel.mean(2)
+            ref[f"{prefix}channel_var"] = per_channel.var(2)
+    return ref
+
+
+@pytest.fixture
+def statistics_reference():
+    """``ref(raw)``: a block's statistics in numpy float64 (see _statistics_reference)."""
+    return _statistics_reference
 
 
 STRACE = shutil.which("strace")

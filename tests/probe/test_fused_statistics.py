@@ -31,30 +31,9 @@ def _batches(dtype=torch.float32):
     ]
 
 
-def _numpy_reference(raw):
-    """ResidualNorms' and ChannelStats' quantities from a block's X, F, S, Y in float64."""
-    X, F, S, Y = (raw[k].double().numpy() for k in "XFSY")
-    flat = {k: v.reshape(len(v), -1) for k, v in zip("XFSY", (X, F, S, Y))}
-    norm = {k: np.linalg.norm(v, axis=1) for k, v in flat.items()}
-    ref = {
-        "x_norm": norm["X"],
-        "f_norm": norm["F"],
-        "s_norm": norm["S"],
-        "y_norm": norm["Y"],
-        "dev_norm": np.linalg.norm(flat["Y"] - flat["S"], axis=1),
-        "cos_ys": (flat["Y"] * flat["S"]).sum(1) / norm["Y"] / norm["S"],
-        "cos_fs": (flat["F"] * flat["S"]).sum(1) / norm["F"] / norm["S"],
-    }
-    for prefix, t in (("", Y), ("f_", F)):
-        per_channel = t.reshape(*t.shape[:2], -1)
-        ref[f"{prefix}channel_mean"] = per_channel.mean(2)
-        ref[f"{prefix}channel_var"] = per_channel.var(2)
-    return ref
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_fused_statistics_equal_eager_and_numpy_float64(dtype):
+def test_fused_statistics_equal_eager_and_numpy_float64(dtype, statistics_reference):
     model, batches = _net(dtype), _batches(dtype)
     kinds = {
         "eager": [ResidualNorms(), ChannelStats()],
@@ -70,7 +49,7 @@ def test_fused_statistics_equal_eager_and_numpy_float64(dtype):
             continue
         n_blocks += 1
         raw = {k: torch.from_numpy(got["fused"].read(layer, k)) for k in "XFSY"}
-        for q, want in _numpy_reference(raw).items():
+        for q, want in statistics_reference(raw).items():
             have = got["fused"].read(layer, q)
             np.testing.assert_allclose(have, want, rtol=rtol, atol=rtol, err_msg=f"{layer} {q}")
             np.testing.assert_allclose(have, got["eager"].read(layer, q), rtol=rtol, atol=rtol)

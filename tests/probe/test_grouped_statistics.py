@@ -93,31 +93,10 @@ def _run(model, probes, grouped, x, y, raw=False):
         return s.run_batch(x, y)[0], s
 
 
-def _reference(r):
-    """ResidualNorms' and ChannelStats' quantities of one block in numpy float64, from the
-    tensors RawSites recorded at the call."""
-    X, F, S, Y = (r[k].double().numpy() for k in "XFSY")
-    flat = {k: v.reshape(len(v), -1) for k, v in zip("XFSY", (X, F, S, Y))}
-    norm = {k: np.linalg.norm(v, axis=1) for k, v in flat.items()}
-    ref = {
-        "x_norm": norm["X"],
-        "f_norm": norm["F"],
-        "s_norm": norm["S"],
-        "y_norm": norm["Y"],
-        "dev_norm": np.linalg.norm(flat["Y"] - flat["S"], axis=1),
-        "cos_ys": (flat["Y"] * flat["S"]).sum(1) / norm["Y"] / norm["S"],
-        "cos_fs": (flat["F"] * flat["S"]).sum(1) / norm["F"] / norm["S"],
-    }
-    if Y.ndim == 4:  # channel maps; token blocks' channels are their last axis
-        for prefix, t in (("", Y), ("f_", F)):
-            per_channel = t.reshape(*t.shape[:2], -1)
-            ref[f"{prefix}channel_mean"] = per_channel.mean(2)
-            ref[f"{prefix}channel_var"] = per_channel.var(2)
-    return ref
-
-
 @pytest.mark.parametrize("name,model", _models(), ids=[n for n, _ in _models()])
-def test_grouped_statistics_equal_numpy_and_the_per_call_path(name, model, monkeypatch):
+def test_grouped_statistics_equal_numpy_and_the_per_call_path(
+    name, model, monkeypatch, statistics_reference
+):
     x, y = _x()
     alone, _ = _run(model, _stats(), False, x, y)
     sizes = _sizes(monkeypatch)
@@ -131,7 +110,7 @@ def test_grouped_statistics_equal_numpy_and_the_per_call_path(name, model, monke
             torch.testing.assert_close(grouped[key][q], t, rtol=1e-5, atol=1e-7, msg=f"{key}.{q}")
         if "X" in grouped[key]:
             blocks += 1
-            for q, want in _reference(grouped[key]).items():
+            for q, want in statistics_reference(grouped[key]).items():
                 got = grouped[key][q].double().numpy()
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{key}.{q}")
     assert blocks >= 3
@@ -187,7 +166,9 @@ class DoubleInPlace(nn.Module):
         return x.mul_(2)
 
 
-def test_a_held_tensor_changed_in_place_runs_the_batch_again_without_grouping(monkeypatch):
+def test_a_held_tensor_changed_in_place_runs_the_batch_again_without_grouping(
+    monkeypatch, statistics_reference
+):
     model = _net("resnet14")
     model.stages[1] = nn.Sequential(DoubleInPlace(), *model.stages[1])
     x, y = _x()
@@ -205,7 +186,9 @@ def test_a_held_tensor_changed_in_place_runs_the_batch_again_without_grouping(mo
             for q, t in qs.items():
                 torch.testing.assert_close(results[key][q], t, rtol=1e-5, atol=1e-7)
         block = results["stages.0.0"]  # its y was doubled later: the numbers are the call's own
-        np.testing.assert_allclose(block["y_norm"].numpy(), _reference(block)["y_norm"], rtol=1e-5)
+        np.testing.assert_allclose(
+            block["y_norm"].numpy(), statistics_reference(block)["y_norm"], rtol=1e-5
+        )
 
 
 def test_a_byte_budget_splits_groups_and_changes_no_number(monkeypatch):
