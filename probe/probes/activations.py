@@ -11,6 +11,7 @@ import torch
 
 from probe.errors import check_option
 from probe.probes.base import Call, Probe
+from probe.probes.group import CallGroup, input_of, output_of
 from probe.probes.layout import STRIDED, check_layout, layout_labels, resolve_layout
 from probe.validation import PositiveInt
 
@@ -139,6 +140,7 @@ class Activations(_RawTensorAxes, Probe):
 
     name: ClassVar[str] = "activations"
     forward_grad: ClassVar[bool] = False
+    groupable: ClassVar[bool] = True
     dtype: str = "fp16"
     channel_stride: PositiveInt = 1
     spatial_stride: PositiveInt = 1
@@ -154,6 +156,21 @@ class Activations(_RawTensorAxes, Probe):
 
     def output_only(self) -> bool:
         return self.which == "output"
+
+    def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
+        """:meth:`forward` of a group of equally shaped calls: a dtype conversion (and the fp16
+        clip count) of their stacked tensors, one per group instead of one per call. A tensor
+        kept in its own dtype is each call's own, as a view (no stack), and capped captures
+        keep rows per call: both are taken call by call."""
+        first = group.calls[0]
+        t = first.output if self.which == "output" else first.input
+        if t is None or self.max_samples is not None or STORAGE_DTYPES[self.dtype] == t.dtype:
+            return super().forward_group(group)
+        get = output_of if self.which == "output" else input_of
+        stacked = _subsample(
+            group.stacked(get), self.layout, self.channel_stride, self.spatial_stride
+        )
+        return group.per_call(_stored(self.which, stacked, self.dtype, copy=False))
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         t = call.output if self.which == "output" else call.input

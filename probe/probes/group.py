@@ -21,7 +21,15 @@ import torch
 from probe.errors import ProbeError
 from probe.probes.base import Call
 
-__all__ = ["CallGroup", "check_grouped", "group_key", "group_tensors", "takes_groups"]
+__all__ = [
+    "CallGroup",
+    "check_grouped",
+    "group_key",
+    "group_tensors",
+    "input_of",
+    "output_of",
+    "takes_groups",
+]
 
 _Stacked = tuple[torch.Tensor, int, "int | None", torch.Tensor]
 
@@ -191,6 +199,16 @@ class CallGroup:
         """Stacked results {quantity: [G * N, ...]} as each call's {quantity: [N, ...]}."""
         parts = {q: self.split(t) for q, t in results.items()}
         return [{q: rows[g] for q, rows in parts.items()} for g in range(len(self.calls))]
+
+
+def output_of(call: Call) -> torch.Tensor:
+    """A call's output: ``group.stacked(output_of)`` stacks a group's outputs."""
+    return call.output
+
+
+def input_of(call: Call) -> torch.Tensor | None:
+    """A call's input x."""
+    return call.input
 
 
 def _block_x(call: Call) -> torch.Tensor | None:

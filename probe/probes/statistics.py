@@ -18,7 +18,7 @@ import torch
 from probe.errors import ProbeError
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, identity_quantities, residual_quantities
-from probe.probes.group import CallGroup
+from probe.probes.group import CallGroup, input_of, output_of
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -247,23 +247,15 @@ class ResidualNorms(Probe):
         """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
         first = group.calls[0]
         if first.block is None:
-            out = {"y_norm": group.rowwise(_output, per_sample_norm)}
+            out = {"y_norm": group.rowwise(output_of, per_sample_norm)}
             if _batch_input(first):
-                out["x_norm"] = group.rowwise(_input, per_sample_norm)
+                out["x_norm"] = group.rowwise(input_of, per_sample_norm)
             return group.per_call(out)
         x, f, s, y = (group.stacked(get) for get in _PARTS)
         if self.fused:
             return group.per_call(_fused_block(x, f, s, y))
         norms = tuple(group.rowwise(get, per_sample_norm) for get in _PARTS)
         return group.per_call(_block_quantities(x, f, s, y, norms))
-
-
-def _output(call: Call) -> torch.Tensor:
-    return call.output
-
-
-def _input(call: Call) -> torch.Tensor:
-    return call.input
 
 
 # a block's x, F, S, y (named functions: CallGroup stacks each tensor once, whoever asks)
@@ -349,7 +341,7 @@ class ChannelStats(Probe):
 
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
-        parts = (_output,) if group.calls[0].block is None else (_output, _PARTS[1])
+        parts = (output_of,) if group.calls[0].block is None else (output_of, _PARTS[1])
         return group.per_call(self._moments([group.stacked(get) for get in parts]))
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

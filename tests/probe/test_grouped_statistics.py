@@ -381,7 +381,7 @@ def test_on_cuda_under_bf16_autocast_groups_are_the_default_and_give_the_per_cal
 ):
     """The benchmark's setting: ResNet-56, channels-last, bf16 autocast on a GPU, where grouping
     is on by default. Every quantity equals the per-call path's (float32 accumulation of the
-    same bf16 values; only the order of the sums may differ)."""
+    same bf16 values; only the order of the sums may differ; fp16 activations bit for bit)."""
     torch.manual_seed(0)
     model = probe.zoo.create("resnet56").cuda().eval().to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(1)
@@ -390,7 +390,8 @@ def test_on_cuda_under_bf16_autocast_groups_are_the_default_and_give_the_per_cal
     runs = {}
     for grouped in (False, None):
         sizes = _sizes(monkeypatch)
-        session = probe.HookSession(model, "auto", _stats(fused), grouped=grouped)
+        probes = [*_stats(fused), probe.Activations(dtype="fp16")]
+        session = probe.HookSession(model, "auto", probes, grouped=grouped)
         with session as s, torch.autocast("cuda", dtype=torch.bfloat16):
             runs[grouped] = s.run_batch(x, y)[0]
         if grouped is None:
@@ -398,6 +399,7 @@ def test_on_cuda_under_bf16_autocast_groups_are_the_default_and_give_the_per_cal
     for key, qs in runs[False].items():
         for q, t in qs.items():
             torch.testing.assert_close(runs[None][key][q], t, rtol=1e-4, atol=1e-6)
+        assert torch.equal(runs[None][key]["output"], qs["output"])
 
 
 def test_check_probe_catches_a_group_computed_in_the_wrong_order():
@@ -410,3 +412,51 @@ def test_check_probe_catches_a_group_computed_in_the_wrong_order():
     check_probe(probe.ResidualNorms())  # the right one passes, grouped and per call
     with pytest.raises(AssertionError, match="different .* for grouped calls"):
         check_probe(Shuffled())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["activations:dtype=fp16", "activations:dtype=bf16", "activations:dtype=fp16,channel_stride=2",
+     "activations:dtype=fp16,which=input", "activations:dtype=fp32",
+     "activations:dtype=fp16,max_samples=3"],
+)  # fmt: skip
+def test_activations_grouped_are_each_calls_own(spec, monkeypatch):
+    """Raw tensors converted once per group: each call's rows are its own tensor in the storage
+    dtype, its clip counts are its own (a block whose output exceeds fp16's range), and a tensor
+    kept in its own dtype (or capped) is taken call by call, as a view where it was one."""
+    from probe.probes.registry import make_probe
+
+    model, (x, y) = _net("resnet14"), _x()
+    with torch.no_grad():  # the last block of the first stage overflows fp16 for every sample
+        model.stages[0][1].branch.bn2.bias.fill_(1e5)
+    runs = {}
+    for grouped in (False, True):
+        sizes = _sizes(monkeypatch)
+        results, _ = _run(model, [make_probe(spec)], grouped, x, y)
+        runs[grouped] = results
+    alone, grouped = runs[False], runs[True]
+    assert sorted(alone) == sorted(grouped)
+    for key, qs in alone.items():
+        assert sorted(qs) == sorted(grouped[key]), key
+        for q, t in qs.items():
+            assert grouped[key][q].dtype == t.dtype and torch.equal(grouped[key][q], t), (key, q)
+    if "fp16" in spec and "which=input" not in spec:
+        assert alone["stages.0.1"]["output_clipped"].min() > 0  # the overflow was seen
+        assert int(alone["stages.0.0"]["output_clipped"].sum()) == 0  # and only there
+    assert max(sizes) > 1
+
+
+def test_activations_and_statistics_grouped_share_one_stack(monkeypatch):
+    stacks = []
+    real = probe.probes.group._stack
+
+    def counted(tensors):
+        stacks.append(len(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(probe.probes.group, "_stack", counted)
+    probes = [probe.Activations(dtype="fp16"), probe.ResidualNorms(), probe.ChannelStats()]
+    _run(_net("resnet14"), probes, True, *_x())
+    # the first stage's two blocks are one group (the other stages' differ in shape): their x's
+    # and y's are one stack of three (outputs, inputs, S = x and every probe's reads), F's one
+    assert sorted(n for n in stacks if n > 1) == [2, 3]
