@@ -109,9 +109,13 @@ def overhead(batch: int, repeats: int) -> dict:
         "resprobe stats, fused": with_probes(
             probe.ResidualNorms(fused=True), probe.ChannelStats(fused=True), probe.GradNorms()
         ),
-        # each call's statistics computed at its call (the default on the CPU)
-        "resprobe stats, per call": with_probes(
-            probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms(), grouped=False
+        # the statistics the other way than the device's default: each at its call on an
+        # accelerator (where they are grouped by default), grouped across blocks on the CPU
+        f"resprobe stats, {'per call' if dev.type != 'cpu' else 'grouped'}": with_probes(
+            probe.ResidualNorms(),
+            probe.ChannelStats(),
+            probe.GradNorms(),
+            grouped=dev.type == "cpu",
         ),
         # the same pass again at the end: its distance from the first is the noise floor
         "unprobed, again at the end": median_ms(unprobed_backward, repeats=repeats),
