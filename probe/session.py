@@ -794,26 +794,26 @@ class HookSession:
             waits.discard(attr)
             if not waits and self._eager_backward:
                 self._backward_done.add(id(call))
-                probes = tuple(p for p in self._grad_probes if p.applies_to(call))
-                if (
-                    self._grouping
-                    and probes
-                    and all(id(p) in self._groups_backward for p in probes)
-                ):
-                    self._hold(_Held(call, "backward", call.name, probes))
+                probes = [p for p in self._grad_probes if p.applies_to(call)]
+                grouped = self._groups_backward if self._grouping else set()
+                held = [p for p in probes if id(p) in grouped]
+                self._run_backward(call, [p for p in probes if id(p) not in grouped])
+                if held:  # its gradients are dropped once the group is computed
+                    self._hold(_Held(call, "backward", call.name, tuple(held)))
                     return
-                self._run_backward(call)
                 call.grad_output = call.grad_input = None
 
         return hook
 
-    def _run_backward(self, call: Call) -> None:
+    def _run_backward(self, call: Call, probes: Sequence[Probe] | None = None) -> None:
+        """The backward half of ``probes`` (default: every gradient probe that applies)."""
+        if probes is None:
+            probes = [p for p in self._grad_probes if p.applies_to(call)]
         with self._suspend():
-            for p in self._grad_probes:
-                if p.applies_to(call):
-                    self._merge(
-                        self._results[call.name], p.backward(call), p, call.name, call.batch_size
-                    )
+            for p in probes:
+                self._merge(
+                    self._results[call.name], p.backward(call), p, call.name, call.batch_size
+                )
 
     def _merge(
         self,

@@ -460,3 +460,36 @@ def test_activations_and_statistics_grouped_share_one_stack(monkeypatch):
     # the first stage's two blocks are one group (the other stages' differ in shape): their x's
     # and y's are one stack of three (outputs, inputs, S = x and every probe's reads), F's one
     assert sorted(n for n in stacks if n > 1) == [2, 3]
+
+
+@pytest.mark.parametrize(
+    "layers,probes,mode",
+    [
+        ("auto", ["residual", "channel", "grad"], "train"),  # BN in training mode
+        # Gradients is not groupable backward: it runs at each call, GradNorms grouped
+        ("auto", ["grad", "gradients:dtype=fp32"], "eval"),
+        ("**.bn2", ["residual", "channel", "grad"], "eval"),  # plain layers, not blocks
+    ],
+    ids=["train-mode", "mixed-backward", "plain-layers"],
+)
+@pytest.mark.filterwarnings("ignore:.*hold no residual site")
+def test_other_selections_and_modes_grouped_give_the_per_call_numbers(
+    layers, probes, mode, monkeypatch
+):
+    from probe.probes.registry import make_probe
+
+    sizes = _sizes(monkeypatch)
+
+    model, (x, y) = _net("resnet20"), _x()
+    runs = []
+    for grouped in (False, True):
+        with probe.HookSession(model, layers, [make_probe(p) for p in probes], mode=mode,
+                               grouped=grouped) as s:  # fmt: skip
+            runs.append(s.run_batch(x, y)[0])
+    alone, grouped = runs
+    assert max(sizes) > 1  # (the per-call session makes no group)
+    assert sorted(alone) == sorted(grouped) and alone
+    for key, qs in alone.items():
+        assert sorted(qs) == sorted(grouped[key])
+        for q, t in qs.items():
+            torch.testing.assert_close(grouped[key][q], t, rtol=1e-5, atol=1e-7, msg=f"{key}.{q}")
