@@ -26,9 +26,15 @@ __all__ = [
     "check_grouped",
     "group_key",
     "group_tensors",
+    "f_of",
+    "grad_input_of",
+    "grad_output_of",
     "input_of",
     "output_of",
+    "s_of",
     "takes_groups",
+    "x_of",
+    "y_of",
 ]
 
 _Stacked = tuple[torch.Tensor, int, "int | None", torch.Tensor]
@@ -136,9 +142,6 @@ class CallGroup:
         self._chains: dict[tuple, torch.Tensor] = {}  # a chain's x-and-y stack
         self._reduced: dict[tuple[int, object], torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return len(self.calls)
-
     def stacked(self, get: Callable[[Call], torch.Tensor]) -> torch.Tensor:
         """``get(call)`` of every call, stacked: [G * N, ...]."""
         return self._stack_of(get)[3]
@@ -211,24 +214,31 @@ def input_of(call: Call) -> torch.Tensor | None:
     return call.input
 
 
-def _block_x(call: Call) -> torch.Tensor | None:
-    return None if call.block is None else call.block.x
-
-
-def _block_y(call: Call) -> torch.Tensor | None:
-    return None if call.block is None else call.block.y
-
-
-def _grad_output(call: Call) -> torch.Tensor | None:
+def grad_output_of(call: Call) -> torch.Tensor | None:
+    """A call's dL/dy (backward groups)."""
     return call.grad_output
 
 
-def _grad_input(call: Call) -> torch.Tensor | None:
+def grad_input_of(call: Call) -> torch.Tensor | None:
+    """A block call's dL/dx (backward groups)."""
     return call.grad_input
 
 
+def _block_part(part: str) -> Callable[[Call], torch.Tensor | None]:
+    def get(call: Call) -> torch.Tensor | None:
+        return None if call.block is None else getattr(call.block, part)
+
+    get.__name__ = f"{part}_of"
+    get.__doc__ = f"A block call's {part} (None for a call that is no block)."
+    return get
+
+
+# a block's x, F(x), S(x) and y
+x_of, f_of, s_of, y_of = (_block_part(part) for part in ("x", "f", "s", "y"))
+
+
 # (first, second) of each call, where a chain's firsts are the previous calls' seconds
-_CHAINS = ((_block_x, _block_y), (_grad_output, _grad_input))
+_CHAINS = ((x_of, y_of), (grad_output_of, grad_input_of))
 
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

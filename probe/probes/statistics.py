@@ -18,7 +18,17 @@ import torch
 from probe.errors import ProbeError
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, identity_quantities, residual_quantities
-from probe.probes.group import CallGroup, input_of, output_of
+from probe.probes.group import (
+    CallGroup,
+    f_of,
+    grad_input_of,
+    grad_output_of,
+    input_of,
+    output_of,
+    s_of,
+    x_of,
+    y_of,
+)
 from probe.probes.layout import channel_axis, check_layout
 
 __all__ = [
@@ -258,8 +268,8 @@ class ResidualNorms(Probe):
         return group.per_call(_block_quantities(x, f, s, y, norms))
 
 
-# a block's x, F, S, y (named functions: CallGroup stacks each tensor once, whoever asks)
-_PARTS = tuple((lambda call, part=part: getattr(call.block, part)) for part in ("x", "f", "s", "y"))
+# a block's x, F, S, y (CallGroup stacks each tensor once, whichever probe asks)
+_PARTS = (x_of, f_of, s_of, y_of)
 
 
 def _batch_input(call: Call) -> bool:
@@ -341,7 +351,7 @@ class ChannelStats(Probe):
 
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
-        parts = (output_of,) if group.calls[0].block is None else (output_of, _PARTS[1])
+        parts = (output_of,) if group.calls[0].block is None else (output_of, f_of)
         return group.per_call(self._moments([group.stacked(get) for get in parts]))
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -393,19 +403,11 @@ class GradNorms(Probe):
         """:meth:`backward` of a group of equally shaped calls, computed on their stacked rows."""
         first, out = group.calls[0], {}
         if first.grad_output is not None:
-            out["grad_y_norm"] = group.rowwise(_grad_output, per_sample_norm)
+            out["grad_y_norm"] = group.rowwise(grad_output_of, per_sample_norm)
         if first.grad_input is not None:
-            out["grad_x_norm"] = nx = group.rowwise(_grad_input, per_sample_norm)
+            out["grad_x_norm"] = nx = group.rowwise(grad_input_of, per_sample_norm)
             if first.block is not None and first.block.f.shape == first.grad_input.shape:
-                f, g = group.stacked(_PARTS[1]), group.stacked(_grad_input)
-                nf = group.rowwise(_PARTS[1], per_sample_norm)
+                f, g = group.stacked(f_of), group.stacked(grad_input_of)
+                nf = group.rowwise(f_of, per_sample_norm)
                 out["cos_f_grad"] = per_sample_cos(f, g, norms=(nf, nx))
         return group.per_call(out)
-
-
-def _grad_output(call: Call) -> torch.Tensor:
-    return call.grad_output
-
-
-def _grad_input(call: Call) -> torch.Tensor:
-    return call.grad_input
