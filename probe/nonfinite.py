@@ -73,6 +73,11 @@ def _row_sums(t: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     return rows.sum(1, dtype=torch.float64)
 
 
+def _recording(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is being recorded into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class NonFiniteCounter:
     """Per layer key, the samples so far with a NaN or an infinity in any result.
 
@@ -128,16 +133,35 @@ class NonFiniteCounter:
 
     def end_batch(self) -> None:
         """Add this batch's samples with a non-finite result to every layer's count."""
+        for keys, counts in self.batch_counts():
+            self.accumulate(keys, counts)
+
+    def batch_counts(self) -> list[tuple[tuple[str, ...], torch.Tensor]]:
+        """This batch's samples with a non-finite result, per layer key: (keys, counts) per
+        device, counts [len(keys)] on that device; the batch is then forgotten. A recorded pass
+        (probe.replay) takes them inside the recording and :meth:`accumulate` s them after each
+        replay. On the CPU a batch with nothing non-finite gives nothing (no count to add)."""
         by_device: dict[torch.device, list] = {}
         for entry in self._pending:
             by_device.setdefault(entry[2].device, []).append(entry)
         try:
-            for entries in by_device.values():
-                self._count(entries)
+            counted = [self._count(entries) for entries in by_device.values()]
         finally:
             self.discard_batch()
+        return [c for c in counted if c is not None]
 
-    def _count(self, entries: list[tuple[str, torch.Tensor, torch.Tensor, int, int]]) -> None:
+    def accumulate(self, keys: tuple[str, ...], counts: torch.Tensor) -> None:
+        """Add ``counts`` (samples with a non-finite result, one per key) to the totals."""
+        for seen, total in self._totals:
+            if seen == keys and total.device == counts.device:  # the usual case: the same layers
+                total += counts
+                return
+        # a copy: a replayed recording refills its counts in place at every batch
+        self._totals.append((keys, counts.clone()))
+
+    def _count(
+        self, entries: list[tuple[str, torch.Tensor, torch.Tensor, int, int]]
+    ) -> tuple[tuple[str, ...], torch.Tensor] | None:
         """One cat of the batch's distinct row sums, one gather of each entry's rows from it and
         one index_add of those into a [keys, samples] grid, whatever the number of results."""
         sums: dict[int, tuple[int, torch.Tensor]] = {}  # id -> (its first row in the cat, it)
@@ -158,7 +182,7 @@ class NonFiniteCounter:
         bad = ~torch.isfinite(torch.cat([s for _, s in sums.values()]))
         device = bad.device
         if device.type == "cpu" and not bad.any():  # no sync to avoid here: nothing is bad
-            return
+            return None
         gather, grid = self._indices(layout, device)
         bad = bad[gather]  # each entry's rows, in entry order
         if device.type == "cpu" and _picks_rows(bad, self.pick_rows):
@@ -166,12 +190,7 @@ class NonFiniteCounter:
             bad = torch.cat([self._exact(t, s[start : start + n]) for _, t, s, start, n in entries])
         hits = torch.zeros(len(keys) * width, dtype=torch.int32, device=device)
         hits.index_add_(0, grid, bad.to(torch.int32))
-        counts = (hits.view(len(keys), width) > 0).sum(1)
-        for seen, total in self._totals:
-            if seen == tuple(keys) and total.device == device:  # the usual case: the same layers
-                total += counts
-                return
-        self._totals.append((tuple(keys), counts))
+        return tuple(keys), (hits.view(len(keys), width) > 0).sum(1)
 
     def _exact(self, t: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
         if bool(torch.isfinite(sums).all()):
@@ -187,8 +206,11 @@ class NonFiniteCounter:
             if len(self._index) > 64:  # layouts that never repeat (ragged batches)
                 self._index.clear()
             segments = layout[2]
-            gather = torch.cat([torch.arange(first, first + n) for first, n, _ in segments])
-            grid = torch.cat([torch.arange(cell, cell + n) for _, n, cell in segments])
+            # Built on the device while a CUDA graph is recorded (probe.replay), where a copy
+            # from pageable host memory is refused; elsewhere on the host, in two copies.
+            on = device if _recording(device) else "cpu"
+            gather = torch.cat([torch.arange(a, a + n, device=on) for a, n, _ in segments])
+            grid = torch.cat([torch.arange(c, c + n, device=on) for _, n, c in segments])
             found = self._index[key] = (gather.to(device), grid.to(device))
         return found
 
