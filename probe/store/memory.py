@@ -10,8 +10,9 @@ Rows keep the dtype and per-sample shape of a quantity's first batch; a later ba
 be stored that way exactly is an error, as in an HDF5 capture (:mod:`probe.store.writer`).
 
 Results on an accelerator leave it as an HDF5 capture's do (:func:`probe.store.writer.to_host`):
-pinned, non-blocking copies, waited for once at the end of the batch (:meth:`MemoryRows.end_batch`)
-instead of a synchronising ``.cpu()`` per result.
+pinned, non-blocking copies (one per block of memory the batch's results share), started and
+waited for at the end of the batch (:meth:`MemoryRows.end_batch`) instead of a synchronising
+``.cpu()`` per result.
 
 Example:
     >>> import torch
@@ -32,7 +33,7 @@ from math import prod
 import numpy as np
 import torch
 
-from probe.store.writer import dtype_mismatch, shape_mismatch, to_host
+from probe.store.writer import dtype_mismatch, shape_mismatch, to_host_many
 
 __all__ = ["MemoryRows"]
 
@@ -72,7 +73,7 @@ class MemoryRows:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self._columns: dict[str, dict[str, _Column]] = {}
-        self._pending: list[tuple[_Column, object]] = []  # copies in flight, in arrival order
+        self._pending: list[tuple[_Column, torch.Tensor]] = []  # device rows, in arrival order
 
     def add(self, layer: str, quantity: str, t: torch.Tensor) -> None:
         """Append the rows of one batch; bfloat16 is stored as float32 (numpy has no bfloat16)."""
@@ -86,7 +87,7 @@ class MemoryRows:
         else:
             _check(f"{layer}/{quantity}", col, feat, dtype)
         if _deferred(t):
-            self._pending.append((col, to_host(t)))
+            self._pending.append((col, t))
         else:
             col.add(t)
 
@@ -94,7 +95,9 @@ class MemoryRows:
         """Wait for the batch's copies from the accelerator and store their rows; call it before
         the probes' tensors can change (the next batch)."""
         pending, self._pending = self._pending, []
-        for col, host in pending:
+        # one copy per block of memory the batch's results share (to_host_many)
+        hosts = to_host_many([t for _, t in pending])
+        for (col, _), host in zip(pending, hosts):
             rows = torch.from_numpy(host.numpy())  # waits for this copy's event
             if host.encoding == "bfloat16":  # its raw 16 bits, as they left the device
                 rows = rows.view(torch.bfloat16)
