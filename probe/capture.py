@@ -30,6 +30,7 @@ from probe.probes.base import Probe
 from probe.probes.group import check_grouped
 from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
+from probe.replay import check_cuda_graph, check_device, check_replayable
 from probe.runtime import runtime_settings
 from probe.session import HookSession, LossFn, NonFiniteWarning
 from probe.store.memory import MemoryRows
@@ -162,6 +163,7 @@ def capture(
     distributed: bool | None = None,
     join: str = "copy",
     grouped: bool | None = None,
+    cuda_graph: bool = False,
 ) -> CaptureReader:
     """Run ``probes`` on ``layers`` of ``model`` over ``data`` and return a reader of the results.
 
@@ -199,6 +201,11 @@ def capture(
             them (:mod:`probe.probes.group`): the same numbers with a fraction of the kernel
             launches, for a little more memory. ``None`` (default): on for batches on an
             accelerator, where launches bound a probed pass; off on the CPU.
+        cuda_graph: record the probed pass as a CUDA graph at the second batch of each shape
+            and replay it for the later ones (:mod:`probe.replay`): one launch per batch instead
+            of one per kernel, for the probes that can be replayed (``Probe.replayable``). The
+            recording is checked against the eager pass on a batch; where it cannot be used the
+            capture runs eagerly with a ``GraphFallbackWarning``. Needs a CUDA model.
 
     The model's training flags, buffers (BN running statistics, also after a train-mode capture),
     grad mode and outputs are unchanged; hooks are removed and a
@@ -220,7 +227,13 @@ def capture(
             f"{sample_offset!r}."
         )
     check_grouped(grouped)
-    job = CaptureJob(model, layers, probes, mode, loss_fn, compression, queue_bytes, grouped)
+    check_cuda_graph(cuda_graph)
+    if cuda_graph:  # before any file or rank is set up
+        check_replayable(probes)
+        check_device(next((p for p in model.parameters()), torch.empty(0)), "a model")
+    job = CaptureJob(
+        model, layers, probes, mode, loss_fn, compression, queue_bytes, grouped, cuda_graph
+    )
     if _over_ranks(distributed, shard):
         from probe.distributed.capture import capture_over_ranks
 
@@ -342,6 +355,7 @@ class CaptureJob:
     compression: str | None
     queue_bytes: int
     grouped: bool | None = None  # see HookSession
+    cuda_graph: bool = False  # see HookSession
 
     def run(
         self,
@@ -369,7 +383,13 @@ class CaptureJob:
         indices: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         with HookSession(
-            model, self.layers, probes, mode=self.mode, loss_fn=self.loss_fn, grouped=self.grouped
+            model,
+            self.layers,
+            probes,
+            mode=self.mode,
+            loss_fn=self.loss_fn,
+            grouped=self.grouped,
+            cuda_graph=self.cuda_graph,
         ) as session:
             try:  # the writer is made inside: a signal right after it opens must still abort it
                 if out is not None:

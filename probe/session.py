@@ -36,11 +36,26 @@ from probe.hooks.sites import (
     site_keys,
     storage_ptr,
 )
-from probe.losses import exact_cross_entropy
+from probe.losses import check_labels, exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
 from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor
 from probe.probes.group import CallGroup, check_grouped, group_key, group_tensors, takes_groups
 from probe.probes.registry import as_probes
+from probe.replay import (
+    MAX_RECORDINGS,
+    GraphFallbackWarning,
+    Packed,
+    Recording,
+    check_cuda_graph,
+    check_device,
+    check_replayable,
+    pass_key,
+    record_graph,
+    recording_autocast,
+    same_results,
+    side_stream,
+    static_copy,
+)
 
 __all__ = [
     "HookSession",
@@ -345,19 +360,24 @@ class HookSession:
         mode: str = "eval",
         loss_fn: LossFn | None = None,
         grouped: bool | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         if mode not in ("eval", "train", "keep"):
             raise ProbeError(f"Invalid mode {mode!r}; allowed: eval, train, keep.")
         check_grouped(grouped)
+        check_cuda_graph(cuda_graph)
         probes = as_probes(probes)
         if not probes:
             raise ProbeError("No probes given; pass e.g. probes=[probe.ResidualNorms()].")
+        if cuda_graph:
+            check_replayable(probes)
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
             raise ProbeError(f"Each probe may be given once; got {names}.")
         self.model, self.probes, self.mode = model, list(probes), mode
         # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).
         self.loss_fn = loss_fn or exact_cross_entropy
+        self._default_loss = loss_fn is None
         self.needs_grad = any(p.needs_grad for p in probes)
         # Gradient probes that only reduce what they are given run inside the tensor hooks.
         self._eager_backward = all(p.eager_backward for p in probes if p.needs_grad)
@@ -404,6 +424,14 @@ class HookSession:
         self.grouped = grouped
         self._grouping = False  # for the batch being run
         self._group_unsafe = False  # a held call's tensor changed in place before it was computed
+        # Probed passes recorded as CUDA graphs and replayed (probe.replay), by pass_key.
+        self.cuda_graph = cuda_graph
+        self._recordings: dict[tuple, Recording] = {}
+        self._seen_keys: Counter = Counter()  # batches run eagerly per pass key
+        self.graph_off: str | None = None  # why recorded passes are no longer used, if so
+        self._recording = False  # a pass being recorded (or the one before it)
+        # replayed batches' label checks, read at the next batch (_queue_label_check)
+        self._label_checks: list[tuple[int, torch.Tensor, object, int]] = []
         self.shapes: dict[
             str, tuple
         ] = {}  # key -> (output, branch or None, input or None) shapes per sample
@@ -487,6 +515,7 @@ class HookSession:
             h.remove()
         self._handles.clear()
         self._release_batch()
+        self._recordings.clear()  # their graphs and memory pools
         self._stack.close()
         for m, flag in self._flags.items():
             m.training = flag
@@ -977,12 +1006,32 @@ class HookSession:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
         if self._tracing:
             self._resolve(x)
-        rng = _rng_state(x.device)
+        if self.cuda_graph:
+            check_device(x)
+            replayed = self._replay_or_record(x, y, sample_offset)
+            if replayed is not None:
+                return replayed
+        return self._eager_batch(x, y, sample_offset, next_input)
+
+    def _grouping_for(self, x: torch.Tensor) -> bool:
+        """Whether the batch's statistics are grouped (the default: on an accelerator)."""
         grouping = self.grouped if self.grouped is not None else x.device.type != "cpu"
+        return grouping and not self._group_unsafe
+
+    def _eager_batch(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        sample_offset: int,
+        next_input: torch.Tensor | None,
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        """The batch run with the hooks calling the probes (see :meth:`run_batch`)."""
+        rng = _rng_state(x.device)
+        grouping = self._grouping_for(x)
         for attempt in range(2):
             self._reset_batch(sample_offset)
             self._in_batch = attempt == 0  # a second attempt copies every result
-            self._grouping = grouping and attempt == 0 and not self._group_unsafe
+            self._grouping = grouping and attempt == 0
             try:
                 out = self._forward_backward(x, y)
                 if self._aliases_held() and not self._group_changed:
@@ -1029,6 +1078,106 @@ class HookSession:
         self._unshared(results)
         return _compacted(results), logits
 
+    # -- recorded passes (probe.replay) --------------------------------------------------------
+    def _replay_or_record(
+        self, x: torch.Tensor, y: torch.Tensor | None, sample_offset: int
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor] | None:
+        """The batch's results from a recorded pass, or by recording one at the second batch of
+        its key (checked against the eager pass); None: run it eagerly."""
+        self._check_labels()
+        if self.graph_off is not None:
+            return None
+        key = pass_key(self.model, x, y)
+        rec = self._recordings.get(key)
+        if rec is not None:
+            return self._replayed(rec, x, y, sample_offset)
+        if len(self._seen_keys) > 64:  # keys that never repeat (ever-changing batch sizes)
+            self._seen_keys.clear()
+        self._seen_keys[key] += 1
+        if self._seen_keys[key] < 2 or len(self._recordings) >= MAX_RECORDINGS:
+            return None  # the first batch of a key runs eagerly, as every one does without
+        return self._record(key, x, y, sample_offset)
+
+    def _replayed(
+        self, rec: Recording, x: torch.Tensor, y: torch.Tensor | None, sample_offset: int
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+        self._reset_batch(sample_offset)
+        self._queue_label_check(y, rec.classes, sample_offset)
+        results, logits, counts = rec.replay(x, y)
+        for keys, c in counts:
+            self._nonfinite.accumulate(keys, c)
+        self._info = dict(rec.info)  # the layers behind the keys (layer_info)
+        return results, logits
+
+    def _record(
+        self, key: tuple, x: torch.Tensor, y: torch.Tensor | None, sample_offset: int
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor] | None:
+        """Record the probed pass of this batch's key, replay it on the batch and compare it with
+        the batch's eager pass, whose results are returned; None when it cannot be recorded."""
+        grouping = self._grouping_for(x)
+        # The pass before the recording sees the batch's samples in other rows: a probe that
+        # kept a result from it (reused instead of recomputed while recording) is then caught
+        # by the comparison below instead of passing as the same batch's numbers.
+        sx = static_copy(x.roll(1, 0))
+        sy = static_copy(None if y is None else y.roll(1, 0))
+        try:
+            with recording_autocast(x.device.type):
+                with side_stream(x.device):
+                    self._recording_pass(sx, sy, sample_offset, grouping)
+                sx.copy_(x)
+                if sy is not None:
+                    sy.copy_(y)
+                graph, (packed, info) = record_graph(
+                    lambda: self._recording_pass(sx, sy, sample_offset, grouping)
+                )
+        except Exception as e:  # an operation a recording refuses: the batch runs eagerly
+            self._give_up(f"recording the probed pass failed ({type(e).__name__}: {e})")
+            return None
+        if packed is None:
+            self._give_up("a tensor the probes read was changed in place during the pass")
+            return None
+        rec = Recording(graph, sx, sy, packed, info)
+        rng = _rng_state(x.device)
+        replayed, logits, _ = rec.replay(x, y)  # its counts: the eager pass counts this batch
+        _set_rng_state(x.device, rng)  # the same random draws (dropout) for the eager pass
+        results, eager_logits = self._eager_batch(x, y, sample_offset, None)
+        diff = same_results(
+            {**replayed, "": {"logits": logits}}, {**results, "": {"logits": eager_logits}}
+        )
+        if diff is not None:
+            self._give_up(f"the replayed pass differs from the eager one on the same batch: {diff}")
+        else:
+            self._recordings[key] = rec
+        return results, eager_logits
+
+    def _recording_pass(
+        self, x: torch.Tensor, y: torch.Tensor | None, sample_offset: int, grouping: bool
+    ) -> tuple[Packed | None, dict]:
+        """One probed pass whose results are packed (None if a held tensor changed in place).
+        Every result is a copy (no views of the pass's memory, which a replay reuses)."""
+        self._reset_batch(sample_offset)
+        self._in_batch, self._grouping, self._recording = False, grouping, True
+        try:
+            out = self._forward_backward(x, y)
+            counts = self._nonfinite.batch_counts()
+            if self._group_changed:
+                return None, {}
+            results = {k: qs for k, qs in self._results.items() if qs}
+            return Packed.pack(results, out.detach(), counts), dict(self._info)
+        finally:
+            self._grouping = self._recording = False
+            self._release_batch()
+
+    def _give_up(self, reason: str) -> None:
+        self.graph_off = reason
+        self._recordings.clear()
+        warnings.warn(
+            f"cuda_graph: {reason}. Every batch of this session runs eagerly instead (the same "
+            "numbers, without the replay's speed).",
+            GraphFallbackWarning,
+            stacklevel=6,  # the caller of run_batch
+        )
+
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """The batch's forward (and backward, for gradient probes) with the hooks on; the logits."""
         if not self.needs_grad:
@@ -1042,7 +1191,7 @@ class HookSession:
         with torch.enable_grad():
             out = self.model(inp)
             self.flush_held()  # before the backward pass: the held tensors are freed first
-            loss = self.loss_fn(out, y)
+            loss = self._loss(out, y)
             torch.autograd.grad(loss, [inp], allow_unused=True)
         self.flush_held()
         for call in self._calls:
@@ -1050,9 +1199,49 @@ class HookSession:
                 self._run_backward(call)
         return out
 
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not (self._recording and self._default_loss):
+            return self.loss_fn(out, y)
+        # Recorded: the labels' check reads them on the host, which a recording refuses; each
+        # replayed batch's labels are checked on the device instead (_check_labels), and clamped
+        # here so that a bad one cannot index out of the logits before it is reported.
+        return exact_cross_entropy(out, y.clamp(0, out.shape[1] - 1), check=False)
+
+    def _queue_label_check(self, y: torch.Tensor | None, classes: int, sample_offset: int) -> None:
+        """Start checking a replayed batch's labels on the device, read at the next batch."""
+        if y is None or not (self.needs_grad and self._default_loss):
+            return
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            check_labels(y, classes)  # its dtype: no device read needed
+        bad = ((y < 0) | (y >= classes)).any()
+        flag, event = bad, None
+        if y.is_cuda:
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self._label_checks.append((sample_offset, flag, event, classes))
+
+    def _check_labels(self) -> None:
+        """Raise for the replayed batches whose labels are not classes (see _queue_label_check).
+        Each flag is copied before its batch's replay, so waiting for it does not wait for
+        the pass."""
+        checks, self._label_checks = self._label_checks, []
+        for first, flag, event, classes in checks:
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                raise ProbeError(
+                    f"Labels must lie in [0, {classes - 1}] for {classes} classes; the batch from "
+                    f"sample {first} has others. Unlabelled samples (label -1) cannot drive "
+                    "gradient probes (reported at the batch after it: its pass was replayed)."
+                )
+
     @property
     def nonfinite(self) -> dict[str, int]:
-        """Layer key -> samples so far with a NaN or infinite result (layers with none omitted)."""
+        """Layer key -> samples so far with a NaN or infinite result (layers with none omitted).
+        In a replayed session (``cuda_graph``) this also reports bad labels of the last batch."""
+        self._check_labels()
         return self._nonfinite.counts
 
     def layer_info(self, key: str) -> LayerInfo:

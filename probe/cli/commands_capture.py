@@ -84,6 +84,14 @@ __all__ = ["COMMANDS"]
     help="Compute statistics of equally shaped blocks together (fewer kernel launches, the "
     "same numbers) or each at its call. Default: grouped on a GPU, per call on the CPU.",
 )
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    default=False,
+    help="Record the probed pass as a CUDA graph and replay it for every batch of the same "
+    "shape: one launch per batch (CUDA only; statistics and raw tensors without a sample cap). "
+    "Checked against the eager pass once; falls back to it with a warning.",
+)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--device", default="auto", show_default=True)
 @click.option(
@@ -110,6 +118,7 @@ def capture_cmd(
     compression,
     mode,
     grouped,
+    cuda_graph,
     out,
     device,
     join,
@@ -164,6 +173,7 @@ def capture_cmd(
         progress=progress,
         join=join,
         grouped=grouped,
+        cuda_graph=cuda_graph,
     )
     try:
         if model_spec is not None:

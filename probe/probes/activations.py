@@ -157,6 +157,9 @@ class Activations(_RawTensorAxes, Probe):
     def output_only(self) -> bool:
         return self.which == "output"
 
+    def replayable(self) -> bool:
+        return self.max_samples is None  # a cap keeps rows by their place in the capture
+
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of a group of equally shaped calls: a dtype conversion (and the fp16
         clip count) of their stacked tensors, one per group instead of one per call. A tensor
@@ -207,6 +210,9 @@ class Gradients(_RawTensorAxes, Probe):
 
     def output_only(self) -> bool:
         return True
+
+    def replayable(self) -> bool:
+        return self.max_samples is None  # a cap keeps rows by their place in the capture
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         if call.grad_output is None:

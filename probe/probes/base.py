@@ -251,6 +251,21 @@ class Probe:
         """
         return False
 
+    def replayable(self) -> bool:
+        """Whether a probed pass recorded as a CUDA graph may replay this probe (default: False).
+
+        Say True only when ``forward`` and ``backward`` are a fixed sequence of device operations
+        on the call's tensors: no host sync (``.item()``, ``bool(t)``, ``nonzero``), nothing
+        decided by the batch's place in the capture (``sample_offset``, sample caps, per-sample
+        random seeds), no state kept from one batch to the next. A replay repeats the recorded
+        kernels without running the probe's Python (:mod:`probe.replay`).
+
+        Example:
+            >>> Probe().replayable()
+            False
+        """
+        return False
+
     def config(self) -> dict:
         """The probe's parameters, recorded in the capture's provenance."""
         import dataclasses

@@ -240,6 +240,9 @@ class ResidualNorms(Probe):
         super().__post_init__()
         self._norms = NormMemo()  # not a setting: kept out of the probe's fields
 
+    def replayable(self) -> bool:
+        return True  # reductions of the call's tensors only (probe.replay)
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         b, norm = call.block, self._norms.norm
         if b is None:
@@ -345,6 +348,9 @@ class ChannelStats(Probe):
         super().__post_init__()
         check_layout(self.layout)
 
+    def replayable(self) -> bool:
+        return True  # reductions of the call's tensors only (probe.replay)
+
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         tensors = (call.output,) if call.block is None else (call.output, call.block.f)
         return self._moments(tensors)
@@ -384,6 +390,9 @@ class GradNorms(Probe):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._norms = NormMemo()  # not a setting: kept out of the probe's fields
+
+    def replayable(self) -> bool:
+        return True  # reductions of the call's tensors only (probe.replay)
 
     def backward(self, call: Call) -> dict[str, torch.Tensor]:
         out = {}
