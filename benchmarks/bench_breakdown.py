@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from benchmarks.common import device, header
+from benchmarks.common import device, graphed, header
 from probe.conformance import RawSites
 from probe.runtime import tune_allocator
 
@@ -108,8 +108,8 @@ def main() -> None:
                 h.remove()
 
     @contextlib.contextmanager
-    def session(probes: list, grouped: bool | None):
-        with probe.HookSession(model, "auto", probes, grouped=grouped) as s:
+    def session(probes: list, grouped: bool | None, cuda_graph: bool = False):
+        with probe.HookSession(model, "auto", probes, grouped=grouped, cuda_graph=cuda_graph) as s:
 
             def run():
                 with autocast():
@@ -136,10 +136,31 @@ def main() -> None:
     # default, these the other way
     other = "per call" if cuda else "grouped"
     rows += [(f"{name}, {other}", probes, not cuda) for name, probes in rows if probes[0].groupable]
-    for name, probes, *grouped in rows:
+    if cuda:  # recorded once and replayed (probe.replay); _times' warm-up records
+        rows += [
+            (f"{name}, cuda graph", probes, None, True)
+            for name, probes, *_ in rows
+            if name in ("ResidualNorms + ChannelStats", "all three")
+        ]
+    for name, probes, *how in rows:
         grads = any(p.needs_grad for p in probes)
-        opened = functools.partial(session, probes, (grouped or [None])[0])
+        opened = functools.partial(session, probes, *(how or [None]))
         report(name, opened, forward_backward if grads else forward)
+    if cuda:  # the unprobed passes recorded as graphs: the device's own time
+        inp = x.detach().requires_grad_(True)
+
+        def forward_step():
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                model(x)
+
+        def input_grad_step():
+            with torch.autocast("cuda", torch.bfloat16, cache_enabled=False):
+                loss = F.cross_entropy(model(inp).float(), y, reduction="sum")
+            torch.autograd.grad(loss, [inp])
+
+        for name, step in (("forward", forward_step), ("forward + gradient", input_grad_step)):
+            wall, _ = _times(graphed(step), args.repeats, dev)
+            print(f"unprobed {name}, recorded as a graph: {wall:8.2f} ms", flush=True)
 
 
 if __name__ == "__main__":

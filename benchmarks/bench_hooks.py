@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import probe
 import probe.runtime
-from benchmarks.common import device, header, median_ms
+from benchmarks.common import device, graphed, header, median_ms
 
 
 def _model(dev):
@@ -86,18 +86,27 @@ def overhead(batch: int, repeats: int) -> dict:
                 h.remove()
             stats.clear()
 
-    def with_probes(*probes, grouped=None):
+    def with_probes(*probes, grouped=None, cuda_graph=False):
         # The session is opened for its own measurement only: its hooks, left on the model,
         # would run inside the unprobed and naive passes too and flatter every ratio.
-        with probe.HookSession(model, "auto", list(probes), grouped=grouped) as session:
+        with probe.HookSession(
+            model, "auto", list(probes), grouped=grouped, cuda_graph=cuda_graph
+        ) as session:
 
             def run():
                 with _autocast(dev):
                     session.run_batch(x, y)
 
-            for _ in range(3):  # the first batch finds the sites; fused probes compile
+            # the first batch finds the sites and fused probes compile; with cuda_graph the
+            # second is recorded and checked, and the timed ones are replays
+            for _ in range(3):
                 run()
+            if cuda_graph and session.graph_off is not None:
+                raise RuntimeError(f"the recording was not used: {session.graph_off}")
             return median_ms(run, repeats=repeats)
+
+    def stat_probes():
+        return [probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms()]
 
     out = {
         "unprobed (loss.backward)": median_ms(unprobed_backward, repeats=repeats),
@@ -117,9 +126,26 @@ def overhead(batch: int, repeats: int) -> dict:
             probe.GradNorms(),
             grouped=dev.type == "cpu",
         ),
-        # the same pass again at the end: its distance from the first is the noise floor
-        "unprobed, again at the end": median_ms(unprobed_backward, repeats=repeats),
     }
+    if dev.type == "cuda":
+        # the probed pass recorded once and replayed (probe.replay), grouped and per call, and
+        # the unprobed pass recorded the same way: the device's own time, with no host in it
+        out["resprobe stats, cuda graph"] = with_probes(*stat_probes(), cuda_graph=True)
+        out["resprobe stats, cuda graph, per call"] = with_probes(
+            *stat_probes(), grouped=False, cuda_graph=True
+        )
+        inp = x.detach().requires_grad_(True)
+
+        def input_grad_step():
+            with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+                loss = F.cross_entropy(model(inp).float(), y, reduction="sum")
+            torch.autograd.grad(loss, [inp])
+
+        out["unprobed (grad wrt input), graph"] = median_ms(
+            graphed(input_grad_step), repeats=repeats
+        )
+    # the same pass again at the end: its distance from the first is the noise floor
+    out["unprobed, again at the end"] = median_ms(unprobed_backward, repeats=repeats)
     return out
 
 
@@ -233,6 +259,8 @@ def main() -> None:
         "--out-dir", default=None, help="an existing, writable folder for the dump test"
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
+    ap.add_argument("--no-dump", action="store_true", help="time the hooks only")
+    ap.add_argument("--dump-only", action="store_true", help="time the HDF5 dump only")
     args = ap.parse_args()
     if args.out_dir is not None and not Path(args.out_dir).is_dir():
         ap.error(
@@ -241,24 +269,31 @@ def main() -> None:
     probe.runtime.tune_allocator()  # as the CLI does: otherwise glibc's page faults dominate
     torch.manual_seed(args.seed)  # the same model and inputs on every run
     header(f"hook overhead and dump throughput, ResNet-56, batch {args.batch}")
-    times = overhead(args.batch, args.repeats)
-    base = times["unprobed (loss.backward)"]
-    # A capture's backward asks for the gradients of the block outputs only: no weight gradient
-    # is computed, so its like-for-like unprobed pass is the gradient with respect to the input.
-    # The naive hooks ride on loss.backward, weight gradients included.
-    like = {"resprobe": times["unprobed (grad wrt input)"]}
-    print(
-        "\n## forward + backward, statistics on all 27 blocks "
-        "(median ms; ratio to loss.backward; ratio to the like-for-like unprobed pass)"
-    )
-    for k, v in times.items():
-        same = like.get(k.split()[0], base)
-        print(f"{k:28s} {v:9.2f} ms  {v / base:5.2f}x  {v / same:5.2f}x")
-    end = times["unprobed, again at the end"]
-    print(f"noise floor (unprobed at start vs end): {abs(end - base) / base:.1%}")
-    print(
-        f"resprobe / naive stats hooks: {times['resprobe stats probes'] / times['naive stats hooks']:.2f}x"
-    )
+    if not args.dump_only:
+        times = overhead(args.batch, args.repeats)
+        base = times["unprobed (loss.backward)"]
+        # A capture's backward asks for the gradients of the block outputs only: no weight gradient
+        # is computed, so its like-for-like unprobed pass is the gradient with respect to the input.
+        # The naive hooks ride on loss.backward, weight gradients included.
+        like = {"resprobe": times["unprobed (grad wrt input)"]}
+        graph_floor = times.get("unprobed (grad wrt input), graph")
+        print(
+            "\n## forward + backward, statistics on all 27 blocks "
+            "(median ms; ratio to loss.backward; ratio to the like-for-like unprobed pass)"
+        )
+        for k, v in times.items():
+            same = like.get(k.split()[0], base)
+            print(f"{k:28s} {v:9.2f} ms  {v / base:5.2f}x  {v / same:5.2f}x")
+        end = times["unprobed, again at the end"]
+        print(f"noise floor (unprobed at start vs end): {abs(end - base) / base:.1%}")
+        print(
+            f"resprobe / naive stats hooks: {times['resprobe stats probes'] / times['naive stats hooks']:.2f}x"
+        )
+        if graph_floor is not None:
+            for k in ("resprobe stats, cuda graph", "resprobe stats, cuda graph, per call"):
+                print(f"{k} / unprobed pass recorded as a graph: {times[k] / graph_floor:.2f}x")
+    if args.no_dump:
+        return
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         d = dump(args.samples, args.batch, Path(tmp))
     print(

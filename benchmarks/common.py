@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["device", "median_ms", "header"]
+__all__ = ["device", "graphed", "median_ms", "header"]
 
 
 def device() -> torch.device:
@@ -39,6 +39,22 @@ def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graphed(step: Callable[[], object]) -> Callable[[], None]:
+    """``step`` recorded as a CUDA graph, after three warm-up calls on a side stream; returns its
+    replay. ``step`` must read and write the same tensors at every call (and use autocast with
+    ``cache_enabled=False``): the unprobed pass at its fastest, bound by the device alone."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def header(title: str) -> None:
