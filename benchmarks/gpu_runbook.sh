@@ -4,7 +4,7 @@
 # any PYTHONPATH already set, e.g. a folder of carried wheels).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
-#   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture, CUDA-graph training)
+#   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph training)
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
@@ -17,7 +17,8 @@ case "${1:-}" in
     python3 -c "import sys; from probe.data import load_dataset; d = load_dataset(sys.argv[1]); print(d.x_train.shape, d.x_test.shape)" "$ARCHIVE" ;;
   tests)
     python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py \
-      tests/probe/test_served_sites.py ;;
+      tests/probe/test_served_sites.py tests/probe/test_grouped_statistics.py \
+      tests/probe/test_replay.py ;;
   bench)
     mkdir -p .data
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal
