@@ -123,9 +123,18 @@ def check_device(t: torch.Tensor, what: str = "batches") -> None:
 
 def pass_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple:
     """What a recorded pass depends on besides the values of the batch: the batch's shape, dtype
-    and memory layout, the labels', the autocast setting, the memory of every parameter and
-    buffer and every module's training flag. A batch with another key is not replayed."""
+    and memory layout, the labels', the autocast and TF32 settings, the memory of every parameter
+    and buffer, and every module's training flag and hooks (a hook added later would not run in
+    a replay). A batch with another key is not replayed.
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> key = pass_key(lin, torch.ones(4, 3), None)
+        >>> key == pass_key(lin, torch.zeros(4, 3), None), key == pass_key(lin, torch.ones(5, 3), None)
+        (True, False)
+    """
     tensors = [*model.parameters(), *model.buffers()]
+    hooks = nn.modules.module
     return (
         tuple(x.shape),
         x.stride(),
@@ -133,8 +142,14 @@ def pass_key(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None) -> tuple
         x.device,
         None if y is None else (tuple(y.shape), y.dtype),
         _autocast_state(x.device.type),
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
         tuple(t.data_ptr() for t in tensors),
-        tuple(m.training for m in model.modules()),
+        tuple(
+            (m.training, len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()
+        ),
+        (len(hooks._global_forward_hooks), len(hooks._global_forward_pre_hooks)),
     )
 
 

@@ -400,3 +400,52 @@ def test_a_replayed_batch_with_labels_outside_the_classes_is_reported(stand_in, 
     with pytest.raises(ProbeError, match="Labels must lie in"):
         probe.capture(model, batches, probes=_stats(), out=out, cuda_graph=True)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+class Mixer(nn.Module):
+    """A token block with two residual adds, found by tracing (no adapter)."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 12), nn.GELU(), nn.Linear(12, d))
+
+    def forward(self, x):
+        x = x + self.mlp(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(16, 6)
+        self.blocks = nn.Sequential(*(Mixer() for _ in range(3)))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x.reshape(len(x), 4, 16))).mean(1))
+
+
+def test_traced_blocks_replay_and_a_hook_added_later_is_not_skipped(stand_in):
+    """Residual sites found by tracing replay like adapter blocks; a forward hook the user adds
+    between batches changes the key, so the next batch runs eagerly with it."""
+    model, batches = Tokens().eval(), _batches(4)
+    eager, _ = _run(model, _stats(), batches)
+    replays = []
+    with probe.HookSession(model, "auto", _stats(), cuda_graph=True) as s:
+        for x, y in batches:
+            before = StandIn.replays
+            results, _ = s.run_batch(x, y)
+            replays.append(StandIn.replays - before)
+        assert replays == [0, 1, 1, 1]  # batch 2: the check's replay; 3 and 4: replayed
+        handle = model.head.register_forward_hook(lambda m, a, o: o * 2)
+        try:
+            before = StandIn.replays
+            _, logits = s.run_batch(*batches[0])
+            assert StandIn.replays == before  # eager: the user's hook ran
+            torch.testing.assert_close(logits, 2 * eager[0][1])
+        finally:
+            handle.remove()
+    assert len(results) == 9  # each block, and its two sites
+    _assert_same(results, eager[-1][0])  # the last batch, replayed
