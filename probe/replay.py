@@ -58,6 +58,7 @@ __all__ = [
     "pass_key",
     "record_graph",
     "recording_autocast",
+    "rerun_graph",
     "same_results",
     "side_stream",
     "static_copy",
@@ -185,6 +186,29 @@ def record_graph(fn: Callable[[], T]) -> tuple[Graph, T]:
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         out = fn()
     return graph, out
+
+
+class Rerun:
+    """A stand-in for a recorded graph off the GPU: each replay runs the recorded pass again (on
+    the recording's static batch) and writes its packed results into the recorded blocks. The
+    probes' Python runs at every replay, which a real graph skips, so it cannot show a host
+    sync; it does show a probe whose numbers depend on an earlier pass (``check_probe``)."""
+
+    def __init__(self, fn: Callable[[], tuple], packed: Packed | None) -> None:
+        self.fn, self.packed, self.replays = fn, packed, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        fresh = self.fn()[0]
+        for dt, block in self.packed.blocks.items():
+            block.copy_(fresh.blocks[dt])
+
+
+def rerun_graph(fn: Callable[[], T]) -> tuple[Rerun, T]:
+    """:func:`record_graph` for any device, with a :class:`Rerun` for a graph: the pass runs once
+    now (a CUDA graph records without running) and again at every replay."""
+    out = fn()
+    return Rerun(fn, out[0]), out
 
 
 @dataclass

@@ -429,6 +429,8 @@ class HookSession:
         self._recordings: dict[tuple, Recording] = {}
         self._seen_keys: Counter = Counter()  # batches run eagerly per pass key
         self.graph_off: str | None = None  # why recorded passes are no longer used, if so
+        # how passes are recorded, and the device check: replaced off the GPU by check_probe
+        self._record_graph, self._check_device = record_graph, check_device
         self._recording = False  # a pass being recorded (or the one before it)
         # replayed batches' label checks, read at the next batch (_queue_label_check)
         self._label_checks: list[tuple[int, torch.Tensor, object, int]] = []
@@ -1007,7 +1009,7 @@ class HookSession:
         if self._tracing:
             self._resolve(x)
         if self.cuda_graph:
-            check_device(x)
+            self._check_device(x)
             replayed = self._replay_or_record(x, y, sample_offset)
             if replayed is not None:
                 return replayed
@@ -1127,7 +1129,7 @@ class HookSession:
                 sx.copy_(x)
                 if sy is not None:
                     sy.copy_(y)
-                graph, (packed, info) = record_graph(
+                graph, (packed, info) = self._record_graph(
                     lambda: self._recording_pass(sx, sy, sample_offset, grouping)
                 )
         except Exception as e:  # an operation a recording refuses: the batch runs eagerly

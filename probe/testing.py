@@ -3,13 +3,15 @@
 ``check_probe(probe)`` runs the probe through the real capture path on tiny plain and residual zoo
 nets and checks the contract: per-sample tensors with the sample axis first, no autograd history,
 results independent of batch composition (eval mode), identical after an HDF5 round trip, a JSON-
-serialisable config, and no hook left behind.
+serialisable config, and no hook left behind; a ``groupable`` probe the same numbers for grouped
+calls, and a ``replayable`` one the same numbers replayed (a recording stood in for on the CPU).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch
 from probe.capture import capture
 from probe.errors import ProbeError
 from probe.probes.base import Probe
+from probe.replay import GraphFallbackWarning, rerun_graph, same_results
 from probe.session import HookSession
 from probe.zoo import create
 
@@ -100,6 +103,8 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
                             _fail(probe, f"changes {layer}/{q} in the HDF5 round trip.")
     if probe.groupable:
         _check_groups(probe, layers, x, y, rtol)
+    if probe.replayable():
+        _check_replay(probe, layers, rtol)
     try:
         type(probe)(**{k: v for k, v in probe.config().items() if k != "probe"})
     except (TypeError, ProbeError) as e:
@@ -127,3 +132,36 @@ def _check_groups(probe: Probe, layers: str, x: torch.Tensor, y: torch.Tensor, r
                     f"gives a different {layer}/{q} for grouped calls (forward_group / "
                     "backward_group) than call by call; a group's rows must be each call's own.",
                 )
+
+
+def _check_replay(probe: Probe, layers: str, rtol: float) -> None:
+    """A probe that says ``replayable()`` gives its eager numbers when its pass is recorded and
+    replayed (probe.replay). Off the GPU a recording is stood in for by running the recorded
+    pass again at each replay (:class:`probe.replay.Rerun`): a host sync cannot show here, but
+    numbers carried from one pass to the next do, as they would in a CUDA graph."""
+    torch.manual_seed(0)
+    model = create("resnet14", in_channels=1, width=4, num_classes=3).eval()
+    gen = torch.Generator().manual_seed(2)
+    batches = [
+        (torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+        for _ in range(4)
+    ]
+    with HookSession(model, layers, [probe]) as session:
+        eager = [session.run_batch(bx, by)[0] for bx, by in batches]
+    with HookSession(model, layers, [probe], cuda_graph=True) as session:
+        session._record_graph, session._check_device = rerun_graph, lambda t: None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GraphFallbackWarning)  # read from graph_off below
+            replayed = [session.run_batch(bx, by)[0] for bx, by in batches]
+        if session.graph_off is not None:
+            _fail(
+                probe, f"says replayable() but its recorded pass was refused: {session.graph_off}."
+            )
+    for i, (got, want) in enumerate(zip(replayed, eager)):
+        diff = same_results(got, want, rtol=rtol)
+        if diff is not None:
+            _fail(
+                probe,
+                f"says replayable() but gives other numbers replayed (batch {i + 1}: {diff}); "
+                "a replay repeats the recorded kernels, so state kept between passes is stale.",
+            )

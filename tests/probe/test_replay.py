@@ -2,11 +2,10 @@
 recording that cannot be trusted is refused with a warning and the eager numbers, and bad
 settings fail before anything runs or is written.
 
-On the CPU a stand-in graph does what a CUDA graph does to the session: recording runs the pass
-once, and every replay runs the recorded pass again on the static input and writes its packed
-results into the recorded blocks, without the hooks seeing a new batch (the probes' Python is
-not run at a replay of a real graph; here it is, on the recorded tensors, so a test that counts
-calls counts recordings). The GPU tests at the end use real CUDA graphs."""
+On the CPU a stand-in graph (probe.replay.Rerun) does what a CUDA graph does to the session:
+recording runs the pass once, and every replay runs the recorded pass again on the static input
+and writes its packed results into the recorded blocks (the probes' Python is not run at a
+replay of a real graph; here it is, on the recorded tensors). The GPU tests at the end use real CUDA graphs."""
 
 import importlib
 import weakref
@@ -22,36 +21,34 @@ import probe.session
 from probe.cli.main import cli
 from probe.conformance import RawSites
 from probe.errors import ProbeError
-from probe.replay import GraphFallbackWarning, Packed, same_results
+from probe.replay import GraphFallbackWarning, Packed, rerun_graph, same_results
 from probe.store.writer import _span_to_host, to_host_many
 
 
-class StandIn:
-    """A graph whose replay runs the recorded pass again and refills the recorded blocks."""
+class Recorded:
+    """The stand-in graphs a test's sessions recorded."""
 
-    replays = 0
+    def __init__(self):
+        self.graphs = []
 
-    def __init__(self, fn, packed):
-        self.fn, self.packed = fn, packed
+    @property
+    def recorded(self):
+        return len(self.graphs)
 
-    def replay(self):
-        StandIn.replays += 1
-        fresh, _ = self.fn()
-        for dt, block in self.packed.blocks.items():
-            block.copy_(fresh.blocks[dt])
+    def replays(self):
+        return sum(g.replays for g in self.graphs)
 
 
 @pytest.fixture
 def stand_in(monkeypatch):
-    """Recording on the CPU through StandIn; returns a dict counting recordings."""
-    seen = {"recorded": 0}
+    """Recording on the CPU through probe.replay.rerun_graph; returns a :class:`Recorded`."""
+    seen = Recorded()
 
     def record(fn):
-        seen["recorded"] += 1
-        out = fn()
-        return StandIn(fn, out[0]) if out[0] is not None else None, out
+        graph, out = rerun_graph(fn)
+        seen.graphs.append(graph)
+        return graph, out
 
-    StandIn.replays = 0
     monkeypatch.setattr(probe.session, "record_graph", record)
     monkeypatch.setattr(probe.session, "check_device", lambda t, what="batches": None)
     capture_module = importlib.import_module("probe.capture")  # (probe.capture: the function)
@@ -98,7 +95,7 @@ def test_replayed_batches_give_the_eager_numbers_and_numpys(
     model, batches = _net(), _batches()
     eager, _ = _run(model, [RawSites(), *_stats()], batches, grouped=grouped)
     replayed, s = _run(model, _stats(), batches, grouped=grouped, cuda_graph=True)
-    assert stand_in["recorded"] == 1 and s.graph_off is None and s.recordings == 1
+    assert stand_in.recorded == 1 and s.graph_off is None and s.recordings == 1
     for (r, logits), (e, e_logits) in zip(replayed, eager):
         e_stats = {k: {q: t for q, t in qs.items() if q not in "XFSY"} for k, qs in e.items()}
         _assert_same(r, e_stats)
@@ -117,12 +114,12 @@ def test_a_replay_runs_no_probe_code_and_keeps_earlier_results(stand_in, monkeyp
     kept = []
     with probe.HookSession(model, "auto", _stats(), cuda_graph=True) as s:
         for i, (x, y) in enumerate(batches):
-            replays = StandIn.replays
+            replays = stand_in.replays()
             results, _ = s.run_batch(x, y)
             kept.append({k: {q: t.clone() for q, t in qs.items()} for k, qs in results.items()})
             kept[-1]["_live"] = results
             if i >= 2:
-                assert StandIn.replays == replays + 1  # one replay per batch from the third on
+                assert stand_in.replays() == replays + 1  # one replay per batch from the third on
     for k in kept:
         live = k.pop("_live")
         _assert_same(live, k, exact=True)
@@ -135,17 +132,17 @@ def test_other_shapes_and_replaced_parameters_run_eagerly(stand_in):
     with probe.HookSession(model, "auto", _stats(), cuda_graph=True) as s:
         for x, y in batches:
             s.run_batch(x, y)
-        replays = StandIn.replays
+        replays = stand_in.replays()
         results, _ = s.run_batch(*small[0])  # another batch size: eager, first of its key
-        assert StandIn.replays == replays
+        assert stand_in.replays() == replays
         assert results["stages.0.0"]["f_norm"].shape == (3,)
         # a parameter replaced by a new tensor: the recording reads the old memory, so not used
         with torch.no_grad():
             block = model.stages[0][0].branch.conv1
             block.weight = nn.Parameter(block.weight * 2)
-        replays = StandIn.replays
+        replays = stand_in.replays()
         results, _ = s.run_batch(*batches[0])
-        assert StandIn.replays == replays
+        assert stand_in.replays() == replays
     eager, _ = _run(model, _stats(), batches[:1])
     _assert_same(results, eager[0][0])
 
@@ -244,7 +241,7 @@ def test_capture_with_a_recording_writes_the_eager_capture(stand_in, tmp_path):
     replayed = probe.capture(
         model, batches, probes=_stats(), out=tmp_path / "r.h5", cuda_graph=True
     )
-    assert stand_in["recorded"] == 1
+    assert stand_in.recorded == 1
     with eager, replayed:
         assert eager.layers == replayed.layers
         for layer in eager.layers:
@@ -435,17 +432,28 @@ def test_traced_blocks_replay_and_a_hook_added_later_is_not_skipped(stand_in):
     replays = []
     with probe.HookSession(model, "auto", _stats(), cuda_graph=True) as s:
         for x, y in batches:
-            before = StandIn.replays
+            before = stand_in.replays()
             results, _ = s.run_batch(x, y)
-            replays.append(StandIn.replays - before)
+            replays.append(stand_in.replays() - before)
         assert replays == [0, 1, 1, 1]  # batch 2: the check's replay; 3 and 4: replayed
         handle = model.head.register_forward_hook(lambda m, a, o: o * 2)
         try:
-            before = StandIn.replays
+            before = stand_in.replays()
             _, logits = s.run_batch(*batches[0])
-            assert StandIn.replays == before  # eager: the user's hook ran
+            assert stand_in.replays() == before  # eager: the user's hook ran
             torch.testing.assert_close(logits, 2 * eager[0][1])
         finally:
             handle.remove()
     assert len(results) == 9  # each block, and its two sites
     _assert_same(results, eager[-1][0])  # the last batch, replayed
+
+
+def test_check_probe_replays_probes_that_say_they_can_be_and_catches_stale_ones():
+    from probe.testing import _check_replay, check_probe
+
+    for p in (probe.ResidualNorms(), probe.ChannelStats(), probe.GradNorms(), probe.Activations()):
+        check_probe(p)  # replayed on the CPU through the stand-in: their eager numbers
+
+    # right eagerly (each batch is a new tensor) and stale replayed (see Stale)
+    with pytest.raises(AssertionError, match=r"says replayable\(\) but .* differs"):
+        _check_replay(Stale(), "stem", 1e-5)
