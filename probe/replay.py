@@ -288,9 +288,10 @@ class Recording:
     ]:
         """Run the recorded pass on ``x`` (and ``y``): (results, logits, counts), copies that the
         next replay leaves alone."""
-        self.x.copy_(x)
-        if self.y is not None:
-            self.y.copy_(y)
+        with torch.no_grad():  # (a batch that requires grad: its values only)
+            self.x.copy_(x)
+            if self.y is not None:
+                self.y.copy_(y)
         self.graph.replay()
         return self.packed.unpack({dt: b.clone() for dt, b in self.packed.blocks.items()})
 
@@ -300,7 +301,7 @@ def static_copy(t: torch.Tensor | None) -> torch.Tensor | None:
     if t is None:
         return None
     out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    return out.copy_(t)
+    return out.copy_(t.detach())
 
 
 @contextlib.contextmanager

@@ -1010,7 +1010,9 @@ class HookSession:
             self._resolve(x)
         if self.cuda_graph:
             self._check_device(x)
-            replayed = self._replay_or_record(x, y, sample_offset)
+            # recorded, replayed and checked on the batch's GPU, whichever is current
+            with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+                replayed = self._replay_or_record(x, y, sample_offset)
             if replayed is not None:
                 return replayed
         return self._eager_batch(x, y, sample_offset, next_input)

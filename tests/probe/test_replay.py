@@ -457,3 +457,13 @@ def test_check_probe_replays_probes_that_say_they_can_be_and_catches_stale_ones(
     # right eagerly (each batch is a new tensor) and stale replayed (see Stale)
     with pytest.raises(AssertionError, match=r"says replayable\(\) but .* differs"):
         _check_replay(Stale(), "stem", 1e-5)
+
+
+def test_batches_that_require_grad_replay_their_values(stand_in):
+    model, batches = _net(), _batches(4)
+    eager, _ = _run(model, _stats(), batches)
+    leaves = [(x.clone().requires_grad_(True), y) for x, y in batches]
+    replayed, s = _run(model, _stats(), leaves, cuda_graph=True)
+    assert s.recordings == 1 and all(x.grad is None for x, _ in leaves)
+    for (r, _), (e, _) in zip(replayed, eager):
+        _assert_same(r, e)
