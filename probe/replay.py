@@ -218,7 +218,9 @@ class Packed:
     copy of each block (one copy per dtype instead of one per result)."""
 
     blocks: dict[torch.dtype, torch.Tensor]
-    slots: list[tuple[str, str, torch.dtype, tuple[int, ...]]]  # layer, quantity, dtype, shape
+    # layer (None: the logits and counts; a layer key may be "", the model itself), quantity,
+    # dtype, shape
+    slots: list[tuple[str | None, str, torch.dtype, tuple[int, ...]]]
     counts_keys: list[tuple[str, ...]] = field(default_factory=list)
 
     @staticmethod
@@ -228,10 +230,10 @@ class Packed:
         counts: Sequence[tuple[tuple[str, ...], torch.Tensor]] = (),
     ) -> Packed:
         """Copy ``results``, ``logits`` and ``counts`` (see NonFiniteCounter.batch_counts) into
-        one block per dtype; the layer "" holds the logits and the counts."""
+        one block per dtype."""
         items = [(k, q, t) for k, qs in results.items() for q, t in qs.items()]
-        items.append(("", "logits", logits))
-        items += [("", f"counts{i}", c) for i, (_, c) in enumerate(counts)]
+        items.append((None, "logits", logits))
+        items += [(None, f"counts{i}", c) for i, (_, c) in enumerate(counts)]
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         slots = []
         for k, q, t in items:
@@ -255,7 +257,7 @@ class Packed:
         for k, q, dt, shape in self.slots:
             piece = next(pieces[dt])
             t = piece if len(shape) == 1 else piece.view(shape)
-            if k:
+            if k is not None:
                 results.setdefault(k, {})[q] = t
             elif q == "logits":
                 logits = t
@@ -278,7 +280,7 @@ class Recording:
     @property
     def classes(self) -> int:
         """The logits' width: the classes a replayed batch's labels must lie in."""
-        shape = next(shape for k, q, _, shape in self.packed.slots if not k and q == "logits")
+        shape = next(shape for k, q, _, shape in self.packed.slots if k is None and q == "logits")
         return shape[1] if len(shape) > 1 else 1
 
     def replay(
