@@ -460,3 +460,19 @@ def test_batches_that_require_grad_replay_their_values(stand_in):
     assert s.recordings == 1 and all(x.grad is None for x, _ in leaves)
     for (r, _), (e, _) in zip(replayed, eager):
         _assert_same(r, e)
+
+
+def test_train_mode_and_raw_gradients_replay_and_leave_the_buffers(stand_in):
+    """Train-mode BN (batch statistics) and raw fp16 gradients replay as they run eagerly, and
+    the recording's extra passes leave no trace in the running statistics."""
+    model, batches = _net(), _batches(4)
+    probes = lambda: [*_stats(), probe.Gradients(dtype="fp16")]  # noqa: E731
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    eager, _ = _run(model, probes(), batches, mode="train")
+    replayed, s = _run(model, probes(), batches, mode="train", cuda_graph=True)
+    assert s.recordings == 1
+    for (r, _), (e, _) in zip(replayed, eager):
+        _assert_same(r, e)
+        assert all(torch.equal(r[k]["grad_output"], e[k]["grad_output"]) for k in e)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
