@@ -220,6 +220,9 @@ def capture(
         raise ProbeError(
             "Jacobian probes need eval mode (train-mode BN couples the samples of a batch)."
         )
+    # how the passes ran (the same numbers either way), next to what was run
+    execution = {"grouped": grouped, "cuda_graph": cuda_graph}
+    provenance = {**(provenance or {}), "execution": execution}
     attrs = _root_attrs(model, layers, probes, mode, limit, compression, provenance, name)
     if isinstance(sample_offset, bool) or not isinstance(sample_offset, int) or sample_offset < 0:
         raise ProbeError(
@@ -432,13 +435,14 @@ class CaptureJob:
                 if seen == 0:
                     raise ProbeError("The data yielded no samples; nothing was captured.")
                 elapsed = time.perf_counter() - t0
+                replayed = {"replayed_batches": session.replayed_batches} if self.cuda_graph else {}
                 bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
                 _warn_nonfinite(bad, seen)
                 if writer is not None:
                     for key, n in bad.items():
                         writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
                     path = writer.close(
-                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad)},
+                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad), **replayed},
                         complete=complete,
                         before_commit=raise_if_terminated,  # a dropped SIGTERM: nothing committed
                     )
@@ -449,6 +453,7 @@ class CaptureJob:
                 for key, n in bad.items():
                     layer_attrs[key]["nonfinite_samples"] = n
                 attrs["nonfinite_layers"] = len(bad)
+                attrs.update(replayed)
             except BaseException:
                 if writer is not None:
                     writer.abort()

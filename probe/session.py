@@ -429,6 +429,7 @@ class HookSession:
         self._recordings: dict[tuple, Recording] = {}
         self._seen_keys: Counter = Counter()  # batches run eagerly per pass key
         self.graph_off: str | None = None  # why recorded passes are no longer used, if so
+        self.replayed_batches = 0  # batches whose results came from a replay
         # how passes are recorded, and the device check: replaced off the GPU by check_probe
         self._record_graph, self._check_device = record_graph, check_device
         self._recording = False  # a pass being recorded (or the one before it)
@@ -1108,6 +1109,7 @@ class HookSession:
         self._reset_batch(sample_offset)
         self._queue_label_check(y, rec.classes, sample_offset)
         results, logits, counts = rec.replay(x, y)
+        self.replayed_batches += 1
         for keys, c in counts:
             self._nonfinite.accumulate(keys, c)
         self._info = dict(rec.info)  # the layers behind the keys (layer_info)

@@ -92,6 +92,12 @@ ROOT_ATTRS: tuple[Attr, ...] = (
     Attr("sample_offset", "count", False, "position of the first sample in the joined capture"),
     Attr("wall_seconds", "number", False, "capture time"),
     Attr("nonfinite_layers", "count", False, "layers with a NaN/inf result"),
+    Attr(
+        "replayed_batches",
+        "count",
+        False,
+        "with --cuda-graph: batches whose probed pass was a replay of a recorded CUDA graph",
+    ),
     Attr("shards", "json-list", False, "index files: the shard files joined (relative paths)"),
     Attr(
         "part_of",

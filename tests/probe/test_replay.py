@@ -476,3 +476,14 @@ def test_train_mode_and_raw_gradients_replay_and_leave_the_buffers(stand_in):
         assert all(torch.equal(r[k]["grad_output"], e[k]["grad_output"]) for k in e)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_capture_records_how_its_passes_ran(stand_in, tmp_path):
+    batches = _batches(4)
+    cap = probe.capture(_net(), batches, probes=_stats(), out=tmp_path / "r.h5", cuda_graph=True)
+    with cap:
+        assert int(cap.attrs["replayed_batches"]) == 2  # batch 1 eager, 2 recorded and checked
+        assert cap.provenance["execution"] == {"grouped": None, "cuda_graph": True}
+    mem = probe.capture(_net(), batches, probes=_stats(), grouped=True)
+    assert "replayed_batches" not in mem.attrs
+    assert mem.provenance["execution"] == {"grouped": True, "cuda_graph": False}
