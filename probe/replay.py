@@ -21,8 +21,9 @@ batches (a call counter, ``random.random()``) would replay the recorded path. Th
   recording refuses (a host sync such as ``.item()``), turns recording off for the session with a
   :class:`GraphFallbackWarning`: every batch then runs eagerly, with the same numbers;
 - later batches of the shape replay. A batch of another shape, dtype or memory layout, under
-  another autocast setting, with other parameter or buffer tensors (a replaced ``weight``) or
-  other training flags runs eagerly (and is recorded in turn, up to :data:`MAX_RECORDINGS`).
+  another autocast or TF32 setting, with other parameter or buffer tensors (a replaced
+  ``weight``), other training flags or module hooks runs eagerly (and is recorded in turn, up to
+  :data:`MAX_RECORDINGS`; :func:`pass_key`).
 
 Example:
     >>> import torch
@@ -49,9 +50,11 @@ from probe.errors import ProbeError
 
 __all__ = [
     "MAX_RECORDINGS",
+    "Graph",
     "GraphFallbackWarning",
     "Packed",
     "Recording",
+    "Rerun",
     "check_cuda_graph",
     "check_device",
     "check_replayable",
@@ -169,6 +172,8 @@ def recording_autocast(device_type: str) -> contextlib.AbstractContextManager:
 
 
 T = TypeVar("T")
+Results = dict[str, dict[str, torch.Tensor]]  # layer key -> quantity -> [N, ...]
+Counts = list[tuple[tuple[str, ...], torch.Tensor]]  # see NonFiniteCounter.batch_counts
 
 
 class Graph(Protocol):
@@ -224,11 +229,7 @@ class Packed:
     counts_keys: list[tuple[str, ...]] = field(default_factory=list)
 
     @staticmethod
-    def pack(
-        results: dict[str, dict[str, torch.Tensor]],
-        logits: torch.Tensor,
-        counts: Sequence[tuple[tuple[str, ...], torch.Tensor]] = (),
-    ) -> Packed:
+    def pack(results: Results, logits: torch.Tensor, counts: Counts = ()) -> Packed:
         """Copy ``results``, ``logits`` and ``counts`` (see NonFiniteCounter.batch_counts) into
         one block per dtype."""
         items = [(k, q, t) for k, qs in results.items() for q, t in qs.items()]
@@ -244,15 +245,13 @@ class Packed:
 
     def unpack(
         self, blocks: dict[torch.dtype, torch.Tensor]
-    ) -> tuple[
-        dict[str, dict[str, torch.Tensor]], torch.Tensor, list[tuple[tuple[str, ...], torch.Tensor]]
-    ]:
+    ) -> tuple[Results, torch.Tensor, Counts]:
         """(results, logits, counts) as views of ``blocks`` (the recorded blocks or a copy)."""
         sizes: dict[torch.dtype, list[int]] = {}
         for _, _, dt, shape in self.slots:
             sizes.setdefault(dt, []).append(math.prod(shape))
         pieces = {dt: iter(blocks[dt].split(s)) for dt, s in sizes.items()}
-        results: dict[str, dict[str, torch.Tensor]] = {}
+        results: Results = {}
         logits, counts = None, []
         for k, q, dt, shape in self.slots:
             piece = next(pieces[dt])
@@ -285,9 +284,7 @@ class Recording:
 
     def replay(
         self, x: torch.Tensor, y: torch.Tensor | None
-    ) -> tuple[
-        dict[str, dict[str, torch.Tensor]], torch.Tensor, list[tuple[tuple[str, ...], torch.Tensor]]
-    ]:
+    ) -> tuple[Results, torch.Tensor, Counts]:
         """Run the recorded pass on ``x`` (and ``y``): (results, logits, counts), copies that the
         next replay leaves alone."""
         with torch.no_grad():  # (a batch that requires grad: its values only)
@@ -321,11 +318,7 @@ def side_stream(device: torch.device) -> Iterator[None]:
     current.wait_stream(side)
 
 
-def same_results(
-    replayed: dict[str, dict[str, torch.Tensor]],
-    eager: dict[str, dict[str, torch.Tensor]],
-    rtol: float = 1e-3,
-) -> str | None:
+def same_results(replayed: Results, eager: Results, rtol: float = 1e-3) -> str | None:
     """None where the replayed results are the eager ones, else what differs first.
 
     Both passes run the same kernels on the same batch, so they normally agree bit for bit;
