@@ -97,7 +97,9 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         tensor([6., 6.])
     """
     dtype = accumulation_dtype(a, b)
-    return (_as(a, dtype) * _as(b, dtype)).sum(_rows(a))
+    if a.dtype != dtype and b.dtype != dtype:  # else the product is promoted to it, element by
+        b = b.to(dtype)  # element, exactly (bf16 and fp16 values are exact in float32): no copy
+    return (a * b).sum(_rows(a), dtype=dtype)
 
 
 def per_sample_cos(
@@ -146,7 +148,7 @@ def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
         >>> moments(torch.tensor([[[1.0, 3.0, 1.0, 3.0]]]), torch.float32)
         (tensor([[2.]]), tensor([[1.]]))
     """
-    flat = t.flatten(2).to(dtype)  # [N, C, positions]; compiled, a channels-last view is not copied
+    flat = t.flatten(2)  # [N, C, positions]; a channels-last map's is a view (no copy)
     # The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): deviations d from the mean,
     # var = (sum d^2 - (sum d)^2 / n) / n, where the second term removes the rounding error of the
     # mean itself. As exact as var_mean (no E[x^2] - E[x]^2 cancellation; tested against numpy at
@@ -154,7 +156,9 @@ def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     n = flat.shape[2]
     # [N, C] tensors of their own, not views: a grouped call's rows are then plain row runs of
     # them (probe.nonfinite checks a group's rows at once)
-    mean = flat.mean(2)
+    # the mean accumulated in dtype straight from the tensor, and the deviations in dtype by
+    # promotion: a bf16 map is read as it is, never copied whole into float32
+    mean = flat.mean(2, dtype=dtype)
     d = flat - mean.unsqueeze(2)
     total = d.sum(2)  # in place on the [N, C] results below: fewer calls, the same arithmetic
     var = torch.linalg.vector_norm(d, dim=2).square_().addcmul_(total, total, value=-1 / n)
@@ -302,10 +306,11 @@ def _block_quantities(
 ) -> dict[str, torch.Tensor]:
     """A block's seven quantities from its tensors and their per-sample norms (x, F, S, y)."""
     nx, nf, ns, ny = norms
-    # y, F and S in the accumulation dtype once each (no-ops for float32 tensors): S takes part
-    # in three quantities and y in two, and each cast of a bf16 tensor is a kernel
-    dtype = accumulation_dtype(y, f, s)
-    y, f, s = _as(y, dtype), _as(f, dtype), _as(s, dtype)
+    # S in the accumulation dtype once (a no-op for float32 tensors): it takes part in all three
+    # quantities, and with it each difference and product below is taken in that dtype, y and F
+    # promoted element by element (exactly) instead of each copied whole, a bf16 map's float32
+    # copy a pass of its own on a GPU
+    s = _as(s, accumulation_dtype(y, f, s))
     return {
         "x_norm": nx,
         "f_norm": nf,
