@@ -197,6 +197,11 @@ def capture_cmd(
             f"({n / max(secs, 1e-9):.0f} samples/s)"
         )
         say(f"quantities: {', '.join(qs)}")
+        if cuda_graph:  # whether the recording was used (a fallback also warned why not)
+            replayed = int(cap.attrs.get("replayed_batches", 0))
+            say(
+                f"replayed {replayed} batch{'es' if replayed != 1 else ''} of a recorded CUDA graph"
+            )
         say(f"wrote {out}" + (f" (an index over {out}.shards/)" if "shards" in cap.attrs else ""))
 
 

@@ -487,3 +487,16 @@ def test_a_capture_records_how_its_passes_ran(stand_in, tmp_path):
     mem = probe.capture(_net(), batches, probes=_stats(), grouped=True)
     assert "replayed_batches" not in mem.attrs
     assert mem.provenance["execution"] == {"grouped": True, "cuda_graph": False}
+
+
+def test_the_cli_says_how_many_batches_were_replayed(stand_in, tmp_path):
+    out = tmp_path / "c.h5"
+    r = CliRunner().invoke(
+        cli, ["capture", "--model", "zoo:resnet8", "--model-arg", "in_channels=1", "--data",
+              "digits", "--device", "cpu", "--limit", "64", "--batch-size", "16", "--cuda-graph",
+              "--probe", "residual", "--probe", "grad", "--out", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "replayed 2 batches of a recorded CUDA graph" in r.output  # of 4: 1 eager, 1 recorded
+    with probe.open(out) as cap:
+        assert int(cap.attrs["replayed_batches"]) == 2
