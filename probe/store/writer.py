@@ -111,7 +111,11 @@ def to_host(t: torch.Tensor) -> _HostTensor:
     bfloat16 has no numpy type: it travels as its raw 16 bits (uint16) and is tagged so the
     reader restores float32 values exactly.
     """
-    t, encoding = _storable(t)
+    return _to_host(*_storable(t))
+
+
+def _to_host(t: torch.Tensor, encoding: str) -> _HostTensor:
+    """:func:`to_host` of a tensor already in a dtype numpy holds (see :func:`_storable`)."""
     if t.is_cuda:
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
@@ -143,18 +147,19 @@ def to_host_many(tensors: list[torch.Tensor]) -> list[_HostTensor]:
     out: list[_HostTensor | None] = [None] * len(tensors)
     shared: dict[tuple, list[tuple[int, torch.Tensor, str]]] = {}
     for i, t in enumerate(tensors):
-        t, encoding = _storable(t)
+        t, encoding = _storable(t)  # once: for an unusual dtype it is a conversion
         if t.is_cuda and t.is_contiguous() and t.numel():
             key = (t.device, t.untyped_storage().data_ptr())
             shared.setdefault(key, []).append((i, t, encoding))
         else:
-            out[i] = to_host(tensors[i])
+            out[i] = _to_host(t, encoding)
     for members in shared.values():
-        if len(members) == 1 or not _one_copy(members):
-            for i, _, _ in members:
-                out[i] = to_host(tensors[i])
-            continue
-        for i, host in zip((i for i, _, _ in members), _span_to_host(members)):
+        spans = [_extent(t) for _, t, _ in members]
+        if len(members) > 1 and _one_copy(spans):
+            hosts = _span_to_host(members, spans)
+        else:
+            hosts = [_to_host(t, encoding) for _, t, encoding in members]
+        for (i, _, _), host in zip(members, hosts):
             out[i] = host
     return out
 
@@ -183,15 +188,17 @@ def _extent(t: torch.Tensor) -> tuple[int, int]:
     return first, first + t.numel() * t.element_size()
 
 
-def _one_copy(members: list[tuple[int, torch.Tensor, str]]) -> bool:
-    spans = [_extent(t) for _, t, _ in members]
+def _one_copy(spans: list[tuple[int, int]]) -> bool:
+    """Whether one copy of the storage the spans cover moves at most twice their bytes."""
     covered = max(e for _, e in spans) - min(f for f, _ in spans)
     return covered <= 2 * sum(e - f for f, e in spans)
 
 
-def _span_to_host(members: list[tuple[int, torch.Tensor, str]]) -> list[_HostTensor]:
-    """One pinned copy of the storage span the members cover; each member a view of it."""
-    spans = [_extent(t) for _, t, _ in members]
+def _span_to_host(
+    members: list[tuple[int, torch.Tensor, str]], spans: list[tuple[int, int]]
+) -> list[_HostTensor]:
+    """One pinned copy of the storage span the members cover (their :func:`_extent` s); each
+    member a view of it."""
     lo = min(f for f, _ in spans) // 16 * 16  # aligned for every element size
     hi = max(e for _, e in spans)
     first = members[0][1]

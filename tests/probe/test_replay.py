@@ -22,7 +22,7 @@ from probe.cli.main import cli
 from probe.conformance import RawSites
 from probe.errors import ProbeError
 from probe.replay import GraphFallbackWarning, Packed, rerun_graph, same_results
-from probe.store.writer import _span_to_host, to_host_many
+from probe.store.writer import _extent, _span_to_host, to_host_many
 
 
 class Recorded:
@@ -286,7 +286,7 @@ def test_views_of_one_block_leave_in_one_copy_and_read_back_as_theirs():
     block = torch.arange(40, dtype=torch.float32)
     parts = [block[3:10], block[10:30].view(4, 5), block[30:31]]
     members = [(i, t, "") for i, t in enumerate(parts)]
-    hosts = _span_to_host(members)
+    hosts = _span_to_host(members, [_extent(t) for t in parts])
     for h, t in zip(hosts, parts):
         assert torch.equal(torch.from_numpy(h.numpy()), t)
     bf = torch.randn(6, dtype=torch.bfloat16)
