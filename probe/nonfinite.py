@@ -171,6 +171,10 @@ class NonFiniteCounter:
             if id(s) not in sums:
                 sums[id(s)] = (offset, s)
                 offset += s.shape[0]
+        bad = ~torch.isfinite(torch.cat([s for _, s in sums.values()]))
+        device = bad.device
+        if device.type == "cpu" and not bad.any():  # no sync to avoid here: nothing is bad
+            return None  # (the usual CPU batch: no layout to build)
         keys = list(dict.fromkeys(entry[0] for entry in entries))
         width = max(entry[4] for entry in entries)
         row = {k: i * width for i, k in enumerate(keys)}
@@ -179,10 +183,6 @@ class NonFiniteCounter:
             offset,
             tuple((sums[id(s)][0] + start, n, row[key]) for key, _, s, start, n in entries),
         )
-        bad = ~torch.isfinite(torch.cat([s for _, s in sums.values()]))
-        device = bad.device
-        if device.type == "cpu" and not bad.any():  # no sync to avoid here: nothing is bad
-            return None
         gather, grid = self._indices(layout, device)
         bad = bad[gather]  # each entry's rows, in entry order
         if device.type == "cpu" and _picks_rows(bad, self.pick_rows):
