@@ -34,6 +34,12 @@ def _tiny_models() -> list[torch.nn.Module]:
     ]
 
 
+def _runs_of_blocks() -> torch.nn.Module:
+    """A tiny net whose stages hold runs of equally shaped blocks (groups, recordings)."""
+    torch.manual_seed(0)
+    return create("resnet14", in_channels=1, width=4, num_classes=3).eval()
+
+
 def _fail(probe: Probe, what: str) -> None:
     raise AssertionError(f"Probe {type(probe).__name__} ({probe.name!r}) {what}")
 
@@ -114,8 +120,7 @@ def check_probe(probe: Probe, layers: str = "auto", rtol: float = 1e-5) -> None:
 def _check_groups(probe: Probe, layers: str, x: torch.Tensor, y: torch.Tensor, rtol: float) -> None:
     """A ``groupable`` probe gives each call's numbers when its calls are grouped: on a net with
     runs of equally shaped blocks, grouped (probe.probes.group) and per call."""
-    torch.manual_seed(0)
-    model = create("resnet14", in_channels=1, width=4, num_classes=3).eval()
+    model = _runs_of_blocks()
     runs = []
     for grouped in (False, True):
         with HookSession(model, layers, [probe], grouped=grouped) as session:
@@ -139,8 +144,7 @@ def _check_replay(probe: Probe, layers: str, rtol: float) -> None:
     replayed (probe.replay). Off the GPU a recording is stood in for by running the recorded
     pass again at each replay (:class:`probe.replay.Rerun`): a host sync cannot show here, but
     numbers carried from one pass to the next do, as they would in a CUDA graph."""
-    torch.manual_seed(0)
-    model = create("resnet14", in_channels=1, width=4, num_classes=3).eval()
+    model = _runs_of_blocks()
     gen = torch.Generator().manual_seed(2)
     batches = [
         (torch.randn(5, 1, 8, 8, generator=gen), torch.randint(0, 3, (5,), generator=gen))
