@@ -4,8 +4,10 @@ The GPU loop never calls h5py (h5py serialises all calls behind one global lock,
 the hook thread could stall behind a large write). Tensors leave the device through pinned,
 non-blocking copies; the writer thread waits on each copy's CUDA event before touching the data.
 Rows are buffered per dataset and written in chunk-aligned blocks (a partial-chunk write costs a
-read-modify-write). Crash safety: the file is written as ``<out>.tmp-<pid>``, ``complete`` is set
-last, then the file is flushed, fsynced and atomically renamed to ``<out>``.
+read-modify-write); uncompressed chunks reach the disk past the page cache where the file system
+allows it (:mod:`probe.store.direct`). Crash safety: the file is written as
+``<out>.tmp-<pid>``, ``complete`` is set last, then the file is flushed, fsynced and atomically
+renamed to ``<out>``.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ from probe.store.checksum import fletcher32
 from probe.store.direct import ALIGN, BufferPool, DirectFile, aligned_empty
 from probe.store.writer import H5Writer
 
+fcntl = pytest.importorskip("fcntl")  # POSIX: O_DIRECT descriptors are told apart by their flags
+
 LAYER = {"module": "b", "module_type": "X", "is_block": True, "residual": 1, "layer_index": 0,
          "call": 0, "output_shape": "[16, 32, 32]", "spatial_size": 1024}  # fmt: skip
 
@@ -45,18 +47,24 @@ def no_direct_io(monkeypatch):
     monkeypatch.setattr(os, "open", refusing_open)
 
 
-def _direct_fd_writes(monkeypatch, action):
-    """Run ``action(fd, view, offset)`` for writes through an O_DIRECT descriptor (identified by
-    its flags), the real pwrite otherwise."""
+@pytest.fixture
+def on_direct_writes(tmp_path, monkeypatch):
+    """Install ``action(fd, view, offset, real_pwrite)`` for writes through an O_DIRECT
+    descriptor (told apart by its flags); other writes stay real. Skips where ``tmp_path``'s
+    file system has no O_DIRECT."""
+    if not _has_direct_io(tmp_path):
+        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
     real = os.pwrite
-    flag = getattr(os, "O_DIRECT", 0)
 
-    def pwrite(fd, view, offset):
-        if flag and __import__("fcntl").fcntl(fd, __import__("fcntl").F_GETFL) & flag:
-            return action(fd, view, offset, real)
-        return real(fd, view, offset)
+    def install(action):
+        def pwrite(fd, view, offset):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                return action(fd, view, offset, real)
+            return real(fd, view, offset)
 
-    monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+
+    return install
 
 
 def test_aligned_runs_go_past_the_page_cache_and_the_rest_does_not(tmp_path):
@@ -129,44 +137,36 @@ def test_without_o_direct_the_same_file_is_written_the_ordinary_way(tmp_path, no
     _check_chunks(tmp_path / "c.h5", torch.cat(batches).numpy())
 
 
-def test_a_buffer_is_not_reused_while_the_disk_still_reads_it(tmp_path, monkeypatch):
+def test_a_buffer_is_not_reused_while_the_disk_still_reads_it(tmp_path, on_direct_writes):
     """Slow direct writes: the writer runs ahead, and a chunk buffer it took back too early would
     be refilled with later rows before the disk has read it."""
-    if not _has_direct_io(tmp_path):
-        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
 
     def slow(fd, view, offset, real):
         time.sleep(0.02)
         return real(fd, view, offset)
 
-    _direct_fd_writes(monkeypatch, slow)
+    on_direct_writes(slow)
     batches = _batches([64] * 6, seed=3)
     _capture(tmp_path / "c.h5", batches)
     _check_chunks(tmp_path / "c.h5", torch.cat(batches).numpy())
 
 
-def test_a_device_refusing_direct_writes_gets_them_the_ordinary_way(tmp_path, monkeypatch):
-    if not _has_direct_io(tmp_path):
-        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
-
+def test_a_device_refusing_direct_writes_gets_them_the_ordinary_way(tmp_path, on_direct_writes):
     def refuse(fd, view, offset, real):
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    _direct_fd_writes(monkeypatch, refuse)
+    on_direct_writes(refuse)
     batches = _batches([64, 64])
     w = _capture(tmp_path / "c.h5", batches)
     assert w.direct_bytes == 0
     _check_chunks(tmp_path / "c.h5", torch.cat(batches).numpy())
 
 
-def test_a_failed_direct_write_fails_the_capture_and_leaves_no_file(tmp_path, monkeypatch):
-    if not _has_direct_io(tmp_path):
-        pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
-
+def test_a_failed_direct_write_fails_the_capture_and_leaves_no_file(tmp_path, on_direct_writes):
     def full(fd, view, offset, real):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    _direct_fd_writes(monkeypatch, full)
+    on_direct_writes(full)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1))  # 64 KiB an output row
     data = [(torch.randn(64, 3, 32, 32), torch.zeros(64, dtype=torch.long))] * 4
     with pytest.raises(ProbeError, match="No space left on device"):
