@@ -205,19 +205,23 @@ def dump(samples: int, batch: int, out_dir: Path) -> dict:
         res[n] = json.loads(r.stdout.strip().splitlines()[-1])
         path.unlink()
     first = res[samples]
-    # raw sequential write of the same number of bytes, same disk, with fsync
+    # raw sequential write of the same number of bytes, same disk, with fsync: the best of three,
+    # since a process's first large buffered write also pays for the kernel freeing page-cache
+    # memory (355 against ~1500 MB/s here), which a dump past the page cache never asks for
     buf = np.ones(64 << 20, dtype=np.uint8)
     raw = out_dir / "raw.bin"
-    t0 = time.perf_counter()
-    with open(raw, "wb") as f:
-        written = 0
-        while written < first["bytes"]:
-            f.write(buf)
-            written += buf.nbytes
-        f.flush()
-        os.fsync(f.fileno())
-    raw_secs = time.perf_counter() - t0
-    raw.unlink()
+    raw_secs = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        with open(raw, "wb") as f:
+            written = 0
+            while written < first["bytes"]:
+                f.write(buf)
+                written += buf.nbytes
+            f.flush()
+            os.fsync(f.fileno())
+        raw_secs = min(raw_secs, time.perf_counter() - t0)
+        raw.unlink()
     # naive .cpu() hooks on every block output
     model = _model(dev)
     x = torch.randn(batch, 3, 32, 32, device=dev)
