@@ -4,7 +4,8 @@
 # any PYTHONPATH already set, e.g. a folder of carried wheels).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
-#   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph training)
+#   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
+#                                           # training), and direct chunk writes on this disk
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
@@ -18,7 +19,9 @@ case "${1:-}" in
   tests)
     python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py \
       tests/probe/test_served_sites.py tests/probe/test_grouped_statistics.py \
-      tests/probe/test_replay.py ;;
+      tests/probe/test_replay.py
+    # chunks past the page cache on this machine's disk (skips where it has no O_DIRECT)
+    python3 -m pytest -q -rs tests/probe/test_direct_io.py --basetemp .data/pytest-direct ;;
   bench)
     mkdir -p .data
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal
