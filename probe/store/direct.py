@@ -10,12 +10,12 @@ HDF5 still decides where every chunk lives and writes every byte; the file is op
 h5py's ``fileobj`` driver with a :class:`DirectFile`, and asks HDF5 to place every object of at
 least :data:`ALIGN_THRESHOLD` bytes (whole chunks) at a multiple of :data:`ALIGN`. A chunk
 handed to ``write_direct_chunk`` from an aligned buffer (:func:`aligned_empty`) reaches
-:meth:`DirectFile.write` as that very memory, at an aligned address: its block-aligned head goes
-through an ``O_DIRECT`` descriptor (on a thread of its own, so that the writer assembles and
-checksums the next chunks while the disk takes this one), the rest (the checksum and what does not fill a block, under
-:data:`ALIGN` bytes) through an ordinary one, as does all of HDF5's metadata. HDF5 may place
-metadata in the gap after a chunk's end, on the page that holds the chunk's tail: both go
-through the page cache, so no direct write ever covers a page the cache holds. A file system
+:meth:`DirectFile.write` as that very memory, at an aligned address. Its block-aligned head goes
+through an ``O_DIRECT`` descriptor, on a thread of its own, so that the writer assembles and
+checksums the next chunks while the disk takes this one. The rest (the checksum and what does
+not fill a block, under :data:`ALIGN` bytes) goes through an ordinary descriptor, as does all of
+HDF5's metadata: HDF5 may place metadata in the gap after a chunk's end, on the page that holds
+the chunk's tail, so no direct write covers a page that an ordinary write touches. A file system
 that refuses ``O_DIRECT`` (tmpfs, some network file systems) gets every byte through the
 ordinary descriptor.
 
