@@ -39,6 +39,7 @@ import contextlib
 import errno
 import io
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -48,6 +49,12 @@ __all__ = ["ALIGN", "ALIGN_THRESHOLD", "BufferPool", "DirectFile", "aligned_empt
 ALIGN = 4096  # the largest logical block size O_DIRECT asks of offsets, lengths and addresses
 ALIGN_THRESHOLD = 64 << 10  # objects this large are aligned; smaller ones keep HDF5's packing
 _DEPTH = 8  # buffers of one size before a new chunk waits for the disk to take an old one
+
+
+def _io_threads() -> int:
+    """Direct writes in flight at once: two keep a fast disk busy while one write completes
+    (one direct write waits for the device); one on a 2-core machine, whose cores run the model."""
+    return 1 if (os.cpu_count() or 1) <= 2 else 2
 
 
 def supported() -> bool:
@@ -105,8 +112,9 @@ class DirectFile(io.RawIOBase):
     and everything else (HDF5's metadata, a chunk's unaligned tail) through an ordinary
     descriptor. ``direct_bytes`` counts what went past the page cache.
 
-    Direct writes run on a thread of their own, in order: :attr:`last_write` is the latest one's
-    future, whose buffer must stay untouched until it is done (:class:`BufferPool` sees to it).
+    Direct writes run on threads of their own (:func:`_io_threads`): :attr:`last_write` is the
+    latest one's future, whose buffer must stay untouched until it is done (:class:`BufferPool`
+    sees to it). Each writes bytes nothing else writes, so their order does not matter.
     Reading, truncating, flushing and closing wait for them all, and raise the first error one
     of them met. Created empty (an existing file is truncated), readable and writable.
     """
@@ -121,7 +129,9 @@ class DirectFile(io.RawIOBase):
             # EINVAL: the file system has no direct I/O (tmpfs); the ordinary path serves
             with contextlib.suppress(OSError):
                 self._direct_fd = os.open(path, os.O_WRONLY | flag)
-        self._io = ThreadPoolExecutor(1, "resprobe-h5-direct") if self.direct else None
+        self._use_direct = self._direct_fd is not None  # off for good after a refused write
+        self._io = ThreadPoolExecutor(_io_threads(), "resprobe-h5-direct") if self.direct else None
+        self._lock = threading.Lock()  # direct_bytes, counted on the writing threads
         self._pending: collections.deque[Future] = collections.deque()
         self.last_write: Future | None = None
         self._pos = 0
@@ -130,7 +140,7 @@ class DirectFile(io.RawIOBase):
     @property
     def direct(self) -> bool:
         """Whether aligned runs still go past the page cache."""
-        return self._direct_fd is not None
+        return self._use_direct
 
     def readable(self) -> bool:
         return True
@@ -163,7 +173,7 @@ class DirectFile(io.RawIOBase):
         raw = np.frombuffer(buffer, np.uint8)
         self.last_write = None
         head = 0
-        if self._direct_fd is not None and self._pos % ALIGN == 0 and raw.ctypes.data % ALIGN == 0:
+        if self._use_direct and self._pos % ALIGN == 0 and raw.ctypes.data % ALIGN == 0:
             head = len(raw) - len(raw) % ALIGN
         if head:
             self._raise_failed()
@@ -175,18 +185,18 @@ class DirectFile(io.RawIOBase):
         return len(raw)
 
     def _write_head(self, raw: np.ndarray, offset: int) -> None:
-        fd = self._direct_fd
-        if fd is not None:
+        if self._use_direct:
             try:
-                _write_all(fd, raw, offset)
-                self.direct_bytes += len(raw)
+                _write_all(self._direct_fd, raw, offset)
+                with self._lock:
+                    self.direct_bytes += len(raw)
                 return
             except OSError as e:
                 if e.errno != errno.EINVAL:  # ENOSPC, EIO: the writer's error to report
                     raise
                 # a device asking for more alignment than ALIGN: the ordinary path from now on
-                self._direct_fd = None
-                os.close(fd)
+                # (the descriptor stays open until close: another thread may be writing to it)
+                self._use_direct = False
         _write_all(self._fd, raw, offset)
 
     def _raise_failed(self) -> None:

@@ -47,13 +47,15 @@ def no_direct_io(monkeypatch):
     monkeypatch.setattr(os, "open", refusing_open)
 
 
-@pytest.fixture
-def on_direct_writes(tmp_path, monkeypatch):
+@pytest.fixture(params=[1, 2], ids=["one writing thread", "two writing threads"])
+def on_direct_writes(request, tmp_path, monkeypatch):
     """Install ``action(fd, view, offset, real_pwrite)`` for writes through an O_DIRECT
-    descriptor (told apart by its flags); other writes stay real. Skips where ``tmp_path``'s
+    descriptor (told apart by its flags); other writes stay real. Runs with one and with two
+    direct-writing threads (two on machines of more than 2 cores). Skips where ``tmp_path``'s
     file system has no O_DIRECT."""
     if not _has_direct_io(tmp_path):
         pytest.skip(f"{tmp_path}'s file system has no O_DIRECT")
+    monkeypatch.setattr(direct, "_io_threads", lambda: request.param)
     real = os.pwrite
 
     def install(action):
