@@ -11,7 +11,7 @@ h5py's ``fileobj`` driver with a :class:`DirectFile`, and asks HDF5 to place eve
 least :data:`ALIGN_THRESHOLD` bytes (whole chunks) at a multiple of :data:`ALIGN`. A chunk
 handed to ``write_direct_chunk`` from an aligned buffer (:func:`aligned_empty`) reaches
 :meth:`DirectFile.write` as that very memory, at an aligned address. Its block-aligned head goes
-through an ``O_DIRECT`` descriptor, on a thread of its own, so that the writer assembles and
+through an ``O_DIRECT`` descriptor, on threads of their own, so that the writer assembles and
 checksums the next chunks while the disk takes this one. The rest (the checksum and what does
 not fill a block, under :data:`ALIGN` bytes) goes through an ordinary descriptor, as does all of
 HDF5's metadata: HDF5 may place metadata in the gap after a chunk's end, on the page that holds
