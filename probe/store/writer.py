@@ -63,12 +63,6 @@ def _checksum_workers() -> int:
     return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
-def _checksummed(rows: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """One chunk's bytes followed by their Fletcher-32 checksum, as HDF5's filter stores it,
-    in ``out`` (a ``uint8`` buffer of at least ``rows.nbytes + 4`` bytes)."""
-    return with_fletcher32(rows, out)
-
-
 @dataclass
 class WriterOptions:
     compression: str | None = None  # None, "zstd" (Blosc-Zstd via hdf5plugin) or "gzip"; lossless
@@ -565,7 +559,7 @@ class H5Writer:
         n_chunks = buf.rows // rows_per_chunk
         if n_chunks and self._direct:
             blocks = [buf.take(rows_per_chunk) for _ in range(n_chunks)]
-            self._write_chunks(dset, blocks, dset.shape[0] + n_chunks * rows_per_chunk)
+            self._write_chunks(dset, blocks, n_chunks * rows_per_chunk)
         elif n_chunks:
             self._append(dset, buf.take(n_chunks * rows_per_chunk))
         if not (final and buf.rows):
@@ -574,34 +568,34 @@ class H5Writer:
             rows = buf.take(buf.rows)
             block = np.zeros((rows_per_chunk, *rows.shape[1:]), rows.dtype)
             block[: len(rows)] = rows
-            self._write_chunks(dset, [block], dset.shape[0] + len(rows))
+            self._write_chunks(dset, [block], len(rows))
         else:
             self._append(dset, buf.take(buf.rows))
 
-    def _write_chunks(self, dset: h5py.Dataset, blocks: list[np.ndarray], length: int) -> None:
+    def _write_chunks(self, dset: h5py.Dataset, blocks: list[np.ndarray], rows: int) -> None:
         """Write whole chunks past HDF5's filter pipeline, each followed by its Fletcher-32
-        checksum exactly as the filter stores it, and grow the dataset to ``length`` rows:
+        checksum exactly as the filter stores it, and grow the dataset by ``rows`` rows (those
+        of the last chunk may be padding):
         HDF5's own byte-at-a-time checksum and its extra copy per chunk cost more than writing
         the chunk (docs/performance.md). Each chunk is assembled in an aligned buffer, so that a
         :class:`DirectFile` writes it past the page cache."""
         rows_per_chunk = dset.chunks[0]
         start = dset.shape[0]
-        dset.resize(length, axis=0)
+        dset.resize(start + rows, axis=0)
         zeros = (0,) * (dset.ndim - 1)
-        if sum(b.nbytes for b in blocks) < _INLINE_BYTES:
-            # a small dataset's chunk (a statistic: a few KiB) is checksummed in microseconds,
-            # less than handing it to a helper thread and back (~0.15 ms; ~300 a capture)
+        # a small dataset's chunk (a statistic: a few KiB) is checksummed in microseconds, less
+        # than handing it to a helper thread and back (~0.15 ms; ~300 a capture)
+        small = sum(b.nbytes for b in blocks) < _INLINE_BYTES
+        if small:
             outs = [np.empty(b.nbytes + 4, np.uint8) for b in blocks]
-            stored_chunks = map(_checksummed, blocks, outs)
-            pooled = False
+            stored_chunks = map(with_fletcher32, blocks, outs)
         else:
             outs = [self._pool.take(b.nbytes + 4) for b in blocks]
             # submits every chunk at once and yields them in order, as each is ready
-            stored_chunks = self._checksums.map(_checksummed, blocks, outs)
-            pooled = True
+            stored_chunks = self._checksums.map(with_fletcher32, blocks, outs)
         for k, stored in enumerate(stored_chunks):
             dset.id.write_direct_chunk((start + k * rows_per_chunk, *zeros), stored)
-            if pooled:  # reused once the disk has it: a DirectFile may still be writing it
+            if not small:  # reused once the disk has it: a DirectFile may still be writing it
                 self._pool.give(outs[k], self._raw_file and self._raw_file.last_write)
 
     # -- finishing --------------------------------------------------------------------------
