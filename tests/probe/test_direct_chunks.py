@@ -2,6 +2,8 @@
 numpy: every stored byte, checksum included, must equal what HDF5's own filter stores, and a
 damaged chunk must still be refused on read."""
 
+import threading
+
 import h5py
 import numpy as np
 import pytest
@@ -122,13 +124,49 @@ def test_rows_of_a_narrower_float_are_stored_exactly(tmp_path):
         np.testing.assert_array_equal(f["layers/b/q"][4:], second.float().numpy())
 
 
-def test_written_data_reaches_the_disk_while_the_capture_runs(tmp_path, monkeypatch):
-    synced = []
+def _record_syncs(monkeypatch, data_sync) -> list[tuple[str, str]]:
+    """Patch the writer's fdatasync (``data_sync``) and fsync; return the log of (kind, thread)."""
+    calls: list[tuple[str, str]] = []
+
+    def fdatasync(fd):
+        calls.append(("data", threading.current_thread().name))
+        data_sync()
+
     monkeypatch.setattr(writer_module, "_SYNC_BYTES", 1)
-    monkeypatch.setattr(writer_module.os, "fdatasync", synced.append, raising=False)
-    monkeypatch.setattr(writer_module.os, "fsync", synced.append)
+    monkeypatch.setattr(writer_module.os, "fdatasync", fdatasync, raising=False)
+    monkeypatch.setattr(
+        writer_module.os,
+        "fsync",
+        lambda fd: calls.append(("full", threading.current_thread().name)),
+    )
+    return calls
+
+
+def test_written_data_reaches_the_disk_while_the_capture_runs(tmp_path, monkeypatch):
+    calls = _record_syncs(monkeypatch, lambda: None)
     _write(tmp_path / "w.h5", [{"q": torch.ones(4, 3)}] * 3, chunk_bytes=24)
-    assert len(synced) >= 3  # one per batch here, before the fsync of the finished file
+    # how many background flushes run depends on thread timing; that one ran, off the writer's
+    # thread and before the fsync of the finished file, does not
+    assert ("data", "resprobe-h5-sync_0") in calls[:-1]
+    assert calls[-1][0] == "full"
+
+
+def test_a_flush_still_running_covers_the_batches_written_meanwhile(tmp_path, monkeypatch):
+    # a slow disk: the first flush lasts until the writer finishes; batches 2 and 3 must neither
+    # wait for it nor queue flushes of their own behind it
+    disk_done = threading.Event()
+    calls = _record_syncs(monkeypatch, lambda: disk_done.wait(10))
+    stop_helpers = H5Writer._stop_helpers
+
+    def finish(self):
+        disk_done.set()
+        stop_helpers(self)
+
+    monkeypatch.setattr(H5Writer, "_stop_helpers", finish)
+    _write(tmp_path / "w.h5", [{"q": torch.ones(4, 3)}] * 3, chunk_bytes=24)
+    assert [kind for kind, _ in calls] == ["data", "full"]
+    with h5py.File(tmp_path / "w.h5", "r") as f:
+        np.testing.assert_array_equal(f["layers/b/q"][:], np.ones((12, 3), np.float32))
 
 
 def test_a_capture_of_unknown_length_has_no_chunk_larger_than_its_data(tmp_path):
