@@ -16,7 +16,9 @@ ResidualNorms + ChannelStats, forward; ``stats_disk`` the same to HDF5, one batc
 small datasets: a file's per-dataset cost); ``grad`` statistics + gradient norms, forward +
 backward.
 Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
-(cloned), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``, and in the
+(cloned), ``raw_write`` (the dump's bytes written alone, no model), ``raw_thread`` (hooks hand
+each block output to a thread that writes its bytes to a flat file while the model runs, then
+fsync: no format, no checksum, the least any dump costs beside the model), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``, and in the
 statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics). Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
@@ -53,10 +55,13 @@ ROWS = {
         ["hooks", "hooks_clone", "nnsight", "captum", "torchlens", "resprobe"],
     ),
     "io": ("block input + branch + output in memory", ["hooks", "nnsight", "resprobe"]),
-    "disk": ("block outputs to HDF5 (uncompressed)", ["raw_write", "hooks_h5py", "resprobe"]),
+    "disk": (
+        "block outputs to HDF5 (uncompressed)",
+        ["raw_write", "raw_thread", "hooks_h5py", "resprobe"],
+    ),
     "stream": (
         f"block outputs to HDF5, {STREAM} batches per file",
-        ["raw_write", "hooks_h5py", "resprobe"],
+        ["raw_write", "raw_thread", "hooks_h5py", "resprobe"],
     ),
     "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe", "resprobe_fused"]),
     "stats_disk": ("ResidualNorms + ChannelStats to HDF5, one batch per file", ["resprobe"]),
@@ -153,6 +158,22 @@ def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
     return hs
 
 
+class _HandOff:
+    """A hook store that hands each (name, tensor) to a writer thread instead of a list."""
+
+    def __init__(self, q) -> None:
+        self.q = q
+
+    def append(self, item) -> None:
+        self.q.put(item[1])
+
+
+def _drain(q, fh) -> None:
+    """Write each tensor's bytes (no copy: a view of its memory) until None."""
+    while (t := q.get()) is not None:
+        fh.write(memoryview(t.numpy()).cast("B"))
+
+
 def _stat_hooks(net, blocks, store, model, grads=False):
     """The statistics resprobe computes, hand-written: ||x||, ||F||, ||y|| per sample; channel mean
     and variance of y; with ``grads`` the per-sample ||dL/dy||."""
@@ -218,6 +239,29 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
         return write, lambda: None, lambda: None
 
+    if method == "raw_thread":  # the floor of any dump: bytes out on a thread beside the model
+        import queue
+        import threading
+
+        store = _HandOff(queue.Queue())
+        hs = _hooks(net, blocks, store, model=model)
+        state = {"i": 0}
+
+        def fn():
+            path = tmp / f"flat-{state['i']}.bin"
+            with open(path, "wb", buffering=0) as fh:
+                writer = threading.Thread(target=_drain, args=(store.q, fh))
+                writer.start()
+                for _ in range(batches):
+                    with torch.no_grad():
+                        net(x)
+                store.q.put(None)
+                writer.join()
+                os.fsync(fh.fileno())
+            os.remove(path)
+            state["i"] += 1
+
+        return fn, lambda: [h.remove() for h in hs], lambda: None
     if method == "hooks_h5py" and row == "stream":  # one file, datasets filled batch by batch
         import h5py
 
