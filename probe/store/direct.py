@@ -91,13 +91,18 @@ class BufferPool:
 
     def take(self, nbytes: int) -> np.ndarray:
         free = self._free.setdefault(nbytes, collections.deque())
-        if free:
-            buf, busy = free[0]
-            if busy is None or busy.done() or self._count[nbytes] >= self._depth:
-                free.popleft()
+        # the oldest buffer whose write is done: with two writing threads, writes may finish
+        # out of order, and a younger buffer may be free while the oldest is still read
+        for i, (buf, busy) in enumerate(free):
+            if busy is None or busy.done():
+                del free[i]
                 if busy is not None:
-                    busy.exception()  # waits; a failed write is reported where it was issued
+                    busy.exception()  # a failed write is reported where it was issued
                 return buf
+        if free and self._count[nbytes] >= self._depth:
+            buf, busy = free.popleft()
+            busy.exception()  # waits for the oldest write
+            return buf
         self._count[nbytes] += 1
         return aligned_empty(nbytes)
 

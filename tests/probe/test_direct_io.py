@@ -191,6 +191,19 @@ def test_the_pool_hands_out_a_busy_buffer_only_once_its_write_is_done():
     assert a.ctypes.data % ALIGN == 0 and b.ctypes.data % ALIGN == 0
 
 
+def test_a_buffer_whose_write_finished_first_is_reused_first():
+    pool = BufferPool(depth=4)
+    a, b = pool.take(10_000), pool.take(10_000)
+    slow, fast = Future(), Future()
+    pool.give(a, slow)
+    pool.give(b, fast)
+    fast.set_result(None)  # two writing threads: the younger write finished first
+    assert pool.take(10_000) is b  # no new buffer while one is free
+    assert pool.take(10_000) is not a  # a is still being written: the pool grows instead
+    slow.set_result(None)
+    assert pool.take(10_000) is a
+
+
 def test_a_full_pool_waits_for_the_oldest_write():
     pool = BufferPool(depth=1)
     a = pool.take(10_000)
