@@ -94,14 +94,12 @@ class BufferPool:
         # the oldest buffer whose write is done: with two writing threads, writes may finish
         # out of order, and a younger buffer may be free while the oldest is still read
         for i, (buf, busy) in enumerate(free):
-            if busy is None or busy.done():
+            if busy is None or busy.done():  # a failed write is DirectFile's to report
                 del free[i]
-                if busy is not None:
-                    busy.exception()  # a failed write is reported where it was issued
                 return buf
         if free and self._count[nbytes] >= self._depth:
             buf, busy = free.popleft()
-            busy.exception()  # waits for the oldest write
+            busy.exception()  # waits for the oldest write (without raising its error)
             return buf
         self._count[nbytes] += 1
         return aligned_empty(nbytes)
