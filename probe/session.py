@@ -657,6 +657,7 @@ class HookSession:
                 tuple(call.block.f.shape[1:]) if call.block else None,
                 tuple(call.input.shape[1:]) if call.input is not None else None,
             )
+        call.peers = self._forward_probes
         results = self._results[key]
         sources = _storages(call)  # the memory a result kept as it is would share
         held: list[Probe] = []

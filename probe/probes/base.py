@@ -9,7 +9,7 @@ been propagated, with ``call.grad_output`` (dL/dy) and, for blocks, ``call.grad_
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -110,6 +110,11 @@ class Call:
     own_map: bool = True  # False: no map x -> y of this key alone (a site inside a larger block)
     identity_shortcut: bool = False  # the block's shortcut map is the identity
     shortcut: Callable[[torch.Tensor], torch.Tensor] | None = None  # else x -> S(x), if known
+    # The probes of the session that this call is shown to, in order, and a place for work they
+    # share: probes that can compute their quantities together look for each other here
+    # (ResidualNorms and ChannelStats, fused, read a block's tensors in one kernel).
+    peers: Sequence[Probe] = field(default=(), repr=False, compare=False)
+    memo: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:

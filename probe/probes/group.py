@@ -137,6 +137,8 @@ class CallGroup:
             raise ValueError("a CallGroup needs at least one call")
         self.calls = list(calls)
         self.rows = calls[0].batch_size
+        self.peers = calls[0].peers  # the session's probes (Call.peers)
+        self.memo: dict[str, object] = {}  # work its probes share, as Call.memo
         # the calls' tensors' ids -> (stack, first row, end row, the stack's view of those rows)
         self._stacks: dict[tuple[int, ...], _Stacked] = {}
         self._chains: dict[tuple, torch.Tensor] = {}  # a chain's x-and-y stack

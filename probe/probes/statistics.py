@@ -41,6 +41,8 @@ __all__ = [
     "channel_moments",
     "moments",
     "moments_of_two",
+    "block_statistics",
+    "identity_block_statistics",
     "accumulation_dtype",
     "NormMemo",
 ]
@@ -184,11 +186,71 @@ def moments_of_two(
     return (*moments(a, dtype), *moments(b, dtype))
 
 
+def block_statistics(
+    x: torch.Tensor, f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """ResidualNorms' seven quantities and ChannelStats' moments of y and F of one block in one
+    function: compiled, F, S and y are read once for every sum and once more for the deviations
+    from the channel means, instead of once per probe and per moment. F, S and y are channel-first
+    [N, C, ...] with at least one axis after C and one shape; x is any [N, ...].
+    -> (||x||, ||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S), mean y, var y, mean F, var F)
+
+    Each per-sample sum is taken over positions for each channel, then over channels: the same
+    sums as the probes' own formulas, added in another order.
+
+    Example:
+        >>> t = torch.ones(1, 1, 4)
+        >>> [q.flatten().tolist() for q in block_statistics(t, t, t, 2 * t, torch.float32)]
+        [[2.0], [2.0], [2.0], [4.0], [2.0], [1.0], [1.0], [2.0], [0.0], [1.0], [0.0]]
+    """
+    nx = torch.linalg.vector_norm(x.reshape(x.shape[0], -1).to(dtype), dim=1)
+    return (nx, *_joint(f, s, y, dtype))
+
+
+def identity_block_statistics(
+    x: torch.Tensor, f: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """:func:`block_statistics` of a block whose shortcut is the identity (S = x, channel-first
+    like F and y): x passed once, since a tensor given twice is a variant of its own to the
+    compiler. -> 11 tensors
+
+    Example:
+        >>> t = torch.ones(1, 1, 4)
+        >>> float(identity_block_statistics(t, t, 2 * t, torch.float32)[0][0])
+        2.0
+    """
+    quantities = _joint(f, x, y, dtype)
+    return (quantities[1], *quantities)
+
+
+def _joint(
+    f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """The ten quantities of :func:`block_statistics` that F, S and y give."""
+    for i in range(f.ndim):  # one shape, said to the compiler (see moments_of_two)
+        torch._check(s.shape[i] == f.shape[i])
+        torch._check(y.shape[i] == f.shape[i])
+    ff, sf, yf = (t.flatten(2) for t in (f, s, y))
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [N, C, P] x2 -> [N]
+        return (a.to(dtype) * b.to(dtype)).sum(2).sum(1)
+
+    nf, ns, ny = (dot(t, t).sqrt() for t in (ff, sf, yf))
+    # ||y - S|| from the difference itself (no cancellation near the identity), as in eager
+    diff = yf.to(dtype) - sf.to(dtype)
+    dev = (diff * diff).sum(2).sum(1).sqrt()
+    cos_ys = dot(yf, sf) / (ny * ns).clamp_min(1e-12)
+    cos_fs = dot(ff, sf) / (nf * ns).clamp_min(1e-12)
+    return (nf, ns, ny, dev, cos_ys, cos_fs, *moments(y, dtype), *moments(f, dtype))
+
+
 # compiled once per process, shared by every probe instance (probe.probes.fused)
 _FUSED_RESIDUAL = Fused(residual_quantities)
 _FUSED_IDENTITY = Fused(identity_quantities)
 _FUSED_MOMENTS = Fused(moments)
 _FUSED_MOMENTS_OF_TWO = Fused(moments_of_two)
+_FUSED_BLOCK = Fused(block_statistics)
+_FUSED_IDENTITY_BLOCK = Fused(identity_block_statistics)
 
 
 class NormMemo:
@@ -255,7 +317,8 @@ class ResidualNorms(Probe):
                 out["x_norm"] = norm(call.input)
             return out
         if self.fused:
-            return _fused_block(b.x, b.f, b.s, b.y)
+            shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
+            return shared[0] if shared is not None else _fused_block(b.x, b.f, b.s, b.y)
         # an identity shortcut returns x itself: the memo gives its norm once
         norms = (norm(b.x), per_sample_norm(b.f), norm(b.s), norm(b.y))
         return _block_quantities(b.x, b.f, b.s, b.y, norms)
@@ -270,7 +333,8 @@ class ResidualNorms(Probe):
             return group.per_call(out)
         x, f, s, y = (group.stacked(get) for get in _PARTS)
         if self.fused:
-            return group.per_call(_fused_block(x, f, s, y))
+            shared = _shared_block(self, group, first, (x, f, s, y))
+            return group.per_call(shared[0] if shared is not None else _fused_block(x, f, s, y))
         norms = tuple(group.rowwise(get, per_sample_norm) for get in _PARTS)
         return group.per_call(_block_quantities(x, f, s, y, norms))
 
@@ -295,6 +359,78 @@ def _fused_block(
     if s is x:
         return dict(zip(_BLOCK_NAMES, _FUSED_IDENTITY(x, f, y, dtype)))
     return dict(zip(_BLOCK_NAMES, _FUSED_RESIDUAL(x, f, s, y, dtype)))
+
+
+_CHANNEL_NAMES = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
+_SHARED = "statistics.block"  # the memo's key of the shared kernel's results
+
+
+def _shared_block(
+    asker: Probe,
+    holder: Call | CallGroup,
+    call: Call,
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """ResidualNorms' and ChannelStats' results for a block, computed by one compiled kernel
+    (:func:`block_statistics`) when ``asker`` is one of a session's pair of fused probes that
+    both read ``call``; None when it is not, and each probe computes its own.
+
+    ``holder`` (the call, or the group of calls that ``parts`` stack) keeps the results, so
+    whichever of the two asks first computes them and the other takes them. The pair is the
+    first fused ResidualNorms and the first fused ChannelStats of the session's probes (exactly
+    those classes: a subclass may change what it computes), and the kernel is used only where it
+    gives their numbers: F, S and y of one shape with an axis after the channel, y the call's
+    output, and one accumulation precision for both.
+    """
+    found = holder.memo.get(_SHARED)
+    if found is None:
+        found = holder.memo[_SHARED] = _block_kernel(_fused_pair(call), call, parts)
+    pair, shared = found
+    return shared if any(asker is p for p in pair) else None
+
+
+def _block_kernel(
+    pair: tuple[ResidualNorms, ChannelStats] | tuple[()],
+    call: Call,
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[tuple[Probe, ...], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None]:
+    """(pair, their results) for :func:`_shared_block`; the results are None where the kernel
+    would not give the pair's numbers."""
+    if not pair:
+        return pair, None
+    x, f, s, y = parts
+    dtype = accumulation_dtype(x, f, s, y)
+    shared = None
+    if (
+        call.output is call.block.y
+        and f.ndim > 2
+        and f.shape == s.shape == y.shape
+        and dtype == accumulation_dtype(y, f)
+    ):
+        axis = channel_axis(pair[1].layout, y)
+        first = [t.movedim(axis, 1) for t in (f, s, y)]  # views; no-ops for channel-first maps
+        if s is x:
+            quantities = _FUSED_IDENTITY_BLOCK(first[1], first[0], first[2], dtype)
+        else:
+            quantities = _FUSED_BLOCK(x, *first, dtype)
+        shared = (
+            dict(zip(_BLOCK_NAMES, quantities[:7])),
+            dict(zip(_CHANNEL_NAMES, quantities[7:])),
+        )
+    return pair, shared
+
+
+def _fused_pair(call: Call) -> tuple[ResidualNorms, ChannelStats] | tuple[()]:
+    """The first fused ResidualNorms and ChannelStats among ``call.peers`` that read it, if both
+    do (else an empty tuple)."""
+    residual = channel = None
+    for p in call.peers:
+        kind = type(p)
+        if residual is None and kind is ResidualNorms and p.fused and p.applies_to(call):
+            residual = p
+        elif channel is None and kind is ChannelStats and p.fused and p.applies_to(call):
+            channel = p
+    return () if residual is None or channel is None else (residual, channel)
 
 
 def _block_quantities(
@@ -357,16 +493,29 @@ class ChannelStats(Probe):
         return True  # reductions of the call's tensors only (probe.replay)
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
-        tensors = (call.output,) if call.block is None else (call.output, call.block.f)
-        return self._moments(tensors)
+        b = call.block
+        if b is None:
+            return self._moments((call.output,))
+        if self.fused:
+            shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
+            if shared is not None:
+                return shared[1]
+        return self._moments((call.output, b.f))
 
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
-        parts = (output_of,) if group.calls[0].block is None else (output_of, f_of)
-        return group.per_call(self._moments([group.stacked(get) for get in parts]))
+        first = group.calls[0]
+        if first.block is None:
+            return group.per_call(self._moments([group.stacked(output_of)]))
+        if self.fused:
+            parts = tuple(group.stacked(get) for get in _PARTS)
+            shared = _shared_block(self, group, first, parts)
+            if shared is not None:
+                return group.per_call(shared[1])
+        return group.per_call(self._moments([group.stacked(get) for get in (output_of, f_of)]))
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        names = ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
+        names = _CHANNEL_NAMES
         if self.fused and all(t.ndim > 2 for t in tensors):  # [N, C] has nothing to fuse
             first = [t.movedim(channel_axis(self.layout, t), 1) for t in tensors]
             fn = _FUSED_MOMENTS if len(tensors) == 1 else _FUSED_MOMENTS_OF_TWO  # one call

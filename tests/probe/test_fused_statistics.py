@@ -3,6 +3,8 @@ torch.compile fails they warn and compute eagerly."""
 
 import collections
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -102,6 +104,10 @@ def _fresh_fused(monkeypatch):
     monkeypatch.setattr(statistics, "_FUSED_IDENTITY", Fused(identity_quantities))
     monkeypatch.setattr(statistics, "_FUSED_MOMENTS", Fused(statistics.moments))
     monkeypatch.setattr(statistics, "_FUSED_MOMENTS_OF_TWO", Fused(statistics.moments_of_two))
+    monkeypatch.setattr(statistics, "_FUSED_BLOCK", Fused(statistics.block_statistics))
+    monkeypatch.setattr(
+        statistics, "_FUSED_IDENTITY_BLOCK", Fused(statistics.identity_block_statistics)
+    )
 
 
 def test_a_whole_resnet_compiles_each_statistic_once_whatever_its_sizes(monkeypatch):
@@ -124,14 +130,25 @@ def test_a_whole_resnet_compiles_each_statistic_once_whatever_its_sizes(monkeypa
     _fresh_fused(monkeypatch)
     torch.manual_seed(0)
     model = probe.zoo.create("resnet20").eval()  # widths 16, 32, 64; option A and identity blocks
-    probes = [ResidualNorms(fused=True), ChannelStats(fused=True)]
-    for n, more in ((16, []), (64, [probe.GradNorms()]), (7, [])):
-        x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", FusedStatsWarning)
-            probe.capture(model, [(x, y)], probes=probes + more)
+    pairs = {  # each probe alone, and both: one kernel for the two
+        "residual": [ResidualNorms(fused=True)],
+        "channel": [ChannelStats(fused=True)],
+        "both": [ResidualNorms(fused=True), ChannelStats(fused=True)],
+    }
+    for probes in pairs.values():
+        for n, more in ((16, []), (64, [probe.GradNorms()]), (7, [])):
+            x, y = torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", FusedStatsWarning)
+                probe.capture(model, [(x, y)], probes=probes + more)
     torch._dynamo.reset()
-    assert graphs == {"identity_quantities": 1, "residual_quantities": 1, "moments_of_two": 1}
+    assert graphs == {
+        "identity_quantities": 1,
+        "residual_quantities": 1,
+        "moments_of_two": 1,
+        "identity_block_statistics": 1,
+        "block_statistics": 1,
+    }
 
 
 def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
@@ -148,11 +165,95 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
         got = probe.capture(
             model, batches, probes=[ResidualNorms(fused=True), ChannelStats(fused=True)]
         )
-    assert (
-        len(seen) == 3
-    )  # once per compiled function (identity, projection, moments), not per call
+    # once per compiled function, not per call: the two probes share one kernel per block kind
+    # (identity and projection shortcuts)
+    assert len(seen) == 2
     want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
     for layer in want.layers:
         for q in want.quantities(layer):
             np.testing.assert_allclose(got.read(layer, q), want.read(layer, q), rtol=1e-6)
-    assert statistics._FUSED_RESIDUAL.failed.startswith("RuntimeError: InvalidCxxCompiler")
+    assert statistics._FUSED_BLOCK.failed.startswith("RuntimeError: InvalidCxxCompiler")
+
+
+def _counted(monkeypatch):
+    """Every fused statistic computed eagerly (the same formulas), its calls counted by name."""
+    calls = collections.Counter()
+    fns = {
+        "_FUSED_RESIDUAL": residual_quantities,
+        "_FUSED_IDENTITY": identity_quantities,
+        "_FUSED_MOMENTS": statistics.moments,
+        "_FUSED_MOMENTS_OF_TWO": statistics.moments_of_two,
+        "_FUSED_BLOCK": statistics.block_statistics,
+        "_FUSED_IDENTITY_BLOCK": statistics.identity_block_statistics,
+    }
+    for attr, fn in fns.items():
+
+        def counting(*args, fn=fn):
+            calls[fn.__name__] += 1
+            return fn(*args)
+
+        monkeypatch.setattr(statistics, attr, counting)
+    return calls
+
+
+def _assert_same(got, want, rtol=1e-5):
+    assert got.layers == want.layers
+    for layer in want.layers:
+        assert set(got.quantities(layer)) >= set(want.quantities(layer))
+        for q in want.quantities(layer):
+            np.testing.assert_allclose(
+                got.read(layer, q),
+                want.read(layer, q),
+                rtol=rtol,
+                atol=1e-6,
+                err_msg=f"{layer} {q}",
+            )
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_two_fused_probes_read_each_block_in_one_kernel(monkeypatch, grouped):
+    """ResidualNorms and ChannelStats, both fused, in either order: one shared kernel per block
+    (per group of equal blocks when grouped), none of their own, and the eager probes' numbers."""
+    calls = _counted(monkeypatch)
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet20", width=4).eval()  # identity and option-A blocks
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
+    want = probe.capture(model, [(x, y)], probes=[ResidualNorms(), ChannelStats()])
+    for order in (1, -1):
+        calls.clear()
+        probes = [ResidualNorms(fused=True), ChannelStats(fused=True)][::order]
+        got = probe.capture(model, [(x, y)], probes=probes, grouped=grouped)
+        _assert_same(got, want)
+        kernels = calls["identity_block_statistics"] + calls["block_statistics"]
+        assert set(calls) == {"identity_block_statistics", "block_statistics"}
+        # 9 blocks: 7 identity, 2 downsampling; grouped: the runs of equal blocks of 3 stages
+        assert kernels == (5 if grouped else 9), calls
+
+
+def test_the_shared_kernel_reads_the_channel_axis_of_the_layout_given(monkeypatch):
+    """ChannelStats(layout="NHWC") on [N, C, H, W] maps reads W as the channel axis: the shared
+    kernel moves that axis, and both probes keep the eager numbers."""
+    calls = _counted(monkeypatch)
+    model, batch = _net(), _batches()[:1]
+    got = probe.capture(
+        model, batch, probes=[ResidualNorms(fused=True), ChannelStats(layout="NHWC", fused=True)]
+    )
+    want = probe.capture(model, batch, probes=[ResidualNorms(), ChannelStats(layout="NHWC")])
+    _assert_same(got, want)
+    assert set(calls) == {"identity_block_statistics", "block_statistics"}
+
+
+def test_a_subclass_is_not_paired(monkeypatch):
+    """A subclass of ChannelStats may compute something else: the fused ResidualNorms beside it
+    computes its own kernel, and the subclass its own."""
+
+    @dataclass
+    class Mine(ChannelStats):
+        name: ClassVar[str] = "mine"
+
+    calls = _counted(monkeypatch)
+    model, batch = _net(), _batches()[:1]
+    got = probe.capture(model, batch, probes=[ResidualNorms(fused=True), Mine(fused=True)])
+    want = probe.capture(model, batch, probes=[ResidualNorms(), Mine()])
+    _assert_same(got, want)
+    assert set(calls) == {"identity_quantities", "residual_quantities", "moments_of_two"}
