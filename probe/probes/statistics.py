@@ -408,7 +408,7 @@ def _block_kernel(
         and dtype == accumulation_dtype(y, f)
     ):
         axis = channel_axis(pair[1].layout, y)
-        first = [t.movedim(axis, 1) for t in (f, s, y)]  # views; no-ops for channel-first maps
+        first = [f, s, y] if axis == 1 else [t.movedim(axis, 1) for t in (f, s, y)]  # views
         if s is x:
             quantities = _FUSED_IDENTITY_BLOCK(first[1], first[0], first[2], dtype)
         else:
