@@ -257,3 +257,50 @@ def test_a_subclass_is_not_paired(monkeypatch):
     want = probe.capture(model, batch, probes=[ResidualNorms(), Mine()])
     _assert_same(got, want)
     assert set(calls) == {"identity_quantities", "residual_quantities", "moments_of_two"}
+
+
+class _TokenBlock(torch.nn.Module):
+    """x + MLP(LayerNorm(x)) on [N, T, C] tokens: a residual site found by tracing."""
+
+    def __init__(self, d=6):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(d)
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(d, 12), torch.nn.GELU(), torch.nn.Linear(12, d)
+        )
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+def test_the_shared_kernel_reads_tokens_channel_last(monkeypatch):
+    """[N, T, C] tokens ("auto" layout: the channel axis is the last): the shared kernel moves it
+    first and both probes keep the eager numbers, channel moments over the tokens."""
+    calls = _counted(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(_TokenBlock() for _ in range(3))).eval()
+    batch = [(torch.randn(5, 4, 6).add_(2.0), torch.zeros(5, 6))]
+    loss = torch.nn.MSELoss(reduction="none")
+    kinds = {
+        "fused": [ResidualNorms(fused=True), ChannelStats(fused=True)],
+        "eager": [ResidualNorms(), ChannelStats()],
+    }
+    got, want = (probe.capture(model, batch, probes=p, loss_fn=loss) for p in kinds.values())
+    _assert_same(got, want)
+    assert calls["identity_block_statistics"] == 3 and set(calls) == {"identity_block_statistics"}
+    assert got.read(got.layers[0], "channel_mean").shape == (5, 6)
+
+
+@pytest.mark.slow
+def test_the_compiled_shared_kernel_on_a_channels_last_net_equals_eager():
+    """Channels-last memory (NCHW shapes, NHWC strides): the compiled kernel reads the strides
+    it is given and gives the eager probes' numbers."""
+    model = _net().to(memory_format=torch.channels_last)
+    batches = [(x.to(memory_format=torch.channels_last), y) for x, y in _batches()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FusedStatsWarning)
+        got = probe.capture(
+            model, batches, probes=[ResidualNorms(fused=True), ChannelStats(fused=True)]
+        )
+    want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
+    _assert_same(got, want)
