@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import probe
 from probe.cli.main import cli
 from probe.conformance import RawSites
+from probe.probes import fused as fused_module
 from probe.probes import statistics
 from probe.probes.base import Call
 from probe.probes.fused import Fused, FusedStatsWarning, identity_quantities, residual_quantities
@@ -111,10 +112,12 @@ def _fresh_fused(monkeypatch):
 
 
 def test_a_whole_resnet_compiles_each_statistic_once_whatever_its_sizes(monkeypatch):
-    """A batch the size of a block's width (16 and 16, 64 and 64), identity and projection
-    shortcuts, a gradient pass: one compiled graph per function. Sizes that happen to be equal
-    made Dynamo guard on the coincidence and compile again, up to its limit of 8, after which the
-    remaining blocks ran eagerly."""
+    """The dynamically shaped path (off the CPU, or past STATIC_SIGNATURES): a batch the size of
+    a block's width (16 and 16, 64 and 64), identity and projection shortcuts, a gradient pass:
+    one compiled graph per function. Sizes that happen to be equal made Dynamo guard on the
+    coincidence and compile again, up to its limit of 8, after which the remaining blocks ran
+    eagerly."""
+    monkeypatch.setattr(fused_module, "STATIC_SIGNATURES", 0)  # every call takes that path
     graphs = collections.Counter()
     compile_ = torch.compile
 
@@ -151,6 +154,58 @@ def test_a_whole_resnet_compiles_each_statistic_once_whatever_its_sizes(monkeypa
     }
 
 
+def _static_compiles(monkeypatch):
+    """The signatures compiled for fixed shapes, counted per function; each "compiled" to the
+    eager function itself (the dispatch is under test here, not Inductor)."""
+    compiled = collections.Counter()
+
+    def counting(fn, args):
+        compiled[fn.__name__] += 1
+
+        def run(*tensors):
+            given = iter(tensors)
+            return fn(*(next(given) if isinstance(a, torch.Tensor) else a for a in args))
+
+        return run
+
+    monkeypatch.setattr(fused_module, "_compile_static", counting)
+    return compiled
+
+
+def test_on_the_cpu_each_signature_is_compiled_once_for_its_shapes(monkeypatch):
+    """ResNet-20 at three batch sizes: one static compilation per block kind, width and batch
+    size, none again for a second capture of the same shapes; past STATIC_SIGNATURES the rest go
+    to one dynamically shaped function."""
+    compiled = _static_compiles(monkeypatch)
+    _fresh_fused(monkeypatch)
+    torch.manual_seed(0)
+    model = probe.zoo.create("resnet20", width=4).eval()
+    probes = [ResidualNorms(fused=True), ChannelStats(fused=True)]
+    batches = [(torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))) for n in (4, 6, 3)]
+    want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
+    for _ in range(2):
+        _assert_same(probe.capture(model, batches, probes=probes), want)
+    # identity blocks in 3 stages, projection blocks in 2, at 3 batch sizes: compiled once each
+    assert compiled == {"identity_block_statistics": 9, "block_statistics": 6}
+
+    graphs = collections.Counter()
+    compile_ = torch.compile
+
+    def dynamic(fn, **kwargs):
+        graphs[fn.__name__] += 1
+        return compile_(fn, **kwargs, backend=lambda gm, inputs: gm.forward)
+
+    monkeypatch.setattr(torch, "compile", dynamic)
+    monkeypatch.setattr(fused_module, "STATIC_SIGNATURES", 2)
+    compiled.clear()
+    _fresh_fused(monkeypatch)
+    torch._dynamo.reset()
+    _assert_same(probe.capture(model, batches, probes=probes), want)
+    torch._dynamo.reset()
+    assert compiled == {"identity_block_statistics": 2, "block_statistics": 2}
+    assert graphs == {"identity_block_statistics": 1, "block_statistics": 1}
+
+
 def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
     def broken(fn, **kwargs):
         def run(*args):
@@ -158,7 +213,11 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
 
         return run
 
+    def broken_static(fn, args):
+        raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+
     monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(fused_module, "_compile_static", broken_static)
     _fresh_fused(monkeypatch)
     model, batches = _net(), _batches()
     with pytest.warns(FusedStatsWarning, match="no working C.. compiler") as seen:
@@ -173,6 +232,7 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
         for q in want.quantities(layer):
             np.testing.assert_allclose(got.read(layer, q), want.read(layer, q), rtol=1e-6)
     assert statistics._FUSED_BLOCK.failed.startswith("RuntimeError: InvalidCxxCompiler")
+    assert statistics._FUSED_BLOCK.static_failed.startswith("RuntimeError: InvalidCxxCompiler")
 
 
 def _counted(monkeypatch):
