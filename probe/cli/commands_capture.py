@@ -151,6 +151,12 @@ def capture_cmd(
         raise ProbeError("--data synthetic needs --input-size C,H,W (e.g. 3,64,64).")
 
     probes = [make_probe(s) for s in probe_specs]
+    if any(getattr(p, "fused", False) for p in probes):  # else a first batch that seems to hang
+        say(
+            "fused statistics: the first batch of each input shape compiles them "
+            "(seconds per block shape; kept in the compiler's cache for later runs)",
+            err=True,
+        )
     layer_spec = "auto" if list(layers) == ["auto"] else list(layers)
     state: dict = {"last": 0, "started": time.perf_counter()}
 

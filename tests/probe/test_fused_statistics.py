@@ -90,6 +90,8 @@ def test_the_cli_takes_fused_statistics(tmp_path, monkeypatch):
             ],  # fmt: skip
         )
         assert res.exit_code == 0, res.output
+        # a first batch that compiles is said to, not left to look like a hang
+        assert ("first batch of each input shape compiles" in res.output) == bool(extra)
     eager, fused_cap = probe.open(tmp_path / "eager.h5"), probe.open(tmp_path / "fused.h5")
     assert {"probe": "residual", "fused": True} in fused_cap.config["probes"]
     for layer in eager.layers:
