@@ -11,8 +11,11 @@ h5py's ``fileobj`` driver with a :class:`DirectFile`, and asks HDF5 to place eve
 least :data:`ALIGN_THRESHOLD` bytes (whole chunks) at a multiple of :data:`ALIGN`. A chunk
 handed to ``write_direct_chunk`` from an aligned buffer (:func:`aligned_empty`) reaches
 :meth:`DirectFile.write` as that very memory, at an aligned address. Its block-aligned head goes
-through an ``O_DIRECT`` descriptor, on threads of their own, so that the writer assembles and
-checksums the next chunks while the disk takes this one. The rest (the checksum and what does
+through an ``O_DIRECT`` descriptor. Where the writer lends that memory
+(:meth:`DirectFile.lending`: it keeps the buffer untouched until the write is done) the write
+runs on a thread of its own, so that the writer assembles and checksums the next chunks while
+the disk takes this one; any other memory (HDF5's own buffers, which it frees or refills as soon
+as a write returns) is written before :meth:`~DirectFile.write` returns. The rest (the checksum and what does
 not fill a block, under :data:`ALIGN` bytes) goes through an ordinary descriptor, as does all of
 HDF5's metadata: HDF5 may place metadata in the gap after a chunk's end, on the page that holds
 the chunk's tail, so no direct write covers a page that an ordinary write touches. A file system
@@ -40,6 +43,7 @@ import errno
 import io
 import os
 import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -74,8 +78,8 @@ def aligned_empty(nbytes: int) -> np.ndarray:
 
 class BufferPool:
     """Aligned buffers kept for reuse (a fresh 2 MiB array page-faulted in 512 pages each time),
-    each given back with the write still reading it, if any: a buffer is handed out again only
-    once that write is done. Used by one thread (the writer's), so it takes no lock.
+    each given back with the writes still reading it, if any: a buffer is handed out again only
+    once they are done. Used by one thread (the writer's), so it takes no lock.
 
     Example:
         >>> pool = BufferPool()
@@ -94,19 +98,20 @@ class BufferPool:
         # the oldest buffer whose write is done: with two writing threads, writes may finish
         # out of order, and a younger buffer may be free while the oldest is still read
         for i, (buf, busy) in enumerate(free):
-            if busy is None or busy.done():  # a failed write is DirectFile's to report
+            if all(w.done() for w in busy):  # a failed write is DirectFile's to report
                 del free[i]
                 return buf
         if free and self._count[nbytes] >= self._depth:
             buf, busy = free.popleft()
-            busy.exception()  # waits for the oldest write (without raising its error)
+            for w in busy:
+                w.exception()  # waits for the oldest buffer's writes (without raising an error)
             return buf
         self._count[nbytes] += 1
         return aligned_empty(nbytes)
 
-    def give(self, buf: np.ndarray, busy: Future | None = None) -> None:
-        """Return ``buf``; ``busy``: the write still reading it."""
-        self._free.setdefault(len(buf), collections.deque()).append((buf, busy))
+    def give(self, buf: np.ndarray, busy: Sequence[Future] = ()) -> None:
+        """Return ``buf``; ``busy``: the writes still reading it."""
+        self._free.setdefault(len(buf), collections.deque()).append((buf, tuple(busy)))
 
 
 class DirectFile(io.RawIOBase):
@@ -115,11 +120,14 @@ class DirectFile(io.RawIOBase):
     and everything else (HDF5's metadata, a chunk's unaligned tail) through an ordinary
     descriptor. ``direct_bytes`` counts what went past the page cache.
 
-    Direct writes run on threads of their own (:func:`_io_threads`): :attr:`last_write` is the
-    latest one's future, whose buffer must stay untouched until it is done (:class:`BufferPool`
-    sees to it). Each writes bytes nothing else writes, so their order does not matter.
-    Reading, truncating, flushing and closing wait for them all, and raise the first error one
-    of them met. Created empty (an existing file is truncated), readable and writable.
+    Direct writes of memory lent with :meth:`lending` run on threads of their own
+    (:func:`_io_threads`); the caller keeps that memory untouched until they are done
+    (:class:`BufferPool` sees to it). Each writes bytes nothing else writes, so their order does
+    not matter. Every other write is done when :meth:`write` returns: the memory h5py hands over
+    is HDF5's, which frees or refills it at once (a chunk of ``/labels`` written from a buffer
+    that happened to be aligned was read back damaged). Reading, truncating, flushing and closing
+    wait for them all, and raise the first error one of them met. Created empty (an existing
+    file is truncated), readable and writable.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -136,7 +144,7 @@ class DirectFile(io.RawIOBase):
         self._io = ThreadPoolExecutor(_io_threads(), "resprobe-h5-direct") if self.direct else None
         self._lock = threading.Lock()  # direct_bytes, counted on the writing threads
         self._pending: collections.deque[Future] = collections.deque()
-        self.last_write: Future | None = None
+        self._lent: tuple[int, int, list[Future]] | None = None  # start, end, their writes
         self._pos = 0
         self.direct_bytes = 0
 
@@ -172,16 +180,45 @@ class DirectFile(io.RawIOBase):
         self._pos += len(data)
         return len(data)
 
+    @contextlib.contextmanager
+    def lending(self, buffer: np.ndarray) -> Iterator[list[Future]]:
+        """Within the block, writes of ``buffer``'s memory may still run when :meth:`write`
+        returns; the list yielded collects them, and the caller keeps ``buffer`` untouched until
+        every one is done.
+
+        Example:
+            >>> import tempfile
+            >>> f = DirectFile(tempfile.mkdtemp() + "/x.bin")
+            >>> chunk = aligned_empty(ALIGN)
+            >>> with f.lending(chunk) as writes:
+            ...     _ = f.write(chunk)
+            >>> f.close()
+            >>> all(w.done() for w in writes)
+            True
+        """
+        start = buffer.ctypes.data
+        writes: list[Future] = []
+        self._lent = (start, start + buffer.nbytes, writes)
+        try:
+            yield writes
+        finally:
+            self._lent = None
+
     def write(self, buffer) -> int:
         raw = np.frombuffer(buffer, np.uint8)
-        self.last_write = None
         head = 0
         if self._use_direct and self._pos % ALIGN == 0 and raw.ctypes.data % ALIGN == 0:
             head = len(raw) - len(raw) % ALIGN
         if head:
             self._raise_failed()
-            self.last_write = self._io.submit(self._write_head, raw[:head], self._pos)
-            self._pending.append(self.last_write)
+            lent = self._lent
+            address = raw.ctypes.data
+            if lent is not None and lent[0] <= address and address + head <= lent[1]:
+                write = self._io.submit(self._write_head, raw[:head], self._pos)
+                self._pending.append(write)
+                lent[2].append(write)
+            else:  # memory the caller may change as soon as this returns: written now
+                self._write_head(raw[:head], self._pos)
         if head < len(raw):
             _write_all(self._fd, raw[head:], self._pos + head)
         self._pos += len(raw)

@@ -366,3 +366,18 @@ def test_the_compiled_shared_kernel_on_a_channels_last_net_equals_eager():
         )
     want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
     _assert_same(got, want)
+
+
+@pytest.mark.slow
+def test_the_compiled_shared_kernel_under_cpu_autocast_equals_eager():
+    """Inside the user's bf16 autocast (a signature of its own: the graph is traced under it)
+    the compiled kernel gives the eager probes' numbers of the same pass."""
+    model, batches = _net(), _batches()
+    kinds = {
+        "fused": [ResidualNorms(fused=True), ChannelStats(fused=True)],
+        "eager": [ResidualNorms(), ChannelStats()],
+    }
+    with warnings.catch_warnings(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("error", FusedStatsWarning)
+        got, want = (probe.capture(model, batches, probes=p) for p in kinds.values())
+    _assert_same(got, want)
