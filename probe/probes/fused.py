@@ -15,9 +15,9 @@ a Dynamo call costs 150-290 us of Python where a model's pass has just left the 
 against ~20 us warm, as much as a small block's arithmetic (docs/performance.md). Past
 ``STATIC_SIGNATURES`` signatures of one function, and on other devices, one function compiled by
 ``torch.compile`` with dynamic shapes serves every call. The first batch pays the compilation
-(3-4 s per signature on a 2-core CPU with an empty Inductor cache, about 1 s with a warm one). Where compiling fails
-(no C++ compiler, an unsupported platform) the probe warns once with :class:`FusedStatsWarning`
-and computes eagerly: the same numbers, at the eager speed.
+(3-4 s per signature on a 2-core CPU with an empty Inductor cache, about 1 s with a warm one).
+Where compiling fails (no C++ compiler, an unsupported platform) the probe warns once with
+:class:`FusedStatsWarning` and computes eagerly: the same numbers, at the eager speed.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ through an ``O_DIRECT`` descriptor. Where the writer lends that memory
 (:meth:`DirectFile.lending`: it keeps the buffer untouched until the write is done) the write
 runs on a thread of its own, so that the writer assembles and checksums the next chunks while
 the disk takes this one; any other memory (HDF5's own buffers, which it frees or refills as soon
-as a write returns) is written before :meth:`~DirectFile.write` returns. The rest (the checksum and what does
-not fill a block, under :data:`ALIGN` bytes) goes through an ordinary descriptor, as does all of
-HDF5's metadata: HDF5 may place metadata in the gap after a chunk's end, on the page that holds
+as a write returns) is written before :meth:`~DirectFile.write` returns. The rest (the checksum
+and what does not fill a block, under :data:`ALIGN` bytes) goes through an ordinary descriptor,
+as does all of HDF5's metadata: HDF5 may place metadata in the gap after a chunk's end, on the page that holds
 the chunk's tail, so no direct write covers a page that an ordinary write touches. A file system
 that refuses ``O_DIRECT`` (tmpfs, some network file systems) gets every byte through the
 ordinary descriptor.

@@ -594,17 +594,13 @@ class H5Writer:
             # submits every chunk at once and yields them in order, as each is ready
             stored_chunks = self._checksums.map(with_fletcher32, blocks, outs)
         for k, stored in enumerate(stored_chunks):
-            where = (start + k * rows_per_chunk, *zeros)
-            if small or self._raw_file is None:
-                dset.id.write_direct_chunk(where, stored)
-                if not small:
-                    self._pool.give(outs[k])
-                continue
-            # lent: a DirectFile may still be writing it when HDF5 returns, and it goes back to
-            # the pool with those writes, to be reused once the disk has it
-            with self._raw_file.lending(outs[k]) as writes:
-                dset.id.write_direct_chunk(where, stored)
-            self._pool.give(outs[k], writes)
+            # a pooled buffer is lent: a DirectFile may still be writing it when HDF5 returns,
+            # and it goes back to the pool with those writes, to be reused once the disk has it
+            lent = not small and self._raw_file is not None
+            with self._raw_file.lending(outs[k]) if lent else contextlib.nullcontext(()) as writes:
+                dset.id.write_direct_chunk((start + k * rows_per_chunk, *zeros), stored)
+            if not small:
+                self._pool.give(outs[k], writes)
 
     # -- finishing --------------------------------------------------------------------------
     def close(
