@@ -10,6 +10,8 @@ about a millisecond of Python per ResNet-56 batch, a few percent of a probed pas
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 __all__ = ["NonFiniteCounter", "nonfinite_rows"]
@@ -116,6 +118,33 @@ class NonFiniteCounter:
         if not t.numel():
             return
         self._pending.append((key, t, self._sums(base), start, n))
+
+    def add_block(self, block: torch.Tensor, pieces: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Note results that were copied whole into one flat ``block``: (layer key, result) for
+        every result in it. The block is read once; the results are looked at one by one (as
+        :meth:`add` does) only when it holds a NaN or an infinity. A session copies a batch's
+        small CPU results into such a block anyway (probe.session), and checking them there
+        replaced a reduction and a bookkeeping entry per result: ~2 ms of a ResNet-56 pass.
+
+        Example:
+            >>> c = NonFiniteCounter()
+            >>> block = torch.tensor([1.0, 2.0, float("nan"), 4.0])
+            >>> c.add_block(block, [("a", block[:2]), ("b", block[2:].view(2, 1))])
+            >>> c.end_batch()
+            >>> c.counts
+            {'b': 1}
+        """
+        if not block.is_floating_point():
+            return
+        # A finite sum means no NaN and no inf (see nonfinite_rows); a non-finite one may be an
+        # overflow of finite values, which the results' own checks then tell apart. One sum is
+        # ~15x faster than isfinite(block).all() on the CPU. (A host sync: only a session's CPU
+        # blocks come here.)
+        wide = torch.float64 if block.dtype == torch.float64 else torch.float32
+        if bool(torch.isfinite(block.sum(dtype=wide))):
+            return
+        for key, t in pieces:
+            self.add(key, t)
 
     def _sums(self, t: torch.Tensor) -> torch.Tensor:
         # A tensor kept under several names (a block's y is the next block's x; an identity S is

@@ -268,24 +268,54 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
 _COMPACT_BYTES = 256 << 10
 
 
-def _compacted(results: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-    """``results`` with every small CPU tensor replaced by an equal view of a fresh block."""
+def _compactable(t: torch.Tensor) -> bool:
+    """Whether :func:`_compacted` copies ``t`` into its dtype's block."""
+    return t.is_cpu and t.numel() * t.element_size() <= _COMPACT_BYTES
+
+
+def _compacted(
+    results: dict[str, dict[str, torch.Tensor]], nonfinite: NonFiniteCounter
+) -> dict[str, dict[str, torch.Tensor]]:
+    """``results`` with every small CPU tensor replaced by an equal view of a fresh block; the
+    floating-point blocks are handed to ``nonfinite``, which checks them whole."""
     groups: dict[torch.dtype, list[tuple[str, str, torch.Tensor]]] = defaultdict(list)
     for key, qs in results.items():
         for q, t in qs.items():
-            if t.is_cpu and t.numel() * t.element_size() <= _COMPACT_BYTES:
+            if _compactable(t):
                 groups[t.dtype].append((key, q, t))
     for items in groups.values():
         # one split for all the pieces, and a view only for those of another shape: a statistics
         # batch holds ~300 small results, most of them [N], and each call costs microseconds.
         # Autocast off: this is bookkeeping, and a capture inside the user's CPU autocast made
         # cat refuse fp16 results (fp16 activations under bf16 autocast failed).
+        sizes = [t.numel() for _, _, t in items]
+        block = torch.empty(sum(sizes), dtype=items[0][2].dtype)
         with torch.autocast("cpu", enabled=False):
-            block = torch.cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items])
-        pieces = block.split([t.numel() for _, _, t in items])
+            _serial_cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items], sizes, block)
+        pieces = block.split(sizes)
         for (key, q, t), piece in zip(items, pieces):
             results[key][q] = piece if t.ndim == 1 else piece.view(t.shape)
+        if block.is_floating_point():  # read one by one only if the block holds a NaN or an inf
+            nonfinite.add_block(block, ((key, results[key][q]) for key, q, _ in items))
     return results
+
+
+# CPU torch.cat copies a result of fewer elements than this in one serial loop; a larger one input
+# by input, a TensorIterator each (~1 us apiece): 270 us against 65 us for the ~300 results of a
+# ResNet-56 statistics batch on 2 threads (torch.internal GRAIN_SIZE).
+_SERIAL_CAT = 32768
+
+
+def _serial_cat(tensors: list[torch.Tensor], sizes: list[int], out: torch.Tensor) -> None:
+    """``torch.cat(tensors, out=out)`` for 1-D CPU tensors, in runs under _SERIAL_CAT elements."""
+    start = first = 0
+    while first < len(tensors):
+        last, total = first + 1, sizes[first]
+        while last < len(tensors) and total + sizes[last] < _SERIAL_CAT:
+            total += sizes[last]
+            last += 1
+        torch.cat(tensors[first:last], out=out[start : start + total])
+        first, start = last, start + total
 
 
 def _output_site(own: _Owner) -> bool:
@@ -880,7 +910,9 @@ class HookSession:
             if sources and storage_ptr(t) in sources:
                 t = self._guard(key, (forward[0], q), t)
             results[q] = t
-            if t.is_floating_point():
+            # a small CPU result is checked in the block its batch's results are copied into
+            # (_compacted); a recorded pass keeps its results where they are
+            if t.is_floating_point() and (self._recording or not _compactable(t)):
                 self._nonfinite.add(key, t)
             if (key, q) not in self.dim_labels:  # a quantity's axes: fixed by its first batch
                 labels = probe.dim_labels(q, t)
@@ -944,15 +976,17 @@ class HookSession:
             self._suspended = previous
             self._tracer.suspended = traced
 
-    def _release_batch(self) -> None:
-        """Drop the batch's tensors and gradient hooks. The tensor hooks close over their Call,
-        which holds the hooked tensors: a cycle through autograd's C++ nodes that Python's GC
-        cannot see. Left in place, it kept every block's activations of every batch alive
-        (+200 MB per ResNet-56 batch of 64, tests/probe/test_session_memory.py)."""
+    def _release_batch(self, keep_counts: bool = False) -> None:
+        """Drop the batch's tensors and gradient hooks (and its non-finite entries, unless
+        ``keep_counts``: they are counted once its results are compacted). The tensor hooks
+        close over their Call, which holds the hooked tensors: a cycle through autograd's C++
+        nodes that Python's GC cannot see. Left in place, it kept every block's activations of
+        every batch alive (+200 MB per ResNet-56 batch of 64, tests/probe/test_session_memory.py)."""
         for handle in self._grad_hooks:
             handle.remove()
         self._grad_hooks.clear()
-        self._nonfinite.discard_batch()
+        if not keep_counts:
+            self._nonfinite.discard_batch()
         self._watched: list[tuple[tuple[str, str], torch.Tensor, int | None, bool]] = []
         self._calls: list[Call] = []
         self._branch_out: dict[str, torch.Tensor] = {}
@@ -1074,15 +1108,18 @@ class HookSession:
                             self._merge(
                                 self._results["model"], p.forward(call), p, "model", call.batch_size
                             )
-            self._nonfinite.end_batch()  # on the device: no host sync per batch
             # layers whose probes all declined (model-level probes only, say) have nothing to say
             results = {k: qs for k, qs in self._results.items() if qs}
             logits = out.detach()
-        finally:
+            self._release_batch(keep_counts=True)
+        except BaseException:
             self._release_batch()
+            raise
         del out  # the last reference to the graph: the batch's activations are all freed now
         self._unshared(results)
-        return _compacted(results), logits
+        results = _compacted(results, self._nonfinite)
+        self._nonfinite.end_batch()  # on the device: no host sync per batch
+        return results, logits
 
     # -- recorded passes (probe.replay) --------------------------------------------------------
     def _replay_or_record(

@@ -138,8 +138,9 @@ def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results()
             half[2, 1] = float("inf")
             capped = torch.zeros(2, dtype=torch.float64)
             capped[0] = float("-inf")
-            large = torch.zeros(n, 5000)
+            large = torch.zeros(n, 5000)  # not copied into the batch's block: checked alone
             large[3, 4999] = float("nan")
+            large[1, 0] = float("inf")  # sample 1 again: counted once
             huge = torch.full((n, 4), 3e38)  # finite, though its sum overflows float32
             return {"small": small, "half": half, "capped": capped, "large": large, "huge": huge}
 
@@ -154,8 +155,9 @@ def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results()
 @pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
 def test_the_counter_agrees_with_an_element_by_element_count_over_many_batches(pick_rows):
     """Random batches of results per layer (several dtypes and ranks, capped rows, a tensor kept
-    under two keys, finite rows whose sums overflow, layers that come and go): every layer's
-    count is the samples that numpy finds a NaN or an inf in, summed over the batches."""
+    under two keys, finite rows whose sums overflow, layers that come and go, results added one
+    by one or copied into a block per dtype as a session does): every layer's count is the
+    samples that numpy finds a NaN or an inf in, summed over the batches."""
     from probe.nonfinite import NonFiniteCounter
 
     g = np.random.default_rng(0)
@@ -174,7 +176,7 @@ def test_the_counter_agrees_with_an_element_by_element_count_over_many_batches(p
                 flat[r] = torch.finfo(dtype).max
         return t
 
-    counter, bad = NonFiniteCounter(pick_rows=pick_rows), {}
+    counter, bad, blocks = NonFiniteCounter(pick_rows=pick_rows), {}, {}
     for batch in range(6):
         n = int(g.integers(1, 9))
         for key in ["a", "b", "c"] + (["d"] if batch % 2 else []):
@@ -183,10 +185,18 @@ def test_the_counter_agrees_with_an_element_by_element_count_over_many_batches(p
                 t = planted(rows)
                 names = [key, "c"] if key == "b" else [key]  # one tensor kept under two keys
                 for name in names:
-                    counter.add(name, t)
+                    if g.random() < 0.5:
+                        counter.add(name, t)
+                    else:  # checked in its dtype's block below
+                        blocks.setdefault(t.dtype, []).append((name, t))
                     hit = bad.setdefault((name, batch), np.zeros(n, bool))
                     if rows:
                         hit[:rows] |= ~np.isfinite(t.reshape(rows, -1).double().numpy()).all(1)
+        for pieces in blocks.values():
+            block = torch.cat([t.reshape(-1) for _, t in pieces])
+            views = block.split([t.numel() for _, t in pieces])
+            counter.add_block(block, [(k, v.view(t.shape)) for (k, t), v in zip(pieces, views)])
+        blocks.clear()
         counter.end_batch()
     expected = {}
     for (key, _), hit in bad.items():  # a sample counts once per batch, whatever holds it

@@ -58,15 +58,19 @@ def test_a_forward_outside_run_batch_is_let_go_on_close():
 def test_small_results_are_compacted_into_one_block_per_dtype():
     """Equal values, shapes and dtypes; the small ones share a block made after the pass (see
     probe.session._compacted), large raw tensors are left as the probes made them."""
-    from probe.session import _COMPACT_BYTES, _compacted
+    from probe.nonfinite import NonFiniteCounter
+    from probe.session import _COMPACT_BYTES, _SERIAL_CAT, _compacted
 
     big = torch.randn(_COMPACT_BYTES // 4 + 1)
     results = {
         "a": {"n": torch.randn(8), "m": torch.randn(8, 3).t(), "big": big},  # .t(): not contiguous
         "b": {"k": torch.arange(8), "v": torch.randn(8, 2, 2, dtype=torch.float64)},
+        # copied in runs of under _SERIAL_CAT elements: one alone past it, several across a run
+        "c": {"wide": torch.randn(2, _SERIAL_CAT // 2 + 3), "after": torch.randn(5)},
+        **{f"d{i}": {"r": torch.randn(4, _SERIAL_CAT // 7)} for i in range(9)},
     }
     expected = {k: {q: t.clone() for q, t in qs.items()} for k, qs in results.items()}
-    out = _compacted(results)
+    out = _compacted(results, NonFiniteCounter())
     for k, qs in expected.items():
         for q, t in qs.items():
             assert out[k][q].dtype == t.dtype and torch.equal(out[k][q], t), (k, q)
