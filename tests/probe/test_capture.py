@@ -188,7 +188,8 @@ def test_inplace_block_warns_and_branch_is_cloned_before_the_add():
 def test_module_called_twice_is_recorded_per_call():
     lin = nn.Linear(4, 4)
     model = nn.Sequential(lin, nn.ReLU(), lin)
-    cap = probe.capture(model, [torch.randn(2, 4)], layers="0", probes=[ResidualNorms()])
+    with pytest.warns(probe.NoResidualWarning, match="hold no residual site"):  # a plain layer
+        cap = probe.capture(model, [torch.randn(2, 4)], layers="0", probes=[ResidualNorms()])
     assert cap.layers == ["0", "0@1"]
     assert cap.layer_attrs("0@1")["call"] == 1
 
