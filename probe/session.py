@@ -289,7 +289,7 @@ def _compacted(
         # Autocast off: this is bookkeeping, and a capture inside the user's CPU autocast made
         # cat refuse fp16 results (fp16 activations under bf16 autocast failed).
         sizes = [t.numel() for _, _, t in items]
-        block = torch.empty(sum(sizes), dtype=items[0][2].dtype)
+        block = torch.empty(sum(sizes), dtype=items[0][2].dtype, device="cpu")  # not the default
         with torch.autocast("cpu", enabled=False):
             _serial_cat([t if t.ndim == 1 else t.reshape(-1) for _, _, t in items], sizes, block)
         pieces = block.split(sizes)

@@ -78,3 +78,17 @@ def test_small_results_are_compacted_into_one_block_per_dtype():
     float_storage = out["a"]["n"].untyped_storage().data_ptr()
     assert out["a"]["m"].untyped_storage().data_ptr() == float_storage
     assert out["b"]["v"].untyped_storage().data_ptr() != float_storage  # float64: its own block
+
+
+def test_compaction_stays_on_the_cpu_under_another_default_device():
+    """The block is made on the CPU whatever torch's default device is (a user's
+    ``torch.set_default_device``): its results are CPU tensors."""
+    from probe.nonfinite import NonFiniteCounter
+    from probe.session import _compacted
+
+    results = {"a": {"n": torch.randn(8), "m": torch.randn(8, 3)}}
+    expected = {q: t.clone() for q, t in results["a"].items()}
+    with torch.device("meta"):
+        out = _compacted(results, NonFiniteCounter())
+    for q, t in expected.items():
+        assert out["a"][q].is_cpu and torch.equal(out["a"][q], t), q
