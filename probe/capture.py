@@ -413,7 +413,8 @@ class CaptureJob:
                 for x, y, idx, x_next in batches:
                     raise_if_terminated()  # a SIGTERM whose exception Python dropped
                     if idx is None:
-                        idx = torch.arange(sample_offset + seen, sample_offset + seen + len(x))
+                        first = sample_offset + seen
+                        idx = torch.arange(first, first + len(x), device="cpu")
                     results, _ = session.run_batch(
                         x, y, sample_offset=sample_offset + seen, next_input=x_next
                     )
@@ -427,7 +428,7 @@ class CaptureJob:
                             for q, t in qs.items():
                                 mem.add(key, q, t)
                         mem.end_batch()
-                        indices.append(torch.as_tensor(idx).cpu().numpy())
+                        indices.append(torch.as_tensor(idx, device="cpu").numpy())
                         labels.append(y.cpu().numpy() if y is not None else np.full(len(x), -1))
                     seen += len(x)
                     if progress is not None:

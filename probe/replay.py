@@ -350,8 +350,9 @@ def same_results(replayed: Results, eager: Results, rtol: float = 1e-3) -> str |
                 torch.isnan(e64), torch.isnan(r64)
             ):
                 return f"{key}/{q}: NaN or infinity in other places"
-            diff = (r64 - e64)[finite].abs().max() if finite.any() else torch.zeros(())
-            scale = e64[finite].abs().max() if finite.any() else torch.zeros(())
+            none = torch.zeros((), dtype=e64.dtype, device=e64.device)
+            diff = (r64 - e64)[finite].abs().max() if finite.any() else none
+            scale = e64[finite].abs().max() if finite.any() else none
             if diff > rtol * scale or (scale == 0 and diff > 0):
                 return (
                     f"{key}/{q} differs by {diff.item():.3g} (largest magnitude {scale.item():.3g})"

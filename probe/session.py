@@ -1260,7 +1260,7 @@ class HookSession:
         bad = ((y < 0) | (y >= classes)).any()
         flag, event = bad, None
         if y.is_cuda:
-            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag = torch.empty((), dtype=torch.bool, device="cpu", pin_memory=True)
             flag.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
             event.record()

@@ -70,7 +70,7 @@ def _to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if t.is_cpu and t.numel():  # one read says whether anything is out of range (a GPU would sync)
         lo, hi = torch.aminmax(t)
         if lo >= -limit and hi <= limit:  # a NaN compares False: the careful way
-            return torch.zeros(n, dtype=torch.int32), t.to(torch.float16)
+            return torch.zeros(n, dtype=torch.int32, device=t.device), t.to(torch.float16)
     magnitude = t.abs()
     over = (magnitude > limit) & (magnitude < math.inf)  # NaN: False, as inf
     clipped = over.reshape(n, -1).sum(1, dtype=torch.int32)

@@ -109,11 +109,11 @@ class MemoryRows:
         larger than half the machine's memory, or refused by the system, is gathered."""
         if self.capacity is None:
             return None
-        nbytes = self.capacity * prod(feat) * torch.empty(0, dtype=dtype).element_size()
+        nbytes = self.capacity * prod(feat) * dtype.itemsize
         if nbytes > _physical_memory() // 2:
             return None
         try:
-            return torch.empty((self.capacity, *feat), dtype=dtype)
+            return torch.empty((self.capacity, *feat), dtype=dtype, device="cpu")
         except RuntimeError:  # the system would not reserve it (strict overcommit)
             return None
 
@@ -146,4 +146,4 @@ def _physical_memory() -> int:
 
 
 def _np(dtype: torch.dtype) -> np.dtype:
-    return torch.empty(0, dtype=dtype).numpy().dtype
+    return torch.empty(0, dtype=dtype, device="cpu").numpy().dtype

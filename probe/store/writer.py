@@ -116,7 +116,7 @@ def to_host(t: torch.Tensor) -> _HostTensor:
 def _to_host(t: torch.Tensor, encoding: str) -> _HostTensor:
     """:func:`to_host` of a tensor already in a dtype numpy holds (see :func:`_storable`)."""
     if t.is_cuda:
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
         host.copy_(t, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
@@ -204,7 +204,7 @@ def _span_to_host(
     device_bytes = torch.empty(0, dtype=torch.uint8, device=first.device)
     device_bytes.set_(first.untyped_storage())
     cuda = first.is_cuda  # (a CPU storage is copied the same way in the tests)
-    host = torch.empty(-(-(hi - lo) // 16) * 16, dtype=torch.uint8, pin_memory=cuda)
+    host = torch.empty(-(-(hi - lo) // 16) * 16, dtype=torch.uint8, device="cpu", pin_memory=cuda)
     host[: hi - lo].copy_(device_bytes[lo:hi], non_blocking=cuda)
     event = torch.cuda.Event() if cuda else None
     if event is not None:

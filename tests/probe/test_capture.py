@@ -401,3 +401,20 @@ def test_in_memory_and_hdf5_captures_list_the_same_layers(tmp_path, probes):
         assert mem.layers == disk.layers
         assert all(mem.quantities(k) == disk.quantities(k) for k in mem.layers)
         assert all(mem.quantities(k) for k in mem.layers)
+
+
+@pytest.mark.parametrize("to_disk", [False, True], ids=["memory", "hdf5"])
+def test_a_capture_under_another_default_device_equals_the_plain_one(tmp_path, to_disk):
+    """A user's ``torch.set_default_device`` does not move the capture's host-side buffers
+    (rows, indices, clip counts, compacted results): a CPU model captured under the meta
+    default device, where any tensor made without a device has no data, gives the same file."""
+    model, data = _model(), _batches()
+    probes = ["residual", "channel", "grad", probe.Activations(dtype="fp16")]
+    ref = probe.capture(model, data, probes=probes)
+    with torch.device("meta"):
+        cap = probe.capture(model, data, probes=probes, out=tmp_path / "c.h5" if to_disk else None)
+    assert cap.layers == ref.layers and np.array_equal(cap.sample_index(), ref.sample_index())
+    for layer in ref.layers:
+        assert cap.quantities(layer) == ref.quantities(layer)
+        for q in ref.quantities(layer):
+            assert np.array_equal(cap.read(layer, q), ref.read(layer, q), equal_nan=True), q
