@@ -409,6 +409,8 @@ class HookSession:
         self.loss_fn = loss_fn or exact_cross_entropy
         self._default_loss = loss_fn is None
         self.needs_grad = any(p.needs_grad for p in probes)
+        # probes that differentiate, in their backward half or their forward one
+        self._autograd = self.needs_grad or any(p.forward_grad for p in probes)
         # Gradient probes that only reduce what they are given run inside the tensor hooks.
         self._eager_backward = all(p.eager_backward for p in probes if p.needs_grad)
         # Model-scope probes (e.g. shattered gradients) see the whole network once per batch.
@@ -1032,7 +1034,10 @@ class HookSession:
         """
         if not self._open:
             raise ProbeError("HookSession.run_batch called outside its 'with' block.")
-        with _collector_paused():
+        # Autograd back on inside a caller's inference_mode for gradient probes, as enable_grad
+        # does inside no_grad (a pass without them runs in the caller's mode, as it did).
+        autograd = torch.inference_mode(False) if self._autograd else contextlib.nullcontext()
+        with _collector_paused(), autograd:
             return self._run_batch(x, y, sample_offset, next_input)
 
     def _run_batch(
@@ -1231,7 +1236,10 @@ class HookSession:
             return out
         if y is None:
             raise ProbeError("Probes that need gradients require labels y for the loss.")
-        inp = x.detach().requires_grad_(True)
+        # a batch made under inference_mode cannot take part in autograd: normal copies of it
+        inp = (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)
+        if y.is_inference():
+            y = y.clone()
         with torch.enable_grad():
             out = self.model(inp)
             self.flush_held()  # before the backward pass: the held tensors are freed first

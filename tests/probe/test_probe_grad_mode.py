@@ -4,6 +4,7 @@ differentiates in forward() keeps the grad mode of the pass, as before."""
 from dataclasses import dataclass
 from typing import ClassVar
 
+import pytest
 import torch
 
 import probe
@@ -66,3 +67,32 @@ def test_eager_and_deferred_gradient_probes_agree_and_eager_frees_the_gradients(
         torch.testing.assert_close(r["grad_y_norm"], late[key]["late_norm"], rtol=1e-5, atol=1e-7)
         if "cos_f_grad" in r:
             torch.testing.assert_close(r["cos_f_grad"], late[key]["cos_f_grad"])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["residual", "channel", "grad", "activations", "gradients"], ["jacobian"], ["shattered"]],
+    ids=["statistics", "jacobian", "model-level"],
+)
+@pytest.mark.parametrize("made", ["before", "inside"])
+def test_a_capture_inside_inference_mode_equals_the_plain_one(names, made):
+    """Probes that differentiate get autograd back inside a caller's inference_mode, as they do
+    inside no_grad, and a batch made under inference_mode is copied where autograd needs it:
+    the same numbers as a capture outside (it failed: 'element 0 of tensors does not require
+    grad', and 'Inference tensors cannot be saved for backward')."""
+    import numpy as np
+
+    net = create("resnet8", in_channels=1, width=4).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(5, 1, 8, 8, generator=g), torch.randint(0, 10, (5,), generator=g))]
+    ref = probe.capture(net, data, probes=names)
+    with torch.inference_mode():
+        if made == "inside":
+            data = [(x.clone(), y.clone()) for x, y in data]
+            assert data[0][0].is_inference()
+        cap = probe.capture(net, data, probes=names)
+    assert cap.layers == ref.layers
+    for layer in ref.layers:
+        assert cap.quantities(layer) == ref.quantities(layer)
+        for q in ref.quantities(layer):
+            assert np.array_equal(cap.read(layer, q), ref.read(layer, q), equal_nan=True), q
