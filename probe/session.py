@@ -25,7 +25,7 @@ from torch import nn
 
 from probe.errors import ProbeError
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
-from probe.hooks.select import LayerSpec, select_modules
+from probe.hooks.select import LayerSpec, named_root, select_modules
 from probe.hooks.sites import (
     OwnerCall,
     Site,
@@ -404,6 +404,11 @@ class HookSession:
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
             raise ProbeError(f"Each probe may be given once; got {names}.")
+        # A torch.compile'd model is captured through the module it wraps, run eagerly: its layers
+        # keep their names, and the hooks' Python (version counters, storages, the tracer's
+        # mode) runs as written instead of being traced by Dynamo at every call (which broke the
+        # graph there, recompiled the probes' own functions to Dynamo's limit, and warned).
+        model = named_root(model)
         self.model, self.probes, self.mode = model, list(probes), mode
         # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).
         self.loss_fn = loss_fn or exact_cross_entropy

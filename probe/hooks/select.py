@@ -11,15 +11,33 @@ figure labels.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["LayerSpec", "glob_regex", "list_layers", "select_modules"]
+__all__ = ["LayerSpec", "glob_regex", "list_layers", "named_root", "select_modules"]
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
+
+
+def named_root(model: nn.Module) -> nn.Module:
+    """The module whose ``named_modules()`` name ``model``'s layers: ``model`` itself, or for a
+    ``torch.compile``'d model the module it wraps, so that its layers keep the names they have
+    uncompiled (``stages.0.0``, not ``_orig_mod.stages.0.0``) and match a capture of it.
+
+    Example:
+        >>> type(named_root(nn.Linear(2, 2))).__name__
+        'Linear'
+    """
+    # loaded once anything was compiled: no compiled model without it, and no import cost here
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(eval_frame, "OptimizedModule", None)
+    while wrapper is not None and isinstance(model, wrapper):
+        model = model._orig_mod
+    return model
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -55,7 +73,8 @@ def list_layers(model: nn.Module, pattern: str = "**") -> list[tuple[str, str]]:
         [('stages.0.0.branch.conv1', 'Conv2d'), ('stages.0.0.branch.bn1', 'BatchNorm2d')]
     """
     rx = glob_regex(pattern)
-    return [(n, type(m).__name__) for n, m in model.named_modules() if n and rx.fullmatch(n)]
+    named = named_root(model).named_modules()
+    return [(n, type(m).__name__) for n, m in named if n and rx.fullmatch(n)]
 
 
 def _matcher(spec: str) -> Callable[[str], bool]:
@@ -81,6 +100,7 @@ def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
         >>> [n for n, _ in select_modules(create("resnet20"), "stages.2.*")]
         ['stages.2.0', 'stages.2.1', 'stages.2.2']
     """
+    model = named_root(model)
     named = [(n, m) for n, m in model.named_modules() if n]
     if callable(spec) and not isinstance(spec, str):
         return [(n, m) for n, m in named if spec(n, m)]

@@ -418,3 +418,21 @@ def test_a_capture_under_another_default_device_equals_the_plain_one(tmp_path, t
         assert cap.quantities(layer) == ref.quantities(layer)
         for q in ref.quantities(layer):
             assert np.array_equal(cap.read(layer, q), ref.read(layer, q), equal_nan=True), q
+
+
+def test_a_compiled_model_is_captured_as_the_module_it_wraps(recwarn):
+    """``torch.compile(model)`` keeps its layers' names (not ``_orig_mod.…``), selections and
+    numbers: the session runs the module the compiled one wraps, eagerly, with nothing traced
+    by Dynamo (no warning either)."""
+    model, data = _model(), _batches(2)
+    probes = ["residual", "channel", "grad"]
+    ref = probe.capture(model, data, probes=probes)
+    compiled = torch.compile(model)
+    assert probe.list_layers(compiled) == probe.list_layers(model)
+    cap = probe.capture(compiled, data, probes=probes, layers="stages.*.0")
+    assert cap.layers == ref.layers == ["stages.0.0", "stages.1.0", "stages.2.0"]
+    for layer in ref.layers:
+        for q in ref.quantities(layer):
+            assert np.array_equal(cap.read(layer, q), ref.read(layer, q)), (layer, q)
+    assert not [w for w in recwarn if "dynamo" in str(w.message).lower()]
+    assert not compiled._forward_hooks and not any(m._forward_hooks for m in model.modules())
