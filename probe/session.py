@@ -404,10 +404,12 @@ class HookSession:
         names = [p.name for p in probes]
         if len(set(names)) != len(names):
             raise ProbeError(f"Each probe may be given once; got {names}.")
-        # A torch.compile'd model is captured through the module it wraps, run eagerly: its layers
-        # keep their names, and the hooks' Python (version counters, storages, the tracer's
-        # mode) runs as written instead of being traced by Dynamo at every call (which broke the
-        # graph there, recompiled the probes' own functions to Dynamo's limit, and warned).
+        # A wrapped model is captured through the module it wraps, run as it is: its layers keep
+        # their names; a torch.compile'd one runs eagerly, so the hooks' Python (version
+        # counters, storages, the tracer's mode) runs as written instead of being traced by
+        # Dynamo at every call (which broke the graph there, recompiled the probes' own
+        # functions to Dynamo's limit, and warned); DataParallel's replicas would run the hooks
+        # on threads of their own, and DistributedDataParallel's gradient sync is not a capture's.
         model = named_root(model)
         self.model, self.probes, self.mode = model, list(probes), mode
         # Summed per-sample losses: row n of every gradient is then sample n's own (eval mode).

@@ -24,20 +24,25 @@ LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
 
 def named_root(model: nn.Module) -> nn.Module:
-    """The module whose ``named_modules()`` name ``model``'s layers: ``model`` itself, or for a
-    ``torch.compile``'d model the module it wraps, so that its layers keep the names they have
-    uncompiled (``stages.0.0``, not ``_orig_mod.stages.0.0``) and match a capture of it.
+    """The module whose ``named_modules()`` name ``model``'s layers: ``model`` itself, or the
+    module a wrapper runs -- ``torch.compile``'s (``_orig_mod``), ``nn.DataParallel``'s and
+    ``DistributedDataParallel``'s (``module``) -- so that its layers keep the names they have
+    unwrapped (``stages.0.0``, not ``_orig_mod.stages.0.0`` or ``module.stages.0.0``).
 
     Example:
-        >>> type(named_root(nn.Linear(2, 2))).__name__
+        >>> type(named_root(nn.DataParallel(nn.Linear(2, 2)))).__name__
         'Linear'
     """
     # loaded once anything was compiled: no compiled model without it, and no import cost here
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")
-    wrapper = getattr(eval_frame, "OptimizedModule", None)
-    while wrapper is not None and isinstance(model, wrapper):
-        model = model._orig_mod
-    return model
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    while True:
+        if isinstance(model, compiled):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def glob_regex(pattern: str) -> re.Pattern:

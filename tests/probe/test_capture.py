@@ -420,19 +420,36 @@ def test_a_capture_under_another_default_device_equals_the_plain_one(tmp_path, t
             assert np.array_equal(cap.read(layer, q), ref.read(layer, q), equal_nan=True), q
 
 
-def test_a_compiled_model_is_captured_as_the_module_it_wraps(recwarn):
-    """``torch.compile(model)`` keeps its layers' names (not ``_orig_mod.…``), selections and
-    numbers: the session runs the module the compiled one wraps, eagerly, with nothing traced
-    by Dynamo (no warning either)."""
+def _wrapped(kind, model, tmp_path):
+    if kind == "compiled":
+        return torch.compile(model)
+    if kind == "data-parallel":
+        return nn.DataParallel(model)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    return nn.parallel.DistributedDataParallel(model)
+
+
+@pytest.mark.parametrize("kind", ["compiled", "data-parallel", "distributed"])
+def test_a_wrapped_model_is_captured_as_the_module_it_wraps(kind, tmp_path, recwarn):
+    """``torch.compile(model)``, ``DataParallel`` and ``DistributedDataParallel`` keep their
+    layers' names (not ``_orig_mod.…`` or ``module.…``), selections and numbers: the session
+    runs the module they wrap (a compiled one eagerly, with nothing traced by Dynamo and no
+    warning), and leaves no hook behind."""
     model, data = _model(), _batches(2)
     probes = ["residual", "channel", "grad"]
     ref = probe.capture(model, data, probes=probes)
-    compiled = torch.compile(model)
-    assert probe.list_layers(compiled) == probe.list_layers(model)
-    cap = probe.capture(compiled, data, probes=probes, layers="stages.*.0")
+    try:
+        wrapped = _wrapped(kind, model, tmp_path)
+        assert probe.list_layers(wrapped) == probe.list_layers(model)
+        cap = probe.capture(wrapped, data, probes=probes, layers="stages.*.0")
+    finally:
+        if kind == "distributed":
+            torch.distributed.destroy_process_group()
     assert cap.layers == ref.layers == ["stages.0.0", "stages.1.0", "stages.2.0"]
     for layer in ref.layers:
         for q in ref.quantities(layer):
             assert np.array_equal(cap.read(layer, q), ref.read(layer, q)), (layer, q)
     assert not [w for w in recwarn if "dynamo" in str(w.message).lower()]
-    assert not compiled._forward_hooks and not any(m._forward_hooks for m in model.modules())
+    assert not wrapped._forward_hooks and not any(m._forward_hooks for m in model.modules())
