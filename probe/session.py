@@ -17,7 +17,7 @@ import gc
 import logging
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -1240,7 +1240,7 @@ class HookSession:
             with torch.no_grad():
                 out = self.model(x)
             self.flush_held()
-            return out
+            return self._logits(out)
         if y is None:
             raise ProbeError("Probes that need gradients require labels y for the loss.")
         # a batch made under inference_mode cannot take part in autograd: normal copies of it
@@ -1249,16 +1249,39 @@ class HookSession:
             y = y.clone()
         with torch.enable_grad():
             out = self.model(inp)
+            logits = self._logits(out)
             self.flush_held()  # before the backward pass: the held tensors are freed first
-            loss = self._loss(out, y)
+            # a loss of the caller's takes what the model returned; the default, its logits
+            loss = self._loss(logits if self._default_loss else out, y)
             torch.autograd.grad(loss, [inp], allow_unused=True)
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived
                 self._run_backward(call)
-        return out
+        return logits
 
-    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _logits(self, out: object) -> torch.Tensor:
+        """The logits in what the model returned: the tensor itself, or the ``logits`` of a
+        mapping or of an output object (HuggingFace's outputs, torchvision's Inception ones);
+        else, where nothing is computed from them (no default loss, no model-level probe), the
+        first tensor of a tuple or list, returned as the pass's output."""
+        if isinstance(out, torch.Tensor):
+            return out
+        found = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        if isinstance(found, torch.Tensor):
+            return found
+        needed = (self.needs_grad and self._default_loss) or bool(self.model_probes)
+        first = None if needed else first_tensor(out)
+        if first is None:
+            raise ProbeError(
+                f"{type(self.model).__name__} returned a {type(out).__name__}, where the capture "
+                "needs its logits [N, classes] (for the loss of gradient probes, or for "
+                "model-level probes). Return them as a tensor, or as 'logits' of a mapping or "
+                "an output object; or pass loss_fn=... that takes what the model returns."
+            )
+        return first
+
+    def _loss(self, out: object, y: torch.Tensor) -> torch.Tensor:
         if not (self._recording and self._default_loss):
             return self.loss_fn(out, y)
         # Recorded: the labels' check reads them on the host, which a recording refuses; each

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections import namedtuple
 
 import h5py
 import numpy as np
@@ -453,3 +454,55 @@ def test_a_wrapped_model_is_captured_as_the_module_it_wraps(kind, tmp_path, recw
             assert np.array_equal(cap.read(layer, q), ref.read(layer, q)), (layer, q)
     assert not [w for w in recwarn if "dynamo" in str(w.message).lower()]
     assert not wrapped._forward_hooks and not any(m._forward_hooks for m in model.modules())
+
+
+class _Returns(nn.Module):
+    """A model returning its logits inside another structure."""
+
+    def __init__(self, net, form):
+        super().__init__()
+        self.net, self.form = net, form
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.form == "mapping":  # HuggingFace-style outputs
+            return {"hidden": x.flatten(1), "logits": logits}
+        if self.form == "named":  # torchvision's InceptionOutputs(logits, aux_logits)
+            return _Named(logits, torch.zeros(len(x), 3))
+        return x.flatten(1), logits  # a plain tuple: which element is the logits is unknown
+
+
+_Named = namedtuple("_Named", "logits aux_logits")
+
+
+@pytest.mark.parametrize("form", ["mapping", "named"])
+def test_logits_inside_a_mapping_or_output_object_are_found(form):
+    """Gradient probes take the loss of the ``logits`` a mapping or output object holds: the
+    same numbers as the bare model's capture (it failed: "'dict' object has no attribute")."""
+    net, data = _model(), _batches(2)
+    ref = probe.capture(net, data, probes=["residual", "grad"])
+    cap = probe.capture(_Returns(net, form), data, probes=["residual", "grad"])
+    assert cap.layers == ["net." + layer for layer in ref.layers]
+    for layer in ref.layers:
+        for q in ref.quantities(layer):
+            assert np.array_equal(cap.read("net." + layer, q), ref.read(layer, q)), (layer, q)
+
+
+def test_a_plain_tuple_output_needs_a_loss_of_ones_own_for_gradients():
+    """A tuple does not say which element is the logits: forward probes need none, gradient
+    probes refuse with what to do (a raw AttributeError before), and a loss_fn that takes the
+    tuple gives the bare model's numbers."""
+    from probe.losses import exact_cross_entropy
+
+    net, data = _model(), _batches(2)
+    model = _Returns(net, "tuple")
+    ref = probe.capture(net, data, probes=["residual", "grad"])
+    fwd = probe.capture(model, data, probes=["residual"])
+    assert np.array_equal(fwd.read("net.stages.0.0", "y_norm"), ref.read("stages.0.0", "y_norm"))
+    with pytest.raises(ProbeError, match="returned a tuple, where the capture needs its logits"):
+        probe.capture(model, data, probes=["grad"])
+    cap = probe.capture(
+        model, data, probes=["grad"], loss_fn=lambda out, y: exact_cross_entropy(out[1], y)
+    )
+    for q in cap.quantities("net.stages.0.0"):
+        assert np.array_equal(cap.read("net.stages.0.0", q), ref.read("stages.0.0", q)), q
