@@ -17,7 +17,7 @@ import gc
 import logging
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ from probe.hooks.sites import (
 )
 from probe.losses import check_labels, exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
-from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor
+from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor, logits_of
 from probe.probes.group import CallGroup, check_grouped, group_key, group_tensors, takes_groups
 from probe.probes.registry import as_probes
 from probe.replay import (
@@ -1265,21 +1265,14 @@ class HookSession:
         mapping or of an output object (HuggingFace's outputs, torchvision's Inception ones);
         else, where nothing is computed from them (no default loss, no model-level probe), the
         first tensor of a tuple or list, returned as the pass's output."""
-        if isinstance(out, torch.Tensor):
-            return out
-        found = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-        if isinstance(found, torch.Tensor):
-            return found
-        needed = (self.needs_grad and self._default_loss) or bool(self.model_probes)
-        first = None if needed else first_tensor(out)
-        if first is None:
-            raise ProbeError(
-                f"{type(self.model).__name__} returned a {type(out).__name__}, where the capture "
-                "needs its logits [N, classes] (for the loss of gradient probes, or for "
-                "model-level probes). Return them as a tensor, or as 'logits' of a mapping or "
-                "an output object; or pass loss_fn=... that takes what the model returns."
-            )
-        return first
+        try:
+            return logits_of(out, self.model)
+        except ProbeError:
+            needed = (self.needs_grad and self._default_loss) or bool(self.model_probes)
+            first = None if needed else first_tensor(out)
+            if first is None:
+                raise
+            return first
 
     def _loss(self, out: object, y: torch.Tensor) -> torch.Tensor:
         if not (self._recording and self._default_loss):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.probes.base import logits_of
 
 __all__ = ["line_gradients", "autocorrelation", "shattered_profile", "correlation_length"]
 
@@ -26,7 +27,7 @@ def line_gradients(
     """Input gradients of logit ``target`` at x0 + t*direction for each t. -> [T, *x0.shape]"""
     pts = (x0[None] + ts.view(-1, *([1] * x0.ndim)) * direction[None]).detach().requires_grad_(True)
     with torch.enable_grad():
-        out = model(pts)[:, target].sum()  # eval mode: samples are independent
+        out = logits_of(model(pts), model)[:, target].sum()  # eval mode: samples independent
         (g,) = torch.autograd.grad(out, pts)
     return g
 
@@ -75,7 +76,7 @@ def shattered_profile(
     u = u / u.norm()
     acfs, coss = [], []
     with torch.no_grad():
-        targets = model(x[:keep]).argmax(1)
+        targets = logits_of(model(x[:keep]), model).argmax(1)
     for n in range(keep):
         if direction == "next":
             if n + 1 < len(x):

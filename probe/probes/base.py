@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from probe.errors import ProbeError
 from probe.validation import validate_fields
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ __all__ = [
     "input_slot",
     "input_tensor",
     "first_tensor",
+    "logits_of",
     "in_parameter_precision",
 ]
 
@@ -88,6 +90,29 @@ def first_tensor(obj: object) -> torch.Tensor | None:
     if isinstance(obj, (tuple, list)):
         return next((o for o in obj if isinstance(o, torch.Tensor)), None)
     return None
+
+
+def logits_of(out: object, model: object = None) -> torch.Tensor:
+    """The logits [N, classes] in what a model returned: the tensor itself, or the ``logits`` of
+    a mapping or of an output object (HuggingFace's outputs, torchvision's ``InceptionOutputs``).
+    Anything else (a plain tuple does not say which element is the logits) is a ProbeError
+    naming ``model``.
+
+    Example:
+        >>> logits_of({"logits": torch.ones(2, 3)}).shape
+        torch.Size([2, 3])
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    found = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(found, torch.Tensor):
+        return found
+    raise ProbeError(
+        f"{type(model).__name__ if model is not None else 'The model'} returned a "
+        f"{type(out).__name__}, where the capture needs its logits [N, classes] (for the loss of "
+        "gradient probes, or for model-level probes). Return them as a tensor, or as 'logits' "
+        "of a mapping or an output object; or pass loss_fn=... that takes what the model returns."
+    )
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from probe.losses import check_labels, exact_cross_entropy
-from probe.probes.base import Call, Probe, in_parameter_precision
+from probe.probes.base import Call, Probe, in_parameter_precision, logits_of
 from probe.probes.registry import register_probe
 from probe.validation import PositiveInt
 
@@ -53,7 +53,7 @@ class ParamGradNorms(Probe):
         check_labels(labels[:keep], call.output.shape[1])
 
         def loss(p, x, y):
-            out = functional_call(model, (p, buffers), (x[None],))
+            out = logits_of(functional_call(model, (p, buffers), (x[None],)), model)
             return exact_cross_entropy(out, y[None], check=False)  # exact for confident samples
 
         # under autocast, vmap(grad) met float32 inputs and bf16 weights: the parameters'

@@ -506,3 +506,20 @@ def test_a_plain_tuple_output_needs_a_loss_of_ones_own_for_gradients():
     )
     for q in cap.quantities("net.stages.0.0"):
         assert np.array_equal(cap.read("net.stages.0.0", q), ref.read("stages.0.0", q)), q
+
+
+@pytest.mark.parametrize("name", ["shattered", "param_grads"])
+def test_model_level_probes_find_the_logits_of_a_mapping(name):
+    """Model-level probes run the model themselves and take the logits of what it returns as
+    the session does (``probe.probes.base.logits_of``): the bare model's numbers (they failed
+    with "'dict' object has no attribute 'argmax'" / "'ndim'")."""
+    net, data = _model(), _batches(2)
+    ref = probe.capture(net, data, probes=[name])
+    cap = probe.capture(_Returns(net, "mapping"), data, probes=[name])
+    # parameters are named from the wrapper: net.<name>
+    renamed = {q.replace("grad_norm.net.", "grad_norm."): q for q in cap.quantities("model")}
+    assert sorted(renamed) == sorted(ref.quantities("model"))
+    for q in ref.quantities("model"):
+        assert np.array_equal(cap.read("model", renamed[q]), ref.read("model", q)), q
+    with pytest.raises(ProbeError, match="returned a tuple, where the capture needs its logits"):
+        probe.capture(_Returns(net, "tuple"), data, probes=[name])
