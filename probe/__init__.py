@@ -39,7 +39,13 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time each name loads 
     )
     from probe.probes.params import ParamGradNorms
     from probe.probes.registry import make_probe
-    from probe.session import HookSession, InPlaceWarning, NonFiniteWarning, NoResidualWarning
+    from probe.session import (
+        HookSession,
+        InPlaceWarning,
+        NonFiniteWarning,
+        NoResidualWarning,
+        NothingRecordedWarning,
+    )
     from probe.sources import load_model
     from probe.stats import Moments, response_std
     from probe.store import join_shards
@@ -62,6 +68,7 @@ __all__ = [
     "Moments",
     "NonFiniteWarning",
     "NoResidualWarning",
+    "NothingRecordedWarning",
     "ParamGradNorms",
     "Probe",
     "ProbeError",
@@ -118,7 +125,12 @@ _HOME = {
     **names_in("probe.probes.params", "ParamGradNorms"),
     **names_in("probe.probes.registry", "make_probe"),
     **names_in(
-        "probe.session", "HookSession", "InPlaceWarning", "NonFiniteWarning", "NoResidualWarning"
+        "probe.session",
+        "HookSession",
+        "InPlaceWarning",
+        "NonFiniteWarning",
+        "NoResidualWarning",
+        "NothingRecordedWarning",
     ),
     **names_in("probe.sources", "load_model"),
     **names_in("probe.stats", "Moments", "response_std"),

@@ -32,7 +32,7 @@ from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.replay import check_cuda_graph, check_device, check_replayable
 from probe.runtime import runtime_settings
-from probe.session import HookSession, LossFn, NonFiniteWarning
+from probe.session import HookSession, LossFn, NonFiniteWarning, NothingRecordedWarning
 from probe.store.memory import MemoryRows
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
 from probe.store.writer import H5Writer, WriterOptions
@@ -102,6 +102,20 @@ def _with_next(
         yield (*prev, cur[0][:1])
         prev = cur
     yield (*prev, first if after is None else after.to(first.device, first.dtype))
+
+
+def _warn_nothing_recorded(session: HookSession, seen: int) -> None:
+    """Name the probes that recorded nothing over the whole capture: asked for, and absent."""
+    silent = [p.name for p in session.probes if p.name not in session.recorded]
+    if silent:
+        warnings.warn(
+            f"Probe(s) {', '.join(silent)} recorded nothing over {seen} samples: none of the "
+            "captured calls gave them anything to measure, and the capture holds no quantity "
+            "of theirs. See each probe's conditions in docs/probes.md (e.g. 'segments' needs a "
+            "model that is a chain of modules, 'param_grads' labelled data).",
+            NothingRecordedWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_nonfinite(bad: dict[str, int], seen: int) -> None:
@@ -439,6 +453,8 @@ class CaptureJob:
                 replayed = {"replayed_batches": session.replayed_batches} if self.cuda_graph else {}
                 bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
                 _warn_nonfinite(bad, seen)
+                if sample_offset == 0:  # a later shard may hold no sample a capped probe keeps
+                    _warn_nothing_recorded(session, seen)
                 if writer is not None:
                     for key, n in bad.items():
                         writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n

@@ -82,6 +82,11 @@ class InPlaceWarning(UserWarning):
     """The hooked subtree contains in-place modules; captured tensors are cloned where needed."""
 
 
+class NothingRecordedWarning(UserWarning):
+    """A probe recorded nothing over a whole capture: none of its calls gave it anything to
+    measure (a model it does not apply to, data without labels, a selection without blocks)."""
+
+
 @dataclass
 class LayerInfo:
     """What the capture knows about one result key.
@@ -452,6 +457,7 @@ class HookSession:
         self._suspended = False
         self._open = False
         self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
+        self.recorded: set[str] = set()  # names of the probes that have returned a result
         self._nonfinite = NonFiniteCounter()  # key -> samples with a NaN/inf result
         self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []  # this batch's tensor hooks
         # (layer, quantity) -> whether its results may stay views of the pass's own tensors:
@@ -900,6 +906,8 @@ class HookSession:
         see ``_storages``) for the results of a forward half, which may be views of the call's
         tensors (see :meth:`_guard`)."""
         sources = forward[1] if forward is not None else ()
+        if new:
+            self.recorded.add(probe.name)
         for q, t in new.items():
             if not isinstance(t, torch.Tensor) or t.ndim == 0:
                 raise ProbeError(

@@ -523,3 +523,17 @@ def test_model_level_probes_find_the_logits_of_a_mapping(name):
         assert np.array_equal(cap.read("model", renamed[q]), ref.read("model", q)), q
     with pytest.raises(ProbeError, match="returned a tuple, where the capture needs its logits"):
         probe.capture(_Returns(net, "tuple"), data, probes=[name])
+
+
+def test_a_probe_that_records_nothing_is_named_in_a_warning():
+    """'segments' needs a chain of modules: on a wrapper it silently gave a capture without its
+    quantities. The capture now names every probe that recorded nothing, and stays quiet when
+    each one recorded something."""
+    net, data = _model(), _batches(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", probe.NothingRecordedWarning)
+        ref = probe.capture(net, data, probes=["residual", "segments"])
+    assert "seg_in_msv" in ref.quantities("model")
+    with pytest.warns(probe.NothingRecordedWarning, match=r"Probe\(s\) segments recorded nothing"):
+        cap = probe.capture(_Returns(net, "mapping"), data, probes=["residual", "segments"])
+    assert cap.layers == ["net." + k for k in ref.layers if k != "model"]
