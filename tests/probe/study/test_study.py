@@ -55,33 +55,31 @@ def test_report_embeds_every_figure(study):
     assert "Degradation table" in page and "Provenance" in page
 
 
-def test_interrupted_study_resumes_without_recomputing(study):
-    ckpt = next((study.out / "runs").glob("*/checkpoints/*.safetensors"))
-    cap = next((study.out / "captures").glob("*.h5"))
-    stamps = ckpt.stat().st_mtime_ns, cap.stat().st_mtime_ns
-    (study.out / "report.html").unlink()
-    again = run_study(get_preset("default", **TINY), study.out)
-    assert (ckpt.stat().st_mtime_ns, cap.stat().st_mtime_ns) == stamps
-    assert again.report.exists()
-    assert again.timings["train"] < study.timings["train"]
-
-
-def test_broken_capture_is_redone(study):
-    cap = next((study.out / "captures").glob("*-bn.h5"))
-    cap.write_bytes(b"truncated")
-    run_study(get_preset("default", **TINY), study.out)
+def test_a_rerun_reuses_what_is_whole_and_redoes_what_is_damaged(study):
+    """A study run again into its directory reuses every checkpoint and every whole capture, and
+    redoes what a kill or a full disk left behind: a removed report, a truncated capture, and
+    lesion tables left empty or cut after their header (a kill while one was written, before
+    atomic writes). One rerun checks them all: each rerun analyses and plots the whole study."""
     import probe
 
-    probe.open(cap).close()
+    ckpt = next((study.out / "runs").glob("*/checkpoints/*.safetensors"))
+    broken = next((study.out / "captures").glob("*-bn.h5"))
+    whole = next(c for c in sorted((study.out / "captures").glob("*.h5")) if c != broken)
+    stamps = ckpt.stat().st_mtime_ns, whole.stat().st_mtime_ns
+    tables = sorted((study.out / "tables").glob("lesions-*.csv"))[:2]
+    assert len(tables) == 2
+    good = [t.read_text() for t in tables]
+    for table, damage in zip(tables, (b"", b"model,seed\n")):
+        table.write_bytes(damage)
+    broken.write_bytes(b"truncated")
+    (study.out / "report.html").unlink()
 
-
-@pytest.mark.parametrize("damage", [b"", b"model,seed\n"])
-def test_an_empty_or_damaged_lesion_table_is_recomputed(study, damage):
-    table = next((study.out / "tables").glob("lesions-*.csv"))
-    good = table.read_text()
-    table.write_bytes(damage)  # a kill while the table was written, before atomic writes
-    run_study(get_preset("default", **TINY), study.out)
-    assert table.read_text() == good
+    again = run_study(get_preset("default", **TINY), study.out)
+    assert (ckpt.stat().st_mtime_ns, whole.stat().st_mtime_ns) == stamps
+    assert again.report.exists()
+    assert again.timings["train"] < study.timings["train"]
+    probe.open(broken).close()
+    assert [t.read_text() for t in tables] == good
     assert not list(study.out.rglob("*.tmp-*"))  # and the rerun left no temporary files
 
 
@@ -118,8 +116,24 @@ def test_report_loads_every_figure_in_headless_chromium(study, tmp_path):
     assert int(total.group(1)) > 10 and loaded.group(1) == total.group(1)
 
 
+# Every probe of the he2016 preset at a test's size (at the preset's settings the Jacobian probes
+# took most of a minute here).
+HE2016_PROBES = [
+    "residual",
+    "channel",
+    "grad",
+    "activations:dtype=fp16,max_samples=8",
+    "jacobian:n_probes=2,max_samples=2,top_k=1,iters=3,slq_steps=3,spectrum_samples=2",
+    "shattered:n_points=8,max_lag=2,max_samples=1",
+    "segments:n_probes=2,max_samples=2",
+    "param_grads:max_samples=4",
+]
+
+
 def test_he2016_preset_runs_on_an_image_tree(tmp_path):
     """The CIFAR preset end to end on a tiny synthetic class-folder tree (CPU, shrunk by --set)."""
+    kinds = {p.split(":")[0] for p in get_preset("he2016").probes}
+    assert {p.split(":")[0] for p in HE2016_PROBES} == kinds
     import numpy as np
     from click.testing import CliRunner
     from PIL import Image
@@ -158,6 +172,8 @@ def test_he2016_preset_runs_on_an_image_tree(tmp_path):
             "train_limit=16",
             "--set",
             "lesion_limit=6",
+            "--set",
+            f"probes={json.dumps(HE2016_PROBES)}",
         ],
     )
     assert res.exit_code == 0, res.output
