@@ -18,6 +18,9 @@ from click.testing import CliRunner
 import probe
 from probe.cli.main import cli
 
+# One pytest-xdist worker runs this module, so the two-rank job of conftest.ranks_job is made once.
+pytestmark = pytest.mark.xdist_group("ranks_job")
+
 JOB = Path(__file__).parent / "scripts" / "ranks_job.py"
 
 

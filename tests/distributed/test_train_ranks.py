@@ -23,6 +23,9 @@ from probe.train import get_recipe, lr_at
 from probe.train.checkpoint import load_checkpoint
 from probe.train.ddp import Replicas
 
+# One pytest-xdist worker runs this module, so the two-rank job of conftest.ranks_job is made once.
+pytestmark = pytest.mark.xdist_group("ranks_job")
+
 TRAIN = ["--threads", "1", "train", "-m", "resnet8", "--opt", "width=4", "--epochs", "2",
          "--set", "batch_size=64", "--save-at", "0,last"]  # fmt: skip
 

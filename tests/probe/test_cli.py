@@ -6,6 +6,9 @@ from click.testing import CliRunner
 
 from probe.cli.main import cli
 
+# One pytest-xdist worker runs this module, so its training run is made once.
+pytestmark = pytest.mark.xdist_group("cli_run")
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

@@ -12,6 +12,9 @@ from probe.errors import ProbeError
 from probe.study import get_preset, run_study
 from probe.study.interventions import ARMS
 
+# One pytest-xdist worker runs this module, so its tiny intervention study is made once.
+pytestmark = pytest.mark.xdist_group("interventions")
+
 TINY = dict(
     depths=(8, 14),
     seeds=(0, 1),

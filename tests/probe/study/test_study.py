@@ -10,6 +10,9 @@ import pytest
 from probe.errors import ProbeError
 from probe.study import get_preset, run_study
 
+# One pytest-xdist worker runs this module, so its tiny study is made once.
+pytestmark = pytest.mark.xdist_group("study")
+
 TINY = dict(
     depths=(8, 14),
     seeds=(0,),
