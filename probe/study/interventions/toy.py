@@ -30,6 +30,7 @@ from probe.errors import check_option
 __all__ = ["ToyConfig", "ToyResult", "run_toy", "ACTIVATIONS"]
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "linear": lambda z: z}
+VARIANTS = ("plain", "skip")  # without and with the shortcut
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,14 @@ def _train(cfg: ToyConfig) -> dict[tuple[str, str], tuple[dict, torch.Tensor, to
     of one stack: each row's loss, gradient and step are its own (the same numbers as training
     each on its own), and one stack pays the per-operation overhead, which is all of a step's
     cost at this size, once instead of once per pair."""
-    pairs = [(a, v) for a in cfg.activations for v in ("plain", "skip")]
+    pairs = [(a, v) for a in cfg.activations for v in VARIANTS]
     s = cfg.seeds
     g = torch.Generator().manual_seed(0)  # the same draws for both variants and all activations
     w0 = torch.randn(s, cfg.layers, generator=g, dtype=torch.float64)
     w = w0.repeat(len(pairs), 1).requires_grad_()
     b = torch.zeros(len(pairs) * s, cfg.layers, dtype=torch.float64, requires_grad=True)
     skip = torch.tensor([v == "skip" for _, v in pairs]).repeat_interleave(s)[:, None]
-    phi = _stacked(cfg.activations, 2 * s)
+    phi = _stacked(cfg.activations, len(VARIANTS) * s)
     x = torch.linspace(0, 1, cfg.points, dtype=torch.float64)
     y = 4 * x + 3
     var = float(y.var(correction=0))
@@ -134,7 +135,7 @@ def _middle(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, phi, skip: bool) 
     for k in range(1, w.shape[1] - 1):
         z = phi(w[:, k : k + 1] * h + b[:, k : k + 1])
         out.append((z.abs() if skip else (z - h).abs()).mean(1))
-        h = h + z if skip else z
+        h = _add(h, z, skip)
     return torch.stack(out, 1).numpy()  # [S, L - 2]
 
 
@@ -144,7 +145,7 @@ def run_toy(cfg: ToyConfig = ToyConfig()) -> ToyResult:
     x = torch.linspace(0, 1, cfg.points, dtype=torch.float64)
     trained = _train(cfg)
     for act in cfg.activations:
-        for variant in ("plain", "skip"):
+        for variant in VARIANTS:
             r, w, b = trained[act, variant]
             seeds = np.arange(cfg.seeds)
             steps.append(
