@@ -12,6 +12,7 @@ import seaborn as sns
 from analyses.figures import legend_outside, percent_axis, save, theme
 from analyses.stats import POSITIVE, RATE, seed_band
 from probe.study.interventions.runner import InterventionData
+from probe.study.interventions.toy import VARIANTS
 from probe.study.interventions.verdicts import matched_loss_table
 
 __all__ = ["plot_arm_curves", "write_arm_figures"]
@@ -124,7 +125,7 @@ def _toy_solved(steps: pd.DataFrame, budget: int) -> tuple[plt.Figure, pd.DataFr
             x="step",
             y="solved",
             hue="variant",
-            hue_order=["plain", "skip"],
+            hue_order=list(VARIANTS),
             ax=ax,
         )
         ax.set_title(act)
@@ -148,7 +149,7 @@ def _toy_loss(curves: pd.DataFrame) -> plt.Figure:
             x="step",
             y="loss",
             hue="variant",
-            hue_order=["plain", "skip"],
+            hue_order=list(VARIANTS),
             estimator="median",
             errorbar=("pi", 50),
             ax=ax,

@@ -16,6 +16,7 @@ import pandas as pd
 from analyses.stats import POSITIVE, RATE, bootstrap_ci, contrast_ci, linear_contrast_ci, seed_ci
 from probe.study.interventions.arms import ARMS, arm_conditions, lr_key
 from probe.study.interventions.runner import InterventionData, shortcut_scale
+from probe.study.interventions.toy import VARIANTS
 from probe.study.verdicts import (
     INCONCLUSIVE,
     UNTRAINED,
@@ -316,10 +317,10 @@ def _toy(data) -> Verdict:
     for act, g in st.groupby("activation", sort=False):
         solved = {
             v: g[g["variant"] == v].sort_values("seed")["steps"].notna().to_numpy(float)
-            for v in ("plain", "skip")
+            for v in VARIANTS
         }
         diff = bootstrap_ci(_mean_diff, solved["skip"], solved["plain"])
-        med = {v: g[(g["variant"] == v)]["steps"].median() for v in ("plain", "skip")}
+        med = {v: g[(g["variant"] == v)]["steps"].median() for v in VARIANTS}
         ev[f"{act}: seeds solved, plain / skip"] = (
             f"{100 * solved['plain'].mean():.1f}% / {100 * solved['skip'].mean():.1f}% (n={len(solved['plain'])})"
         )
@@ -327,7 +328,7 @@ def _toy(data) -> Verdict:
             diff, len(solved["plain"])
         ).replace(" points", " points of seeds")
         ev[f"{act}: median steps of the solved seeds, plain / skip"] = " / ".join(
-            "none solved" if np.isnan(med[v]) else f"{med[v]:.0f}" for v in ("plain", "skip")
+            "none solved" if np.isnan(med[v]) else f"{med[v]:.0f}" for v in VARIANTS
         )
         if act != "linear":
             lows.append(diff[1])
