@@ -200,13 +200,6 @@ def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _lesions(cap: CaptureReader, device: str) -> pd.DataFrame | None:
-    ck = source_checkpoint(cap)
-    if ck is None:
-        return None
-    return checkpoint_lesions(ck, run_key(cap), device=device)
-
-
 def write_figures(
     table: pd.DataFrame,
     out: Path,
@@ -335,11 +328,13 @@ def analyze(
                 if ident in done:
                     continue
                 done.add(ident)
+                ck = source_checkpoint(cap)
+                if ck is None:  # a model given without a checkpoint: nothing to lesion
+                    continue
                 if progress:
-                    progress(f"lesions {key['model']} seed {key['seed']} epoch {key['checkpoint']}")
-                part = _lesions(cap, device)
-                if part is not None:
-                    parts.append(part)
+                    epoch = "" if key["checkpoint"] < 0 else f" epoch {key['checkpoint']}"
+                    progress(f"lesions {key['model']} seed {key['seed']}{epoch}")
+                parts.append(checkpoint_lesions(ck, key, device=device))
             if parts:
                 les = pd.concat(parts, ignore_index=True)
                 table = pd.concat([table, les[COLUMNS]], ignore_index=True)

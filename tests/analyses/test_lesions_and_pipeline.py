@@ -59,7 +59,10 @@ def test_analyze_writes_figures_and_reports_skipped(tmp_path):
         out=tmp_path / "c.h5",
     )
     cap.close()
-    res = analyses.analyze([tmp_path / "c.h5"], tmp_path / "figs", lesions=True)
+    said: list[str] = []
+    res = analyses.analyze(
+        [tmp_path / "c.h5"], tmp_path / "figs", lesions=True, progress=said.append
+    )
     names = {p.name for p in res.files}
     assert {
         "identity_closeness.png",
@@ -68,5 +71,6 @@ def test_analyze_writes_figures_and_reports_skipped(tmp_path):
         "measures.csv",
     } <= names
     assert "gradient_norms" in res.skipped and "needs probe 'grad'" in res.skipped["gradient_norms"]
-    assert "lesions" in res.skipped  # no checkpoint in the provenance
+    assert "lesions" in res.skipped  # no checkpoint in the provenance ...
+    assert not [m for m in said if m.startswith("lesions")]  # ... so none is announced
     assert np.isfinite(res.table.query("quantity == 'closeness'")["value"]).all()
