@@ -162,7 +162,7 @@ def _probe_forward(model: torch.nn.Module, shape: tuple[int, ...], device, spec:
     except Exception as e:
         raise ProbeError(
             f"{spec} rejected an input of shape [1, {', '.join(map(str, shape))}]: "
-            f"{type(e).__name__}: {str(e)[:300]}. Give the size it takes with --input-size C,H,W "
+            f"{type(e).__name__}: {str(e)[:300].rstrip('.')}. Give the size it takes with --input-size C,H,W "
             "(e.g. 3,224,224 for ViTs)."
         ) from e
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

@@ -25,7 +25,7 @@ from torch import nn
 
 from probe.errors import ProbeError
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
-from probe.hooks.select import LayerSpec, named_root, select_modules
+from probe.hooks.select import LayerSpec, named_root, outline, select_modules
 from probe.hooks.sites import (
     OwnerCall,
     Site,
@@ -171,9 +171,9 @@ def resolve_layers(
                 "of the same shape that are both computed from its input (y = S(x) + F(x)). "
                 "Models that concatenate features instead (DenseNet, Inception, ShuffleNet) or "
                 "have no shortcuts (VGG) have none. Select modules explicitly to probe them as "
-                "layers (e.g. layers='features.*'; see probe.list_layers(model)), or declare a "
-                "block with probe.register_residual(BlockClass, ResidualSpec(branch=..., "
-                "shortcut=...))."
+                "layers (e.g. layers='features.*', --layers 'features.*' in the CLI; "
+                f"{outline(model)}), or declare a block with probe.register_residual(BlockClass, "
+                "ResidualSpec(branch=..., shortcut=...))."
             )
     else:
         chosen = select_modules(model, layers)

@@ -18,7 +18,7 @@ from torch import nn
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["LayerSpec", "glob_regex", "list_layers", "named_root", "select_modules"]
+__all__ = ["LayerSpec", "glob_regex", "list_layers", "named_root", "outline", "select_modules"]
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -82,6 +82,22 @@ def list_layers(model: nn.Module, pattern: str = "**") -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in named if n and rx.fullmatch(n)]
 
 
+def outline(model: nn.Module, most: int = 8) -> str:
+    """The model's top-level modules, for an error message: a CLI user has no
+    :func:`list_layers` to call, and these names start every pattern.
+
+    Example:
+        >>> from probe.zoo import create
+        >>> outline(create("resnet20"))
+        'its top-level modules: stem (Sequential), stages (Sequential), head (Sequential)'
+    """
+    kids = [f"{n} ({type(m).__name__})" for n, m in named_root(model).named_children()]
+    if not kids:
+        return "it has no submodules"
+    more = f", and {len(kids) - most} more" if len(kids) > most else ""
+    return f"its top-level modules: {', '.join(kids[:most])}{more}"
+
+
 def _matcher(spec: str) -> Callable[[str], bool]:
     if spec.startswith("re:"):
         try:
@@ -134,8 +150,8 @@ def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
             globs = sorted({re.sub(r"\d+", "*", n) for n in names})
             hint = did_you_mean(pattern, globs + names)
             raise ProbeError(
-                f"No module matches {pattern!r} in {type(model).__name__}.{hint} "
-                "See probe.list_layers(model) for the dotted names."
+                f"No module matches {pattern!r} in {type(model).__name__} ({outline(model)}).{hint} "
+                "See probe.list_layers(model) for every dotted name."
             )
         chosen |= hits
     return [(n, m) for n, m in named if n in chosen]

@@ -44,3 +44,7 @@ def test_a_plain_name_that_matches_nothing_is_an_error_with_a_hint():
         select_modules(model, ["stages.0.0", "stages.0.9"])
     with pytest.raises(probe.ProbeError, match="No module matches 'stages.0 '"):
         select_modules(model, "stages.0 ")  # no stripping: a name is taken as it is
+    # where a CLI user, who has no list_layers to call, starts looking
+    top = r"its top-level modules: stem \(Sequential\), stages \(Sequential\), head"
+    with pytest.raises(probe.ProbeError, match=top):
+        select_modules(model, "body.*")
