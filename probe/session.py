@@ -576,7 +576,10 @@ class HookSession:
 
     # -- hooks -------------------------------------------------------------------------------
     def _install(self, info: LayerInfo) -> None:
-        if info.spec is not None:
+        # A block's split (x, F, S) is read by hooks on its entry and its branch; probes that
+        # read outputs alone need neither (two hooked calls and the split's checks per block,
+        # ~1 % of a ResNet-56 pass whose block outputs are kept).
+        if info.spec is not None and not self._output_only:
             branch, shortcut = self._split[info.name] = info.spec.resolve(info.module, info.name)
             clone = info.spec.clone_branch or bool(self.inplace)
             self._handles.append(
@@ -679,10 +682,17 @@ class HookSession:
             if y is None:
                 return
             key = self._key(info.name)
-            block, shortcut = (
-                self._block_tensors(info, y) if info.spec is not None else (None, None)
-            )
-            x = block.x if block is not None else first_tensor(args)
+            split = info.spec is not None and not self._output_only
+            block, shortcut = self._block_tensors(info, y) if split else (None, None)
+            if block is not None:
+                x = block.x
+            elif info.spec is not None:  # a block read for its output alone: _install
+                x = input_tensor(args, kwargs)
+                # F was not observed, so its shape is not recorded (a branch may broadcast)
+                inp = tuple(x.shape[1:]) if x is not None else None
+                self.shapes.setdefault(key, (tuple(y.shape[1:]), None, inp))
+            else:
+                x = first_tensor(args)
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
             if block is not None:
                 identity = shortcut is None or isinstance(shortcut, nn.Identity)

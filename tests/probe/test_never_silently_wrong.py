@@ -208,3 +208,42 @@ def test_an_adapter_that_does_not_fit_names_the_block():
             nn.Sequential(nn.Linear(4, 4), MaybeProjected(False)), [torch.ones(2, 4)],
             probes=[probe.ResidualNorms()],
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [InPlaceInput, InPlaceBranch, TwiceBranch])
+def test_output_only_probes_read_blocks_with_an_unreadable_split_rightly(cls):
+    """Block outputs alone need no split: no hook on the branch, none of the split's errors, and
+    the outputs are the blocks' own, also where the next block adds into its input in place."""
+    _register(cls)
+    model = nn.Sequential(cls(), cls()).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(3, 2, 4, 4, generator=g) for _ in range(3)]
+    want: dict[str, list[torch.Tensor]] = {"0": [], "1": []}
+    handles = [
+        model[i].register_forward_hook(lambda m, a, o, k=str(i): want[k].append(o.clone()))
+        for i in range(2)
+    ]
+    with torch.no_grad():
+        for x in batches:
+            model(x.clone())  # the first block may write into its input
+    for h in handles:
+        h.remove()
+    with probe.HookSession(model, ["0", "1"], [probe.Activations(dtype="fp32")]) as s:
+        assert not model[0].f._forward_hooks and not model[0]._forward_pre_hooks
+        for b, x in enumerate(batches):
+            got = s.run_batch(x.clone(), torch.zeros(3, dtype=torch.long))[0]
+            for k in ("0", "1"):
+                assert torch.equal(got[k]["output"], want[k][b]), (k, b)
+
+
+def test_output_only_blocks_keep_every_layer_attribute_but_the_unseen_branch_shape():
+    model = probe.zoo.create("resnet8", in_channels=2, width=4).eval()
+    data = [_x()]
+    a = probe.capture(model, data, probes=[probe.Activations(dtype="fp32")])
+    b = probe.capture(model, data, probes=[probe.Activations(dtype="fp32"), probe.ResidualNorms()])
+    assert a.layers == b.layers
+    for key in a.layers:
+        split = dict(b.layer_attrs(key))
+        assert split.pop("f_spatial_size") > 0  # F was read by the split ...
+        assert a.layer_attrs(key) == split  # ... and is not claimed where it was not
+        assert np.array_equal(a.read(key, "output"), b.read(key, "output"))
