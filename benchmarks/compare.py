@@ -71,6 +71,7 @@ ROWS = {
     ),
 }
 PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
+TWIN = "unprobed twin"  # the unprobed pass timed beside every method, for paired ratios
 
 
 # --------------------------------------------------------------------------- the model and data
@@ -415,49 +416,81 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
 
 def worker(
-    model: str, row: str, method: str, repeats: int, warmup: int, out: str, allocator: str
+    model: str, row: str, methods: list[str], repeats: int, warmup: int, out: str, allocator: str
 ) -> None:
+    """Time ``methods`` (one, or several head to head) in this process, interleaved with an
+    unprobed twin; write each method's result to ``out`` (JSON, by method)."""
     if allocator == "tuned":  # the same process settings for every method, baseline included
         import probe.runtime
 
         getattr(probe.runtime, "tune_allocator", lambda: None)()
     with tempfile.TemporaryDirectory() as d:
-        fn, teardown, captured = make_pass(model, row, method, Path(d))
+        passes = {m: make_pass(model, row, m, Path(d)) for m in methods}
         # The same unprobed pass on a twin of the model (same seed, same weights, no hooks),
         # timed alternately with the method: their ratio, pair by pair, is immune to the drift
         # between processes that the start/end baselines only bound.
-        twin = make_pass(model, row, "unprobed", Path(d))[0] if method != "unprobed" else None
+        timed = {m: fn for m, (fn, _, _) in passes.items()}
+        if methods != ["unprobed"]:
+            timed[TWIN] = make_pass(model, row, "unprobed", Path(d))[0]
+        order = list(timed)
+        times: dict[str, list[float]] = {m: [] for m in order}
         try:
             for _ in range(warmup):
-                fn()
-                if twin is not None:
-                    twin()
-            times, base = [], []
-            for _ in range(repeats):
-                if twin is not None:
+                for fn in timed.values():
+                    fn()
+            for r in range(repeats):
+                # each round starts one further along: no method always follows the same one
+                for m in order[r % len(order) :] + order[: r % len(order)]:
                     t0 = time.perf_counter()
-                    twin()
-                    base.append((time.perf_counter() - t0) * 1e3)
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
+                    timed[m]()
+                    times[m].append((time.perf_counter() - t0) * 1e3)
         finally:
-            teardown()
-        got = captured()
-        result = {"ms": statistics.median(times), "times": times}
-        if base:
-            result["paired"] = statistics.median(t / b for t, b in zip(times, base))
-            result["paired_base_ms"] = statistics.median(base)
-        if got:
-            ref = reference_outputs(model)
-            errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
-            result["ref_error"] = max(errs) if len(got) == len(ref) else float("inf")
-            result["ref_blocks"] = len(got)
-        Path(out).write_text(json.dumps(result))
+            for _, teardown, _ in passes.values():
+                teardown()
+        base = times.get(TWIN)
+        results = {}
+        for m, (_, _, captured) in passes.items():
+            result = {"ms": statistics.median(times[m]), "times": times[m]}
+            if base:
+                result["paired"] = statistics.median(t / b for t, b in zip(times[m], base))
+                result["paired_base_ms"] = statistics.median(base)
+            got = captured()
+            if got:
+                ref = reference_outputs(model)
+                errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
+                result["ref_error"] = max(errs) if len(got) == len(ref) else float("inf")
+                result["ref_blocks"] = len(got)
+            results[m] = result
+        Path(out).write_text(json.dumps(results))
+
+
+def ratio_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Median of the round-by-round ratios a/b and its percentile bootstrap confidence interval
+    (scipy; BCa's acceleration is undefined for a median of tied values): whether one method is faster than another timed beside it, or within the noise.
+
+    Example:
+        >>> med, lo, hi = ratio_ci([1.0, 1.1, 0.9, 1.02, 1.05, 0.95, 0.97], [1.0] * 7)
+        >>> round(med, 2), lo < 1 < hi
+        (1.0, True)
+    """
+    from scipy.stats import bootstrap
+
+    r = np.asarray(a, float) / np.asarray(b, float)
+    ci = bootstrap(
+        (r,),
+        np.median,
+        confidence_level=level,
+        n_resamples=2000,
+        method="percentile",
+        random_state=0,
+    ).confidence_interval
+    return float(np.median(r)), float(ci.low), float(ci.high)
 
 
 # --------------------------------------------------------------------------- the parent
 def _run(model, row, method, args) -> dict:
+    """One method's result, measured in a fresh process; ``method`` may name several, joined
+    by commas, timed head to head in that one process (then: a result per method)."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -485,7 +518,61 @@ def _run(model, row, method, args) -> dict:
         return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:200]}
     res = json.loads(Path(path).read_text())
     os.remove(path)
-    return res
+    return res if "," in method else res[method]
+
+
+def _check(r: dict) -> str:
+    """The reference check of a method's captured block outputs, in words."""
+    if "ref_error" not in r:
+        return ""
+    verdict = "ok" if r["ref_error"] < 1e-5 else "WRONG"
+    return f"{verdict} (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
+
+
+def versus(args) -> None:
+    """Two methods head to head: per row, one process times both and an unprobed twin in
+    rotating order, so the drift between processes (which the paired ratios of separate
+    workers still carry, a few percent here) cannot decide which is faster."""
+    a, b = args.versus.split(",")
+    for m in (a, b):
+        if m in PEERS and importlib.util.find_spec(PEERS[m]) is None:
+            raise SystemExit(f"--versus {args.versus}: {PEERS[m]} is not installed")
+    print(
+        f"# {a} against {b}, head to head in one process per row; torch {torch.__version__}, "
+        f"CPU, {args.threads} threads, {args.repeats} rounds, allocator {args.allocator}"
+    )
+    report = {"versus": [a, b], "threads": args.threads, "repeats": args.repeats, "models": {}}
+    for model in args.models.split(","):
+        if model == "tv" and importlib.util.find_spec("torchvision") is None:
+            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
+            continue
+        print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
+        print(
+            f"{'row':48s} {a + ' ms':>14s} {b + ' ms':>14s} {'paired':>13s} "
+            f"{a + '/' + b + ' [95% CI]':>30s}  verdict; reference checks"
+        )
+        report["models"][model] = rows = {}
+        for row in args.rows.split(","):
+            title, methods = ROWS[row]
+            if a not in methods or b not in methods:
+                continue
+            res = _run(model, row, f"{a},{b}", args)
+            if "error" in res:
+                print(f"{title:48s} failed: {res['error']}")
+                continue
+            ra, rb = res[a], res[b]
+            med, lo, hi = ratio_ci(ra["times"], rb["times"])
+            verdict = "faster" if hi < 1 else "slower" if lo > 1 else "within the noise"
+            rows[row] = {"title": title, a: ra, b: rb, "ratio": med, "ci95": [lo, hi]}
+            paired = f"{ra['paired']:.2f} / {rb['paired']:.2f}"
+            print(
+                f"{title:48s} {ra['ms']:14.1f} {rb['ms']:14.1f} {paired:>13s} "
+                f"{f'{med:.3f} [{lo:.3f}, {hi:.3f}]':>30s}  {verdict}; "
+                f"{_check(ra) or '–'}; {_check(rb) or '–'}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.json}")
 
 
 def main() -> None:
@@ -503,11 +590,22 @@ def main() -> None:
         choices=["tuned", "default"],
         help="tuned: probe.runtime.tune_allocator() in every worker (what the CLI does)",
     )
-    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "ROW", "METHOD"))
+    ap.add_argument(
+        "--versus",
+        default="",
+        metavar="A,B",
+        help="time two methods head to head in one process per row (rounds interleaved with "
+        "an unprobed twin) and give A/B with a 95%% bootstrap interval",
+    )
+    ap.add_argument("--worker", nargs=3, metavar=("MODEL", "ROW", "METHODS"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        worker(*args.worker, args.repeats, args.warmup, args.json, args.allocator)
+        model, row, methods = args.worker
+        worker(model, row, methods.split(","), args.repeats, args.warmup, args.json, args.allocator)
+        return
+    if args.versus:
+        versus(args)
         return
     only = set(filter(None, args.methods.split(",")))
     print(
@@ -554,12 +652,7 @@ def main() -> None:
                     )
                     continue
                 r["ratio"] = r["ms"] / statistics.mean(b)
-                check = (
-                    ""
-                    if "ref_error" not in r
-                    else ("ok" if r["ref_error"] < 1e-5 else "WRONG")
-                    + f" (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
-                )
+                check = _check(r)
                 paired = f"{r['paired']:7.2f}" if "paired" in r else f"{'–':>7s}"
                 print(f"{'':48s} {method:14s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired}  {check}")
     if args.json:
