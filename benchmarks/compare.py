@@ -22,9 +22,14 @@ fsync: no format, no checksum, the least any dump costs beside the model), ``nns
 statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics). Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
+``--versus A,B`` (e.g. ``resprobe,nnsight``) times two methods head to head instead: per row,
+one process runs A, B and the unprobed twin in rotating order, and A/B is the median of the
+round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "within the noise").
+
 Usage:
     python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stream,stats,stats_disk,grad]
         [--repeats 10] [--threads 2] [--json /tmp/compare.json]
+    python -m benchmarks.compare --versus resprobe,nnsight --rows out,io --repeats 31
 """
 
 from __future__ import annotations
