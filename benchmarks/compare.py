@@ -121,6 +121,30 @@ def reference_outputs(model: str) -> list[torch.Tensor]:
         return outs
 
 
+def reference_io(model: str) -> list[torch.Tensor]:
+    """x, F(x), y of every block in turn, F computed by calling the branch's layers by hand
+    (torchvision's bottleneck adds into F(x) in place, so a kept, uncopied F would read y)."""
+    net, _, x, _ = build(model)
+    out = []
+    with torch.no_grad():
+        if model == "zoo":
+            h = net.stem(x)
+            blocks = list(net.blocks())
+        else:
+            h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            blocks = [b for i in range(1, 5) for b in getattr(net, f"layer{i}")]
+        for b in blocks:
+            if model == "zoo":
+                f = b.branch(h)
+            else:
+                f = b.relu(b.bn1(b.conv1(h)))
+                f = b.bn3(b.conv3(b.relu(b.bn2(b.conv2(f)))))
+            y = b(h)
+            out += [h.clone(), f, y.clone()]
+            h = y
+    return out
+
+
 # --------------------------------------------------------------------------- methods
 def _module(net, name):
     return net.get_submodule(name)
@@ -140,6 +164,8 @@ def _branch_of(model: str, block: torch.nn.Module):
 
 def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
     hs = []
+    # torchvision's bottleneck adds into F(x) in place: kept uncopied, it would read y
+    copy = clone or model == "tv"
     for name in blocks:
         m = _module(net, name)
         if what in ("out", "io"):
@@ -158,7 +184,9 @@ def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
             )
             hs.append(
                 _branch_of(model, m).register_forward_hook(
-                    lambda mod, a, o, n=name: store.append((n + ":f", o.detach()))
+                    lambda mod, a, o, n=name: store.append(
+                        (n + ":f", o.detach().clone() if copy else o.detach())
+                    )
                 )
             )
     return hs
@@ -319,8 +347,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                     f.flush()  # on the disk, as raw_write and resprobe leave their bytes
                     os.fsync(f.id.get_vfd_handle())
                 os.remove(tmp / f"hooks-{state['i']}.h5")
-            if not captured:
-                captured.extend(t.clone() for n, t in store if ":" not in n)
+            if not captured:  # block outputs; in the io row x, F(x), y of each block
+                captured.extend(t.clone() for n, t in store if row == "io" or ":" not in n)
             state["i"] += 1
 
         return fn, lambda: [h.remove() for h in hs], lambda: captured
@@ -345,8 +373,10 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             with torch.no_grad(), wrapped.trace(x):
                 for m in mods:  # nnsight reads values in execution order: x, F(x), y
                     if row == "io":
-                        m.input.save()
-                        getattr(m, branch).output.save()
+                        saved.append(m.input.save())
+                        f = getattr(m, branch).output
+                        # torchvision's bottleneck adds into F(x) in place (see reference_io)
+                        saved.append((f.clone() if model == "tv" else f).save())
                     saved.append(m.output.save())
             if not captured:
                 captured.extend(saved)
@@ -413,8 +443,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
         def fn():
             res, _ = session.run_batch(x, y)
             if not captured and row in ("out", "io"):
-                key = "output" if row == "out" else "Y"
-                captured.extend(res[n][key] for n in blocks)
+                keys = ("output",) if row == "out" else ("X", "F", "Y")
+                captured.extend(res[n][k] for n in blocks for k in keys)
 
         return fn, session.close, lambda: captured
     raise SystemExit(f"no method {method!r} for row {row!r}")
@@ -461,7 +491,7 @@ def worker(
                 result["paired_base_ms"] = statistics.median(base)
             got = captured()
             if got:
-                ref = reference_outputs(model)
+                ref = reference_io(model) if row == "io" else reference_outputs(model)
                 errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
                 result["ref_error"] = max(errs) if len(got) == len(ref) else float("inf")
                 result["ref_blocks"] = len(got)
@@ -527,11 +557,11 @@ def _run(model, row, method, args) -> dict:
 
 
 def _check(r: dict) -> str:
-    """The reference check of a method's captured block outputs, in words."""
+    """The reference check of what a method captured (block outputs; x, F, y in the io row)."""
     if "ref_error" not in r:
         return ""
     verdict = "ok" if r["ref_error"] < 1e-5 else "WRONG"
-    return f"{verdict} (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} blocks)"
+    return f"{verdict} (max rel. error {r['ref_error']:.1e}, {r['ref_blocks']} tensors)"
 
 
 def versus(args) -> None:
