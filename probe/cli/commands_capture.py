@@ -198,9 +198,12 @@ def capture_cmd(
         qs = sorted({q for layer in cap.layers for q in cap.quantities(layer)})
         world = cap.provenance.get("ranks", {}).get("world", 1)
         on = f" on {world} ranks" if world > 1 else ""
+        # the bar's time also counts loading the model and data; say which is which
+        total = time.perf_counter() - state["started"]
         say(
             f"captured {n} samples x {len(cap.layers)} layers in {secs:.1f} s{on} "
-            f"({n / max(secs, 1e-9):.0f} samples/s)"
+            f"({n / max(secs, 1e-9):.0f} samples/s; {total:.1f} s in all, with loading the "
+            "model and data)"
         )
         say(f"quantities: {', '.join(qs)}")
         if cuda_graph:  # whether the recording was used (a fallback also warned why not)
