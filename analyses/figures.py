@@ -24,6 +24,7 @@ __all__ = [
     "palette",
     "save",
     "plot_vs_layer",
+    "site_of",
     "plot_fig7",
     "plot_cka",
     "plot_training",
@@ -130,6 +131,18 @@ def _band(ax, d: pd.DataFrame, x: str, color) -> None:
         )
 
 
+def site_of(layers: pd.Series) -> pd.Series:
+    """Which residual site of its block each layer key is: 'site 0', 'site 1' for the keys
+    'blocks.3#0', 'blocks.3#1' of a block with several adds; '' for any other layer.
+
+    Example:
+        >>> site_of(pd.Series(["blocks.0#0", "blocks.0#1@2", "stages.1.0"])).tolist()
+        ['site 0', 'site 1', '']
+    """
+    k = layers.astype(str).str.extract(r"#(\d+)(?:@\d+)?$", expand=False)
+    return ("site " + k).fillna("")
+
+
 def with_relative_depth(d: pd.DataFrame) -> pd.DataFrame:
     """``d`` with ``relative_depth`` = layer_index / the model's last layer_index (0 = first
     block, 1 = last), so nets of different depths line up by position, not by block count."""
@@ -158,6 +171,11 @@ def plot_vs_layer(
     ax = ax or fig.add_subplot()
     order = model_order(d["model"])
     pal = palette(order)
+    # Blocks with several residual sites (a transformer's attention and MLP adds, keys 'b#0',
+    # 'b#1') get a line per site: joined in layer order, sites of different kinds zigzag.
+    d = d.assign(site=site_of(d["layer"]))
+    sites = sorted(set(d["site"]) - {""})
+    several = len(sites) > 1
     if d.groupby(["model", "layer_index"])["seed"].nunique().max() > 1:
         sns.lineplot(
             d,
@@ -170,12 +188,22 @@ def plot_vs_layer(
             marker="o",
             markersize=3,
             ax=ax,
+            **({"style": "site", "style_order": sites} if several else {}),
         )
     else:
+        dashes = ["-", "--", ":", "-."]
         for m in order:
-            dm = d[d["model"] == m].sort_values(x)
-            ax.plot(dm[x], dm["value"], marker="o", ms=3, color=pal[m], label=m)
-            _band(ax, dm, x, pal[m])
+            for k, site in enumerate(sites if several else [None]):
+                dm = d[d["model"] == m]
+                if site is not None:
+                    dm = dm[dm["site"] == site]
+                dm = dm.sort_values(x)
+                label = m if site is None else f"{m}, {site}"
+                ax.plot(
+                    dm[x], dm["value"], marker="o", ms=3, color=pal[m], label=label,
+                    ls=dashes[k % len(dashes)],
+                )  # fmt: skip
+                _band(ax, dm, x, pal[m])
     legend_outside(ax)
     ax.set_xlabel(
         {"cos_lag": "lag", "param_grad_norm": "parameter (forward order)"}.get(
