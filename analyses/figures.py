@@ -131,6 +131,9 @@ def _band(ax, d: pd.DataFrame, x: str, color) -> None:
         )
 
 
+OTHER_LAYERS = "other layers"  # in a figure with a line per site: the layers that are no site
+
+
 def site_of(layers: pd.Series) -> pd.Series:
     """Which residual site of its block each layer key is: 'site 0', 'site 1' for the keys
     'blocks.3#0', 'blocks.3#1' of a block with several adds; '' for any other layer.
@@ -173,9 +176,11 @@ def plot_vs_layer(
     pal = palette(order)
     # Blocks with several residual sites (a transformer's attention and MLP adds, keys 'b#0',
     # 'b#1') get a line per site: joined in layer order, sites of different kinds zigzag.
-    d = d.assign(site=site_of(d["layer"]))
-    sites = sorted(set(d["site"]) - {""})
+    d = d.assign(site=site_of(d["layer"]).replace("", OTHER_LAYERS))
+    sites = sorted(set(d["site"]) - {OTHER_LAYERS})
     several = len(sites) > 1
+    if several and (d["site"] == OTHER_LAYERS).any():  # whole blocks, plain layers: a line too
+        sites = [OTHER_LAYERS, *sites]
     if d.groupby(["model", "layer_index"])["seed"].nunique().max() > 1:
         sns.lineplot(
             d,
@@ -198,7 +203,7 @@ def plot_vs_layer(
                 if site is not None:
                     dm = dm[dm["site"] == site]
                 dm = dm.sort_values(x)
-                label = m if site is None else f"{m}, {site}"
+                label = m if site in (None, OTHER_LAYERS) else f"{m}, {site}"
                 ax.plot(
                     dm[x], dm["value"], marker="o", ms=3, color=pal[m], label=label,
                     ls=dashes[k % len(dashes)],

@@ -60,3 +60,13 @@ def test_several_seeds_with_two_sites_are_drawn_per_site():
     fig = plot_vs_layer(_table(layers, [0.1, 0.5, 0.1, 0.5], seeds=(0, 1)), "residual_ratio")
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "site 0" in labels and "site 1" in labels
+
+
+def test_whole_blocks_beside_their_sites_keep_a_line_of_their_own():
+    layers = ["b.0", "b.0#0", "b.0#1", "b.1", "b.1#0", "b.1#1"]
+    values = [5.0, 0.03, 0.14, 6.0, 0.031, 0.142]
+    lines = _drawn(plot_vs_layer(_table(layers, values), "residual_ratio"))
+    assert lines == {"m": [5.0, 6.0], "m, site 0": [0.03, 0.031], "m, site 1": [0.14, 0.142]}
+    fig = plot_vs_layer(_table(layers, values, seeds=(0, 1)), "residual_ratio")
+    drawn = sum(len(ln.get_xdata()) for ln in fig.axes[0].lines)
+    assert drawn >= len(layers)  # every layer is on the figure, none dropped
