@@ -556,6 +556,17 @@ def _run(model, row, method, args) -> dict:
     return res if "," in method else res[method]
 
 
+def _models(names: str):
+    """The models of ``--models`` that can run, each announced by a heading (torchvision's is
+    skipped with a note where it is not installed)."""
+    for model in names.split(","):
+        if model == "tv" and importlib.util.find_spec("torchvision") is None:
+            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
+            continue
+        print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
+        yield model
+
+
 def _check(r: dict) -> str:
     """The reference check of what a method captured (block outputs; x, F, y in the io row)."""
     if "ref_error" not in r:
@@ -577,11 +588,7 @@ def versus(args) -> None:
         f"CPU, {args.threads} threads, {args.repeats} rounds, allocator {args.allocator}"
     )
     report = {"versus": [a, b], "threads": args.threads, "repeats": args.repeats, "models": {}}
-    for model in args.models.split(","):
-        if model == "tv" and importlib.util.find_spec("torchvision") is None:
-            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
-            continue
-        print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
+    for model in _models(args.models):
         print(
             f"{'row':48s} {a + ' ms':>14s} {b + ' ms':>14s} {'paired':>13s} "
             f"{a + '/' + b + ' [95% CI]':>30s}  verdict; reference checks"
@@ -653,11 +660,7 @@ def main() -> None:
         "torch": torch.__version__,
         "models": {},
     }
-    for model in args.models.split(","):
-        if model == "tv" and importlib.util.find_spec("torchvision") is None:
-            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
-            continue
-        print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
+    for model in _models(args.models):
         print(
             f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
         )
