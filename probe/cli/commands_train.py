@@ -163,7 +163,9 @@ def models_cmd(pattern):
     if not names:
         raise ProbeError(
             f"No model matches {pattern!r}; models are family+depth, e.g. 'resnet*', 'plain2*' "
-            "(families: plain, resnet, preplain, preresnet)."
+            "(families: plain, resnet, preplain, preresnet). Models of torchvision, timm or a "
+            "file of your own are not listed here: capture them with --model torchvision:NAME, "
+            "timm:NAME or path/to/file.py:FUNCTION."
         )
     for name in names:
         click.echo(name)

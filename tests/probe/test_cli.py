@@ -125,6 +125,7 @@ def test_models_lists_names_by_depth_including_the_small_ones():
 def test_models_with_a_pattern_that_matches_nothing_fails():
     res = CliRunner().invoke(cli, ["models", "vgg*"])
     assert res.exit_code == 1 and "No model matches 'vgg*'" in res.output
+    assert "--model torchvision:NAME" in res.output  # where a torchvision user goes instead
 
 
 def test_python_dash_m_entry_point():
