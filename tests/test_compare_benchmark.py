@@ -1,0 +1,57 @@
+"""benchmarks/compare.py judges resprobe against its peers: its references must be right, and a
+method that captures a wrong tensor must fail its reference check, or the table means nothing."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# benchmarks/ is not an installed package: loaded from the tree, as `python -m` runs it
+_spec = importlib.util.spec_from_file_location(
+    "compare", Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+)
+compare = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare)
+
+
+def test_the_io_reference_is_each_block_split_by_hand():
+    ref = compare.reference_io("zoo")
+    net, _, _, _ = compare.build("zoo")
+    blocks = list(net.blocks())
+    assert len(ref) == 3 * len(blocks)
+    for b, (x, f, y) in zip(blocks, zip(ref[0::3], ref[1::3], ref[2::3])):
+        with torch.no_grad():
+            s = b.shortcut(x) if b.residual else 0
+            assert torch.equal(b.act(f + s), y)  # act(F + S) = y, F not zero
+            assert f.abs().max() > 0
+    assert all(torch.equal(ref[i + 2], ref[i + 3]) for i in range(0, len(ref) - 3, 3))
+
+
+def test_the_io_row_passes_right_captures_and_fails_a_wrong_branch(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    compare.worker("zoo", "io", ["hooks", "resprobe"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    assert res["hooks"]["ref_error"] == 0 and res["resprobe"]["ref_error"] == 0
+    assert res["resprobe"]["ref_blocks"] == 3 * 27 and "paired" in res["resprobe"]
+    # a hook that reads the wrong tensor as F(x) (here the block's activation output, y): caught
+    original = compare._branch_of
+
+    def wrong(model, block):
+        return block.act if isinstance(block.act, torch.nn.ReLU) else original(model, block)
+
+    monkeypatch.setattr(compare, "_branch_of", wrong)  # reads act's output: y, not F(x)
+    compare.worker("zoo", "io", ["hooks"], 1, 0, str(out), "default")
+    assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
+
+
+def test_a_ratio_interval_tells_a_shift_from_the_noise():
+    rng = np.random.default_rng(0)
+    b = list(100 + rng.normal(0, 3, 31))
+    noise = [t * (1 + rng.normal(0, 0.01)) for t in b]
+    slower = [t * 1.05 * (1 + rng.normal(0, 0.01)) for t in b]
+    _, lo, hi = compare.ratio_ci(noise, b)
+    assert lo < 1 < hi
+    med, lo, hi = compare.ratio_ci(slower, b)
+    assert 1 < lo < med < hi and abs(med - 1.05) < 0.01
