@@ -177,7 +177,7 @@ def plot_vs_layer(
     # Blocks with several residual sites (a transformer's attention and MLP adds, keys 'b#0',
     # 'b#1') get a line per site: joined in layer order, sites of different kinds zigzag.
     d = d.assign(site=site_of(d["layer"]).replace("", OTHER_LAYERS))
-    sites = sorted(set(d["site"]) - {OTHER_LAYERS})
+    sites = sorted(set(d["site"]) - {OTHER_LAYERS}, key=lambda k: int(k.split()[-1]))
     several = len(sites) > 1
     if several and (d["site"] == OTHER_LAYERS).any():  # whole blocks, plain layers: a line too
         sites = [OTHER_LAYERS, *sites]
@@ -202,6 +202,8 @@ def plot_vs_layer(
                 dm = d[d["model"] == m]
                 if site is not None:
                     dm = dm[dm["site"] == site]
+                if dm.empty:  # a model without this site (a CNN beside a transformer)
+                    continue
                 dm = dm.sort_values(x)
                 label = m if site in (None, OTHER_LAYERS) else f"{m}, {site}"
                 ax.plot(

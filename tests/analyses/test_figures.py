@@ -70,3 +70,12 @@ def test_whole_blocks_beside_their_sites_keep_a_line_of_their_own():
     fig = plot_vs_layer(_table(layers, values, seeds=(0, 1)), "residual_ratio")
     drawn = sum(len(ln.get_xdata()) for ln in fig.axes[0].lines)
     assert drawn >= len(layers)  # every layer is on the figure, none dropped
+
+
+def test_a_model_without_sites_beside_one_with_them_gets_no_empty_site_lines():
+    vit = _table([f"b.{i // 12}#{i % 12}" for i in range(24)], [float(i) for i in range(24)], "vit")
+    cnn = _table(["s.0", "s.1"], [1.0, 2.0], "cnn")
+    lines = _drawn(plot_vs_layer(pd.concat([vit, cnn]), "residual_ratio"))
+    assert lines["cnn"] == [1.0, 2.0] and not any(k.startswith("cnn,") for k in lines)
+    assert lines["vit, site 2"] == [2.0, 14.0] and lines["vit, site 10"] == [10.0, 22.0]
+    assert list(lines)[1:4] == ["vit, site 0", "vit, site 1", "vit, site 2"]  # by number
