@@ -126,7 +126,12 @@ LAYER_ATTRS: tuple[Attr, ...] = (
     Attr("call", "count", True, "0 for the first call, k for 'name@k'"),
     Attr("output_shape", "json-list", True, "per-sample output shape"),
     Attr("spatial_size", "positive", True, "product of the output's non-channel axes"),
-    Attr("f_spatial_size", "positive", False, "the same for F(x)"),
+    Attr(
+        "f_spatial_size",
+        "positive",
+        False,
+        "the same for F(x); absent where no probe read the split (block outputs alone)",
+    ),
     Attr("input_size", "positive", False, "elements of one sample's input"),
     Attr("nonfinite_samples", "count", False, "samples with a NaN/inf result"),
 )
