@@ -11,6 +11,7 @@ from probe.train import TrainConfig, train
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 12 trainings: 240 s alone on a slow 2-core CPU, more beside others
 def test_digits_degradation_over_three_seeds(tmp_path):
     """plain-32 ends with higher training error than plain-8; resnet-32 does not exceed resnet-8."""
     err = {}
