@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,29 @@ def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def _cka_tag(key: dict, taken: set[str]) -> str:
+    """A file-name part for one run's CKA figure: its model, seed and epoch, with the characters a
+    model name may hold but a file name may not ('torchvision:resnet50', 'nets/mine.py:make')
+    replaced; unique among ``taken`` (which it joins).
+
+    Example:
+        >>> taken = set()
+        >>> key = {"model": "nets/mine.py:make", "seed": 0, "checkpoint": -1}
+        >>> _cka_tag(key, taken), _cka_tag(key | {"model": "nets_mine.py_make"}, taken)
+        ('nets_mine.py_make_s0', 'nets_mine.py_make_s0_2')
+        >>> _cka_tag({"model": "resnet20", "seed": 1, "checkpoint": 12}, taken)
+        'resnet20_s1_e12'
+    """
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", key["model"]).strip("_") or "model"
+    tag = f"{name}_s{key['seed']}" + (f"_e{key['checkpoint']}" if key["checkpoint"] >= 0 else "")
+    unique, n = tag, 1
+    while unique in taken:
+        n += 1
+        unique = f"{tag}_{n}"
+    taken.add(unique)
+    return unique
+
+
 def write_figures(
     table: pd.DataFrame,
     out: Path,
@@ -249,14 +273,16 @@ def write_figures(
         skipped["fig7_response_std"] = (
             "no BatchNorm2d layers with probe 'channel' (capture e.g. --layers '**bn*')"
         )
+    tags: set[str] = set()
     for cap in caps:
         layers, reps = capture_representations(cap)
         if len(layers) >= 2:
             mat = cka_matrix(reps)
             key = run_key(cap)
-            tag = f"{key['model']}_s{key['seed']}_e{key['checkpoint']}"
+            tag = _cka_tag(key, tags)
+            epoch = f" (epoch {key['checkpoint']})" if key["checkpoint"] >= 0 else ""
             files += figures.save(
-                figures.plot_cka(mat, layers, f"{key['model']} (epoch {key['checkpoint']})"),
+                figures.plot_cka(mat, layers, f"{key['model']}{epoch}"),
                 out,
                 f"{prefix}cka_{tag}",
                 pd.DataFrame(mat, index=layers, columns=layers).reset_index(),

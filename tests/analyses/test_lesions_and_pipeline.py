@@ -74,3 +74,21 @@ def test_analyze_writes_figures_and_reports_skipped(tmp_path):
     assert "lesions" in res.skipped  # no checkpoint in the provenance ...
     assert not [m for m in said if m.startswith("lesions")]  # ... so none is announced
     assert np.isfinite(res.table.query("quantity == 'closeness'")["value"]).all()
+
+
+def test_a_model_named_like_a_path_gets_its_cka_figure_in_the_output_folder(tmp_path):
+    # a model given as --model nets/mine.py:make is named so; '/' and ':' cannot go in a file name
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    cap = probe.capture(
+        model,
+        _loader(),
+        probes=[probe.Activations(dtype="fp32")],
+        out=tmp_path / "c.h5",
+        name="nets/mine.py:make",
+    )
+    cap.close()
+    res = analyses.analyze([tmp_path / "c.h5"], tmp_path / "figs", lesions=False)
+    cka = sorted(p.name for p in res.files if p.name.startswith("cka_nets"))
+    assert cka == ["cka_nets_mine.py_make_s0.csv", "cka_nets_mine.py_make_s0.png",
+                   "cka_nets_mine.py_make_s0.svg"]  # fmt: skip
+    assert all(p.parent == tmp_path / "figs" for p in res.files)
