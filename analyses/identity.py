@@ -57,12 +57,13 @@ def identity_closeness(cap: CaptureReader, cka_batch: int | None = None) -> pd.D
         cap, "cos_ys", ("cos_ys",), lambda c, l: mean_ci(c.read(l, "cos_ys")), blocks_only=True
     )
     # Ratio of mean ||J-P||^2 to mean ||P||^2 over samples, i.e. the dataset-level relative deviation.
+    # Every layer that has a shortcut's Jacobian P has it: residual units, and whole blocks of
+    # several (a transformer block, whose Jacobian the sites inside it cannot have alone).
     rows += per_layer(
         cap,
         "jac_rel_dev",
         ("jac_dev2", "jac_p_fro2"),
         lambda c, l: bootstrap_ci(_ratio_of_means, c.read(l, "jac_dev2"), c.read(l, "jac_p_fro2")),
-        blocks_only=True,
     )
     rows += cka_layers(cap, cka_batch, adjacent_only=True)
     return frame(rows)
