@@ -31,7 +31,8 @@ def analyze_cmd(captures, out, lesions, device):
         progress=lambda m: click.echo(m, err=True),
     )
     figs = sorted({p.stem for p in res.files if p.suffix == ".png"})
-    click.echo(f"{len(res.table)} measure rows; {len(figs)} figures in {out}: {', '.join(figs)}")
+    noun = "figure" if len(figs) == 1 else "figures"
+    click.echo(f"{len(res.table)} measure rows; {len(figs)} {noun} in {out}: {', '.join(figs)}")
     for name, why in res.skipped.items():
         click.echo(f"skipped {name}: {why}")
 
