@@ -165,9 +165,14 @@ def test_a_whole_block_of_two_sites_has_its_jacobian_deviation_from_identity():
     got = analyses.identity_closeness(cap).query("quantity == 'jac_rel_dev'")
     assert list(got["layer"]) == ["1"]  # the whole block: before, left out as no residual unit
     # independent: ||J - I||_F^2 and ||I||_F^2 = d per sample from torch.func.jacrev, float64
-    h = model[0](x).detach()
+    with torch.no_grad():
+        h = model[0](x)
     dev2 = [
-        float(((torch.func.jacrev(block)(h[i]) - torch.eye(6, dtype=torch.float64)) ** 2).sum())
+        float(
+            ((torch.func.jacrev(block)(h[i]) - torch.eye(6, dtype=torch.float64)) ** 2)
+            .sum()
+            .detach()
+        )
         for i in range(len(h))
     ]
     want = np.sqrt(np.mean(dev2) / 6.0)
