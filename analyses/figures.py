@@ -198,10 +198,9 @@ def plot_vs_layer(
     else:
         dashes = ["-", "--", ":", "-."]
         for m in order:
+            of_model = d[d["model"] == m]
             for k, site in enumerate(sites if several else [None]):
-                dm = d[d["model"] == m]
-                if site is not None:
-                    dm = dm[dm["site"] == site]
+                dm = of_model if site is None else of_model[of_model["site"] == site]
                 if dm.empty:  # a model without this site (a CNN beside a transformer)
                     continue
                 dm = dm.sort_values(x)

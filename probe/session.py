@@ -686,11 +686,8 @@ class HookSession:
             block, shortcut = self._block_tensors(info, y) if split else (None, None)
             if block is not None:
                 x = block.x
-            elif info.spec is not None:  # a block read for its output alone: _install
-                x = input_tensor(args, kwargs)
-                # F was not observed, so its shape is not recorded (a branch may broadcast)
-                inp = tuple(x.shape[1:]) if x is not None else None
-                self.shapes.setdefault(key, (tuple(y.shape[1:]), None, inp))
+            elif info.spec is not None:  # a block read for its output alone (see _install):
+                x = input_tensor(args, kwargs)  # _emit records no F shape, F not being seen
             else:
                 x = first_tensor(args)
             call = Call(key, module, x, y, self._offset, block, args=args, kwargs=kwargs)
