@@ -101,26 +101,6 @@ def build(model: str) -> tuple[torch.nn.Module, list[str], torch.Tensor, torch.T
     return net.eval(), blocks, x, y
 
 
-def reference_outputs(model: str) -> list[torch.Tensor]:
-    """Block outputs computed by calling the blocks in order, no hook anywhere."""
-    net, blocks, x, _ = build(model)
-    with torch.no_grad():
-        if model == "zoo":
-            h = net.stem(x)
-            outs = []
-            for b in net.blocks():
-                h = b(h)
-                outs.append(h.clone())
-            return outs
-        h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        outs = []
-        for i in range(1, 5):
-            for b in getattr(net, f"layer{i}"):
-                h = b(h)
-                outs.append(h.clone())
-        return outs
-
-
 def reference_io(model: str) -> list[torch.Tensor]:
     """x, F(x), y of every block in turn, F computed by calling the branch's layers by hand
     (torchvision's bottleneck adds into F(x) in place, so a kept, uncopied F would read y)."""
@@ -143,6 +123,12 @@ def reference_io(model: str) -> list[torch.Tensor]:
             out += [h.clone(), f, y.clone()]
             h = y
     return out
+
+
+def reference_outputs(model: str) -> list[torch.Tensor]:
+    """Block outputs computed by calling the blocks in order, no hook anywhere (the y of
+    :func:`reference_io`)."""
+    return reference_io(model)[2::3]
 
 
 # --------------------------------------------------------------------------- methods
@@ -501,7 +487,8 @@ def worker(
 
 def ratio_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
     """Median of the round-by-round ratios a/b and its percentile bootstrap confidence interval
-    (scipy; BCa's acceleration is undefined for a median of tied values): whether one method is faster than another timed beside it, or within the noise.
+    (scipy; BCa's acceleration is undefined for a median of tied values): whether one method is
+    faster than another timed beside it, or within the noise.
 
     Example:
         >>> med, lo, hi = ratio_ci([1.0, 1.1, 0.9, 1.02, 1.05, 0.95, 0.97], [1.0] * 7)
