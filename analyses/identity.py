@@ -14,7 +14,16 @@ import pandas as pd
 
 from analyses.cka import capture_representations, cka_matrix
 from analyses.stats import bootstrap_ci, mean_ci
-from analyses.tidy import frame, nan_ci, needs, per_layer, row, run_key, stage_of
+from analyses.tidy import (
+    frame,
+    layer_positions,
+    nan_ci,
+    needs,
+    per_layer,
+    row,
+    run_key,
+    stage_of,
+)
 from probe.store.reader import CaptureReader
 
 __all__ = ["closeness", "jacobian_deviation", "identity_closeness", "cka_layers"]
@@ -79,7 +88,7 @@ def cka_layers(
         return []
     n = len(reps[0])
     mat = cka_matrix(reps, batch_size if batch_size and n >= 2 * batch_size else None)
-    key = run_key(cap)
+    key, positions = run_key(cap), layer_positions(cap)
     rows = []
     for i, layer in enumerate(layers):
         js = [i - 1] if adjacent_only else range(len(layers))
@@ -90,7 +99,7 @@ def cka_layers(
                 row(
                     key,
                     layer if adjacent_only else f"{layers[j]}|{layer}",
-                    cap.layer_attrs(layer).get("layer_index", i),
+                    positions[layer],
                     stage_of(layer),
                     "cka_adjacent" if adjacent_only else "cka",
                     nan_ci(mat[i, j]),

@@ -31,6 +31,7 @@ __all__ = [
     "frame",
     "row",
     "per_layer",
+    "layer_positions",
     "nan_ci",
 ]
 
@@ -218,19 +219,41 @@ def per_layer(
 ) -> list[dict]:
     """Rows of ``quantity`` for each layer holding all of ``needs``; ``measure`` returns (v, lo, hi)."""
     key = run_key(cap)
+    positions = layer_positions(cap)
     rows = []
-    for index, layer in enumerate(l for l in cap.layers if l != "model"):
+    for layer in positions:
         if not all(cap.has(layer, q) for q in needs):
             continue
-        attrs = cap.layer_attrs(layer)
-        if blocks_only and not attrs.get("is_block"):
+        if blocks_only and not cap.layer_attrs(layer).get("is_block"):
             continue
         out = measure(cap, layer)
         if out is None:
             continue
-        index = attrs.get("layer_index", index)
-        rows.append(row(key, layer, index, stage_of(layer), quantity, out))
+        rows.append(row(key, layer, positions[layer], stage_of(layer), quantity, out))
     return rows
+
+
+def layer_positions(cap: CaptureReader) -> dict[str, int]:
+    """Layer key -> its depth, the ``layer_index`` each layer's attributes record (the order
+    the forward pass produced the results in), in capture order; "model" left out.
+
+    Captures written before ``layer_index`` became that order numbered a module's place in
+    the selection, the same for every call of a module called several times (shared weights):
+    where positions repeat, the capture order is used instead, which is the forward pass's.
+
+    Example:
+        >>> import numpy as np
+        >>> from probe.store.reader import MemoryCapture
+        >>> old = {"b": {"layer_index": 0}, "b@1": {"layer_index": 0}}  # one module, two calls
+        >>> cap = MemoryCapture({"b": {}, "b@1": {}}, old, np.arange(0), np.arange(0), {})
+        >>> layer_positions(cap)
+        {'b': 0, 'b@1': 1}
+    """
+    layers = [l for l in cap.layers if l != "model"]
+    recorded = {l: cap.layer_attrs(l).get("layer_index") for l in layers}
+    if None in recorded.values() or len(set(recorded.values())) < len(layers):
+        return {l: i for i, l in enumerate(layers)}
+    return {l: int(i) for l, i in recorded.items()}
 
 
 def nan_ci(v: float) -> tuple[float, float, float]:

@@ -133,7 +133,9 @@ def _warn_nonfinite(bad: dict[str, int], seen: int) -> None:
     )
 
 
-def _layer_attrs(session: HookSession, key: str) -> dict:
+def _layer_attrs(session: HookSession, key: str, positions: dict[str, int]) -> dict:
+    """A layer key's attributes; ``positions`` numbers the keys in capture order as they come
+    (filled here: the first key given is 0)."""
     info = session.layer_info(key)
     out_shape, f_shape, in_shape = session.shapes.get(key, ((), None, None))
     attrs = {
@@ -142,7 +144,10 @@ def _layer_attrs(session: HookSession, key: str) -> dict:
         "kind": info.kind,
         "is_block": info.is_block,
         "residual": -1 if info.residual is None else int(info.residual),
-        "layer_index": info.index,
+        # Depth is the order the forward pass produced the results in (the capture order), not
+        # the module's place in the selection: a module called three times (shared weights)
+        # holds three depths, and the calls of modules used in turn interleave.
+        "layer_index": -1 if key == "model" else positions.setdefault(key, len(positions)),
         "call": int(key.split("@")[1]) if "@" in key else 0,
         "output_shape": json.dumps(list(out_shape)),
         "spatial_size": prod(out_shape[1:]) if len(out_shape) > 1 else 1,
@@ -420,6 +425,7 @@ class CaptureJob:
                         ),
                     )
                 seen = 0
+                positions: dict[str, int] = {}  # layer key -> its depth (see _layer_attrs)
                 lookahead = any(getattr(p, "needs_next_sample", False) for p in probes)
                 batches = _with_next(
                     _limited(_batches(data, device), limit), lookahead, next_sample
@@ -434,7 +440,8 @@ class CaptureJob:
                     )
                     if writer is not None:
                         for key in results:
-                            writer.layer_attrs.setdefault(key, _layer_attrs(session, key))
+                            if key not in writer.layer_attrs:
+                                writer.layer_attrs[key] = _layer_attrs(session, key, positions)
                         writer.dims.update(session.dim_labels)  # before submit: read at creation
                         writer.submit(results, idx, y)
                     else:
@@ -466,7 +473,7 @@ class CaptureJob:
                     part_of = None if complete else attrs.get("part_of")
                     return H5Capture(path, part_of=part_of, written=True)
                 data_out = mem.arrays()
-                layer_attrs = {key: _layer_attrs(session, key) for key in data_out}
+                layer_attrs = {key: _layer_attrs(session, key, positions) for key in data_out}
                 for key, n in bad.items():
                     layer_attrs[key]["nonfinite_samples"] = n
                 attrs["nonfinite_layers"] = len(bad)

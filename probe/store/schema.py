@@ -122,7 +122,12 @@ LAYER_ATTRS: tuple[Attr, ...] = (
     Attr("site", "count", False, "index among its module's residual sites"),
     Attr("is_block", "bool", True, "holds a residual split (F, S)"),
     Attr("residual", "int", True, "1 residual, 0 plain, -1 not a block"),
-    Attr("layer_index", "int", True, "position in the selection"),
+    Attr(
+        "layer_index",
+        "int",
+        True,
+        "depth: the order the forward pass produced the layers' results in (capture order), one per call of a module called several times; -1 for model",
+    ),
     Attr("call", "count", True, "0 for the first call, k for 'name@k'"),
     Attr("output_shape", "json-list", True, "per-sample output shape"),
     Attr("spatial_size", "positive", True, "product of the output's non-channel axes"),
