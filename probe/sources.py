@@ -11,8 +11,10 @@ Specs (``probe capture --model SPEC``):
 Keyword arguments for the factory come as ``key=value`` pairs (values parsed as JSON when they
 parse, e.g. ``num_classes=10``). Weights are a ``.safetensors`` file or a ``torch.save``'d state
 dict, read with ``weights_only=True`` (no code in the file runs); a dict holding the state dict
-under ``state_dict`` or ``model`` is unwrapped. Loading is strict: missing or unexpected keys are
-an error that lists them.
+under ``state_dict`` or ``model`` is unwrapped, and so are keys saved from a wrapper
+(``module.`` of DataParallel/DDP, ``_orig_mod.`` of torch.compile) when every key carries it.
+Loading is strict: missing or unexpected keys and tensors of another shape are an error that
+lists them, and nothing is loaded.
 """
 
 from __future__ import annotations
@@ -177,20 +179,48 @@ def load_weights(model: nn.Module, path: str | Path) -> str:
                 state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ProbeError(f"{path} does not hold a state dict (name -> tensor).")
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-
-        def show(keys):
-            return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
-
+    expected = model.state_dict()
+    state = _unprefixed(state, expected)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    # Checked before loading: load_state_dict copies the tensors that fit before it raises on
+    # the others, and its message lists every mismatch in one paragraph.
+    resized = [
+        f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or resized:
+        problems = [
+            *([f"missing {_show(missing)}"] if missing else []),
+            *([f"unexpected {_show(unexpected)}"] if unexpected else []),
+            *([f"other shapes: {_show(resized)}"] if resized else []),
+        ]
         raise ProbeError(
-            f"Weights {path} do not fit {type(model).__name__}: "
-            + (f"missing {show(result.missing_keys)}" if result.missing_keys else "")
-            + ("; " if result.missing_keys and result.unexpected_keys else "")
-            + (f"unexpected {show(result.unexpected_keys)}" if result.unexpected_keys else "")
-            + ". Check the model spec and its arguments (e.g. num_classes)."
+            f"Weights {path} do not fit {type(model).__name__}: {'; '.join(problems)}. Check "
+            "the model spec and its arguments (e.g. num_classes)."
         )
+    model.load_state_dict(state)
     return digest
+
+
+# Prefixes that wrappers put before every key: DataParallel / DistributedDataParallel
+# ("module.") and torch.compile's OptimizedModule ("_orig_mod.").
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _unprefixed(state: dict, expected: dict) -> dict:
+    """``state`` without a wrapper's prefix where every key carries it and the model's keys do
+    not (a state dict saved from the wrapper rather than the model inside it)."""
+    for prefix in _WRAPPER_PREFIXES:
+        wrapped = state and all(k.startswith(prefix) for k in state)
+        if wrapped and not any(k.startswith(prefix) for k in expected):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _show(items: list[str]) -> str:
+    return ", ".join(items[:4]) + (f" ... ({len(items)} in all)" if len(items) > 4 else "")
 
 
 def load_model(

@@ -176,6 +176,50 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path, user_file):
     )
 
 
+def test_weights_of_another_shape_are_named_and_nothing_is_loaded(tmp_path, user_file):
+    from probe.sources import load_model, load_weights
+
+    model = load_model(f"{user_file}:build_model", kwargs={"num_classes": 3})[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.weight"] = torch.zeros(5, 4)  # saved from a 5-class head
+    state["stem.weight"] = torch.full_like(state["stem.weight"], 7.0)  # fits: must not load
+    torch.save(state, tmp_path / "w.pt")
+    before = model.stem.weight.detach().clone()
+    with pytest.raises(probe.ProbeError, match=r"head.weight \[5, 4\] in the file, \[3, 4\] in"):
+        load_weights(model, tmp_path / "w.pt")
+    assert torch.equal(model.stem.weight, before)
+    res = _capture(
+        "--model", f"{user_file}:build_model", "--model-arg", "num_classes=3", "--weights",
+        tmp_path / "w.pt", "--data", "synthetic", "--input-size", "3,8,8", "--out", tmp_path / "x.h5",
+    )  # fmt: skip
+    assert res.exit_code != 0 and "other shapes: head.weight" in res.output, res.output
+    assert "Traceback" not in res.output and "unexpected RuntimeError" not in res.output
+    assert not (tmp_path / "x.h5").exists()
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_weights_saved_from_a_wrapper_load_as_the_model_s_own(tmp_path, user_file, prefix):
+    """DataParallel/DDP ("module.") and torch.compile ("_orig_mod.") prefix every key."""
+    from probe.sources import load_model
+
+    trained = load_model(f"{user_file}:build_model", seed=5)[0]
+    torch.save(trained.state_dict(), tmp_path / "plain.pt")
+    torch.save({prefix + k: v for k, v in trained.state_dict().items()}, tmp_path / "wrapped.pt")
+    norms = []
+    for name in ("plain.pt", "wrapped.pt"):
+        out = tmp_path / f"{name}.h5"
+        res = _capture(
+            "--model", f"{user_file}:build_model", "--weights", tmp_path / name, "--data",
+            "synthetic", "--input-size", "3,8,8", "--limit", "4", "--probe", "residual", "--out", out,
+        )  # fmt: skip
+        assert res.exit_code == 0, res.output
+        with probe.open(out) as cap:
+            norms.append(cap.read("blocks.1", "f_norm"))
+    assert (norms[0] == norms[1]).all()
+    random = load_model(f"{user_file}:build_model", seed=0)[0]
+    assert not torch.equal(random.stem.weight, trained.stem.weight)  # the weights mattered
+
+
 def test_a_pickled_module_is_refused_as_weights(tmp_path, user_file):
     weights = tmp_path / "w.pt"
     torch.save(torch.nn.Linear(2, 2), weights)  # a whole module: unpickling would run code
