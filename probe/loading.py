@@ -125,7 +125,8 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
 
 
 class _Fit:
-    """A loader's batches resized to ``size`` (bilinear), a single channel repeated to C."""
+    """A loader's batches resized to ``size`` (:func:`probe.data.resize.resize`), a single
+    channel repeated to C."""
 
     def __init__(self, loader: DeviceLoader, size: tuple[int, int, int] | None) -> None:
         self.loader, self.size = loader, size
@@ -133,14 +134,13 @@ class _Fit:
         self.batch_size = loader.batch_size
 
     def _fit(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
+        from probe.data.resize import resize
 
         if self.size is not None:
             c, h, w = self.size
             if x.shape[1] == 1 and c > 1:
                 x = x.expand(-1, c, -1, -1)
-            if tuple(x.shape[2:]) != (h, w):
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+            x = resize(x, (h, w))
         return x
 
     def __iter__(self):
@@ -203,7 +203,7 @@ def capture_model(
         classes = _probe_forward(model, input_size, dev, spec)
         arrays = synthetic(input_size, classes, n=limit or 256)
     else:
-        arrays = load_dataset(data)
+        arrays = load_dataset(data, size=input_size[1:] if input_size else None)
         shape = input_size or arrays.image_shape
         classes = _probe_forward(model, shape, dev, spec)
         if classes < arrays.num_classes:

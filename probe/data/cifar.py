@@ -177,7 +177,10 @@ def _cache_key(path: Path) -> str:
 
 
 def load_image_tree(
-    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, name: str | None = None
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+    size: tuple[int, int] | None = None,
 ) -> ImageArrays:
     """Read ``train/<class>/*`` and ``test/<class>/*`` images from a folder or ``.tar.gz``.
 
@@ -185,15 +188,23 @@ def load_image_tree(
     (sorted by class and file name, so folder listing and archive member order do not matter)
     and then shuffled by a fixed permutation (``numpy.random.default_rng(SHUFFLE_SEED)``): a
     class-sorted split would make "the first N test images" -- a capture ``limit``, a quick
-    subset -- a single class. Decoded arrays are cached in ``cache_dir`` (keyed by path, size,
-    mtime and the layout version) so a second load is fast.
+    subset -- a single class. Images of different sizes (photos) are each resized to ``size``
+    (H, W) as they are read (:func:`probe.data.resize.resize_uint8`); without ``size`` they are
+    an error, images of one size are kept as they are. Decoded arrays are cached in
+    ``cache_dir`` (keyed by path, size, mtime, the layout version and, for resized images, the
+    size they were given) so a second load is fast.
     """
     path = Path(path)
     if not path.exists():
         raise ProbeError(f"Dataset path {str(path)!r} does not exist.")
     name = name or path.name.split(".")[0]
-    cache = Path(cache_dir) / f"{name}-{_cache_key(path)}.npz" if cache_dir else None
-    if cache is not None and cache.exists():
+    stem = f"{name}-{_cache_key(path)}"
+    caches = []
+    if cache_dir:  # resized images first: a tree of one size is cached as it is, unsized
+        caches = [Path(cache_dir) / f"{stem}-{size[0]}x{size[1]}.npz"] if size else []
+        caches.append(Path(cache_dir) / f"{stem}.npz")
+    cache = next((c for c in caches if c.exists()), None)
+    if cache is not None:
         z = np.load(cache, allow_pickle=False)
         return ImageArrays(
             name,
@@ -219,10 +230,19 @@ def load_image_tree(
     classes = sorted(set(labels["train"]))
     index = {c: i for i, c in enumerate(classes)}
     shapes = {im.shape for split in images.values() for im in split}
+    cache = caches[-1] if caches else None
     if len(shapes) != 1:
-        raise ProbeError(
-            f"Images under {path} have different sizes {sorted(shapes)[:4]}; resize them first."
-        )
+        if size is None:
+            raise ProbeError(
+                f"Images under {path} have different sizes (H, W, C: {sorted(shapes)[:4]}"
+                f"{' ...' if len(shapes) > 4 else ''}). A capture resizes each image to the size "
+                "the model takes when given one (probe capture --model ... --input-size C,H,W, "
+                "e.g. 3,224,224; load_dataset(..., size=(H, W))); training needs images of one size."
+            )
+        from probe.data.resize import resize_uint8
+
+        images = {k: [resize_uint8(im, size) for im in ims] for k, ims in images.items()}
+        cache = caches[0] if caches else None
     arrays = {}
     for split in ("train", "test"):
         unknown = set(labels[split]) - set(index)

@@ -25,9 +25,13 @@ def data_root() -> Path:
 
 
 def load_dataset(
-    spec: str, root: str | os.PathLike | None = None, download: bool = True
+    spec: str,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    size: tuple[int, int] | None = None,
 ) -> ImageArrays:
-    """Load a dataset by name or path.
+    """Load a dataset by name or path; ``size`` (H, W) is what images of a folder or archive
+    whose images differ in size are each resized to (see :func:`load_image_tree`).
 
     Example:
         >>> load_dataset("digits").num_classes
@@ -45,7 +49,7 @@ def load_dataset(
         if path.is_dir() and any((path / d).is_dir() for d in PICKLE_DIRS.values()):
             name = next(n for n, d in PICKLE_DIRS.items() if (path / d).is_dir())
             return load_cifar_pickle(path, name)
-        return load_image_tree(path, cache_dir=root / "cache")
+        return load_image_tree(path, cache_dir=root / "cache", size=size)
     raise ProbeError(
         f"Unknown dataset {spec!r}: not one of {', '.join(DATASETS)} and not an existing path."
         + did_you_mean(spec, DATASETS)

@@ -220,6 +220,29 @@ def test_weights_saved_from_a_wrapper_load_as_the_model_s_own(tmp_path, user_fil
     assert not torch.equal(random.stem.weight, trained.stem.weight)  # the weights mattered
 
 
+def test_a_folder_of_photos_of_several_sizes_is_resized_to_the_input_size(tmp_path, user_file):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", [(20, 30), (9, 12)]), ("test", [(40, 33), (8, 8), (15, 7)])):
+        for i, hw in enumerate(sizes):
+            (tmp_path / "photos" / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / split / f"c{i % 2}" / f"{i}.jpg"
+            )
+    common = ["--model", f"{user_file}:build_model", "--data", tmp_path / "photos"]
+    res = _capture(*common, "--out", tmp_path / "no.h5")
+    assert res.exit_code != 0 and "--input-size C,H,W" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "no.h5").exists()
+    out = tmp_path / "x.h5"
+    res = _capture(*common, "--input-size", "3,8,8", "--probe", "activations", "--out", out)
+    assert res.exit_code == 0, res.output
+    with probe.open(out) as cap:
+        assert cap.attrs["n_samples"] == 3 and cap.provenance["input_size"] == [3, 8, 8]
+        assert cap.read("blocks.0", "output").shape[1:] == (4, 8, 8)
+
+
 def test_a_pickled_module_is_refused_as_weights(tmp_path, user_file):
     weights = tmp_path / "w.pt"
     torch.save(torch.nn.Linear(2, 2), weights)  # a whole module: unpickling would run code

@@ -115,6 +115,49 @@ def test_image_tree_targz(tmp_path):
     assert ds.x_train.shape == (6, 3, 4, 4) and ds.x_test.shape == (4, 3, 4, 4)
 
 
+def _write_photos(root):
+    """A tree of photos of several sizes and modes (RGB, grayscale), pixel values random."""
+    rng = np.random.default_rng(1)
+    shapes = {"train": [(37, 53, 3), (20, 30, 3), (16, 16)], "test": [(100, 80, 3), (9, 9)]}
+    for split, dims in shapes.items():
+        for i, d in enumerate(dims):
+            (root / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, d, dtype=np.uint8)).save(
+                root / split / f"c{i % 2}" / f"{i}.png"
+            )
+
+
+def test_photos_of_several_sizes_need_a_size_and_are_each_resized_to_it(tmp_path):
+    _write_photos(tmp_path / "tree")
+    with pytest.raises(ProbeError, match=r"different sizes(?s:.*)--input-size C,H,W"):
+        load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    ds = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache", size=(12, 14))
+    assert ds.x_train.shape == (3, 3, 12, 14) and ds.x_test.shape == (2, 3, 12, 14)
+    # against PIL's bilinear resize (antialiased when shrinking), an independent implementation:
+    # equal but for rounding
+    for split, x in (("train", ds.x_train), ("test", ds.x_test)):
+        want = sorted(
+            np.asarray(Image.open(f).convert("RGB").resize((14, 12), Image.BILINEAR)).tolist()
+            for f in (tmp_path / "tree" / split).rglob("*.png")
+        )
+        got = sorted(x.transpose(0, 2, 3, 1).tolist())
+        assert np.abs(np.array(got, int) - np.array(want, int)).max() <= 1
+    # the cache keeps each size apart, and never answers for the unresized tree
+    other = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache", size=(5, 6))
+    assert other.x_train.shape == (3, 3, 5, 6)
+    again = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache", size=(12, 14))
+    assert np.array_equal(again.x_train, ds.x_train)
+    with pytest.raises(ProbeError, match="different sizes"):
+        load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+
+
+def test_a_tree_of_one_size_is_kept_as_it_is_with_a_size(tmp_path):
+    _write_tree(tmp_path / "tree")  # 4 x 4 images: resized per batch by the capture, not here
+    plain = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    sized = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache", size=(8, 8))
+    assert np.array_equal(plain.x_train, sized.x_train) and sized.image_shape == (3, 4, 4)
+
+
 def test_empty_tree_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ProbeError, match="train/<class>"):
