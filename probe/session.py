@@ -1125,6 +1125,7 @@ class HookSession:
                     out.detach(),
                     sample_offset,
                     labels=y,
+                    loss=None if self._default_loss else self.loss_fn,
                     next_input=None if next_input is None else next_input.detach(),
                 )
                 self._info["model"] = self._model_info
@@ -1259,7 +1260,9 @@ class HookSession:
         if y is None:
             raise ProbeError("Probes that need gradients require labels y for the loss.")
         # a batch made under inference_mode cannot take part in autograd: normal copies of it
-        inp = (x.clone() if x.is_inference() else x.detach()).requires_grad_(True)
+        inp = x.clone() if x.is_inference() else x.detach()
+        if inp.is_floating_point() or inp.is_complex():
+            inp.requires_grad_(True)
         if y.is_inference():
             y = y.clone()
         with torch.enable_grad():
@@ -1268,12 +1271,30 @@ class HookSession:
             self.flush_held()  # before the backward pass: the held tensors are freed first
             # a loss of the caller's takes what the model returned; the default, its logits
             loss = self._loss(logits if self._default_loss else out, y)
-            torch.autograd.grad(loss, [inp], allow_unused=True)
+            torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived
                 self._run_backward(call)
         return logits
+
+    def _grad_targets(self, inp: torch.Tensor) -> list[torch.Tensor]:
+        """What the backward pass differentiates for: the input, so that every hooked tensor
+        lies on its way and no weight gradient is computed. Token ids (an integer input) take
+        no gradient; there the hooked tensors themselves are the targets, and the backward
+        stops at the first of them."""
+        if inp.requires_grad:
+            return [inp]
+        targets = {id(t): t for c in self._calls for t in (c.output, c.input)}
+        targets = [t for t in targets.values() if t is not None and t.requires_grad]
+        if not targets:
+            raise ProbeError(
+                f"Gradient probes need gradients through the model, but its input is "
+                f"{inp.dtype} (no gradient) and no hooked output requires one: are all its "
+                "parameters frozen (requires_grad=False)? Unfreeze them for the capture; "
+                "parameters' .grad is left untouched either way."
+            )
+        return targets
 
     def _logits(self, out: object) -> torch.Tensor:
         """The logits in what the model returned: the tensor itself, or the ``logits`` of a

@@ -15,7 +15,7 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import Field
 
-from probe.errors import check_option
+from probe.errors import ProbeError, check_option
 from probe.jacobian.estimators import (
     hutchinson,
     lanczos_spectrum,
@@ -151,6 +151,12 @@ class ShatteredGradients(Probe):
         keep = call.rows_within(self.max_samples)
         if keep == 0 or call.input is None:
             return {}
+        if not call.input.is_floating_point():
+            raise ProbeError(
+                f"Probe 'shattered' differentiates the logits along lines through input space, "
+                f"but this model's input is {call.input.dtype} (e.g. token ids), which has no "
+                "such lines. Leave the probe out for this model."
+            )
         following = call.next_input
         with in_parameter_precision(call.module, call.input.detach()) as x:
             res = shattered_profile(

@@ -128,6 +128,9 @@ class Call:
     grad_output: torch.Tensor | None = None  # dL/d(output), set before backward()
     grad_input: torch.Tensor | None = None  # dL/d(input), blocks only
     labels: torch.Tensor | None = None  # [N] the batch's labels (model-level probes)
+    # the capture's loss_fn (model level; None: the default cross-entropy on the logits): takes
+    # what the model returned and the labels, and sums per-sample losses
+    loss: Callable[[object, torch.Tensor], torch.Tensor] | None = None
     next_input: torch.Tensor | None = None  # [1, ...] the sample after this batch (model level)
     args: tuple = ()  # the module's positional arguments in this call (x among them)
     kwargs: dict = field(default_factory=dict)  # its keyword arguments in this call

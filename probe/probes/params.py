@@ -26,8 +26,10 @@ __all__ = ["ParamGradNorms"]
 @register_probe
 @dataclass
 class ParamGradNorms(Probe):
-    """Per-sample ||dl_n/dW|| for every parameter tensor W (cross-entropy on the true label, with
-    the exact gradient of :func:`probe.losses.exact_cross_entropy`).
+    """Per-sample ||dl_n/dW|| for every parameter tensor W: l_n is the capture's ``loss_fn`` of
+    sample n alone, by default cross-entropy on the true label with the exact gradient of
+    :func:`probe.losses.exact_cross_entropy` (a ``loss_fn`` must then work under
+    ``torch.func.vmap``, as torch's functional losses do).
 
     Args:
         max_samples: only the first ``max_samples`` samples of the capture (per-sample gradients
@@ -50,11 +52,16 @@ class ParamGradNorms(Probe):
         params = {k: v.detach() for k, v in model.named_parameters()}
         buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-        check_labels(labels[:keep], call.output.shape[1])
+        given = call.loss
+        if given is None:
+            check_labels(labels[:keep], call.output.shape[1])
 
         def loss(p, x, y):
-            out = logits_of(functional_call(model, (p, buffers), (x[None],)), model)
-            return exact_cross_entropy(out, y[None], check=False)  # exact for confident samples
+            out = functional_call(model, (p, buffers), (x[None],))
+            if given is not None:  # the capture's loss: the one every gradient probe reads
+                return given(out, y[None])
+            # exact for confident samples
+            return exact_cross_entropy(logits_of(out, model), y[None], check=False)
 
         # under autocast, vmap(grad) met float32 inputs and bf16 weights: the parameters'
         # precision, autocast off (see in_parameter_precision)
