@@ -40,6 +40,7 @@ from probe.losses import check_labels, exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
 from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor, logits_of
 from probe.probes.group import CallGroup, check_grouped, group_key, group_tensors, takes_groups
+from probe.probes.layout import check_auto_axes
 from probe.probes.registry import as_probes
 from probe.replay import (
     MAX_RECORDINGS,
@@ -457,6 +458,7 @@ class HookSession:
         self._suspended = False
         self._open = False
         self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
+        self._axes_checked: set[str] = set()  # layer keys whose layouts were checked
         self.recorded: set[str] = set()  # names of the probes that have returned a result
         self._nonfinite = NonFiniteCounter()  # key -> samples with a NaN/inf result
         self._grad_hooks: list[torch.utils.hooks.RemovableHandle] = []  # this batch's tensor hooks
@@ -699,6 +701,24 @@ class HookSession:
 
         return hook
 
+    def _check_axes(self, info: LayerInfo, call: Call) -> None:
+        """Refuse an "auto" layout where a layer's three-axis tensors could be read two ways
+        (:func:`probe.probes.layout.check_auto_axes`)."""
+        probes = [
+            p.name
+            for p in self.layer_probes
+            if getattr(p, "layout", None) == "auto" and p.applies_to(call)
+        ]
+        if not probes:
+            return
+        tensors = {"output": call.output, "F(x)": call.block.f if call.block else None}
+        if any(getattr(p, "which", "output") == "input" for p in self.layer_probes):
+            tensors["input"] = call.input
+        module = info.module
+        with contextlib.suppress(AttributeError):  # a site's own branch, where it has one
+            module = self.model.get_submodule(info.module_name)
+        check_auto_axes(call.name, module, tensors, probes)
+
     def _emit(self, info: LayerInfo, call: Call) -> None:
         """Run the layer probes on one call and arrange for their backward half."""
         key = call.name
@@ -709,6 +729,9 @@ class HookSession:
                 tuple(call.block.f.shape[1:]) if call.block else None,
                 tuple(call.input.shape[1:]) if call.input is not None else None,
             )
+        if key not in self._axes_checked:  # once per layer key, at its first call
+            self._axes_checked.add(key)
+            self._check_axes(info, call)
         call.peers = self._forward_probes
         results = self._results[key]
         sources = _storages(call)  # the memory a result kept as it is would share

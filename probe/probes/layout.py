@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from probe.errors import ProbeError
 
@@ -25,6 +26,7 @@ __all__ = [
     "resolve_layout",
     "layout_labels",
     "channel_axis",
+    "check_auto_axes",
 ]
 
 # One letter per axis, sample axis first. "auto" picks the usual layout for a tensor's rank:
@@ -86,3 +88,52 @@ def channel_axis(layout: str, t: torch.Tensor) -> int:
             "give layout=... with a C (e.g. NCHW, NHWC, NTC)."
         )
     return letters.index("C")
+
+
+# Modules that make [N, C, L] maps: a three-axis tensor from a layer built with them may be
+# channels-first (NCL), which "auto" would read as tokens (NTC). Norms are left out: LeViT's
+# tokens pass through BatchNorm1d.
+_ONE_D = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d,
+    nn.LPPool1d,
+)
+
+
+def check_auto_axes(
+    layer: str, module: nn.Module, tensors: dict[str, torch.Tensor], probes: list[str]
+) -> None:
+    """Refuse to read three-axis ``tensors`` of a layer built with 1-D convolutions or pools by
+    the "auto" layout of ``probes`` (their names): such a tensor may be [N, C, L] (a 1-D CNN) as
+    well as [N, T, C] (tokens; a Mamba or Conformer block runs its Conv1d on transposed tokens),
+    and read the wrong way its "channel" statistics are those of positions. ``tensors`` maps
+    what each tensor is (output, F(x), input) to it.
+
+    Example:
+        >>> conv = nn.Conv1d(4, 4, 3, padding=1)
+        >>> check_auto_axes("c", conv, {"output": torch.zeros(2, 4, 9)}, ["channel"])
+        Traceback (most recent call last):
+        ...
+        probe.errors.ProbeError: Layer 'c' (Conv1d) gives an output of shape [2, 4, 9] ...
+    """
+    if not probes:
+        return
+    three = {what: t for what, t in tensors.items() if t is not None and t.ndim == 3}
+    if not three:
+        return
+    found = next((m for m in module.modules() if isinstance(m, _ONE_D)), None)
+    if found is None:
+        return
+    what, t = next(iter(three.items()))
+    names = ", ".join(repr(p) for p in probes)
+    raise ProbeError(
+        f"Layer {layer!r} ({type(module).__name__}) gives an {what} of shape "
+        f"{list(t.shape)} and is built with {type(found).__name__}, so its axes may be [N, C, L] "
+        f"(a 1-D convolutional net) or [N, T, C] (tokens); the 'auto' layout of {names} cannot "
+        "tell, and the wrong reading takes positions for channels. Give the layout: "
+        "layout='NCL' or 'NTC' (e.g. --probe 'channel:layout=NCL' in the CLI)."
+    )

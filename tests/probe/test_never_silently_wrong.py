@@ -133,6 +133,69 @@ def test_channel_statistics_reduce_over_everything_but_the_layouts_channel_axis(
     assert torch.allclose(out["channel_var"], torch.from_numpy(moved.var(1)))
 
 
+class Block1d(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Sequential(
+            nn.Conv1d(c, c, 3, padding=1), nn.Tanh(), nn.Conv1d(c, c, 3, padding=1)
+        )
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x))
+
+
+class Net1d(nn.Module):
+    """A 1-D convolutional net (audio, time series): its block outputs are [N, C, L]."""
+
+    def __init__(self, c: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(2, c, 3, padding=1)
+        self.blocks = nn.Sequential(Block1d(c), Block1d(c))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean(2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        probe.ChannelStats,
+        lambda: probe.Activations(spatial_stride=2),
+        lambda: probe.Activations(which="input"),
+    ],
+)
+def test_the_auto_layout_refuses_three_axis_maps_of_1d_convolutions(make):
+    """[N, C, L] read as tokens [N, T, C] took the positions for channels: every channel
+    statistic was that of a position, and a spatial stride thinned nothing."""
+    model = Net1d().eval()
+    with pytest.raises(ProbeError, match=r"'blocks.0'(?s:.*)Conv1d(?s:.*)layout='NCL' or 'NTC'"):
+        probe.capture(model, [torch.randn(3, 2, 9)], probes=[make()])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_1d_maps_with_their_layout_given_are_measured_per_channel():
+    torch.manual_seed(0)
+    model = Net1d().eval().double()
+    x = torch.randn(3, 2, 9, dtype=torch.float64)
+    cap = probe.capture(
+        model, [x], probes=[probe.ChannelStats(layout="NCL"), probe.Activations(
+            dtype="fp32", spatial_stride=2, layout="NCL")]
+    )  # fmt: skip
+    with torch.no_grad():
+        h = model.stem(x)
+        for i, block in enumerate(model.blocks):
+            f, h = block.f(h), block(h)
+            key = f"blocks.{i}"
+            assert np.allclose(cap.read(key, "channel_mean"), h.mean(2).numpy())
+            assert np.allclose(cap.read(key, "channel_var"), h.var(2, unbiased=False).numpy())
+            assert np.allclose(cap.read(key, "f_channel_mean"), f.mean(2).numpy())
+            assert np.allclose(cap.read(key, "output"), h[:, :, ::2].float().numpy())
+    # tokens are still read as tokens: a transformer-like layer with no 1-D convolution
+    tokens = nn.Sequential(nn.Linear(4, 4))
+    cap = probe.capture(tokens, [torch.randn(2, 7, 4)], layers="0", probes=[probe.ChannelStats()])
+    assert cap.read("0", "channel_mean").shape == (2, 4)
+
+
 class Scaled(nn.Module):
     """y = x + scale * f(x): the Jacobian depends on the keyword the block is called with."""
 
