@@ -91,7 +91,7 @@ def test_the_writer_never_marks_complete_a_file_that_breaks_the_schema(tmp_path,
 
     real = capture_module._layer_attrs
     monkeypatch.setattr(
-        capture_module, "_layer_attrs", lambda s, k: {**real(s, k), "is_block": "maybe"}
+        capture_module, "_layer_attrs", lambda *a: {**real(*a), "is_block": "maybe"}
     )
     out = tmp_path / "c.h5"
     model = probe.zoo.create("resnet8", in_channels=1, width=4)
