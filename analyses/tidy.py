@@ -66,11 +66,22 @@ def _block_residual(cap: CaptureReader) -> bool | None:
     return None if not flags else 1 in flags
 
 
+def _model_residual(cap: CaptureReader) -> bool | None:
+    """Whether tracing found any residual add in the whole model (None: not traced), read from
+    the layers' ``model_sites``."""
+    for layer in cap.layers:
+        sites = cap.layer_attrs(layer).get("model_sites")
+        if sites is not None:
+            return int(sites) > 0
+    return None
+
+
 def run_key(cap: CaptureReader) -> dict:
     """model, depth, residual, seed and checkpoint (epoch) of the run a capture was taken from.
 
     The model's configuration decides (zoo models and checkpoints record it); without one the
-    residual flag comes from the captured blocks, and depth from a zoo-style name (``resnet56``,
+    residual flag comes from the captured blocks or, where none was captured (plain layers
+    selected by name), from whether tracing found a residual add in the model; depth from a zoo-style name (``resnet56``,
     ``preplain20``) -- any other name's digits (``vit_b_16``: the patch size, ``mobilenet_v2``: a
     version) say nothing about depth, which is then -1 (unknown).
     """
@@ -84,14 +95,19 @@ def run_key(cap: CaptureReader) -> dict:
     residual = cfg.get("residual")
     if residual is None:
         residual = _block_residual(cap)
+    if residual is None:  # no block captured: whether the model has a residual add at all
+        residual = _model_residual(cap)
     if residual is None:
         residual = not str(name).startswith(("plain", "preplain"))
     epoch = prov.get("epoch")
+    seed = prov.get("seed")
+    if seed is None and "weights" not in prov:  # --model with random weights: their seed
+        seed = prov.get("model_seed")
     return {
         "model": str(name),
         "depth": int(depth),
         "residual": bool(residual),
-        "seed": int(prov.get("seed") or 0),
+        "seed": int(seed or 0),
         "checkpoint": -1 if epoch is None else int(epoch),
     }
 
@@ -117,11 +133,12 @@ def check_poolable(caps: list[CaptureReader] | tuple) -> None:
             for q in cap.quantities(layer):
                 first = owner.setdefault((*ident, layer, q), cap)
                 if first is not cap:
+                    epoch = f" epoch {key['checkpoint']}" if key["checkpoint"] >= 0 else ""
                     raise ProbeError(
-                        f"Captures {source_of(first)} and {source_of(cap)} are both {key['model']} seed "
-                        f"{key['seed']} epoch {key['checkpoint']} and both hold {layer}/{q}: one "
+                        f"Captures {source_of(first)} and {source_of(cap)} are both "
+                        f"{key['model']} seed {key['seed']}{epoch} and both hold {layer}/{q}: one "
                         "table would pool their rows. Analyse them separately, or give them "
-                        "different names (probe.capture(..., name=...))."
+                        "different names (probe capture --name, probe.capture(..., name=...))."
                     )
 
 

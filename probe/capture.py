@@ -154,6 +154,8 @@ def _layer_attrs(session: HookSession, key: str, positions: dict[str, int]) -> d
     }
     if info.site is not None:
         attrs["site"] = info.site
+    if session.model_sites is not None:  # whether the model is residual at all
+        attrs["model_sites"] = session.model_sites
     if in_shape is not None:
         attrs["input_size"] = prod(in_shape)
     if f_shape is not None:

@@ -193,7 +193,7 @@ def capture_model(
 
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    spec = provenance.get("model_name", type(model).__name__)
+    spec = provenance.get("model_spec") or provenance.get("model_name", type(model).__name__)
     if data == "synthetic":
         if input_size is None:
             raise ProbeError(

@@ -445,6 +445,7 @@ class HookSession:
         self._tracing = _needs_tracing(model, layers)
         self.layers: list[LayerInfo] = []
         self.plain_layers: list[str] = []  # selected modules without a residual site
+        self.model_sites: int | None = None  # residual adds in the whole model, once traced
         self._owners: dict[str, _Owner] = {}
         if not self._tracing:
             self.layers, self._owners, self.plain_layers = resolve_layers(model, layers)
@@ -515,6 +516,7 @@ class HookSession:
         select the layers and install the hooks (first batch only)."""
         with self._suspend():
             sites = discover_sites(self.model, (x[:2] if len(x) > 1 else x,))
+        self.model_sites = sum(len(v) for v in sites.values())
         self.layers, self._owners, self.plain_layers = resolve_layers(
             self.model, self._selection, sites
         )

@@ -31,7 +31,7 @@ from torch import nn
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["load_model", "load_weights", "parse_kwargs", "SOURCES"]
+__all__ = ["load_model", "load_weights", "model_label", "parse_kwargs", "SOURCES"]
 
 SOURCES = ("torchvision", "timm", "zoo")
 
@@ -223,6 +223,23 @@ def _show(items: list[str]) -> str:
     return ", ".join(items[:4]) + (f" ... ({len(items)} in all)" if len(items) > 4 else "")
 
 
+def model_label(spec: str, kwargs: dict | None = None, weights: str | Path | None = None) -> str:
+    """A --model run's label: the spec, its factory arguments (sorted, JSON values) and the
+    weights file's name.
+
+    Example:
+        >>> model_label("net.py:make", {"residual": False, "width": 8}, "runs/a/w.pt")
+        'net.py:make(residual=false, width=8)@w.pt'
+    """
+    label = spec
+    if kwargs:
+        args = ", ".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(kwargs.items()))
+        label += f"({args})"
+    if weights is not None:
+        label += f"@{Path(weights).name}"
+    return label
+
+
 def load_model(
     spec: str, weights: str | Path | None = None, kwargs: dict | None = None, seed: int = 0
 ) -> tuple[nn.Module, dict]:
@@ -231,10 +248,14 @@ def load_model(
     The factory runs with torch's random state seeded by ``seed`` (and restored afterwards), so
     random weights -- a model captured without ``weights`` -- are the same in every run.
 
+    ``model_name`` in the provenance, the run's label in tables and figures, is the spec with
+    its arguments and weights file (:func:`model_label`), so that the variants of one factory
+    (``residual=false`` and ``true``) are different runs to the analyses.
+
     Example:
         >>> model, prov = load_model("zoo:resnet8", kwargs={"in_channels": 1})
         >>> prov["model_name"], model.training
-        ('zoo:resnet8', False)
+        ('zoo:resnet8(in_channels=1)', False)
     """
     kwargs = dict(kwargs or {})
     try:
@@ -248,7 +269,8 @@ def load_model(
             f"--model {spec!r} with arguments {kwargs or '{}'} failed: {type(e).__name__}: {e}"
         ) from e
     prov: dict = {
-        "model_name": spec,
+        "model_name": model_label(spec, kwargs, weights),
+        "model_spec": spec,
         "model_source": spec.partition(":")[0],
         "model_kwargs": kwargs,
         "model_seed": seed,

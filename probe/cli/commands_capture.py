@@ -42,6 +42,13 @@ __all__ = ["COMMANDS"]
     help="Seed of --model's random initialisation (weights not given by --weights).",
 )
 @click.option(
+    "--name",
+    "run_name",
+    default=None,
+    help="The model's label in tables and figures (probe analyze). Default: the --model spec "
+    "with its --model-arg values and --weights file, or the checkpoint's model.",
+)
+@click.option(
     "--input-size",
     default=None,
     help="C,H,W the model takes (e.g. 3,224,224); images are resized to it. Needed with "
@@ -108,6 +115,7 @@ def capture_cmd(
     model_args,
     weights,
     model_seed,
+    run_name,
     input_size,
     dataset,
     split,
@@ -180,6 +188,7 @@ def capture_cmd(
         join=join,
         grouped=grouped,
         cuda_graph=cuda_graph,
+        name=run_name,
     )
     try:
         if model_spec is not None:

@@ -138,6 +138,13 @@ LAYER_ATTRS: tuple[Attr, ...] = (
         "the same for F(x); absent where no probe read the split (block outputs alone)",
     ),
     Attr("input_size", "positive", False, "elements of one sample's input"),
+    Attr(
+        "model_sites",
+        "count",
+        False,
+        "residual adds found in the whole model by tracing its first batch (0: a plain model); "
+        "absent where it was not traced (registered blocks only)",
+    ),
     Attr("nonfinite_samples", "count", False, "samples with a NaN/inf result"),
 )
 

@@ -108,3 +108,64 @@ def test_depth_is_read_only_from_zoo_style_names(name, depth):
         layers = []
 
     assert run_key(Cap())["depth"] == depth
+
+
+FACTORY = """
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c, residual):
+        super().__init__()
+        self.residual = residual
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.Tanh())
+
+    def forward(self, x):
+        return x + self.f(x) if self.residual else self.f(x)
+
+
+def make(residual=True, width=4):
+    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1),
+                         nn.Sequential(Block(width, residual), Block(width, residual)),
+                         nn.Flatten(), nn.LazyLinear(10))
+"""
+
+
+def _cli_capture(tmp_path, name, *args):
+    from click.testing import CliRunner
+
+    from probe.cli.main import cli
+
+    out = tmp_path / f"{name}.h5"
+    res = CliRunner().invoke(
+        cli,
+        ["capture", "--model", f"{tmp_path / 'net.py'}:make", "--data", "synthetic",
+         "--input-size", "1,6,6", "--limit", "8", "--layers", "1.*", "--probe", "residual",
+         "--out", str(out), *args],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return probe.open(out)
+
+
+def test_variants_of_one_factory_are_runs_of_their_own(tmp_path):
+    """--model-arg residual=false and =true, and two --seed values, were one run to the
+    analyses (refused as duplicates), and a plain user model with no residual add at all was
+    labelled residual."""
+    (tmp_path / "net.py").write_text(FACTORY)
+    plain = _cli_capture(tmp_path, "plain", "--model-arg", "residual=false")
+    res = _cli_capture(tmp_path, "res", "--model-arg", "residual=true")
+    res_seed = _cli_capture(tmp_path, "res1", "--model-arg", "residual=true", "--seed", "1")
+    table = measure_table([plain, res, res_seed])
+    runs = table[["model", "residual", "seed"]].drop_duplicates()
+    spec = f"{tmp_path / 'net.py'}:make"
+    assert sorted(map(tuple, runs.values.tolist())) == [
+        (f"{spec}(residual=false)", False, 0),
+        (f"{spec}(residual=true)", True, 0),
+        (f"{spec}(residual=true)", True, 1),
+    ]
+    named = _cli_capture(tmp_path, "named", "--model-arg", "residual=true", "--name", "mine")
+    assert run_key(named)["model"] == "mine" and run_key(named)["residual"] is True
+    with pytest.raises(ProbeError, match=r"both mine seed 0 and both hold(?s:.*)--name") as err:
+        measure_table([named, _cli_capture(tmp_path, "again", "--name", "mine")])
+    assert "epoch" not in str(err.value)  # a model without checkpoints has no epoch to name
