@@ -539,7 +539,10 @@ class HookSession:
                 f"{len(self.plain_layers)} selected module(s) hold no residual site "
                 f"({', '.join(self.plain_layers[:4])}{' ...' if len(self.plain_layers) > 4 else ''}):"
                 " residual quantities (F, S, jac_dev2) are recorded only at residual sites. "
-                "layers='auto' selects every site.",
+                "layers='auto' selects every site. To measure a plain block against the identity "
+                "it lacks (a plain counterpart of a residual net), declare its branch: "
+                "probe.register_residual(BlockClass, probe.ResidualSpec(branch='f')) with "
+                "residual = False on the block (docs/probes.md, 'Adapters').",
                 NoResidualWarning,
                 stacklevel=4,
             )

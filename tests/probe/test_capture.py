@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import probe
+from analyses.tidy import run_key
 from probe.errors import ProbeError
 from probe.hooks import ResidualSpec, register_residual
 from probe.probes import ChannelStats, GradNorms, ResidualNorms
@@ -193,6 +194,44 @@ def test_module_called_twice_is_recorded_per_call():
         cap = probe.capture(model, [torch.randn(2, 4)], layers="0", probes=[ResidualNorms()])
     assert cap.layers == ["0", "0@1"]
     assert cap.layer_attrs("0@1")["call"] == 1
+
+
+class TwinBlock(nn.Module):
+    """One block class for a plain net and its residual twin, as a user would write it."""
+
+    def __init__(self, c, residual):
+        super().__init__()
+        self.residual = residual
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x):
+        return torch.relu(x + self.f(x)) if self.residual else self.f(x)
+
+
+register_residual(TwinBlock, ResidualSpec(branch="f"))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_user_plain_block_is_measured_against_the_identity_it_lacks(residual):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), TwinBlock(4, residual), TwinBlock(4, residual)
+    )
+    model.eval()
+    x = torch.randn(5, 1, 6, 6)
+    cap = probe.capture(model, [x], probes=[ResidualNorms()])
+    assert cap.layers == ["1", "2"]
+    norm = lambda t: t.flatten(1).norm(dim=1).numpy()  # noqa: E731
+    with torch.no_grad():
+        h = model[0](x)
+        for key, block in (("1", model[1]), ("2", model[2])):
+            f, y = block.f(h), block(h)
+            assert int(cap.layer_attrs(key)["residual"]) == int(residual)
+            np.testing.assert_allclose(cap.read(key, "f_norm"), norm(f), rtol=1e-5)
+            np.testing.assert_allclose(cap.read(key, "s_norm"), norm(h), rtol=1e-5)
+            np.testing.assert_allclose(cap.read(key, "dev_norm"), norm(y - h), rtol=1e-5)
+            h = y
+    assert run_key(cap)["residual"] is residual
 
 
 def test_plain_model_without_blocks_needs_explicit_layers():
