@@ -265,6 +265,11 @@ class SiteTracer(TorchFunctionMode):
             if not self.stack and self._active:
                 self._active = False
                 self.__exit__(None, None, None)
+            if output is None:
+                # The forward raised (torch calls always_call hooks with no output then): the
+                # call's adds are incomplete, and reading them would only add a second error,
+                # which torch prints as a warning beside the first.
+                return
             if parent is not None and parent.owner and frame.input_prov is not None:
                 w, h = frame.input_prov
                 for t in _tensors(output):

@@ -45,27 +45,49 @@ STRIDED = set("HWDL")  # spatial axes that spatial_stride thins (tokens are kept
 
 
 def check_layout(layout: str) -> None:
-    """Raise :class:`ProbeError` unless ``layout`` is "auto" or axis letters starting with N."""
+    """Raise :class:`ProbeError` unless ``layout`` is "auto", axis letters starting with N, or
+    several such layouts of different ranks joined by "/" (a model whose layers give tensors
+    of several ranks: "NCL/NCHW").
+
+    Example:
+        >>> check_layout("NCL/NCHW")
+    """
+    parts = layout.split("/") if isinstance(layout, str) else [None]
     ok = layout == "auto" or (
-        layout[:1] == "N"
-        and set(layout) <= set(AXIS_NAMES)
-        and len(set(layout)) == len(layout)
-        and layout.count("C") <= 1
+        all(
+            isinstance(p, str)
+            and p[:1] == "N"
+            and set(p) <= set(AXIS_NAMES)
+            and len(set(p)) == len(p)
+            and p.count("C") <= 1
+            for p in parts
+        )
+        and len({len(p) for p in parts}) == len(parts)
     )
     if not ok:
         raise ProbeError(
             f"Invalid layout {layout!r}: give 'auto' or one letter per axis starting with N, from "
-            f"{', '.join(f'{k}={v}' for k, v in AXIS_NAMES.items())} (e.g. NCHW, NHWC, NTC, NCL)."
+            f"{', '.join(f'{k}={v}' for k, v in AXIS_NAMES.items())} (e.g. NCHW, NHWC, NTC, NCL), "
+            "or layouts of different ranks joined by '/' (e.g. NCL/NCHW)."
         )
 
 
 def resolve_layout(layout: str, t: torch.Tensor) -> str:
-    """The layout letters for ``t``; ``ProbeError`` when they do not match its rank."""
-    letters = AUTO_LAYOUTS.get(t.ndim, "N" + "?" * (t.ndim - 1)) if layout == "auto" else layout
-    if len(letters) != t.ndim:
+    """The layout letters for ``t`` (of a "/"-joined list, the one of its rank); ``ProbeError``
+    when none matches its rank.
+
+    Example:
+        >>> resolve_layout("NCL/NCHW", torch.zeros(2, 3, 4, 4))
+        'NCHW'
+    """
+    if layout == "auto":
+        return AUTO_LAYOUTS.get(t.ndim, "N" + "?" * (t.ndim - 1))
+    letters = next((p for p in layout.split("/") if len(p) == t.ndim), None)
+    if letters is None:
         raise ProbeError(
-            f"Layout {layout!r} has {len(letters)} axes but the tensor has shape "
-            f"{tuple(t.shape)}; give layout=... with one letter per axis (e.g. NHWC)."
+            f"Layout {layout!r} has no layout of {t.ndim} axes, but the tensor has shape "
+            f"{tuple(t.shape)}; give one letter per axis (e.g. NHWC), and for a model whose "
+            "layers give tensors of several ranks one layout per rank (e.g. NCL/NCHW)."
         )
     return letters
 

@@ -1,6 +1,8 @@
 """Blocks whose residual split cannot be read correctly stop the capture with a ProbeError that
 names the block, instead of giving wrong numbers."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -173,6 +175,30 @@ def test_the_auto_layout_refuses_three_axis_maps_of_1d_convolutions(make):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+class Outer1d(nn.Module):
+    """A residual unit around another: both are traced, the outer one still running when the
+    inner one's first call is refused."""
+
+    def __init__(self, c: int = 5) -> None:
+        super().__init__()
+        self.inner = Block1d(c)
+        self.g = nn.Conv1d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.g(self.inner(x))
+
+
+def test_a_refused_layer_inside_a_traced_unit_is_one_error_and_no_warning():
+    """The outer unit's forward raised with the error; its add-counting hook, which torch runs
+    anyway, reported a second error that torch printed as a warning beside the first."""
+    model = nn.Sequential(nn.Conv1d(2, 5, 1), Outer1d()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ProbeError, match="layout='NCL' or 'NTC'"):
+            probe.capture(model, [torch.randn(3, 2, 9)], probes=[probe.ChannelStats()])
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_1d_maps_with_their_layout_given_are_measured_per_channel():
     torch.manual_seed(0)
     model = Net1d().eval().double()
@@ -194,6 +220,50 @@ def test_1d_maps_with_their_layout_given_are_measured_per_channel():
     tokens = nn.Sequential(nn.Linear(4, 4))
     cap = probe.capture(tokens, [torch.randn(2, 7, 4)], layers="0", probes=[probe.ChannelStats()])
     assert cap.read("0", "channel_mean").shape == (2, 4)
+
+
+class Mixed1d2d(nn.Module):
+    """2-D maps, then 1-D maps of their flattened positions: tensors of two ranks (as in
+    EfficientViM)."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.two = Block2d(c)
+        self.one = Block1d(c)
+
+    def forward(self, x):
+        return self.one(self.two(self.stem(x)).flatten(2)).mean(2)
+
+
+class Block2d(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.f = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.tanh(self.f(x))
+
+
+def test_a_layout_per_rank_reads_each_tensor_by_its_own():
+    torch.manual_seed(0)
+    model = Mixed1d2d().eval().double()
+    x = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    with pytest.raises(ProbeError, match=r"no layout of 4 axes(?s:.*)NCL/NCHW"):
+        probe.capture(model, [x], probes=[probe.ChannelStats(layout="NCL")])
+    cap = probe.capture(model, [x], probes=[probe.ChannelStats(layout="NCL/NCHW")])
+    with torch.no_grad():
+        two = model.two(model.stem(x))
+        one = model.one(two.flatten(2))
+    assert np.allclose(cap.read("two", "channel_mean"), two.mean((2, 3)).numpy())
+    assert np.allclose(cap.read("one", "channel_mean"), one.mean(2).numpy())
+    assert np.allclose(cap.read("one", "channel_var"), one.var(2, unbiased=False).numpy())
+
+
+@pytest.mark.parametrize("bad", ["NCL/NTC", "NCL/", "NCHW/XY", "ncl"])
+def test_bad_layouts_are_refused_with_what_is_allowed(bad):
+    with pytest.raises(ProbeError, match=r"Invalid layout(?s:.*)NCL/NCHW"):
+        probe.ChannelStats(layout=bad)
 
 
 class Scaled(nn.Module):
