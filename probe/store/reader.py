@@ -197,6 +197,7 @@ class H5Capture(CaptureReader):
         self, path: str | os.PathLike, *, part_of: str | None = None, written: bool = False
     ) -> None:
         self.path = Path(path)
+        self._layer_attrs: dict[str, dict] = {}  # read once each: the file is opened read-only
         if not self.path.exists():
             raise ProbeError(f"No capture file at {self.path}.")
         if not self.path.is_file():  # a FIFO or a device would block h5py's open forever
@@ -385,8 +386,11 @@ class H5Capture(CaptureReader):
         return tuple(d.label for d in self.dataset(layer, quantity).dims)
 
     def layer_attrs(self, layer: str) -> dict:
-        self._check_layer(layer)
-        return dict(self._f[f"{LAYERS}/{layer}"].attrs)
+        found = self._layer_attrs.get(layer)
+        if found is None:  # ~1 ms a layer through h5py; analyses ask for each many times
+            self._check_layer(layer)
+            found = self._layer_attrs[layer] = dict(self._f[f"{LAYERS}/{layer}"].attrs)
+        return dict(found)
 
     def sample_index(self) -> np.ndarray:
         return self.read_checked(self._f["sample_index"], ())
