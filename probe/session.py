@@ -709,20 +709,20 @@ class HookSession:
     def _check_axes(self, info: LayerInfo, call: Call) -> None:
         """Refuse an "auto" layout where a layer's three-axis tensors could be read two ways
         (:func:`probe.probes.layout.check_auto_axes`)."""
-        probes = [
-            p.name
+        auto = [
+            p
             for p in self.layer_probes
             if getattr(p, "layout", None) == "auto" and p.applies_to(call)
         ]
-        if not probes:
+        if not auto:
             return
         tensors = {"output": call.output, "F(x)": call.block.f if call.block else None}
-        if any(getattr(p, "which", "output") == "input" for p in self.layer_probes):
+        if any(getattr(p, "which", "output") == "input" for p in auto):  # what they read
             tensors["input"] = call.input
         module = info.module
         with contextlib.suppress(AttributeError):  # a site's own branch, where it has one
             module = self.model.get_submodule(info.module_name)
-        check_auto_axes(call.name, module, tensors, probes)
+        check_auto_axes(call.name, module, tensors, [p.name for p in auto])
 
     def _emit(self, info: LayerInfo, call: Call) -> None:
         """Run the layer probes on one call and arrange for their backward half."""

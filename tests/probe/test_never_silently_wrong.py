@@ -188,6 +188,32 @@ class Outer1d(nn.Module):
         return x + self.g(self.inner(x))
 
 
+class Conv1dHead(nn.Module):
+    """[N, C, L] maps in, [N, C * L] features out."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).flatten(1)
+
+
+def test_only_the_tensors_an_auto_layout_reads_are_checked():
+    """A layer's three-axis input makes it ambiguous only to a probe that reads inputs by the
+    'auto' layout: not to 'auto' channel statistics of its [N, F] output beside inputs kept
+    with their layout given."""
+    model = nn.Sequential(Conv1dHead()).eval()
+    x = torch.randn(2, 4, 5)
+    probes = [probe.ChannelStats(), probe.Activations(which="input", layout="NCL", dtype="fp32")]
+    cap = probe.capture(model, [x], layers="0", probes=probes)
+    assert np.allclose(cap.read("0", "input"), x.numpy())
+    with torch.no_grad():
+        assert np.allclose(cap.read("0", "channel_mean"), model(x).numpy())  # one position each
+    with pytest.raises(ProbeError, match=r"gives an input of shape \[2, 4, 5\]"):
+        probe.capture(model, [x], layers="0", probes=[probe.Activations(which="input")])
+
+
 def test_a_refused_layer_inside_a_traced_unit_is_one_error_and_no_warning():
     """The outer unit's forward raised with the error; its add-counting hook, which torch runs
     anyway, reported a second error that torch printed as a warning beside the first."""
