@@ -185,7 +185,8 @@ def _fx_operands(
                     and a.is_floating_point()
                 ):
                     # Copies before the add runs: it, or a later op, may work in place.
-                    a, b = a.clone(), b.clone()
+                    # torch.add(a, b, alpha=k) adds k·b: the operand is what is added.
+                    a, b = a.clone(), n.kwargs.get("alpha", 1) * b
                     order = heavier_second(*n.args[:2])
                     # (S, F) by the graph's own structure; unordered when the paths tie.
                     found.append((a, b, order) if order is not False else (b, a, True))
@@ -224,6 +225,9 @@ def check_sites(
     for mname, m in model.named_modules():
 
         def pre(mod, a, k, mname=mname):
+            if mname == "":  # a new forward (site discovery runs one on two samples first)
+                inputs.clear()
+                outputs.clear()
             inputs.setdefault(mname, (a, k))
 
         def post(mod, a, k, out, mname=mname):

@@ -869,10 +869,10 @@ class HookSession:
                 continue
             last = i == len(records) - 1
             loop = own.keys[i] == rec.child
-            if loop:  # x + child(x): the site's map is z -> z + child(z)
+            if loop:  # x + k·child(x): the site's map is z -> z + k·child(z)
                 child = self.model.get_submodule(rec.child)
                 x_k, y_k = rec.s, _kept_out(rec, where)
-                fn = lambda z, child=child: z + first_tensor(child(z))  # noqa: E731
+                fn = lambda z, child=child, k=rec.branch_scale: z + k * first_tensor(child(z))  # noqa: E731
             else:
                 x_k = x0 if i == 0 else _kept_out(records[i - 1], where)
                 y_k = y if last and y.shape == rec.out.shape else _kept_out(rec, where)

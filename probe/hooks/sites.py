@@ -72,6 +72,7 @@ class SiteRecord:
     # False once an in-place op changed ``out`` without a copy first: its owner's output stands
     # for it (SiteTracer.spare), so ``out`` holds only the add's shape, not its values.
     out_kept: bool = True
+    branch_scale: float = 1  # k of torch.add(x, branch, alpha=k): f holds k·branch already
 
 
 @dataclass
@@ -318,11 +319,14 @@ class SiteTracer(TorchFunctionMode):
         ea, eb = frame.prov.get(id(a)), frame.prov.get(id(b))
         if ea is None or eb is None or (ea.weight, ea.hops) == (eb.weight, eb.hops):
             return None
+        # torch.add(a, b, alpha=k) is a + k·b: k scales the second operand, whichever it is
         alpha = kwargs.get("alpha", 1)
         s_first = (ea.weight, ea.hops) < (eb.weight, eb.hops)
         (s, es), (f, ef) = ((a, ea), (b, eb)) if s_first else ((b, eb), (a, ea))
+        scaled_s = alpha != 1 and not s_first  # S = k·x is no longer the input stream itself
         if self.zero_branches:
-            self.last_shortcut = s.clone() if inplace and s is a else s
+            s_kept = s.clone() if inplace and s is a else s
+            self.last_shortcut = alpha * s_kept if scaled_s else s_kept
             if inplace and f is a:
                 a.zero_()  # the branch is the in-place target: zero it, then add S into it
                 out = func(*args, **kwargs)
@@ -334,15 +338,25 @@ class SiteTracer(TorchFunctionMode):
             s_val = s.detach().clone() if inplace and s is a else s
             f_val = f.detach().clone() if inplace and f is a else f
             out = func(*args, **kwargs)
-            if alpha != 1:
+            if scaled_s:
+                s_val = alpha * s_val
+            elif alpha != 1:
                 f_val = alpha * f_val
-            # x + child(x): the site is that child's call with an identity shortcut around it.
-            child = ef.producer if ef.producer is not None and ef.producer_input == id(s) else None
+            # x + k·child(x): the site is that child's call with an identity shortcut around it
+            # (a scaled shortcut k·x + child(x) is not: it stays its owner's site).
+            child = ef.producer if not scaled_s and ef.producer_input == id(s) else None
             frame.sites.append(
-                SiteRecord(f=f_val, s=s_val, out=out, child=child, identity=es.identity)
+                SiteRecord(
+                    f=f_val,
+                    s=s_val,
+                    out=out,
+                    child=child,
+                    identity=es.identity and not scaled_s,
+                    branch_scale=1 if scaled_s else alpha,
+                )
             )
         if out.shape == s.shape:
-            frame.prov[id(out)] = _Entry(out, es.weight, es.hops, es.identity)
+            frame.prov[id(out)] = _Entry(out, es.weight, es.hops, es.identity and not scaled_s)
         return out
 
     def _protect(self, target: torch.Tensor) -> None:

@@ -374,3 +374,104 @@ def test_gradients_at_traced_sites_equal_autograd():
     assert torch.allclose(results["0#0"]["grad_y_norm"], norms(y0.grad), rtol=1e-4)
     assert torch.allclose(results["0#1"]["grad_x_norm"], norms(y0.grad), rtol=1e-4)
     assert torch.allclose(results["0#1"]["grad_y_norm"], norms(y1.grad), rtol=1e-4)
+
+
+class ScaledAdd(nn.Module):
+    """``torch.add(a, b, alpha=k)`` is a + k·b: k scales whichever operand comes second."""
+
+    def __init__(self, branch_first: bool, k: float, inplace: bool):
+        super().__init__()
+        self.f = nn.Linear(4, 4)
+        self.branch_first, self.k, self.inplace = branch_first, k, inplace
+
+    def forward(self, x):
+        f = self.f(x)
+        a, b = (f, x) if self.branch_first else (x.clone() if self.inplace else x, f)
+        return a.add_(b, alpha=self.k) if self.inplace else torch.add(a, b, alpha=self.k)
+
+
+class ScaledLoop(nn.Module):
+    """A parent adding scaled children in turn: x + k·child(x), with k in each site's map."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.blocks, self.k = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), k
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x.add(b(x), alpha=self.k)
+        return x
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("branch_first", [False, True])
+def test_a_scaled_add_splits_into_the_operands_it_adds(branch_first, inplace):
+    torch.manual_seed(0)
+    blk = ScaledAdd(branch_first, 0.5, inplace)
+    model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x)
+    with torch.no_grad():
+        h = model[0](x)
+        f = blk.f(h)
+    F, S = (f, 0.5 * h) if branch_first else (0.5 * f, h)
+    r = results["1"]
+    assert torch.allclose(r["F"], F) and torch.allclose(r["S"], S)
+    assert torch.allclose(r["F"] + r["S"], r["Y"]) and torch.allclose(r["Y"], blk(h))
+    assert float(r["F"].norm()) > 0.1 * float(r["S"].norm())  # a branch the check can see
+
+
+def test_a_scaled_shortcut_is_no_identity_for_the_jacobian():
+    torch.manual_seed(0)
+    blk = ScaledAdd(branch_first=True, k=0.5, inplace=False)
+    model = nn.Sequential(blk, nn.Linear(4, 3)).eval()
+    x = _x(2, 4)
+    results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
+    r = results["0"]
+    b64 = ScaledAdd(branch_first=True, k=0.5, inplace=False).double().eval()
+    b64.load_state_dict(blk.state_dict())
+    for n in range(2):
+        J = jacrev(b64)(x[n : n + 1].double()).detach().reshape(4, 4)
+        exact = float(((J - 0.5 * torch.eye(4, dtype=torch.float64)) ** 2).sum())
+        as_identity = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum())
+        est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
+        assert abs(est - exact) < 4 * se, (est, exact, se)
+        assert abs(as_identity - exact) > 8 * se  # the test tells P = 0.5 I from P = I
+
+
+def test_a_parent_adding_scaled_children_keeps_the_scale_in_each_sites_map():
+    torch.manual_seed(0)
+    loop = ScaledLoop(0.25)
+    model = nn.Sequential(loop, nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
+    l64 = ScaledLoop(0.25).double().eval()
+    l64.load_state_dict(loop.state_dict())
+    h, h64 = x, x.double()
+    for i, (b, b64) in enumerate(zip(loop.blocks, l64.blocks)):
+        r = results[f"0.blocks.{i}"]
+        with torch.no_grad():
+            assert torch.allclose(r["F"], 0.25 * b(h)) and torch.allclose(r["S"], h)
+            assert torch.allclose(r["Y"], h + 0.25 * b(h))
+        for n in range(3):
+            J = jacrev(lambda z, b64=b64: z + 0.25 * b64(z))(h64[n : n + 1]).detach().reshape(4, 4)
+            exact = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum())
+            unscaled = float((b64.weight.detach() ** 2).sum())  # read as z + child(z)
+            est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
+            assert abs(est - exact) < 4 * se, (est, exact, se)
+            assert abs(unscaled - exact) > 8 * se
+        with torch.no_grad():
+            h, h64 = h + 0.25 * b(h), h64 + 0.25 * b64(h64)
+
+
+@pytest.mark.parametrize(
+    "block", [ScaledAdd(True, 0.5, False), ScaledAdd(False, -2.0, False), ScaledLoop(0.25)]
+)
+def test_the_conformance_check_reads_a_scaled_add_as_the_fx_graph_does(block):
+    from probe.conformance import check_sites
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), block, nn.Linear(4, 3)).eval()
+    row = check_sites(model, _x(3, 4), name=type(block).__name__)
+    assert row.fx_checked == row.sites > 0
+    assert row.max_fs_error < 1e-6 and row.max_act_error < 1e-6, row
