@@ -6,10 +6,11 @@ The CLI turns a :class:`ProbeError` into a clean message and a non-zero exit.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-__all__ = ["ProbeError", "did_you_mean", "check_option"]
+__all__ = ["ProbeError", "check_option", "did_you_mean", "explain_autograd_refusal"]
 
 
 class ProbeError(Exception):
@@ -51,3 +52,58 @@ def check_option(what: str, given: object, allowed: Iterable[object], hint: str 
     if hint:
         msg += f" {hint}"
     raise ProbeError(msg)
+
+
+# torch's refusals to differentiate a construct of the model itself, in its words, and what
+# that construct is; its messages name calls (.grad(), torch.func.grad) the user never made
+_AUTOGRAD_REFUSALS = (
+    (
+        "use_reentrant",
+        "activation checkpointing with use_reentrant=True (torch.utils.checkpoint), whose "
+        "backward pass gives no gradients to torch.autograd.grad",
+    ),
+    (
+        "saved tensor hooks",
+        "saved-tensor hooks (activation checkpointing with use_reentrant=False, or activation "
+        "offloading), which torch.func's transforms do not run through",
+    ),
+    (
+        "setup_context",
+        "a torch.autograd.Function without setup_context (activation checkpointing with "
+        "use_reentrant=True is one), which torch.func's transforms cannot differentiate",
+    ),
+)
+
+
+@contextlib.contextmanager
+def explain_autograd_refusal(what: str) -> Iterator[None]:
+    """Turn torch refusing to differentiate ``what`` through a construct of the model
+    (activation checkpointing, a custom autograd Function) into a clear :class:`ProbeError`;
+    any other error passes unchanged.
+
+    Example:
+        >>> try:
+        ...     with explain_autograd_refusal("Gradient probes"):
+        ...         raise RuntimeError("When use_reentrant=True, torch.utils.checkpoint is ...")
+        ... except ProbeError as e:
+        ...     "set_grad_checkpointing(False)" in str(e)
+        True
+    """
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        for marker, construct in _AUTOGRAD_REFUSALS:
+            if marker in text:
+                other = (
+                    " or checkpoint(..., use_reentrant=False)"
+                    if marker == "use_reentrant" and what == "Gradient probes"
+                    else ""
+                )
+                raise ProbeError(
+                    f"{what} cannot differentiate this model: it runs {construct}. Capture with "
+                    "activation checkpointing off (timm: model.set_grad_checkpointing(False); "
+                    f"your own code: call the blocks directly){other}; probes without gradients "
+                    "(residual, channel, activations) need no change."
+                ) from e
+        raise

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
+from probe.errors import ProbeError, explain_autograd_refusal
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
 from probe.hooks.select import LayerSpec, named_root, outline, select_modules
 from probe.hooks.sites import (
@@ -1299,7 +1299,8 @@ class HookSession:
             self.flush_held()  # before the backward pass: the held tensors are freed first
             # a loss of the caller's takes what the model returned; the default, its logits
             loss = self._loss(logits if self._default_loss else out, y)
-            torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
+            with explain_autograd_refusal("Gradient probes"):
+                torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
+from probe.errors import ProbeError, explain_autograd_refusal
 from probe.probes.base import logits_of
 
 __all__ = ["line_gradients", "autocorrelation", "shattered_profile", "correlation_length"]
@@ -28,7 +28,8 @@ def line_gradients(
     pts = (x0[None] + ts.view(-1, *([1] * x0.ndim)) * direction[None]).detach().requires_grad_(True)
     with torch.enable_grad():
         out = logits_of(model(pts), model)[:, target].sum()  # eval mode: samples independent
-        (g,) = torch.autograd.grad(out, pts)
+        with explain_autograd_refusal("shattered"):
+            (g,) = torch.autograd.grad(out, pts)
     return g
 
 

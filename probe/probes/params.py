@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch.func import functional_call, grad, vmap
 
+from probe.errors import explain_autograd_refusal
 from probe.losses import check_labels, exact_cross_entropy
 from probe.probes.base import Call, Probe, in_parameter_precision, logits_of
 from probe.probes.registry import register_probe
@@ -68,6 +69,7 @@ class ParamGradNorms(Probe):
         with (
             in_parameter_precision(model, call.input[:keep].detach()) as x,
             torch.enable_grad(),
+            explain_autograd_refusal("param_grads"),
         ):
             grads = vmap(grad(loss), in_dims=(None, 0, 0), chunk_size=self.chunk_size)(
                 params, x, labels[:keep]
