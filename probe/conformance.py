@@ -79,6 +79,8 @@ def expected_sites(model: nn.Module) -> int | None:
 
 _FX_ADDS = {operator.add, operator.iadd, torch.add}
 _FX_METHOD_ADDS = {"add", "add_", "__add__", "__iadd__"}
+_FX_SUBS = {operator.sub, operator.isub, torch.sub, torch.subtract}
+_FX_METHOD_SUBS = {"sub", "sub_", "__sub__", "__isub__", "subtract", "subtract_"}
 
 
 @dataclass
@@ -173,8 +175,10 @@ def _fx_operands(
 
     class Reader(fx.Interpreter):
         def run_node(self, n: fx.Node):
-            is_add = (n.op == "call_function" and n.target in _FX_ADDS) or (
-                n.op == "call_method" and n.target in _FX_METHOD_ADDS
+            fn, method = n.op == "call_function", n.op == "call_method"
+            is_sub = (fn and n.target in _FX_SUBS) or (method and n.target in _FX_METHOD_SUBS)
+            is_add = (
+                is_sub or (fn and n.target in _FX_ADDS) or (method and n.target in _FX_METHOD_ADDS)
             )
             if is_add and len(n.args) >= 2:
                 a, b = (self.env[x] if isinstance(x, fx.Node) else x for x in n.args[:2])
@@ -185,11 +189,16 @@ def _fx_operands(
                     and a.is_floating_point()
                 ):
                     # Copies before the add runs: it, or a later op, may work in place.
-                    # torch.add(a, b, alpha=k) adds k·b: the operand is what is added.
-                    a, b = a.clone(), n.kwargs.get("alpha", 1) * b
+                    # torch.add(a, b, alpha=k) adds k·b, torch.sub subtracts it: the operand
+                    # is what is added.
+                    a, b = a.clone(), (-1 if is_sub else 1) * n.kwargs.get("alpha", 1) * b
                     order = heavier_second(*n.args[:2])
-                    # (S, F) by the graph's own structure; unordered when the paths tie.
-                    found.append((a, b, order) if order is not False else (b, a, True))
+                    # (S, F) by the graph's own structure; unordered when the paths tie. A
+                    # subtraction is a site only as S − F (the stream is what is subtracted from).
+                    if not is_sub:
+                        found.append((a, b, order) if order is not False else (b, a, True))
+                    elif order:
+                        found.append((a, b, True))
             return super().run_node(n)
 
     placeholders = [n.target for n in graph.nodes if n.op == "placeholder"]

@@ -169,7 +169,8 @@ def resolve_layers(
         if not chosen:
             raise ProbeError(
                 f"No residual sites found in {type(model).__name__}: no module adds two tensors "
-                "of the same shape that are both computed from its input (y = S(x) + F(x)). "
+                "of the same shape that are both computed from its input (y = S(x) + F(x), or "
+                "y = S(x) − F(x)). "
                 "Models that concatenate features instead (DenseNet, Inception, ShuffleNet) or "
                 "have no shortcuts (VGG) have none. Select modules explicitly to probe them as "
                 "layers (e.g. layers='features.*', --layers 'features.*' in the CLI; "

@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 _ADDS = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
+# a − k·b is a + (−k)·b: a site whose second operand enters with a minus sign (not __rsub__,
+# whose operands come reversed)
+_SUBS = frozenset({"sub", "sub_", "__sub__", "__isub__", "subtract", "subtract_"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class SiteRecord:
     # False once an in-place op changed ``out`` without a copy first: its owner's output stands
     # for it (SiteTracer.spare), so ``out`` holds only the add's shape, not its values.
     out_kept: bool = True
-    branch_scale: float = 1  # k of torch.add(x, branch, alpha=k): f holds k·branch already
+    branch_scale: float = 1  # c of x + c·branch (alpha, −alpha for a subtraction); f holds c·branch
 
 
 @dataclass
@@ -295,8 +298,9 @@ class SiteTracer(TorchFunctionMode):
             self._protect(args[0])
         if not frame.owner:
             return func(*args, **kwargs)
-        if name in _ADDS and len(args) >= 2:
-            site = self._site(frame, name, func, args, kwargs, inplace)
+        if (name in _ADDS or name in _SUBS) and len(args) >= 2:
+            sign = -1 if name in _SUBS else 1
+            site = self._site(frame, func, args, kwargs, inplace, sign)
             if site is not None:
                 return site
         out = func(*args, **kwargs)
@@ -310,7 +314,7 @@ class SiteTracer(TorchFunctionMode):
                     frame.prov[id(t)] = _Entry(t, w, h, False)
         return out
 
-    def _site(self, frame: OwnerCall, name, func, args, kwargs, inplace: bool):
+    def _site(self, frame: OwnerCall, func, args, kwargs, inplace: bool, sign: int):
         a, b = args[0], args[1]
         if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
             return None
@@ -319,14 +323,18 @@ class SiteTracer(TorchFunctionMode):
         ea, eb = frame.prov.get(id(a)), frame.prov.get(id(b))
         if ea is None or eb is None or (ea.weight, ea.hops) == (eb.weight, eb.hops):
             return None
-        # torch.add(a, b, alpha=k) is a + k·b: k scales the second operand, whichever it is
-        alpha = kwargs.get("alpha", 1)
+        # torch.add(a, b, alpha=k) is a + k·b, torch.sub(a, b, alpha=k) a − k·b: the
+        # coefficient c scales the second operand, whichever it is; y = a + c·b
+        c = sign * kwargs.get("alpha", 1)
         s_first = (ea.weight, ea.hops) < (eb.weight, eb.hops)
+        if sign < 0 and not s_first:
+            # f(x) − x (PoolFormer's pooling mixer, pool(x) − x) subtracts the stream: no site
+            return None
         (s, es), (f, ef) = ((a, ea), (b, eb)) if s_first else ((b, eb), (a, ea))
-        scaled_s = alpha != 1 and not s_first  # S = k·x is no longer the input stream itself
+        scaled_s = c != 1 and not s_first  # S = c·x is no longer the input stream itself
         if self.zero_branches:
             s_kept = s.clone() if inplace and s is a else s
-            self.last_shortcut = alpha * s_kept if scaled_s else s_kept
+            self.last_shortcut = c * s_kept if scaled_s else s_kept
             if inplace and f is a:
                 a.zero_()  # the branch is the in-place target: zero it, then add S into it
                 out = func(*args, **kwargs)
@@ -339,11 +347,11 @@ class SiteTracer(TorchFunctionMode):
             f_val = f.detach().clone() if inplace and f is a else f
             out = func(*args, **kwargs)
             if scaled_s:
-                s_val = alpha * s_val
-            elif alpha != 1:
-                f_val = alpha * f_val
-            # x + k·child(x): the site is that child's call with an identity shortcut around it
-            # (a scaled shortcut k·x + child(x) is not: it stays its owner's site).
+                s_val = c * s_val
+            elif c != 1:
+                f_val = c * f_val
+            # x + c·child(x): the site is that child's call with an identity shortcut around it
+            # (a scaled shortcut c·x + child(x) is not: it stays its owner's site).
             child = ef.producer if not scaled_s and ef.producer_input == id(s) else None
             frame.sites.append(
                 SiteRecord(
@@ -352,7 +360,7 @@ class SiteTracer(TorchFunctionMode):
                     out=out,
                     child=child,
                     identity=es.identity and not scaled_s,
-                    branch_scale=1 if scaled_s else alpha,
+                    branch_scale=1 if scaled_s else c,
                 )
             )
         if out.shape == s.shape:

@@ -475,3 +475,102 @@ def test_the_conformance_check_reads_a_scaled_add_as_the_fx_graph_does(block):
     row = check_sites(model, _x(3, 4), name=type(block).__name__)
     assert row.fx_checked == row.sites > 0
     assert row.max_fs_error < 1e-6 and row.max_act_error < 1e-6, row
+
+
+class Subtracted(nn.Module):
+    """y = x − k·f(x), written four ways: F = −k·f(x), S = x."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.f, self.how = nn.Linear(4, 4), how
+
+    def forward(self, x):
+        f = self.f(x)
+        if self.how == "operator":
+            return x - f
+        if self.how == "alpha":
+            return x.sub(f, alpha=2.0)
+        if self.how == "inplace":
+            y = x.clone()
+            y -= f
+            return y
+        return torch.subtract(x, f)
+
+
+SUB_SCALE = {"operator": 1.0, "alpha": 2.0, "inplace": 1.0, "subtract": 1.0}
+
+
+@pytest.mark.parametrize("how", list(SUB_SCALE))
+def test_a_subtracted_branch_is_a_site_whose_branch_is_minus_f(how):
+    torch.manual_seed(0)
+    blk = Subtracted(how)
+    model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x)
+    with torch.no_grad():
+        h = model[0](x)
+        f = blk.f(h)
+    r = results["1"]
+    assert torch.allclose(r["F"], -SUB_SCALE[how] * f) and torch.allclose(r["S"], h)
+    assert torch.allclose(r["F"] + r["S"], r["Y"]) and torch.allclose(r["Y"], blk(h))
+
+
+class SubtractsTheStream(nn.Module):
+    """PoolFormer's pooling mixer, pool(x) − x: the stream is subtracted, no shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool1d(3, 1, 1, count_include_pad=False)
+
+    def forward(self, x):
+        return self.pool(x[:, None])[:, 0] - x
+
+
+def test_subtracting_the_stream_itself_is_no_site():
+    model = nn.Sequential(SubtractsTheStream(), nn.Linear(4, 3)).eval()
+    with pytest.raises(ProbeError, match="No residual sites"):
+        _run(model, _x(3, 4))
+
+
+class SubtractedLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x - b(x)
+        return x
+
+
+def test_a_parent_subtracting_its_children_keys_them_with_the_minus_in_their_maps():
+    torch.manual_seed(0)
+    loop = SubtractedLoop()
+    model = nn.Sequential(loop, nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
+    l64 = SubtractedLoop().double().eval()
+    l64.load_state_dict(loop.state_dict())
+    h, h64 = x, x.double()
+    for i, (b, b64) in enumerate(zip(loop.blocks, l64.blocks)):
+        r = results[f"0.blocks.{i}"]
+        with torch.no_grad():
+            assert torch.allclose(r["F"], -b(h)) and torch.allclose(r["S"], h)
+        for n in range(3):
+            J = jacrev(lambda z, b64=b64: z - b64(z))(h64[n : n + 1]).detach().reshape(4, 4)
+            exact = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum())
+            est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
+            assert abs(est - exact) < 4 * se, (est, exact, se)
+        with torch.no_grad():
+            h, h64 = h - b(h), h64 - b64(h64)
+
+
+@pytest.mark.parametrize("block", [Subtracted("operator"), Subtracted("alpha"), SubtractedLoop()])
+def test_the_conformance_check_reads_a_subtraction_as_the_fx_graph_does(block):
+    from probe.conformance import check_sites
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), block, nn.Linear(4, 3)).eval()
+    row = check_sites(model, _x(3, 4), name=type(block).__name__)
+    assert row.fx_checked == row.sites > 0
+    assert row.max_fs_error < 1e-6 and row.max_act_error < 1e-6, row
