@@ -92,6 +92,7 @@ def test_gradients_through_non_reentrant_checkpointing_are_the_plain_models():
     )
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # torch's, on its run
 @pytest.mark.parametrize(
     "checkpointing, probes, says",
     [
