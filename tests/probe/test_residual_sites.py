@@ -185,17 +185,20 @@ class InPlaceBranchThenReLU(nn.Module):
         return torch.relu_(out)
 
 
-@pytest.mark.parametrize("cls", [InPlaceInput, InPlaceBranchThenReLU])
-def test_in_place_adds_and_later_in_place_ops_keep_the_operands(cls):
+def _split_between_layers(blk):
+    """The raw split of ``blk`` between two linear layers, its input h and its branch f(h)."""
     torch.manual_seed(0)
-    blk = cls()
     model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
     x = _x(3, 4)
     results, _ = _run(model, x)
     with torch.no_grad():
         h = model[0](x)
-        f = blk.f(h)
-    r = results["1"]
+        return results["1"], h, blk.f(h)
+
+
+@pytest.mark.parametrize("cls", [InPlaceInput, InPlaceBranchThenReLU])
+def test_in_place_adds_and_later_in_place_ops_keep_the_operands(cls):
+    r, h, f = _split_between_layers(cls())
     assert torch.allclose(r["S"], h) and torch.allclose(r["F"], f)
     assert torch.allclose(r["Y"], (h + f) if cls is InPlaceInput else torch.relu(h + f))
 
@@ -390,32 +393,12 @@ class ScaledAdd(nn.Module):
         return a.add_(b, alpha=self.k) if self.inplace else torch.add(a, b, alpha=self.k)
 
 
-class ScaledLoop(nn.Module):
-    """A parent adding scaled children in turn: x + k·child(x), with k in each site's map."""
-
-    def __init__(self, k: float):
-        super().__init__()
-        self.blocks, self.k = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), k
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x.add(b(x), alpha=self.k)
-        return x
-
-
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("branch_first", [False, True])
 def test_a_scaled_add_splits_into_the_operands_it_adds(branch_first, inplace):
-    torch.manual_seed(0)
     blk = ScaledAdd(branch_first, 0.5, inplace)
-    model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
-    x = _x(3, 4)
-    results, _ = _run(model, x)
-    with torch.no_grad():
-        h = model[0](x)
-        f = blk.f(h)
+    r, h, f = _split_between_layers(blk)
     F, S = (f, 0.5 * h) if branch_first else (0.5 * f, h)
-    r = results["1"]
     assert torch.allclose(r["F"], F) and torch.allclose(r["S"], S)
     assert torch.allclose(r["F"] + r["S"], r["Y"]) and torch.allclose(r["Y"], blk(h))
     assert float(r["F"].norm()) > 0.1 * float(r["S"].norm())  # a branch the check can see
@@ -437,44 +420,6 @@ def test_a_scaled_shortcut_is_no_identity_for_the_jacobian():
         est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
         assert abs(est - exact) < 4 * se, (est, exact, se)
         assert abs(as_identity - exact) > 8 * se  # the test tells P = 0.5 I from P = I
-
-
-def test_a_parent_adding_scaled_children_keeps_the_scale_in_each_sites_map():
-    torch.manual_seed(0)
-    loop = ScaledLoop(0.25)
-    model = nn.Sequential(loop, nn.Linear(4, 3)).eval()
-    x = _x(3, 4)
-    results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
-    l64 = ScaledLoop(0.25).double().eval()
-    l64.load_state_dict(loop.state_dict())
-    h, h64 = x, x.double()
-    for i, (b, b64) in enumerate(zip(loop.blocks, l64.blocks)):
-        r = results[f"0.blocks.{i}"]
-        with torch.no_grad():
-            assert torch.allclose(r["F"], 0.25 * b(h)) and torch.allclose(r["S"], h)
-            assert torch.allclose(r["Y"], h + 0.25 * b(h))
-        for n in range(3):
-            J = jacrev(lambda z, b64=b64: z + 0.25 * b64(z))(h64[n : n + 1]).detach().reshape(4, 4)
-            exact = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum())
-            unscaled = float((b64.weight.detach() ** 2).sum())  # read as z + child(z)
-            est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
-            assert abs(est - exact) < 4 * se, (est, exact, se)
-            assert abs(unscaled - exact) > 8 * se
-        with torch.no_grad():
-            h, h64 = h + 0.25 * b(h), h64 + 0.25 * b64(h64)
-
-
-@pytest.mark.parametrize(
-    "block", [ScaledAdd(True, 0.5, False), ScaledAdd(False, -2.0, False), ScaledLoop(0.25)]
-)
-def test_the_conformance_check_reads_a_scaled_add_as_the_fx_graph_does(block):
-    from probe.conformance import check_sites
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), block, nn.Linear(4, 3)).eval()
-    row = check_sites(model, _x(3, 4), name=type(block).__name__)
-    assert row.fx_checked == row.sites > 0
-    assert row.max_fs_error < 1e-6 and row.max_act_error < 1e-6, row
 
 
 class Subtracted(nn.Module):
@@ -502,15 +447,8 @@ SUB_SCALE = {"operator": 1.0, "alpha": 2.0, "inplace": 1.0, "subtract": 1.0}
 
 @pytest.mark.parametrize("how", list(SUB_SCALE))
 def test_a_subtracted_branch_is_a_site_whose_branch_is_minus_f(how):
-    torch.manual_seed(0)
     blk = Subtracted(how)
-    model = nn.Sequential(nn.Linear(4, 4), blk, nn.Linear(4, 3)).eval()
-    x = _x(3, 4)
-    results, _ = _run(model, x)
-    with torch.no_grad():
-        h = model[0](x)
-        f = blk.f(h)
-    r = results["1"]
+    r, h, f = _split_between_layers(blk)
     assert torch.allclose(r["F"], -SUB_SCALE[how] * f) and torch.allclose(r["S"], h)
     assert torch.allclose(r["F"] + r["S"], r["Y"]) and torch.allclose(r["Y"], blk(h))
 
@@ -532,41 +470,57 @@ def test_subtracting_the_stream_itself_is_no_site():
         _run(model, _x(3, 4))
 
 
-class SubtractedLoop(nn.Module):
-    def __init__(self):
+class LoopOverChildren(nn.Module):
+    """A parent adding (c = k) or subtracting (c = -1) its children in turn: x + c·child(x)."""
+
+    def __init__(self, c: float):
         super().__init__()
-        self.blocks = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.blocks, self.c = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), c
 
     def forward(self, x):
         for b in self.blocks:
-            x = x - b(x)
+            x = x - b(x) if self.c == -1 else x.add(b(x), alpha=self.c)
         return x
 
 
-def test_a_parent_subtracting_its_children_keys_them_with_the_minus_in_their_maps():
+@pytest.mark.parametrize("c", [0.25, -1.0])
+def test_a_parent_keys_its_children_with_the_coefficient_in_their_maps(c):
     torch.manual_seed(0)
-    loop = SubtractedLoop()
+    loop = LoopOverChildren(c)
     model = nn.Sequential(loop, nn.Linear(4, 3)).eval()
     x = _x(3, 4)
     results, _ = _run(model, x, probes=[probe.make_probe("jacobian:n_probes=256")])
-    l64 = SubtractedLoop().double().eval()
+    l64 = LoopOverChildren(c).double().eval()
     l64.load_state_dict(loop.state_dict())
     h, h64 = x, x.double()
     for i, (b, b64) in enumerate(zip(loop.blocks, l64.blocks)):
         r = results[f"0.blocks.{i}"]
         with torch.no_grad():
-            assert torch.allclose(r["F"], -b(h)) and torch.allclose(r["S"], h)
+            assert torch.allclose(r["F"], c * b(h)) and torch.allclose(r["S"], h)
+            assert torch.allclose(r["Y"], h + c * b(h))
         for n in range(3):
-            J = jacrev(lambda z, b64=b64: z - b64(z))(h64[n : n + 1]).detach().reshape(4, 4)
+            J = jacrev(lambda z, b64=b64: z + c * b64(z))(h64[n : n + 1]).detach().reshape(4, 4)
             exact = float(((J - torch.eye(4, dtype=torch.float64)) ** 2).sum())
             est, se = float(r["jac_dev2"][n]), float(r["jac_dev2_se"][n])
             assert abs(est - exact) < 4 * se, (est, exact, se)
+            if abs(c) != 1:  # read as z + child(z), the map would give ||W||^2
+                assert abs(float((b64.weight.detach() ** 2).sum()) - exact) > 8 * se
         with torch.no_grad():
-            h, h64 = h - b(h), h64 - b64(h64)
+            h, h64 = h + c * b(h), h64 + c * b64(h64)
 
 
-@pytest.mark.parametrize("block", [Subtracted("operator"), Subtracted("alpha"), SubtractedLoop()])
-def test_the_conformance_check_reads_a_subtraction_as_the_fx_graph_does(block):
+@pytest.mark.parametrize(
+    "block",
+    [
+        ScaledAdd(True, 0.5, False),
+        ScaledAdd(False, -2.0, False),
+        Subtracted("operator"),
+        Subtracted("alpha"),
+        LoopOverChildren(0.25),
+        LoopOverChildren(-1.0),
+    ],
+)
+def test_the_conformance_check_reads_scaled_adds_and_subtractions_as_the_fx_graph_does(block):
     from probe.conformance import check_sites
 
     torch.manual_seed(0)
