@@ -473,6 +473,9 @@ class HookSession:
         self.grouped = grouped
         self._grouping = False  # for the batch being run
         self._group_unsafe = False  # a held call's tensor changed in place before it was computed
+        # Some hooked tensor lay off the input's gradient path (a frozen part run under no_grad
+        # or detached): the backward differentiates for every hooked tensor from then on.
+        self._off_input_path = False
         # Probed passes recorded as CUDA graphs and replayed (probe.replay), by pass_key.
         self.cuda_graph = cuda_graph
         self._recordings: dict[tuple, Recording] = {}
@@ -759,6 +762,7 @@ class HookSession:
             waits = {"grad_output"}
             if call.block is not None and x is not None and x.requires_grad:
                 waits.add("grad_input")
+            self._waits.append(waits)
             self._grad_hooks.append(y.register_hook(self._grad_setter(call, "grad_output", waits)))
             if "grad_input" in waits:
                 self._grad_hooks.append(
@@ -1042,6 +1046,7 @@ class HookSession:
             self._nonfinite.discard_batch()
         self._watched: list[tuple[tuple[str, str], torch.Tensor, int | None, bool]] = []
         self._calls: list[Call] = []
+        self._waits: list[set[str]] = []  # per call of _calls: the gradients still to arrive
         self._branch_out: dict[str, torch.Tensor] = {}
         self._shortcut_out: dict[str, torch.Tensor] = {}
         self._entry: dict[str, tuple[torch.Tensor | None, int | None]] = {}
@@ -1060,6 +1065,7 @@ class HookSession:
         self._branch_calls: dict[str, int] = defaultdict(int)
         self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
         self._group_changed = False  # flush_held found a held tensor changed in place
+        self._grads_missed = False  # a hooked tensor's gradient never arrived (_forward_backward)
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -1130,19 +1136,23 @@ class HookSession:
             self._grouping = grouping and attempt == 0
             try:
                 out = self._forward_backward(x, y)
-                if self._aliases_held() and not self._group_changed:
+                missed = self._grads_missed and not self._off_input_path
+                if self._aliases_held() and not self._group_changed and not missed:
                     break
+                # a hooked tensor off the input's gradient path: every hooked tensor is a
+                # target of the backward from now on, starting with this batch again
+                self._off_input_path = self._off_input_path or missed
             except BaseException:
                 self._release_batch()
                 raise
             finally:
                 self._in_batch = self._grouping = False
             # A result kept as a view was changed later in the pass (an in-place op this batch
-            # took and earlier ones did not), or a tensor held for grouped statistics was: run
-            # the batch again, with the same random draws (dropout), copying what it keeps and
-            # computing every statistic at its call. Training-mode BN buffers see the batch twice;
-            # the session restores them on close.
-            log.debug("a result kept as a view was modified in place; running the batch again")
+            # took and earlier ones did not), or a tensor held for grouped statistics was, or a
+            # gradient never arrived: run the batch again, with the same random draws (dropout),
+            # copying what it keeps and computing every statistic at its call. Training-mode BN
+            # buffers see the batch twice; the session restores them on close.
+            log.debug("a view changed in place or a gradient went missing; running the batch again")
             out = None  # the first attempt's graph and activations, not held through the second
             _set_rng_state(x.device, rng)
         try:
@@ -1302,6 +1312,8 @@ class HookSession:
             loss = self._loss(logits if self._default_loss else out, y)
             with explain_autograd_refusal("Gradient probes"):
                 torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
+        # a gradient that never arrived: its tensor lies off the way from the loss to the input
+        self._grads_missed = any(self._waits)
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived
@@ -1312,11 +1324,15 @@ class HookSession:
         """What the backward pass differentiates for: the input, so that every hooked tensor
         lies on its way and no weight gradient is computed. Token ids (an integer input) take
         no gradient; there the hooked tensors themselves are the targets, and the backward
-        stops at the first of them."""
-        if inp.requires_grad:
+        stops at the first of them. So they are, beside the input, for a model some of whose
+        hooked tensors are not on the way to its input (blocks after a frozen part run under
+        ``no_grad`` or detached): the backward to the input alone never reached them."""
+        if inp.requires_grad and not self._off_input_path:
             return [inp]
         targets = {id(t): t for c in self._calls for t in (c.output, c.input)}
         targets = [t for t in targets.values() if t is not None and t.requires_grad]
+        if inp.requires_grad:
+            return [inp, *targets]
         if not targets:
             raise ProbeError(
                 f"Gradient probes need gradients through the model, but its input is "
