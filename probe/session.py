@@ -17,7 +17,7 @@ import gc
 import logging
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -375,6 +375,26 @@ class _Held:
         return [_version(t) for t in self.tensors] != self.versions
 
 
+def _refuse_flattened(model: nn.Module, callees: dict[str, tuple[str, ...]]) -> None:
+    """A torch.fx GraphModule whose code calls modules below its children is a flattened model
+    (``symbolic_trace``, torchvision's ``create_feature_extractor``): every block's code is
+    inlined into one function, so an add's input and result are not a block's x and y (the
+    ReLU after each add, and the stem before the first, belong to no block)."""
+    for owner, called in callees.items():
+        module = model.get_submodule(owner) if owner else model
+        prefix = f"{owner}." if owner else ""
+        deep = [c for c in called if "." in c[len(prefix) :]]
+        if isinstance(module, torch.fx.GraphModule) and deep:
+            raise ProbeError(
+                f"{type(module).__name__} {owner or 'model'!r} is a torch.fx GraphModule whose "
+                f"code calls modules inside its blocks ({', '.join(deep[:3])}): a traced or "
+                "feature-extractor model, whose blocks were inlined into one function. A "
+                "residual add there has no block around it to read x and y from (the ReLU after "
+                "each add, the layers before the first, belong to none). Capture the model it "
+                "was made from: its layer names are the same."
+            )
+
+
 class HookSession:
     """Hooks on the selected layers of ``model`` running ``probes``; use as a context manager.
 
@@ -447,6 +467,7 @@ class HookSession:
         self.layers: list[LayerInfo] = []
         self.plain_layers: list[str] = []  # selected modules without a residual site
         self.model_sites: int | None = None  # residual adds in the whole model, once traced
+        self._callees: dict[str, tuple[str, ...]] = {}  # modules each owner calls (Site.callees)
         self._owners: dict[str, _Owner] = {}
         if not self._tracing:
             self.layers, self._owners, self.plain_layers = resolve_layers(model, layers)
@@ -521,6 +542,8 @@ class HookSession:
         with self._suspend():
             sites = discover_sites(self.model, (x[:2] if len(x) > 1 else x,))
         self.model_sites = sum(len(v) for v in sites.values())
+        self._callees = {owner: found[0].callees for owner, found in sites.items()}
+        _refuse_flattened(self.model, self._callees)
         self.layers, self._owners, self.plain_layers = resolve_layers(
             self.model, self._selection, sites
         )
@@ -562,7 +585,7 @@ class HookSession:
                 traced[name] = own.module
         if traced:
             self._tracer.spare = frozenset(n for n in traced if _output_site(self._owners[n]))
-            self._stack.enter_context(self._tracer.attach(traced))
+            self._stack.enter_context(self._tracer.attach(traced, callees=self._callees))
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -1346,12 +1369,14 @@ class HookSession:
         """The logits in what the model returned: the tensor itself, or the ``logits`` of a
         mapping or of an output object (HuggingFace's outputs, torchvision's Inception ones);
         else, where nothing is computed from them (no default loss, no model-level probe), the
-        first tensor of a tuple or list, returned as the pass's output."""
+        first tensor of a tuple or list or among a mapping's values (a feature extractor's
+        {name: features}), returned as the pass's output."""
         try:
             return logits_of(out, self.model)
         except ProbeError:
             needed = (self.needs_grad and self._default_loss) or bool(self.model_probes)
-            first = None if needed else first_tensor(out)
+            values = list(out.values()) if isinstance(out, Mapping) else out
+            first = None if needed else first_tensor(values)
             if first is None:
                 raise
             return first

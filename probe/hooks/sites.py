@@ -61,6 +61,10 @@ class Site:
     # The owner's output (its first tensor) had this add's shape when the sites were found: the
     # output of a module's only site is then the module's own output (y = act(F + S)).
     as_output: bool = False
+    # Dotted names of the modules the owner's own code called (its children, and any deeper
+    # module it calls directly: `self.body[0](x)` of an nn.Sequential, a torch.fx graph's
+    # `self.layer1.0.conv1`): the capture hooks these to know where the owner's code is.
+    callees: tuple[str, ...] = ()
 
 
 @dataclass
@@ -144,15 +148,23 @@ def _is_inplace(name: str, kwargs: dict) -> bool:
     )
 
 
-def _called_children(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-    """The submodules ``module``'s own code calls: its children, and the members of child
-    containers (``ModuleList``/``ModuleDict``, which are never called themselves)."""
+def _called_children(
+    module: nn.Module, prefix: str, seen: tuple[str, ...] = ()
+) -> Iterator[tuple[str, nn.Module]]:
+    """The submodules ``module``'s own code calls: its children, the members of child
+    containers (``ModuleList``/``ModuleDict``, which are never called themselves), and the
+    deeper modules in ``seen`` (dotted names from the model's root) that its code was seen to
+    call directly."""
     for name, child in module.named_children():
         full = f"{prefix}.{name}" if prefix else name
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             yield from _called_children(child, full)
         else:
             yield full, child
+    for full in seen:
+        relative = full[len(prefix) + 1 :] if prefix else full
+        with contextlib.suppress(AttributeError):  # no longer there: nothing to hook
+            yield full, module.get_submodule(relative)
 
 
 class SiteTracer(TorchFunctionMode):
@@ -193,21 +205,29 @@ class SiteTracer(TorchFunctionMode):
         # Owners with one site whose result the caller reads from the owner's output instead
         # (y = act(F + S)): an in-place op on that result (torchvision's ReLU) needs no copy.
         self.spare: frozenset[str] = frozenset()
+        # discover_sites: the modules each owner's own code called ({owner: {callee: None}})
+        self.callees: dict[str, dict[str, None]] | None = None
         self._active = False
 
     # -- hooks -------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def attach(self, owners: dict[str, nn.Module], children: bool = True) -> Iterator[SiteTracer]:
+    def attach(
+        self,
+        owners: dict[str, nn.Module],
+        children: bool = True,
+        callees: dict[str, tuple[str, ...]] | None = None,
+    ) -> Iterator[SiteTracer]:
         """Trace ``owners`` ({dotted name: module}) while the context is open; their direct
-        children get light hooks (so the tracer knows when code runs inside them). Hooks are
-        removed on exit, also on error."""
+        children, and the deeper modules ``callees`` names for an owner (those its code was
+        seen to call, :attr:`Site.callees`), get light hooks (so the tracer knows when code runs
+        inside them). Hooks are removed on exit, also on error."""
         handles = []
         watched: dict[nn.Module, tuple[str, bool]] = {}
         for name, m in owners.items():
             watched[m] = (name, True)
         if children:
             for name, m in owners.items():
-                for cname, c in _called_children(m, name):
+                for cname, c in _called_children(m, name, (callees or {}).get(name, ())):
                     if c not in watched:
                         watched[c] = (cname, False)
         weights = {m: sum(p.numel() for p in m.parameters()) for m in watched}
@@ -241,6 +261,8 @@ class SiteTracer(TorchFunctionMode):
             parent = self.stack[-1] if self.stack else None
             x = input_tensor(args, kwargs)
             if parent is not None and parent.owner:
+                if self.callees is not None:
+                    self.callees.setdefault(parent.name, {})[name] = None
                 # The child's input provenance in its parent.
                 frame.input_prov = _provenance(parent.prov, (args, kwargs))
                 if frame.input_prov is not None:
@@ -429,14 +451,23 @@ def discover_sites(
     def on_owner(call: OwnerCall, output: object) -> None:
         if call.sites and call.name not in found:
             y = first_tensor(output)
+            callees = tuple(tracer.callees.get(call.name, ()))
             found[call.name] = [
-                Site(call.name, i, r.child, r.identity, y is not None and y.shape == r.out.shape)
+                Site(
+                    call.name,
+                    i,
+                    r.child,
+                    r.identity,
+                    y is not None and y.shape == r.out.shape,
+                    callees,
+                )
                 for i, r in enumerate(call.sites)
             ]
 
     owners = dict(model.named_modules())
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     tracer = SiteTracer(on_owner)
+    tracer.callees = {}
     devices = [t.device for t in _tensors((args, kwargs)) if t.device.type == "cuda"]
     with torch.random.fork_rng(devices=devices[:1]), torch.no_grad():
         with tracer.attach(owners, children=False):

@@ -528,3 +528,70 @@ def test_the_conformance_check_reads_scaled_adds_and_subtractions_as_the_fx_grap
     row = check_sites(model, _x(3, 4), name=type(block).__name__)
     assert row.fx_checked == row.sites > 0
     assert row.max_fs_error < 1e-6 and row.max_act_error < 1e-6, row
+
+
+class CallsGrandchildren(nn.Module):
+    """A parent calling the members of an nn.Sequential directly: x + body[k](x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def forward(self, x):
+        x = x + self.body[0](x)
+        return x + self.body[1](x)
+
+
+def test_sites_whose_branches_are_grandchildren_are_read_at_every_batch():
+    torch.manual_seed(0)
+    model = nn.Sequential(CallsGrandchildren(), nn.Linear(4, 3)).eval()
+    x = _x(3, 4)
+    results, _ = _run(model, x)
+    h = x
+    with torch.no_grad():
+        for k, b in enumerate(model[0].body):
+            r = results[f"0.body.{k}"]
+            assert torch.allclose(r["F"], b(h)) and torch.allclose(r["S"], h)
+            h = h + b(h)
+            assert torch.allclose(r["Y"], h)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = Subtracted("operator"), Subtracted("operator"), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_a_flattened_fx_graph_is_refused_and_a_traced_block_is_not():
+    torch.manual_seed(0)
+    flat = torch.fx.symbolic_trace(TwoBlocks().eval())
+    with pytest.raises(ProbeError, match="torch.fx GraphModule whose code calls modules inside"):
+        _run(flat, _x(3, 4))
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in flat.modules())
+    # one block traced on its own keeps its code: its adds are its own
+    blk = Subtracted("operator")
+    model = nn.Sequential(torch.fx.symbolic_trace(blk), nn.Linear(4, 3)).eval()
+    results, _ = _run(model, _x(3, 4))
+    with torch.no_grad():
+        assert torch.allclose(results["0"]["F"], -blk.f(_x(3, 4)))
+
+
+class ReturnsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = ScaledAdd(False, 1.0, False)
+
+    def forward(self, x):
+        return {"features": self.block(x)}
+
+
+def test_a_model_returning_a_mapping_is_captured_by_probes_that_need_no_logits():
+    model = ReturnsFeatures().eval()
+    cap = probe.capture(model, [(_x(3, 4), torch.zeros(3, dtype=torch.long), torch.arange(3))],
+                        layers="auto", probes=["residual"])  # fmt: skip
+    with torch.no_grad():
+        want = model.block.f(_x(3, 4)).norm(dim=1)
+    np.testing.assert_allclose(cap["block"]["f_norm"], want.numpy(), rtol=1e-6)
