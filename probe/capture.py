@@ -105,8 +105,23 @@ def _with_next(
 
 
 def _warn_nothing_recorded(session: HookSession, seen: int) -> None:
-    """Name the probes that recorded nothing over the whole capture: asked for, and absent."""
+    """Name the probes that recorded nothing over the whole capture: asked for, and absent; and
+    the layers no gradient could reach, where gradient probes were asked for."""
+    cut = [k for k in session.without_gradient if k not in session.with_gradient]
+    if cut:
+        names = sorted({p.name for p in session.layer_probes if p.needs_grad})
+        warnings.warn(
+            f"Probe(s) {', '.join(names)} measured no output gradient at {len(cut)} layer(s) "
+            f"({', '.join(cut[:4])}{' ...' if len(cut) > 4 else ''}): no gradient of the loss "
+            "reaches their outputs (computed under torch.no_grad, from frozen parameters and an "
+            "input that takes none, detached before the loss, or not used by it). Leave that "
+            "part of the model differentiable for the capture to measure them.",
+            NothingRecordedWarning,
+            stacklevel=3,
+        )
     silent = [p.name for p in session.probes if p.name not in session.recorded]
+    if cut and len(session.with_gradient) == 0:  # said just above, layer by layer
+        silent = [n for n in silent if n not in names]
     if silent:
         warnings.warn(
             f"Probe(s) {', '.join(silent)} recorded nothing over {seen} samples: none of the "

@@ -467,6 +467,9 @@ class HookSession:
         self.layers: list[LayerInfo] = []
         self.plain_layers: list[str] = []  # selected modules without a residual site
         self.model_sites: int | None = None  # residual adds in the whole model, once traced
+        # layer keys whose output got its gradient in some batch, and those whose did not once
+        self.with_gradient: set[str] = set()
+        self.without_gradient: dict[str, None] = {}
         self._callees: dict[str, tuple[str, ...]] = {}  # modules each owner calls (Site.callees)
         self._owners: dict[str, _Owner] = {}
         if not self._tracing:
@@ -780,6 +783,9 @@ class HookSession:
             if held:
                 self._hold(_Held(call, "forward", info.name, tuple(held), sources))
         y, x = call.output, call.input
+        if self.needs_grad and not y.requires_grad and self._grad_probes:
+            # computed without autograd (no_grad, detached, frozen): no gradient can reach it
+            self.without_gradient.setdefault(key, None)
         if self.needs_grad and y.requires_grad:
             self._calls.append(call)
             waits = {"grad_output"}
@@ -933,6 +939,8 @@ class HookSession:
             # block's dL/dx, and probes recognise the same tensor (statistics.NormMemo).
             setattr(call, attr, grad.detach() if grad.requires_grad else grad)
             waits.discard(attr)
+            if attr == "grad_output":
+                self.with_gradient.add(call.name)
             if not waits and self._eager_backward:
                 self._backward_done.add(id(call))
                 probes = [p for p in self._grad_probes if p.applies_to(call)]
@@ -1089,6 +1097,7 @@ class HookSession:
         self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
         self._group_changed = False  # flush_held found a held tensor changed in place
         self._grads_missed = False  # a hooked tensor's gradient never arrived (_forward_backward)
+        self._unreached: list[str] = []  # the layer keys whose output's gradient never arrived
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -1178,6 +1187,8 @@ class HookSession:
             log.debug("a view changed in place or a gradient went missing; running the batch again")
             out = None  # the first attempt's graph and activations, not held through the second
             _set_rng_state(x.device, rng)
+        for key in self._unreached:  # even with every hooked tensor a target (detached outputs)
+            self.without_gradient.setdefault(key, None)
         try:
             if self.model_probes:
                 call = Call(
@@ -1337,6 +1348,7 @@ class HookSession:
                 torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
         # a gradient that never arrived: its tensor lies off the way from the loss to the input
         self._grads_missed = any(self._waits)
+        self._unreached = [c.name for c, w in zip(self._calls, self._waits) if "grad_output" in w]
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived

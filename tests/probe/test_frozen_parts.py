@@ -3,6 +3,8 @@ when a head or the top blocks are tuned on a frozen backbone): the capture's bac
 input never reached them, so every gradient probe recorded nothing there. Checked against a
 hand-written backward in float64."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,7 +66,11 @@ def test_blocks_after_a_frozen_part_get_their_gradients(how):
     torch.manual_seed(0)
     model = FrozenBottom(how).double().eval()
     x, y = _data()
-    cap = probe.capture(model, [(x, y, torch.arange(10))], layers="auto", probes=["grad"])
+    with pytest.warns(
+        probe.NothingRecordedWarning,
+        match=r"grad measured no output gradient at 1 layer\(s\) \(a\)",
+    ):
+        cap = probe.capture(model, [(x, y, torch.arange(10))], layers="auto", probes=["grad"])
     want = _by_hand(model, x, y)
     # block a runs without autograd: it has no gradient to report; b's input has none either
     assert set(cap.layers) == {"b", "c"}
@@ -82,3 +88,30 @@ def test_a_frozen_part_costs_one_extra_pass_once_and_a_whole_model_none():
         model = FrozenBottom(how).double().eval()
         probe.capture(model, batches, layers=["b", "c"], probes=["grad"])
         assert model.calls == 1 + len(batches) + extra  # 1: the traced pass that finds the sites
+
+
+class UnusedBranch(nn.Module):
+    """A block whose output the loss never sees (an auxiliary output left out of the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux, self.head = Block(), Block(), nn.Linear(6, 3)
+        self.last_aux = None
+
+    def forward(self, x):
+        h = self.a(x)
+        self.last_aux = self.aux(h)
+        return self.head(h)
+
+
+def test_layers_no_gradient_reaches_are_named_and_a_whole_model_warns_nothing():
+    x, y = _data()
+    with pytest.warns(probe.NothingRecordedWarning, match=r"1 layer\(s\) \(aux\)"):
+        cap = probe.capture(UnusedBranch().double().eval(), [(x, y, torch.arange(10))],
+                            layers="auto", probes=["grad"])  # fmt: skip
+    # aux's input is on the loss's way (through the head): its gradient there is measured
+    assert "grad_y_norm" in cap["a"] and "grad_y_norm" not in cap["aux"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", probe.NothingRecordedWarning)
+        probe.capture(FrozenBottom("").double().eval(), [(x, y, torch.arange(10))],
+                      layers="auto", probes=["grad"])  # fmt: skip
