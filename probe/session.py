@@ -909,6 +909,10 @@ class HookSession:
                 fn = lambda z, child=child, k=rec.branch_scale: z + k * first_tensor(child(z))  # noqa: E731
             else:
                 x_k = x0 if i == 0 else _kept_out(records[i - 1], where)
+                if len(records) > 1 and rec.s_feeds_f:
+                    # one of several sites: its x is the stream that enters it, the shortcut
+                    # its branch was computed from (a stem or a ReLU may lie before it)
+                    x_k = rec.s
                 y_k = y if last and y.shape == rec.out.shape else _kept_out(rec, where)
                 fn = whole if len(records) == 1 else None
             block = BlockTensors(x=x_k, f=rec.f, s=rec.s, y=y_k, residual=True)

@@ -80,6 +80,9 @@ class SiteRecord:
     # for it (SiteTracer.spare), so ``out`` holds only the add's shape, not its values.
     out_kept: bool = True
     branch_scale: float = 1  # c of x + c·branch (alpha, −alpha for a subtraction); f holds c·branch
+    # F was computed from S itself (x + f(x), x + f(norm(x))), not beside it from a common
+    # input (proj(z) + f(z)): S is then the stream that enters the site
+    s_feeds_f: bool = False
 
 
 @dataclass
@@ -94,6 +97,9 @@ class _Entry:
     identity: bool
     producer: str | None = None
     producer_input: int | None = None  # id() of the producer's input tensor
+    # id()s of the tensors of the owner's code it is computed from (itself included): tells
+    # whether a site's branch was computed from its shortcut operand
+    origins: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -106,7 +112,8 @@ class OwnerCall:
     prov: dict[int, _Entry] = field(default_factory=dict)
     sites: list[SiteRecord] = field(default_factory=list)
     x: torch.Tensor | None = None
-    input_prov: tuple[int, int] | None = None  # (weight, hops) of its input in the parent frame
+    input_prov: tuple[int, int, frozenset[int]] | None = None  # (weight, hops, origins) of its
+    # input in the parent frame
     input_id: int | None = None
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
@@ -123,13 +130,15 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
-def _provenance(prov: dict[int, _Entry], obj: object) -> tuple[int, int] | None:
-    """(weight, hops) of what ``obj``'s tracked tensors derive from: the largest of each, since a
-    result is as far from x as its farthest input; None when no tensor of ``obj`` is tracked."""
+def _provenance(prov: dict[int, _Entry], obj: object) -> tuple[int, int, frozenset[int]] | None:
+    """(weight, hops, origins) of what ``obj``'s tracked tensors derive from: the largest weight
+    and hops, since a result is as far from x as its farthest input, and every origin; None when
+    no tensor of ``obj`` is tracked."""
     found = [prov[id(t)] for t in _tensors(obj) if id(t) in prov]
     if not found:
         return None
-    return max(e.weight for e in found), max(e.hops for e in found)
+    origins = found[0].origins.union(*(e.origins for e in found[1:]))
+    return max(e.weight for e in found), max(e.hops for e in found), origins
 
 
 def storage_ptr(t: torch.Tensor) -> int | None:
@@ -269,7 +278,7 @@ class SiteTracer(TorchFunctionMode):
                     frame.input_id = id(x) if x is not None else None
             if owner and x is not None and x.is_floating_point():
                 frame.x = x
-                frame.prov[id(x)] = _Entry(x, 0, 0, True)
+                frame.prov[id(x)] = _Entry(x, 0, 0, True, origins=frozenset((id(x),)))
             self.stack.append(frame)
             if not self._active:
                 self.__enter__()
@@ -297,12 +306,13 @@ class SiteTracer(TorchFunctionMode):
                 # which torch prints as a warning beside the first.
                 return
             if parent is not None and parent.owner and frame.input_prov is not None:
-                w, h = frame.input_prov
+                w, h, origins = frame.input_prov
                 for t in _tensors(output):
                     if t.is_floating_point():
                         parent.prov[id(t)] = _Entry(
-                            t, w + weight, h + 1, False, frame.name, frame.input_id
-                        )
+                            t, w + weight, h + 1, False, frame.name, frame.input_id,
+                            origins | {id(t)},
+                        )  # fmt: skip
             if frame.owner:
                 self.on_owner(frame, output)
 
@@ -328,12 +338,12 @@ class SiteTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         derived = _provenance(frame.prov, (args, kwargs))
         if derived is not None:  # an op in the owner's own code: its result derives from x too
-            w, h = derived
+            w, h, origins = derived
             for t in _tensors(out):
                 if t.is_floating_point() and (
                     id(t) not in frame.prov or (inplace and t is args[0])
                 ):
-                    frame.prov[id(t)] = _Entry(t, w, h, False)
+                    frame.prov[id(t)] = _Entry(t, w, h, False, origins=origins | {id(t)})
         return out
 
     def _site(self, frame: OwnerCall, func, args, kwargs, inplace: bool, sign: int):
@@ -383,10 +393,17 @@ class SiteTracer(TorchFunctionMode):
                     child=child,
                     identity=es.identity and not scaled_s,
                     branch_scale=1 if scaled_s else c,
+                    s_feeds_f=not scaled_s and id(s) in ef.origins,
                 )
             )
         if out.shape == s.shape:
-            frame.prov[id(out)] = _Entry(out, es.weight, es.hops, es.identity and not scaled_s)
+            frame.prov[id(out)] = _Entry(
+                out,
+                es.weight,
+                es.hops,
+                es.identity and not scaled_s,
+                origins=es.origins | ef.origins | {id(out)},
+            )
         return out
 
     def _protect(self, target: torch.Tensor) -> None:

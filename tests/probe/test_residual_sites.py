@@ -595,3 +595,37 @@ def test_a_model_returning_a_mapping_is_captured_by_probes_that_need_no_logits()
     with torch.no_grad():
         want = model.block.f(_x(3, 4)).norm(dim=1)
     np.testing.assert_allclose(cap["block"]["f_norm"], want.numpy(), rtol=1e-6)
+
+
+class WholeNetInOneForward(nn.Module):
+    """A pre-activation residual MLP written in one forward, after a stem: h + f(relu(h))."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(5, 4)
+        self.fs = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for f in self.fs:
+            h = h + f(torch.relu(h))
+        return self.head(h)
+
+
+def test_the_x_of_each_of_several_sites_is_the_stream_that_enters_it():
+    torch.manual_seed(0)
+    model = WholeNetInOneForward().eval()
+    x, labels = _x(3, 5), torch.tensor([0, 1, 2])
+    results, _ = _run(model, x, probes=[probe.make_probe("grad")], labels=labels)
+    streams = [model.stem(x).detach().requires_grad_(True)]
+    for f in model.fs:  # the pass by hand, each stream a leaf of its own graph's view
+        streams.append(streams[-1] + f(torch.relu(streams[-1])))
+    loss = torch.nn.functional.cross_entropy(model.head(streams[-1]), labels, reduction="sum")
+    grads = torch.autograd.grad(loss, streams[:-1])
+    for k in range(3):
+        r = results[f"model#{k}"]
+        # until 2026-12-05 the first site's x was the model's input (5 features, not the stream)
+        assert torch.allclose(r["X"], streams[k].detach()), k
+        assert torch.allclose(r["S"], streams[k].detach())
+        np.testing.assert_allclose(r["grad_x_norm"], grads[k].norm(dim=1).numpy(), rtol=1e-5)
