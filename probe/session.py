@@ -207,7 +207,9 @@ def resolve_layers(
             infos.append(LayerInfo(name, m, spec, len(infos)))
         elif name in owners_all:
             own = owner(name)
-            if len(own.sites) > 1 and own.keys[0] != own.sites[0].child:
+            # the whole-module entry; the model itself is no block (x and y would be its
+            # input and logits), and its name '' would be no layer key
+            if len(own.sites) > 1 and own.keys[0] != own.sites[0].child and name:
                 own.block = LayerInfo(name, m, None, len(infos), "block")
                 infos.append(own.block)
             for i in range(len(own.sites)):

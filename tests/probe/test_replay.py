@@ -262,7 +262,7 @@ def test_packed_results_round_trip_in_every_dtype():
         "a": {"n": torch.arange(3.0), "m": torch.ones(3, 2, dtype=torch.float16)},
         "b": {"k": torch.tensor([1, 2, 3]), "z": torch.zeros(3, 2, 2, dtype=torch.bfloat16)},
     }
-    results[""] = {"n": torch.ones(3)}  # the key of a model read as a whole
+    results[""] = {"n": torch.ones(3)}  # an empty key packs like any other
     counts = [(("a", "b"), torch.tensor([0, 2]))]
     packed = Packed.pack(results, torch.full((3, 4), 7.0), counts)
     assert len(packed.blocks) == 4  # one per dtype: float32, float16, int64, bfloat16
@@ -437,7 +437,7 @@ def test_traced_blocks_replay_and_a_hook_added_later_is_not_skipped(stand_in):
             torch.testing.assert_close(logits, 2 * eager[0][1])
         finally:
             handle.remove()
-    assert sorted(results)[0] == "" and len(results) == 4  # the model as a whole, its 3 adds
+    assert sorted(results) == ["model#0", "model#1", "model#2"]  # the model's own 3 adds
     _assert_same(results, eager[-1][0])  # the last batch, replayed
 
 

@@ -629,3 +629,17 @@ def test_the_x_of_each_of_several_sites_is_the_stream_that_enters_it():
         assert torch.allclose(r["X"], streams[k].detach()), k
         assert torch.allclose(r["S"], streams[k].detach())
         np.testing.assert_allclose(r["grad_x_norm"], grads[k].norm(dim=1).numpy(), rtol=1e-5)
+
+
+def test_a_network_in_one_forward_is_written_to_hdf5_as_its_sites(tmp_path):
+    torch.manual_seed(0)
+    model = WholeNetInOneForward().eval()
+    batches = [(_x(6, 5), torch.tensor([0, 1, 2, 0, 1, 2]), torch.arange(6))]
+    mem = probe.capture(model, batches, layers="auto", probes=["residual", "grad"])
+    # until 2026-12-05 the model itself was a 'block' keyed '' and the file broke its schema
+    probe.capture(model, batches, layers="auto", probes=["residual", "grad"], out=tmp_path / "r.h5")
+    with probe.open(tmp_path / "r.h5") as cap:
+        assert cap.layers == mem.layers == ["model#0", "model#1", "model#2"]
+        for k in cap.layers:
+            for q in mem[k]:
+                np.testing.assert_array_equal(cap.read(k, q), mem[k][q])
