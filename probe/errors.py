@@ -95,10 +95,9 @@ def explain_autograd_refusal(what: str) -> Iterator[None]:
         text = str(e)
         for marker, construct in _AUTOGRAD_REFUSALS:
             if marker in text:
+                # torch.autograd.grad runs through non-reentrant checkpointing
                 other = (
-                    " or checkpoint(..., use_reentrant=False)"
-                    if marker == "use_reentrant" and what == "Gradient probes"
-                    else ""
+                    " or checkpoint(..., use_reentrant=False)" if marker == "use_reentrant" else ""
                 )
                 raise ProbeError(
                     f"{what} cannot differentiate this model: it runs {construct}. Capture with "

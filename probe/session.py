@@ -1102,8 +1102,6 @@ class HookSession:
         self._branch_calls: dict[str, int] = defaultdict(int)
         self._views: list[tuple[str, tuple[str, str]]] = []  # results kept as views: key, slot
         self._group_changed = False  # flush_held found a held tensor changed in place
-        self._grads_missed = False  # a hooked tensor's gradient never arrived (_forward_backward)
-        self._unreached: list[str] = []  # the layer keys whose output's gradient never arrived
 
     # -- running -----------------------------------------------------------------------------
     def run_batch(
@@ -1174,7 +1172,9 @@ class HookSession:
             self._grouping = grouping and attempt == 0
             try:
                 out = self._forward_backward(x, y)
-                missed = self._grads_missed and not self._off_input_path
+                # a gradient that never arrived: its tensor lies off the way from the loss to
+                # the input
+                missed = any(self._waits) and not self._off_input_path
                 if self._aliases_held() and not self._group_changed and not missed:
                     break
                 # a hooked tensor off the input's gradient path: every hooked tensor is a
@@ -1193,8 +1193,9 @@ class HookSession:
             log.debug("a view changed in place or a gradient went missing; running the batch again")
             out = None  # the first attempt's graph and activations, not held through the second
             _set_rng_state(x.device, rng)
-        for key in self._unreached:  # even with every hooked tensor a target (detached outputs)
-            self.without_gradient.setdefault(key, None)
+        for call, waits in zip(self._calls, self._waits):  # even with every hooked tensor a
+            if "grad_output" in waits:  # target of the backward (outputs detached after)
+                self.without_gradient.setdefault(call.name, None)
         try:
             if self.model_probes:
                 call = Call(
@@ -1352,9 +1353,6 @@ class HookSession:
             loss = self._loss(logits if self._default_loss else out, y)
             with explain_autograd_refusal("Gradient probes"):
                 torch.autograd.grad(loss, self._grad_targets(inp), allow_unused=True)
-        # a gradient that never arrived: its tensor lies off the way from the loss to the input
-        self._grads_missed = any(self._waits)
-        self._unreached = [c.name for c, w in zip(self._calls, self._waits) if "grad_output" in w]
         self.flush_held()
         for call in self._calls:
             if id(call) not in self._backward_done:  # gradients that never all arrived

@@ -364,6 +364,7 @@ class SiteTracer(TorchFunctionMode):
             return None
         (s, es), (f, ef) = ((a, ea), (b, eb)) if s_first else ((b, eb), (a, ea))
         scaled_s = c != 1 and not s_first  # S = c·x is no longer the input stream itself
+        identity = es.identity and not scaled_s
         if self.zero_branches:
             s_kept = s.clone() if inplace and s is a else s
             self.last_shortcut = c * s_kept if scaled_s else s_kept
@@ -391,7 +392,7 @@ class SiteTracer(TorchFunctionMode):
                     s=s_val,
                     out=out,
                     child=child,
-                    identity=es.identity and not scaled_s,
+                    identity=identity,
                     branch_scale=1 if scaled_s else c,
                     s_feeds_f=not scaled_s and id(s) in ef.origins,
                 )
@@ -401,7 +402,7 @@ class SiteTracer(TorchFunctionMode):
                 out,
                 es.weight,
                 es.hops,
-                es.identity and not scaled_s,
+                identity,
                 origins=es.origins | ef.origins | {id(out)},
             )
         return out
