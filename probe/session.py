@@ -915,6 +915,10 @@ class HookSession:
                     # one of several sites: its x is the stream that enters it, the shortcut
                     # its branch was computed from (a stem or a ReLU may lie before it)
                     x_k = rec.s
+                elif i == 0 and len(records) > 1 and rec.source is not None:
+                    # the first of several, F and S computed beside each other after a stem
+                    # (proj(h) + f(h)): the tensor both were computed from, not the input
+                    x_k = rec.source
                 y_k = y if last and y.shape == rec.out.shape else _kept_out(rec, where)
                 fn = whole if len(records) == 1 else None
             block = BlockTensors(x=x_k, f=rec.f, s=rec.s, y=y_k, residual=True)

@@ -83,6 +83,10 @@ class SiteRecord:
     # F was computed from S itself (x + f(x), x + f(norm(x))), not beside it from a common
     # input (proj(z) + f(z)): S is then the stream that enters the site
     s_feeds_f: bool = False
+    # Where F and S were computed beside each other from a tensor other than the owner's input
+    # (a stem before a network's first site, proj(h) + f(h) in the network's own forward): the
+    # latest tensor both derive from, the stream that enters the site. None otherwise.
+    source: torch.Tensor | None = None
 
 
 @dataclass
@@ -112,6 +116,7 @@ class OwnerCall:
     prov: dict[int, _Entry] = field(default_factory=dict)
     sites: list[SiteRecord] = field(default_factory=list)
     x: torch.Tensor | None = None
+    x_id: int | None = None  # id() of x as it entered (x may be replaced by a protective copy)
     input_prov: tuple[int, int, frozenset[int]] | None = None  # (weight, hops, origins) of its
     # input in the parent frame
     input_id: int | None = None
@@ -139,6 +144,15 @@ def _provenance(prov: dict[int, _Entry], obj: object) -> tuple[int, int, frozens
         return None
     origins = found[0].origins.union(*(e.origins for e in found[1:]))
     return max(e.weight for e in found), max(e.hops for e in found), origins
+
+
+def _common_source(frame: OwnerCall, es: _Entry, ef: _Entry) -> torch.Tensor | None:
+    """The latest tensor of the owner's code that S and F were both computed from, when that is
+    not the owner's input (a stem lies between them); None when it is, or when none is tracked.
+    Entries are kept in the order they were made, so the last common one is the latest."""
+    common = es.origins & ef.origins
+    latest = next((key for key in reversed(frame.prov) if key in common), None)
+    return None if latest is None or latest == frame.x_id else frame.prov[latest].tensor
 
 
 def storage_ptr(t: torch.Tensor) -> int | None:
@@ -277,7 +291,7 @@ class SiteTracer(TorchFunctionMode):
                 if frame.input_prov is not None:
                     frame.input_id = id(x) if x is not None else None
             if owner and x is not None and x.is_floating_point():
-                frame.x = x
+                frame.x, frame.x_id = x, id(x)
                 frame.prov[id(x)] = _Entry(x, 0, 0, True, origins=frozenset((id(x),)))
             self.stack.append(frame)
             if not self._active:
@@ -386,6 +400,7 @@ class SiteTracer(TorchFunctionMode):
             # x + c·child(x): the site is that child's call with an identity shortcut around it
             # (a scaled shortcut c·x + child(x) is not: it stays its owner's site).
             child = ef.producer if not scaled_s and ef.producer_input == id(s) else None
+            s_feeds_f = not scaled_s and id(s) in ef.origins
             frame.sites.append(
                 SiteRecord(
                     f=f_val,
@@ -394,7 +409,8 @@ class SiteTracer(TorchFunctionMode):
                     child=child,
                     identity=identity,
                     branch_scale=1 if scaled_s else c,
-                    s_feeds_f=not scaled_s and id(s) in ef.origins,
+                    s_feeds_f=s_feeds_f,
+                    source=None if s_feeds_f else _common_source(frame, es, ef),
                 )
             )
         if out.shape == s.shape:
@@ -418,9 +434,9 @@ class SiteTracer(TorchFunctionMode):
                 frame.x = frame.x.clone()
             spare = frame.name in self.spare
             for rec in frame.sites:
-                for attr in ("f", "s", "out"):
+                for attr in ("f", "s", "out", "source"):
                     t = getattr(rec, attr)
-                    if storage_ptr(t) != ptr:
+                    if t is None or storage_ptr(t) != ptr:
                         continue
                     if attr == "out" and spare:
                         rec.out_kept = False

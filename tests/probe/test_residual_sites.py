@@ -643,3 +643,41 @@ def test_a_network_in_one_forward_is_written_to_hdf5_as_its_sites(tmp_path):
         for k in cap.layers:
             for q in mem[k]:
                 np.testing.assert_array_equal(cap.read(k, q), mem[k][q])
+
+
+class ProjectionFirstInOneForward(nn.Module):
+    """A network in one forward whose first site has a projection shortcut after a stem:
+    h = stem(x); h = proj(h) + f0(relu(h)); then h + f(relu(h))."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.proj = nn.Linear(5, 4), nn.Linear(4, 6)
+        self.f0 = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 6))  # heavier than proj
+        self.fs = nn.ModuleList([nn.Linear(6, 6) for _ in range(2)])
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = self.proj(h) + self.f0(torch.relu(h))
+        for f in self.fs:
+            h = h + f(torch.relu(h))
+        return self.head(h)
+
+
+def test_the_x_of_a_first_projection_site_after_a_stem_is_the_stem_output():
+    torch.manual_seed(0)
+    model = ProjectionFirstInOneForward().eval()
+    x, labels = _x(3, 5), torch.tensor([0, 1, 2])
+    results, _ = _run(model, x, probes=[probe.make_probe("grad")], labels=labels)
+    h = model.stem(x).detach().requires_grad_(True)
+    streams = [h, model.proj(h) + model.f0(torch.relu(h))]
+    for f in model.fs:
+        streams.append(streams[-1] + f(torch.relu(streams[-1])))
+    loss = torch.nn.functional.cross_entropy(model.head(streams[-1]), labels, reduction="sum")
+    grads = torch.autograd.grad(loss, streams[:-1])
+    for k in range(3):
+        r = results[f"model#{k}"]
+        # until 2026-12-05 the first site's x was the model's input (5 features, not the stem's 4)
+        assert torch.allclose(r["X"], streams[k].detach()), k
+        np.testing.assert_allclose(r["grad_x_norm"], grads[k].norm(dim=1).numpy(), rtol=1e-5)
+    assert torch.allclose(results["model#0"]["S"], model.proj(h).detach())
