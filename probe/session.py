@@ -1094,6 +1094,10 @@ class HookSession:
         self._held: list[_Held] = []  # calls held for groupable probes (_hold)
         self._held_key: object = None
         self._held_bytes = 0
+        # the batch's results are the caller's once returned; kept here, they would outlive the
+        # batch (and the session: a closed session is cyclic garbage, and tensors freed by the
+        # collector instead of by reference counting are a known way to crash torch)
+        self._results: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def _reset_batch(self, offset: int) -> None:
         self._release_batch()  # forwards run outside run_batch leave theirs until here
