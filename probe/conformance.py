@@ -341,9 +341,18 @@ TIMM_MODELS = (
     "densenet121",
 )
 
-# Models whose random initialisation alone takes many seconds on a CPU (>100M parameters).
+# Models whose random initialisation alone takes many seconds on a CPU (>100M parameters), and
+# the largest members of families whose smaller members (the same block classes) stay in the
+# default tier: each took 3-9 s per mode on a 2-core CPU (Swin at 224²). Select them with -m slow.
 LARGE = frozenset(
     {
+        "swin_b",
+        "swin_v2_b",
+        "convnext_base",
+        "resnext101_32x8d",
+        "resnet152",
+        "efficientnet_b6",
+        "efficientnet_b7",
         "regnet_y_128gf",
         "regnet_y_32gf",
         "regnet_x_32gf",
