@@ -613,16 +613,21 @@ class WholeNetInOneForward(nn.Module):
         return self.head(h)
 
 
+def _by_hand(model, streams, labels):
+    """The rest of a one-forward net's pass by hand from its first ``streams`` (the first a
+    leaf): every stream after h + f(relu(h)), and the loss gradient at each but the last."""
+    for f in model.fs:
+        streams.append(streams[-1] + f(torch.relu(streams[-1])))
+    loss = torch.nn.functional.cross_entropy(model.head(streams[-1]), labels, reduction="sum")
+    return streams, torch.autograd.grad(loss, streams[:-1])
+
+
 def test_the_x_of_each_of_several_sites_is_the_stream_that_enters_it():
     torch.manual_seed(0)
     model = WholeNetInOneForward().eval()
     x, labels = _x(3, 5), torch.tensor([0, 1, 2])
     results, _ = _run(model, x, probes=[probe.make_probe("grad")], labels=labels)
-    streams = [model.stem(x).detach().requires_grad_(True)]
-    for f in model.fs:  # the pass by hand, each stream a leaf of its own graph's view
-        streams.append(streams[-1] + f(torch.relu(streams[-1])))
-    loss = torch.nn.functional.cross_entropy(model.head(streams[-1]), labels, reduction="sum")
-    grads = torch.autograd.grad(loss, streams[:-1])
+    streams, grads = _by_hand(model, [model.stem(x).detach().requires_grad_(True)], labels)
     for k in range(3):
         r = results[f"model#{k}"]
         # until 2026-12-05 the first site's x was the model's input (5 features, not the stream)
@@ -670,11 +675,7 @@ def test_the_x_of_a_first_projection_site_after_a_stem_is_the_stem_output():
     x, labels = _x(3, 5), torch.tensor([0, 1, 2])
     results, _ = _run(model, x, probes=[probe.make_probe("grad")], labels=labels)
     h = model.stem(x).detach().requires_grad_(True)
-    streams = [h, model.proj(h) + model.f0(torch.relu(h))]
-    for f in model.fs:
-        streams.append(streams[-1] + f(torch.relu(streams[-1])))
-    loss = torch.nn.functional.cross_entropy(model.head(streams[-1]), labels, reduction="sum")
-    grads = torch.autograd.grad(loss, streams[:-1])
+    streams, grads = _by_hand(model, [h, model.proj(h) + model.f0(torch.relu(h))], labels)
     for k in range(3):
         r = results[f"model#{k}"]
         # until 2026-12-05 the first site's x was the model's input (5 features, not the stem's 4)
