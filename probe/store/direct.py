@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import gc
 import io
 import os
 import threading
@@ -48,11 +49,55 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["ALIGN", "ALIGN_THRESHOLD", "BufferPool", "DirectFile", "aligned_empty", "supported"]
+__all__ = [
+    "ALIGN",
+    "ALIGN_THRESHOLD",
+    "BufferPool",
+    "DirectFile",
+    "aligned_empty",
+    "collector_paused",
+    "supported",
+]
 
 ALIGN = 4096  # the largest logical block size O_DIRECT asks of offsets, lengths and addresses
 ALIGN_THRESHOLD = 64 << 10  # objects this large are aligned; smaller ones keep HDF5's packing
 _DEPTH = 8  # buffers of one size before a new chunk waits for the disk to take an old one
+
+
+_collector_lock = threading.Lock()
+_collector = {"depth": 0, "was_enabled": False}
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection, in any thread, while h5py works through a DirectFile.
+
+    h5py holds its global lock while HDF5 calls a DirectFile back; a write may start one of the
+    DirectFile's I/O threads and a flush waits for them. A collection run in such a thread (any
+    allocation may start one) that frees an h5py object of some earlier cyclic garbage waits for
+    that lock: the thread waits for h5py's holder, which waits for the thread, for ever. Seen:
+    a new I/O thread collecting a ``GroupID`` as it started, the capture and every later h5py
+    call of the process hung. Pauses nest and may overlap across writers; the last restores
+    the collector's state as the first found it.
+
+    Example:
+        >>> import gc
+        >>> with collector_paused():
+        ...     gc.isenabled()
+        False
+    """
+    with _collector_lock:
+        if _collector["depth"] == 0:
+            _collector["was_enabled"] = gc.isenabled()
+            gc.disable()
+        _collector["depth"] += 1
+    try:
+        yield
+    finally:
+        with _collector_lock:
+            _collector["depth"] -= 1
+            if _collector["depth"] == 0 and _collector["was_enabled"]:
+                gc.enable()
 
 
 def _io_threads() -> int:

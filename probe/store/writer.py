@@ -31,7 +31,14 @@ import torch
 
 from probe.errors import ProbeError, check_option
 from probe.store.checksum import with_fletcher32
-from probe.store.direct import ALIGN, ALIGN_THRESHOLD, BufferPool, DirectFile, supported
+from probe.store.direct import (
+    ALIGN,
+    ALIGN_THRESHOLD,
+    BufferPool,
+    DirectFile,
+    collector_paused,
+    supported,
+)
 from probe.store.schema import (
     FORMAT,
     FORMAT_VERSION,
@@ -439,7 +446,8 @@ class H5Writer:
             item, size = got
             try:
                 if self._error is None:
-                    self._write_item(item)
+                    with collector_paused():  # h5py calls back into a DirectFile
+                        self._write_item(item)
                     self._unsynced += size
                     if self._unsynced >= _SYNC_BYTES:
                         self._sync_data()
@@ -619,24 +627,8 @@ class H5Writer:
         self._thread.join()
         try:
             self._raise_if_failed()
-            for buf in self._buffers.values():
-                self._flush(buf, final=True)
-            self._stop_helpers()
-            # written once, here, with the counts known only at the end (non-finite samples): an
-            # attribute write costs ~80 us, and a layer has a dataset per quantity
-            for layer in self._layer_order:  # each has a dataset now, so its group
-                self._groups[layer].attrs.update(self.layer_attrs.get(layer, {}))
-            self._file.attrs["layer_order"] = json.dumps(self._layer_order)
-            self._file.attrs["n_samples"] = self._n_samples
-            for k, v in (extra_attrs or {}).items():
-                self._file.attrs[k] = v
-            # a file the reader would refuse is never marked complete; attributes read once
-            attrs = read_attrs(self._file)
-            check_schema(self._file, attrs)
-            self._file.attrs["attrs_sha256"] = attrs_digest(attrs)
-            self._file.attrs["complete"] = complete  # last: a file without it was interrupted
-            self._file.flush()
-            self._close_file()
+            with collector_paused():  # h5py calls back into a DirectFile
+                self._finish_file(extra_attrs, complete)
             if before_commit is not None:
                 before_commit()
             commit(self.tmp, self.path)
@@ -650,6 +642,27 @@ class H5Writer:
             self.abort()
             raise
         return self.path
+
+    def _finish_file(self, extra_attrs: dict | None, complete: bool) -> None:
+        """Write the buffers' remainders and the file's attributes, then close it."""
+        for buf in self._buffers.values():
+            self._flush(buf, final=True)
+        self._stop_helpers()
+        # written once, here, with the counts known only at the end (non-finite samples): an
+        # attribute write costs ~80 us, and a layer has a dataset per quantity
+        for layer in self._layer_order:  # each has a dataset now, so its group
+            self._groups[layer].attrs.update(self.layer_attrs.get(layer, {}))
+        self._file.attrs["layer_order"] = json.dumps(self._layer_order)
+        self._file.attrs["n_samples"] = self._n_samples
+        for k, v in (extra_attrs or {}).items():
+            self._file.attrs[k] = v
+        # a file the reader would refuse is never marked complete; attributes read once
+        attrs = read_attrs(self._file)
+        check_schema(self._file, attrs)
+        self._file.attrs["attrs_sha256"] = attrs_digest(attrs)
+        self._file.attrs["complete"] = complete  # last: a file without it was interrupted
+        self._file.flush()
+        self._close_file()
 
     def _close_file(self) -> None:
         """Close the HDF5 file, then the descriptors it wrote through (h5py leaves a file
@@ -671,7 +684,7 @@ class H5Writer:
         with contextlib.suppress(Exception):  # its error, if any, is not the one to report
             self._stop_helpers()
         if self._file is not None:
-            with contextlib.suppress(Exception):  # the file may already be closed or broken
+            with contextlib.suppress(Exception), collector_paused():  # may be closed or broken
                 self._close_file()
         # An unwritable --out never had one: the error that brought us here is the one to report.
         with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@ chunk, a buffer is never reused while the disk still reads it, a file system wit
 gets the same bytes the ordinary way, and a failed direct write fails the capture cleanly."""
 
 import errno
+import gc
 import os
 import threading
 import time
@@ -300,3 +301,44 @@ def test_hdf5s_own_buffers_are_written_before_hdf5_refills_them(
 
 def test_offset_writes_need_pwrite():
     assert direct.supported() == hasattr(os, "pwrite")
+
+
+def test_h5py_calls_back_into_a_direct_file_with_the_collector_paused(tmp_path, monkeypatch):
+    """h5py holds its global lock while HDF5 calls a DirectFile back, and a DirectFile starts
+    its I/O threads there and waits for them on a flush. An automatic collection that ran as
+    such a thread started, freeing an h5py object of earlier cyclic garbage, waited for that
+    lock for ever (seen in a test run: a new I/O thread in ``gc_collect_main`` freeing a
+    ``GroupID``, the writer in ``Thread.start`` inside ``write_direct_chunk``). Every callback
+    now runs with automatic collection paused, for every thread."""
+    if not _has_direct_io(tmp_path):
+        pytest.skip("the temporary folder's file system has no O_DIRECT")
+    seen = {"write": [], "flush": []}
+    for name in seen:
+        original = getattr(DirectFile, name)
+
+        def spy(self, *args, _original=original, _calls=seen[name]):
+            _calls.append(gc.isenabled())
+            return _original(self, *args)
+
+        monkeypatch.setattr(DirectFile, name, spy)
+    assert gc.isenabled()
+    w = _capture(tmp_path / "c.h5", _batches([64, 40]))
+    assert w.direct_bytes > 0 and seen["write"] and seen["flush"]
+    assert not any(seen["write"]) and not any(seen["flush"]), seen
+    assert gc.isenabled()  # restored
+
+
+def test_collector_pauses_nest_and_restore_what_they_found():
+    assert gc.isenabled()
+    with direct.collector_paused():
+        with direct.collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with direct.collector_paused():
+            pass
+        assert not gc.isenabled()  # a collector the caller turned off stays off
+    finally:
+        gc.enable()
