@@ -446,7 +446,7 @@ class H5Writer:
             item, size = got
             try:
                 if self._error is None:
-                    with collector_paused():  # h5py calls back into a DirectFile
+                    with self._h5py_calls_back():
                         self._write_item(item)
                     self._unsynced += size
                     if self._unsynced >= _SYNC_BYTES:
@@ -627,7 +627,7 @@ class H5Writer:
         self._thread.join()
         try:
             self._raise_if_failed()
-            with collector_paused():  # h5py calls back into a DirectFile
+            with self._h5py_calls_back():
                 self._finish_file(extra_attrs, complete)
             if before_commit is not None:
                 before_commit()
@@ -664,6 +664,11 @@ class H5Writer:
         self._file.flush()
         self._close_file()
 
+    def _h5py_calls_back(self) -> contextlib.AbstractContextManager:
+        """Automatic garbage collection paused while h5py may call back into a DirectFile (see
+        :func:`~probe.store.direct.collector_paused`); an ordinary file needs no pause."""
+        return collector_paused() if self._raw_file is not None else contextlib.nullcontext()
+
     def _close_file(self) -> None:
         """Close the HDF5 file, then the descriptors it wrote through (h5py leaves a file
         object open)."""
@@ -684,7 +689,7 @@ class H5Writer:
         with contextlib.suppress(Exception):  # its error, if any, is not the one to report
             self._stop_helpers()
         if self._file is not None:
-            with contextlib.suppress(Exception), collector_paused():  # may be closed or broken
+            with contextlib.suppress(Exception), self._h5py_calls_back():  # closed, broken?
                 self._close_file()
         # An unwritable --out never had one: the error that brought us here is the one to report.
         with contextlib.suppress(OSError):
