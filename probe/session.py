@@ -1100,10 +1100,9 @@ class HookSession:
         self._results: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def _reset_batch(self, offset: int) -> None:
-        self._release_batch()  # forwards run outside run_batch leave theirs until here
+        self._release_batch()  # forwards run outside run_batch leave theirs (and fresh results)
         self._offset = offset
         self._counts: dict[str, int] = defaultdict(int)
-        self._results: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self._info: dict[str, LayerInfo] = {}
         self._backward_done: set[int] = set()
         self._versions: dict[tuple[str, str], int | None] = {}
