@@ -246,7 +246,15 @@ def _restore_momentum(
 
 
 def _write_json(path: Path, doc: object) -> None:
-    atomic_write_text(path, json.dumps(doc, indent=2, default=str))
+    """``doc`` as JSON with sorted keys, the order the resume checkpoint keeps the history in:
+    a run resumed or run again writes the very file it wrote when trained in one go (figures of
+    its curves are then reused, analyses.figure_reuse), and a file already holding it is left
+    untouched."""
+    text = json.dumps(doc, indent=2, sort_keys=True, default=str)
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if path.read_text() == text:
+            return
+    atomic_write_text(path, text)
 
 
 @contextlib.contextmanager
@@ -393,7 +401,7 @@ def train(
             start_epoch = resumed_from = int(meta["epoch"])
             history = _resumed_history(meta, run_dir / "history.json", start_epoch)
             if replicas.is_main:
-                _write_json(run_dir / "history.json", history)  # mends a damaged history.json
+                _write_json(run_dir / "history.json", history)  # mends a damaged one
         checkpoints = {
             e: run_dir / "checkpoints" / f"epoch-{e:04d}.json"
             for e in save_at
