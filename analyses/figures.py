@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import matplotlib
@@ -23,6 +24,7 @@ __all__ = [
     "model_order",
     "palette",
     "save",
+    "figure_stamp",
     "plot_vs_layer",
     "site_of",
     "plot_fig7",
@@ -99,20 +101,38 @@ def palette(models: list[str]) -> dict[str, tuple]:
     return out
 
 
-def save(fig: plt.Figure, out_dir: Path, name: str, data: pd.DataFrame | None = None) -> list[Path]:
+def save(
+    fig: plt.Figure,
+    out_dir: Path,
+    name: str,
+    data: pd.DataFrame | None = None,
+    *,
+    key: str | None = None,
+) -> list[Path]:
+    """``fig`` as ``name``.png (150 dpi) and .svg, and ``data`` as ``name``.csv, each written
+    atomically; ``key`` (:func:`analyses.figure_reuse.figure_key`) is stamped into the PNG and
+    the SVG with the CSV's digest, so that a run again can reuse them. Closes ``fig``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    csv = data.to_csv(index=False).encode() if data is not None else None
+    meta = {"Identifier": figure_stamp(key, csv)} if key is not None else {}
     try:
+        if csv is not None:  # first: a stamp never names a CSV that is not there yet
+            with atomic_path(out_dir / f"{name}.csv") as tmp:
+                tmp.write_bytes(csv)
         for path, kw in zip(paths, ({"dpi": 150}, {})):
             with atomic_path(path) as tmp:  # a killed run leaves no half-written figure
-                fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", **kw)
+                fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", metadata=meta, **kw)
     finally:
         plt.close(fig)
-    if data is not None:
-        with atomic_path(out_dir / f"{name}.csv") as tmp:
-            data.to_csv(tmp, index=False)
-        paths.append(out_dir / f"{name}.csv")
-    return paths
+    return paths + ([out_dir / f"{name}.csv"] if csv is not None else [])
+
+
+def figure_stamp(key: str | None, csv: bytes | None) -> str:
+    """What :func:`save` stamps into a figure's PNG and SVG: the figure's key and the sha256
+    of its CSV (``-`` without one)."""
+    digest = hashlib.sha256(csv).hexdigest() if csv is not None else "-"
+    return f"resprobe-figure {key} csv {digest}"
 
 
 def _seed_errorbar(name: str, values: pd.Series):

@@ -19,6 +19,7 @@ import pandas as pd
 from analyses import figures
 from analyses.checkpoints import source_checkpoint
 from analyses.cka import capture_representations, cka_matrix
+from analyses.figure_reuse import render
 from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
@@ -250,24 +251,30 @@ def write_figures(
             )
             continue
         rel = relative and quantity not in _NOT_PER_BLOCK
-        files += figures.save(
-            figures.plot_vs_layer(table, quantity, logy=logy, relative=rel),
+        files += render(
             out,
             prefix + name,
-            figures.with_relative_depth(d) if rel else d,
+            figures.plot_vs_layer,
+            table,
+            quantity,
+            logy=logy,
+            relative=rel,
+            data=figures.with_relative_depth(d) if rel else d,
         )
     if "response_std_pooled" in present:
         d = table[table["quantity"].str.startswith(("response_std", "bn_gamma"))]
-        files += figures.save(figures.plot_fig7(table), out, prefix + "fig7_response_std", d)
-        files += figures.save(
-            figures.plot_fig7(table, "response_std_channel"),
+        files += render(out, prefix + "fig7_response_std", figures.plot_fig7, table, data=d)
+        files += render(
             out,
             prefix + "fig7_response_std_channel",
-            d,
+            figures.plot_fig7,
+            table,
+            "response_std_channel",
+            data=d,
         )
         if "bn_gamma_abs" in present:
-            files += figures.save(
-                figures.plot_fig7(table, "bn_gamma_abs"), out, prefix + "fig7_bn_gamma", d
+            files += render(
+                out, prefix + "fig7_bn_gamma", figures.plot_fig7, table, "bn_gamma_abs", data=d
             )
     else:
         skipped["fig7_response_std"] = (
@@ -281,16 +288,19 @@ def write_figures(
             key = run_key(cap)
             tag = _cka_tag(key, tags)
             epoch = f" (epoch {key['checkpoint']})" if key["checkpoint"] >= 0 else ""
-            files += figures.save(
-                figures.plot_cka(mat, layers, f"{key['model']}{epoch}"),
+            files += render(
                 out,
                 f"{prefix}cka_{tag}",
-                pd.DataFrame(mat, index=layers, columns=layers).reset_index(),
+                figures.plot_cka,
+                mat,
+                layers,
+                f"{key['model']}{epoch}",
+                data=pd.DataFrame(mat, index=layers, columns=layers).reset_index(),
             )
     spectra = slq_spectra(caps)
     if len(spectra):
-        files += figures.save(
-            figures.plot_spectra(spectra), out, prefix + "jacobian_spectra", spectra
+        files += render(
+            out, prefix + "jacobian_spectra", figures.plot_spectra, spectra, data=spectra
         )
     else:
         skipped["jacobian_spectra"] = "no 'jac_slq_nodes' (needs probe 'jacobian:slq_steps=10')"
@@ -301,22 +311,27 @@ def write_figures(
     if histories is not None and len(histories) and "train_error" in histories:
         h = histories.dropna(subset=["train_error"])
         if len(h):
-            files += figures.save(figures.plot_training(h), out, prefix + "training_error", h)
+            files += render(out, prefix + "training_error", figures.plot_training, h, data=h)
         hb = (
             histories.dropna(subset=["batch_error"])
             if "batch_error" in histories
             else histories.iloc[0:0]
         )
         if len(hb):
-            files += figures.save(
-                figures.plot_training(hb, "batch_error"), out, prefix + "training_batch_error", hb
+            files += render(
+                out,
+                prefix + "training_batch_error",
+                figures.plot_training,
+                hb,
+                "batch_error",
+                data=hb,
             )
     else:
         skipped["training_curves"] = (
             "the runs' history.json files are not reachable from the capture provenance"
         )
     if lesions is not None and len(lesions):
-        files += figures.save(figures.plot_lesions(lesions), out, prefix + "lesions", lesions)
+        files += render(out, prefix + "lesions", figures.plot_lesions, lesions, data=lesions)
     return files, skipped
 
 

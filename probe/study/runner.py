@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analyses.figures import plot_vs_depth, save
+from analyses.figure_reuse import render
+from analyses.figures import plot_vs_depth
 from analyses.lesions import checkpoint_lesions
 from analyses.pipeline import measure_table, write_figures
 from analyses.tidy import COLUMNS, run_key
@@ -367,11 +368,14 @@ def run_study_here(
     f2, _ = write_figures(init_table, figdir, prefix="init_")
     files += [f for f in f2 if not f.name.startswith("init_training")]
     rt = runs.rename(columns={"train_error": "value"}).assign(quantity="train_error")
-    files += save(
-        plot_vs_depth(rt, "train_error", "final training error (eval mode)"),
+    files += render(
         figdir,
         "degradation_vs_depth",
+        plot_vs_depth,
         rt,
+        "train_error",
+        "final training error (eval mode)",
+        data=rt,
     )
     timings["figures"] = time.perf_counter() - ts
 

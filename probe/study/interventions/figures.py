@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
-from analyses.figures import legend_outside, percent_axis, save, theme
+from analyses.figure_reuse import render
+from analyses.figures import legend_outside, percent_axis, theme
 from analyses.stats import POSITIVE, RATE, seed_band
 from probe.study.interventions.runner import InterventionData
 from probe.study.interventions.toy import VARIANTS
@@ -174,21 +175,24 @@ def write_arm_figures(
             labels = dict(zip(labels["key"], labels["label"]))
             c = data.curves[data.curves["key"].isin(keys_of.get(arm, []))]
             c = c.assign(label=c["key"].map(labels))
-            files += save(plot_arm_curves(c), figdir, f"arm_{arm}_training_error", c)
+            files += render(figdir, f"arm_{arm}_training_error", plot_arm_curves, c, data=c)
     if "constructed" in data.arms and len(data.closeness):
-        files += save(
-            _closeness(data.closeness), figdir, "arm_constructed_closeness", data.closeness
+        files += render(
+            figdir, "arm_constructed_closeness", _closeness, data.closeness, data=data.closeness
         )
     if "shortcut_scale" in data.arms and len(data.grad_profile):
-        files += save(
-            _gradients(data.grad_profile), figdir, "arm_shortcut_scale_gradients", data.grad_profile
+        files += render(
+            figdir,
+            "arm_shortcut_scale_gradients",
+            _gradients,
+            data.grad_profile,
+            data=data.grad_profile,
         )
     if "matched_loss" in data.arms:
         keys = (f"{families[0]}{depth}", f"{families[1]}{depth}")
-        fig, d = _matched(data.curves, keys)
-        files += save(fig, figdir, "arm_matched_loss", d)
+        files += render(figdir, "arm_matched_loss", _matched, data.curves, keys)
     if "toy" in data.arms and data.toy:
-        fig, d = _toy_solved(data.toy["steps"], toy_steps)
-        files += save(fig, figdir, "arm_toy_solved", d)
-        files += save(_toy_loss(data.toy["curves"]), figdir, "arm_toy_loss", data.toy["curves"])
+        files += render(figdir, "arm_toy_solved", _toy_solved, data.toy["steps"], toy_steps)
+        curves = data.toy["curves"]
+        files += render(figdir, "arm_toy_loss", _toy_loss, curves, data=curves)
     return files

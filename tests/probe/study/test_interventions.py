@@ -77,10 +77,15 @@ def test_curves_have_every_epoch_and_the_arm_figures_exist(study):
         assert (study.out / "figures" / f"{name}.png").stat().st_size > 1000, name
 
 
-def test_a_rerun_reuses_every_run_and_the_toy(study):
+def test_a_rerun_reuses_every_run_the_toy_and_every_figure(study):
+    figures = sorted((study.out / "figures").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in figures]
     again = run_study(get_preset("interventions", **TINY), study.out)
     assert again.timings["interventions"] < study.timings["interventions"]
     assert [v.verdict for v in again.arm_verdicts] == [v.verdict for v in study.arm_verdicts]
+    # the same numbers: not one figure drawn again (analyses.figure_reuse)
+    assert sorted((study.out / "figures").iterdir()) == figures
+    assert [f.stat().st_mtime_ns for f in figures] == stamps
 
 
 def test_unknown_arm_is_a_clear_error_and_a_clean_cli_exit():

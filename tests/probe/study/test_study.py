@@ -62,7 +62,7 @@ def test_a_rerun_reuses_what_is_whole_and_redoes_what_is_damaged(study):
     """A study run again into its directory reuses every checkpoint and every whole capture, and
     redoes what a kill or a full disk left behind: a removed report, a truncated capture, and
     lesion tables left empty or cut after their header (a kill while one was written, before
-    atomic writes). One rerun checks them all: each rerun analyses and plots the whole study."""
+    atomic writes), a damaged figure. One rerun checks them all: each rerun analyses and plots the whole study."""
     import probe
 
     ckpt = next((study.out / "runs").glob("*/checkpoints/*.safetensors"))
@@ -76,6 +76,8 @@ def test_a_rerun_reuses_what_is_whole_and_redoes_what_is_damaged(study):
         table.write_bytes(damage)
     broken.write_bytes(b"truncated")
     (study.out / "report.html").unlink()
+    figure = sorted((study.out / "figures").glob("final_*.png"))[0]
+    figure.write_bytes(figure.read_bytes()[:1000])
 
     again = run_study(get_preset("default", **TINY), study.out)
     assert (ckpt.stat().st_mtime_ns, whole.stat().st_mtime_ns) == stamps
@@ -83,6 +85,10 @@ def test_a_rerun_reuses_what_is_whole_and_redoes_what_is_damaged(study):
     assert again.timings["train"] < study.timings["train"]
     probe.open(broken).close()
     assert [t.read_text() for t in tables] == good
+    from PIL import Image
+
+    with Image.open(figure) as im:  # drawn again, whole
+        im.load()
     assert not list(study.out.rglob("*.tmp-*"))  # and the rerun left no temporary files
 
 
