@@ -85,6 +85,17 @@ def test_capture_inspect_analyze(run_dir, tmp_path):
     assert (tmp_path / "figs" / "fig7_response_std.png").exists()
     assert "skipped cka_matrix" in res.output
 
+    # run again on the same captures: every figure is reused, none drawn again (the measures
+    # table beside them is written anew)
+    def figures():
+        return {f: f.stat().st_mtime_ns for f in (tmp_path / "figs").glob("[!m]*")}
+
+    drawn = figures()
+    assert len(drawn) > 30 and not any(f.name == "measures.csv" for f in drawn)
+    res = runner.invoke(cli, ["analyze", str(out), str(bn), "--out", str(tmp_path / "figs")])
+    assert res.exit_code == 0, res.output
+    assert figures() == drawn
+
 
 def test_inspect_rejects_incomplete_file(run_dir, tmp_path):
     out = tmp_path / "c.h5"
