@@ -1,0 +1,154 @@
+"""Where the eager statistics' time goes inside a probed pass, and what the alternatives cost.
+
+Part 1, inside the pass: ResNet-56 (batch 64) with ResidualNorms + ChannelStats, each variant in
+its own session on its own copy of the model, every pass paired with an unprobed twin timed
+right before it; printed is the median ratio. Variants take one part of the arithmetic out
+(stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
+against ``eager`` bounds what any faster formula for that part could save.
+
+Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
+per-sample dot products on one stage's tensors, with the caches flushed before each call (a
+model's pass leaves them cold), and its largest relative error against float64.
+
+Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import probe
+from benchmarks.compare import build
+from probe.probes import statistics as st
+
+_BLOCK_QUANTITIES = st._block_quantities
+_CHANNEL_MOMENTS = st.channel_moments
+
+
+def _without_cosines(x, f, s, y, norms):
+    out = _BLOCK_QUANTITIES(x, f[:, :0], s[:, :0], y[:, :0], norms)  # empty dot products
+    out["dev_norm"] = st.per_sample_norm(y - s)
+    return out
+
+
+def _means_only(t, layout="auto"):
+    m = t.mean(tuple(range(2, t.ndim)))
+    return m, m
+
+
+BOTH = (probe.ResidualNorms, probe.ChannelStats)
+VARIANTS: dict[str, tuple[tuple[type, ...], tuple[str, Callable] | None]] = {
+    "eager": (BOTH, None),
+    "ResidualNorms alone": ((probe.ResidualNorms,), None),
+    "ChannelStats alone": ((probe.ChannelStats,), None),
+    "no cosines": (BOTH, ("_block_quantities", _without_cosines)),
+    "channel means only": (BOTH, ("channel_moments", _means_only)),
+}
+
+
+def inside_the_pass(rounds: int) -> None:
+    _, blocks, x, y = build("zoo")
+    twin = build("zoo")[0]
+    sessions = {
+        name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in probes])
+        for name, (probes, _) in VARIANTS.items()
+    }
+    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    try:
+        for s in sessions.values():
+            s.__enter__()
+        for r in range(rounds + 2):
+            for name, (_, stub) in VARIANTS.items():
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    twin(x)
+                base = time.perf_counter() - t0
+                if stub:
+                    setattr(st, *stub)
+                try:
+                    t0 = time.perf_counter()
+                    sessions[name].run_batch(x, y)
+                    probed = time.perf_counter() - t0
+                finally:
+                    st._block_quantities, st.channel_moments = _BLOCK_QUANTITIES, _CHANNEL_MOMENTS
+                if r >= 2:  # two rounds of warm-up
+                    ratios[name].append(probed / base)
+    finally:
+        for s in sessions.values():
+            s.close()
+    print("## inside the pass (ResNet-56, batch 64; ratio to the unprobed twin, median)")
+    for name, rs in ratios.items():
+        print(f"{name:22s} {statistics.median(rs):.3f}")
+
+
+def _cold(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        flush.add_(1)  # 64 MB through the caches, as a block's convolutions do
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((got.double() - ref) / ref.abs().clamp_min(1e-300)).abs().max())
+
+
+def alone() -> None:
+    flush = torch.empty(16 * 1024 * 1024)
+    print("\n## alone, caches flushed (ms; largest relative error against float64)")
+    for shape in [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]:
+        g = torch.Generator().manual_seed(0)
+        t = torch.randn(*shape, generator=g).relu_()
+        other = torch.randn(*shape, generator=g)
+        n, c, p = shape[0], shape[1], shape[2] * shape[3]
+        rows = t.view(n * c, 1, p)
+        ref_var = t.double().flatten(2).var(2, unbiased=False).flatten()
+        ref_dot = (t.double() * other.double()).flatten(1).sum(1)
+        moments = {
+            "two-pass (resprobe)": lambda: st.moments(t, torch.float32)[1],
+            "var_mean (Welford)": lambda: torch.var_mean(t.flatten(2), 2, correction=0)[0],
+            "batch_norm_update_stats": lambda: torch.batch_norm_update_stats(
+                t.view(1, n * c, p), None, None, 0.1
+            )[1],
+            "cdist to the mean": lambda: torch.cdist(
+                rows,
+                rows.mean(2, keepdim=True).expand(-1, 1, p),
+                compute_mode="donot_use_mm_for_euclid_dist",
+            ).square()
+            / p,
+            "float64 sums": lambda: t.flatten(2).sum(2, dtype=torch.float64),
+        }
+        dots = {
+            "product, sum (resprobe)": lambda: st.per_sample_dot(t, other),
+            "bmm": lambda: torch.bmm(t.view(n, 1, -1), other.view(n, -1, 1)).flatten(),
+            "vecdot": lambda: torch.linalg.vecdot(t.flatten(1), other.flatten(1)),
+        }
+        print(f"{tuple(shape)}")
+        for name, fn in moments.items():
+            err = "" if "sums" in name else f"  err {_error(fn().flatten(), ref_var):.1e}"
+            print(f"  moments  {name:26s} {_cold(fn, flush):7.3f}{err}")
+        for name, fn in dots.items():
+            print(f"  dot      {name:26s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref_dot):.1e}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    inside_the_pass(args.rounds)
+    alone()
+
+
+if __name__ == "__main__":
+    main()
