@@ -102,42 +102,49 @@ def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((got.double() - ref) / ref.abs().clamp_min(1e-300)).abs().max())
 
 
-def alone() -> None:
-    flush = torch.empty(16 * 1024 * 1024)
-    print("\n## alone, caches flushed (ms; largest relative error against float64)")
-    for shape in [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]:
-        g = torch.Generator().manual_seed(0)
-        t = torch.randn(*shape, generator=g).relu_()
-        other = torch.randn(*shape, generator=g)
-        n, c, p = shape[0], shape[1], shape[2] * shape[3]
-        rows = t.view(n * c, 1, p)
-        ref_var = t.double().flatten(2).var(2, unbiased=False).flatten()
-        ref_dot = (t.double() * other.double()).flatten(1).sum(1)
-        moments = {
-            "two-pass (resprobe)": lambda: st.moments(t, torch.float32)[1],
-            "var_mean (Welford)": lambda: torch.var_mean(t.flatten(2), 2, correction=0)[0],
-            "batch_norm_update_stats": lambda: torch.batch_norm_update_stats(
-                t.view(1, n * c, p), None, None, 0.1
-            )[1],
-            "cdist to the mean": lambda: torch.cdist(
+def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
+    """Print each moment and dot-product formula's time and error on tensors of ``shape``."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=g).relu_()
+    other = torch.randn(*shape, generator=g)
+    n, c, p = shape[0], shape[1], shape[2] * shape[3]
+    rows = t.view(n * c, 1, p)
+    ref_var = t.double().flatten(2).var(2, unbiased=False).flatten()
+    ref_dot = (t.double() * other.double()).flatten(1).sum(1)
+    moments = {
+        "two-pass (resprobe)": lambda: st.moments(t, torch.float32)[1],
+        "var_mean (Welford)": lambda: torch.var_mean(t.flatten(2), 2, correction=0)[0],
+        "batch_norm_update_stats": lambda: torch.batch_norm_update_stats(
+            t.view(1, n * c, p), None, None, 0.1
+        )[1],
+        "cdist to the mean": lambda: (
+            torch.cdist(
                 rows,
                 rows.mean(2, keepdim=True).expand(-1, 1, p),
                 compute_mode="donot_use_mm_for_euclid_dist",
             ).square()
-            / p,
-            "float64 sums": lambda: t.flatten(2).sum(2, dtype=torch.float64),
-        }
-        dots = {
-            "product, sum (resprobe)": lambda: st.per_sample_dot(t, other),
-            "bmm": lambda: torch.bmm(t.view(n, 1, -1), other.view(n, -1, 1)).flatten(),
-            "vecdot": lambda: torch.linalg.vecdot(t.flatten(1), other.flatten(1)),
-        }
-        print(f"{tuple(shape)}")
-        for name, fn in moments.items():
-            err = "" if "sums" in name else f"  err {_error(fn().flatten(), ref_var):.1e}"
-            print(f"  moments  {name:26s} {_cold(fn, flush):7.3f}{err}")
-        for name, fn in dots.items():
-            print(f"  dot      {name:26s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref_dot):.1e}")
+            / p
+        ),
+        "float64 sums": lambda: t.flatten(2).sum(2, dtype=torch.float64),
+    }
+    dots = {
+        "product, sum (resprobe)": lambda: st.per_sample_dot(t, other),
+        "bmm": lambda: torch.bmm(t.view(n, 1, -1), other.view(n, -1, 1)).flatten(),
+        "vecdot": lambda: torch.linalg.vecdot(t.flatten(1), other.flatten(1)),
+    }
+    print(f"{tuple(shape)}")
+    for name, fn in moments.items():
+        err = "" if "sums" in name else f"  err {_error(fn().flatten(), ref_var):.1e}"
+        print(f"  moments  {name:26s} {_cold(fn, flush):7.3f}{err}")
+    for name, fn in dots.items():
+        print(f"  dot      {name:26s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref_dot):.1e}")
+
+
+def alone() -> None:
+    flush = torch.empty(16 * 1024 * 1024)
+    print("\n## alone, caches flushed (ms; largest relative error against float64)")
+    for shape in [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]:
+        _formulas(shape, flush)
 
 
 def main() -> None:
