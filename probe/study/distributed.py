@@ -25,9 +25,10 @@ from pathlib import Path
 
 from probe.data import ImageArrays, load_dataset
 from probe.distributed.group import agree, alone, broadcast, main_first, on_main, ranks
-from probe.study.files import reusable_table, valid_capture
+from probe.study.files import stamped_table
 from probe.study.interventions.runner import (
     arm_capture,
+    arm_capture_done,
     arm_captures,
     condition_recipe,
     condition_run,
@@ -43,6 +44,7 @@ from probe.study.runner import (
     grid_captures,
     grid_epochs,
     grid_run,
+    lesion_key,
     lesion_path,
     lesion_table,
     prepare_study,
@@ -157,7 +159,7 @@ def study_units(cfg: StudyConfig, out: Path, data: ImageArrays, cb: Callback) ->
                         spec.text,
                         _capture_cost(cfg, model, n_capture, probes),
                         lambda spec=spec: spec.run(cfg, data, cb),
-                        lambda spec=spec: valid_capture(spec.path),
+                        lambda spec=spec: spec.done(cfg, data),
                     )
                 )
             if cfg.lesions:
@@ -171,8 +173,12 @@ def study_units(cfg: StudyConfig, out: Path, data: ImageArrays, cb: Callback) ->
                         lambda model=model, seed=seed, cks=cks: lesion_table(
                             cfg, out, data, model, seed, cks, cb
                         ),
-                        lambda model=model, seed=seed: (
-                            reusable_table(lesion_path(out, model, seed), LESION_COLUMNS)
+                        lambda model=model, seed=seed, cks=cks: (
+                            stamped_table(
+                                lesion_path(out, model, seed),
+                                LESION_COLUMNS,
+                                lesion_key(cfg, data, seed, cks),
+                            )
                             is not None
                         ),
                     )
@@ -202,7 +208,7 @@ def _arm_capture_units(cfg, out: Path, data, conds, cb) -> list[Unit]:
             f"capture {path.stem}",
             _capture_cost(cfg, model_of(ck), n, (probe,)),
             lambda ck=ck, path=path, probe=probe: arm_capture(ck, path, probe, cfg, data, cb),
-            lambda path=path: valid_capture(path),
+            lambda ck=ck, path=path, probe=probe: arm_capture_done(ck, path, probe, cfg, data),
         )
         for ck, path, probe in arm_captures(cfg, conds, results, out)
     ]

@@ -1,8 +1,19 @@
-"""The study's files: written atomically, reused only when whole (a damaged one is redone)."""
+"""The study's files: written atomically, reused only when whole (a damaged one is redone) and
+made with the settings the study asks for now (one made with others is redone).
+
+A capture or a lesion table is keyed by everything its numbers depend on: the checkpoint's
+weights (their sha256), the data, the split, the sample limit, the probes and their parameters,
+the layers and the package version. A study run again into its directory after a change to any
+of them -- a larger ``capture_limit``, another probe, a run trained anew -- captures again
+instead of presenting the old numbers under the new settings.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +23,18 @@ from probe.loading import capture_checkpoint
 from probe.store.reader import open_capture
 from probe.tempfiles import atomic_path
 
-__all__ = ["write_text", "write_csv", "reusable_table", "valid_capture", "capture_once"]
+__all__ = [
+    "write_text",
+    "write_csv",
+    "reusable_table",
+    "settings_key",
+    "stamped_table",
+    "write_stamped_csv",
+    "valid_capture",
+    "capture_key",
+    "capture_done",
+    "capture_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +64,107 @@ def reusable_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
     return t
 
 
-def valid_capture(path: Path) -> bool:
+def settings_key(checkpoint: Path, **settings: object) -> str:
+    """sha256 of a checkpoint's weights, ``settings`` and the package version: what a study's
+    capture or table of that checkpoint is reused under.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> ck = pathlib.Path(tempfile.mkdtemp()) / "epoch-0001.json"
+        >>> _ = ck.with_suffix(".safetensors").write_bytes(b"weights")
+        >>> settings_key(ck, limit=64) == settings_key(ck, limit=64) != settings_key(ck, limit=128)
+        True
+    """
+    import probe
+    from probe.train.checkpoint import checkpoint_paths, file_sha256
+
+    weights, _ = checkpoint_paths(checkpoint)
+    doc = {"weights_sha256": file_sha256(weights), "version": probe.__version__, **settings}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".key.json")
+
+
+def stamped_table(path: Path, columns: tuple[str, ...], key: str) -> pd.DataFrame | None:
+    """:func:`reusable_table`, and only if it was written under ``key``
+    (:func:`write_stamped_csv`): a table of other settings is recomputed."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        stamp = None
+    if stamp != key:
+        if path.exists():
+            log.warning("recomputing %s: it was made with other settings", path)
+        return None
+    return reusable_table(path, columns)
+
+
+def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
+    """``table`` to ``path``, then its key beside it: a kill between the two leaves a table that
+    :func:`stamped_table` does not reuse."""
+    write_csv(path, table)
+    write_text(_stamp_path(path), json.dumps({"key": key}))
+
+
+def valid_capture(path: Path, key: str | None = None) -> bool:
+    """Whether ``path`` holds a whole capture (a damaged one is deleted), made under ``key``
+    when one is given (:func:`capture_key`)."""
     if not path.exists():
         return False
     try:
-        open_capture(path).close()
-        return True
+        with open_capture(path) as cap:
+            made_under = cap.provenance.get("study_capture_key")
     except ProbeError:
         path.unlink()
         return False
+    if key is not None and made_under != key:
+        log.warning("capturing %s again: it was made with other settings", path)
+        return False
+    return True
+
+
+def capture_key(checkpoint: Path, cfg, data, capture_kwargs: Mapping[str, object]) -> str:
+    """The :func:`settings_key` of a study's capture of ``checkpoint`` with ``capture_kwargs``
+    (``limit``, ``layers``, ``probes``): the data, split and batch size come from ``cfg``. The
+    device is left out: a capture on another device measures the same network."""
+    layers = capture_kwargs.get("layers", "auto")
+    return settings_key(
+        checkpoint,
+        dataset=data.name,
+        train_limit=cfg.train_limit,
+        split=cfg.split,
+        batch_size=cfg.batch_size,
+        limit=capture_kwargs.get("limit", cfg.capture_limit),
+        layers=layers if isinstance(layers, str) else getattr(layers, "__qualname__", layers),
+        probes=[p.config() for p in capture_kwargs.get("probes", ())],
+    )
+
+
+def capture_done(path: Path, checkpoint: Path, cfg, data, **capture_kwargs: object) -> bool:
+    """Whether :func:`capture_once` with these arguments would keep what ``path`` holds."""
+    return valid_capture(path, capture_key(checkpoint, cfg, data, capture_kwargs))
 
 
 def capture_once(
     path: Path, checkpoint: Path, cfg, data, callback, text: str, **capture_kwargs
 ) -> None:
-    """Capture ``checkpoint`` on the study's split into ``path`` unless a whole capture is there
-    (a damaged one is redone); ``text`` is the progress stage shown while it runs."""
-    if valid_capture(path):
+    """Capture ``checkpoint`` on the study's split into ``path`` unless a whole capture made with
+    these settings is there (a damaged one, or one of other settings, is redone); ``text`` is the
+    progress stage shown while it runs."""
+    capture_kwargs.setdefault("limit", cfg.capture_limit)
+    key = capture_key(checkpoint, cfg, data, capture_kwargs)
+    if valid_capture(path, key):
         return
     callback("stage", {"text": text})
-    capture_kwargs.setdefault("limit", cfg.capture_limit)
     capture_checkpoint(
         checkpoint,
         data,
         split=cfg.split,
         batch_size=cfg.batch_size,
         device=cfg.device,
-        extra_provenance={"study": cfg.name},
+        extra_provenance={"study": cfg.name, "study_capture_key": key},
         out=path,
         **capture_kwargs,
     ).close()

@@ -34,7 +34,15 @@ from probe.errors import ProbeError
 from probe.probes.registry import make_probe
 from probe.probes.statistics import ChannelStats
 from probe.store.reader import open_capture
-from probe.study.files import capture_once, reusable_table, write_csv, write_text
+from probe.study.files import (
+    capture_done,
+    capture_once,
+    settings_key,
+    stamped_table,
+    write_csv,
+    write_stamped_csv,
+    write_text,
+)
 from probe.study.interventions import (
     InterventionData,
     ToyConfig,
@@ -60,6 +68,7 @@ __all__ = [
     "grid_captures",
     "lesion_table",
     "lesion_path",
+    "lesion_key",
     "CaptureSpec",
     "prepare_study",
     "study_dir",
@@ -135,16 +144,14 @@ class CaptureSpec:
     probes: tuple
 
     def run(self, cfg: StudyConfig, data, cb: Callback) -> None:
-        capture_once(
-            self.path,
-            self.checkpoint,
-            cfg,
-            data,
-            cb,
-            self.text,
-            layers=self.layers,
-            probes=list(self.probes),
-        )
+        capture_once(self.path, self.checkpoint, cfg, data, cb, self.text, **self._kwargs(cfg))
+
+    def done(self, cfg: StudyConfig, data) -> bool:
+        """Whether :meth:`run` would keep the capture already at ``path``."""
+        return capture_done(self.path, self.checkpoint, cfg, data, **self._kwargs(cfg))
+
+    def _kwargs(self, cfg: StudyConfig) -> dict:
+        return {"limit": cfg.capture_limit, "layers": self.layers, "probes": list(self.probes)}
 
 
 def grid_captures(
@@ -175,10 +182,11 @@ def lesion_path(out: Path, model: str, seed: int) -> Path:
 def lesion_table(
     cfg: StudyConfig, out: Path, data, model: str, seed: int, cks: dict[int, Path], cb: Callback
 ) -> pd.DataFrame:
-    """The lesion table of a grid run's last capture checkpoint: reused when whole, else
-    computed and written."""
+    """The lesion table of a grid run's last capture checkpoint: reused when whole and made
+    with these settings (:func:`lesion_key`), else computed and written."""
     path = lesion_path(out, model, seed)
-    done = reusable_table(path, LESION_COLUMNS)
+    settings = lesion_key(cfg, data, seed, cks)
+    done = stamped_table(path, LESION_COLUMNS, settings)
     if done is not None:
         return done
     cb("stage", {"text": f"lesions {model} seed {seed}"})
@@ -192,8 +200,34 @@ def lesion_table(
     part = checkpoint_lesions(
         cks[max(cks)], key, data, cfg.device, seed=seed, limit=cfg.lesion_limit
     )
-    write_csv(path, part)
+    write_stamped_csv(path, part, settings)
     return part
+
+
+def lesion_key(cfg: StudyConfig, data, seed: int, cks: dict[int, Path]) -> str:
+    """What a grid run's lesion table is reused under: its checkpoint's weights, the data, the
+    number of test images and the seed of the lesion passes."""
+    return settings_key(
+        cks[max(cks)],
+        dataset=data.name,
+        train_limit=cfg.train_limit,
+        lesion_limit=cfg.lesion_limit,
+        seed=seed,
+    )
+
+
+def remove_other_figures(figdir: Path, kept: list[Path]) -> list[Path]:
+    """Delete the figures in ``figdir`` (PNG, SVG and their CSV) that this run did not draw or
+    reuse: those of an earlier study into the same directory with other settings (other depths,
+    probes or arms) would otherwise sit beside this study's, and its report shows every figure
+    in the folder. -> the paths deleted"""
+    keep = {p.resolve() for p in kept}
+    gone = []
+    for path in sorted(figdir.iterdir()):
+        if path.suffix in (".png", ".svg", ".csv") and path.resolve() not in keep:
+            path.unlink()
+            gone.append(path)
+    return gone
 
 
 def study_dir(cfg: StudyConfig, out: str | Path | None) -> Path:
@@ -389,7 +423,7 @@ def run_study_here(
         cb("stage", {"text": "interventions: verdicts and figures"})
         arm_verdicts = intervention_verdicts(arms, cfg, num_classes=data.num_classes)
         link_tests(vs, arm_verdicts)
-        write_arm_figures(
+        files += write_arm_figures(
             arms, figdir, cfg.families, max(cfg.depths), ToyConfig(seeds=cfg.toy_seeds).steps
         )
         write_text(
@@ -397,6 +431,7 @@ def run_study_here(
             json.dumps([v.__dict__ for v in arm_verdicts], indent=2),
         )
     write_text(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
+    remove_other_figures(figdir, files)
     for c in caps:
         c.close()
     for stage, seconds in before.items():

@@ -22,7 +22,7 @@ from probe.data import ImageArrays
 from probe.errors import ProbeError
 from probe.probes.registry import make_probe
 from probe.store.reader import open_capture
-from probe.study.files import capture_once, reusable_table, write_csv, write_text
+from probe.study.files import capture_done, capture_once, reusable_table, write_csv, write_text
 from probe.study.interventions.arms import Condition, arm_conditions
 from probe.study.interventions.toy import ToyConfig, run_toy
 from probe.train import Recipe, TrainConfig, TrainResult, get_recipe, parse_save_at, train
@@ -37,6 +37,7 @@ __all__ = [
     "condition_recipe",
     "arm_captures",
     "arm_capture",
+    "arm_capture_done",
     "toy",
     "toy_done",
 ]
@@ -211,19 +212,18 @@ def arm_captures(cfg, conds, results, out: Path) -> list[tuple[Path, Path, str]]
 
 
 def arm_capture(ck: Path, path: Path, probe: str, cfg, data: ImageArrays, cb) -> None:
-    """One of :func:`arm_captures`, unless a whole capture is there."""
+    """One of :func:`arm_captures`, unless a whole capture of these settings is there."""
+    capture_once(path, ck, cfg, data, cb, f"capture {path.stem}", **_arm_kwargs(cfg, probe))
+
+
+def arm_capture_done(ck: Path, path: Path, probe: str, cfg, data: ImageArrays) -> bool:
+    """Whether :func:`arm_capture` would keep the capture already at ``path``."""
+    return capture_done(path, ck, cfg, data, **_arm_kwargs(cfg, probe))
+
+
+def _arm_kwargs(cfg, probe: str) -> dict:
     limit = min(cfg.capture_limit or _CAPTURE_LIMIT, _CAPTURE_LIMIT)
-    capture_once(
-        path,
-        ck,
-        cfg,
-        data,
-        cb,
-        f"capture {path.stem}",
-        limit=limit,
-        layers="auto",
-        probes=[make_probe(probe)],
-    )
+    return {"limit": limit, "layers": "auto", "probes": [make_probe(probe)]}
 
 
 def _closeness(cfg, conds, results, out, data, n_train, cb) -> pd.DataFrame:

@@ -1,0 +1,92 @@
+"""A study run again into its directory with other settings measures under those settings: a
+capture or lesion table made with other ones (another sample limit, another probe, weights
+trained anew) is made again, never presented under the new settings."""
+
+import json
+
+import pytest
+
+import probe
+from probe.study import get_preset, run_study
+from probe.study.files import capture_key, settings_key, stamped_table, write_stamped_csv
+
+SMALL = dict(
+    depths=(8, 14),
+    seeds=(0,),
+    train_limit=300,
+    recipe_overrides={"epochs": 1, "batch_size": 100},
+    model_options={"width": 4},
+    capture_at=("last",),
+    probes=("residual",),
+)
+
+
+def _samples(out, name="plain14-s0-e0001.h5") -> int:
+    with probe.open(out / "captures" / name) as cap:
+        return cap.read(cap.layers[0], "y_norm").shape[0]
+
+
+def test_other_limits_and_probes_are_captured_again(tmp_path):
+    out = tmp_path / "s"
+    settings = {**SMALL, "probes": ("residual", "channel")}
+    run_study(get_preset("default", capture_limit=32, lesion_limit=20, **settings), out)
+    assert _samples(out) == 32
+    lesions = out / "tables" / "lesions-plain14-s0.key.json"
+    first_key = json.loads(lesions.read_text())["key"]
+    channel_figures = sorted((out / "figures").glob("*branch_variance*"))
+    assert channel_figures
+
+    again = run_study(get_preset("default", capture_limit=48, lesion_limit=30, **SMALL), out)
+    assert _samples(out) == 48
+    assert json.loads(lesions.read_text())["key"] != first_key
+    with probe.open(out / "captures" / "plain14-s0-e0001.h5") as cap:
+        assert "channel_mean" not in cap.quantities(cap.layers[0])  # the probe dropped since
+    # the dropped probe's figures are gone, from the folder and from the report
+    assert not any(f.exists() for f in channel_figures)
+    assert "final_branch_variance.png" not in again.report.read_text()
+    # the same settings again reuse all of it: test_study.py's and test_interventions.py's reruns
+
+
+def test_a_key_covers_the_weights_and_every_setting(tmp_path):
+    ck = tmp_path / "epoch-0001.json"
+    weights = ck.with_suffix(".safetensors")
+    weights.write_bytes(b"weights")
+    cfg = get_preset("default", **SMALL)
+
+    class Data:
+        name = "digits"
+
+    kw = {"limit": 32, "layers": "auto", "probes": [probe.ResidualNorms()]}
+    key = capture_key(ck, cfg, Data(), kw)
+    assert key == capture_key(ck, cfg, Data(), dict(kw))
+    others = [
+        {**kw, "limit": 64},
+        {**kw, "layers": "**bn*"},
+        {**kw, "probes": [probe.ResidualNorms(fused=True)]},
+        {**kw, "probes": [probe.ChannelStats()]},
+    ]
+    assert len({key, *(capture_key(ck, cfg, Data(), o) for o in others)}) == 1 + len(others)
+    weights.write_bytes(b"weights trained anew")
+    assert capture_key(ck, cfg, Data(), kw) != key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda stamp: stamp.unlink(),
+        lambda stamp: stamp.write_text("{not json"),
+        lambda stamp: stamp.write_text('{"key": "of other settings"}'),
+    ],
+    ids=["no stamp", "damaged stamp", "other settings"],
+)
+def test_a_table_is_reused_only_under_its_stamp(tmp_path, damage):
+    import pandas as pd
+
+    ck = tmp_path / "epoch-0001.json"
+    ck.with_suffix(".safetensors").write_bytes(b"weights")
+    key = settings_key(ck, lesion_limit=20)
+    path = tmp_path / "lesions-m-s0.csv"
+    write_stamped_csv(path, pd.DataFrame({"model": ["m"], "value": [0.5]}), key)
+    assert stamped_table(path, ("model",), key) is not None
+    damage(tmp_path / "lesions-m-s0.key.json")
+    assert stamped_table(path, ("model",), key) is None
