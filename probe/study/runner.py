@@ -52,6 +52,7 @@ from probe.study.interventions import (
     run_interventions,
     write_arm_figures,
 )
+from probe.study.interventions.runner import arm_tables
 from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
@@ -214,6 +215,33 @@ def lesion_key(cfg: StudyConfig, data, seed: int, cks: dict[int, Path]) -> str:
         lesion_limit=cfg.lesion_limit,
         seed=seed,
     )
+
+
+def study_tables(cfg: StudyConfig) -> set[str]:
+    """The files a study of ``cfg`` writes or reuses in its tables/."""
+    names = {"measures.csv", "runs.csv", "degradation.csv", "verdicts.json"}
+    if cfg.lesions:
+        for seed in cfg.seeds:
+            for model in cfg.models:
+                path = lesion_path(Path(), model, seed)
+                names |= {path.name, path.with_name(path.stem + ".key.json").name}
+    return names | arm_tables(tuple(cfg.arms))
+
+
+def remove_other_tables(tables: Path, cfg: StudyConfig) -> list[Path]:
+    """Delete the files in ``tables`` that a study of ``cfg`` neither writes nor reuses: an
+    earlier study into the same directory left them (an arm's tables, lesion tables of other
+    depths), and beside this study's they would read as its own. -> the paths deleted"""
+    keep = study_tables(cfg)
+    gone = [
+        p
+        for p in sorted(tables.iterdir())
+        # a writer's temporary file is probe.tempfiles' to remove
+        if p.is_file() and p.name not in keep and ".tmp-" not in p.name
+    ]
+    for path in gone:
+        path.unlink()
+    return gone
 
 
 def remove_other_figures(figdir: Path, kept: list[Path]) -> list[Path]:
@@ -432,6 +460,7 @@ def run_study_here(
         )
     write_text(out / "tables" / "verdicts.json", json.dumps([v.__dict__ for v in vs], indent=2))
     remove_other_figures(figdir, files)
+    remove_other_tables(out / "tables", cfg)
     for c in caps:
         c.close()
     for stage, seconds in before.items():

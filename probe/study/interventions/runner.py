@@ -38,6 +38,7 @@ __all__ = [
     "arm_captures",
     "arm_capture",
     "arm_capture_done",
+    "arm_tables",
     "toy",
     "toy_done",
 ]
@@ -291,6 +292,25 @@ def _grad_profile(cfg, conds, results, out, data, cb) -> pd.DataFrame:
 
 
 _TOY_TABLES = ("steps", "curves", "weights", "summary")
+
+
+def arm_tables(arms: tuple[str, ...]) -> set[str]:
+    """The files the arms ``arms`` write into a study's tables/ (none without arms).
+
+    Example:
+        >>> sorted(arm_tables(("constructed",)))
+        ['closeness.csv', 'conditions.csv', 'curves.csv', 'intervention_verdicts.json']
+    """
+    if not arms:
+        return set()
+    names = {"conditions.csv", "curves.csv", "intervention_verdicts.json"}
+    if "constructed" in arms:
+        names.add("closeness.csv")
+    if "shortcut_scale" in arms:
+        names.add("grad_profile.csv")
+    if "toy" in arms:
+        names |= {"toy.json", *(f"toy_{n}.csv" for n in _TOY_TABLES)}
+    return names
 
 
 def _toy_tables(cfg, tables: Path) -> dict[str, pd.DataFrame] | None:

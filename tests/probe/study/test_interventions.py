@@ -11,6 +11,7 @@ from probe.cli.main import cli
 from probe.errors import ProbeError
 from probe.study import get_preset, run_study
 from probe.study.interventions import ARMS
+from probe.study.runner import study_tables
 
 # One pytest-xdist worker runs this module, so its tiny intervention study is made once.
 pytestmark = pytest.mark.xdist_group("interventions")
@@ -46,6 +47,9 @@ def test_every_arm_has_runs_a_verdict_and_a_report_section(study):
     assert "Tested by intervention" in page and "## Interventions" in study.summary.read_text()
     saved = json.loads((study.out / "tables" / "intervention_verdicts.json").read_text())
     assert [v["arm"] for v in saved] == list(ARMS)
+    # every table the study wrote is one it keeps (the others an earlier study left are deleted)
+    cfg = get_preset("interventions", **TINY)
+    assert {p.name for p in (study.out / "tables").iterdir()} == study_tables(cfg)
 
 
 def test_the_constructed_run_starts_exactly_at_the_shallow_nets_error(study):

@@ -36,7 +36,12 @@ def test_other_limits_and_probes_are_captured_again(tmp_path):
     channel_figures = sorted((out / "figures").glob("*branch_variance*"))
     assert channel_figures
 
+    # tables an earlier study with an arm or other depths left
+    for name in ("closeness.csv", "lesions-plain20-s0.csv", "lesions-plain20-s0.key.json"):
+        (out / "tables" / name).write_text("model,seed\nplain20,0\n")
     again = run_study(get_preset("default", capture_limit=48, lesion_limit=30, **SMALL), out)
+    assert not list((out / "tables").glob("*plain20*"))
+    assert not (out / "tables" / "closeness.csv").exists()
     assert _samples(out) == 48
     assert json.loads(lesions.read_text())["key"] != first_key
     with probe.open(out / "captures" / "plain14-s0-e0001.h5") as cap:
