@@ -65,8 +65,9 @@ def reusable_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
 
 
 def settings_key(checkpoint: Path, **settings: object) -> str:
-    """sha256 of a checkpoint's weights, ``settings`` and the package version: what a study's
-    capture or table of that checkpoint is reused under.
+    """sha256 of a checkpoint's weights (their tensors, :func:`probe.train.checkpoint.
+    weights_sha256`), ``settings`` and the package version: what a study's capture or table of
+    that checkpoint is reused under.
 
     Example:
         >>> import tempfile, pathlib
@@ -76,10 +77,9 @@ def settings_key(checkpoint: Path, **settings: object) -> str:
         True
     """
     import probe
-    from probe.train.checkpoint import checkpoint_paths, file_sha256
+    from probe.train.checkpoint import weights_sha256
 
-    weights, _ = checkpoint_paths(checkpoint)
-    doc = {"weights_sha256": file_sha256(weights), "version": probe.__version__, **settings}
+    doc = {"weights_sha256": weights_sha256(checkpoint), "version": probe.__version__, **settings}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

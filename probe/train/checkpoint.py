@@ -36,6 +36,7 @@ __all__ = [
     "read_checkpoint_meta",
     "checkpoint_paths",
     "file_sha256",
+    "weights_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,30 @@ def save_checkpoint(
         raise ProbeError(f"Could not write checkpoint {weights}: {e}") from e
     _write_config(js, {**doc, "sha256": file_sha256(weights)})
     return js
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """What a checkpoint's weights are, independently of the file around them: the
+    :func:`tensors_sha256` stored in its header (two runs that train the same tensors write
+    files that differ in their recorded timings), or the file's sha256 for a checkpoint written
+    without it. ``path``: the checkpoint's stem, .json or .safetensors.
+
+    Example:
+        >>> import tempfile, torch.nn as nn
+        >>> stem = tempfile.mkdtemp() + "/ck"
+        >>> _ = save_checkpoint(stem, nn.Linear(2, 2), {"run": 1})
+        >>> first = weights_sha256(stem)
+        >>> _ = save_checkpoint(stem, nn.Linear(2, 2), {"run": 2})  # other weights (a new init)
+        >>> weights_sha256(stem) == first
+        False
+    """
+    weights, _ = checkpoint_paths(path)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+    except Exception:  # not a safetensors file: its bytes are all there is to go by
+        digest = None
+    return digest or file_sha256(weights)
 
 
 _HEADER_KEY = "resprobe_config"  # the checkpoint's config inside the safetensors header
