@@ -29,6 +29,7 @@ __all__ = [
     "reusable_table",
     "settings_key",
     "stamped_table",
+    "stamp_path",
     "write_stamped_csv",
     "valid_capture",
     "capture_key",
@@ -83,15 +84,17 @@ def settings_key(checkpoint: Path, **settings: object) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(path.stem + ".key.json")
+def stamp_path(table: Path) -> Path:
+    """Where :func:`write_stamped_csv` keeps the key of ``table``: ``<stem>.key.json`` beside
+    it."""
+    return table.with_name(table.stem + ".key.json")
 
 
 def stamped_table(path: Path, columns: tuple[str, ...], key: str) -> pd.DataFrame | None:
     """:func:`reusable_table`, and only if it was written under ``key``
     (:func:`write_stamped_csv`): a table of other settings is recomputed."""
     try:
-        stamp = json.loads(_stamp_path(path).read_text()).get("key")
+        stamp = json.loads(stamp_path(path).read_text()).get("key")
     except (OSError, ValueError, AttributeError):
         stamp = None
     if stamp != key:
@@ -105,7 +108,7 @@ def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
     """``table`` to ``path``, then its key beside it: a kill between the two leaves a table that
     :func:`stamped_table` does not reuse."""
     write_csv(path, table)
-    write_text(_stamp_path(path), json.dumps({"key": key}))
+    write_text(stamp_path(path), json.dumps({"key": key}))
 
 
 def valid_capture(path: Path, key: str | None = None) -> bool:

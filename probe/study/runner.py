@@ -38,6 +38,7 @@ from probe.study.files import (
     capture_done,
     capture_once,
     settings_key,
+    stamp_path,
     stamped_table,
     write_csv,
     write_stamped_csv,
@@ -224,7 +225,7 @@ def study_tables(cfg: StudyConfig) -> set[str]:
         for seed in cfg.seeds:
             for model in cfg.models:
                 path = lesion_path(Path(), model, seed)
-                names |= {path.name, path.with_name(path.stem + ".key.json").name}
+                names |= {path.name, stamp_path(path).name}
     return names | arm_tables(tuple(cfg.arms))
 
 
