@@ -37,7 +37,7 @@ import pandas as pd
 
 from analyses import figures
 
-__all__ = ["render", "figure_key"]
+__all__ = ["render", "figure_key", "stamped_figures"]
 
 _LIBRARIES = ("matplotlib", "seaborn", "pandas", "numpy", "pillow")
 _SVG_HEAD = 8192  # bytes read for the stamp: matplotlib writes the metadata before any drawing
@@ -77,6 +77,17 @@ def figure_key(
     figures.theme()
     h.update(repr(sorted(matplotlib.rcParams.items())).encode())
     return h.hexdigest()
+
+
+def stamped_figures(out_dir: Path) -> list[Path]:
+    """The PNGs in ``out_dir`` that :func:`render` drew (they carry its stamp), whatever run
+    drew them: what a caller compares with the files it wrote to find an earlier run's."""
+    mark = figures.figure_stamp("", None).split()[0]
+    return [
+        p
+        for p in sorted(Path(out_dir).glob("*.png"))
+        if (_png_stamp(p) or "").startswith(mark + " ")
+    ]
 
 
 def _kept(out_dir: Path, name: str, key: str) -> list[Path] | None:

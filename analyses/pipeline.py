@@ -19,7 +19,7 @@ import pandas as pd
 from analyses import figures
 from analyses.checkpoints import source_checkpoint
 from analyses.cka import capture_representations, cka_matrix
-from analyses.figure_reuse import render
+from analyses.figure_reuse import render, stamped_figures
 from analyses.identity import identity_closeness
 from analyses.lesions import checkpoint_lesions
 from analyses.residual import residual_magnitude, response_std_table
@@ -130,6 +130,9 @@ class AnalysisResult:
     table: pd.DataFrame
     files: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # figures an earlier analysis drew into the same directory that this one did not (kept:
+    # the directory is the caller's), so that they are not taken for this analysis's
+    earlier: list[Path] = field(default_factory=list)
 
 
 def _open(source: str | os.PathLike | CaptureReader) -> CaptureReader:
@@ -393,7 +396,8 @@ def analyze(
         with atomic_path(out / "measures.csv") as tmp:
             table.to_csv(tmp, index=False)
         files.append(out / "measures.csv")
-        return AnalysisResult(table, files, skipped)
+        earlier = [p for p in stamped_figures(out) if p not in set(files)]
+        return AnalysisResult(table, files, skipped, earlier)
     finally:
         for cap, src in zip(caps, sources):
             if not isinstance(src, CaptureReader):

@@ -35,6 +35,12 @@ def analyze_cmd(captures, out, lesions, device):
     click.echo(f"{len(res.table)} measure rows; {len(figs)} {noun} in {out}: {', '.join(figs)}")
     for name, why in res.skipped.items():
         click.echo(f"skipped {name}: {why}")
+    if res.earlier:
+        n, names = len(res.earlier), ", ".join(p.stem for p in res.earlier)
+        click.echo(
+            f"note: {out} also holds {n} {'figure' if n == 1 else 'figures'} of an earlier "
+            f"analysis, not of these captures: {names}. Use an empty --out to keep analyses apart."
+        )
 
 
 COMMANDS = [analyze_cmd]

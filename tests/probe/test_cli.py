@@ -92,9 +92,13 @@ def test_capture_inspect_analyze(run_dir, tmp_path):
 
     drawn = figures()
     assert len(drawn) > 30 and not any(f.name == "measures.csv" for f in drawn)
+    assert "earlier analysis" not in res.output
+    earlier = tmp_path / "figs" / "cka_of_another_run.png"  # a figure these captures do not give
+    earlier.write_bytes((tmp_path / "figs" / "lesions.png").read_bytes())
     res = runner.invoke(cli, ["analyze", str(out), str(bn), "--out", str(tmp_path / "figs")])
     assert res.exit_code == 0, res.output
-    assert figures() == drawn
+    assert figures() == {**drawn, earlier: earlier.stat().st_mtime_ns}
+    assert "1 figure of an earlier analysis" in res.output and "cka_of_another_run" in res.output
 
 
 def test_inspect_rejects_incomplete_file(run_dir, tmp_path):
