@@ -3,8 +3,8 @@
 A study or an analysis run again into its directory (to resume a killed run, to rewrite its
 report) would otherwise draw every figure again, about a second each. :func:`render` keys a
 figure by everything its pixels depend on -- the plotting function, its arguments, the plotted
-numbers, matplotlib's settings, the source of the plotting code and the versions of the plotting
-libraries -- and stamps the key into the PNG and the SVG it writes. A figure is reused only when
+numbers, matplotlib's settings, the package's source (which draws the figure and computes what it
+plots) and the versions of resprobe and the plotting libraries -- and stamps the key into the PNG and the SVG it writes. A figure is reused only when
 both files carry the key and the CSV beside them holds the bytes the stamp names; anything else
 (a changed input, a damaged or missing file, a file of another run) draws it again.
 
@@ -122,19 +122,24 @@ def _png_stamp(path: Path) -> str | None:
 
 @functools.cache
 def _code_digest(module: str) -> str:
-    """sha256 of the plotting code (every module of :mod:`analyses` and the plot's own module)
-    and the versions of the libraries that draw: a change to either draws every figure anew."""
-    h = hashlib.sha256()
+    """sha256 of the code that draws and of the numbers it computes on the way -- every module
+    of :mod:`analyses` and :mod:`probe` (a plot may compute its table with a helper from either)
+    and the plot's own module -- and of the versions of the libraries that draw: a change to any
+    draws every figure anew."""
+    import probe
+
+    h = hashlib.sha256(f"resprobe={probe.__version__};".encode())
     for lib in _LIBRARIES:
         try:
             h.update(f"{lib}={importlib.metadata.version(lib)};".encode())
         except importlib.metadata.PackageNotFoundError:
             h.update(f"{lib}=?;".encode())
-    sources = sorted(Path(figures.__file__).parent.glob("*.py"))
+    packages = (Path(figures.__file__).parent, Path(probe.__file__).parent)
+    sources = sorted(p for package in packages for p in package.rglob("*.py"))
     own = getattr(sys.modules.get(module), "__file__", None)
     for path in [*sources, *([Path(own)] if own else [])]:
         if path.is_file():
-            h.update(path.name.encode())
+            h.update(str(path.relative_to(path.parents[1])).encode())
             h.update(path.read_bytes())
     return h.hexdigest()
 
