@@ -120,6 +120,8 @@ def save(
         if csv is not None:  # first: a stamp never names a CSV that is not there yet
             with atomic_path(out_dir / f"{name}.csv") as tmp:
                 tmp.write_bytes(csv)
+        else:  # one left by an earlier figure of this name is not this figure's
+            (out_dir / f"{name}.csv").unlink(missing_ok=True)
         for path, kw in zip(paths, ({"dpi": 150}, {})):
             with atomic_path(path) as tmp:  # a killed run leaves no half-written figure
                 fig.savefig(tmp, format=path.suffix[1:], bbox_inches="tight", metadata=meta, **kw)

@@ -118,3 +118,11 @@ def test_a_plot_that_computes_its_numbers_has_them_stamped(tmp_path, monkeypatch
 def test_an_input_without_a_hash_of_its_values_is_refused(tmp_path, plot):
     with pytest.raises(TypeError, match="got a object.*tables, arrays"):
         render(tmp_path, "err", plot, object())
+
+
+def test_a_figure_without_numbers_is_reused_and_leaves_no_csv_of_another(tmp_path, plot):
+    (tmp_path / "err.csv").write_text("left,by another figure\n")
+    first = render(tmp_path, "err", plot, _runs(), "train_error", "error")
+    assert [p.suffix for p in first] == [".png", ".svg"] and not (tmp_path / "err.csv").exists()
+    assert render(tmp_path, "err", plot, _runs(), "train_error", "error") == first
+    assert plot.calls == 1
