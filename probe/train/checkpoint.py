@@ -147,11 +147,17 @@ def weights_sha256(path: str | os.PathLike) -> str:
     """
     weights, _ = checkpoint_paths(path)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+        digest = _stored_digest(weights)
     except Exception:  # not a safetensors file: its bytes are all there is to go by
         digest = None
     return digest or file_sha256(weights)
+
+
+def _stored_digest(weights: Path) -> str | None:
+    """The :func:`tensors_sha256` that :func:`save_checkpoint` stored in the weights' header
+    (None for an older checkpoint); a file that is not safetensors raises."""
+    with safe_open(str(weights), framework="pt") as f:
+        return (f.metadata() or {}).get(_DIGEST_KEY)
 
 
 _HEADER_KEY = "resprobe_config"  # the checkpoint's config inside the safetensors header
@@ -191,8 +197,7 @@ def _check_tensors(weights: Path) -> None:
     """Refuse weights whose tensors no longer match the digest stored with them (bit rot, a
     partial copy): without this a damaged file would pass as 'a save cut between its renames'."""
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            digest = (f.metadata() or {}).get(_DIGEST_KEY)
+        digest = _stored_digest(weights)
         tensors = load_file(str(weights)) if digest else None
     except Exception as e:  # a header that parses but data that does not
         raise ProbeError(f"Checkpoint weights {weights} are damaged and cannot be read: {e}") from e
