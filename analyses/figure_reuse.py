@@ -3,10 +3,11 @@
 A study or an analysis run again into its directory (to resume a killed run, to rewrite its
 report) would otherwise draw every figure again, about a second each. :func:`render` keys a
 figure by everything its pixels depend on -- the plotting function, its arguments, the plotted
-numbers, matplotlib's settings, the package's source (which draws the figure and computes what it
-plots) and the versions of resprobe and the plotting libraries -- and stamps the key into the PNG and the SVG it writes. A figure is reused only when
-both files carry the key and the CSV beside them holds the bytes the stamp names; anything else
-(a changed input, a damaged or missing file, a file of another run) draws it again.
+numbers, matplotlib's settings, the package's source (which draws the figure and computes what
+it plots) and the versions of resprobe and the plotting libraries -- and stamps the key into the
+PNG and the SVG it writes. A figure is reused only when both files carry the key and the CSV
+beside them holds the bytes the stamp names; anything else (a changed input, a damaged or
+missing file, a file of another run) draws it again.
 
 Example:
     >>> import tempfile, pathlib, pandas as pd
@@ -71,7 +72,8 @@ def figure_key(
     """sha256 of what a figure's files depend on (see the module); matplotlib's settings are
     read after :func:`analyses.figures.theme`, which every plot applies first."""
     h = hashlib.sha256()
-    h.update(_code_digest(plot.__module__).encode())
+    h.update(_code_digest().encode())
+    h.update(_module_digest(plot.__module__).encode())
     h.update(f"{plot.__module__}.{plot.__qualname__}".encode())
     _feed(h, (args, sorted(kwargs.items()), data))
     figures.theme()
@@ -82,11 +84,9 @@ def figure_key(
 def stamped_figures(out_dir: Path) -> list[Path]:
     """The PNGs in ``out_dir`` that :func:`render` drew (they carry its stamp), whatever run
     drew them: what a caller compares with the files it wrote to find an earlier run's."""
-    mark = figures.figure_stamp("", None).split()[0]
+    mark = figures.STAMP_MARK + " "
     return [
-        p
-        for p in sorted(Path(out_dir).glob("*.png"))
-        if (_png_stamp(p) or "").startswith(mark + " ")
+        p for p in sorted(Path(out_dir).glob("*.png")) if (_png_stamp(p) or "").startswith(mark)
     ]
 
 
@@ -94,7 +94,7 @@ def _kept(out_dir: Path, name: str, key: str) -> list[Path] | None:
     """The figure's files if all carry ``key`` and its CSV is the one stamped, else None."""
     png, svg, csv = (out_dir / f"{name}.{ext}" for ext in ("png", "svg", "csv"))
     stamp = _png_stamp(png)
-    if stamp is None or not stamp.startswith(figures.figure_stamp(key, None)[:-1]):
+    if stamp is None:
         return None
     try:
         with svg.open("rb") as fh:
@@ -121,11 +121,11 @@ def _png_stamp(path: Path) -> str | None:
 
 
 @functools.cache
-def _code_digest(module: str) -> str:
+def _code_digest() -> str:
     """sha256 of the code that draws and of the numbers it computes on the way -- every module
     of :mod:`analyses` and :mod:`probe` (a plot may compute its table with a helper from either)
-    and the plot's own module -- and of the versions of the libraries that draw: a change to any
-    draws every figure anew."""
+    -- and of the versions of resprobe and the libraries that draw: a change to any draws every
+    figure anew. Computed once per process."""
     import probe
 
     h = hashlib.sha256(f"resprobe={probe.__version__};".encode())
@@ -135,13 +135,18 @@ def _code_digest(module: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             h.update(f"{lib}=?;".encode())
     packages = (Path(figures.__file__).parent, Path(probe.__file__).parent)
-    sources = sorted(p for package in packages for p in package.rglob("*.py"))
-    own = getattr(sys.modules.get(module), "__file__", None)
-    for path in [*sources, *([Path(own)] if own else [])]:
-        if path.is_file():
-            h.update(str(path.relative_to(path.parents[1])).encode())
-            h.update(path.read_bytes())
+    for path in sorted(p for package in packages for p in package.rglob("*.py")):
+        h.update(str(path.relative_to(path.parents[1])).encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@functools.cache
+def _module_digest(module: str) -> str:
+    """sha256 of the source of the plot's own module (a plot written outside the package);
+    empty where it has no file."""
+    own = getattr(sys.modules.get(module), "__file__", None)
+    return hashlib.sha256(Path(own).read_bytes()).hexdigest() if own else ""
 
 
 def _feed(h: Any, obj: Any) -> None:

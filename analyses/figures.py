@@ -25,6 +25,7 @@ __all__ = [
     "palette",
     "save",
     "figure_stamp",
+    "STAMP_MARK",
     "plot_vs_layer",
     "site_of",
     "plot_fig7",
@@ -130,11 +131,14 @@ def save(
     return paths + ([out_dir / f"{name}.csv"] if csv is not None else [])
 
 
+STAMP_MARK = "resprobe-figure"  # the first word of every stamp (figure_stamp)
+
+
 def figure_stamp(key: str | None, csv: bytes | None) -> str:
     """What :func:`save` stamps into a figure's PNG and SVG: the figure's key and the sha256
     of its CSV (``-`` without one)."""
     digest = hashlib.sha256(csv).hexdigest() if csv is not None else "-"
-    return f"resprobe-figure {key} csv {digest}"
+    return f"{STAMP_MARK} {key} csv {digest}"
 
 
 def _seed_errorbar(name: str, values: pd.Series):

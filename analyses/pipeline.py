@@ -396,7 +396,8 @@ def analyze(
         with atomic_path(out / "measures.csv") as tmp:
             table.to_csv(tmp, index=False)
         files.append(out / "measures.csv")
-        earlier = [p for p in stamped_figures(out) if p not in set(files)]
+        written = set(files)
+        earlier = [p for p in stamped_figures(out) if p not in written]
         return AnalysisResult(table, files, skipped, earlier)
     finally:
         for cap, src in zip(caps, sources):

@@ -72,7 +72,7 @@ def test_changed_numbers_or_settings_draw_it_again(tmp_path, plot):
 
 def test_changed_plotting_code_draws_it_again(tmp_path, plot, monkeypatch):
     _draw(tmp_path, plot, _runs())
-    monkeypatch.setattr(figure_reuse, "_code_digest", lambda path: "another version")
+    monkeypatch.setattr(figure_reuse, "_code_digest", lambda: "another version")
     _draw(tmp_path, plot, _runs())
     assert plot.calls == 2
 
