@@ -4,7 +4,8 @@ Part 1, inside the pass: ResNet-56 (batch 64) with ResidualNorms + ChannelStats,
 its own session on its own copy of the model, every pass paired with an unprobed twin timed
 right before it; printed is the median ratio. Variants take one part of the arithmetic out
 (stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
-against ``eager`` bounds what any faster formula for that part could save.
+against ``eager`` bounds what any faster formula for that part could save; "two-pass moments"
+puts back the channel-moment formula that the CPU used before the one-pass sums.
 
 Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
 per-sample dot products on one stage's tensors, with the caches flushed before each call (a
@@ -25,6 +26,7 @@ import torch
 import probe
 from benchmarks.compare import build
 from probe.probes import statistics as st
+from probe.probes.layout import channel_axis
 
 _BLOCK_QUANTITIES = st._block_quantities
 _CHANNEL_MOMENTS = st.channel_moments
@@ -34,6 +36,13 @@ def _without_cosines(x, f, s, y, norms):
     out = _BLOCK_QUANTITIES(x, f[:, :0], s[:, :0], y[:, :0], norms)  # empty dot products
     out["dev_norm"] = st.per_sample_norm(y - s)
     return out
+
+
+def _two_pass(t, layout="auto"):
+    """Every row by the two-pass formula, as eager ChannelStats computed them before the
+    one-pass sums (and as it still does on an accelerator)."""
+    t = t.movedim(channel_axis(layout, t), 1)
+    return st.moments(t, st.accumulation_dtype(t))
 
 
 def _means_only(t, layout="auto"):
@@ -46,6 +55,7 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[str, Callable] | None]] = {
     "eager": (BOTH, None),
     "ResidualNorms alone": ((probe.ResidualNorms,), None),
     "ChannelStats alone": ((probe.ChannelStats,), None),
+    "two-pass moments": (BOTH, ("channel_moments", _two_pass)),
     "no cosines": (BOTH, ("_block_quantities", _without_cosines)),
     "channel means only": (BOTH, ("channel_moments", _means_only)),
 }
@@ -112,7 +122,8 @@ def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
     ref_var = t.double().flatten(2).var(2, unbiased=False).flatten()
     ref_dot = (t.double() * other.double()).flatten(1).sum(1)
     moments = {
-        "two-pass (resprobe)": lambda: st.moments(t, torch.float32)[1],
+        "one-pass sums, guarded (resprobe)": lambda: st.sum_moments(t, torch.float32)[1],
+        "two-pass": lambda: st.moments(t, torch.float32)[1],
         "var_mean (Welford)": lambda: torch.var_mean(t.flatten(2), 2, correction=0)[0],
         "batch_norm_update_stats": lambda: torch.batch_norm_update_stats(
             t.view(1, n * c, p), None, None, 0.1
@@ -134,7 +145,7 @@ def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
     }
     print(f"{tuple(shape)}")
     for name, fn in moments.items():
-        err = "" if "sums" in name else f"  err {_error(fn().flatten(), ref_var):.1e}"
+        err = "" if name == "float64 sums" else f"  err {_error(fn().flatten(), ref_var):.1e}"
         print(f"  moments  {name:26s} {_cold(fn, flush):7.3f}{err}")
     for name, fn in dots.items():
         print(f"  dot      {name:26s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref_dot):.1e}")

@@ -40,6 +40,8 @@ __all__ = [
     "per_sample_dot",
     "channel_moments",
     "moments",
+    "sum_moments",
+    "ONE_PASS_MAX_RATIO",
     "moments_of_two",
     "block_statistics",
     "identity_block_statistics",
@@ -137,13 +139,55 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     if t.ndim == 2:
         t = t.to(accumulation_dtype(t))
         return t, torch.zeros_like(t)
+    if t.device.type == "cpu":
+        return sum_moments(t, accumulation_dtype(t))
+    # on an accelerator the guard's check would wait for the device on every call
     return moments(t, accumulation_dtype(t))
+
+
+# Rows where E[x^2] <= ONE_PASS_MAX_RATIO * var take the one-pass formula of sum_moments: its
+# relative error is about this ratio times the accumulation's (float32: <= ~1e-5 on rows of up to
+# 12544 positions, tests/probe/test_statistics_precision.py); all others take the two-pass one.
+ONE_PASS_MAX_RATIO = 16.0
+
+
+def sum_moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`moments` from one read of each row: E[x^2] - E[x]^2 from the row's sum and sum of
+    squares, with no temporary the size of ``t``, and :func:`moments` for the rows where that
+    difference cancels. -> ([N, C], [N, C])
+
+    The difference loses digits as E[x^2] / var grows (every one of them at mean^2/var = 1e12;
+    Chan, Golub & LeVeque 1983), so a row is kept only where its computed variance is at least
+    E[x^2] / ONE_PASS_MAX_RATIO: there a relative rounding error e of the sums becomes at most
+    ~ONE_PASS_MAX_RATIO * e of the variance. A row that fails (including a NaN or an overflowed
+    sum of squares) is computed again by :func:`moments`. On a CPU this saves the two-pass
+    formula's deviation tensor, written and read back per map (docs/performance.md).
+
+    Example:
+        >>> sum_moments(torch.tensor([[[1.0, 3.0, 1.0, 3.0]]]), torch.float32)
+        (tensor([[2.]]), tensor([[1.]]))
+        >>> sum_moments(torch.tensor([[[1e4, 1e4 + 1e-2]]]), torch.float32)[1]  # two-pass row
+        tensor([[2.3842e-05]])
+    """
+    flat = t.flatten(2)  # [N, C, positions]; a channels-last map's is a view (no copy)
+    n = flat.shape[2]
+    mean = flat.sum(2, dtype=dtype).div_(n)
+    square = torch.linalg.vector_norm(flat, dim=2, dtype=dtype).square_().div_(n)
+    var = square.addcmul(mean, mean, value=-1)
+    # False where the difference cancels, and for a NaN or an overflowed (inf) sum of squares:
+    # those rows are computed again
+    kept = var.mul(ONE_PASS_MAX_RATIO).sub_(square).ge(0)
+    if not kept.all():
+        rows = kept.logical_not_().nonzero(as_tuple=True)
+        var.index_put_(rows, moments(flat[rows].unsqueeze(0), dtype)[1][0])
+    return mean, var.clamp_min_(0)
 
 
 def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and population variance of a channel-first [N, C, ...]
-    tensor with at least one axis after C, accumulated in ``dtype``: the formula behind
-    :func:`channel_moments`, compiled as it is by ``ChannelStats(fused=True)``.
+    tensor with at least one axis after C, accumulated in ``dtype``: :func:`channel_moments`'s
+    formula on an accelerator and for the rows that :func:`sum_moments` cannot keep, compiled as
+    it is by ``ChannelStats(fused=True)``.
     -> ([N, C], [N, C])
 
     Example:

@@ -185,3 +185,69 @@ def test_a_bf16_block_is_cast_to_float32_once():
         with Casts() as seen:
             session.run_batch(x, labels)
     assert seen.n[torch.ops.aten._to_copy.default] == len(model.blocks())
+
+
+def _rows_of_ratio(ratios, positions, rows=64, seed=3):
+    """[rows, len(ratios), positions] float32 rows with E[x^2]/var = ratio exactly in float64
+    (each row standardised, then shifted by sqrt(ratio - 1))."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, len(ratios), positions, generator=g, dtype=torch.float64)
+    z = (z - z.mean(2, keepdim=True)) / z.std(2, keepdim=True, unbiased=False)
+    shift = (torch.tensor(ratios, dtype=torch.float64) - 1).sqrt()[:, None]
+    return (z + shift).float()
+
+
+@pytest.mark.parametrize("positions", [64, 1024, 12544])
+def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(positions, monkeypatch):
+    """sum_moments keeps E[x^2] - E[x]^2 only for rows with E[x^2] <= ONE_PASS_MAX_RATIO * var,
+    where its relative error is at most ~that ratio times float32 accumulation's (here 16 u per
+    sum, the most measured on rows of up to 12544 positions), and hands every other row, and only
+    those, to the two-pass formula."""
+    from probe.probes import statistics
+
+    ratios = [1.5, 4.0, 12.0, 20.0, 1e4]
+    x = _rows_of_ratio(ratios, positions, rows=64 if positions <= 1024 else 8)
+    redone = []
+
+    def spy(t, dtype):
+        redone.append(t.shape[1])
+        return two_pass(t, dtype)
+
+    two_pass = statistics.moments
+    monkeypatch.setattr(statistics, "moments", spy)
+    mean, var = statistics.sum_moments(x, torch.float32)
+    ref = x.double().var(2, unbiased=False)
+    assert redone == [2 * x.shape[0]]  # the rows of ratios 20 and 1e4, in one call
+    rel = ((var.double() - ref).abs() / ref).numpy()
+    bound = statistics.ONE_PASS_MAX_RATIO * 16 * 2**-24
+    assert rel.max() <= bound, rel.max(axis=0)
+    assert rel[:, 3:].max() <= 1e-6  # the two-pass rows: no cancellation at any ratio
+    np.testing.assert_allclose(mean.numpy(), x.double().mean(2).numpy(), rtol=1e-6)
+
+
+def test_rows_whose_sums_overflow_or_hold_nan_or_inf_get_numpys_variance():
+    """A finite row whose sum of squares overflows float32 (|x| ~ 1e20) is redone by the
+    two-pass formula instead of reading inf - inf; NaN and inf rows stay non-finite, as numpy's."""
+    big = 1e20
+    x = torch.tensor(
+        [[big, big, big, big], [big, big, big, big * (1 + 2**-20)], [float("nan"), 1, 1, 1],
+         [float("inf"), 1, 1, 1], [0.0, 0.0, 0.0, 0.0]]
+    ).view(5, 1, 2, 2)
+    mean, var = channel_moments(x)
+    with np.errstate(invalid="ignore"):
+        want = x.double().numpy().reshape(5, 1, 4).var(2)
+    np.testing.assert_allclose(var.double().numpy(), want, rtol=1e-5)
+    assert torch.isnan(var[2:4]).all() and var[4] == 0
+
+
+def test_an_accelerators_maps_take_the_two_pass_formula(monkeypatch):
+    """Off the CPU the one-pass guard's check would wait for the device on every call: such maps
+    go to the two-pass formula (a meta tensor stands for one here)."""
+    from probe.probes import statistics
+
+    seen = []
+    monkeypatch.setattr(statistics, "sum_moments", lambda t, dtype: seen.append("one-pass"))
+    mean, var = statistics.channel_moments(torch.empty(4, 3, 8, 8, device="meta"))
+    assert seen == [] and var.shape == (4, 3) and var.device.type == "meta"
+    statistics.channel_moments(torch.empty(4, 3, 8, 8))
+    assert seen == ["one-pass"]
