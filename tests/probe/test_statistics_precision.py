@@ -230,8 +230,13 @@ def test_rows_whose_sums_overflow_or_hold_nan_or_inf_get_numpys_variance():
     two-pass formula instead of reading inf - inf; NaN and inf rows stay non-finite, as numpy's."""
     big = 1e20
     x = torch.tensor(
-        [[big, big, big, big], [big, big, big, big * (1 + 2**-20)], [float("nan"), 1, 1, 1],
-         [float("inf"), 1, 1, 1], [0.0, 0.0, 0.0, 0.0]]
+        [
+            [big, big, big, big],
+            [big, big, big, big * (1 + 2**-20)],
+            [float("nan"), 1, 1, 1],
+            [float("inf"), 1, 1, 1],
+            [0.0, 0.0, 0.0, 0.0],
+        ]
     ).view(5, 1, 2, 2)
     mean, var = channel_moments(x)
     with np.errstate(invalid="ignore"):
