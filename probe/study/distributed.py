@@ -178,6 +178,7 @@ def study_units(cfg: StudyConfig, out: Path, data: ImageArrays, cb: Callback) ->
                                 lesion_path(out, model, seed),
                                 LESION_COLUMNS,
                                 lesion_key(cfg, data, seed, cks),
+                                warn=False,  # lesion_table says so when it recomputes
                             )
                             is not None
                         ),

@@ -90,15 +90,18 @@ def stamp_path(table: Path) -> Path:
     return table.with_name(table.stem + ".key.json")
 
 
-def stamped_table(path: Path, columns: tuple[str, ...], key: str) -> pd.DataFrame | None:
+def stamped_table(
+    path: Path, columns: tuple[str, ...], key: str, *, warn: bool = True
+) -> pd.DataFrame | None:
     """:func:`reusable_table`, and only if it was written under ``key``
-    (:func:`write_stamped_csv`): a table of other settings is recomputed."""
+    (:func:`write_stamped_csv`): a table of other settings is recomputed, which is logged unless
+    ``warn`` is False (a planner asking whether the table is done: the recomputation logs it)."""
     try:
         stamp = json.loads(stamp_path(path).read_text()).get("key")
     except (OSError, ValueError, AttributeError):
         stamp = None
     if stamp != key:
-        if path.exists():
+        if warn and path.exists():
             log.warning("recomputing %s: it was made with other settings", path)
         return None
     return reusable_table(path, columns)
@@ -111,9 +114,10 @@ def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
     write_text(stamp_path(path), json.dumps({"key": key}))
 
 
-def valid_capture(path: Path, key: str | None = None) -> bool:
+def valid_capture(path: Path, key: str | None = None, *, warn: bool = True) -> bool:
     """Whether ``path`` holds a whole capture (a damaged one is deleted), made under ``key``
-    when one is given (:func:`capture_key`)."""
+    when one is given (:func:`capture_key`); one of other settings is logged unless ``warn`` is
+    False."""
     if not path.exists():
         return False
     try:
@@ -123,7 +127,8 @@ def valid_capture(path: Path, key: str | None = None) -> bool:
         path.unlink()
         return False
     if key is not None and made_under != key:
-        log.warning("capturing %s again: it was made with other settings", path)
+        if warn:
+            log.warning("capturing %s again: it was made with other settings", path)
         return False
     return True
 
@@ -146,8 +151,9 @@ def capture_key(checkpoint: Path, cfg, data, capture_kwargs: Mapping[str, object
 
 
 def capture_done(path: Path, checkpoint: Path, cfg, data, **capture_kwargs: object) -> bool:
-    """Whether :func:`capture_once` with these arguments would keep what ``path`` holds."""
-    return valid_capture(path, capture_key(checkpoint, cfg, data, capture_kwargs))
+    """Whether :func:`capture_once` with these arguments would keep what ``path`` holds; asked
+    by planners, so without a warning: :func:`capture_once` logs the capture made again."""
+    return valid_capture(path, capture_key(checkpoint, cfg, data, capture_kwargs), warn=False)
 
 
 def capture_once(

@@ -95,3 +95,45 @@ def test_a_table_is_reused_only_under_its_stamp(tmp_path, damage):
     assert stamped_table(path, ("model",), key) is not None
     damage(tmp_path / "lesions-m-s0.key.json")
     assert stamped_table(path, ("model",), key) is None
+
+
+def test_a_planner_asks_quietly_and_the_redo_says_it_once(tmp_path, caplog):
+    """The distributed planner asks whether each capture and table is done before a stage, then
+    the unit that redoes it says why: one warning per file, not one from each."""
+    import logging
+
+    import pandas as pd
+    import torch
+
+    from probe.study.files import capture_done, valid_capture
+
+    path = tmp_path / "c.h5"
+    net = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batches = [torch.randn(4, 1, 8, 8)]
+    probe.capture(
+        net,
+        batches,
+        probes=[probe.ResidualNorms()],
+        out=path,
+        provenance={"study_capture_key": "old"},
+    ).close()
+    table = tmp_path / "lesions-m-s0.csv"
+    ck = tmp_path / "epoch-0001.json"
+    ck.with_suffix(".safetensors").write_bytes(b"weights")
+    write_stamped_csv(table, pd.DataFrame({"model": ["m"]}), "old")
+    cfg = get_preset("default", **SMALL)
+
+    class Data:
+        name = "digits"
+
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert not capture_done(path, ck, cfg, Data(), limit=4)
+        assert stamped_table(table, ("model",), "new", warn=False) is None
+        assert not caplog.records
+        assert not valid_capture(path, "new")
+        assert stamped_table(table, ("model",), "new") is None
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        f"capturing {path} again",
+        f"recomputing {table}",
+    ]
+    assert valid_capture(path, "old") and path.exists()  # asked, never deleted
