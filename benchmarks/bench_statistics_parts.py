@@ -11,6 +11,9 @@ Part 2, alone: each candidate formula for the per-sample, per-channel moments an
 per-sample dot products on one stage's tensors, with the caches flushed before each call (a
 model's pass leaves them cold), and its largest relative error against float64.
 
+Part 3: the one-pass and two-pass variances' largest relative error on rows of a given
+E[x^2]/var and length, the table behind the one-pass formula's bound.
+
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2]
 """
 
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 import probe
-from benchmarks.compare import build
+from benchmarks.compare import build, ratio_ci
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
@@ -69,6 +72,7 @@ def inside_the_pass(rounds: int) -> None:
         for name, (probes, _) in VARIANTS.items()
     }
     ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     try:
         for s in sessions.values():
             s.__enter__()
@@ -88,12 +92,15 @@ def inside_the_pass(rounds: int) -> None:
                     st._block_quantities, st.channel_moments = _BLOCK_QUANTITIES, _CHANNEL_MOMENTS
                 if r >= 2:  # two rounds of warm-up
                     ratios[name].append(probed / base)
+                    times[name].append(probed)
     finally:
         for s in sessions.values():
             s.close()
     print("## inside the pass (ResNet-56, batch 64; ratio to the unprobed twin, median)")
     for name, rs in ratios.items():
         print(f"{name:22s} {statistics.median(rs):.3f}")
+    med, lo, hi = ratio_ci(times["eager"], times["two-pass moments"])
+    print(f"eager / two-pass moments, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
 
 
 def _cold(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 30) -> float:
@@ -158,6 +165,29 @@ def alone() -> None:
         _formulas(shape, flush)
 
 
+def errors_by_ratio() -> None:
+    """Largest relative error of the one-pass formula (unguarded, so rows above the bound show
+    what the guard saves them from) and of the two-pass one against float64, on float32 rows of
+    E[x^2]/var = R."""
+    print("\n## largest relative error against float64, rows of E[x^2]/var = R")
+    ratios = (1.5, 4.0, st.ONE_PASS_MAX_RATIO, 64.0)
+    print(f"{'positions':>9s}  " + "  ".join(f"one-pass R={r:<4g}" for r in ratios) + "  two-pass")
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 1024, 12544, 50176):
+        rows = 2000 if n <= 1024 else 200
+        one, two = [], 0.0
+        for ratio in ratios:
+            z = torch.randn(rows, 1, n, generator=g, dtype=torch.float64)
+            z = (z - z.mean(2, keepdim=True)) / z.std(2, keepdim=True, unbiased=False)
+            x = (z + (ratio - 1) ** 0.5).float()
+            ref = x.double().var(2, unbiased=False)
+            mean = x.mean(2)
+            sq = torch.linalg.vector_norm(x, dim=2).square()
+            one.append(_error((sq - n * mean * mean) / n, ref))  # the kept rows' formula
+            two = max(two, _error(st.moments(x, torch.float32)[1], ref))
+        print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {two:8.1e}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -166,6 +196,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     inside_the_pass(args.rounds)
     alone()
+    errors_by_ratio()
 
 
 if __name__ == "__main__":
