@@ -141,6 +141,13 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     if t.ndim == 2:
         t = t.to(accumulation_dtype(t))
         return t, torch.zeros_like(t)
+    if t.is_complex():
+        raise ProbeError(
+            f"Channel moments need a real tensor; got {t.dtype} of shape {tuple(t.shape)}. Take "
+            "the moments of its real and imaginary parts (a custom probe), or leave the layer out."
+        )
+    if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
+        t = t.to(accumulation_dtype(t))  # of such tensors in torch
     if t.device.type == "cpu":
         return sum_moments(t, accumulation_dtype(t))
     # on an accelerator the guard's check would wait for the device on every call

@@ -256,3 +256,21 @@ def test_an_accelerators_maps_take_the_two_pass_formula(monkeypatch):
     assert seen == [] and var.shape == (4, 3) and var.device.type == "meta"
     statistics.channel_moments(torch.empty(4, 3, 8, 8))
     assert seen == ["one-pass"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_integer_and_boolean_maps_get_numpys_moments(dtype):
+    """A layer may give indices or masks: their moments are taken as float32, as numpy's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 2 if dtype == torch.bool else 7, (3, 4, 5, 5), generator=g).to(dtype)
+    mean, var = channel_moments(x)
+    ref = x.double().numpy().reshape(3, 4, -1)
+    np.testing.assert_allclose(mean.numpy(), ref.mean(2), rtol=1e-6)
+    np.testing.assert_allclose(var.numpy(), ref.var(2), rtol=1e-5, atol=1e-7)
+
+
+def test_a_complex_map_is_refused_rather_than_given_a_complex_variance():
+    import probe
+
+    with pytest.raises(probe.ProbeError, match=r"need a real tensor; got torch.complex64"):
+        channel_moments(torch.randn(2, 3, 4, 4, dtype=torch.complex64))
