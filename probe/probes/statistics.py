@@ -86,6 +86,8 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
         >>> per_sample_norm(torch.ones(2, 3, 4, dtype=torch.float64))
         tensor([3.4641, 3.4641], dtype=torch.float64)
     """
+    if not (t.is_floating_point() or t.is_complex()):  # indices or masks: torch has no norm
+        t = t.to(accumulation_dtype(t))  # of them
     return torch.linalg.vector_norm(t, dim=_rows(t), dtype=accumulation_dtype(t))
 
 
@@ -99,7 +101,13 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Example:
         >>> per_sample_dot(torch.ones(2, 3), torch.full((2, 3), 2.0))
         tensor([6., 6.])
+        >>> per_sample_dot(torch.tensor([[1j]]), torch.tensor([[1j]]))  # Re sum(a conj(b))
+        tensor([1.])
     """
+    if a.is_complex() or b.is_complex():
+        # the inner product of the tensors read as real vectors (real and imaginary parts), so
+        # that dot(a, a) = ||a||^2 and cos(a, a) = 1; a plain product would be complex
+        return torch.real(a * b.conj()).sum(_rows(a))
     dtype = accumulation_dtype(a, b)
     if a.dtype != dtype and b.dtype != dtype:  # else the product is promoted to it, element by
         b = b.to(dtype)  # element, exactly (bf16 and fp16 values are exact in float32): no copy
@@ -135,17 +143,17 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
         >>> channel_moments(tokens, "auto")[0]
         tensor([[4., 5., 6., 7.]])
     """
+    if t.is_complex():
+        raise ProbeError(
+            f"Channel moments need a real tensor; got {t.dtype} of shape {tuple(t.shape)}. Take "
+            "the moments of its real and imaginary parts (a custom probe), or leave the layer out."
+        )
     axis = channel_axis(layout, t)
     if axis != 1:
         t = t.movedim(axis, 1)  # a view (a permute op: skipped for channel-first tensors)
     if t.ndim == 2:
         t = t.to(accumulation_dtype(t))
         return t, torch.zeros_like(t)
-    if t.is_complex():
-        raise ProbeError(
-            f"Channel moments need a real tensor; got {t.dtype} of shape {tuple(t.shape)}. Take "
-            "the moments of its real and imaginary parts (a custom probe), or leave the layer out."
-        )
     if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
         t = t.to(accumulation_dtype(t))  # of such tensors in torch
     if t.device.type == "cpu":
@@ -373,7 +381,7 @@ class ResidualNorms(Probe):
             if _batch_input(call):
                 out["x_norm"] = norm(call.input)
             return out
-        if self.fused:
+        if self.fused and _compilable(b.y):
             shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
             return shared[0] if shared is not None else _fused_block(b.x, b.f, b.s, b.y)
         # an identity shortcut returns x itself: the memo gives its norm once
@@ -389,7 +397,7 @@ class ResidualNorms(Probe):
                 out["x_norm"] = group.rowwise(input_of, per_sample_norm)
             return group.per_call(out)
         x, f, s, y = (group.stacked(get) for get in _PARTS)
-        if self.fused:
+        if self.fused and _compilable(y):
             shared = _shared_block(self, group, first, (x, f, s, y))
             return group.per_call(shared[0] if shared is not None else _fused_block(x, f, s, y))
         norms = tuple(group.rowwise(get, per_sample_norm) for get in _PARTS)
@@ -398,6 +406,12 @@ class ResidualNorms(Probe):
 
 # a block's x, F, S, y (CallGroup stacks each tensor once, whichever probe asks)
 _PARTS = (x_of, f_of, s_of, y_of)
+
+
+def _compilable(t: torch.Tensor) -> bool:
+    """Whether the compiled kernels give ``t``'s statistics: not a complex tensor's, whose
+    products they take without a conjugate (the eager formulas read it as a real vector)."""
+    return not t.is_complex()
 
 
 def _batch_input(call: Call) -> bool:
@@ -553,7 +567,7 @@ class ChannelStats(Probe):
         b = call.block
         if b is None:
             return self._moments((call.output,))
-        if self.fused:
+        if self.fused and _compilable(b.y):
             shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
             if shared is not None:
                 return shared[1]
@@ -564,7 +578,7 @@ class ChannelStats(Probe):
         first = group.calls[0]
         if first.block is None:
             return group.per_call(self._moments([group.stacked(output_of)]))
-        if self.fused:
+        if self.fused and _compilable(first.block.y):
             parts = tuple(group.stacked(get) for get in _PARTS)
             shared = _shared_block(self, group, first, parts)
             if shared is not None:
@@ -573,7 +587,8 @@ class ChannelStats(Probe):
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         names = _CHANNEL_NAMES
-        if self.fused and all(t.ndim > 2 for t in tensors):  # [N, C] has nothing to fuse
+        # [N, C] has nothing to fuse; a complex map is refused by channel_moments
+        if self.fused and all(t.ndim > 2 and _compilable(t) for t in tensors):
             first = [t.movedim(channel_axis(self.layout, t), 1) for t in tensors]
             fn = _FUSED_MOMENTS if len(tensors) == 1 else _FUSED_MOMENTS_OF_TWO  # one call
             return dict(zip(names, fn(*first, accumulation_dtype(*tensors))))

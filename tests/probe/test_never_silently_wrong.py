@@ -406,3 +406,46 @@ def test_output_only_blocks_keep_every_layer_attribute_but_the_unseen_branch_sha
         assert split.pop("f_spatial_size") > 0  # F was read by the split ...
         assert a.layer_attrs(key) == split  # ... and is not claimed where it was not
         assert np.array_equal(a.read(key, "output"), b.read(key, "output"))
+
+
+class _ComplexBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(6, 6, dtype=torch.complex64)
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_complex_blocks_norms_and_cosines_are_those_of_its_real_vectors(fused):
+    """A complex block's quantities are those of its tensors read as real vectors (real and
+    imaginary parts): a plain product would give complex cosines, as the compiled kernels would
+    (they are left to real tensors). Its channel moments are refused by name."""
+    probe.register_residual(_ComplexBlock, probe.ResidualSpec(branch="branch"))
+    torch.manual_seed(0)
+    net = nn.Sequential(_ComplexBlock(), _ComplexBlock()).eval()
+    x = torch.randn(4, 6, dtype=torch.complex64)
+    cap = probe.capture(net, [x], probes=[probe.ResidualNorms(fused=fused)], layers=["0"])
+    with torch.no_grad():
+        f = net[0].branch(x)
+
+    def real(t):
+        return torch.view_as_real(t).reshape(4, -1).double().numpy()
+
+    F, S = real(f), real(x)
+    Y = F + S
+    norm = lambda a: np.linalg.norm(a, axis=1)  # noqa: E731
+    want = {
+        "f_norm": norm(F),
+        "y_norm": norm(Y),
+        "dev_norm": norm(Y - S),
+        "cos_ys": (Y * S).sum(1) / norm(Y) / norm(S),
+        "cos_fs": (F * S).sum(1) / norm(F) / norm(S),
+    }
+    for q, ref in want.items():
+        got = cap.read("0", q)
+        assert not np.iscomplexobj(got), q
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=q)
+    with pytest.raises(ProbeError, match="need a real tensor"):
+        probe.capture(net, [x], probes=[probe.ChannelStats(fused=fused)], layers=["0"])

@@ -274,3 +274,31 @@ def test_a_complex_map_is_refused_rather_than_given_a_complex_variance():
 
     with pytest.raises(probe.ProbeError, match=r"need a real tensor; got torch.complex64"):
         channel_moments(torch.randn(2, 3, 4, 4, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_norms_and_cosines_of_integer_boolean_and_complex_tensors_match_numpy(dtype):
+    """Integer and boolean tensors are normed as float32; complex ones as real vectors of their
+    real and imaginary parts, so that cos(a, a) = 1 (a plain product would give a complex
+    "cosine")."""
+    g = torch.Generator().manual_seed(5)
+    if dtype == torch.complex64:
+        a, b = (torch.randn(4, 3, 5, dtype=dtype, generator=g) for _ in range(2))
+        A, B = (np.stack([t.real.numpy(), t.imag.numpy()], -1).reshape(4, -1) for t in (a, b))
+    else:
+        a, b = (
+            torch.randint(0, 2 if dtype == torch.bool else 9, (4, 3, 5), generator=g) for _ in "ab"
+        )
+        a, b = a.to(dtype), b.to(dtype)
+        A, B = (t.double().numpy().reshape(4, -1) for t in (a, b))
+    A, B = A.astype(np.float64), B.astype(np.float64)
+    na, nb = np.linalg.norm(A, axis=1), np.linalg.norm(B, axis=1)
+    np.testing.assert_allclose(per_sample_norm(a).numpy(), na, rtol=1e-6)
+    np.testing.assert_allclose(per_sample_dot(a, b).numpy(), (A * B).sum(1), rtol=1e-5, atol=1e-5)
+    cos = per_sample_cos(a, b)
+    assert not cos.is_complex()
+    np.testing.assert_allclose(
+        cos.numpy(), (A * B).sum(1) / np.maximum(na * nb, 1e-12), rtol=1e-5, atol=1e-6
+    )
+    if dtype == torch.complex64:
+        np.testing.assert_allclose(per_sample_cos(a, a).numpy(), 1.0, rtol=1e-6)
