@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import torch
 
-from probe.errors import check_option
+from probe.errors import ProbeError, check_option
 from probe.probes.base import Call, Probe
 from probe.probes.group import CallGroup, input_of, output_of
 from probe.probes.layout import STRIDED, check_layout, layout_labels, resolve_layout
@@ -87,6 +87,12 @@ def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, 
     In the stored dtype already, ``t`` is returned as it is unless ``copy``: a forward tensor the
     :class:`~probe.session.HookSession` guards (it copies what a later in-place op would change,
     see ``HookSession.run_batch``), so the copy is made only where it is needed."""
+    if t.is_complex():  # a cast to a real dtype would drop the imaginary part in silence
+        raise ProbeError(
+            f"Raw tensors are stored as real numbers; {name!r} is {t.dtype} of shape "
+            f"{tuple(t.shape)}. Store torch.view_as_real of it from a custom probe "
+            "(docs/custom-probe.md), or leave the layer out."
+        )
     out = {}
     if dtype == "fp16":
         out[f"{name}_clipped"], stored = _to_fp16(t)

@@ -449,3 +449,14 @@ def test_a_complex_blocks_norms_and_cosines_are_those_of_its_real_vectors(fused)
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6, err_msg=q)
     with pytest.raises(ProbeError, match="need a real tensor"):
         probe.capture(net, [x], probes=[probe.ChannelStats(fused=fused)], layers=["0"])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_a_complex_tensor_is_not_stored_without_its_imaginary_part(dtype):
+    """A cast of a complex activation to a real storage dtype keeps the real part only (with a
+    warning at most): the capture stops and says what to store instead."""
+    probe.register_residual(_ComplexBlock, probe.ResidualSpec(branch="branch"))
+    net = nn.Sequential(_ComplexBlock()).eval()
+    x = torch.randn(4, 6, dtype=torch.complex64)
+    with pytest.raises(ProbeError, match=r"'output' is torch.complex64 .*view_as_real"):
+        probe.capture(net, [x], probes=[probe.Activations(dtype=dtype)], layers=["0"])
