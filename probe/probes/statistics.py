@@ -186,8 +186,8 @@ def sum_moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
         >>> sum_moments(torch.tensor([[[1e4, 1e4 + 1e-2]]]), torch.float32)[1]  # two-pass row
         tensor([[2.3842e-05]])
     """
-    # Eight small ops in all where the two-pass formula takes seven and a map-sized temporary:
-    # at ~5 us each, what a ResNet-56 map's arithmetic costs, every op counts.
+    # Eight ops (the two-pass formula takes seven and a map-sized temporary): each costs ~5 us
+    # of dispatch, as much as a small map's arithmetic, so none is spent that a row does not need
     flat = t.flatten(2)  # [N, C, positions]; a channels-last map's is a view (no copy)
     n = flat.shape[2]
     mean = flat.mean(2, dtype=dtype)
