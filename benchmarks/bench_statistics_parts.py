@@ -14,7 +14,10 @@ model's pass leaves them cold), and its largest relative error against float64.
 Part 3: the one-pass and two-pass variances' largest relative error on rows of a given
 E[x^2]/var and length, the table behind the one-pass formula's bound.
 
-Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2]
+Part 4 (``--profile``, alone): the probes' ops by self CPU time per pass (torch.profiler), eager
+or ``--fused``.
+
+Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--profile [--fused]]
 """
 
 from __future__ import annotations
@@ -188,12 +191,62 @@ def errors_by_ratio() -> None:
         print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {two:8.1e}")
 
 
+def profile_ops(passes: int = 6, fused: bool = False) -> None:
+    """Self CPU time per pass of each aten op, the probed pass's minus the unprobed twin's
+    (``torch.profiler``), the two profiled pass by pass in turn so that the host's drift over
+    the run falls on both alike: which of the probes' ops take the time."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import probe.runtime
+
+    probe.runtime.tune_allocator()  # as the CLI runs
+    net, blocks, x, y = build("zoo")
+    twin = build("zoo")[0]
+    probes = [probe.ResidualNorms(fused=fused), probe.ChannelStats(fused=fused)]
+    ms: dict[str, Counter] = {"probed": Counter(), "twin": Counter()}
+    calls: dict[str, Counter] = {"probed": Counter(), "twin": Counter()}
+
+    def run_twin():
+        with torch.no_grad():
+            twin(x)
+
+    with probe.HookSession(net, blocks, probes) as s:
+        for _ in range(3):
+            s.run_batch(x, y)
+            run_twin()
+        for _ in range(passes):
+            for name, fn in (("probed", lambda: s.run_batch(x, y)), ("twin", run_twin)):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    fn()
+                for e in prof.key_averages():
+                    ms[name][e.key] += e.self_cpu_time_total / passes / 1e3
+                    calls[name][e.key] += e.count
+    print(f"\n## ops, self CPU ms per pass ({'fused' if fused else 'eager'}; probed - unprobed)")
+    print(f"all ops: {sum(ms['probed'].values()):.1f} against {sum(ms['twin'].values()):.1f}")
+    extra = sorted(
+        (
+            (t - ms["twin"][k], k, (calls["probed"][k] - calls["twin"][k]) // passes)
+            for k, t in ms["probed"].items()
+        ),
+        reverse=True,
+    )
+    for t, key, n in extra[:12]:
+        print(f"  {t:7.2f}  {n:5d} calls  {key}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="only the op-by-op profile")
+    ap.add_argument("--fused", action="store_true", help="profile the compiled statistics")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        profile_ops(fused=args.fused)
+        return
     inside_the_pass(args.rounds)
     alone()
     errors_by_ratio()
