@@ -151,15 +151,16 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
     axis = channel_axis(layout, t)
     if axis != 1:
         t = t.movedim(axis, 1)  # a view (a permute op: skipped for channel-first tensors)
+    dtype = accumulation_dtype(t)
     if t.ndim == 2:
-        t = t.to(accumulation_dtype(t))
+        t = t.to(dtype)
         return t, torch.zeros_like(t)
     if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
-        t = t.to(accumulation_dtype(t))  # of such tensors in torch
+        t = t.to(dtype)  # of such tensors in torch
     if t.device.type == "cpu":
-        return sum_moments(t, accumulation_dtype(t))
+        return sum_moments(t, dtype)
     # on an accelerator the guard's check would wait for the device on every call
-    return moments(t, accumulation_dtype(t))
+    return moments(t, dtype)
 
 
 # Rows where E[x^2] <= ONE_PASS_MAX_RATIO * var take the one-pass formula of sum_moments: its
