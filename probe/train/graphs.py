@@ -40,10 +40,12 @@ def graph_autocast() -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def replayed_backward() -> Iterator[None]:
-    """Around ``loss.backward()`` through a replayed forward: recording creates the parameters'
-    gradient-accumulation nodes on its side stream, so autograd warns (per process) that their
-    stream differs from the replay's. The gradients are the same (tested against eager steps);
-    the warning would only tell a user of the trainer about this module's internals."""
+    """Around ``loss.backward()`` through a replayed forward, and around the recording itself:
+    recording creates the parameters' gradient-accumulation nodes on its side streams, so autograd
+    warns (per process) that their stream differs from the one a later backward runs on -- the
+    recording's own backward passes included (seen on an H100, torch 2.11). The gradients are the
+    same (tested against eager steps); the warning would only tell a user of the trainer about
+    this module's internals."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The AccumulateGrad node's stream", UserWarning)
         yield
@@ -83,7 +85,7 @@ class _Graphed:
         saved = [b.detach().clone() for b in buffers]  # BN statistics the warm-up would move
         module = _Forward(self.net).train(self.net.training)
         try:
-            with graph_autocast():
+            with graph_autocast(), replayed_backward():
                 self._replay = torch.cuda.make_graphed_callables(
                     module, (x.detach().clone(),), num_warmup_iters=self.warmup
                 )
