@@ -10,10 +10,10 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import pandas as pd
 
 from probe.errors import ProbeError
 from probe.stats import Moments
@@ -31,6 +31,9 @@ from probe.store.schema import (
     is_compatible,
     read_attrs,
 )
+
+if TYPE_CHECKING:  # pandas loads in to_frame: a capture, and probe inspect, need none of it
+    import pandas as pd
 
 __all__ = ["CaptureReader", "H5Capture", "MemoryCapture", "open_capture"]
 
@@ -79,6 +82,8 @@ class CaptureReader:
             >>> cap.to_frame().shape
             (9, 10)
         """
+        import pandas as pd
+
         index, labels = self.sample_index(), self.labels()
         frames = []
         for layer in layers if layers is not None else self.layers:
