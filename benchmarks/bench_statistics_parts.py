@@ -5,14 +5,16 @@ its own session on its own copy of the model, every pass paired with an unprobed
 right before it; printed is the median ratio. Variants take one part of the arithmetic out
 (stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
 against ``eager`` bounds what any faster formula for that part could save; "two-pass moments"
-puts back the channel-moment formula that the CPU used before the one-pass sums.
+puts back the channel-moment formula that the CPU used before the one-pass sums, "product y.S" the
+product and sum that cos(y, S) took before the polarization identity.
 
 Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
 per-sample dot products on one stage's tensors, with the caches flushed before each call (a
 model's pass leaves them cold), and its largest relative error against float64.
 
 Part 3: the one-pass and two-pass variances' largest relative error on rows of a given
-E[x^2]/var and length, the table behind the one-pass formula's bound.
+E[x^2]/var and length, the table behind the one-pass formula's bound; and the same for cos(y, S)
+taken by the polarization identity.
 
 Part 4 (``--profile``, alone): the probes' ops by self CPU time per pass (torch.profiler), eager
 or ``--fused``.
@@ -36,6 +38,7 @@ from probe.probes.layout import channel_axis
 
 _BLOCK_QUANTITIES = st._block_quantities
 _CHANNEL_MOMENTS = st.channel_moments
+_POLARIZED_DOT = st.polarized_dot
 
 
 def _without_cosines(x, f, s, y, norms):
@@ -51,6 +54,12 @@ def _two_pass(t, layout="auto"):
     return st.moments(t, st.accumulation_dtype(t))
 
 
+def _product_dot(a, b, norms):
+    """y.S by its product and sum, as ResidualNorms computed it before the polarization
+    identity (and as it still does on an accelerator)."""
+    return st.per_sample_dot(a, b)
+
+
 def _means_only(t, layout="auto"):
     m = t.mean(tuple(range(2, t.ndim)))
     return m, m
@@ -62,6 +71,7 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[str, Callable] | None]] = {
     "ResidualNorms alone": ((probe.ResidualNorms,), None),
     "ChannelStats alone": ((probe.ChannelStats,), None),
     "two-pass moments": (BOTH, ("channel_moments", _two_pass)),
+    "product y.S": (BOTH, ("polarized_dot", _product_dot)),
     "no cosines": (BOTH, ("_block_quantities", _without_cosines)),
     "channel means only": (BOTH, ("channel_moments", _means_only)),
 }
@@ -93,6 +103,7 @@ def inside_the_pass(rounds: int) -> None:
                     probed = time.perf_counter() - t0
                 finally:
                     st._block_quantities, st.channel_moments = _BLOCK_QUANTITIES, _CHANNEL_MOMENTS
+                    st.polarized_dot = _POLARIZED_DOT
                 if r >= 2:  # two rounds of warm-up
                     ratios[name].append(probed / base)
                     times[name].append(probed)
@@ -102,8 +113,9 @@ def inside_the_pass(rounds: int) -> None:
     print("## inside the pass (ResNet-56, batch 64; ratio to the unprobed twin, median)")
     for name, rs in ratios.items():
         print(f"{name:22s} {statistics.median(rs):.3f}")
-    med, lo, hi = ratio_ci(times["eager"], times["two-pass moments"])
-    print(f"eager / two-pass moments, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
+    for other in ("two-pass moments", "product y.S"):
+        med, lo, hi = ratio_ci(times["eager"], times[other])
+        print(f"eager / {other}, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
 
 
 def _cold(fn: Callable[[], object], flush: torch.Tensor, repeats: int = 30) -> float:

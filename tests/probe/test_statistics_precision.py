@@ -302,3 +302,103 @@ def test_norms_and_cosines_of_integer_boolean_and_complex_tensors_match_numpy(dt
     )
     if dtype == torch.complex64:
         np.testing.assert_allclose(per_sample_cos(a, a).numpy(), 1.0, rtol=1e-6)
+
+
+def _pairs_of_cos(cosines, positions, rows, seed=5):
+    """float32 a, b of shape [rows * len(cosines), 1, positions] whose rows have the given
+    cosines (in float64, before rounding) and equal norms: b = c a + sqrt(1 - c^2) u, u a unit
+    vector orthogonal to a."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, len(cosines), positions)
+    a = torch.randn(shape, generator=g, dtype=torch.float64)
+    a = a / a.norm(dim=2, keepdim=True)
+    u = torch.randn(shape, generator=g, dtype=torch.float64)
+    u = u - (u * a).sum(2, keepdim=True) * a
+    u = u / u.norm(dim=2, keepdim=True)
+    c = torch.tensor(cosines, dtype=torch.float64)[:, None]
+    b = c * a + (1 - c**2).sqrt() * u
+    return (t.reshape(-1, 1, positions).float() for t in (a, b))
+
+
+def _polarized(a, b):
+    from probe.probes.statistics import polarized_dot
+
+    return polarized_dot(a, b, tuple(per_sample_norm(t) for t in (a, b, a - b)))
+
+
+@pytest.mark.parametrize("positions", [64, 1024, 12544])
+def test_a_polarized_dot_stays_within_its_bound_and_cancelling_rows_are_redone(
+    positions, monkeypatch
+):
+    """y.S from ||y||, ||S|| and ||y - S|| is kept only where (||y||^2 + ||S||^2 + ||y - S||^2)
+    <= ONE_PASS_MAX_RATIO |2 y.S| -- cosines >= 2/17 or <= -2/15 for equal norms -- where its
+    relative error is at most that ratio times float32 accumulation's (16 u, as for the channel
+    moments); every other row, and only those, is taken by the product, in one call."""
+    from probe.probes import statistics
+
+    cosines = [1.0, 0.9, 0.5, 0.2, -0.5, 0.05, 0.0, -0.05]
+    rows = 32 if positions <= 1024 else 4
+    a, b = _pairs_of_cos(cosines, positions, rows)
+    scale = torch.linspace(0.25, 4.0, a.shape[0])[:, None, None]  # unequal norms too
+    redone = []
+
+    def spy(x, y):
+        redone.append(x.shape[0])
+        return product(x, y)
+
+    product = statistics.per_sample_dot
+    monkeypatch.setattr(statistics, "per_sample_dot", spy)
+    got = _polarized(a, b).view(rows, len(cosines))
+    assert redone == [3 * rows]  # the cosines 0.05, 0 and -0.05
+    ref = (a.double() * b.double()).sum((1, 2)).view(rows, len(cosines))
+    rel = ((got.double() - ref).abs() / ref.abs()).numpy()
+    bound = statistics.ONE_PASS_MAX_RATIO * 16 * 2**-24
+    assert rel[:, :5].max() <= bound, rel.max(axis=0)
+    kept = _polarized(a * scale, b).double().view(rows, len(cosines))
+    ref = (a.double() * scale * b.double()).sum((1, 2)).view(rows, len(cosines))
+    rows_kept = ref.abs() > 0.2 * (a.double() * scale).norm(dim=(1, 2)).view(rows, -1)
+    rel = ((kept - ref).abs() / ref.abs())[rows_kept]
+    assert rel.max() <= bound, rel.max()
+
+
+def test_a_polarized_dot_of_nan_inf_zero_or_overflowing_rows_is_the_products():
+    """Rows whose norms are NaN, inf or overflow float32 (inf - inf), and zero rows, are taken by
+    the product, bit for bit: the identity is only used where it is exact to its bound."""
+    big = 3e19
+    a = torch.tensor(
+        [[big, big, big, big], [float("nan"), 1, 1, 1], [float("inf"), 1, 1, 1], [0.0] * 4]
+    )
+    b = torch.tensor([[big, big, big, -big], [1.0] * 4, [1.0] * 4, [1.0, 2, 3, 4]])
+    got = _polarized(a, b)
+    want = per_sample_dot(a, b)
+    assert torch.equal(got.isnan(), want.isnan())
+    np.testing.assert_array_equal(got[~got.isnan()].numpy(), want[~want.isnan()].numpy())
+    assert got[3] == 0
+
+
+class _Turn(torch.nn.Module):
+    """y = F + x, with F a per-sample tensor set by the test (to choose the angle of y to S)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.branch = torch.nn.Identity()
+        self.f = f
+
+    def forward(self, x):
+        return self.branch(self.f) + x
+
+
+def test_cos_ys_of_blocks_at_every_angle_to_their_shortcut_match_numpy():
+    """ResidualNorms' cos(y, S) on the CPU (the polarization identity, guarded) against numpy's
+    float64 for a block whose output ranges from S itself to orthogonal and opposite to it:
+    within float32 accumulation of the product's at every angle."""
+    import probe
+    from probe.conformance import RawSites
+
+    probe.register_residual(_Turn, probe.ResidualSpec(branch="branch"))
+    s, y = _pairs_of_cos([1.0, 0.9, 0.3, 0.1, 0.0, -0.1, -0.7], 256, rows=2)
+    model = torch.nn.Sequential(_Turn(y - s)).eval()
+    cap = probe.capture(model, [s], probes=[probe.ResidualNorms(), RawSites()], layers=["0"])
+    Y, S = (cap.read("0", k).astype(np.float64).reshape(len(s), -1) for k in "YS")
+    want = (Y * S).sum(1) / (np.linalg.norm(Y, axis=1) * np.linalg.norm(S, axis=1))
+    np.testing.assert_allclose(cap.read("0", "cos_ys"), want, rtol=1e-5, atol=1e-7)
