@@ -203,6 +203,31 @@ def errors_by_ratio() -> None:
         print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {two:8.1e}")
 
 
+def errors_by_cosine() -> None:
+    """Largest relative error of y.S by the polarization identity (unguarded, so cosines past
+    the bound show what the guard saves them from) and by the product, against float64, on
+    float32 pairs of equal norms and a given cosine (the bound: 2/17 ~ 0.118)."""
+    print("\n## largest relative error of y.S against float64, pairs of cosine c, equal norms")
+    cosines = (1.0, 0.9, 0.5, 0.2, 0.12, 0.05)
+    print(f"{'positions':>9s}  " + "  ".join(f"identity c={c:<4g}" for c in cosines) + "  product")
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 1024, 12544, 50176):
+        rows = 2000 if n <= 1024 else 200
+        one, product = [], 0.0
+        for c in cosines:
+            a = torch.randn(rows, n, generator=g, dtype=torch.float64)
+            a = a / a.norm(dim=1, keepdim=True)
+            u = torch.randn(rows, n, generator=g, dtype=torch.float64)
+            u = u - (u * a).sum(1, keepdim=True) * a
+            b = (c * a + (1 - c * c) ** 0.5 * u / u.norm(dim=1, keepdim=True)).float()
+            a = a.float()
+            ref = (a.double() * b.double()).sum(1)
+            na, nb, nd = (torch.linalg.vector_norm(t, dim=1) for t in (a, b, a - b))
+            one.append(_error((na.square() + nb.square() - nd.square()) / 2, ref))
+            product = max(product, _error(st.per_sample_dot(a, b), ref))
+        print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {product:8.1e}")
+
+
 def profile_ops(passes: int = 6, fused: bool = False) -> None:
     """Self CPU time per pass of each aten op, the probed pass's minus the unprobed twin's
     (``torch.profiler``), the two profiled pass by pass in turn so that the host's drift over
@@ -262,6 +287,7 @@ def main() -> None:
     inside_the_pass(args.rounds)
     alone()
     errors_by_ratio()
+    errors_by_cosine()
 
 
 if __name__ == "__main__":
