@@ -180,52 +180,60 @@ def alone() -> None:
         _formulas(shape, flush)
 
 
+def _error_table(title: str, params, label: str, other: str, errors: Callable) -> None:
+    """Print the largest relative errors against float64 of a formula at each of ``params``
+    (``errors(rows, positions, param, generator)`` -> (the formula's, the other formula's)),
+    rows of 64 to 50176 positions; the other formula's column is the largest over ``params``."""
+    print(f"\n## {title}")
+    print(f"{'positions':>9s}  " + "  ".join(f"{label}={p:<4g}" for p in params) + f"  {other}")
+    g = torch.Generator().manual_seed(0)
+    for n in (64, 1024, 12544, 50176):
+        rows = 2000 if n <= 1024 else 200
+        pairs = [errors(rows, n, p, g) for p in params]
+        worst = max(e for _, e in pairs)
+        print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e, _ in pairs) + f"  {worst:8.1e}")
+
+
 def errors_by_ratio() -> None:
     """Largest relative error of the one-pass formula (unguarded, so rows above the bound show
     what the guard saves them from) and of the two-pass one against float64, on float32 rows of
     E[x^2]/var = R."""
-    print("\n## largest relative error against float64, rows of E[x^2]/var = R")
+
+    def errors(rows, n, ratio, g):
+        z = torch.randn(rows, 1, n, generator=g, dtype=torch.float64)
+        z = (z - z.mean(2, keepdim=True)) / z.std(2, keepdim=True, unbiased=False)
+        x = (z + (ratio - 1) ** 0.5).float()
+        ref = x.double().var(2, unbiased=False)
+        mean = x.mean(2)
+        sq = torch.linalg.vector_norm(x, dim=2).square()
+        one = _error((sq - n * mean * mean) / n, ref)  # the kept rows' formula
+        return one, _error(st.moments(x, torch.float32)[1], ref)
+
     ratios = (1.5, 4.0, st.ONE_PASS_MAX_RATIO, 64.0)
-    print(f"{'positions':>9s}  " + "  ".join(f"one-pass R={r:<4g}" for r in ratios) + "  two-pass")
-    g = torch.Generator().manual_seed(0)
-    for n in (64, 1024, 12544, 50176):
-        rows = 2000 if n <= 1024 else 200
-        one, two = [], 0.0
-        for ratio in ratios:
-            z = torch.randn(rows, 1, n, generator=g, dtype=torch.float64)
-            z = (z - z.mean(2, keepdim=True)) / z.std(2, keepdim=True, unbiased=False)
-            x = (z + (ratio - 1) ** 0.5).float()
-            ref = x.double().var(2, unbiased=False)
-            mean = x.mean(2)
-            sq = torch.linalg.vector_norm(x, dim=2).square()
-            one.append(_error((sq - n * mean * mean) / n, ref))  # the kept rows' formula
-            two = max(two, _error(st.moments(x, torch.float32)[1], ref))
-        print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {two:8.1e}")
+    title = "largest relative error against float64, rows of E[x^2]/var = R"
+    _error_table(title, ratios, "one-pass R", "two-pass", errors)
 
 
 def errors_by_cosine() -> None:
     """Largest relative error of y.S by the polarization identity (unguarded, so cosines past
     the bound show what the guard saves them from) and by the product, against float64, on
     float32 pairs of equal norms and a given cosine (the bound: 2/17 ~ 0.118)."""
-    print("\n## largest relative error of y.S against float64, pairs of cosine c, equal norms")
+
+    def errors(rows, n, c, g):
+        a = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        a = a / a.norm(dim=1, keepdim=True)
+        u = torch.randn(rows, n, generator=g, dtype=torch.float64)
+        u = u - (u * a).sum(1, keepdim=True) * a
+        b = (c * a + (1 - c * c) ** 0.5 * u / u.norm(dim=1, keepdim=True)).float()
+        a = a.float()
+        ref = (a.double() * b.double()).sum(1)
+        na, nb, nd = (torch.linalg.vector_norm(t, dim=1) for t in (a, b, a - b))
+        one = _error((na.square() + nb.square() - nd.square()) / 2, ref)
+        return one, _error(st.per_sample_dot(a, b), ref)
+
     cosines = (1.0, 0.9, 0.5, 0.2, 0.12, 0.05)
-    print(f"{'positions':>9s}  " + "  ".join(f"identity c={c:<4g}" for c in cosines) + "  product")
-    g = torch.Generator().manual_seed(0)
-    for n in (64, 1024, 12544, 50176):
-        rows = 2000 if n <= 1024 else 200
-        one, product = [], 0.0
-        for c in cosines:
-            a = torch.randn(rows, n, generator=g, dtype=torch.float64)
-            a = a / a.norm(dim=1, keepdim=True)
-            u = torch.randn(rows, n, generator=g, dtype=torch.float64)
-            u = u - (u * a).sum(1, keepdim=True) * a
-            b = (c * a + (1 - c * c) ** 0.5 * u / u.norm(dim=1, keepdim=True)).float()
-            a = a.float()
-            ref = (a.double() * b.double()).sum(1)
-            na, nb, nd = (torch.linalg.vector_norm(t, dim=1) for t in (a, b, a - b))
-            one.append(_error((na.square() + nb.square() - nd.square()) / 2, ref))
-            product = max(product, _error(st.per_sample_dot(a, b), ref))
-        print(f"{n:9d}  " + "  ".join(f"{e:16.1e}" for e in one) + f"  {product:8.1e}")
+    title = "largest relative error of y.S against float64, pairs of cosine c, equal norms"
+    _error_table(title, cosines, "identity c", "product", errors)
 
 
 def profile_ops(passes: int = 6, fused: bool = False) -> None:

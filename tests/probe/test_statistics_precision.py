@@ -187,6 +187,21 @@ def test_a_bf16_block_is_cast_to_float32_once():
     assert seen.n[torch.ops.aten._to_copy.default] == len(model.blocks())
 
 
+def _rows_redone(monkeypatch, name, rows):
+    """Spy on ``probe.probes.statistics.<name>``, the formula a guard hands its failed rows:
+    the list it returns gets ``rows(*args)`` of each call."""
+    from probe.probes import statistics
+
+    real, seen = getattr(statistics, name), []
+
+    def spy(*args):
+        seen.append(rows(*args))
+        return real(*args)
+
+    monkeypatch.setattr(statistics, name, spy)
+    return seen
+
+
 def _rows_of_ratio(ratios, positions, rows=64, seed=3):
     """[rows, len(ratios), positions] float32 rows with E[x^2]/var = ratio exactly in float64
     (each row standardised, then shifted by sqrt(ratio - 1))."""
@@ -207,14 +222,7 @@ def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(positio
 
     ratios = [1.5, 4.0, 12.0, 20.0, 1e4]
     x = _rows_of_ratio(ratios, positions, rows=64 if positions <= 1024 else 8)
-    redone = []
-
-    def spy(t, dtype):
-        redone.append(t.shape[1])
-        return two_pass(t, dtype)
-
-    two_pass = statistics.moments
-    monkeypatch.setattr(statistics, "moments", spy)
+    redone = _rows_redone(monkeypatch, "moments", lambda t, dtype: t.shape[1])
     mean, var = statistics.sum_moments(x, torch.float32)
     ref = x.double().var(2, unbiased=False)
     assert redone == [2 * x.shape[0]]  # the rows of ratios 20 and 1e4, in one call
@@ -340,14 +348,7 @@ def test_a_polarized_dot_stays_within_its_bound_and_cancelling_rows_are_redone(
     rows = 32 if positions <= 1024 else 4
     a, b = _pairs_of_cos(cosines, positions, rows)
     scale = torch.linspace(0.25, 4.0, a.shape[0])[:, None, None]  # unequal norms too
-    redone = []
-
-    def spy(x, y):
-        redone.append(x.shape[0])
-        return product(x, y)
-
-    product = statistics.per_sample_dot
-    monkeypatch.setattr(statistics, "per_sample_dot", spy)
+    redone = _rows_redone(monkeypatch, "per_sample_dot", lambda x, y: x.shape[0])
     got = _polarized(a, b).view(rows, len(cosines))
     assert redone == [3 * rows]  # the cosines 0.05, 0 and -0.05
     ref = (a.double() * b.double()).sum((1, 2)).view(rows, len(cosines))
