@@ -10,6 +10,9 @@
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
 #   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
+#   bash benchmarks/gpu_runbook.sh all      # data, tests and bench in one call (~5 min on an H100),
+#                                           # each step's log under $LOGS (default .data/logs),
+#                                           # going on past a failed step; exits non-zero if any failed
 set -euo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 ARCHIVE=${CIFAR_ARCHIVE:-.data/cifar10-jpg.tar.gz}
@@ -36,6 +39,15 @@ case "${1:-}" in
   dist)
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
     python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json .data/dist.json ;;
+  all)
+    logs=${LOGS:-.data/logs}
+    mkdir -p "$logs"
+    failed=()
+    for step in data tests bench; do
+      echo "### $step $(date +%T)"
+      bash "$0" "$step" 2>&1 | tee "$logs/$step.log" || failed+=("$step")
+    done
+    if ((${#failed[@]})); then echo "### failed: ${failed[*]}" >&2; exit 1; fi ;;
   *)
-    echo "usage: $0 data|tests|bench|compiled|study|dist" >&2; exit 2 ;;
+    echo "usage: $0 data|tests|bench|compiled|study|dist|all" >&2; exit 2 ;;
 esac
