@@ -190,6 +190,13 @@ print(json.dumps(res))
 """
 
 
+def _steady(short: tuple[int, float], long: tuple[int, float]) -> dict:
+    """The line through two dumps' (bytes, seconds): their steady rate (MB/s) and start-up (s)."""
+    (b1, t1), (b2, t2) = short, long
+    rate = (b2 - b1) / (t2 - t1) if t2 > t1 else float("inf")
+    return {"steady_MBps": rate / 1e6, "startup_s": t1 - b1 / rate}
+
+
 def dump(samples: int, batch: int, out_dir: Path) -> dict:
     dev = device()
     res = {}
@@ -244,6 +251,9 @@ def dump(samples: int, batch: int, out_dir: Path) -> dict:
         "resprobe_MBps": first["bytes"] / first["seconds"] / 1e6,
         # 4x the samples: the start-up (writer, first pinned buffers) weighs a quarter as much
         "long_MBps": {n: r["bytes"] / r["seconds"] / 1e6 for n, r in res.items()},
+        # t = start-up + bytes / rate through the two dumps: the rate once running, and the
+        # fixed cost (imports, writer, first buffers, the last flush) a longer dump amortises
+        **_steady(*((r["bytes"], r["seconds"]) for r in res.values())),
         "forward_s": first["forward_seconds"],
         "raw_disk_MBps": written / raw_secs / 1e6,
         "naive_cpu_hooks_s": naive_secs,
@@ -313,6 +323,10 @@ def main() -> None:
     n_long, long_rate = list(d["long_MBps"].items())[-1]
     print(
         f"resprobe, {n_long} samples     {long_rate:8.0f} MB/s  ({long_rate / d['raw_disk_MBps']:.0%} of the raw write)"
+    )
+    print(
+        f"steady rate (the two dumps)  {d['steady_MBps']:8.0f} MB/s  ({d['steady_MBps'] / d['raw_disk_MBps']:.0%} "
+        f"of the raw write), start-up {d['startup_s']:.2f} s"
     )
     print(
         f"naive .cpu() hooks           {d['naive_cpu_hooks_s']:8.2f} s vs resprobe {d['resprobe_s']:.2f} s "
