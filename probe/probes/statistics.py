@@ -567,7 +567,7 @@ def _block_quantities(
     # it matters, for blocks near the identity (d -> 0). The difference is taken in the
     # accumulation dtype: in bf16 it would be rounded to 3 significant digits.
     dev = per_sample_norm(y - s)
-    if y.device.type == "cpu" and not (y.is_complex() or s.is_complex()):
+    if y.device.type == "cpu" and y.shape == s.shape and not (y.is_complex() or s.is_complex()):
         # the other way round, y.S from the three norms, where that does not cancel (guarded;
         # on an accelerator the guard's check would wait for the device)
         ys = polarized_dot(y, s, (ny, ns, dev))

@@ -403,3 +403,19 @@ def test_cos_ys_of_blocks_at_every_angle_to_their_shortcut_match_numpy():
     Y, S = (cap.read("0", k).astype(np.float64).reshape(len(s), -1) for k in "YS")
     want = (Y * S).sum(1) / (np.linalg.norm(Y, axis=1) * np.linalg.norm(S, axis=1))
     np.testing.assert_allclose(cap.read("0", "cos_ys"), want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_shortcut_broadcast_over_the_batch_keeps_the_product():
+    """A shortcut of one row for the whole batch (a learned constant, say) broadcasts in y - S
+    and y * S; its cosines stay the product's, also for rows nearly orthogonal to it, where the
+    guard would hand rows of S it does not have to the product."""
+    from probe.probes import statistics
+
+    s = torch.tensor([[[1.0, 0.0, 0.0]]])
+    y = torch.tensor([[[2.0, 1.0, 0.0]], [[0.0, 1.0, 0.0]], [[1e-4, 0.0, 3.0]]])
+    x = f = y - s
+    norms = tuple(per_sample_norm(t) for t in (x, f, s, y))
+    got = statistics._block_quantities(x, f, s, y, norms)["cos_ys"]
+    Y, S = y.double().reshape(3, -1).numpy(), s.double().reshape(1, -1).numpy()
+    want = (Y * S).sum(1) / (np.linalg.norm(Y, axis=1) * np.linalg.norm(S))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
