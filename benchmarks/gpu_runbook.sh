@@ -7,10 +7,11 @@
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
 #                                           # training), and direct chunk writes on this disk
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
+#   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager and fused
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
 #   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
-#   bash benchmarks/gpu_runbook.sh all      # data, tests and bench in one call (~5 min on an H100),
+#   bash benchmarks/gpu_runbook.sh all      # data, tests, bench, profile in one call (~6 min, H100),
 #                                           # each step's log under $LOGS (default .data/logs),
 #                                           # going on past a failed step; exits non-zero if any failed
 set -euo pipefail
@@ -32,6 +33,9 @@ case "${1:-}" in
     python3 -m benchmarks.bench_breakdown
     python3 -m benchmarks.bench_jacobian
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
+  profile)
+    python3 -m benchmarks.bench_statistics_parts --profile
+    python3 -m benchmarks.bench_statistics_parts --profile --fused ;;
   compiled)
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes reduce-overhead ;;
   study)
@@ -43,11 +47,11 @@ case "${1:-}" in
     logs=${LOGS:-.data/logs}
     mkdir -p "$logs"
     failed=()
-    for step in data tests bench; do
+    for step in data tests bench profile; do
       echo "### $step $(date +%T)"
       bash "$0" "$step" 2>&1 | tee "$logs/$step.log" || failed+=("$step")
     done
     if ((${#failed[@]})); then echo "### failed: ${failed[*]}" >&2; exit 1; fi ;;
   *)
-    echo "usage: $0 data|tests|bench|compiled|study|dist|all" >&2; exit 2 ;;
+    echo "usage: $0 data|tests|bench|profile|compiled|study|dist|all" >&2; exit 2 ;;
 esac
