@@ -563,6 +563,8 @@ def _block_quantities(
     # promoted element by element (exactly) instead of each copied whole, a bf16 map's float32
     # copy a pass of its own on a GPU
     s = _as(s, accumulation_dtype(y, f, s))
+    if y.dtype == torch.bool:  # torch has no difference of masks: a mask's y is read as 0 / 1
+        y = y.to(s.dtype)
     # ||y - S(x)|| from the difference itself: ||y||^2 + ||S||^2 - 2 y.S cancels exactly where
     # it matters, for blocks near the identity (d -> 0). The difference is taken in the
     # accumulation dtype: in bf16 it would be rounded to 3 significant digits.

@@ -419,3 +419,43 @@ def test_a_shortcut_broadcast_over_the_batch_keeps_the_product():
     Y, S = y.double().reshape(3, -1).numpy(), s.double().reshape(1, -1).numpy()
     want = (Y * S).sum(1) / (np.linalg.norm(Y, axis=1) * np.linalg.norm(S))
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-9)
+
+
+class _Roll(torch.nn.Module):
+    def forward(self, x):
+        return x.roll(1, dims=1)
+
+
+class _Mask(torch.nn.Module):
+    """A block of masks: y = F + x on bool tensors (torch adds bools as a logical or)."""
+
+    def __init__(self):
+        super().__init__()
+        self.branch = _Roll()
+
+    def forward(self, x):
+        return self.branch(x) + x
+
+
+def test_a_block_of_masks_gets_numpys_quantities_on_its_zeros_and_ones():
+    """Bool maps are read as 0 / 1, as the norms of integer and boolean tensors are: y - S would
+    otherwise raise torch's own error (no difference of bools) from inside the capture."""
+    import probe
+    from probe.conformance import RawSites
+
+    probe.register_residual(_Mask, probe.ResidualSpec(branch="branch"))
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(1)) > 0
+    model = torch.nn.Sequential(_Mask()).eval()
+    cap = probe.capture(model, [x], probes=[probe.ResidualNorms(), RawSites()], layers=["0"])
+    F, S = x.roll(1, dims=1).double().numpy(), x.double().numpy()
+    Y = np.maximum(F, S)
+    norm = lambda a: np.linalg.norm(a, axis=1)  # noqa: E731
+    want = {
+        "y_norm": norm(Y),
+        "f_norm": norm(F),
+        "dev_norm": norm(Y - S),
+        "cos_ys": (Y * S).sum(1) / np.maximum(norm(Y) * norm(S), 1e-12),
+        "cos_fs": (F * S).sum(1) / np.maximum(norm(F) * norm(S), 1e-12),
+    }
+    for q, w in want.items():
+        np.testing.assert_allclose(cap.read("0", q), w, rtol=1e-6, atol=1e-7, err_msg=q)
