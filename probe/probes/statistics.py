@@ -115,6 +115,22 @@ def per_sample_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(_rows(a), dtype=dtype)
 
 
+def _guard_is_cheap(t: torch.Tensor) -> bool:
+    """Whether the one-read formulas' guard (a host read per call) suits ``t``: on the CPU. On
+    an accelerator the read would wait for the device on every call, and a recorded pass
+    (probe.replay) refuses it; the exact formulas serve there."""
+    return t.device.type == "cpu"
+
+
+def _failed_rows(excess: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """Indices of the rows a guard rejects -- ``excess`` > 0 or NaN (a NaN row, or sums that
+    overflowed) -- for one call of the exact formula on them; None when every row is kept.
+    One host read where every row is kept, the usual case."""
+    if float(excess.amax()) <= 0:
+        return None
+    return excess.le(0).logical_not_().nonzero(as_tuple=True)
+
+
 def polarized_dot(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -149,8 +165,8 @@ def polarized_dot(
     dot = torch.sub(total, square_d).div_(2)
     # NaN where a norm is NaN or inf (inf - inf): failed, as where the difference cancels
     excess = total.add_(square_d).sub_(dot.abs(), alpha=2 * ONE_PASS_MAX_RATIO)
-    if not float(excess.amax()) <= 0:
-        rows = excess.le(0).logical_not_().nonzero(as_tuple=True)
+    rows = _failed_rows(excess)
+    if rows is not None:
         dot.index_put_(rows, per_sample_dot(a[rows], b[rows]).to(dot.dtype))
     return dot
 
@@ -201,10 +217,7 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
         return t, torch.zeros_like(t)
     if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
         t = t.to(dtype)  # of such tensors in torch
-    if t.device.type == "cpu":
-        return sum_moments(t, dtype)
-    # on an accelerator the guard's check would wait for the device on every call
-    return moments(t, dtype)
+    return sum_moments(t, dtype) if _guard_is_cheap(t) else moments(t, dtype)
 
 
 # Rows where E[x^2] <= ONE_PASS_MAX_RATIO * var take the one-pass formula of sum_moments: its
@@ -243,8 +256,8 @@ def sum_moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     # then, as where the difference cancels, rows are computed again
     excess = torch.sub(square, var, alpha=ONE_PASS_MAX_RATIO)
     var.div_(n)
-    if not float(excess.amax()) <= 0:
-        rows = excess.le(0).logical_not_().nonzero(as_tuple=True)
+    rows = _failed_rows(excess)
+    if rows is not None:
         var.index_put_(rows, moments(flat[rows].unsqueeze(0), dtype)[1][0])
     return mean, var
 
@@ -569,9 +582,8 @@ def _block_quantities(
     # it matters, for blocks near the identity (d -> 0). The difference is taken in the
     # accumulation dtype: in bf16 it would be rounded to 3 significant digits.
     dev = per_sample_norm(y - s)
-    if y.device.type == "cpu" and y.shape == s.shape and not (y.is_complex() or s.is_complex()):
-        # the other way round, y.S from the three norms, where that does not cancel (guarded;
-        # on an accelerator the guard's check would wait for the device)
+    if _guard_is_cheap(y) and y.shape == s.shape and not (y.is_complex() or s.is_complex()):
+        # the other way round, y.S from the three norms, where that does not cancel (guarded)
         ys = polarized_dot(y, s, (ny, ns, dev))
     else:
         ys = per_sample_dot(y, s)
