@@ -19,7 +19,13 @@ taken by the polarization identity.
 Part 4 (``--profile``, alone): the probes' ops by self CPU time per pass (torch.profiler), eager
 or ``--fused``; on a GPU their kernels by GPU time (batch 512, bf16, channels-last, grouped).
 
-Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--profile [--fused]]
+Part 5 (``--batch-sizes 1,8,64``, alone): the statistics pass per call (``grouped=False``), with
+the session's default grouping (on the CPU: the statistics of blocks with small tensors) and with
+every block grouped (``grouped=True``), and the hand-written statistics hooks of compare.py, each
+paired with the unprobed twin, at each batch size: where grouping pays on the CPU.
+
+Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
+       [--profile [--fused]] [--batch-sizes 1,8,16,32,64]
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Callable
 import torch
 
 import probe
-from benchmarks.compare import build, ratio_ci
+from benchmarks.compare import _stat_hooks, build, ratio_ci
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
@@ -67,20 +73,41 @@ def _means_only(t, layout="auto"):
     return m, m
 
 
+def _reductions_only(x, f, s, y, norms):
+    """The block's map-sized reductions (||y - S||, F.S) and none of the small arithmetic on
+    their [N] results (the polarized y.S and its guard, the cosines)."""
+    dev = st.per_sample_norm(y - s)
+    fs = st.per_sample_dot(f, s)
+    return dict(zip(st._BLOCK_NAMES, (*norms, dev, dev, fs)))
+
+
+def _sums_only(t, layout="auto"):
+    """A map's channel sums and sums of squares, none of the small arithmetic on them."""
+    flat = t.flatten(2)
+    return flat.sum(2), torch.linalg.vector_norm(flat, dim=2)
+
+
 BOTH = (probe.ResidualNorms, probe.ChannelStats)
-VARIANTS: dict[str, tuple[tuple[type, ...], tuple[str, Callable] | None]] = {
-    "eager": (BOTH, None),
-    "ResidualNorms alone": ((probe.ResidualNorms,), None),
-    "ChannelStats alone": ((probe.ChannelStats,), None),
-    "two-pass moments": (BOTH, ("channel_moments", _two_pass)),
-    "product y.S": (BOTH, ("polarized_dot", _product_dot)),
-    "no cosines": (BOTH, ("_block_quantities", _without_cosines)),
-    "channel means only": (BOTH, ("channel_moments", _means_only)),
+# name -> (probes, the functions of probe.probes.statistics replaced for the variant)
+VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] = {
+    "eager": (BOTH, ()),
+    "ResidualNorms alone": ((probe.ResidualNorms,), ()),
+    "ChannelStats alone": ((probe.ChannelStats,), ()),
+    "two-pass moments": (BOTH, (("channel_moments", _two_pass),)),
+    "product y.S": (BOTH, (("polarized_dot", _product_dot),)),
+    "no cosines": (BOTH, (("_block_quantities", _without_cosines),)),
+    "channel means only": (BOTH, (("channel_moments", _means_only),)),
+    # both at once: what the ~40 small ops a block spends on [N] and [N, C] results cost
+    "reductions only": (
+        BOTH,
+        (("_block_quantities", _reductions_only), ("channel_moments", _sums_only)),
+    ),
 }
 
 
-def inside_the_pass(rounds: int) -> None:
+def inside_the_pass(rounds: int, batch: int = 64) -> None:
     _, blocks, x, y = build("zoo")
+    x, y = x[:batch], y[:batch]
     twin = build("zoo")[0]
     sessions = {
         name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in probes])
@@ -92,12 +119,12 @@ def inside_the_pass(rounds: int) -> None:
         for s in sessions.values():
             s.__enter__()
         for r in range(rounds + 2):
-            for name, (_, stub) in VARIANTS.items():
+            for name, (_, stubs) in VARIANTS.items():
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     twin(x)
                 base = time.perf_counter() - t0
-                if stub:
+                for stub in stubs:
                     setattr(st, *stub)
                 try:
                     t0 = time.perf_counter()
@@ -112,10 +139,10 @@ def inside_the_pass(rounds: int) -> None:
     finally:
         for s in sessions.values():
             s.close()
-    print("## inside the pass (ResNet-56, batch 64; ratio to the unprobed twin, median)")
+    print(f"## inside the pass (ResNet-56, batch {len(x)}; ratio to the unprobed twin, median)")
     for name, rs in ratios.items():
         print(f"{name:22s} {statistics.median(rs):.3f}")
-    for other in ("two-pass moments", "product y.S"):
+    for other in ("two-pass moments", "product y.S", "reductions only"):
         med, lo, hi = ratio_ci(times["eager"], times[other])
         print(f"eager / {other}, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
 
@@ -303,18 +330,75 @@ def profile_ops(passes: int = 6, fused: bool = False) -> None:
         print(f"  {t:7.2f}  {n:5d} calls  {key[:100]}")
 
 
+def by_batch_size(sizes: list[int], rounds: int) -> None:
+    """Part 5: per call, the default grouping and every block grouped, by batch size."""
+    import probe.runtime
+
+    probe.runtime.tune_allocator()  # as the CLI runs
+    _, blocks, x, y = build("zoo")
+    twin, hooked = build("zoo")[0], build("zoo")[0]
+    store: list = []
+    handles = _stat_hooks(hooked, blocks, store, "zoo")
+    settings = {"per call": False, "default": None, "all grouped": True}
+    sessions = {
+        name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH], grouped=g)
+        for name, g in settings.items()
+    }
+
+    def hooks(xb, yb):
+        store.clear()
+        with torch.no_grad():
+            hooked(xb)
+
+    runs = {name: s.run_batch for name, s in sessions.items()} | {"hand-written hooks": hooks}
+    print(
+        "\n## by batch size (ResNet-56, ResidualNorms + ChannelStats; ratio to the unprobed twin)"
+    )
+    print(f"{'batch':>5s} {'twin ms':>8s} " + " ".join(f"{name:>18s}" for name in runs))
+    try:
+        for s in sessions.values():
+            s.__enter__()
+        for n in sizes:
+            xb, yb = x[:n], y[:n]
+            ratios: dict[str, list[float]] = {name: [] for name in runs}
+            base_ms = []
+            for r in range(rounds + 2):
+                for name, fn in runs.items():
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        twin(xb)
+                    base = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    fn(xb, yb)
+                    if r >= 2:  # two rounds of warm-up
+                        ratios[name].append((time.perf_counter() - t0) / base)
+                        base_ms.append(base * 1e3)
+            cells = " ".join(f"{statistics.median(v):18.3f}" for v in ratios.values())
+            print(f"{n:5d} {statistics.median(base_ms):8.1f} {cells}")
+    finally:
+        for s in sessions.values():
+            s.close()
+        for h in handles:
+            h.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="only the op-by-op profile")
     ap.add_argument("--fused", action="store_true", help="profile the compiled statistics")
+    ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
+    ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_ops(fused=args.fused)
         return
-    inside_the_pass(args.rounds)
+    if args.batch_sizes:
+        by_batch_size([int(n) for n in args.batch_sizes.split(",")], args.rounds)
+        return
+    inside_the_pass(args.rounds, args.batch)
     alone()
     errors_by_ratio()
     errors_by_cosine()

@@ -235,8 +235,10 @@ def capture(
             ``<out>.shards/`` (no copy: for captures too large to pass through one process).
         grouped: compute the statistics of equally shaped blocks together, once per run of
             them (:mod:`probe.probes.group`): the same numbers with a fraction of the kernel
-            launches, for a little more memory. ``None`` (default): on for batches on an
-            accelerator, where launches bound a probed pass; off on the CPU.
+            launches, for a little more memory. ``None`` (default): every call of a batch on an
+            accelerator, where launches bound a probed pass; on the CPU the reducing statistics
+            (``Probe.reduces``) of calls whose tensors are small (at most 2 MiB), where their
+            small ops do.
         cuda_graph: record the probed pass as a CUDA graph at the second batch of each shape
             and replay it for the later ones (:mod:`probe.replay`): one launch per batch instead
             of one per kernel, for the probes that can be replayed (``Probe.replayable``). The

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -353,6 +354,23 @@ def _kept_out(rec: SiteRecord, where: str) -> torch.Tensor:
 # bf16: a stage's nine blocks, ~450 MB).
 _GROUP_BYTES = 512 << 20
 
+# On a CPU, by default, only calls whose tensors (a block's distinct x, F, S, y) take at most
+# this many bytes are grouped: there a probe's ~50 small ops per call, not its arithmetic, bound
+# the pass, and the stack's copy is small. A larger call is computed at once, while the cache
+# still holds its tensors; stacked later, they would be read back from memory, and copied
+# (ResNet-56, 2 threads: every block grouped took 0.75-0.78 x the per-call time at batch 1,
+# 1.10-1.14 x at batch 64; docs/performance.md, "Small blocks grouped on the CPU").
+_CPU_GROUP_CALL_BYTES = 2 << 20
+# Those small calls are computed once they hold this much: their small ops are already shared
+# many ways, and a deep model's chain of small blocks is not all held at once.
+_CPU_GROUP_BYTES = 32 << 20
+
+
+def _distinct_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes of the distinct tensors among ``tensors`` (S is x for an identity shortcut)."""
+    distinct = {id(t): t for t in tensors if t is not None}
+    return sum(t.numel() * t.element_size() for t in distinct.values())
+
 
 @dataclass
 class _Held:
@@ -370,7 +388,7 @@ class _Held:
         self.tensors = list(tensors.values())
         versions = [_version(t) for t in self.tensors]
         self.versions = None if None in versions else versions
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors)
+        self.nbytes = _distinct_bytes(self.tensors)
 
     def changed(self) -> bool:
         """Whether an in-place op changed one of the call's tensors since it was held."""
@@ -459,8 +477,16 @@ class HookSession:
             p for p in self.layer_probes if type(p).forward is not Probe.forward
         ]
         self._grad_probes = [p for p in self.layer_probes if p.needs_grad]
-        self._groups_forward = {id(p) for p in self.layer_probes if takes_groups(p, "forward")}
-        self._groups_backward = {id(p) for p in self._grad_probes if takes_groups(p, "backward")}
+        # the probes whose calls may be held for a group, by phase: every groupable one, and
+        # those that reduce (the CPU's default for small calls; see _group_limit_for)
+        phases = {"forward": self.layer_probes, "backward": self._grad_probes}
+        self._groupable = {
+            ph: frozenset(id(p) for p in ps if takes_groups(p, ph)) for ph, ps in phases.items()
+        }
+        self._reducing = {
+            ph: frozenset(id(p) for p in ps if takes_groups(p, ph) and p.reduces)
+            for ph, ps in phases.items()
+        }
         self._model_info = LayerInfo("model", model, None, -1)
         self._selection = layers
         # Blocks read through adapters are known now; residual sites anywhere else are found by
@@ -497,7 +523,8 @@ class HookSession:
         # Groupable probes' calls held and computed together (probe.probes.group): on by default
         # where a batch is on an accelerator, whose probed pass is bound by kernel launches.
         self.grouped = grouped
-        self._grouping = False  # for the batch being run
+        # for the batch being run: the most bytes a grouped call may hold (None: no grouping)
+        self._group_limit: float | None = None
         self._group_unsafe = False  # a held call's tensor changed in place before it was computed
         # Some hooked tensor lay off the input's gradient path (a frozen part run under no_grad
         # or detached): the backward differentiates for every hooked tensor from then on.
@@ -773,10 +800,11 @@ class HookSession:
         results = self._results[key]
         sources = _storages(call)  # the memory a result kept as it is would share
         held: list[Probe] = []
+        grouped = self._grouped_probes(call, "forward")
         with self._suspend():
             for p in self._forward_probes:
                 if p.applies_to(call):
-                    if self._grouping and id(p) in self._groups_forward:
+                    if id(p) in grouped:
                         held.append(p)
                         continue
                     with torch.set_grad_enabled(p.forward_grad and torch.is_grad_enabled()):
@@ -807,7 +835,8 @@ class HookSession:
             self._compute([held])
             return
         key = (group_key(held.call, held.phase), tuple(map(id, held.probes)))
-        if self._held and (key != self._held_key or self._held_bytes >= _GROUP_BYTES):
+        budget = _GROUP_BYTES if self._group_limit == math.inf else _CPU_GROUP_BYTES
+        if self._held and (key != self._held_key or self._held_bytes >= budget):
             self.flush_held()
         self._held.append(held)
         self._held_key = key
@@ -954,7 +983,7 @@ class HookSession:
             if not waits and self._eager_backward:
                 self._backward_done.add(id(call))
                 probes = [p for p in self._grad_probes if p.applies_to(call)]
-                grouped = self._groups_backward if self._grouping else set()
+                grouped = self._grouped_probes(call, "backward")
                 held = [p for p in probes if id(p) in grouped]
                 self._run_backward(call, [p for p in probes if id(p) not in grouped])
                 if held:  # its gradients are dropped once the group is computed
@@ -1158,10 +1187,30 @@ class HookSession:
                 return replayed
         return self._eager_batch(x, y, sample_offset, next_input)
 
-    def _grouping_for(self, x: torch.Tensor) -> bool:
-        """Whether the batch's statistics are grouped (the default: on an accelerator)."""
-        grouping = self.grouped if self.grouped is not None else x.device.type != "cpu"
-        return grouping and not self._group_unsafe
+    def _group_limit_for(self, x: torch.Tensor) -> float | None:
+        """The most bytes a call whose statistics are grouped may hold in this batch; None when
+        none is grouped. ``grouped=True`` and, by default, a batch on an accelerator group every
+        call; by default on the CPU only the small ones (``_CPU_GROUP_CALL_BYTES``), for the
+        probes that reduce (``Probe.reduces``)."""
+        if self.grouped is False or self._group_unsafe:
+            return None
+        if self.grouped or x.device.type != "cpu":
+            return math.inf
+        return _CPU_GROUP_CALL_BYTES
+
+    def _grouped_probes(self, call: Call, phase: str) -> frozenset[int]:
+        """The ids of the probes whose ``phase`` half ("forward" or "backward") of ``call``
+        waits for its group in the batch being run: every groupable probe, or on the CPU by
+        default the reducing ones where the call's tensors are small (none where they are not)."""
+        limit = self._group_limit
+        if limit is None:
+            return frozenset()
+        if limit == math.inf:
+            return self._groupable[phase]
+        reducing = self._reducing[phase]
+        if reducing and _distinct_bytes(group_tensors(call, phase)) <= limit:
+            return reducing
+        return frozenset()
 
     def _eager_batch(
         self,
@@ -1172,11 +1221,11 @@ class HookSession:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
         """The batch run with the hooks calling the probes (see :meth:`run_batch`)."""
         rng = _rng_state(x.device)
-        grouping = self._grouping_for(x)
+        limit = self._group_limit_for(x)
         for attempt in range(2):
             self._reset_batch(sample_offset)
             self._in_batch = attempt == 0  # a second attempt copies every result
-            self._grouping = grouping and attempt == 0
+            self._group_limit = limit if attempt == 0 else None
             try:
                 out = self._forward_backward(x, y)
                 # a gradient that never arrived: its tensor lies off the way from the loss to
@@ -1191,7 +1240,7 @@ class HookSession:
                 self._release_batch()
                 raise
             finally:
-                self._in_batch = self._grouping = False
+                self._in_batch, self._group_limit = False, None
             # A result kept as a view was changed later in the pass (an in-place op this batch
             # took and earlier ones did not), or a tensor held for grouped statistics was, or a
             # gradient never arrived: run the batch again, with the same random draws (dropout),
@@ -1273,7 +1322,7 @@ class HookSession:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor] | None:
         """Record the probed pass of this batch's key, replay it on the batch and compare it with
         the batch's eager pass, whose results are returned; None when it cannot be recorded."""
-        grouping = self._grouping_for(x)
+        limit = self._group_limit_for(x)
         # The pass before the recording sees the batch's samples in other rows: a probe that
         # kept a result from it (reused instead of recomputed while recording) is then caught
         # by the comparison below instead of passing as the same batch's numbers.
@@ -1282,12 +1331,12 @@ class HookSession:
         try:
             with recording_autocast(x.device.type):
                 with side_stream(x.device):
-                    self._recording_pass(sx, sy, sample_offset, grouping)
+                    self._recording_pass(sx, sy, sample_offset, limit)
                 sx.copy_(x)
                 if sy is not None:
                     sy.copy_(y)
                 graph, (packed, info) = self._record_graph(
-                    lambda: self._recording_pass(sx, sy, sample_offset, grouping)
+                    lambda: self._recording_pass(sx, sy, sample_offset, limit)
                 )
         except Exception as e:  # an operation a recording refuses: the batch runs eagerly
             self._give_up(f"recording the probed pass failed ({type(e).__name__}: {e})")
@@ -1310,12 +1359,16 @@ class HookSession:
         return results, eager_logits
 
     def _recording_pass(
-        self, x: torch.Tensor, y: torch.Tensor | None, sample_offset: int, grouping: bool
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        sample_offset: int,
+        group_limit: float | None,
     ) -> tuple[Packed | None, dict]:
         """One probed pass whose results are packed (None if a held tensor changed in place).
         Every result is a copy (no views of the pass's memory, which a replay reuses)."""
         self._reset_batch(sample_offset)
-        self._in_batch, self._grouping, self._recording = False, grouping, True
+        self._in_batch, self._group_limit, self._recording = False, group_limit, True
         try:
             out = self._forward_backward(x, y)
             counts = self._nonfinite.batch_counts()
@@ -1324,7 +1377,7 @@ class HookSession:
             results = {k: qs for k, qs in self._results.items() if qs}
             return Packed.pack(results, out.detach(), counts), dict(self._info)
         finally:
-            self._grouping = self._recording = False
+            self._group_limit, self._recording = None, False
             self._release_batch()
 
     def _give_up(self, reason: str) -> None:

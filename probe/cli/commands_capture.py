@@ -89,7 +89,8 @@ __all__ = ["COMMANDS"]
     "--grouped/--per-call",
     default=None,
     help="Compute statistics of equally shaped blocks together (fewer kernel launches, the "
-    "same numbers) or each at its call. Default: grouped on a GPU, per call on the CPU.",
+    "same numbers) or each at its call. Default: grouped on a GPU; on the CPU the statistics of "
+    "blocks with small tensors grouped, the others per call.",
 )
 @click.option(
     "--cuda-graph",

@@ -230,6 +230,11 @@ class Probe:
     # the pass and record no graph. The session may then hold a run of equally shaped calls and
     # stack them (probe.probes.group); for backward() this needs eager_backward too.
     groupable: ClassVar[bool] = False
+    # Whether a groupable probe's results are a few numbers per sample (norms, moments) rather
+    # than copies of the call's tensors. On a CPU only such a probe is grouped by default, and
+    # only for calls with small tensors: there its dozens of small ops per call cost more than
+    # the stack's copy, which a copying probe would add to its own (HookSession's ``grouped``).
+    reduces: ClassVar[bool] = False
     dims: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __post_init__(self) -> None:

@@ -41,16 +41,16 @@ _Stacked = tuple[torch.Tensor, int, "int | None", torch.Tensor]
 
 
 def check_grouped(grouped: object) -> None:
-    """Refuse a ``grouped`` setting that is not True, False or None (the default: on for batches
-    on an accelerator).
+    """Refuse a ``grouped`` setting that is not True, False or None (the default: every call on
+    an accelerator; on the CPU the statistics of calls with small tensors).
 
     Example:
         >>> check_grouped(None)
     """
     if grouped is not None and not isinstance(grouped, bool):
         raise ProbeError(
-            f"grouped must be True, False or None (on for batches on an accelerator, off on the "
-            f"CPU); got {grouped!r}."
+            f"grouped must be True, False or None (the default: every call on an accelerator, "
+            f"on the CPU the statistics of calls with small tensors); got {grouped!r}."
         )
 
 

@@ -423,6 +423,7 @@ class ResidualNorms(Probe):
     name: ClassVar[str] = "residual"
     forward_grad: ClassVar[bool] = False
     groupable: ClassVar[bool] = True
+    reduces: ClassVar[bool] = True
     fused: bool = False  # one compiled kernel per block (probe.probes.fused; compiles once)
 
     def __post_init__(self) -> None:
@@ -615,6 +616,7 @@ class ChannelStats(Probe):
     name: ClassVar[str] = "channel"
     forward_grad: ClassVar[bool] = False
     groupable: ClassVar[bool] = True
+    reduces: ClassVar[bool] = True
     dims: ClassVar = {
         q: ("sample", "channel")
         for q in ("channel_mean", "channel_var", "f_channel_mean", "f_channel_var")
@@ -678,6 +680,7 @@ class GradNorms(Probe):
     eager_backward: ClassVar[bool] = True
     needs_grad: ClassVar[bool] = True
     groupable: ClassVar[bool] = True
+    reduces: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -493,3 +493,74 @@ def test_other_selections_and_modes_grouped_give_the_per_call_numbers(
         assert sorted(qs) == sorted(grouped[key])
         for q, t in qs.items():
             torch.testing.assert_close(grouped[key][q], t, rtol=1e-5, atol=1e-7, msg=f"{key}.{q}")
+
+
+def _block_bytes(model, x, y):
+    """Each block's bytes as the session counts them: its distinct x, F(x), S(x) and y."""
+    with probe.HookSession(model, "auto", [RawSites()], grouped=False) as s:
+        raw = s.run_batch(x, y)[0]
+    out = {}
+    for key, parts in raw.items():
+        ts = [parts["X"], parts["F"], parts["Y"]]
+        if not torch.equal(parts["S"], parts["X"]):  # S is x itself for an identity shortcut
+            ts.append(parts["S"])
+        out[key] = sum(t.numel() * t.element_size() for t in ts)
+    return out
+
+
+def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monkeypatch):
+    """By default a CPU batch groups the reducing probes of the blocks whose tensors fit
+    _CPU_GROUP_CALL_BYTES, computes every other block at its call, never groups a probe that
+    copies tensors (Activations), and gives the per-call numbers."""
+    model, (x, y) = _net("resnet20"), _x()
+    sizes = _block_bytes(model, x, y)
+    limit = sorted(set(sizes.values()))[len(set(sizes.values())) // 2]
+    small = {k for k, b in sizes.items() if b <= limit}
+    assert small and small != set(sizes)  # the limit splits the blocks
+    probes = [*_stats(), probe.Activations(dtype="fp32")]
+    alone, _ = _run(model, probes, False, x, y)
+    grouped_keys = []
+
+    class Recorded(CallGroup):
+        def __init__(self, calls):
+            grouped_keys.extend(c.name for c in calls)
+            super().__init__(calls)
+
+    monkeypatch.setattr(probe.session, "CallGroup", Recorded)
+    monkeypatch.setattr(probe.session, "_CPU_GROUP_CALL_BYTES", limit)
+    copied = []
+    monkeypatch.setattr(
+        probe.Activations, "forward_group", lambda self, group: copied.append(group) or []
+    )
+    default, session = _run(model, probes, None, x, y)
+    # forward and backward: each small block twice (its gradients are x's and y's size too)
+    assert sorted(set(grouped_keys)) == sorted(small)
+    assert copied == []  # block outputs are each call's own, never stacked on the CPU
+    for key, qs in alone.items():
+        assert sorted(default[key]) == sorted(qs), key
+        for q, t in qs.items():
+            torch.testing.assert_close(default[key][q], t, rtol=1e-5, atol=1e-7, msg=f"{key}.{q}")
+    assert not session._group_unsafe
+
+
+def test_on_the_cpu_small_groups_are_computed_within_their_own_budget(monkeypatch):
+    model, (x, y) = _net("resnet20"), _x()
+    alone, _ = _run(model, _stats(), False, x, y)
+    sizes = _sizes(monkeypatch)
+    monkeypatch.setattr(probe.session, "_CPU_GROUP_BYTES", 1)  # each call its own group
+    default, _ = _run(model, _stats(), None, x, y)
+    assert sizes and set(sizes) == {1}
+    monkeypatch.setattr(probe.session, "_CPU_GROUP_BYTES", 1 << 30)
+    sizes.clear()
+    _run(model, _stats(), None, x, y)
+    assert sizes[:5] == [3, 1, 2, 1, 2]  # as grouped=True groups them: every block is small
+    for key, qs in alone.items():
+        for q, t in qs.items():
+            torch.testing.assert_close(default[key][q], t, rtol=1e-5, atol=1e-7)
+
+
+def test_on_the_cpu_no_call_is_grouped_when_none_is_small(monkeypatch):
+    sizes = _sizes(monkeypatch)
+    monkeypatch.setattr(probe.session, "_CPU_GROUP_CALL_BYTES", 0)
+    _run(_net("resnet20"), _stats(), None, *_x())
+    assert sizes == []
