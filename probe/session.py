@@ -520,8 +520,9 @@ class HookSession:
         # unknown until a batch has shown that no later in-place op changes them (_guard).
         self._may_alias: dict[tuple[str, str], bool] = {}
         self._in_batch = False
-        # Groupable probes' calls held and computed together (probe.probes.group): on by default
-        # where a batch is on an accelerator, whose probed pass is bound by kernel launches.
+        # Groupable probes' calls held and computed together (probe.probes.group): by default
+        # every call where a batch is on an accelerator, whose probed pass is bound by kernel
+        # launches, and on the CPU the reducing probes' calls with small tensors (_group_limit_for).
         self.grouped = grouped
         # for the batch being run: the most bytes a grouped call may hold (None: no grouping)
         self._group_limit: float | None = None
