@@ -22,10 +22,11 @@ or ``--fused``; on a GPU their kernels by GPU time (batch 512, bf16, channels-la
 Part 5 (``--batch-sizes 1,8,64``, alone): the statistics pass per call (``grouped=False``), with
 the session's default grouping (on the CPU: the statistics of blocks with small tensors) and with
 every block grouped (``grouped=True``), and the hand-written statistics hooks of compare.py, each
-paired with the unprobed twin, at each batch size: where grouping pays on the CPU.
+paired with the unprobed twin, at each batch size: where grouping pays on the CPU. ``--grad``
+adds GradNorms, forward and backward.
 
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
-       [--profile [--fused]] [--batch-sizes 1,8,16,32,64]
+       [--profile [--fused]] [--batch-sizes 1,8,16,32,64 [--grad]]
 """
 
 from __future__ import annotations
@@ -330,30 +331,41 @@ def profile_ops(passes: int = 6, fused: bool = False) -> None:
         print(f"  {t:7.2f}  {n:5d} calls  {key[:100]}")
 
 
-def by_batch_size(sizes: list[int], rounds: int) -> None:
-    """Part 5: per call, the default grouping and every block grouped, by batch size."""
+def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
+    """Part 5: per call, the default grouping and every block grouped, by batch size; with
+    ``grad`` also GradNorms, forward and backward (the twin takes the gradient w.r.t. the input,
+    as compare.py's unprobed pass of that row)."""
+    import torch.nn.functional as F
+
     import probe.runtime
 
     probe.runtime.tune_allocator()  # as the CLI runs
     _, blocks, x, y = build("zoo")
     twin, hooked = build("zoo")[0], build("zoo")[0]
     store: list = []
-    handles = _stat_hooks(hooked, blocks, store, "zoo")
+    handles = _stat_hooks(hooked, blocks, store, "zoo", grads=grad)
+    kinds = (*BOTH, probe.GradNorms) if grad else BOTH
     settings = {"per call": False, "default": None, "all grouped": True}
     sessions = {
-        name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH], grouped=g)
+        name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in kinds], grouped=g)
         for name, g in settings.items()
     }
 
+    def unprobed(net, xb, yb):
+        if grad:
+            inp = xb.detach().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(net(inp), yb), [inp])
+        else:
+            with torch.no_grad():
+                net(xb)
+
     def hooks(xb, yb):
         store.clear()
-        with torch.no_grad():
-            hooked(xb)
+        unprobed(hooked, xb, yb)
 
     runs = {name: s.run_batch for name, s in sessions.items()} | {"hand-written hooks": hooks}
-    print(
-        "\n## by batch size (ResNet-56, ResidualNorms + ChannelStats; ratio to the unprobed twin)"
-    )
+    what = "ResidualNorms + ChannelStats" + (" + GradNorms, forward + backward" if grad else "")
+    print(f"\n## by batch size (ResNet-56, {what}; ratio to the unprobed twin)")
     print(f"{'batch':>5s} {'twin ms':>8s} " + " ".join(f"{name:>18s}" for name in runs))
     try:
         for s in sessions.values():
@@ -365,8 +377,7 @@ def by_batch_size(sizes: list[int], rounds: int) -> None:
             for r in range(rounds + 2):
                 for name, fn in runs.items():
                     t0 = time.perf_counter()
-                    with torch.no_grad():
-                        twin(xb)
+                    unprobed(twin, xb, yb)
                     base = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     fn(xb, yb)
@@ -390,13 +401,14 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true", help="profile the compiled statistics")
     ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
+    ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_ops(fused=args.fused)
         return
     if args.batch_sizes:
-        by_batch_size([int(n) for n in args.batch_sizes.split(",")], args.rounds)
+        by_batch_size([int(n) for n in args.batch_sizes.split(",")], args.rounds, args.grad)
         return
     inside_the_pass(args.rounds, args.batch)
     alone()
