@@ -41,7 +41,7 @@ from collections.abc import Callable
 import torch
 
 import probe
-from benchmarks.compare import _stat_hooks, build, ratio_ci
+from benchmarks.compare import _stat_hooks, build, ratio_ci, unprobed_pass
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
@@ -335,8 +335,6 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
     """Part 5: per call, the default grouping and every block grouped, by batch size; with
     ``grad`` also GradNorms, forward and backward (the twin takes the gradient w.r.t. the input,
     as compare.py's unprobed pass of that row)."""
-    import torch.nn.functional as F
-
     import probe.runtime
 
     probe.runtime.tune_allocator()  # as the CLI runs
@@ -351,17 +349,9 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
         for name, g in settings.items()
     }
 
-    def unprobed(net, xb, yb):
-        if grad:
-            inp = xb.detach().requires_grad_(True)
-            torch.autograd.grad(F.cross_entropy(net(inp), yb), [inp])
-        else:
-            with torch.no_grad():
-                net(xb)
-
     def hooks(xb, yb):
         store.clear()
-        unprobed(hooked, xb, yb)
+        unprobed_pass(hooked, xb, yb, grad)
 
     runs = {name: s.run_batch for name, s in sessions.items()} | {"hand-written hooks": hooks}
     what = "ResidualNorms + ChannelStats" + (" + GradNorms, forward + backward" if grad else "")
@@ -377,7 +367,7 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
             for r in range(rounds + 2):
                 for name, fn in runs.items():
                     t0 = time.perf_counter()
-                    unprobed(twin, xb, yb)
+                    unprobed_pass(twin, xb, yb, grad)
                     base = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     fn(xb, yb)

@@ -226,6 +226,17 @@ def _stat_hooks(net, blocks, store, model, grads=False):
     return hs
 
 
+def unprobed_pass(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad: bool) -> None:
+    """One unprobed pass: a forward without autograd, or with ``grad`` forward and backward to
+    the input's gradient (what a capture of gradient statistics runs besides its probes)."""
+    if grad:
+        inp = x.detach().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(net(inp), y), [inp])
+    else:
+        with torch.no_grad():
+            net(x)
+
+
 def make_pass(model: str, row: str, method: str, tmp: Path):
     """(setup -> fn running one probed pass, teardown, captured block outputs of the first pass)."""
     net, blocks, x, y = build(model)
@@ -238,12 +249,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             with torch.no_grad():
                 for _ in range(batches):
                     net(x)
-        elif need_grad:
-            inp = x.detach().requires_grad_(True)
-            torch.autograd.grad(F.cross_entropy(net(inp), y), [inp])
         else:
-            with torch.no_grad():
-                net(x)
+            unprobed_pass(net, x, y, need_grad)
 
     if method == "unprobed":
         return unprobed, lambda: None, lambda: None
