@@ -18,6 +18,8 @@ taken by the polarization identity.
 
 Part 4 (``--profile``, alone): the probes' ops by self CPU time per pass (torch.profiler), eager
 or ``--fused``; on a GPU their kernels by GPU time (batch 512, bf16, channels-last, grouped).
+``--welford``: eager, the channel moments by ``torch.var_mean`` of a float32 copy (one read)
+instead of the two-pass formula's float32 deviations: the accelerator's candidate.
 
 Part 5 (``--batch-sizes 1,8,64``, alone): the statistics pass per call (``grouped=False``), with
 the session's default grouping (on the CPU: the statistics of blocks with small tensors) and with
@@ -26,7 +28,7 @@ paired with the unprobed twin, at each batch size: where grouping pays on the CP
 adds GradNorms, forward and backward.
 
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
-       [--profile [--fused]] [--batch-sizes 1,8,16,32,64 [--grad]]
+       [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from probe.probes.layout import channel_axis
 _BLOCK_QUANTITIES = st._block_quantities
 _CHANNEL_MOMENTS = st.channel_moments
 _POLARIZED_DOT = st.polarized_dot
+_MOMENTS = st.moments
 
 
 def _without_cosines(x, f, s, y, norms):
@@ -67,6 +70,15 @@ def _product_dot(a, b, norms):
     """y.S by its product and sum, as ResidualNorms computed it before the polarization
     identity (and as it still does on an accelerator)."""
     return st.per_sample_dot(a, b)
+
+
+def _welford(t, dtype):
+    """:func:`probe.probes.statistics.moments` by ``torch.var_mean`` (Welford: one read of the
+    map) of a copy in ``dtype``, since var_mean returns its input's dtype (a bf16 map's moments
+    would be rounded to bf16). The accelerator's candidate: on a CPU var_mean is ~3 x slower
+    than the two-pass formula (part 2), and ChannelStats takes the guarded one-read sums there."""
+    var, mean = torch.var_mean(t.flatten(2).to(dtype), dim=2, correction=0)
+    return mean, var
 
 
 def _means_only(t, layout="auto"):
@@ -266,12 +278,13 @@ def errors_by_cosine() -> None:
     _error_table(title, cosines, "identity c", "product", errors)
 
 
-def profile_ops(passes: int = 6, fused: bool = False) -> None:
+def profile_ops(passes: int = 6, fused: bool = False, welford: bool = False) -> None:
     """Self time per pass of each op, the probed pass's minus the unprobed twin's
     (``torch.profiler``), the two profiled pass by pass in turn so that the host's drift over
     the run falls on both alike: which of the probes' ops take the time. On a GPU: each
     kernel's GPU time, ResNet-56 at batch 512 under bf16 autocast, channels-last, statistics
-    grouped (the benchmarks' setting; a recorded pass runs these kernels too)."""
+    grouped (the benchmarks' setting; a recorded pass runs these kernels too). ``welford``:
+    the eager channel moments by ``torch.var_mean`` instead of the two-pass formula."""
     from collections import Counter
 
     from torch.profiler import ProfilerActivity, profile
@@ -302,6 +315,8 @@ def profile_ops(passes: int = 6, fused: bool = False) -> None:
             return e.self_cpu_time_total / 1e3
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3
 
+    if welford:
+        st.moments = _welford
     with probe.HookSession(net, blocks, probes) as s, autocast():
         for _ in range(3):
             s.run_batch(x, y)
@@ -315,10 +330,10 @@ def profile_ops(passes: int = 6, fused: bool = False) -> None:
                 for e in prof.key_averages():
                     ms[name][e.key] += self_ms(e) / passes
                     calls[name][e.key] += e.count
+    st.moments = _MOMENTS
     where = "GPU" if gpu else "CPU"
-    print(
-        f"\n## ops, self {where} ms per pass ({'fused' if fused else 'eager'}; probed - unprobed)"
-    )
+    kind = "fused" if fused else "eager, var_mean moments" if welford else "eager"
+    print(f"\n## ops, self {where} ms per pass ({kind}; probed - unprobed)")
     print(f"all ops: {sum(ms['probed'].values()):.1f} against {sum(ms['twin'].values()):.1f}")
     extra = sorted(
         (
@@ -389,13 +404,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--profile", action="store_true", help="only the op-by-op profile")
     ap.add_argument("--fused", action="store_true", help="profile the compiled statistics")
+    ap.add_argument(
+        "--welford", action="store_true", help="profile eager moments by torch.var_mean"
+    )
     ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.profile:
-        profile_ops(fused=args.fused)
+        profile_ops(fused=args.fused, welford=args.welford)
         return
     if args.batch_sizes:
         by_batch_size([int(n) for n in args.batch_sizes.split(",")], args.rounds, args.grad)

@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
 #                                           # training), and direct chunk writes on this disk
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
-#   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager and fused
+#   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager, fused
+#                                           # and eager with var_mean moments
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
 #   bash benchmarks/gpu_runbook.sh study    # he2016 preset, fast recipe (run again to resume)
 #   bash benchmarks/gpu_runbook.sh dist     # one GPU against all of the node's GPUs (torchrun)
@@ -35,7 +36,8 @@ case "${1:-}" in
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
   profile)
     python3 -m benchmarks.bench_statistics_parts --profile
-    python3 -m benchmarks.bench_statistics_parts --profile --fused ;;
+    python3 -m benchmarks.bench_statistics_parts --profile --fused
+    python3 -m benchmarks.bench_statistics_parts --profile --welford ;;
   compiled)
     python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes reduce-overhead ;;
   study)
