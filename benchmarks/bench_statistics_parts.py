@@ -47,10 +47,21 @@ from benchmarks.compare import _stat_hooks, build, ratio_ci, unprobed_pass
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
-_BLOCK_QUANTITIES = st._block_quantities
-_CHANNEL_MOMENTS = st.channel_moments
-_POLARIZED_DOT = st.polarized_dot
-_MOMENTS = st.moments
+_BLOCK_QUANTITIES = st._block_quantities  # the original, for a variant that calls it
+
+
+@contextlib.contextmanager
+def _stubbed(stubs: tuple[tuple[str, Callable], ...]):
+    """Functions of probe.probes.statistics replaced by ``stubs`` ((name, function) pairs) for
+    the duration, and put back after, whatever happens."""
+    saved = [(name, getattr(st, name)) for name, _ in stubs]
+    for name, fn in stubs:
+        setattr(st, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved:
+            setattr(st, name, fn)
 
 
 def _without_cosines(x, f, s, y, norms):
@@ -137,15 +148,10 @@ def inside_the_pass(rounds: int, batch: int = 64) -> None:
                 with torch.no_grad():
                     twin(x)
                 base = time.perf_counter() - t0
-                for stub in stubs:
-                    setattr(st, *stub)
-                try:
+                with _stubbed(stubs):
                     t0 = time.perf_counter()
                     sessions[name].run_batch(x, y)
                     probed = time.perf_counter() - t0
-                finally:
-                    st._block_quantities, st.channel_moments = _BLOCK_QUANTITIES, _CHANNEL_MOMENTS
-                    st.polarized_dot = _POLARIZED_DOT
                 if r >= 2:  # two rounds of warm-up
                     ratios[name].append(probed / base)
                     times[name].append(probed)
@@ -315,9 +321,8 @@ def profile_ops(passes: int = 6, fused: bool = False, welford: bool = False) -> 
             return e.self_cpu_time_total / 1e3
         return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e3
 
-    if welford:
-        st.moments = _welford
-    with probe.HookSession(net, blocks, probes) as s, autocast():
+    stubs = (("moments", _welford),) if welford else ()
+    with _stubbed(stubs), probe.HookSession(net, blocks, probes) as s, autocast():
         for _ in range(3):
             s.run_batch(x, y)
             run_twin()
@@ -330,7 +335,6 @@ def profile_ops(passes: int = 6, fused: bool = False, welford: bool = False) -> 
                 for e in prof.key_averages():
                     ms[name][e.key] += self_ms(e) / passes
                     calls[name][e.key] += e.count
-    st.moments = _MOMENTS
     where = "GPU" if gpu else "CPU"
     kind = "fused" if fused else "eager, var_mean moments" if welford else "eager"
     print(f"\n## ops, self {where} ms per pass ({kind}; probed - unprobed)")
@@ -411,12 +415,17 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     args = ap.parse_args()
+    sizes = [int(n) for n in args.batch_sizes.split(",")] if args.batch_sizes else []
+    if args.rounds < 2:  # a round-by-round interval needs two rounds
+        ap.error(f"--rounds must be at least 2; got {args.rounds}.")
+    if not all(1 <= n <= 64 for n in [args.batch, *sizes]):  # the rows of compare.py's batch
+        ap.error(f"batch sizes must lie in 1..64; got {args.batch} and {sizes or 'none'}.")
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_ops(fused=args.fused, welford=args.welford)
         return
     if args.batch_sizes:
-        by_batch_size([int(n) for n in args.batch_sizes.split(",")], args.rounds, args.grad)
+        by_batch_size(sizes, args.rounds, args.grad)
         return
     inside_the_pass(args.rounds, args.batch)
     alone()
