@@ -6,6 +6,7 @@ tensors (fp16, bf16) are accumulated in float32, float64 tensors stay in float64
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections import deque
@@ -244,6 +245,12 @@ def sum_moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
         >>> sum_moments(torch.tensor([[[1e4, 1e4 + 1e-2]]]), torch.float32)[1]  # two-pass row
         tensor([[2.3842e-05]])
     """
+    return _sums(t, dtype)[:2]
+
+
+def _sums(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sum_moments` and each row's sum of squares, [N, C]: summed over the channels, the
+    per-sample squared norm (the eager ResidualNorms and ChannelStats share it, _ChannelWork)."""
     # Eight ops (the two-pass formula takes seven and a map-sized temporary): each costs ~5 us
     # of dispatch, as much as a small map's arithmetic, so none is spent that a row does not need
     flat = t.flatten(2)  # [N, C, positions]; a channels-last map's is a view (no copy)
@@ -259,7 +266,7 @@ def sum_moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     rows = _failed_rows(excess)
     if rows is not None:
         var.index_put_(rows, moments(flat[rows].unsqueeze(0), dtype)[1][0])
-    return mean, var
+    return mean, var, square
 
 
 def moments(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,8 +408,13 @@ class NormMemo:
         for ref, seen, n in self._entries:
             if ref() is t and seen == version:
                 return n
-        n = per_sample_norm(t)
-        self._entries.append((weakref.ref(t), version, n))
+        return self.put(t, per_sample_norm(t))
+
+    def put(self, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Remember ``n`` as the per-sample norm of ``t`` as it is now (taken by other means: from
+        channel sums); returns ``n``."""
+        with contextlib.suppress(RuntimeError):  # inference mode: nothing to remember it by
+            self._entries.append((weakref.ref(t), t._version, n))
         return n
 
 
@@ -443,9 +455,14 @@ class ResidualNorms(Probe):
         if self.fused and _compilable(b.y):
             shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
             return shared[0] if shared is not None else _fused_block(b.x, b.f, b.s, b.y)
+        shared = _shared_channels(self, call)
+        if shared is None:
+            ny, nf = norm(b.y), per_sample_norm(b.f)
+        else:  # from ChannelStats' sums: no pass of their own over y and F
+            ny, nf = self._norms.put(b.y, shared.y_norm), shared.f_norm
+        _keep_f_norm(call, nf)
         # an identity shortcut returns x itself: the memo gives its norm once
-        norms = (norm(b.x), per_sample_norm(b.f), norm(b.s), norm(b.y))
-        return _block_quantities(b.x, b.f, b.s, b.y, norms)
+        return _block_quantities(b.x, b.f, b.s, b.y, (norm(b.x), nf, norm(b.s), ny))
 
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
         """:meth:`forward` of a group of equally shaped calls, computed on their stacked rows."""
@@ -553,14 +570,93 @@ def _block_kernel(
 def _fused_pair(call: Call) -> tuple[ResidualNorms, ChannelStats] | tuple[()]:
     """The first fused ResidualNorms and ChannelStats among ``call.peers`` that read it, if both
     do (else an empty tuple)."""
+    return _pair(call, fused=True)
+
+
+def _pair(call: Call, fused: bool) -> tuple[ResidualNorms, ChannelStats] | tuple[()]:
+    """The first ResidualNorms and ChannelStats (exactly those classes: a subclass may change
+    what it computes) among ``call.peers`` that read it with ``fused`` as given, if both do
+    (else an empty tuple)."""
     residual = channel = None
     for p in call.peers:
         kind = type(p)
-        if residual is None and kind is ResidualNorms and p.fused and p.applies_to(call):
+        if residual is None and kind is ResidualNorms and p.fused is fused and p.applies_to(call):
             residual = p
-        elif channel is None and kind is ChannelStats and p.fused and p.applies_to(call):
+        elif channel is None and kind is ChannelStats and p.fused is fused and p.applies_to(call):
             channel = p
     return () if residual is None or channel is None else (residual, channel)
+
+
+_CHANNEL_WORK = "statistics.channels"  # the memo's key of the eager pair's shared work
+_F_NORM = "statistics.f_norm"  # the memo's key of ResidualNorms' ||F|| for GradNorms
+
+
+def _keep_f_norm(call: Call, norm: torch.Tensor) -> None:
+    """Keep ResidualNorms' ||F(x)|| of a block call for GradNorms' cos(F, dL/dx) in the backward
+    pass (the same Call): one pass fewer over each F, with the version F has now."""
+    with contextlib.suppress(RuntimeError):  # inference mode: no version (and no backward)
+        call.memo[_F_NORM] = (call.block.f._version, norm)
+
+
+def _f_norm(call: Call) -> torch.Tensor:
+    """||F(x)|| of a block call: the one its forward pass kept (:func:`_keep_f_norm`) if F has not
+    changed in place since, else taken now."""
+    kept = call.memo.get(_F_NORM)
+    f = call.block.f
+    if kept is not None and kept[0] == f._version:
+        return kept[1]
+    return per_sample_norm(f)
+
+
+@dataclass(frozen=True)
+class _ChannelWork:
+    """ChannelStats' results for a block and, from the same sums, the per-sample norms of y and
+    F(x) that ResidualNorms would otherwise take in a pass of their own over each map: a
+    per-sample squared norm is the sum over channels of each channel's sum of squares."""
+
+    channel: dict[str, torch.Tensor]
+    y_norm: torch.Tensor
+    f_norm: torch.Tensor
+
+
+def _shared_channels(asker: Probe, call: Call) -> _ChannelWork | None:
+    """The work a session's eager ResidualNorms and ChannelStats share on a block ``call``, if
+    ``asker`` is one of that pair (see :func:`_pair`) and the sums serve: None otherwise, and each
+    probe computes its own. Whichever of the two asks first computes it; ``call.memo`` keeps it.
+
+    It serves where ChannelStats takes the one-pass sums (:func:`sum_moments`: real floating
+    maps with positions, on the CPU) of the call's output, and is the block's y: the channel
+    results are then those ChannelStats computes alone, to the bit, and the norms those of
+    :func:`per_sample_norm` up to the order of the additions (tests/probe/test_shared_norms.py).
+    """
+    found = call.memo.get(_CHANNEL_WORK)
+    if found is None:
+        found = call.memo[_CHANNEL_WORK] = _channel_work(_pair(call, fused=False), call)
+    pair, work = found
+    return work if any(asker is p for p in pair) else None
+
+
+def _channel_work(
+    pair: tuple[ResidualNorms, ChannelStats] | tuple[()], call: Call
+) -> tuple[tuple[Probe, ...], _ChannelWork | None]:
+    """(pair, their shared work) for :func:`_shared_channels`; the work is None where the sums
+    would not give the pair's numbers."""
+    b = call.block
+    if not pair or b is None or call.output is not b.y:
+        return pair, None
+    if not all(t.ndim > 2 and t.is_floating_point() and _guard_is_cheap(t) for t in (b.y, b.f)):
+        return pair, None
+    try:
+        axes = [channel_axis(pair[1].layout, t) for t in (b.y, b.f)]
+    except ProbeError:  # a layout ChannelStats refuses: it says so itself, at its own call
+        return pair, None
+    sums = [
+        _sums(t if axis == 1 else t.movedim(axis, 1), accumulation_dtype(t))
+        for t, axis in zip((b.y, b.f), axes)
+    ]
+    (mean_y, var_y, square_y), (mean_f, var_f, square_f) = sums
+    channel = dict(zip(_CHANNEL_NAMES, (mean_y, var_y, mean_f, var_f)))
+    return pair, _ChannelWork(channel, square_y.sum(1).sqrt_(), square_f.sum(1).sqrt_())
 
 
 def _block_quantities(
@@ -639,6 +735,9 @@ class ChannelStats(Probe):
             shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
             if shared is not None:
                 return shared[1]
+        work = _shared_channels(self, call)
+        if work is not None:
+            return work.channel
         return self._moments((call.output, b.f))
 
     def forward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
@@ -697,9 +796,7 @@ class GradNorms(Probe):
             out["grad_x_norm"] = self._norms.norm(call.grad_input)
             if call.block is not None and call.block.f.shape == call.grad_input.shape:
                 out["cos_f_grad"] = per_sample_cos(
-                    call.block.f,
-                    call.grad_input,
-                    norms=(per_sample_norm(call.block.f), out["grad_x_norm"]),
+                    call.block.f, call.grad_input, norms=(_f_norm(call), out["grad_x_norm"])
                 )
         return out
 
