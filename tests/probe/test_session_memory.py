@@ -68,6 +68,9 @@ def test_small_results_are_compacted_into_one_block_per_dtype():
         # copied in runs of under _SERIAL_CAT elements: one alone past it, several across a run
         "c": {"wide": torch.randn(2, _SERIAL_CAT // 2 + 3), "after": torch.randn(5)},
         **{f"d{i}": {"r": torch.randn(4, _SERIAL_CAT // 7)} for i in range(9)},
+        # copied by shape: runs of one shape across layers, interleaved with others, and empty
+        **{f"e{i}": {"n": torch.randn(8) + i, "c": torch.randn(8, 5) - i} for i in range(4)},
+        "f": {"none": torch.randn(0), "no_channels": torch.randn(8, 0)},
     }
     expected = {k: {q: t.clone() for q, t in qs.items()} for k, qs in results.items()}
     out = _compacted(results, NonFiniteCounter())
