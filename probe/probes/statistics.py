@@ -10,7 +10,7 @@ import contextlib
 import functools
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -529,11 +529,23 @@ def _shared_block(
     gives their numbers: F, S and y of one shape with an axis after the channel, y the call's
     output, and one accumulation precision for both.
     """
-    found = holder.memo.get(_SHARED)
+    return _share(asker, holder, _SHARED, lambda: _block_kernel(_pair(call, True), call, parts))
+
+
+def _share(
+    asker: Probe,
+    holder: Call | CallGroup,
+    key: str,
+    make: Callable[[], tuple[tuple[Probe, ...], object]],
+) -> object:
+    """The work a pair of probes shares on ``holder``: ``make()`` gives (the pair, their work),
+    computed by whichever asks first and kept in ``holder.memo[key]``; the work if ``asker`` is
+    one of the pair, else None."""
+    found = holder.memo.get(key)
     if found is None:
-        found = holder.memo[_SHARED] = _block_kernel(_fused_pair(call), call, parts)
-    pair, shared = found
-    return shared if any(asker is p for p in pair) else None
+        found = holder.memo[key] = make()
+    pair, work = found
+    return work if any(asker is p for p in pair) else None
 
 
 def _block_kernel(
@@ -565,12 +577,6 @@ def _block_kernel(
             dict(zip(_CHANNEL_NAMES, quantities[7:])),
         )
     return pair, shared
-
-
-def _fused_pair(call: Call) -> tuple[ResidualNorms, ChannelStats] | tuple[()]:
-    """The first fused ResidualNorms and ChannelStats among ``call.peers`` that read it, if both
-    do (else an empty tuple)."""
-    return _pair(call, fused=True)
 
 
 def _pair(call: Call, fused: bool) -> tuple[ResidualNorms, ChannelStats] | tuple[()]:
@@ -629,11 +635,7 @@ def _shared_channels(asker: Probe, call: Call) -> _ChannelWork | None:
     results are then those ChannelStats computes alone, to the bit, and the norms those of
     :func:`per_sample_norm` up to the order of the additions (tests/probe/test_shared_norms.py).
     """
-    found = call.memo.get(_CHANNEL_WORK)
-    if found is None:
-        found = call.memo[_CHANNEL_WORK] = _channel_work(_pair(call, fused=False), call)
-    pair, work = found
-    return work if any(asker is p for p in pair) else None
+    return _share(asker, call, _CHANNEL_WORK, lambda: _channel_work(_pair(call, False), call))
 
 
 def _channel_work(
