@@ -231,12 +231,16 @@ def _version(t: torch.Tensor | None) -> int | None:
         return None
 
 
-def _storages(call: Call) -> set[int]:
-    """The memory behind a call's forward tensors (input, output, the block's split, arguments)."""
-    tensors = [call.input, call.output, *call.args]
-    if call.block is not None:
-        b = call.block
-        tensors += [b.x, b.f, b.s, b.y]
+def _storages(call: Call, phase: str = "forward") -> set[int]:
+    """The memory behind a call's tensors of one ``phase``: in the forward, its input, output,
+    the block's split and arguments; in the backward, its gradients."""
+    if phase == "forward":
+        tensors = [call.input, call.output, *call.args]
+        if call.block is not None:
+            b = call.block
+            tensors += [b.x, b.f, b.s, b.y]
+    else:
+        tensors = [call.grad_output, call.grad_input]
     ptrs = {storage_ptr(t) for t in tensors if isinstance(t, torch.Tensor)}
     ptrs.discard(None)
     return ptrs
@@ -387,7 +391,7 @@ class _Held:
     phase: str  # "forward" or "backward"
     name: str  # the layer's name (the results' view slots are keyed by it)
     probes: tuple[Probe, ...]
-    sources: set[int] | None = None  # see _storages (forward results only)
+    sources: set[int] | None = None  # the memory of the call's tensors of this phase (_storages)
 
     def __post_init__(self) -> None:
         tensors = {id(t): t for t in group_tensors(self.call, self.phase) if t is not None}
@@ -870,7 +874,7 @@ class HookSession:
                 news = p.forward_group(group) if forward else p.backward_group(group)
                 for h, new in zip(held, news):
                     c = h.call
-                    where = (h.name, h.sources) if forward else None
+                    where = (h.name, h.sources or ())
                     self._merge(self._results[c.name], new, p, c.name, c.batch_size, where)
         if not forward:
             for c in group.calls:  # their gradients are not held to the end of the pass
@@ -994,7 +998,8 @@ class HookSession:
                 held = [p for p in probes if id(p) in grouped]
                 self._run_backward(call, [p for p in probes if id(p) not in grouped])
                 if held:  # its gradients are dropped once the group is computed
-                    self._hold(_Held(call, "backward", call.name, tuple(held)))
+                    sources = _storages(call, "backward")
+                    self._hold(_Held(call, "backward", self._layer(call), tuple(held), sources))
                     return
                 call.grad_output = call.grad_input = None
 
@@ -1004,11 +1009,15 @@ class HookSession:
         """The backward half of ``probes`` (default: every gradient probe that applies)."""
         if probes is None:
             probes = [p for p in self._grad_probes if p.applies_to(call)]
+        shares = (self._layer(call), _storages(call, "backward"))  # a raw gradient: a view
         with self._suspend():
             for p in probes:
-                self._merge(
-                    self._results[call.name], p.backward(call), p, call.name, call.batch_size
-                )
+                results = self._results[call.name]
+                self._merge(results, p.backward(call), p, call.name, call.batch_size, shares)
+
+    def _layer(self, call: Call) -> str:
+        """The name of the layer ``call`` is a call of (its results' view slots are keyed by it)."""
+        return self._info[call.name].name
 
     def _merge(
         self,
@@ -1017,12 +1026,12 @@ class HookSession:
         probe: Probe,
         key: str,
         n: int,
-        forward: tuple[str, set[int]] | None = None,
+        shares: tuple[str, set[int]] | None = None,
     ) -> None:
-        """Add a probe's results to the layer's; ``forward`` = (layer name, the call's storages,
-        see ``_storages``) for the results of a forward half, which may be views of the call's
-        tensors (see :meth:`_guard`)."""
-        sources = forward[1] if forward is not None else ()
+        """Add a probe's results to the layer's; ``shares`` = (layer name, the storages of the
+        call's tensors of this phase, see ``_storages``) for results that may be views of those
+        tensors: an activation or a gradient returned as it is (see :meth:`_guard`)."""
+        sources = shares[1] if shares is not None else ()
         if new:
             self.recorded.add(probe.name)
         for q, t in new.items():
@@ -1042,7 +1051,7 @@ class HookSession:
             if t.requires_grad:  # a probe that differentiated; detach() costs a dispatch each
                 t = t.detach()
             if sources and storage_ptr(t) in sources:
-                t = self._guard(key, (forward[0], q), t)
+                t = self._guard(key, (shares[0], q), t)
             results[q] = t
             # a small CPU result is checked in the block its batch's results are copied into
             # (_compacted); a recorded pass keeps its results where they are

@@ -78,13 +78,13 @@ def _to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return clipped, torch.where(over, stored.clamp(-_FP16_MAX, _FP16_MAX), stored)
 
 
-def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, torch.Tensor]:
+def _stored(name: str, t: torch.Tensor, dtype: str) -> dict[str, torch.Tensor]:
     """``{name: t in the storage dtype}``; for fp16 also ``{name}_clipped`` [N]: fp16 overflows to
     inf beyond 65504, so larger finite magnitudes are stored as +-65504 and counted per sample --
     no inf appears that the model did not produce, and a genuine inf or NaN stays and is counted
     by the capture's non-finite check (see :func:`_to_fp16`).
 
-    In the stored dtype already, ``t`` is returned as it is unless ``copy``: a forward tensor the
+    In the stored dtype already, ``t`` is returned as it is: an activation or a gradient the
     :class:`~probe.session.HookSession` guards (it copies what a later in-place op would change,
     see ``HookSession.run_batch``), so the copy is made only where it is needed."""
     if t.is_complex():  # a cast to a real dtype would drop the imaginary part in silence
@@ -98,7 +98,7 @@ def _stored(name: str, t: torch.Tensor, dtype: str, *, copy: bool) -> dict[str, 
         out[f"{name}_clipped"], stored = _to_fp16(t)
     else:
         stored = t.to(STORAGE_DTYPES[dtype])
-    out[name] = stored.clone() if copy and stored.data_ptr() == t.data_ptr() else stored
+    out[name] = stored
     return out
 
 
@@ -179,7 +179,7 @@ class Activations(_RawTensorAxes, Probe):
         stacked = _subsample(
             group.stacked(get), self.layout, self.channel_stride, self.spatial_stride
         )
-        return group.per_call(_stored(self.which, stacked, self.dtype, copy=False))
+        return group.per_call(_stored(self.which, stacked, self.dtype))
 
     def forward(self, call: Call) -> dict[str, torch.Tensor]:
         t = call.output if self.which == "output" else call.input
@@ -192,7 +192,7 @@ class Activations(_RawTensorAxes, Probe):
         )
         if t is None:
             return {}
-        return _stored(self.which, t, self.dtype, copy=False)
+        return _stored(self.which, t, self.dtype)
 
 
 @dataclass
@@ -228,4 +228,4 @@ class Gradients(_RawTensorAxes, Probe):
             call,
             self.max_samples,
         )
-        return {} if g is None else _stored("grad_output", g, self.dtype, copy=True)
+        return {} if g is None else _stored("grad_output", g, self.dtype)

@@ -7,10 +7,14 @@ quantities that stayed unchanged and run a batch again, copying, if one did chan
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 import probe
+from probe.probes.base import Call, Probe
 
 
 class Noise(nn.Module):
@@ -187,3 +191,127 @@ def test_without_the_storage_use_count_every_view_is_copied(monkeypatch):
             assert got.data_ptr() != seen[-1]
             torch.testing.assert_close(got, _reference(model, x, seed)[0], rtol=0, atol=0)
     h.remove()
+
+
+# -- gradients: kept as views too, copied where a later step of the backward changes them ------
+class _ScaleGradInPlace(torch.autograd.Function):
+    """Identity forward; the backward doubles the incoming gradient in its own buffer (as a
+    custom backward may): the gradient the hook on the output saw is changed after the hook."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.mul_(2)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g * 2
+
+
+class MaybeInPlaceGrad(nn.Module):
+    """Doubles the gradient on its way back, in place when switched on (out of place when not:
+    the same numbers either way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (_ScaleGradInPlace if self.on else _ScaleGrad).apply(x)
+
+
+def _grad_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, WIDTH), MaybeInPlaceGrad(), nn.Linear(WIDTH, 3)).eval()
+
+
+def _reference_grad(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """dL/d(output of layer 1), L the summed cross-entropy: torch.autograd.grad stops at that
+    output, before layer 1's own backward (the one that may change it) runs."""
+    kept = []
+    h = model[1].register_forward_hook(lambda m, a, o: kept.append(o))
+    try:
+        loss = probe.losses.exact_cross_entropy(model(x.requires_grad_(True)), y)
+    finally:
+        h.remove()
+    return torch.autograd.grad(loss, kept)[0]
+
+
+def _grad_capture(session: probe.HookSession, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return session.run_batch(x, y)[0]["1"]["grad_output"]
+
+
+def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+
+
+def test_a_gradient_left_alone_is_kept_as_a_view_after_the_first_batch():
+    model = _grad_model()
+    seen = []  # addresses only, as above
+
+    def watch(m, a, o):
+        if o.requires_grad:  # not in the session's no-grad pass that finds residual sites
+            o.register_hook(lambda g: seen.append(g.data_ptr()))
+
+    h = model[1].register_forward_hook(watch)
+    with probe.HookSession(model, ["1"], [probe.Gradients(dtype="fp32")]) as s:
+        first = _grad_capture(s, *_data(0))
+        assert first.data_ptr() != seen[-1]  # the first batch copies while it watches
+        second = _grad_capture(s, *_data(1))
+        assert second.data_ptr() == seen[-1]  # then no copy is made
+    h.remove()
+    torch.testing.assert_close(first, _reference_grad(model, *_data(0)), rtol=0, atol=0)
+    torch.testing.assert_close(second, _reference_grad(model, *_data(1)), rtol=0, atol=0)
+
+
+def test_a_gradient_changed_in_place_by_a_later_backward_step_is_what_the_probe_saw():
+    model = _grad_model()
+    runs = []
+    h = model[0].register_forward_hook(lambda m, a, o: runs.append(1))
+    with probe.HookSession(model, ["1"], [probe.Gradients(dtype="fp32")]) as s:
+        kept = [_grad_capture(s, *_data(0)), _grad_capture(s, *_data(1))]  # a view from now on
+        model[1].on = True  # the backward now doubles the kept gradient in its own buffer
+        runs.clear()
+        kept.append(_grad_capture(s, *_data(2)))
+        assert len(runs) == 2  # the view was changed: the batch ran again, copying
+        kept.append(_grad_capture(s, *_data(3)))  # and the quantity is copied from then on
+        assert len(runs) == 3
+    h.remove()
+    for seed, got in enumerate(kept):
+        model[1].on = False
+        torch.testing.assert_close(got, _reference_grad(model, *_data(seed)), rtol=0, atol=0)
+
+
+@dataclass
+class RawGradient(Probe):
+    """A custom probe that returns the gradient it is handed, uncopied."""
+
+    name: ClassVar[str] = "raw_gradient"
+    needs_grad: ClassVar[bool] = True
+    eager_backward: ClassVar[bool] = True
+    forward_grad: ClassVar[bool] = False
+
+    def backward(self, call: Call) -> dict[str, torch.Tensor]:
+        return {"g": call.grad_output}
+
+
+def test_a_custom_probe_returning_the_raw_gradient_keeps_what_it_was_handed():
+    """The gradient a backward step changes in place on every batch, from the first: a result
+    kept uncopied would read twice the gradient the probe saw."""
+    model = _grad_model()
+    model[1].on = True
+    with probe.HookSession(model, ["1"], [RawGradient()]) as s:
+        kept = [s.run_batch(*_data(seed))[0]["1"]["g"] for seed in range(3)]
+    model[1].on = False
+    for seed, got in enumerate(kept):
+        torch.testing.assert_close(got, _reference_grad(model, *_data(seed)), rtol=0, atol=0)
