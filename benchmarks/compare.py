@@ -14,7 +14,12 @@ block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``st
 for 8 batches into one file (the per-file set-up spread out); ``stats``
 ResidualNorms + ChannelStats, forward; ``stats_disk`` the same to HDF5, one batch per file (~300
 small datasets: a file's per-dataset cost); ``grad`` statistics + gradient norms, forward +
-backward.
+backward; ``grads`` block outputs and their gradients in memory, forward + backward (every
+model of the row frozen, so that each method and the unprobed pass take the gradient with
+respect to the input alone; checked against each block's output and its gradient from
+``torch.autograd.grad`` of the blocks called one after another). Captum has no one-pass API
+that returns a layer's activation and gradient together, and TorchLens, which logs gradients
+with ``save_grads``, costs 10-15 x for the outputs alone: neither is in that row.
 Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references), ``hooks_clone``
 (cloned), ``raw_write`` (the dump's bytes written alone, no model), ``raw_thread`` (hooks hand
 each block output to a thread that writes its bytes to a flat file while the model runs, then
@@ -27,7 +32,8 @@ one process runs A, B and the unprobed twin in rotating order, and A/B is the me
 round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "within the noise").
 
 Usage:
-    python -m benchmarks.compare [--models zoo,tv] [--rows out,io,disk,stream,stats,stats_disk,grad]
+    python -m benchmarks.compare [--models zoo,tv]
+        [--rows out,io,disk,stream,stats,stats_disk,grad,grads]
         [--repeats 10] [--threads 2] [--json /tmp/compare.json]
     python -m benchmarks.compare --versus resprobe,nnsight --rows out,io --repeats 31
 """
@@ -74,6 +80,7 @@ ROWS = {
         "statistics + gradient norms, forward + backward",
         ["hooks", "resprobe", "resprobe_fused"],
     ),
+    "grads": ("block outputs + their gradients, fwd + bwd", ["hooks", "nnsight", "resprobe"]),
 }
 PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
 TWIN = "unprobed twin"  # the unprobed pass timed beside every method, for paired ratios
@@ -123,6 +130,32 @@ def reference_io(model: str) -> list[torch.Tensor]:
             out += [h.clone(), f, y.clone()]
             h = y
     return out
+
+
+def reference_output_grads(model: str) -> list[torch.Tensor]:
+    """y and dL/dy of every block in turn, L the summed cross-entropy of the batch: the model
+    run block by block (no hook anywhere) and differentiated by ``torch.autograd.grad`` with
+    respect to each block's output. In float32, as the methods run: a float64 copy's ReLUs
+    would switch off a few other units whose input is within rounding of zero, which moves the
+    gradients of the early blocks by ~2e-3 of their norm on ResNet-56."""
+    net, _, x, y = build(model)
+    h = x
+    if model == "zoo":
+        h, blocks = net.stem(h), list(net.blocks())
+        head = net.head
+    else:
+        h = net.maxpool(net.relu(net.bn1(net.conv1(h))))
+        blocks = [b for i in range(1, 5) for b in getattr(net, f"layer{i}")]
+
+        def head(t):
+            return net.fc(torch.flatten(net.avgpool(t), 1))
+
+    outs = []
+    for b in blocks:
+        h = b(h)
+        outs.append(h)
+    grads = torch.autograd.grad(F.cross_entropy(head(h), y, reduction="sum"), outs)
+    return [t.detach() for pair in zip(outs, grads) for t in pair]
 
 
 def reference_outputs(model: str) -> list[torch.Tensor]:
@@ -226,6 +259,21 @@ def _stat_hooks(net, blocks, store, model, grads=False):
     return hs
 
 
+def _grad_hooks(net, blocks, outs: dict, grads: dict):
+    """Hand-written hooks keeping each block output (detached, uncopied) and, once the backward
+    pass reaches it, its gradient."""
+
+    def hook(mod, a, o, n):
+        outs[n] = o.detach()
+        if o.requires_grad:
+            o.register_hook(lambda g: grads.__setitem__(n, g))
+
+    return [
+        _module(net, name).register_forward_hook(lambda m, a, o, n=name: hook(m, a, o, n))
+        for name in blocks
+    ]
+
+
 def unprobed_pass(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad: bool) -> None:
     """One unprobed pass: a forward without autograd, or with ``grad`` forward and backward to
     the input's gradient (what a capture of gradient statistics runs besides its probes)."""
@@ -240,8 +288,13 @@ def unprobed_pass(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad: 
 def make_pass(model: str, row: str, method: str, tmp: Path):
     """(setup -> fn running one probed pass, teardown, captured block outputs of the first pass)."""
     net, blocks, x, y = build(model)
+    if row == "grads":
+        # gradients with respect to the input only, for every method and the unprobed pass
+        # alike: nnsight's backward is loss.backward(), which would also fill every weight's
+        # .grad were the weights trainable
+        net.requires_grad_(False)
     captured: list = []
-    need_grad = row == "grad"
+    need_grad = row in ("grad", "grads")
     batches = STREAM if row == "stream" else 1
 
     def unprobed():
@@ -345,6 +398,20 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             state["i"] += 1
 
         return fn, lambda: [h.remove() for h in hs], lambda: captured
+    if method == "hooks" and row == "grads":
+        outs: dict = {}
+        grads: dict = {}
+        hs = _grad_hooks(net, blocks, outs, grads)
+
+        def fn():
+            inp = x.detach().requires_grad_(True)
+            torch.autograd.grad(F.cross_entropy(net(inp), y, reduction="sum"), [inp])
+            if not captured:
+                captured.extend(t for n in blocks for t in (outs[n], grads[n]))
+            outs.clear()
+            grads.clear()
+
+        return fn, lambda: [h.remove() for h in hs], lambda: captured
     if method == "hooks":  # stats / grad rows
         store = []
         hs = _stat_hooks(net, blocks, store, model, grads=need_grad)
@@ -354,6 +421,27 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             unprobed()  # the same pass, now with the statistics hooks on
 
         return fn, lambda: [h.remove() for h in hs], lambda: None
+    if method == "nnsight" and row == "grads":
+        from nnsight import NNsight
+
+        wrapped = NNsight(net)  # its weights frozen (above)
+        mods = [_envoy(wrapped, n) for n in blocks]
+
+        def fn():
+            inp = x.detach().requires_grad_(True)
+            outs, grads = [], []
+            with wrapped.trace(inp):
+                ys = [m.output for m in mods]
+                for t in ys:
+                    outs.append(t.save())
+                loss = F.cross_entropy(wrapped.output, y, reduction="sum")
+                with loss.backward():  # gradients arrive in reverse forward order
+                    for t in reversed(ys):
+                        grads.append(t.grad.save())
+            if not captured:
+                captured.extend(t for pair in zip(outs, reversed(grads)) for t in pair)
+
+        return fn, lambda: None, lambda: captured
     if method == "nnsight":
         from nnsight import NNsight
 
@@ -412,6 +500,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             "stats": stats,
             "stats_disk": stats,
             "grad": [*stats, probe.GradNorms()],
+            "grads": [probe.Activations(dtype="fp32"), probe.Gradients(dtype="fp32")],
         }[row]
         if row in ("disk", "stream", "stats_disk"):
             state = {"i": 0}
@@ -435,8 +524,12 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
         def fn():
             res, _ = session.run_batch(x, y)
-            if not captured and row in ("out", "io"):
-                keys = ("output",) if row == "out" else ("X", "F", "Y")
+            if not captured and row in ("out", "io", "grads"):
+                keys = {
+                    "out": ("output",),
+                    "io": ("X", "F", "Y"),
+                    "grads": ("output", "grad_output"),
+                }[row]
                 captured.extend(res[n][k] for n in blocks for k in keys)
 
         return fn, session.close, lambda: captured
@@ -484,12 +577,21 @@ def worker(
                 result["paired_base_ms"] = statistics.median(base)
             got = captured()
             if got:
-                ref = reference_io(model) if row == "io" else reference_outputs(model)
-                errs = [float((g.float() - r).norm() / r.norm()) for g, r in zip(got, ref)]
+                ref = {"io": reference_io, "grads": reference_output_grads}.get(
+                    row, reference_outputs
+                )(model)
+                errs = [_rel_error(g, r) for g, r in zip(got, ref)]
                 result["ref_error"] = max(errs) if len(got) == len(ref) else float("inf")
                 result["ref_blocks"] = len(got)
             results[m] = result
         Path(out).write_text(json.dumps(results))
+
+
+def _rel_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||; infinite for a tensor of another shape (a wrong one)."""
+    if got.shape != ref.shape:
+        return float("inf")
+    return float((got.detach().float() - ref).norm() / ref.norm())
 
 
 def ratio_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -562,7 +664,8 @@ def _models(names: str):
 
 
 def _check(r: dict) -> str:
-    """The reference check of what a method captured (block outputs; x, F, y in the io row)."""
+    """The reference check of what a method captured (block outputs; x, F, y in the io row;
+    outputs and their gradients in the grads row)."""
     if "ref_error" not in r:
         return ""
     verdict = "ok" if r["ref_error"] < 1e-5 else "WRONG"

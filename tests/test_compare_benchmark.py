@@ -55,3 +55,45 @@ def test_a_ratio_interval_tells_a_shift_from_the_noise():
     assert lo < 1 < hi
     med, lo, hi = compare.ratio_ci(slower, b)
     assert 1 < lo < med < hi and abs(med - 1.05) < 0.01
+
+
+def test_the_gradient_reference_is_each_block_output_and_its_gradient():
+    ref = compare.reference_output_grads("zoo")
+    outs, grads = ref[0::2], ref[1::2]
+    for got, want in zip(outs, compare.reference_outputs("zoo")):
+        assert torch.equal(got, want)
+    # the last block's gradient by hand: L = sum_n CE(fc(mean over positions of y_n)), so
+    # dL/dy = (softmax(z) - onehot(y)) W / (H W) at every position
+    net, _, _, y = compare.build("zoo")
+    y_last = outs[-1]
+    with torch.no_grad():
+        z = net.head(y_last)
+    fc = net.head.fc
+    dz = torch.softmax(z, 1) - torch.nn.functional.one_hot(y, z.shape[1])
+    positions = y_last.shape[2] * y_last.shape[3]
+    want = (dz @ fc.weight / positions)[:, :, None, None].expand_as(y_last)
+    torch.testing.assert_close(grads[-1], want, rtol=1e-5, atol=1e-7)
+    assert all(g.abs().max() > 0 for g in grads)
+
+
+def test_the_grads_row_passes_right_captures_and_fails_a_shifted_gradient(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    compare.worker("zoo", "grads", ["hooks", "resprobe"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    for method in ("hooks", "resprobe"):
+        assert res[method]["ref_error"] < 1e-6 and res[method]["ref_blocks"] == 2 * 27
+
+    # hooks that keep each block's *input* gradient (the previous block's output's): caught
+    def shifted(net, blocks, outs, grads):
+        def hook(m, a, o, n):
+            outs[n] = o.detach()
+            a[0].register_hook(lambda g: grads.__setitem__(n, g))
+
+        return [
+            compare._module(net, b).register_forward_hook(lambda m, a, o, n=b: hook(m, a, o, n))
+            for b in blocks
+        ]
+
+    monkeypatch.setattr(compare, "_grad_hooks", shifted)
+    compare.worker("zoo", "grads", ["hooks"], 1, 0, str(out), "default")
+    assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
