@@ -8,7 +8,9 @@ against ``eager`` bounds what any faster formula for that part could save; "two-
 puts back the channel-moment formula that the CPU used before the one-pass sums, "product y.S" the
 product and sum that cos(y, S) took before the polarization identity, "norms of y, F alone" the
 passes ResidualNorms took over y and F before it read their norms from ChannelStats' sums (the
-variants that replace the channel moments take those passes too, and are compared with it).
+variants that replace the channel moments take those passes too, and are compared with it);
+"hooks, no arithmetic" reads each block's split and computes nothing: the floor of any eager
+statistic in a session.
 
 Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
 per-sample dot products on one stage's tensors, with the caches flushed before each call (a
@@ -41,6 +43,8 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -119,11 +123,25 @@ def _unshared(asker, call):
     return None
 
 
+@dataclass
+class _HooksOnly(probe.Probe):
+    """Reads each block's split as the statistics do and computes nothing from it (one zero per
+    sample): what the session's hooks and bookkeeping cost before any arithmetic."""
+
+    name: ClassVar[str] = "hooks_only"
+    forward_grad: ClassVar[bool] = False
+    reduces: ClassVar[bool] = True
+
+    def forward(self, call: probe.Call) -> dict[str, torch.Tensor]:
+        return {"zero": call.output.new_zeros(call.batch_size)}
+
+
 BOTH = (probe.ResidualNorms, probe.ChannelStats)
 _OWN = ("_shared_channels", _unshared)  # with a stub of channel_moments: else it is not called
 # name -> (probes, the functions of probe.probes.statistics replaced for the variant)
 VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] = {
     "eager": (BOTH, ()),
+    "hooks, no arithmetic": ((_HooksOnly,), ()),
     "ResidualNorms alone": ((probe.ResidualNorms,), ()),
     "ChannelStats alone": ((probe.ChannelStats,), ()),
     "norms of y, F alone": (BOTH, (_OWN,)),
