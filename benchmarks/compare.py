@@ -421,31 +421,10 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             unprobed()  # the same pass, now with the statistics hooks on
 
         return fn, lambda: [h.remove() for h in hs], lambda: None
-    if method == "nnsight" and row == "grads":
-        from nnsight import NNsight
-
-        wrapped = NNsight(net)  # its weights frozen (above)
-        mods = [_envoy(wrapped, n) for n in blocks]
-
-        def fn():
-            inp = x.detach().requires_grad_(True)
-            outs, grads = [], []
-            with wrapped.trace(inp):
-                ys = [m.output for m in mods]
-                for t in ys:
-                    outs.append(t.save())
-                loss = F.cross_entropy(wrapped.output, y, reduction="sum")
-                with loss.backward():  # gradients arrive in reverse forward order
-                    for t in reversed(ys):
-                        grads.append(t.grad.save())
-            if not captured:
-                captured.extend(t for pair in zip(outs, reversed(grads)) for t in pair)
-
-        return fn, lambda: None, lambda: captured
     if method == "nnsight":
         from nnsight import NNsight
 
-        wrapped = NNsight(net)
+        wrapped = NNsight(net)  # in the grads row its weights are frozen (above)
         mods = [_envoy(wrapped, n) for n in blocks]
         branch = "branch" if model == "zoo" else "bn3"
 
@@ -462,7 +441,21 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             if not captured:
                 captured.extend(saved)
 
-        return fn, lambda: None, lambda: captured
+        def fn_grads():
+            inp = x.detach().requires_grad_(True)
+            outs, grads = [], []
+            with wrapped.trace(inp):
+                ys = [m.output for m in mods]
+                for t in ys:
+                    outs.append(t.save())
+                loss = F.cross_entropy(wrapped.output, y, reduction="sum")
+                with loss.backward():  # gradients arrive in reverse forward order
+                    for t in reversed(ys):
+                        grads.append(t.grad.save())
+            if not captured:
+                captured.extend(t for pair in zip(outs, reversed(grads)) for t in pair)
+
+        return fn_grads if row == "grads" else fn, lambda: None, lambda: captured
     if method == "captum":
         from captum.attr import LayerActivation
 

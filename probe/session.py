@@ -391,7 +391,7 @@ class _Held:
     phase: str  # "forward" or "backward"
     name: str  # the layer's name (the results' view slots are keyed by it)
     probes: tuple[Probe, ...]
-    sources: set[int] | None = None  # the memory of the call's tensors of this phase (_storages)
+    sources: set[int]  # the memory of the call's tensors of this phase (_storages)
 
     def __post_init__(self) -> None:
         tensors = {id(t): t for t in group_tensors(self.call, self.phase) if t is not None}
@@ -874,7 +874,7 @@ class HookSession:
                 news = p.forward_group(group) if forward else p.backward_group(group)
                 for h, new in zip(held, news):
                     c = h.call
-                    where = (h.name, h.sources or ())
+                    where = (h.name, h.sources)
                     self._merge(self._results[c.name], new, p, c.name, c.batch_size, where)
         if not forward:
             for c in group.calls:  # their gradients are not held to the end of the pass
@@ -996,20 +996,27 @@ class HookSession:
                 probes = [p for p in self._grad_probes if p.applies_to(call)]
                 grouped = self._grouped_probes(call, "backward")
                 held = [p for p in probes if id(p) in grouped]
-                self._run_backward(call, [p for p in probes if id(p) not in grouped])
+                sources = _storages(call, "backward")  # what a raw gradient result would share
+                self._run_backward(call, [p for p in probes if id(p) not in grouped], sources)
                 if held:  # its gradients are dropped once the group is computed
-                    sources = _storages(call, "backward")
                     self._hold(_Held(call, "backward", self._layer(call), tuple(held), sources))
                     return
                 call.grad_output = call.grad_input = None
 
         return hook
 
-    def _run_backward(self, call: Call, probes: Sequence[Probe] | None = None) -> None:
-        """The backward half of ``probes`` (default: every gradient probe that applies)."""
+    def _run_backward(
+        self, call: Call, probes: Sequence[Probe] | None = None, sources: set[int] | None = None
+    ) -> None:
+        """The backward half of ``probes`` (default: every gradient probe that applies);
+        ``sources``: the memory of the call's gradients, when already known (see _storages)."""
         if probes is None:
             probes = [p for p in self._grad_probes if p.applies_to(call)]
-        shares = (self._layer(call), _storages(call, "backward"))  # a raw gradient: a view
+        if not probes:
+            return
+        if sources is None:
+            sources = _storages(call, "backward")
+        shares = (self._layer(call), sources)  # a raw gradient returned as it is: a view
         with self._suspend():
             for p in probes:
                 results = self._results[call.name]
