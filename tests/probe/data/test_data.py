@@ -1,5 +1,8 @@
 import pickle
+import struct
 import tarfile
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -82,6 +85,63 @@ def test_image_tree_folder_and_cache(tmp_path):
     assert list((tmp_path / "cache").glob("*.npz"))
     again = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
     assert np.array_equal(again.x_train, ds.x_train)
+
+
+def _flip_a_pixel(path):
+    """Flip one byte of the cached training images' pixels (not of the .npy header)."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("x_train.npy")
+    with open(path, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        at = info.header_offset + 30 + name_len + extra_len + info.compress_size - 5
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x01]))
+
+
+def _labels_out_of_range(path):
+    with np.load(path) as z:
+        arrays = dict(z)
+    arrays["y_train"] = np.full_like(arrays["y_train"], 7)  # 2 classes
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _flip_a_pixel,
+        lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+        lambda p: p.write_bytes(b"not a zip file"),
+        _labels_out_of_range,
+    ],
+    ids=["pixel", "truncated", "garbage", "labels"],
+)
+def test_a_damaged_cache_is_decoded_again_and_replaced(tmp_path, damage):
+    _write_tree(tmp_path / "tree")
+    fresh = load_image_tree(tmp_path / "tree")  # no cache at all
+    load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("*.npz")
+    damage(cache)
+    with pytest.warns(UserWarning, match="dataset cache .* is damaged"):
+        ds = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert np.array_equal(getattr(ds, name), getattr(fresh, name)), name
+    with warnings.catch_warnings():  # replaced: read back without a word
+        warnings.simplefilter("error")
+        again = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    assert np.array_equal(again.x_train, fresh.x_train)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [cache.name]  # no temporaries
+
+
+def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tmp_path):
+    _write_tree(tmp_path / "tree")
+    (tmp_path / "cache").write_text("a file where the cache folder would go")
+    with pytest.warns(UserWarning, match="Could not cache the decoded dataset"):
+        ds = load_image_tree(tmp_path / "tree", cache_dir=tmp_path / "cache")
+    assert ds.x_train.shape == (6, 3, 4, 4)
 
 
 def test_image_tree_order_is_shuffled_and_independent_of_the_source(tmp_path):
