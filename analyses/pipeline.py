@@ -6,7 +6,7 @@ measures were skipped because the captures lack the data for them.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -28,6 +28,9 @@ from analyses.tidy import COLUMNS, check_poolable, quietly, run_key, source_of
 from probe.errors import ProbeError
 from probe.store.reader import CaptureReader, open_capture
 from probe.tempfiles import atomic_path
+from probe.train.runs import read_history
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "figure_caption",
@@ -198,7 +201,11 @@ def load_histories(caps: Sequence[CaptureReader]) -> pd.DataFrame:
         if hist.exists() and hist not in seen:
             seen.add(hist)
             key = run_key(cap)
-            h = pd.DataFrame(json.loads(hist.read_text()))
+            try:
+                h = pd.DataFrame(read_history(hist))
+            except ProbeError as e:  # the curves are left out; every other figure is drawn
+                log.warning("leaving out the training curves of %s: %s", hist.parent, e)
+                continue
             for k in ("model", "depth", "residual", "seed"):
                 h[k] = key[k]
             frames.append(h)
@@ -331,7 +338,8 @@ def write_figures(
             )
     else:
         skipped["training_curves"] = (
-            "the runs' history.json files are not reachable from the capture provenance"
+            "the runs' history.json files are not reachable from the capture provenance, or "
+            "damaged (logged)"
         )
     if lesions is not None and len(lesions):
         files += render(out, prefix + "lesions", figures.plot_lesions, lesions, data=lesions)

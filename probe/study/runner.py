@@ -58,6 +58,7 @@ from probe.study.presets import StudyConfig
 from probe.study.verdicts import Verdict, degradation_table, verdicts
 from probe.train import TrainConfig, get_recipe, parse_save_at, train
 from probe.train.graphs import check_graphable
+from probe.train.runs import read_history
 from probe.train.trainer import resolve_device, run_lock
 from probe.zoo import parse_name
 
@@ -409,9 +410,7 @@ def run_study_here(
     ]
     hist = []
     for (model, seed), _ in checkpoints.items():
-        h = pd.DataFrame(
-            json.loads((out / "runs" / f"{model}-s{seed}" / "history.json").read_text())
-        )
+        h = pd.DataFrame(read_history(out / "runs" / f"{model}-s{seed}" / "history.json"))
         h["model"], h["seed"] = model, seed
         hist.append(h)
     files, skipped = write_figures(

@@ -211,7 +211,8 @@ def _check_tensors(weights: Path) -> None:
     if tensors_sha256(tensors) != digest:
         raise ProbeError(
             f"Checkpoint weights {weights} are damaged: their tensors no longer match the digest "
-            "stored with them. Restore the file (or use another checkpoint)."
+            "stored with them. Restore the file (or use another checkpoint); a run whose "
+            "checkpoint is damaged trains again once its run directory is moved aside."
         )
 
 
@@ -281,7 +282,8 @@ def load_checkpoint(
     if verify_hash and not hash_checked and file_sha256(weights) != meta.get("sha256"):
         raise ProbeError(
             f"Checkpoint weights {weights} do not match the hash in {js}: the file was modified or "
-            "belongs to another checkpoint."
+            "belongs to another checkpoint. Restore the file (or use another checkpoint); a run "
+            "whose checkpoint is damaged trains again once its run directory is moved aside."
         )
     try:
         config = NetConfig(**meta["model"])

@@ -26,6 +26,8 @@ __all__ = [
     "run_identity",
     "run_finished",
     "read_run",
+    "read_history",
+    "is_history",
     "default_run_dir",
     "planned_epochs",
 ]
@@ -110,6 +112,43 @@ def run_finished(cfg: TrainConfig, n_train: int) -> bool:
     )
 
 
+def is_history(doc: object) -> bool:
+    """Whether ``doc`` is a run's history: a list of one record (a dict) per epoch, in order
+    from epoch 0.
+
+    Example:
+        >>> is_history([{"epoch": 0}, {"epoch": 1}]), is_history([{"epoch": 1}])
+        (True, False)
+    """
+    return isinstance(doc, list) and all(
+        isinstance(r, dict) and r.get("epoch") == i for i, r in enumerate(doc)
+    )
+
+
+def read_history(path: str | Path) -> list[dict]:
+    """The per-epoch records of a run's ``history.json``, refused with what to do where the file
+    is missing or damaged (a run trained again with the same settings writes it anew from its
+    resume checkpoint).
+
+    Example:
+        >>> read_history("data/runs/resnet8-digits-digits-s0/history.json")[0]["epoch"]  # doctest: +SKIP
+        0
+    """
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        why = f"{type(e).__name__}: {e}"
+    else:
+        if is_history(doc) and doc:
+            return doc
+        why = "not a list of per-epoch records from epoch 0"
+    raise ProbeError(
+        f"{path} is missing or damaged ({why}). Train the run again with the same settings "
+        "(probe train ..., or the study): it rewrites the history from its resume checkpoint."
+    )
+
+
 def read_run(run_dir: str | Path) -> TrainResult:
     """A run another process trained, as its files hold it: history and checkpoints (no model).
 
@@ -118,12 +157,7 @@ def read_run(run_dir: str | Path) -> TrainResult:
         0.0
     """
     run_dir = Path(run_dir)
-    try:
-        history = json.loads((run_dir / "history.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ProbeError(
-            f"{run_dir} holds no readable history.json ({e}); train the run (again) first."
-        ) from e
+    history = read_history(run_dir / "history.json")
     checkpoints = {
         int(p.stem.split("-", 1)[1]): p
         for p in sorted((run_dir / "checkpoints").glob("epoch-*.json"))

@@ -46,7 +46,9 @@ from probe.train.runs import (
     TrainConfig,
     TrainResult,
     default_run_dir,
+    is_history,
     planned_epochs,
+    read_history,
     run_identity,
 )
 from probe.zoo import create, parse_name
@@ -69,16 +71,9 @@ def _resumed_history(meta: dict, path: Path, epoch: int) -> list[dict]:
     from history.json (runs written before the history was kept in the checkpoint), validated."""
     history = meta.get("history")
     if history is None:
-        try:
-            history = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            history = None
-    ok = (
-        isinstance(history, list)
-        and len(history) >= epoch + 1
-        and all(isinstance(r, dict) and r.get("epoch") == i for i, r in enumerate(history))
-    )
-    if not ok:
+        with contextlib.suppress(ProbeError):
+            history = read_history(path)
+    if not (is_history(history) and len(history) >= epoch + 1):
         raise ProbeError(
             f"Cannot resume from epoch {epoch}: {path} is missing, empty or damaged and the resume "
             "checkpoint does not hold the history. Delete the run directory to train again."
@@ -257,6 +252,24 @@ def _write_json(path: Path, doc: object) -> None:
     atomic_write_text(path, text)
 
 
+def _stored_run(path: Path) -> dict:
+    """The run.json a run directory holds, refused with what to do where it is damaged: it is
+    what a resumed run's settings are checked against, so a run is never resumed unchecked."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        doc, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = f"a JSON {type(doc).__name__}, not an object"
+    if not isinstance(doc, dict):
+        raise ProbeError(
+            f"{path} is damaged ({why}). It records the settings this run was trained with, which "
+            "resuming must match. Move the run directory aside (its checkpoints still load with "
+            "probe capture CHECKPOINT) or delete it, and train again."
+        )
+    return doc
+
+
 @contextlib.contextmanager
 def _claimed(run_dir: Path, replicas: Replicas, setup: Callable[[], None]):
     """Rank 0 (or the only process) creates ``run_dir``, holds its lock while the run writes
@@ -355,7 +368,7 @@ def train(
     def write_run_json() -> None:
         run_json = run_dir / "run.json"
         if run_json.exists():
-            previous = json.loads(run_json.read_text())
+            previous = _stored_run(run_json)
             if (
                 run_identity(previous.get("config") or {}) != run_identity(run_doc["config"])
                 or previous.get("recipe") != run_doc["recipe"]

@@ -256,3 +256,30 @@ def test_sigterm_that_surfaces_as_another_error_is_still_reported_as_sigterm(tmp
     assert res.exit_code == 1
     assert "stopped by SIGTERM" in res.output and "TypeError" not in res.output
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+@pytest.mark.parametrize("damage", ["", "[{", '{"epoch": 0}', '[{"epoch": 3}]'])
+def test_analyze_leaves_out_the_curves_of_a_damaged_history_and_draws_the_rest(
+    run_dir, tmp_path, damage, caplog
+):
+    import logging
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    runner = CliRunner()
+    cap = tmp_path / "c.h5"
+    res = runner.invoke(cli, ["capture", str(run), "--limit", "16", "--out", str(cap)])
+    assert res.exit_code == 0, res.output
+    figs = tmp_path / "figs"
+    args = ["analyze", str(cap), "--no-lesions", "--out", str(figs)]
+    (run / "history.json").write_text(damage)
+    with caplog.at_level(logging.WARNING, logger="analyses"):
+        res = runner.invoke(cli, args)
+    assert res.exit_code == 0 and "unexpected" not in res.output, res.output
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "analyses.pipeline"]
+    assert said.startswith(f"leaving out the training curves of {run}: ")
+    assert "history.json is missing or damaged" in said
+    assert "skipped training_curves" in res.output
+    assert (figs / "identity_closeness.png").exists()
+    assert not list(figs.glob("training_*"))

@@ -244,6 +244,29 @@ def test_a_damaged_history_json_does_not_lose_the_history(tmp_path, damage):
     assert json.loads((tmp_path / "r" / "history.json").read_text()) == again.history
 
 
+@pytest.mark.parametrize("damage", [b"", b"[]", b"{", b"\xff\xfe"])
+def test_a_damaged_run_json_is_refused_with_what_to_do_and_nothing_is_touched(tmp_path, damage):
+    from click.testing import CliRunner
+
+    from probe.cli.main import cli
+    from probe.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model="plain8", recipe_overrides={"epochs": 1, "batch_size": 512}, out=str(tmp_path / "r")
+    )
+    train(cfg)
+    (tmp_path / "r" / "run.json").write_bytes(damage)
+    before = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    with pytest.raises(ProbeError, match=r"run.json is damaged .* Move the run directory aside"):
+        train(cfg)
+    args = ["train", "--model", "plain8", "--epochs", "1", "--set", "batch_size=512"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1 and "run.json is damaged" in res.output, res.output
+    assert "unexpected" not in res.output
+    after = {p: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert after == before
+
+
 def test_eval_at_all_records_eval_metrics_every_epoch_without_checkpoints(tmp_path):
     res = train(_cfg(tmp_path, save_at="last", eval_at="all"))
     assert all("train_error" in r and "test_error" in r for r in res.history)
