@@ -11,6 +11,7 @@ instead of presenting the old numbers under the new settings.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -50,17 +51,23 @@ def write_csv(path: Path, table: pd.DataFrame) -> None:
         table.to_csv(tmp, index=False)
 
 
-def reusable_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame | None:
-    """A table a previous run wrote, if it is whole (parses, has rows and ``columns``); else None,
-    so the rerun recomputes it instead of trusting a damaged file."""
+def reusable_table(
+    path: Path, columns: tuple[str, ...], sha256: str | None = None, *, warn: bool = True
+) -> pd.DataFrame | None:
+    """A table a previous run wrote, if it is whole (parses, has rows and ``columns``, and has
+    the ``sha256`` digest when one is given); else None, so the rerun recomputes it instead of
+    trusting a damaged file (logged unless ``warn`` is False)."""
     if not path.is_file():
         return None
     try:
-        t = pd.read_csv(path)
+        raw = path.read_bytes()
+        damaged = sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256
+        t = None if damaged else pd.read_csv(io.BytesIO(raw))
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
         t = None
     if t is None or t.empty or not set(columns) <= set(t.columns):
-        log.warning("recomputing %s: the stored table is empty or damaged", path)
+        if warn:
+            log.warning("recomputing %s: the stored table is empty or damaged", path)
         return None
     return t
 
@@ -93,25 +100,35 @@ def stamp_path(table: Path) -> Path:
 def stamped_table(
     path: Path, columns: tuple[str, ...], key: str, *, warn: bool = True
 ) -> pd.DataFrame | None:
-    """:func:`reusable_table`, and only if it was written under ``key``
-    (:func:`write_stamped_csv`): a table of other settings is recomputed, which is logged unless
-    ``warn`` is False (a planner asking whether the table is done: the recomputation logs it)."""
+    """:func:`reusable_table`, and only if it was written under ``key`` and is the very table
+    written then (:func:`write_stamped_csv`): a table of other settings is recomputed, which is
+    logged unless ``warn`` is False (a planner asking whether the table is done: the
+    recomputation logs it), and so is a table whose bytes changed since -- cut short at a row
+    boundary, it would still parse, with rows missing."""
     try:
-        stamp = json.loads(stamp_path(path).read_text()).get("key")
+        stamp = json.loads(stamp_path(path).read_text())
+        made_under, digest = stamp.get("key"), stamp.get("sha256")
     except (OSError, ValueError, AttributeError):
-        stamp = None
-    if stamp != key:
+        made_under = digest = None
+    if made_under != key:
         if warn and path.exists():
             log.warning("recomputing %s: it was made with other settings", path)
         return None
-    return reusable_table(path, columns)
+    if not isinstance(digest, str):  # stamped before stamps held the table's digest
+        if warn:
+            log.warning("recomputing %s: its stamp holds no checksum to check it by", path)
+        return None
+    return reusable_table(path, columns, sha256=digest, warn=warn)
 
 
 def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
-    """``table`` to ``path``, then its key beside it: a kill between the two leaves a table that
-    :func:`stamped_table` does not reuse."""
-    write_csv(path, table)
-    write_text(stamp_path(path), json.dumps({"key": key}))
+    """``table`` to ``path``, then its key and its digest beside it: a kill between the two
+    leaves a table that :func:`stamped_table` does not reuse, and so does any change since."""
+    raw = table.to_csv(index=False).encode()
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(raw)
+    digest = hashlib.sha256(raw).hexdigest()
+    write_text(stamp_path(path), json.dumps({"key": key, "sha256": digest}))
 
 
 def valid_capture(path: Path, key: str | None = None, *, warn: bool = True) -> bool:

@@ -22,7 +22,15 @@ from probe.data import ImageArrays
 from probe.errors import ProbeError
 from probe.probes.registry import make_probe
 from probe.store.reader import open_capture
-from probe.study.files import capture_done, capture_once, reusable_table, write_csv, write_text
+from probe.study.files import (
+    capture_done,
+    capture_once,
+    stamp_path,
+    stamped_table,
+    write_csv,
+    write_stamped_csv,
+    write_text,
+)
 from probe.study.interventions.arms import Condition, arm_conditions
 from probe.study.interventions.toy import ToyConfig, run_toy
 from probe.train import Recipe, TrainConfig, TrainResult, get_recipe, parse_save_at, train
@@ -309,7 +317,9 @@ def arm_tables(arms: tuple[str, ...]) -> set[str]:
     if "shortcut_scale" in arms:
         names.add("grad_profile.csv")
     if "toy" in arms:
-        names |= {"toy.json", *(f"toy_{n}.csv" for n in _TOY_TABLES)}
+        for n in _TOY_TABLES:
+            names |= {f"toy_{n}.csv", stamp_path(Path(f"toy_{n}.csv")).name}
+        names.add("toy.json")
     return names
 
 
@@ -320,7 +330,8 @@ def _toy_tables(cfg, tables: Path) -> dict[str, pd.DataFrame] | None:
     if not (stamp.is_file() and stamp.read_text() == _toy_stamp(tc)):
         return None
     found = {
-        n: reusable_table(tables / f"toy_{n}.csv", ("activation", "variant")) for n in _TOY_TABLES
+        n: stamped_table(tables / f"toy_{n}.csv", ("activation", "variant"), _toy_stamp(tc))
+        for n in _TOY_TABLES
     }
     return found if all(t is not None for t in found.values()) else None
 
@@ -339,8 +350,8 @@ def toy(cfg, tables: Path, cb) -> dict[str, pd.DataFrame]:
     cb("stage", {"text": f"toy: {tc.seeds} seeds x {len(tc.activations)} activations"})
     res = run_toy(tc)
     found = {n: getattr(res, n) for n in _TOY_TABLES}
-    for n, t in found.items():
-        write_csv(tables / f"toy_{n}.csv", t)
+    for n, t in found.items():  # each with its digest: a table changed since is redone
+        write_stamped_csv(tables / f"toy_{n}.csv", t, want)
     write_text(stamp, want)  # last: the stamp says the tables beside it are whole
     return found
 

@@ -110,3 +110,20 @@ def test_constructions_refuse_pre_activation_families_before_training(tmp_path):
 def test_constructed_arm_needs_two_depths(tmp_path):
     with pytest.raises(ProbeError, match="two depths"):
         run_study(get_preset("default", arms="constructed", depths="20"), tmp_path / "s")
+
+
+def test_the_toys_tables_are_reused_whole_and_redone_when_changed(tmp_path, monkeypatch):
+    from probe.study.interventions import runner
+
+    cfg = get_preset("interventions", **{**TINY, "toy_seeds": 2})
+    made = runner.toy(cfg, tmp_path, lambda event, info: None)
+    ran = []
+    real = runner.run_toy
+    monkeypatch.setattr(runner, "run_toy", lambda tc: ran.append(tc) or real(tc))
+    again = runner.toy(cfg, tmp_path, lambda event, info: None)
+    assert not ran  # every table whole: reused
+    pd.testing.assert_frame_equal(again["steps"], made["steps"], check_dtype=False)
+    steps = tmp_path / "toy_steps.csv"
+    steps.write_bytes(b"".join(steps.read_bytes().splitlines(keepends=True)[:-1]))  # a row lost
+    redone = runner.toy(cfg, tmp_path, lambda event, info: None)
+    assert len(ran) == 1 and len(redone["steps"]) == len(made["steps"])

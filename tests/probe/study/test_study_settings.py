@@ -97,6 +97,48 @@ def test_a_table_is_reused_only_under_its_stamp(tmp_path, damage):
     assert stamped_table(path, ("model",), key) is None
 
 
+def _drop_last_row(path):
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))  # cut at a row boundary: it still parses
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _drop_last_row,
+        lambda path: path.write_bytes(path.read_bytes()[:-7]),  # a row cut short
+        lambda path: path.write_bytes(path.read_bytes().replace(b"0.5", b"0.6")),  # a number
+    ],
+    ids=["row dropped", "row cut", "number changed"],
+)
+def test_a_stamped_table_changed_since_it_was_written_is_recomputed(tmp_path, damage, caplog):
+    import logging
+
+    import pandas as pd
+
+    path = tmp_path / "lesions-m-s0.csv"
+    table = pd.DataFrame({"model": ["m", "m", "m"], "value": [0.25, 0.5, 0.75]})
+    write_stamped_csv(path, table, "key")
+    pd.testing.assert_frame_equal(stamped_table(path, ("model",), "key"), table)
+    damage(path)
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert stamped_table(path, ("model",), "key", warn=False) is None
+        assert not caplog.records  # a planner's question, without a word
+        assert stamped_table(path, ("model",), "key") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"recomputing {path}: the stored table is empty or damaged"
+    ]
+
+
+def test_a_table_stamped_without_a_checksum_is_recomputed(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "lesions-m-s0.csv"
+    write_stamped_csv(path, pd.DataFrame({"model": ["m"]}), "key")
+    (tmp_path / "lesions-m-s0.key.json").write_text('{"key": "key"}')  # an older stamp
+    assert stamped_table(path, ("model",), "key") is None
+
+
 def test_a_planner_asks_quietly_and_the_redo_says_it_once(tmp_path, caplog):
     """The distributed planner asks whether each capture and table is done before a stage, then
     the unit that redoes it says why: one warning per file, not one from each."""
