@@ -154,16 +154,27 @@ class _Fit:
         return self._fit(self.loader.sample(position))
 
 
-def _probe_forward(model: torch.nn.Module, shape: tuple[int, ...], device, spec: str) -> int:
-    """Run one input of ``shape`` through the model; its number of outputs (classes)."""
+def _probe_forward(
+    model: torch.nn.Module, shape: tuple[int, ...], device, spec: str, grey: bool = False
+) -> int:
+    """Run one input of ``shape`` through the model; its number of outputs (classes). ``grey``:
+    the shape is a dataset's own, of one channel (which --input-size can repeat)."""
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, *shape, device=device))
     except Exception as e:
+        if grey:
+            _, h, w = shape
+            hint = (
+                f"The data's images have one channel ({h}x{w}): --input-size 3,{h},{w} repeats "
+                "it for a model that takes three (or resizes, e.g. 3,224,224); a zoo model can "
+                "be built for one with --model-arg in_channels=1."
+            )
+        else:
+            hint = "Give the size it takes with --input-size C,H,W (e.g. 3,224,224 for ViTs)."
         raise ProbeError(
             f"{spec} rejected an input of shape [1, {', '.join(map(str, shape))}]: "
-            f"{type(e).__name__}: {str(e)[:300].rstrip('.')}. Give the size it takes with --input-size C,H,W "
-            "(e.g. 3,224,224 for ViTs)."
+            f"{type(e).__name__}: {str(e)[:300].rstrip('.')}. {hint}"
         ) from e
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise ProbeError(
@@ -205,7 +216,8 @@ def capture_model(
     else:
         arrays = load_dataset(data, size=input_size[1:] if input_size else None)
         shape = input_size or arrays.image_shape
-        classes = _probe_forward(model, shape, dev, spec)
+        grey = input_size is None and shape[0] == 1
+        classes = _probe_forward(model, shape, dev, spec, grey)
         if classes < arrays.num_classes:
             raise ProbeError(
                 f"{spec} has {classes} outputs but {arrays.name} has {arrays.num_classes} classes; "

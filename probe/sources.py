@@ -94,12 +94,29 @@ def _attr(module, fn: str, spec: str):
     return factory
 
 
+def _meant(spec: str) -> str:
+    """A hint for a --model given without its source: the zoo or torchvision name it reads as,
+    or the function a .py file needs; else nothing."""
+    from probe.zoo.registry import IMAGENET_NAMES, parse_name
+
+    bare = spec.rstrip(":")
+    if bare.endswith(".py"):
+        return f" Name the function of {bare} that builds the model: {bare}:FUNCTION."
+    if bare in IMAGENET_NAMES:  # what most readers mean by resnet50 (create() says the same)
+        return f" Did you mean 'torchvision:{bare}'?"
+    try:
+        parse_name(bare)
+    except ProbeError:
+        return ""
+    return f" Did you mean 'zoo:{bare}'?"
+
+
 def _build(spec: str, kwargs: dict) -> nn.Module:
     source, sep, name = spec.partition(":")
     if not sep or not name:
         raise ProbeError(
             f"Invalid --model {spec!r}; give torchvision:NAME, timm:NAME, zoo:NAME, "
-            "path/to/file.py:FUNCTION or package.module:FUNCTION."
+            f"path/to/file.py:FUNCTION or package.module:FUNCTION.{_meant(spec)}"
         )
     if source == "torchvision":
         tv = _need("torchvision", spec)

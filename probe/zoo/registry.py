@@ -18,7 +18,14 @@ from probe.zoo.config import NetConfig
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["register_family", "create", "list_models", "parse_name", "model_name"]
+__all__ = [
+    "register_family",
+    "create",
+    "list_models",
+    "parse_name",
+    "model_name",
+    "IMAGENET_NAMES",
+]
 
 # He et al.'s depths plus the small ones the CPU studies use (any 6n+2 depth can be created).
 STANDARD_DEPTHS = (8, 14, 20, 26, 32, 44, 56, 110, 1202)
@@ -78,7 +85,7 @@ def model_name(config: NetConfig) -> str:
 
 
 # Names that mean torchvision's ImageNet ResNets to most users but are also valid 6n+2 depths here.
-_IMAGENET_NAMES = {"resnet50", "resnet152"}
+IMAGENET_NAMES = {"resnet50", "resnet152"}
 
 
 def create(name: str, *, cifar: bool = False, **options: object) -> nn.Module:
@@ -92,7 +99,7 @@ def create(name: str, *, cifar: bool = False, **options: object) -> nn.Module:
         >>> net.config.residual, net.config.depth
         (False, 56)
     """
-    if name in _IMAGENET_NAMES and not cifar:
+    if name in IMAGENET_NAMES and not cifar:
         raise ProbeError(
             f"{name!r} is torchvision's ImageNet {name.replace('resnet', 'ResNet-')} (bottleneck "
             f"blocks, 224x224 inputs); the zoo holds He et al.'s CIFAR nets. For torchvision's, use "

@@ -117,6 +117,13 @@ def test_a_torch_state_dict_and_the_zoo(tmp_path):
     [
         (["--data", "synthetic", "--input-size", "3,8,8"], "either a CHECKPOINT"),
         (["--model", "nosuchsource", "--data", "digits"], "Invalid --model"),
+        (["--model", "resnet8", "--data", "digits"], "Did you mean 'zoo:resnet8'?"),
+        (["--model", "resnet50", "--data", "digits"], "Did you mean 'torchvision:resnet50'?"),
+        (["--model", "nets.py", "--data", "digits"], "that builds the model: nets.py:FUNCTION"),
+        (
+            ["--model", "zoo:resnet8", "--data", "digits"],
+            "one channel (8x8): --input-size 3,8,8 repeats it",
+        ),
         (["--model", "zoo:resnet8", "--data", "synthetic"], "needs --input-size"),
         (["--model", "zoo:resnet8"], "needs --data"),
         (
@@ -162,6 +169,17 @@ def test_bad_model_arguments_are_clear_errors(tmp_path, args, message):
     res = _capture(*args, "--out", out)
     assert res.exit_code != 0 and message in res.output, res.output
     assert "Traceback" not in res.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "fix", [["--input-size", "3,8,8"], ["--model-arg", "in_channels=1"]], ids=["repeat", "build"]
+)
+def test_either_fix_the_one_channel_hint_gives_works(tmp_path, fix):
+    out = tmp_path / "z.h5"
+    res = _capture("--model", "zoo:resnet8", *fix, "--data", "digits", "--limit", "8", "--out", out)
+    assert res.exit_code == 0, res.output
+    with probe.open(out) as cap:
+        assert int(cap.attrs["n_samples"]) == 8
 
 
 def test_weights_that_do_not_fit_name_the_keys(tmp_path, user_file):
