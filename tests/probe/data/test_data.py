@@ -254,3 +254,25 @@ def test_loader_without_augmentation_normalises_exactly():
     x = np.full((2, 1, 2, 2), 255, np.uint8)
     ((batch, _, idx),) = list(DeviceLoader(x, np.zeros(2), 2, mean=[0.5], std=[0.5]))
     assert torch.allclose(batch, torch.ones_like(batch)) and idx.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_images_take_one_layout_whatever_array_they_came_from(channels):
+    """A one-channel array is contiguous with either stride of its channel axis, and that stride
+    alone decided whether the convolutions ran channels-last (numpy's indexing gave one, a file
+    read back the other): the numbers of one seed then differed between two runs."""
+    rng = np.random.default_rng(0)
+    standard = rng.integers(0, 256, (12, channels, 8, 8), dtype=np.uint8)
+    other = np.moveaxis(np.ascontiguousarray(np.moveaxis(standard, 1, 3)), 3, 1)  # NHWC memory
+    if channels == 1:  # the same bytes: only the channel axis's stride differs
+        other = np.lib.stride_tricks.as_strided(standard, strides=(64, 1, 8, 1))
+    assert other.strides != standard.strides and np.array_equal(other, standard)
+    conv = torch.nn.Conv2d(channels, 4, 3, padding=1)
+    outs = []
+    for images in (standard, other):
+        loader = DeviceLoader(images, np.zeros(12), 5, mean=[0.5] * channels, std=[0.2] * channels)
+        batches = [x for x, _, _ in loader]
+        want = (64, 1, 8, 1) if channels == 1 else (192, 64, 8, 1)
+        assert all(x.stride()[1:] == want[1:] for x in batches)
+        outs.append(torch.cat([conv(x) for x in batches]))
+    assert torch.equal(*outs)  # bit for bit
