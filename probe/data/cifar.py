@@ -10,20 +10,18 @@ Decoded arrays are cached as ``.npz`` under the data root so images are decoded 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
 import pickle
 import tarfile
 import urllib.request
-import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from probe.data.arrays import ImageArrays
+from probe.data.cache import read_cache, write_cache
 from probe.errors import ProbeError
 
 __all__ = ["load_cifar_pickle", "load_image_tree", "download_cifar", "PICKLE_DIRS", "SHUFFLE_SEED"]
@@ -179,51 +177,6 @@ def _cache_key(path: Path) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-_CACHED = ("x_train", "y_train", "x_test", "y_test", "classes")
-
-
-def _read_cache(cache: Path) -> dict[str, np.ndarray] | None:
-    """The arrays a dataset cache holds, or None -- with a warning -- where it cannot be read
-    whole or they are not a split's images and labels: a cache is derived data, so a damaged
-    one is decoded again and replaced, never used (numpy checks each member's CRC-32 as it
-    reads it, so a flipped byte fails here rather than changing an image)."""
-    try:
-        with np.load(cache, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in _CACHED}
-        for split in ("train", "test"):
-            x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-            if x.ndim != 4 or x.dtype != np.uint8 or y.shape != x.shape[:1]:
-                raise ValueError(f"{split} images {x.shape} {x.dtype}, labels {y.shape}")
-            if y.size and not (y.min() >= 0 and y.max() < len(arrays["classes"])):
-                raise ValueError(f"{split} labels outside 0..{len(arrays['classes']) - 1}")
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        warnings.warn(
-            f"The dataset cache {cache} is damaged ({type(e).__name__}: {e}); decoding the "
-            "images again and replacing it.",
-            stacklevel=3,
-        )
-        return None
-    return arrays
-
-
-def _write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` to ``cache`` whole or not at all (a temporary file renamed over it); a
-    cache that cannot be written (a full or read-only disk) is skipped with a warning."""
-    tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)
-    except OSError as e:
-        with contextlib.suppress(OSError):  # none was made, or it cannot be removed either
-            tmp.unlink()
-        warnings.warn(
-            f"Could not cache the decoded dataset at {cache} ({e}); it is decoded again on the "
-            "next load.",
-            stacklevel=3,
-        )
-
-
 def load_image_tree(
     path: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
@@ -252,7 +205,7 @@ def load_image_tree(
         caches = [Path(cache_dir) / f"{stem}-{size[0]}x{size[1]}.npz"] if size else []
         caches.append(Path(cache_dir) / f"{stem}.npz")
     cache = next((c for c in caches if c.exists()), None)
-    cached = _read_cache(cache) if cache is not None else None
+    cached = read_cache(cache) if cache is not None else None
     if cached is not None:
         return ImageArrays(
             name,
@@ -303,7 +256,7 @@ def load_image_tree(
         arrays[f"x_{split}"] = np.ascontiguousarray(x[order])
         arrays[f"y_{split}"] = np.array([index[c] for c in labels[split]], dtype=np.int64)[order]
     if cache is not None:
-        _write_cache(cache, {"classes": np.array(classes), **arrays})
+        write_cache(cache, {"classes": np.array(classes), **arrays})
     return ImageArrays(
         name,
         arrays["x_train"],

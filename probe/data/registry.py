@@ -39,7 +39,7 @@ def load_dataset(
     """
     root = Path(root) if root is not None else data_root()
     if spec == "digits":
-        return load_digits()
+        return load_digits(cache_dir=root / "cache")
     if spec in PICKLE_DIRS:
         if not (root / PICKLE_DIRS[spec]).is_dir() and download:
             download_cifar(root, spec)

@@ -256,6 +256,45 @@ def test_loader_without_augmentation_normalises_exactly():
     assert torch.allclose(batch, torch.ones_like(batch)) and idx.tolist() == [0, 1]
 
 
+def test_the_digits_split_is_kept_and_read_back_without_scikit_learn(tmp_path):
+    import subprocess
+    import sys
+
+    fresh = load_digits()  # no cache: made by scikit-learn
+    script = (
+        "import sys, numpy as np; from probe.data import load_dataset; "
+        f"ds = load_dataset('digits', root={str(tmp_path)!r}); "
+        "np.savez(sys.argv[1], x_train=ds.x_train, y_train=ds.y_train, x_test=ds.x_test, "
+        "y_test=ds.y_test); print('sklearn' in sys.modules)"
+    )
+    said = []
+    for i in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"got{i}.npz")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        said.append(out.stdout.strip())
+        with np.load(tmp_path / f"got{i}.npz") as got:
+            for name in ("x_train", "y_train", "x_test", "y_test"):
+                assert np.array_equal(got[name], getattr(fresh, name)), name
+    assert said == ["True", "False"]  # made once, then read back without importing it
+    assert len(list((tmp_path / "cache").glob("digits-*.npz"))) == 1
+
+
+def test_a_damaged_digits_cache_is_made_again(tmp_path):
+    load_dataset("digits", root=tmp_path)
+    (cache,) = (tmp_path / "cache").glob("digits-*.npz")
+    _flip_a_pixel(cache)
+    with pytest.warns(UserWarning, match="dataset cache .* is damaged"):
+        ds = load_dataset("digits", root=tmp_path)
+    assert np.array_equal(ds.x_train, load_digits().x_train)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset("digits", root=tmp_path)
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_images_take_one_layout_whatever_array_they_came_from(channels):
     """A one-channel array is contiguous with either stride of its channel axis, and that stride
