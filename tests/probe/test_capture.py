@@ -125,6 +125,25 @@ def test_hooks_removed_after_a_probe_raises(tmp_path):
     assert not list(tmp_path.iterdir()), "a failed capture must leave no file"
 
 
+def test_a_failed_capture_leaves_an_existing_output_as_it_was_and_a_whole_one_replaces_it(
+    tmp_path,
+):
+    out = tmp_path / "c.h5"
+    probe.capture(_model(), _batches(1), probes=[ResidualNorms()], out=out).close()
+    before = out.read_bytes()
+
+    def failing():  # the second batch fails, after the first was written
+        yield from _batches(1)
+        raise RuntimeError("the data ran dry")
+
+    with pytest.raises(RuntimeError, match="ran dry"):
+        probe.capture(_model(), failing(), probes=[ResidualNorms()], out=out)
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.h5"]
+    probe.capture(_model(), _batches(2), probes=[ResidualNorms()], out=out).close()
+    with probe.open(out) as cap:
+        assert int(cap.attrs["n_samples"]) == 10
+
+
 def test_hooks_removed_after_bad_layer_spec():
     model = _model()
     before = _hook_counts(model)
