@@ -513,13 +513,16 @@ class HookSession:
         if not self._tracing:
             self.layers, self._owners, self.plain_layers = resolve_layers(model, layers)
         self._tracer = SiteTracer(self._on_owner)
+        self._tracer.suspended = True  # as the hooks (see _active)
         self._stack = contextlib.ExitStack()
         self.inplace: list[str] = []
         self._handles: list = []
         self._split: dict[str, tuple[nn.Module, nn.Module | None]] = {}  # adapter blocks' F, S
         self._flags: dict[nn.Module, bool] = {}
         self._saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._suspended = False
+        # The hooks act inside run_batch only: a pass of the caller's own between batches runs
+        # the model as it is, instead of running every probe for results no one reads.
+        self._suspended = True
         self._open = False
         self.dim_labels: dict[tuple[str, str], tuple[str, ...]] = {}  # (key, quantity) -> axes
         self._axes_checked: set[str] = set()  # layer keys whose layouts were checked
@@ -1117,6 +1120,17 @@ class HookSession:
         return not any(slot in changed for slot, _, _, trial in self._watched if not trial)
 
     @contextlib.contextmanager
+    def _active(self):
+        """The hooks (and the site tracer) act for the duration: inside :meth:`run_batch`."""
+        previous, self._suspended = self._suspended, False
+        traced, self._tracer.suspended = self._tracer.suspended, False
+        try:
+            yield
+        finally:
+            self._suspended = previous
+            self._tracer.suspended = traced
+
+    @contextlib.contextmanager
     def _suspend(self):
         previous, self._suspended = self._suspended, True
         traced, self._tracer.suspended = self._tracer.suspended, True
@@ -1189,7 +1203,7 @@ class HookSession:
         # Autograd back on inside a caller's inference_mode for gradient probes, as enable_grad
         # does inside no_grad (a pass without them runs in the caller's mode, as it did).
         autograd = torch.inference_mode(False) if self._autograd else contextlib.nullcontext()
-        with _collector_paused(), autograd:
+        with _collector_paused(), autograd, self._active():
             return self._run_batch(x, y, sample_offset, next_input)
 
     def _run_batch(

@@ -55,6 +55,89 @@ def test_a_forward_outside_run_batch_is_let_go_on_close():
     assert len(refs) == 1 and refs[0]() is None
 
 
+class _Counting(probe.Probe):
+    """Counts its calls, forward and backward."""
+
+    name = "counting"
+    needs_grad = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, call):
+        self.calls += 1
+        return {"n": call.output.flatten(1).norm(dim=1)}
+
+    def backward(self, call):
+        self.calls += 1
+        return {"g": call.grad_output.flatten(1).norm(dim=1)}
+
+
+class _Block(torch.nn.Module):
+    """A residual block no adapter describes: its site is found by tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return x + torch.relu(self.conv(x))
+
+
+def _traced_net():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        _Block(),
+        _Block(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    ).eval()
+
+
+@pytest.mark.parametrize(
+    "make, tracked",
+    [
+        (lambda: probe.zoo.create("resnet8", in_channels=1, width=4).eval(), "stages.1.0"),
+        (_traced_net, "1"),
+    ],
+    ids=["adapters", "traced sites"],
+)
+def test_a_pass_of_the_callers_own_between_batches_runs_no_probe_and_changes_nothing(make, tracked):
+    """Between batches the model is the caller's: a pass of theirs (an evaluation, a training
+    step) runs no probe -- it cost a ResNet-56 forward 25 % for results no one read -- hooks no
+    tensor, and the next batch's results are what they would have been."""
+    import copy
+
+    torch.manual_seed(0)
+    net = make()
+    twin = copy.deepcopy(net)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    with probe.HookSession(twin, "auto", ["residual", "grad"]) as fresh:
+        want, _ = fresh.run_batch(x, y)
+    counting = _Counting()
+    with probe.HookSession(net, "auto", ["residual", "grad", counting]) as session:
+        session.run_batch(x, y)
+        ran = counting.calls
+        assert ran > 0 and session.layers
+        refs = _tracked(net, tracked)
+        with torch.no_grad():
+            net(torch.randn(3, 1, 8, 8))
+        out = net(torch.randn(3, 1, 8, 8).requires_grad_(True))  # a step of the caller's own
+        out.sum().backward()
+        assert counting.calls == ran and not session._grad_hooks
+        del out
+        gc.collect()
+        assert len(refs) == 2 and all(r() is None for r in refs)
+        got, _ = session.run_batch(x, y)
+    assert counting.calls == 2 * ran
+    assert sorted(got) == sorted(want) and want
+    for key in want:
+        for q, t in want[key].items():
+            assert torch.equal(got[key][q], t), (key, q)
+
+
 def test_small_results_are_compacted_into_one_block_per_dtype():
     """Equal values, shapes and dtypes; the small ones share a block made after the pass (see
     probe.session._compacted), large raw tensors are left as the probes made them."""
