@@ -71,16 +71,19 @@ def test_block_and_gradient_norms_equal_norms_computed_afresh():
                 )
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_channel_variance_matches_numpy_for_rows_of_every_condition(dtype):
+def test_channel_variance_matches_numpy_for_rows_of_every_condition(dtype, layout):
     """Rows of every mean^2/var from 0 to 1e12 side by side, constant rows and all-zero rows:
-    each matches numpy in float64."""
+    each matches numpy in float64, in either memory layout (a channels-last map's sums of
+    squares are taken by a product and a sum, the norm kernel being slow on strided rows)."""
     g = torch.Generator().manual_seed(2)
     ratios = [0.0, 1.0, 1e3, 1e4, 1e6, 1e9, 1e12]
     noise = torch.randn(3, len(ratios), 9, 9, generator=g, dtype=torch.float64)
     noise = (noise - noise.mean((2, 3), keepdim=True)) / noise.std((2, 3), keepdim=True)
     x = (noise + torch.tensor(ratios, dtype=torch.float64).sqrt()[:, None, None]).to(dtype)
     x = torch.cat([x, torch.full_like(x[:1], 0.1), torch.zeros_like(x[:1])])
+    x = x.contiguous(memory_format=layout)
     mean, var = channel_moments(x)
     ref = x.double().numpy().reshape(*x.shape[:2], -1)
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
@@ -212,8 +215,11 @@ def _rows_of_ratio(ratios, positions, rows=64, seed=3):
     return (z + shift).float()
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["rows", "channels-last"])
 @pytest.mark.parametrize("positions", [64, 1024, 12544])
-def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(positions, monkeypatch):
+def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(
+    positions, strided, monkeypatch
+):
     """sum_moments keeps E[x^2] - E[x]^2 only for rows with E[x^2] <= ONE_PASS_MAX_RATIO * var,
     where its relative error is at most ~that ratio times float32 accumulation's (here 16 u per
     sum, the most measured on rows of up to 12544 positions), and hands every other row, and only
@@ -222,6 +228,8 @@ def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(positio
 
     ratios = [1.5, 4.0, 12.0, 20.0, 1e4]
     x = _rows_of_ratio(ratios, positions, rows=64 if positions <= 1024 else 8)
+    if strided:  # the positions strided, the channels contiguous: a channels-last map's rows
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
     redone = _rows_redone(monkeypatch, "moments", lambda t, dtype: t.shape[1])
     mean, var = statistics.sum_moments(x, torch.float32)
     ref = x.double().var(2, unbiased=False)
@@ -233,7 +241,8 @@ def test_one_pass_rows_stay_within_their_bound_and_the_others_are_redone(positio
     np.testing.assert_allclose(mean.numpy(), x.double().mean(2).numpy(), rtol=1e-6)
 
 
-def test_rows_whose_sums_overflow_or_hold_nan_or_inf_get_numpys_variance():
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_rows_whose_sums_overflow_or_hold_nan_or_inf_get_numpys_variance(layout):
     """A finite row whose sum of squares overflows float32 (|x| ~ 1e20) is redone by the
     two-pass formula instead of reading inf - inf; NaN and inf rows stay non-finite, as numpy's."""
     big = 1e20
@@ -246,11 +255,12 @@ def test_rows_whose_sums_overflow_or_hold_nan_or_inf_get_numpys_variance():
             [0.0, 0.0, 0.0, 0.0],
         ]
     ).view(5, 1, 2, 2)
+    x = torch.cat([x, x.flip(0)], 1).contiguous(memory_format=layout)  # two channels
     mean, var = channel_moments(x)
     with np.errstate(invalid="ignore"):
-        want = x.double().numpy().reshape(5, 1, 4).var(2)
+        want = x.double().numpy().reshape(5, 2, 4).var(2)
     np.testing.assert_allclose(var.double().numpy(), want, rtol=1e-5)
-    assert torch.isnan(var[2:4]).all() and var[4] == 0
+    assert torch.isnan(var[2:4, 0]).all() and var[4, 0] == 0
 
 
 def test_an_accelerators_maps_take_the_two_pass_formula(monkeypatch):
