@@ -67,12 +67,14 @@ def _row_sums(t: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     ``pick_rows`` a non-finite one may be an overflow of finite values and needs a second look."""
     if t.ndim == 1:  # one value per sample: its own check
         return t
-    rows = t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+    # every axis but the first, reduced in place: a channels-last map's reshape to [N, -1] is a
+    # copy of the map (13 against 0.03 ms for a ResNet-56 stage-1 block output here)
+    axes = 1 if t.ndim == 2 else tuple(range(1, t.ndim))
     if pick_rows:
-        return rows.sum(1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+        return t.sum(axes, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
     if t.dtype == torch.float64:  # a float64 sum could overflow: element by element, as flags
-        return torch.where(torch.isfinite(rows).all(1), 0.0, torch.inf)
-    return rows.sum(1, dtype=torch.float64)
+        return torch.where(torch.isfinite(t).flatten(1).all(1), 0.0, torch.inf)
+    return t.sum(axes, dtype=torch.float64)
 
 
 def _recording(device: torch.device) -> bool:

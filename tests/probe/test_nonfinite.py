@@ -91,12 +91,14 @@ def test_rows_with_nan_or_inf_are_found_as_an_element_by_element_check_finds_the
     assert got.tolist() == want.tolist() == [False, True, True, True, False, True]
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("pick_rows", [True, False], ids=["cpu-way", "accelerator-way"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_planted_values_in_large_rows_are_found_wherever_they_are(dtype, pick_rows):
+def test_planted_values_in_large_rows_are_found_wherever_they_are(dtype, pick_rows, layout):
     """Rows of a block output's size, some holding NaN, +-inf or values whose sum overflows the
-    accumulator, at random places: the same rows an element-by-element check finds."""
-    from probe.nonfinite import nonfinite_rows
+    accumulator, at random places: the same rows an element-by-element check finds, in either
+    memory layout (a channels-last map is reduced as it lies, not reshaped into a copy)."""
+    from probe.nonfinite import NonFiniteCounter, nonfinite_rows
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(32, 16, 32, 32, generator=g).to(dtype)
@@ -115,7 +117,12 @@ def test_planted_values_in_large_rows_are_found_wherever_they_are(dtype, pick_ro
             flat[row, col], flat[row, -1] = float("inf"), float("-inf")
     want = ~torch.isfinite(flat).all(1)
     assert want.sum() == 19  # kinds 1, 2 and 4; kind 3 is finite
+    t = t.contiguous(memory_format=layout)
     assert nonfinite_rows(t, pick_rows=pick_rows).tolist() == want.tolist()
+    counter = NonFiniteCounter(pick_rows=pick_rows)
+    counter.add("block", t)
+    counter.end_batch()
+    assert counter.counts == {"block": 19}
 
 
 def test_a_layers_count_is_the_samples_with_a_nan_or_inf_in_any_of_its_results():
