@@ -73,7 +73,9 @@ def _to_fp16(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.zeros(n, dtype=torch.int32, device=t.device), t.to(torch.float16)
     magnitude = t.abs()
     over = (magnitude > limit) & (magnitude < math.inf)  # NaN: False, as inf
-    clipped = over.reshape(n, -1).sum(1, dtype=torch.int32)
+    # per sample, reduced where it lies (a channels-last map's reshape to [N, -1] is a copy)
+    axes = tuple(range(1, over.ndim))
+    clipped = over.sum(axes, dtype=torch.int32) if axes else over.to(torch.int32)
     stored = t.to(torch.float16)  # beyond the range: +-inf, made +-65504 (exact in fp16) below
     return clipped, torch.where(over, stored.clamp(-_FP16_MAX, _FP16_MAX), stored)
 

@@ -334,3 +334,24 @@ def test_fp16_storage_clips_exactly_the_values_fp16_cannot_hold_in_every_float_d
         assert cap.read("1", "output_clipped").tolist() == [clipped, clipped]
         nonfinite = 0 if np.isfinite(row_held).all() else 2  # fp16 itself holds 7e4 as inf
         assert cap.layer_attrs("1").get("nonfinite_samples", 0) == nonfinite
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        ((3,), torch.contiguous_format),
+        ((3, 5), torch.contiguous_format),
+        ((3, 4, 6, 6), torch.contiguous_format),
+        ((3, 4, 6, 6), torch.channels_last),
+    ],
+    ids=["[N]", "[N, D]", "map", "channels-last map"],
+)
+def test_fp16_clips_are_counted_per_sample_in_every_rank_and_layout(shape, layout):
+    from probe.probes.activations import _to_fp16
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(*shape, generator=g) * 4e4  # about a tenth beyond fp16's range
+    want = (t.abs() > 65504).reshape(3, -1).sum(1)
+    clipped, stored = _to_fp16(t.contiguous(memory_format=layout))
+    assert clipped.tolist() == want.tolist() and want.sum() > 0
+    assert torch.equal(stored, t.clamp(-65504, 65504).to(torch.float16))
