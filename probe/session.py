@@ -1119,21 +1119,19 @@ class HookSession:
                 self._may_alias[slot] = slot not in changed
         return not any(slot in changed for slot, _, _, trial in self._watched if not trial)
 
-    @contextlib.contextmanager
-    def _active(self):
+    def _active(self) -> contextlib.AbstractContextManager[None]:
         """The hooks (and the site tracer) act for the duration: inside :meth:`run_batch`."""
-        previous, self._suspended = self._suspended, False
-        traced, self._tracer.suspended = self._tracer.suspended, False
-        try:
-            yield
-        finally:
-            self._suspended = previous
-            self._tracer.suspended = traced
+        return self._hooks(suspended=False)
+
+    def _suspend(self) -> contextlib.AbstractContextManager[None]:
+        """The hooks stand still for the duration: the session's own passes (tracing, shortcuts
+        evaluated, model-level probes)."""
+        return self._hooks(suspended=True)
 
     @contextlib.contextmanager
-    def _suspend(self):
-        previous, self._suspended = self._suspended, True
-        traced, self._tracer.suspended = self._tracer.suspended, True
+    def _hooks(self, *, suspended: bool) -> Iterator[None]:
+        previous, self._suspended = self._suspended, suspended
+        traced, self._tracer.suspended = self._tracer.suspended, suspended
         try:
             yield
         finally:
