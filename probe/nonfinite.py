@@ -68,7 +68,7 @@ def _row_sums(t: torch.Tensor, pick_rows: bool) -> torch.Tensor:
     if t.ndim == 1:  # one value per sample: its own check
         return t
     # every axis but the first, reduced in place: a channels-last map's reshape to [N, -1] is a
-    # copy of the map (13 against 0.03 ms for a ResNet-56 stage-1 block output here)
+    # copy of the map (0.49 against 0.03 ms for a ResNet-56 stage-1 block output, hot)
     axes = 1 if t.ndim == 2 else tuple(range(1, t.ndim))
     if pick_rows:
         return t.sum(axes, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
