@@ -326,11 +326,15 @@ def arm_tables(arms: tuple[str, ...]) -> set[str]:
 def _toy_tables(cfg, tables: Path) -> dict[str, pd.DataFrame] | None:
     """The toy's tables when whole and made with the settings ``cfg`` asks for, else None."""
     tc = ToyConfig(seeds=cfg.toy_seeds)
-    stamp = tables / "toy.json"
-    if not (stamp.is_file() and stamp.read_text() == _toy_stamp(tc)):
+    want = _toy_stamp(tc)
+    try:  # bytes that are not text are a damaged stamp: the toy runs again
+        made_under = (tables / "toy.json").read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        made_under = None
+    if made_under != want:
         return None
     found = {
-        n: stamped_table(tables / f"toy_{n}.csv", ("activation", "variant"), _toy_stamp(tc))
+        n: stamped_table(tables / f"toy_{n}.csv", ("activation", "variant"), want)
         for n in _TOY_TABLES
     }
     return found if all(t is not None for t in found.values()) else None

@@ -127,3 +127,6 @@ def test_the_toys_tables_are_reused_whole_and_redone_when_changed(tmp_path, monk
     steps.write_bytes(b"".join(steps.read_bytes().splitlines(keepends=True)[:-1]))  # a row lost
     redone = runner.toy(cfg, tmp_path, lambda event, info: None)
     assert len(ran) == 1 and len(redone["steps"]) == len(made["steps"])
+    (tmp_path / "toy.json").write_bytes(b"\x00garbage\xff")  # a stamp that is not even text
+    runner.toy(cfg, tmp_path, lambda event, info: None)
+    assert len(ran) == 2
