@@ -132,15 +132,16 @@ def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
 
 
 def valid_capture(path: Path, key: str | None = None, *, warn: bool = True) -> bool:
-    """Whether ``path`` holds a whole capture (a damaged one is deleted), made under ``key``
-    when one is given (:func:`capture_key`); one of other settings is logged unless ``warn`` is
-    False."""
+    """Whether ``path`` holds a whole capture, made under ``key`` when one is given
+    (:func:`capture_key`); one of other settings is logged unless ``warn`` is False. A damaged
+    one is deleted and logged whoever asks: it is deleted once, so it is said once."""
     if not path.exists():
         return False
     try:
         with open_capture(path) as cap:
             made_under = cap.provenance.get("study_capture_key")
-    except ProbeError:
+    except ProbeError as e:
+        log.warning("capturing %s again: it is damaged (%s)", path, e)
         path.unlink()
         return False
     if key is not None and made_under != key:

@@ -179,3 +179,23 @@ def test_a_planner_asks_quietly_and_the_redo_says_it_once(tmp_path, caplog):
         f"recomputing {table}",
     ]
     assert valid_capture(path, "old") and path.exists()  # asked, never deleted
+
+
+@pytest.mark.parametrize("warn", [True, False], ids=["unit", "planner"])
+def test_a_damaged_capture_is_deleted_and_said_once_whoever_asks(tmp_path, caplog, warn):
+    import logging
+
+    import torch
+
+    from probe.study.files import valid_capture
+
+    path = tmp_path / "c.h5"
+    net = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    probe.capture(net, [torch.randn(4, 1, 8, 8)], probes=[probe.ResidualNorms()], out=path).close()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert not valid_capture(path, "key", warn=warn)
+        assert not valid_capture(path, "key", warn=warn)  # gone: nothing more to say
+    assert not path.exists()
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith(f"capturing {path} again: it is damaged (")
