@@ -48,7 +48,16 @@ def read_cache(cache: Path) -> dict[str, np.ndarray] | None:
 
 def write_cache(cache: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write ``arrays`` to ``cache`` whole or not at all (a temporary file renamed over it); a
-    cache that cannot be written (a full or read-only disk) is skipped with a warning."""
+    cache that cannot be written (a full or read-only disk) is skipped with a warning.
+
+    Example:
+        >>> import tempfile
+        >>> cache = Path(tempfile.mkdtemp()) / "toy.npz"
+        >>> x, y = np.zeros((2, 1, 2, 2), np.uint8), np.array([0, 1])
+        >>> write_cache(cache, dict(x_train=x, y_train=y, x_test=x, y_test=y, classes=np.array(["a", "b"])))
+        >>> read_cache(cache)["y_test"].tolist()
+        [0, 1]
+    """
     tmp = cache.with_suffix(f".tmp-{os.getpid()}.npz")
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
