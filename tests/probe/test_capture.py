@@ -595,3 +595,43 @@ def test_a_probe_that_records_nothing_is_named_in_a_warning():
     with pytest.warns(probe.NothingRecordedWarning, match=r"Probe\(s\) segments recorded nothing"):
         cap = probe.capture(_Returns(net, "mapping"), data, probes=["residual", "segments"])
     assert cap.layers == ["net." + k for k in ref.layers if k != "model"]
+
+
+def test_a_zoo_checkpoint_is_captured_on_channels_last_batches_with_the_standard_numbers(
+    tmp_path, monkeypatch
+):
+    """Checkpoint captures feed the zoo's nets channels-last batches, as the trainer does (the
+    faster layout on a CPU); their statistics are those of standard batches up to rounding."""
+    from probe.data import ImageArrays
+    from probe.loading import capture_checkpoint
+    from probe.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = probe.zoo.create("resnet8", width=4).eval()  # three channels
+    ck = save_checkpoint(tmp_path / "ck", net, {"model": net.config.to_dict(), "epoch": 0})
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 3, 8, 8), dtype=np.uint8)
+    data = ImageArrays("toy", images, np.arange(24) % 10, images, np.arange(24) % 10,
+                       [str(c) for c in range(10)])  # fmt: skip
+    from probe import loading
+
+    made = []
+    real = loading.capture_loader
+    monkeypatch.setattr(
+        loading, "capture_loader", lambda *a, **k: made.append(real(*a, **k)) or made[-1]
+    )
+    probes = [ResidualNorms(), ChannelStats(), GradNorms()]
+    capture_checkpoint(ck, data, batch_size=8, probes=probes, out=tmp_path / "cl.h5").close()
+    first = next(iter(made[0]))[0]
+    assert first.is_contiguous(memory_format=torch.channels_last) and not first.is_contiguous()
+    x = torch.from_numpy(images).float() / 255 - torch.tensor(data.mean).float().view(1, 3, 1, 1)
+    x = x / torch.tensor(data.std).float().view(1, 3, 1, 1)
+    batches = [(x[i : i + 8], torch.arange(i, i + 8) % 10) for i in range(0, 24, 8)]
+    probe.capture(net, batches, probes=probes, out=tmp_path / "std.h5").close()
+    with probe.open(tmp_path / "cl.h5") as cl, probe.open(tmp_path / "std.h5") as std:
+        assert cl.layers == std.layers
+        for layer in std.layers:
+            for q in ("y_norm", "cos_ys", "channel_var", "grad_x_norm"):
+                np.testing.assert_allclose(
+                    cl.read(layer, q), std.read(layer, q), rtol=2e-5, atol=1e-7
+                )
