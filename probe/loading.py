@@ -146,7 +146,7 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
 
 class _Fit:
     """A loader's batches resized to ``size`` (:func:`probe.data.resize.resize`), a single
-    channel repeated to C."""
+    channel repeated to C, in the loader's layout."""
 
     def __init__(self, loader: DeviceLoader, size: tuple[int, int, int] | None) -> None:
         self.loader, self.size = loader, size
@@ -161,6 +161,8 @@ class _Fit:
             if x.shape[1] == 1 and c > 1:
                 x = x.expand(-1, c, -1, -1)
             x = resize(x, (h, w))
+            if self.loader.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         return x
 
     def __iter__(self):
@@ -215,11 +217,14 @@ def capture_model(
     batch_size: int = 64,
     limit: int | None = None,
     device: str = "auto",
+    channels_last: bool = False,
     **capture_kwargs: object,
 ):
     """``probe.capture`` on any model (see :func:`probe.sources.load_model`) over ``data``:
     ``"synthetic"`` (noise of ``input_size``) or a dataset spec (digits, cifar10, a folder or
-    ``.tar.gz`` tree), resized to ``input_size`` when given."""
+    ``.tar.gz`` tree), resized to ``input_size`` when given; ``channels_last`` batches only for
+    a model whose ops all honour strides (a kernel that assumes NCHW memory would read wrong
+    values: not the default, unlike the zoo's checkpoints)."""
     from probe.data.synthetic import synthetic
 
     dev = resolve_device(device)
@@ -243,8 +248,10 @@ def capture_model(
                 f"{spec} has {classes} outputs but {arrays.name} has {arrays.num_classes} classes; "
                 f"build it with --model-arg num_classes={arrays.num_classes}."
             )
-    loader = capture_loader(arrays, split, batch_size, dev, limit)
+    loader = capture_loader(arrays, split, batch_size, dev, limit, channels_last=channels_last)
     prov = {**provenance, "dataset": arrays.name, "split": split, "split_limit": limit}
     if input_size is not None:
         prov["input_size"] = list(input_size)
+    if channels_last:  # the layout changes the rounding: recorded where it was asked for
+        prov["channels_last"] = True
     return capture(model, _Fit(loader, input_size), provenance=prov, **capture_kwargs)

@@ -61,6 +61,14 @@ __all__ = ["COMMANDS"]
     help="Dataset: digits, cifar10, a class-folder tree or .tar.gz, or 'synthetic' (noise, "
     "--model only). Default: the one the checkpoint was trained on.",
 )
+@click.option(
+    "--channels-last",
+    is_flag=True,
+    default=False,
+    help="With --model: feed it channels-last batches (faster convolutions) -- only a model whose "
+    "ops all honour strides: a kernel of its own that assumes NCHW memory would read wrong values. "
+    "The zoo's checkpoints always get them.",
+)
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option(
     "--layers",
@@ -119,6 +127,7 @@ def capture_cmd(
     run_name,
     input_size,
     dataset,
+    channels_last,
     split,
     layers,
     probe_specs,
@@ -195,7 +204,12 @@ def capture_cmd(
         if model_spec is not None:
             model, prov = load_model(model_spec, weights, parse_kwargs(model_args), model_seed)
             cap = capture_model(
-                model, prov, dataset, input_size=parse_input_size(input_size), **common
+                model,
+                prov,
+                dataset,
+                input_size=parse_input_size(input_size),
+                channels_last=channels_last,
+                **common,
             )
         else:
             cap = capture_checkpoint(checkpoint, dataset, **common)

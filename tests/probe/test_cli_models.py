@@ -285,3 +285,42 @@ def test_random_weights_are_seeded(tmp_path):
 
     a, b, c = f_norm(0, "a.h5"), f_norm(0, "b.h5"), f_norm(1, "c.h5")
     assert (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.parametrize("size", [None, "3,12,12"], ids=["as read", "resized"])
+def test_channels_last_is_asked_for_and_gives_the_standard_numbers(tmp_path, user_file, size):
+    """--channels-last feeds a user's model channels-last batches (resized ones too) and records
+    it; the statistics equal the standard layout's up to rounding. Without it, the standard
+    layout: a model's own kernel may assume NCHW memory."""
+    sys.path.insert(0, str(user_file.parent))
+    try:
+        import mynet
+    finally:
+        sys.path.remove(str(user_file.parent))
+    layouts = []
+    real = mynet.Net.forward
+    mynet.Net.forward = lambda self, x: layouts.append(x.stride(1) == 1) or real(self, x)
+    try:
+        outs = {}
+        for flag in ([], ["--channels-last"]):
+            out = tmp_path / f"x{len(flag)}.h5"
+            res = _capture(
+                "--model", "mynet:build_model", "--data", "synthetic", "--input-size", "3,8,8",
+                *(["--input-size", size] if size else []), "--limit", "16", "--probe", "residual",
+                "--probe", "channel", *flag, "--out", out,
+            )  # fmt: skip
+            assert res.exit_code == 0, res.output
+            outs[len(flag)] = out
+    finally:
+        mynet.Net.forward = real
+        sys.modules.pop("mynet", None)
+    assert layouts and set(layouts[: len(layouts) // 2]) == {False}  # the first capture
+    assert layouts[-1] is True
+    with probe.open(outs[0]) as std, probe.open(outs[1]) as cl:
+        assert cl.provenance["channels_last"] is True and "channels_last" not in std.provenance
+        for layer in std.layers:
+            for q in ("y_norm", "cos_fs", "channel_var"):
+                torch.testing.assert_close(
+                    torch.from_numpy(cl.read(layer, q)), torch.from_numpy(std.read(layer, q)),
+                    rtol=2e-5, atol=1e-7,
+                )  # fmt: skip
