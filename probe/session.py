@@ -1164,7 +1164,7 @@ class HookSession:
         self._results: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
 
     def _reset_batch(self, offset: int) -> None:
-        self._release_batch()  # forwards run outside run_batch leave theirs (and fresh results)
+        self._release_batch()  # an attempt run again starts from nothing of the first one
         self._offset = offset
         self._counts: dict[str, int] = defaultdict(int)
         self._info: dict[str, LayerInfo] = {}
