@@ -31,8 +31,14 @@ every block grouped (``grouped=True``), and the hand-written statistics hooks of
 paired with the unprobed twin, at each batch size: where grouping pays on the CPU. ``--grad``
 adds GradNorms, forward and backward.
 
+Part 1 with ``--channels-last`` (alone): the model fed channels-last inputs, the eager statistics
+against their channel sums of squares taken by the norm kernel on strided rows, and block outputs
+kept in memory against non-finite row sums of a [N, -1] reshape (a copy of a channels-last map):
+the ways both were taken before that layout had a path of its own.
+
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
+       [--channels-last]
 """
 
 from __future__ import annotations
@@ -50,24 +56,32 @@ import torch
 
 import probe
 from benchmarks.compare import _stat_hooks, build, ratio_ci, unprobed_pass
+from probe import nonfinite
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
 _BLOCK_QUANTITIES = st._block_quantities  # the original, for a variant that calls it
 
 
+def _owner(name: str) -> tuple[object, str]:
+    """(module, attribute) of a stub's name: probe.probes.statistics's, or "nonfinite.NAME"."""
+    module, _, attr = name.rpartition(".")
+    return (nonfinite if module == "nonfinite" else st), attr
+
+
 @contextlib.contextmanager
 def _stubbed(stubs: tuple[tuple[str, Callable], ...]):
-    """Functions of probe.probes.statistics replaced by ``stubs`` ((name, function) pairs) for
-    the duration, and put back after, whatever happens."""
-    saved = [(name, getattr(st, name)) for name, _ in stubs]
+    """Functions of probe.probes.statistics (or, named "nonfinite.NAME", of probe.nonfinite)
+    replaced by ``stubs`` ((name, function) pairs) for the duration, and put back after,
+    whatever happens."""
+    saved = [(name, getattr(*_owner(name))) for name, _ in stubs]
     for name, fn in stubs:
-        setattr(st, name, fn)
+        setattr(*_owner(name), fn)
     try:
         yield
     finally:
         for name, fn in saved:
-            setattr(st, name, fn)
+            setattr(*_owner(name), fn)
 
 
 def _without_cosines(x, f, s, y, norms):
@@ -117,6 +131,21 @@ def _sums_only(t, layout="auto"):
     return flat.sum(2), torch.linalg.vector_norm(flat, dim=2)
 
 
+def _norm_of_rows(flat, dtype):
+    """Channel sums of squares by the norm kernel whatever the layout, as before channels-last
+    maps took a product and a sum (its strided rows are ~10 x slower)."""
+    return torch.linalg.vector_norm(flat, dim=2, dtype=dtype).square_()
+
+
+def _reshaped_row_sums(t, pick_rows):
+    """Non-finite row sums of a [N, -1] reshape, as before they reduced a tensor where it lies
+    (a channels-last map's reshape is a copy of it)."""
+    if t.ndim == 1:
+        return t
+    rows = t if t.ndim == 2 else t.reshape(t.shape[0], -1)
+    return rows.sum(1, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def _unshared(asker, call):
     """No work shared by the pair: ResidualNorms takes ||y|| and ||F|| in passes of their own,
     as before it read them from ChannelStats' sums, and ChannelStats calls channel_moments."""
@@ -157,21 +186,35 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] =
 }
 
 
-def inside_the_pass(rounds: int, batch: int = 64) -> None:
+# --channels-last: the eager statistics and the block outputs on a model fed channels-last
+# inputs, each beside the way it was taken before that layout got a path of its own
+_OUTPUTS = (functools.partial(probe.Activations, dtype="fp32"),)  # kept as views, no cast
+CHANNELS_LAST_VARIANTS: dict[str, tuple[tuple[Callable, ...], tuple[tuple[str, Callable], ...]]] = {
+    "eager": (BOTH, ()),
+    "norms of strided rows": (BOTH, (("_sum_squares", _norm_of_rows),)),
+    "block outputs": (_OUTPUTS, ()),
+    "block outputs, reshaped row sums": (_OUTPUTS, (("nonfinite._row_sums", _reshaped_row_sums),)),
+}
+
+
+def inside_the_pass(rounds: int, batch: int = 64, channels_last: bool = False) -> None:
     _, blocks, x, y = build("zoo")
     x, y = x[:batch], y[:batch]
+    variants = CHANNELS_LAST_VARIANTS if channels_last else VARIANTS
+    if channels_last:  # the model's convolutions keep the layout of their input
+        x = x.contiguous(memory_format=torch.channels_last)
     twin = build("zoo")[0]
     sessions = {
         name: probe.HookSession(build("zoo")[0], blocks, [kind() for kind in probes])
-        for name, (probes, _) in VARIANTS.items()
+        for name, (probes, _) in variants.items()
     }
-    ratios: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for s in sessions.values():
             s.__enter__()
         for r in range(rounds + 2):
-            for name, (_, stubs) in VARIANTS.items():
+            for name, (_, stubs) in variants.items():
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     twin(x)
@@ -186,16 +229,25 @@ def inside_the_pass(rounds: int, batch: int = 64) -> None:
     finally:
         for s in sessions.values():
             s.close()
-    print(f"## inside the pass (ResNet-56, batch {len(x)}; ratio to the unprobed twin, median)")
+    layout = ", channels-last input" if channels_last else ""
+    print(
+        f"## inside the pass (ResNet-56, batch {len(x)}{layout}; ratio to the unprobed twin, "
+        "median)"
+    )
     for name, rs in ratios.items():
         print(f"{name:22s} {statistics.median(rs):.3f}")
     own = "norms of y, F alone"  # the variants that stub channel_moments take these norms too
-    for one, other in (
-        ("eager", own),
-        (own, "two-pass moments"),
-        ("eager", "product y.S"),
-        (own, "reductions only"),
-    ):
+    pairs = (
+        (("eager", "norms of strided rows"), ("block outputs", "block outputs, reshaped row sums"))
+        if channels_last
+        else (
+            ("eager", own),
+            (own, "two-pass moments"),
+            ("eager", "product y.S"),
+            (own, "reductions only"),
+        )
+    )
+    for one, other in pairs:
         med, lo, hi = ratio_ci(times[one], times[other])
         print(f"{one} / {other}, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
 
@@ -448,6 +500,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
+    ap.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="only part 1, on channels-last inputs, against the ways taken before that layout "
+        "had a path of its own",
+    )
     args = ap.parse_args()
     sizes = [int(n) for n in args.batch_sizes.split(",")] if args.batch_sizes else []
     if args.rounds < 2:  # a round-by-round interval needs two rounds
@@ -460,6 +518,9 @@ def main() -> None:
         return
     if args.batch_sizes:
         by_batch_size(sizes, args.rounds, args.grad)
+        return
+    if args.channels_last:
+        inside_the_pass(args.rounds, args.batch, channels_last=True)
         return
     inside_the_pass(args.rounds, args.batch)
     alone()
