@@ -15,10 +15,12 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -29,14 +31,34 @@ from probe.cli.main import cli
 TINY = ["--model", "resnet8", "--epochs", "1", "--opt", "width=4", "--set", "batch_size=512"]
 
 
-def invoke(args: list[str]):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CliRunner().invoke(cli, [str(a) for a in args])
+class StillRunning(BaseException):
+    """A fuzzed call that took a valid value and went on working (``--epochs 1000000000000``)."""
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise StillRunning
+
+
+def invoke(args: list[str], limit_s: int = 0):
+    """The CLI called in-process; stopped after ``limit_s`` seconds (0: no limit)."""
+    previous = signal.signal(signal.SIGALRM, _stop) if limit_s else None
+    signal.alarm(limit_s)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CliRunner().invoke(cli, [str(a) for a in args])
+    except StillRunning as e:  # not an Exception: through the CLI's handlers and CliRunner's
+        return SimpleNamespace(output="", exit_code=-1, exception=e)
+    finally:
+        signal.alarm(0)
+        if previous is not None:
+            signal.signal(signal.SIGALRM, previous)
 
 
 def outcome(res, damaged: bool) -> str:
     text = res.output or ""
+    if isinstance(res.exception, StillRunning):
+        return "still running (stopped)"
     crashed = res.exception is not None and not isinstance(res.exception, SystemExit)
     if crashed or "Traceback" in text:
         return "traceback"
@@ -230,6 +252,9 @@ BAD_VALUES = {
 }
 
 
+FUZZ_LIMIT_S = 60  # the slowest refused or finished fuzzed call takes a few seconds
+
+
 def fuzz_cases(work: Path, run: Path, capture: Path, n: int, rng: random.Random) -> list[tuple]:
     rows = []
     bases = {
@@ -262,7 +287,8 @@ def fuzz_cases(work: Path, run: Path, capture: Path, n: int, rng: random.Random)
             args[args.index(option) + 1] = value
         else:
             args += [option, value]
-        res = invoke(args)
+        # a valid value may ask for days of work (10**12 epochs): stopped, counted apart
+        res = invoke(args, limit_s=FUZZ_LIMIT_S)
         kind = outcome(res, False)
         if kind == "accepted rightly":  # an option the command ignores or a value it may take
             kind = "accepted (valid)"
