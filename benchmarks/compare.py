@@ -31,8 +31,13 @@ not installed (``pip install -e ".[bench]"``) are skipped with a note.
 one process runs A, B and the unprobed twin in rotating order, and A/B is the median of the
 round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "within the noise").
 
+Models: ``zoo`` the zoo's ResNet-56 on CIFAR-sized inputs, ``tv`` torchvision's resnet50, ``vit``
+timm's ViT-S/16 (its blocks' outputs and gradients: a transformer block holds two residual
+sites, so the rows of one split per block are not run on it). torchvision and timm are in the
+``models`` extra; a model whose package is missing is skipped with a note.
+
 Usage:
-    python -m benchmarks.compare [--models zoo,tv]
+    python -m benchmarks.compare [--models zoo,tv,vit]
         [--rows out,io,disk,stream,stats,stats_disk,grad,grads]
         [--repeats 10] [--threads 2] [--json /tmp/compare.json]
     python -m benchmarks.compare --versus resprobe,nnsight --rows out,io --repeats 31
@@ -58,7 +63,13 @@ import torch.nn.functional as F
 MODELS = {
     "zoo": ("zoo:resnet56, CIFAR 3x32x32", 64, (3, 32, 32)),
     "tv": ("torchvision resnet50, 3x224x224", 8, (3, 224, 224)),
+    "vit": ("timm vit_small_patch16_224, 3x224x224", 8, (3, 224, 224)),
 }
+# A transformer block holds two residual sites (x + attn, then + mlp), not one split x, F, S:
+# the rows that read a block's split (io) or its residual statistics (stats, grad) are of the
+# ResNets; a ViT has the rows of block outputs and their gradients.
+SPLIT_ROWS = ("io", "stats", "stats_disk", "grad")
+MODEL_PACKAGES = {"tv": "torchvision", "vit": "timm"}
 STREAM = 8  # batches per file in the "stream" row: a capture's own cost, its set-up spread out
 ROWS = {
     "out": (
@@ -96,6 +107,11 @@ def build(model: str) -> tuple[torch.nn.Module, list[str], torch.Tensor, torch.T
 
         net = probe.zoo.create("resnet56")
         blocks = [n for n, m in net.named_modules() if isinstance(m, probe.zoo.BasicBlock)]
+    elif model == "vit":
+        import timm
+
+        net = timm.create_model("vit_small_patch16_224")
+        blocks = [f"blocks.{i}" for i in range(len(net.blocks))]
     else:
         import torchvision
 
@@ -143,6 +159,12 @@ def reference_output_grads(model: str) -> list[torch.Tensor]:
     if model == "zoo":
         h, blocks = net.stem(h), list(net.blocks())
         head = net.head
+    elif model == "vit":
+        h, blocks = _vit_tokens(net, h), list(net.blocks)
+
+        def head(t):
+            return net.forward_head(net.norm(t))
+
     else:
         h = net.maxpool(net.relu(net.bn1(net.conv1(h))))
         blocks = [b for i in range(1, 5) for b in getattr(net, f"layer{i}")]
@@ -161,7 +183,21 @@ def reference_output_grads(model: str) -> list[torch.Tensor]:
 def reference_outputs(model: str) -> list[torch.Tensor]:
     """Block outputs computed by calling the blocks in order, no hook anywhere (the y of
     :func:`reference_io`)."""
-    return reference_io(model)[2::3]
+    if model != "vit":
+        return reference_io(model)[2::3]
+    net, _, x, _ = build(model)
+    out = []
+    with torch.no_grad():
+        h = _vit_tokens(net, x)
+        for b in net.blocks:
+            h = b(h)
+            out.append(h)
+    return out
+
+
+def _vit_tokens(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What timm's ViT feeds its first block (``forward_features`` up to the blocks)."""
+    return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
 # --------------------------------------------------------------------------- methods
@@ -649,11 +685,23 @@ def _models(names: str):
     """The models of ``--models`` that can run, each announced by a heading (torchvision's is
     skipped with a note where it is not installed)."""
     for model in names.split(","):
-        if model == "tv" and importlib.util.find_spec("torchvision") is None:
-            print(f"\n## {MODELS[model][0]}: skipped (torchvision is not installed)")
+        package = MODEL_PACKAGES.get(model)
+        if package is not None and importlib.util.find_spec(package) is None:
+            print(f"\n## {MODELS[model][0]}: skipped ({package} is not installed)")
             continue
         print(f"\n## {MODELS[model][0]}, batch {MODELS[model][1]}")
         yield model
+
+
+def _rows(model: str, names: str) -> list[str]:
+    """The rows of ``--rows`` that ``model`` has (see SPLIT_ROWS), the others named once."""
+    rows = names.split(",")
+    if model != "vit":
+        return rows
+    left = [r for r in rows if r in SPLIT_ROWS]
+    if left:
+        print(f"(rows {', '.join(left)}: of residual blocks with one split; not of a ViT)")
+    return [r for r in rows if r not in SPLIT_ROWS]
 
 
 def _check(r: dict) -> str:
@@ -684,7 +732,7 @@ def versus(args) -> None:
             f"{a + '/' + b + ' [95% CI]':>30s}  verdict; reference checks"
         )
         report["models"][model] = rows = {}
-        for row in args.rows.split(","):
+        for row in _rows(model, args.rows):
             title, methods = ROWS[row]
             if a not in methods or b not in methods:
                 continue
@@ -755,7 +803,7 @@ def main() -> None:
             f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
         )
         report["models"][model] = rows = {}
-        for row in args.rows.split(","):
+        for row in _rows(model, args.rows):
             title, methods = ROWS[row]
             base = [_run(model, row, "unprobed", args)]
             out = {}
