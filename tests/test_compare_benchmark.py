@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 # benchmarks/ is not an installed package: loaded from the tree, as `python -m` runs it
@@ -96,4 +97,32 @@ def test_the_grads_row_passes_right_captures_and_fails_a_shifted_gradient(tmp_pa
 
     monkeypatch.setattr(compare, "_grad_hooks", shifted)
     compare.worker("zoo", "grads", ["hooks"], 1, 0, str(out), "default")
+    assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
+
+
+def test_the_vit_reference_is_its_blocks_in_order(tmp_path, monkeypatch):
+    """timm's ViT: the tokens fed to the first block are forward_features' own (its blocks'
+    last output through the model's norm and head gives the model's logits, bit for bit), and
+    hooks that keep each block's input instead of its output fail the row."""
+    pytest.importorskip("timm")
+    net, blocks, x, _ = compare.build("vit")
+    ref = compare.reference_outputs("vit")
+    assert len(ref) == len(blocks) == 12
+    with torch.no_grad():
+        assert torch.equal(net.forward_head(net.norm(ref[-1])), net(x))
+    out = tmp_path / "r.json"
+    compare.worker("vit", "out", ["hooks"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())["hooks"]
+    assert res["ref_error"] == 0 and res["ref_blocks"] == 12
+
+    def inputs(net, blocks, store, **_):
+        return [
+            compare._module(net, b).register_forward_hook(
+                lambda m, a, o, n=b: store.append((n, a[0].detach()))
+            )
+            for b in blocks
+        ]
+
+    monkeypatch.setattr(compare, "_hooks", inputs)
+    compare.worker("vit", "out", ["hooks"], 1, 0, str(out), "default")
     assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
