@@ -682,8 +682,8 @@ def _run(model, row, method, args) -> dict:
 
 
 def _models(names: str):
-    """The models of ``--models`` that can run, each announced by a heading (torchvision's is
-    skipped with a note where it is not installed)."""
+    """The models of ``--models`` that can run, each announced by a heading (one whose package,
+    torchvision or timm, is not installed is skipped with a note)."""
     for model in names.split(","):
         package = MODEL_PACKAGES.get(model)
         if package is not None and importlib.util.find_spec(package) is None:

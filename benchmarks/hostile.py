@@ -6,7 +6,9 @@ each classified by what the CLI did with it.
 Columns: tried / clean error (exit 1 or 2, one line, no traceback) / traceback / accepted
 wrongly (exit 0 on an input whose content was damaged) / unresumable (a killed or damaged run
 that no rerun can finish). A byte flip that leaves every attribute and dataset as it was (free
-space, padding) is "accepted rightly" and counted apart. Runs in-process (click's CliRunner).
+space, padding) is "accepted rightly" and counted apart. A fuzzed call still working after
+FUZZ_LIMIT_S (a valid value asking for endless work) is stopped and counted as "still running".
+Runs in-process (click's CliRunner).
 """
 
 from __future__ import annotations
