@@ -46,9 +46,13 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_csv(path: Path, table: pd.DataFrame) -> None:
+def write_csv(path: Path, table: pd.DataFrame) -> str:
+    """``table`` to ``path``, whole or not at all; the sha256 of the bytes written (what
+    :func:`write_stamped_csv` stamps the table with)."""
+    raw = table.to_csv(index=False).encode()
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+        tmp.write_bytes(raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def reusable_table(
@@ -124,10 +128,7 @@ def stamped_table(
 def write_stamped_csv(path: Path, table: pd.DataFrame, key: str) -> None:
     """``table`` to ``path``, then its key and its digest beside it: a kill between the two
     leaves a table that :func:`stamped_table` does not reuse, and so does any change since."""
-    raw = table.to_csv(index=False).encode()
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(raw)
-    digest = hashlib.sha256(raw).hexdigest()
+    digest = write_csv(path, table)
     write_text(stamp_path(path), json.dumps({"key": key, "sha256": digest}))
 
 
