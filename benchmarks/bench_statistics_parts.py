@@ -14,7 +14,9 @@ statistic in a session.
 
 Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
 per-sample dot products on one stage's tensors, with the caches flushed before each call (a
-model's pass leaves them cold), and its largest relative error against float64.
+model's pass leaves them cold), and its largest relative error against float64; then the
+per-sample norm, resprobe's against one norm of each row, on ResNet-56's, resnet50's and a ViT
+gradient's shapes (``--norms``: only these).
 
 Part 3: the one-pass and two-pass variances' largest relative error on rows of a given
 E[x^2]/var and length, the table behind the one-pass formula's bound; and the same for cos(y, S)
@@ -307,11 +309,38 @@ def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
         print(f"  dot      {name:26s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref_dot):.1e}")
 
 
+def _norm_inputs() -> dict[str, torch.Tensor]:
+    """Tensors to take per-sample norms of: ResNet-56's and resnet50's maps, and a ViT-S
+    gradient's shape whose mass sits in one token (the class token's, which the head reads)."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(8, 197, 384, generator=g) * 1e-3
+    tokens[:, 0] *= 300  # ~99.99 % of each row's squares, as in timm's ViT-S gradients
+    maps = [(64, 16, 32, 32), (64, 64, 8, 8), (8, 256, 56, 56), (8, 2048, 7, 7)]
+    return {str(s): torch.randn(*s, generator=g).relu_() for s in maps} | {
+        "(8, 197, 384), one token's mass": tokens
+    }
+
+
+def _norm_formulas(flush: torch.Tensor) -> None:
+    """Per-sample norms: resprobe's (the norms of the pieces after axis 1, then of those, where
+    the pieces hold >= 128 values) against one norm of each row, as torch takes it."""
+    for name, t in _norm_inputs().items():
+        ref = t.double().flatten(1).norm(dim=1)
+        rows = tuple(range(1, t.ndim))
+        print(name)
+        for label, fn in {
+            "resprobe (pieces on long rows)": lambda t=t: st.per_sample_norm(t),
+            "one norm of each row": lambda t=t, rows=rows: torch.linalg.vector_norm(t, dim=rows),
+        }.items():
+            print(f"  norm     {label:28s} {_cold(fn, flush):7.3f}  err {_error(fn(), ref):.1e}")
+
+
 def alone() -> None:
     flush = torch.empty(16 * 1024 * 1024)
     print("\n## alone, caches flushed (ms; largest relative error against float64)")
     for shape in [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]:
         _formulas(shape, flush)
+    _norm_formulas(flush)
 
 
 def _error_table(title: str, params, label: str, other: str, errors: Callable) -> None:
@@ -499,6 +528,7 @@ def main() -> None:
     )
     ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
+    ap.add_argument("--norms", action="store_true", help="only part 2's per-sample norms")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     ap.add_argument(
         "--channels-last",
@@ -515,6 +545,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.profile:
         profile_ops(fused=args.fused, welford=args.welford)
+        return
+    if args.norms:
+        _norm_formulas(torch.empty(16 * 1024 * 1024))
         return
     if args.batch_sizes:
         by_batch_size(sizes, args.rounds, args.grad)
