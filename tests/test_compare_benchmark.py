@@ -126,3 +126,72 @@ def test_the_vit_reference_is_its_blocks_in_order(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "_hooks", inputs)
     compare.worker("vit", "out", ["hooks"], 1, 0, str(out), "default")
     assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
+
+
+def test_the_statistics_reference_is_the_split_by_hand_in_float64():
+    """reference_statistics against numpy on the split: norms, resprobe's per-sample channel
+    moments (population) and the hooks' batch-wide ones (unbiased); dL/dy of the summed loss."""
+    ref = compare.reference_statistics("zoo")
+    sites, logits = compare.split_by_hand("zoo")
+    assert len({k.split("/")[0] for k in ref}) == len(sites) == 27
+    name, x, f, y = sites[5]
+    assert f.abs().max() > 0
+    Y = y.detach().double().numpy()
+    np.testing.assert_allclose(ref[f"{name}/y_norm"], np.linalg.norm(Y.reshape(len(Y), -1), axis=1))
+    np.testing.assert_allclose(ref[f"{name}/channel_var"], Y.reshape(*Y.shape[:2], -1).var(2))
+    per_channel = Y.transpose(1, 0, 2, 3).reshape(Y.shape[1], -1)
+    np.testing.assert_allclose(ref[f"{name}/batch_var"], per_channel.var(1, ddof=1))
+    (g,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(logits, compare.build("zoo")[3], reduction="sum"), [y]
+    )
+    np.testing.assert_allclose(ref[f"{name}/grad_y_norm"], g.flatten(1).double().norm(dim=1))
+    torch.testing.assert_close(ref[f"{name}/grad_y_norm_mean"], ref[f"{name}/grad_y_norm"] / len(y))
+
+
+def test_the_statistics_rows_pass_right_numbers_and_fail_a_wrong_branch(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    compare.worker("zoo", "grad", ["hooks", "resprobe"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    for method in ("hooks", "resprobe"):  # 27 sites x (5 forward + 1 gradient) quantities
+        assert res[method]["ref_blocks"] == 27 * 6
+        assert res[method]["ref_error"] < 1e-5, (method, res[method]["ref_error"])
+        assert compare._check(res[method]).startswith("ok")
+    original = compare._branch_of
+
+    def wrong(model, block):  # ||F|| taken of act's output, y
+        return block.act if isinstance(block.act, torch.nn.ReLU) else original(model, block)
+
+    monkeypatch.setattr(compare, "_branch_of", wrong)
+    compare.worker("zoo", "stats", ["hooks"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())["hooks"]
+    assert res["ref_error"] > 1e-2 and compare._check(res).startswith("WRONG")
+
+
+def test_a_statistics_check_counts_every_site():
+    ref = {
+        "a/x_norm": torch.ones(2, dtype=torch.float64),
+        "b/x_norm": torch.ones(2, dtype=torch.float64),
+    }
+    assert compare._stats_error({"a/x_norm": torch.ones(2)}, ref) == float("inf")  # b missing
+    assert compare._stats_error({**ref, "a/other": torch.ones(2)}, ref) == float("inf")
+    assert compare._stats_error(ref, ref) == 0
+
+
+def test_the_vit_sites_are_timm_blocks_step_by_step(tmp_path):
+    """Each ViT block's two sites, called by hand, give the block's output bit for bit; the
+    hand-written hooks and resprobe read those 24 sites' statistics and gradient norms, resprobe
+    to float32 rounding (its norms of long rows piece by piece)."""
+    pytest.importorskip("timm")
+    net, blocks, x, _ = compare.build("vit")
+    with torch.no_grad():
+        sites, logits = compare.split_by_hand("vit")
+        assert torch.equal(logits, net(x))
+    assert [s[0] for s in sites[:3]] == ["blocks.0#0", "blocks.0#1", "blocks.1#0"]
+    assert all(nxt[1] is prev[3] for prev, nxt in zip(sites, sites[1:]))  # y is the next x
+    assert all(f.abs().max() > 0 for _, _, f, _ in sites)
+    out = tmp_path / "r.json"
+    compare.worker("vit", "grad", ["hooks", "resprobe"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    assert res["resprobe"]["ref_blocks"] == res["hooks"]["ref_blocks"] == 24 * 6
+    assert res["resprobe"]["ref_error"] < 1e-6  # the hooks' one-pass norms: ~3e-5 here
+    assert res["hooks"]["ref_error"] < compare.STATS_TOLERANCE
