@@ -66,3 +66,39 @@ def test_a_flipped_byte_in_an_attribute_is_refused_on_open(tmp_path):
         f.attrs["provenance"] = f.attrs["provenance"].replace('"resprobe"', '"resprobf"')
     with pytest.raises(ProbeError, match="attrs_sha256"):
         probe.open(path)
+
+
+def test_attributes_read_once_are_h5pys_own(tmp_path):
+    """read_attrs reads through bare object ids, not h5py's wrappers: every value, of every type
+    a capture or a user's edit stores, is what ``dict(obj.attrs)`` gives, and so is the digest."""
+    import numpy as np
+
+    from probe.store.schema import attrs_digest, read_attrs
+
+    path = tmp_path / "c.h5"
+    _capture(path)
+    with h5py.File(path, "r+") as f:
+        g = f.create_group("extra/ünïcode ✓")
+        g.attrs.update(
+            {
+                "text": "naïve", "bytes": np.bytes_(b"raw"), "int": 3, "float": 0.5,
+                "flag": True, "vector": np.arange(4, dtype=np.int16), "empty": h5py.Empty("f4"),
+                "strings": np.array(["a", "bc"], dtype=h5py.string_dtype()),
+            }
+        )  # fmt: skip
+        d = g.create_dataset("d", data=np.ones(3))
+        d.attrs["matrix"] = np.eye(2, dtype=np.float32)
+        f["extra/second link"] = d  # one object, two names: read once, under one of them
+        want = {"/": dict(f.attrs.items())}
+        f.visititems(lambda name, obj: want.__setitem__(name, dict(obj.attrs.items())))
+        got = read_attrs(f)
+    assert got.keys() == want.keys() and len(got) > 20
+    for path_, attrs in want.items():
+        assert got[path_].keys() == attrs.keys(), path_
+        for k, v in attrs.items():
+            assert type(got[path_][k]) is type(v), (path_, k)
+            if isinstance(v, np.ndarray):
+                assert got[path_][k].dtype == v.dtype and np.array_equal(got[path_][k], v)
+            elif not isinstance(v, h5py.Empty):
+                assert got[path_][k] == v, (path_, k)
+    assert attrs_digest(got) == attrs_digest(want)
