@@ -7,9 +7,10 @@ that captures block outputs saves what it captured from the first batch, and the
 against block outputs computed without any hook (the blocks called one after another), so a fast
 method that records the wrong tensor fails its row. In the statistics rows each method's norms
 and channel moments (and gradient norms) of every residual site are checked against the same
-statistics, in float64, of the sites split by hand (``reference_statistics``). Each worker also times the unprobed pass on a
-twin of the model (same weights, no hooks) alternately with its method; ``paired`` is the median of
-those pass-by-pass ratios, which the drift between processes (often +-20 % here) does not reach.
+statistics, in float64, of the sites split by hand (``reference_statistics``). Each worker also
+times the unprobed pass on a twin of the model (same weights, no hooks) alternately with its
+method; ``paired`` is the median of those pass-by-pass ratios, which the drift between processes
+(often +-20 % here) does not reach.
 
 Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
 block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stream`` the same
@@ -36,8 +37,8 @@ round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "wit
 Models: ``zoo`` the zoo's ResNet-56 on CIFAR-sized inputs, ``tv`` torchvision's resnet50, ``vit``
 timm's ViT-S/16 (a transformer block holds two residual sites, x + attention and + MLP: its
 statistics rows are over those 24 sites, and the io row of one raw split per block is not run
-on it). torchvision and timm are in the
-``models`` extra; a model whose package is missing is skipped with a note.
+on it). torchvision and timm are in the ``models`` extra; a model whose package is missing is
+skipped with a note.
 
 Usage:
     python -m benchmarks.compare [--models zoo,tv,vit]
@@ -356,7 +357,8 @@ def _stat_hooks(net, blocks, store, model, grads=False):
 
 
 def _stats_captured(store, grads: bool) -> dict[str, torch.Tensor]:
-    """What :func:`_stat_hooks` stored, by ``site/quantity`` as :func:`reference_statistics` names it."""
+    """What :func:`_stat_hooks` stored, by ``site/quantity`` as :func:`reference_statistics`
+    names it."""
     got = {}
     for site, *values in store:
         if site.endswith(":g"):
