@@ -36,9 +36,8 @@ round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "wit
 
 Models: ``zoo`` the zoo's ResNet-56 on CIFAR-sized inputs, ``tv`` torchvision's resnet50, ``vit``
 timm's ViT-S/16 (a transformer block holds two residual sites, x + attention and + MLP: its
-statistics rows are over those 24 sites, and the io row of one raw split per block is not run
-on it). torchvision and timm are in the ``models`` extra; a model whose package is missing is
-skipped with a note.
+io and statistics rows are over those 24 sites). torchvision and timm are in the ``models``
+extra; a model whose package is missing is skipped with a note.
 
 Usage:
     python -m benchmarks.compare [--models zoo,tv,vit]
@@ -69,10 +68,6 @@ MODELS = {
     "tv": ("torchvision resnet50, 3x224x224", 8, (3, 224, 224)),
     "vit": ("timm vit_small_patch16_224, 3x224x224", 8, (3, 224, 224)),
 }
-# A transformer block holds two residual sites (x + attn, then + mlp), not one split x, F, S:
-# the row of each block's raw split (io) is of the ResNets. The statistics rows run on a ViT's
-# 24 sites (split_by_hand names them as resprobe does).
-SPLIT_ROWS = ("io",)
 MODEL_PACKAGES = {"tv": "torchvision", "vit": "timm"}
 STREAM = 8  # batches per file in the "stream" row: a capture's own cost, its set-up spread out
 ROWS = {
@@ -174,7 +169,7 @@ def split_by_hand(model: str) -> tuple[list[tuple[str, torch.Tensor, ...]], torc
 
 
 def reference_io(model: str) -> list[torch.Tensor]:
-    """x, F(x), y of every block in turn (:func:`split_by_hand`; ResNets)."""
+    """x, F(x), y of every residual site in turn (:func:`split_by_hand`)."""
     sites, _ = split_by_hand(model)
     return [t.detach() for _, x, f, y in sites for t in (x, f, y)]
 
@@ -253,12 +248,39 @@ def _branch_of(model: str, block: torch.nn.Module):
     return block.branch if model == "zoo" else block.bn3  # bottleneck: F(x) = bn3(...)
 
 
+def _vit_io_hooks(block, name: str, store) -> list:
+    """Hooks keeping x, F, y of a ViT block's two sites in execution order: its input, its
+    ``drop_path1`` output, ``norm2``'s input (the first site's y and the second's x), its
+    ``drop_path2`` output and its output, as ``name#0`` and ``name#1`` (see split_by_hand)."""
+
+    def both(mod, a):
+        y0 = a[0].detach()
+        store.extend([(f"{name}#0", y0), (f"{name}#1:x", y0)])
+
+    return [
+        block.register_forward_pre_hook(
+            lambda mod, a: store.append((f"{name}#0:x", a[0].detach()))
+        ),
+        block.drop_path1.register_forward_hook(
+            lambda mod, a, o: store.append((f"{name}#0:f", o.detach()))
+        ),
+        block.norm2.register_forward_pre_hook(both),
+        block.drop_path2.register_forward_hook(
+            lambda mod, a, o: store.append((f"{name}#1:f", o.detach()))
+        ),
+        block.register_forward_hook(lambda mod, a, o: store.append((f"{name}#1", o.detach()))),
+    ]
+
+
 def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
     hs = []
     # torchvision's bottleneck adds into F(x) in place: kept uncopied, it would read y
     copy = clone or model == "tv"
     for name in blocks:
         m = _module(net, name)
+        if what == "io" and model == "vit":
+            hs += _vit_io_hooks(m, name, store)
+            continue
         if what in ("out", "io"):
             hs.append(
                 m.register_forward_hook(
@@ -544,7 +566,12 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             saved = []
             with torch.no_grad(), wrapped.trace(x):
                 for m in mods:  # nnsight reads values in execution order: x, F(x), y
-                    if row == "io":
+                    if row == "io" and model == "vit":  # two sites (see _vit_io_hooks)
+                        saved.append(m.input.save())
+                        saved.append(m.drop_path1.output.save())
+                        y0 = m.norm2.input.save()
+                        saved += [y0, y0, m.drop_path2.output.save()]
+                    elif row == "io":
                         saved.append(m.input.save())
                         f = getattr(m, branch).output
                         # torchvision's bottleneck adds into F(x) in place (see reference_io)
@@ -647,7 +674,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                     "io": ("X", "F", "Y"),
                     "grads": ("output", "grad_output"),
                 }[row]
-                captured.extend(res[n][k] for n in blocks for k in keys)
+                layers = sites(res) if row == "io" else blocks  # a ViT's io: its 24 sites
+                captured.extend(res[n][k] for n in layers for k in keys)
 
         return fn, session.close, lambda: captured[0] if row in ("stats", "grad") else captured
     raise SystemExit(f"no method {method!r} for row {row!r}")
@@ -802,17 +830,6 @@ def _models(names: str):
         yield model
 
 
-def _rows(model: str, names: str) -> list[str]:
-    """The rows of ``--rows`` that ``model`` has (see SPLIT_ROWS), the others named once."""
-    rows = names.split(",")
-    if model != "vit":
-        return rows
-    left = [r for r in rows if r in SPLIT_ROWS]
-    if left:
-        print(f"(rows {', '.join(left)}: of residual blocks with one split; not of a ViT)")
-    return [r for r in rows if r not in SPLIT_ROWS]
-
-
 def _check(r: dict) -> str:
     """The reference check of what a method captured (block outputs; x, F, y in the io row;
     outputs and their gradients in the grads row)."""
@@ -841,7 +858,7 @@ def versus(args) -> None:
             f"{a + '/' + b + ' [95% CI]':>30s}  verdict; reference checks"
         )
         report["models"][model] = rows = {}
-        for row in _rows(model, args.rows):
+        for row in args.rows.split(","):
             title, methods = ROWS[row]
             if a not in methods or b not in methods:
                 continue
@@ -912,7 +929,7 @@ def main() -> None:
             f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
         )
         report["models"][model] = rows = {}
-        for row in _rows(model, args.rows):
+        for row in args.rows.split(","):
             title, methods = ROWS[row]
             base = [_run(model, row, "unprobed", args)]
             out = {}

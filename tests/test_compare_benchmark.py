@@ -195,3 +195,29 @@ def test_the_vit_sites_are_timm_blocks_step_by_step(tmp_path):
     assert res["resprobe"]["ref_blocks"] == res["hooks"]["ref_blocks"] == 24 * 6
     assert res["resprobe"]["ref_error"] < 1e-6  # the hooks' one-pass norms: ~3e-5 here
     assert res["hooks"]["ref_error"] < compare.STATS_TOLERANCE
+
+
+def test_the_vit_io_row_is_its_24_sites_split(tmp_path, monkeypatch):
+    """x, F, y of each of the ViT's 24 sites, kept by hooks and by resprobe, equal the sites
+    called by hand; hooks that take the first site's y after norm2 (its output) fail."""
+    pytest.importorskip("timm")
+    out = tmp_path / "r.json"
+    compare.worker("vit", "io", ["hooks", "resprobe"], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    for method in ("hooks", "resprobe"):
+        assert res[method]["ref_error"] == 0 and res[method]["ref_blocks"] == 3 * 24
+
+    original = compare._vit_io_hooks
+
+    def normed(block, name, store):
+        handles = original(block, name, store)
+        handles[2].remove()  # norm2's input, the y of site 0, replaced by its output
+        return handles + [
+            block.norm2.register_forward_hook(
+                lambda m, a, o: store.extend([(f"{name}#0", o), (f"{name}#1:x", o)])
+            )
+        ]
+
+    monkeypatch.setattr(compare, "_vit_io_hooks", normed)
+    compare.worker("vit", "io", ["hooks"], 1, 0, str(out), "default")
+    assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
