@@ -33,6 +33,8 @@ not installed (``pip install -e ".[bench]"``) are skipped with a note.
 ``--versus A,B`` (e.g. ``resprobe,nnsight``) times two methods head to head instead: per row,
 one process runs A, B and the unprobed twin in rotating order, and A/B is the median of the
 round-by-round ratios with a 95 % bootstrap interval ("faster", "slower" or "within the noise").
+``--versus resprobe,resprobe_unchecked`` gives what resprobe's non-finite checks cost (the
+second session counts no NaN or inf: a measurement, never a way to capture).
 
 Models: ``zoo`` the zoo's ResNet-56 on CIFAR-sized inputs, ``tv`` torchvision's resnet50, ``vit``
 timm's ViT-S/16 (a transformer block holds two residual sites, x + attention and + MLP: its
@@ -99,6 +101,9 @@ ROWS = {
 # is off by >= 1e-2 (||F|| read after torchvision's bottleneck added S into it: 0.22).
 TENSOR_TOLERANCE = 1e-5
 STATS_TOLERANCE = 1e-3
+# In --versus only: resprobe's in-memory session with its non-finite checks switched off (a NaN
+# would go uncounted), so that resprobe against it is what the checks cost.
+UNCHECKED = "resprobe_unchecked"
 PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
 TWIN = "unprobed twin"  # the unprobed pass timed beside every method, for paired ratios
 
@@ -618,7 +623,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             del trace
 
         return fn, lambda: None, lambda: captured
-    if method in ("resprobe", "resprobe_fused"):
+    if method in ("resprobe", "resprobe_fused", UNCHECKED):
         import probe
         from probe.conformance import RawSites
 
@@ -662,6 +667,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
             return fn, lambda: None, lambda: captured[0] if row == "stats_disk" else captured
         session = probe.HookSession(net, blocks, probes).__enter__()
+        if method == UNCHECKED:  # what the non-finite counts cost: this session counts none
+            session._nonfinite.add = session._nonfinite.add_block = lambda *a, **k: None
 
         def fn():
             res, _ = session.run_batch(x, y)
@@ -860,7 +867,8 @@ def versus(args) -> None:
         report["models"][model] = rows = {}
         for row in args.rows.split(","):
             title, methods = ROWS[row]
-            if a not in methods or b not in methods:
+            allowed = methods + ([UNCHECKED] if "resprobe" in methods else [])
+            if a not in allowed or b not in allowed:
                 continue
             res = _run(model, row, f"{a},{b}", args)
             if "error" in res:

@@ -221,3 +221,34 @@ def test_the_vit_io_row_is_its_24_sites_split(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "_vit_io_hooks", normed)
     compare.worker("vit", "io", ["hooks"], 1, 0, str(out), "default")
     assert json.loads(out.read_text())["hooks"]["ref_error"] > 0.1
+
+
+def test_the_unchecked_diagnostic_captures_the_same_tensors_and_counts_no_nan(
+    tmp_path, monkeypatch
+):
+    """resprobe_unchecked (--versus only) is resprobe without its non-finite counts: the same
+    tensors against the same reference, and a NaN sample that resprobe counts goes uncounted."""
+    import probe
+
+    out = tmp_path / "r.json"
+    compare.worker("zoo", "io", ["resprobe", compare.UNCHECKED], 1, 0, str(out), "default")
+    res = json.loads(out.read_text())
+    assert res["resprobe"]["ref_error"] == res[compare.UNCHECKED]["ref_error"] == 0
+
+    build, made, session = compare.build, [], probe.HookSession
+
+    def with_nan(model):
+        net, blocks, x, y = build(model)
+        x[3, 0, 5, 5] = float("nan")
+        return net, blocks, x, y
+
+    monkeypatch.setattr(compare, "build", with_nan)
+    monkeypatch.setattr(
+        probe, "HookSession", lambda *a, **k: made.append(session(*a, **k)) or made[-1]
+    )
+    for method in ("resprobe", compare.UNCHECKED):
+        fn, close, _ = compare.make_pass("zoo", "io", method, tmp_path)
+        fn()
+        close()
+    counted, unchecked = (s.nonfinite for s in made)
+    assert counted and set(counted.values()) == {1} and unchecked == {}
