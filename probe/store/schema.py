@@ -220,7 +220,7 @@ def read_attrs(f) -> dict[str, dict[str, object]]:
         # h5py's visititems wraps every object it visits, and a Dataset's wrapper reads its
         # creation properties and filters (~0.1 ms each, ~300 datasets a capture): the object's
         # id is all an AttributeManager reads through, so it gets that alone. The values are
-        # h5py's own, converted by the same AttributeManager (tests/store/test_schema.py).
+        # h5py's own, converted by the same AttributeManager (tests/probe/test_checksums.py).
         owner = _Owner(h5o.open(f.id, name))
         try:  # as h5py names it: UTF-8, else the bytes
             key = name.decode("utf-8")
