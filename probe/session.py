@@ -26,7 +26,7 @@ from torch import nn
 
 from probe.errors import ProbeError, explain_autograd_refusal
 from probe.hooks.residual import ResidualSpec, find_blocks, inplace_modules, residual_spec
-from probe.hooks.select import LayerSpec, named_root, outline, select_modules
+from probe.hooks.select import LayerSpec, named_root, outline, select_modules, select_sites
 from probe.hooks.sites import (
     OwnerCall,
     Site,
@@ -137,10 +137,25 @@ class _Owner:
 
 def _needs_tracing(model: nn.Module, layers: LayerSpec | None) -> bool:
     """Whether the selection can only be resolved by tracing a forward pass: ``auto`` without any
-    registered adapter block, or an explicit selection with modules no adapter describes."""
+    registered adapter block, an explicit selection with modules no adapter describes, or one
+    naming sites by key."""
     if layers is None or layers == "auto":
         return not find_blocks(model)[0]
-    return any(residual_spec(m) is None for _, m in select_modules(model, layers))
+    modules, sites = _site_patterns(layers)
+    return bool(sites) or any(residual_spec(m) is None for _, m in select_modules(model, modules))
+
+
+def _site_patterns(layers: LayerSpec) -> tuple[LayerSpec | None, list[str]]:
+    """(the selection's module patterns, its patterns of site keys): a pattern with a ``#``
+    names sites of a module with several (``blocks.*#1``), matched against their keys."""
+    if callable(layers) and not isinstance(layers, str):
+        return layers, []
+    patterns = [layers] if isinstance(layers, str) else list(layers)
+    sites = [p for p in patterns if "#" in p]
+    if not sites:
+        return layers, []
+    modules = [p for p in patterns if "#" not in p]
+    return modules or None, sites
 
 
 def resolve_layers(
@@ -149,7 +164,9 @@ def resolve_layers(
     sites: dict[str, list[Site]] | None = None,
 ) -> tuple[list[LayerInfo], dict[str, _Owner], list[str]]:
     """Result entries of a selection, the traced owners behind them, and the names of selected
-    modules without any residual site.
+    modules without any residual site. A pattern with a ``#`` selects sites by key
+    (:func:`~probe.hooks.select.select_sites`): ``blocks.*#1`` the second site of each block,
+    without the block as a whole or its first.
 
     ``layers=None`` or ``"auto"`` selects every block a registered adapter describes or, when none
     does, every residual site ``sites`` (from :func:`~probe.hooks.sites.discover_sites`) holds.
@@ -179,7 +196,21 @@ def resolve_layers(
                 "ResidualSpec(branch=..., shortcut=...))."
             )
     else:
-        chosen = select_modules(model, layers)
+        modules, site_specs = _site_patterns(layers)
+        chosen = select_modules(model, modules) if modules is not None else []
+        if site_specs:
+            picked = select_sites(site_specs, list(by_key))
+            place = {n: i for i, (n, _) in enumerate(model.named_modules())}
+
+            def where(name: str) -> tuple[int, int]:
+                """A module's place in the model; a site's is its module's, then its index."""
+                if name in place:
+                    return place[name], -1
+                owner, i = by_key[name]
+                return place[owner], i
+
+            named = dict(chosen) | {k: model.get_submodule(by_key[k][0]) for k in picked}
+            chosen = sorted(named.items(), key=lambda nm: where(nm[0]))
     infos: list[LayerInfo] = []
     owners: dict[str, _Owner] = {}
     plain: list[str] = []

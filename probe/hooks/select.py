@@ -18,7 +18,15 @@ from torch import nn
 
 from probe.errors import ProbeError, did_you_mean
 
-__all__ = ["LayerSpec", "glob_regex", "list_layers", "named_root", "outline", "select_modules"]
+__all__ = [
+    "LayerSpec",
+    "glob_regex",
+    "list_layers",
+    "named_root",
+    "outline",
+    "select_modules",
+    "select_sites",
+]
 
 LayerSpec = str | Sequence[str] | Callable[[str, nn.Module], bool]
 
@@ -155,3 +163,30 @@ def select_modules(model: nn.Module, spec: LayerSpec) -> list[tuple[str, nn.Modu
             )
         chosen |= hits
     return [(n, m) for n, m in named if n in chosen]
+
+
+def select_sites(patterns: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """The residual-site ``keys`` (in their order) that ``patterns`` match, each a glob or ``re:``
+    expression over keys such as ``blocks.3#1`` (a module with several sites keys them
+    ``name#0``, ``name#1``, … in forward order). Raises :class:`ProbeError` for a pattern that
+    matches none, naming the keys there are.
+
+    Example:
+        >>> select_sites(["blocks.*#1"], ["blocks.0#0", "blocks.0#1", "blocks.1#0", "blocks.1#1"])
+        ['blocks.0#1', 'blocks.1#1']
+    """
+    chosen: set[str] = set()
+    for pattern in patterns:
+        match = _matcher(pattern)
+        hits = {k for k in keys if match(k)}
+        if not hits:
+            several = [k for k in keys if "#" in k]
+            there = ", ".join(several[:6]) + (f" (6 of {len(several)})" if len(several) > 6 else "")
+            raise ProbeError(
+                f"No residual site is keyed {pattern!r}: a '#' in a layer pattern names sites of a "
+                f"module with several (name#0, name#1, … in forward order), and this model's are "
+                f"{there or 'none (select a module with one site by its name)'}. "
+                "probe.discover_sites(model, (x,)) lists every site."
+            )
+        chosen |= hits
+    return [k for k in keys if k in chosen]

@@ -682,3 +682,41 @@ def test_the_x_of_a_first_projection_site_after_a_stem_is_the_stem_output():
         assert torch.allclose(r["X"], streams[k].detach()), k
         np.testing.assert_allclose(r["grad_x_norm"], grads[k].norm(dim=1).numpy(), rtol=1e-5)
     assert torch.allclose(results["model#0"]["S"], model.proj(h).detach())
+
+
+def test_sites_are_selected_by_key_without_their_block():
+    """A '#' in a layer pattern names sites by key: `body.*#1` is each block's second site alone
+    (its output is the block's), no whole-block entry, no first site; mixed with module names
+    the entries keep forward order; a key that matches nothing is an error naming the keys."""
+    torch.manual_seed(0)
+    body = nn.Sequential(Transformerish(), Transformerish())
+    model = Head(body, 24).eval()
+    x = _x(3, 4, 6)
+    results, s = _run(model, x, layers="body.*#1")
+    assert [i.name for i in s.layers] == list(results) == ["body.0#1", "body.1#1"]
+    every, s = _run(model, x, layers="body.*")  # the blocks and all their sites
+    names = ["body.0", "body.0#0", "body.0#1", "body.1", "body.1#0", "body.1#1"]
+    assert [i.name for i in s.layers] == names
+    for key, got in results.items():
+        assert got.keys() == every[key].keys() and got["F"].abs().max() > 0
+        assert all(torch.equal(got[q], every[key][q]) for q in got)
+    with torch.no_grad():  # an unhooked pass: attention's fast path rounds otherwise
+        y0 = body[0](x)
+        torch.testing.assert_close(results["body.0#1"]["Y"], y0, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(results["body.1#1"]["Y"], body[1](y0), rtol=1e-6, atol=1e-6)
+    _, s = _run(model, x, layers=["body.1", "re:body\\.0#0"])
+    assert [i.name for i in s.layers] == ["body.0#0", "body.1", "body.1#0", "body.1#1"]
+    with pytest.raises(
+        probe.ProbeError, match=r"No residual site is keyed 'body\.\*#2'.*body\.0#0"
+    ):
+        _run(model, x, layers="body.*#2")
+
+
+def test_select_sites_matches_keys_in_their_order():
+    from probe.hooks.select import select_sites
+
+    keys = ["b.0#0", "b.0#1", "b.1#0", "b.1#1", "loop.3"]
+    assert select_sites(["b.1#*", "b.0#1"], keys) == ["b.0#1", "b.1#0", "b.1#1"]
+    assert select_sites(["re:b\\.\\d#0"], keys) == ["b.0#0", "b.1#0"]
+    with pytest.raises(probe.ProbeError, match="b.0#0, b.0#1, b.1#0, b.1#1"):
+        select_sites(["c#0"], keys)
