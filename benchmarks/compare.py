@@ -645,13 +645,19 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             (its layer ``blocks.i`` is the block as a whole)."""
             return [n for n in layers if model != "vit" or "#" in n]
 
+        # The rows of block outputs take a ViT block's second site alone (``blocks.i#1``, whose
+        # y is the block's output): ``blocks.i`` would add the block as a whole and its first
+        # site, three times the tensors the peers keep. The others take the blocks.
+        outputs_only = model == "vit" and row in ("out", "disk", "stream", "grads")
+        layers = [f"{b}#1" for b in blocks] if outputs_only else blocks
+
         if row in ("disk", "stream", "stats_disk"):
             state = {"i": 0}
 
             def fn():
                 path = tmp / f"rp-{state['i']}.h5"
                 cap = probe.capture(
-                    net, [(x, y)] * batches, layers=blocks, probes=probes, out=path, name=model
+                    net, [(x, y)] * batches, layers=layers, probes=probes, out=path, name=model
                 )
                 if not captured:
                     n_rows = len(x)  # the first batch's rows
@@ -659,14 +665,14 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                         captured.append(_resprobe_stats(cap.read, sites(cap.layers), False))
                     else:
                         captured.extend(
-                            torch.from_numpy(cap.read(n, "output")[:n_rows]) for n in blocks
+                            torch.from_numpy(cap.read(n, "output")[:n_rows]) for n in layers
                         )
                 cap.close()
                 os.remove(path)
                 state["i"] += 1
 
             return fn, lambda: None, lambda: captured[0] if row == "stats_disk" else captured
-        session = probe.HookSession(net, blocks, probes).__enter__()
+        session = probe.HookSession(net, layers, probes).__enter__()
         if method == UNCHECKED:  # what the non-finite counts cost: this session counts none
             session._nonfinite.add = session._nonfinite.add_block = lambda *a, **k: None
 
@@ -681,8 +687,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
                     "io": ("X", "F", "Y"),
                     "grads": ("output", "grad_output"),
                 }[row]
-                layers = sites(res) if row == "io" else blocks  # a ViT's io: its 24 sites
-                captured.extend(res[n][k] for n in layers for k in keys)
+                kept = sites(res) if row == "io" else layers  # a ViT's io: its 24 sites
+                captured.extend(res[n][k] for n in kept for k in keys)
 
         return fn, session.close, lambda: captured[0] if row in ("stats", "grad") else captured
     raise SystemExit(f"no method {method!r} for row {row!r}")
