@@ -253,28 +253,35 @@ def _branch_of(model: str, block: torch.nn.Module):
     return block.branch if model == "zoo" else block.bn3  # bottleneck: F(x) = bn3(...)
 
 
-def _vit_io_hooks(block, name: str, store) -> list:
-    """Hooks keeping x, F, y of a ViT block's two sites in execution order: its input, its
-    ``drop_path1`` output, ``norm2``'s input (the first site's y and the second's x), its
-    ``drop_path2`` output and its output, as ``name#0`` and ``name#1`` (see split_by_hand)."""
+def _vit_sites(block, name: str, on_site) -> list:
+    """Hooks calling ``on_site(key, x, F, y)`` for a ViT block's two sites as each y is known, the
+    way a hand-written probe reads them: the block's input (x of ``name#0``), ``drop_path1``'s
+    output (its F), ``norm2``'s input (its y, and x of ``name#1``), ``drop_path2``'s output (F)
+    and the block's output (y); keys as :func:`split_by_hand` gives them."""
+    kept = {}
 
-    def both(mod, a):
-        y0 = a[0].detach()
-        store.extend([(f"{name}#0", y0), (f"{name}#1:x", y0)])
+    def first(mod, a):
+        kept["y0"] = a[0]
+        on_site(f"{name}#0", kept["x"], kept["f0"], a[0])
 
     return [
-        block.register_forward_pre_hook(
-            lambda mod, a: store.append((f"{name}#0:x", a[0].detach()))
+        block.register_forward_pre_hook(lambda mod, a: kept.__setitem__("x", a[0])),
+        block.drop_path1.register_forward_hook(lambda mod, a, o: kept.__setitem__("f0", o)),
+        block.norm2.register_forward_pre_hook(first),
+        block.drop_path2.register_forward_hook(lambda mod, a, o: kept.__setitem__("f1", o)),
+        block.register_forward_hook(
+            lambda mod, a, o: on_site(f"{name}#1", kept["y0"], kept["f1"], o)
         ),
-        block.drop_path1.register_forward_hook(
-            lambda mod, a, o: store.append((f"{name}#0:f", o.detach()))
-        ),
-        block.norm2.register_forward_pre_hook(both),
-        block.drop_path2.register_forward_hook(
-            lambda mod, a, o: store.append((f"{name}#1:f", o.detach()))
-        ),
-        block.register_forward_hook(lambda mod, a, o: store.append((f"{name}#1", o.detach()))),
     ]
+
+
+def _vit_io_hooks(block, name: str, store) -> list:
+    """Hooks keeping x, F, y of a ViT block's two sites (:func:`_vit_sites`), in that order."""
+
+    def keep(site, x, f, y):
+        store.extend([(f"{site}:x", x.detach()), (f"{site}:f", f.detach()), (site, y.detach())])
+
+    return _vit_sites(block, name, keep)
 
 
 def _hooks(net, blocks, store, *, clone=False, what="out", model="zoo"):
@@ -342,44 +349,26 @@ def _site_stats(store, site, x, f_norm, y, grads) -> None:
 
 def _stat_hooks(net, blocks, store, model, grads=False):
     """Hooks storing :func:`_site_stats` of every residual site: a ResNet block's x, F, y from
-    its input, its branch's output and its output; a ViT block's two sites from its input, its
-    ``drop_path1`` output, ``norm2``'s input (the first site's y, the second's x), its
-    ``drop_path2`` output and its output."""
+    its input, its branch's output and its output; a ViT block's two sites by :func:`_vit_sites`."""
     hs = []
     for name in blocks:
         m = _module(net, name)
-        kept = {}
-
-        def keep(key, kept=kept):  # a pre-hook's input, or a forward hook's output
-            return lambda mod, a, o=None: kept.__setitem__(key, a[0] if o is None else o)
-
-        def f_norm(key, kept=kept):
-            return lambda mod, a, o: kept.__setitem__(key, _norms(o))
-
-        if model != "vit":
-            hs.append(_branch_of(model, m).register_forward_hook(f_norm("f")))
-            hs.append(
-                m.register_forward_hook(
-                    lambda mod, a, o, k=kept, n=name: _site_stats(store, n, a[0], k["f"], o, grads)
-                )
+        if model == "vit":  # ViT's F: no in-place add into it, so its norm is taken with y's
+            hs += _vit_sites(
+                m, name, lambda site, x, f, y: _site_stats(store, site, x, _norms(f), y, grads)
             )
             continue
-
-        def first(mod, a, k=kept, n=name):
-            k["y0"] = a[0]
-            _site_stats(store, f"{n}#0", k["x"], k["f0"], a[0], grads)
-
-        hs += [
-            m.register_forward_pre_hook(keep("x")),
-            m.drop_path1.register_forward_hook(f_norm("f0")),
-            m.norm2.register_forward_pre_hook(first),
-            m.drop_path2.register_forward_hook(f_norm("f1")),
+        kept = {}
+        hs.append(
+            _branch_of(model, m).register_forward_hook(
+                lambda mod, a, o, k=kept: k.__setitem__("f", _norms(o))
+            )
+        )
+        hs.append(
             m.register_forward_hook(
-                lambda mod, a, o, k=kept, n=name: _site_stats(
-                    store, f"{n}#1", k["y0"], k["f1"], o, grads
-                )
-            ),
-        ]
+                lambda mod, a, o, k=kept, n=name: _site_stats(store, n, a[0], k["f"], o, grads)
+            )
+        )
     return hs
 
 

@@ -210,13 +210,11 @@ def test_the_vit_io_row_is_its_24_sites_split(tmp_path, monkeypatch):
     original = compare._vit_io_hooks
 
     def normed(block, name, store):
-        handles = original(block, name, store)
-        handles[2].remove()  # norm2's input, the y of site 0, replaced by its output
-        return handles + [
-            block.norm2.register_forward_hook(
-                lambda m, a, o: store.extend([(f"{name}#0", o), (f"{name}#1:x", o)])
-            )
-        ]
+        def after(m, a, o):  # the y of site 0, kept at norm2's input, replaced by its output
+            i = next(i for i, (key, _) in enumerate(store) if key == f"{name}#0")
+            store[i] = (f"{name}#0", o)
+
+        return original(block, name, store) + [block.norm2.register_forward_hook(after)]
 
     monkeypatch.setattr(compare, "_vit_io_hooks", normed)
     compare.worker("vit", "io", ["hooks"], 1, 0, str(out), "default")
