@@ -10,7 +10,7 @@ from pathlib import Path
 
 __all__ = ["library_versions", "code_revision", "command_line"]
 
-_PACKAGES = ("resprobe", "torch", "numpy", "h5py", "safetensors", "scipy", "einops")
+_PACKAGES = ("resprobe", "torch", "numpy", "h5py", "safetensors", "scipy", "einops", "numba")
 
 
 def library_versions() -> dict[str, str]:

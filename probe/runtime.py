@@ -113,6 +113,8 @@ def tune_allocator() -> bool:
 
 def runtime_settings() -> dict:
     """The settings a result depends on beyond code and data: threads and determinism."""
+    from probe.probes import onepass  # the probes package imports this module's users
+
     return {
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -123,4 +125,6 @@ def runtime_settings() -> dict:
         # TF32 convolutions (on by default on CUDA) change float32 results at ~1e-3 relative
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
         "allocator_tuned": _allocator["tuned"],
+        # the CPU statistics' formulas: float64 sums of one read, or torch's (probe.probes.onepass)
+        "cpu_statistics": onepass.mode(),
     }

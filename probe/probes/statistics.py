@@ -18,6 +18,7 @@ from typing import ClassVar
 import torch
 
 from probe.errors import ProbeError
+from probe.probes import onepass
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, identity_quantities, residual_quantities
 from probe.probes.group import (
@@ -253,7 +254,12 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
         return t, torch.zeros_like(t)
     if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
         t = t.to(dtype)  # of such tensors in torch
-    return sum_moments(t, dtype) if _guard_is_cheap(t) else moments(t, dtype)
+    if not _guard_is_cheap(t):
+        return moments(t, dtype)
+    # on the CPU one read of each row where the kernels serve it (float32/64, one of the two
+    # layouts), else the guarded one-pass sums of torch (probe.probes.onepass)
+    found = onepass.moments(t, 1) if t.dtype == dtype else None
+    return found if found is not None else sum_moments(t, dtype)
 
 
 # Rows where E[x^2] <= ONE_PASS_MAX_RATIO * var take the one-pass formula of sum_moments: its
@@ -505,6 +511,14 @@ class ResidualNorms(Probe):
             shared = _shared_block(self, call, call, (b.x, b.f, b.s, b.y))
             return shared[0] if shared is not None else _fused_block(b.x, b.f, b.s, b.y)
         shared = _shared_channels(self, call)
+        block = shared.block if shared is not None else None
+        if shared is None and b.f.shape == b.s.shape == b.y.shape:
+            found = _onepass_block(b.f, b.s, b.y, _auto_axis(b.y))
+            block = found[0] if found is not None else None
+        if block is not None:  # one read of F, S and y (probe.probes.onepass)
+            self._norms.put(b.y, block["y_norm"])
+            _keep_f_norm(call, block["f_norm"])
+            return {"x_norm": block["s_norm"] if b.s is b.x else norm(b.x), **block}
         if shared is None:
             ny, nf = norm(b.y), per_sample_norm(b.f)
         else:  # from ChannelStats' sums: no pass of their own over y and F
@@ -525,6 +539,13 @@ class ResidualNorms(Probe):
         if self.fused and _compilable(y):
             shared = _shared_block(self, group, first, (x, f, s, y))
             return group.per_call(shared[0] if shared is not None else _fused_block(x, f, s, y))
+        found = _group_onepass(self, group, first, (f, s, y))
+        if found is None and f.shape == s.shape == y.shape:
+            found = _onepass_block(f, s, y, _auto_axis(y))
+        if found is not None:
+            identity = all(c.block.s is c.block.x for c in group.calls)
+            nx = found[0]["s_norm"] if identity else group.rowwise(x_of, per_sample_norm)
+            return group.per_call({"x_norm": nx, **found[0]})
         norms = tuple(group.rowwise(get, per_sample_norm) for get in _PARTS)
         return group.per_call(_block_quantities(x, f, s, y, norms))
 
@@ -667,11 +688,14 @@ def _f_norm(call: Call) -> torch.Tensor:
 class _ChannelWork:
     """ChannelStats' results for a block and, from the same sums, the per-sample norms of y and
     F(x) that ResidualNorms would otherwise take in a pass of their own over each map: a
-    per-sample squared norm is the sum over channels of each channel's sum of squares."""
+    per-sample squared norm is the sum over channels of each channel's sum of squares. Where the
+    one-pass kernels served the block, ``block`` holds all of ResidualNorms' quantities but
+    x_norm (probe.probes.onepass)."""
 
     channel: dict[str, torch.Tensor]
     y_norm: torch.Tensor
     f_norm: torch.Tensor
+    block: dict[str, torch.Tensor] | None = None
 
 
 def _shared_channels(asker: Probe, call: Call) -> _ChannelWork | None:
@@ -701,6 +725,10 @@ def _channel_work(
         axes = [channel_axis(pair[1].layout, t) for t in (b.y, b.f)]
     except ProbeError:  # a layout ChannelStats refuses: it says so itself, at its own call
         return pair, None
+    found = _onepass_block(b.f, b.s, b.y, axes[0]) if axes[0] == axes[1] else None
+    if found is not None:
+        block, channel = found
+        return pair, _ChannelWork(channel, block["y_norm"], block["f_norm"], block)
     sums = [
         _sums(t if axis == 1 else t.movedim(axis, 1), accumulation_dtype(t))
         for t, axis in zip((b.y, b.f), axes)
@@ -708,6 +736,56 @@ def _channel_work(
     (mean_y, var_y, square_y), (mean_f, var_f, square_f) = sums
     channel = dict(zip(_CHANNEL_NAMES, (mean_y, var_y, mean_f, var_f)))
     return pair, _ChannelWork(channel, square_y.sum(1).sqrt_(), square_f.sum(1).sqrt_())
+
+
+_ONEPASS_NAMES = ("f_norm", "s_norm", "y_norm", "dev_norm", "cos_ys", "cos_fs")
+
+
+def _onepass_block(
+    f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, axis: int
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """ResidualNorms' quantities but x_norm, and ChannelStats' of y and F (channel axis
+    ``axis``), from one read of F, S and y by the CPU kernels; None where they do not serve
+    (probe.probes.onepass)."""
+    found = onepass.block_sums(f, s, y, axis)
+    if found is None:
+        return None
+    sample, channel = found
+    return dict(zip(_ONEPASS_NAMES, sample)), dict(zip(_CHANNEL_NAMES, channel))
+
+
+_GROUP_ONEPASS = "statistics.onepass"  # the memo's key of a group's shared kernel results
+
+
+def _group_onepass(
+    asker: Probe, group: CallGroup, first: Call, parts: tuple[torch.Tensor, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """:func:`_onepass_block` of a group's stacked F, S and y, computed once for the session's
+    eager pair (see :func:`_pair`) and shared through the group's memo; None where ``asker`` is
+    not one of the pair or the kernels do not serve the group (each probe then computes its own,
+    as :func:`_shared_channels` says of a call)."""
+
+    def make() -> tuple[tuple[Probe, ...], object]:
+        pair = _pair(first, False)
+        if not pair or first.output is not first.block.y:
+            return pair, None
+        f, s, y = parts
+        try:
+            axis = channel_axis(pair[1].layout, y)
+        except ProbeError:  # a layout ChannelStats refuses: it says so itself
+            return pair, None
+        return pair, _onepass_block(f, s, y, axis)
+
+    return _share(asker, group, _GROUP_ONEPASS, make)
+
+
+def _auto_axis(t: torch.Tensor) -> int:
+    """The channel axis ChannelStats' default layout reads in ``t`` (1 where it refuses ``t``):
+    the axis ResidualNorms alone gives the kernels, so that a default ChannelStats shares it."""
+    try:
+        return channel_axis("auto", t)
+    except ProbeError:
+        return 1
 
 
 def _block_quantities(
@@ -801,7 +879,13 @@ class ChannelStats(Probe):
             shared = _shared_block(self, group, first, parts)
             if shared is not None:
                 return group.per_call(shared[1])
-        return group.per_call(self._moments([group.stacked(get) for get in (output_of, f_of)]))
+        stacked = [group.stacked(get) for get in (output_of, f_of)]
+        found = _group_onepass(
+            self, group, first, tuple(group.stacked(g) for g in (f_of, s_of)) + (stacked[0],)
+        )
+        if found is not None:
+            return group.per_call(found[1])
+        return group.per_call(self._moments(stacked))
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         names = _CHANNEL_NAMES

@@ -15,7 +15,7 @@ import probe
 from probe.cli.main import cli
 from probe.conformance import RawSites
 from probe.probes import fused as fused_module
-from probe.probes import statistics
+from probe.probes import onepass, statistics
 from probe.probes.base import Call
 from probe.probes.fused import Fused, FusedStatsWarning, identity_quantities, residual_quantities
 from probe.probes.statistics import ChannelStats, ResidualNorms
@@ -229,6 +229,8 @@ def test_a_compiler_failure_warns_once_and_gives_the_eager_numbers(monkeypatch):
     # once per compiled function, not per call: the two probes share one kernel per block kind
     # (identity and projection shortcuts)
     assert len(seen) == 2
+    # the torch formulas computed eagerly (the one-pass kernels take their sums in float64)
+    monkeypatch.setenv(onepass.ENV, "0")
     want = probe.capture(model, batches, probes=[ResidualNorms(), ChannelStats()])
     # the same formulas but for the eager channel variance on the CPU, E[x^2] - E[x]^2 where it
     # keeps its digits: up to ONE_PASS_MAX_RATIO float32 roundings of the two-pass one's

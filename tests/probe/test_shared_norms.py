@@ -1,6 +1,9 @@
 """The eager ResidualNorms and ChannelStats share their passes over a block's y and F(x): the
 per-sample norms come from ChannelStats' per-channel sums of squares, and GradNorms takes the
-forward pass's ||F||. The numbers stay those of each probe alone and of numpy in float64."""
+forward pass's ||F||. The numbers stay those of each probe alone and of numpy in float64.
+
+These are the torch formulas' passes: the one-pass kernels are off here (they share one read of
+each tensor instead: tests/probe/test_onepass.py)."""
 
 from dataclasses import dataclass
 
@@ -10,9 +13,14 @@ import torch
 
 import probe
 from probe.conformance import RawSites
-from probe.probes import statistics
+from probe.probes import onepass, statistics
 from probe.probes.base import BlockTensors, Call
 from probe.probes.statistics import ChannelStats, GradNorms, ResidualNorms
+
+
+@pytest.fixture(autouse=True)
+def _torch_formulas(monkeypatch):
+    monkeypatch.setenv(onepass.ENV, "0")
 
 
 def _net(dtype=torch.float32):

@@ -1,0 +1,193 @@
+"""The numba kernels behind :mod:`probe.probes.onepass` (imported only when numba is present).
+
+Each kernel reads its tensors once, element by element, and keeps every sum a statistic needs in
+float64 accumulators: a row's sum and sum of squares for the channel moments, and for a block
+the sums of squares of F, S, y and y - S and the products y.S and F.S. Two memory layouts are
+served, both as numpy views of the tensors (no copy): "rows", a channel-first map [N, C, P] whose
+positions are contiguous, and "columns", [N, P, C], a channels-last map or a [N, T, C] token
+tensor. A variance whose one-pass formula would cancel is taken again by the two-pass formula on
+that row only (see :func:`_variance`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns"]
+
+# Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
+# NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
+# fails the variance guard, as the torch formulas do.
+_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
+_COS_EPS = 1e-12  # the floor of ||a|| ||b|| in a cosine, as probe.probes.statistics
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _variance(row, s1, s2, limit):  # pragma: no cover -- compiled
+    """Population variance of a 1-D ``row`` from its sum ``s1`` and sum of squares ``s2``: kept
+    where ``s2 / (n var) <= limit`` (no cancellation past what the caller allows), else by the
+    corrected two-pass formula over the row (Chan, Golub & LeVeque 1983), in float64."""
+    n = row.shape[0]
+    m2 = s2 - s1 * s1 / n  # n var
+    if m2 * limit >= s2:  # False for NaN, and for inf - inf
+        return m2 / n
+    mean = s1 / n
+    d1 = 0.0
+    d2 = 0.0
+    for k in range(n):
+        d = np.float64(row[k]) - mean
+        d1 += d
+        d2 += d * d
+    v = (d2 - d1 * d1 / n) / n
+    return v if not v < 0.0 else 0.0  # NaN stays NaN
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def _per_sample(part, i, rows, out):  # pragma: no cover -- compiled
+    """Sample ``i``'s six block quantities from its rows' sums ``part[:, rows]`` (ff, ss, yy,
+    dd, ys, fs) into ``out[:, i]``: ||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S)."""
+    ff = 0.0
+    ss = 0.0
+    yy = 0.0
+    dd = 0.0
+    ys = 0.0
+    fs = 0.0
+    for r in rows:
+        ff += part[0, r]
+        ss += part[1, r]
+        yy += part[2, r]
+        dd += part[3, r]
+        ys += part[4, r]
+        fs += part[5, r]
+    nf = np.sqrt(ff)
+    ns = np.sqrt(ss)
+    ny = np.sqrt(yy)
+    out[0, i] = nf
+    out[1, i] = ns
+    out[2, i] = ny
+    out[3, i] = np.sqrt(dd)
+    out[4, i] = ys / max(ny * ns, _COS_EPS)
+    out[5, i] = fs / max(nf * ns, _COS_EPS)
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def block_rows(y, f, s, limit, moments, sample):  # pragma: no cover -- compiled
+    """A block's statistics from y, F, S as [N, C, P] (positions contiguous): ``moments`` [4, N,
+    C] gets mean and variance of y, then of F; ``sample`` [6, N] the six per-sample quantities of
+    :func:`_per_sample`."""
+    n, c, p = y.shape
+    part = np.empty((6, n * c))
+    for r in prange(n * c):
+        i = r // c
+        j = r - i * c
+        sy = 0.0
+        yy = 0.0
+        sf = 0.0
+        ff = 0.0
+        ss = 0.0
+        dd = 0.0
+        ys = 0.0
+        fs = 0.0
+        for k in range(p):
+            a = np.float64(y[i, j, k])
+            b = np.float64(f[i, j, k])
+            t = np.float64(s[i, j, k])
+            sy += a
+            yy += a * a
+            sf += b
+            ff += b * b
+            ss += t * t
+            d = a - t
+            dd += d * d
+            ys += a * t
+            fs += b * t
+        moments[0, i, j] = sy / p
+        moments[1, i, j] = _variance(y[i, j], sy, yy, limit)
+        moments[2, i, j] = sf / p
+        moments[3, i, j] = _variance(f[i, j], sf, ff, limit)
+        part[0, r] = ff
+        part[1, r] = ss
+        part[2, r] = yy
+        part[3, r] = dd
+        part[4, r] = ys
+        part[5, r] = fs
+    for i in range(n):
+        _per_sample(part, i, range(i * c, (i + 1) * c), sample)
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def block_columns(y, f, s, limit, moments, sample):  # pragma: no cover -- compiled
+    """:func:`block_rows` of y, F, S as [N, P, C] (channels contiguous)."""
+    n, p, c = y.shape
+    part = np.empty((6, n * c))
+    for i in prange(n):
+        sy = np.zeros(c)
+        yy = np.zeros(c)
+        sf = np.zeros(c)
+        ff = np.zeros(c)
+        ss = np.zeros(c)
+        dd = np.zeros(c)
+        ys = np.zeros(c)
+        fs = np.zeros(c)
+        for k in range(p):
+            for j in range(c):
+                a = np.float64(y[i, k, j])
+                b = np.float64(f[i, k, j])
+                t = np.float64(s[i, k, j])
+                sy[j] += a
+                yy[j] += a * a
+                sf[j] += b
+                ff[j] += b * b
+                ss[j] += t * t
+                d = a - t
+                dd[j] += d * d
+                ys[j] += a * t
+                fs[j] += b * t
+        for j in range(c):
+            moments[0, i, j] = sy[j] / p
+            moments[1, i, j] = _variance(y[i, :, j], sy[j], yy[j], limit)
+            moments[2, i, j] = sf[j] / p
+            moments[3, i, j] = _variance(f[i, :, j], sf[j], ff[j], limit)
+            r = i * c + j
+            part[0, r] = ff[j]
+            part[1, r] = ss[j]
+            part[2, r] = yy[j]
+            part[3, r] = dd[j]
+            part[4, r] = ys[j]
+            part[5, r] = fs[j]
+        _per_sample(part, i, range(i * c, (i + 1) * c), sample)
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def moments_rows(t, limit, moments):  # pragma: no cover -- compiled
+    """Mean and variance of each row of ``t`` [N, C, P] into ``moments`` [2, N, C]."""
+    n, c, p = t.shape
+    for r in prange(n * c):
+        i = r // c
+        j = r - i * c
+        s1 = 0.0
+        s2 = 0.0
+        for k in range(p):
+            a = np.float64(t[i, j, k])
+            s1 += a
+            s2 += a * a
+        moments[0, i, j] = s1 / p
+        moments[1, i, j] = _variance(t[i, j], s1, s2, limit)
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
+    """:func:`moments_rows` of ``t`` as [N, P, C] (channels contiguous)."""
+    n, p, c = t.shape
+    for i in prange(n):
+        s1 = np.zeros(c)
+        s2 = np.zeros(c)
+        for k in range(p):
+            for j in range(c):
+                a = np.float64(t[i, k, j])
+                s1[j] += a
+                s2[j] += a * a
+        for j in range(c):
+            moments[0, i, j] = s1[j] / p
+            moments[1, i, j] = _variance(t[i, :, j], s1[j], s2[j], limit)

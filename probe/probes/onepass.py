@@ -1,0 +1,209 @@
+"""The eager statistics on the CPU in one read of each tensor (numba kernels).
+
+In eager PyTorch each of a block's statistics is its own pass over a map: the channel sums and
+sums of squares of y and of F(x), the difference y - S(x) and its norm, the product F(x) S(x)
+and its sum, each temporary written and read back. On a CPU those passes, not the hooks, were
+most of the statistics' cost (docs/performance.md). The kernels here read y, F(x) and S(x) once,
+element by element, and keep every sum in float64:
+
+- **the same quantities** as the torch formulas of :mod:`probe.probes.statistics`, more exactly:
+  float64 sums of float32 values, a difference y - S taken in float64, y.S and F.S from their
+  products (no polarization identity to guard);
+- **the channel variance** from a row's sum and sum of squares where that cannot cancel past
+  float32's rounding (``E[x^2] / var <= 2^27 / (3 P)`` for a row of P positions: the float64
+  sums' worst-case error, ~3 P u of E[x^2], stays under 2^-26 of the variance), else by the
+  corrected two-pass formula over that row, in float64 (Chan, Golub & LeVeque 1983).
+
+They serve float32 and float64 CPU tensors laid out channel-first ([N, C, ...], positions
+contiguous) or channel-last (a channels-last map, a [N, T, C] token tensor); anything else
+(half precision, other strides, mixed dtypes, other devices) takes the torch formulas, as does
+every call when numba is absent or ``RESPROBE_ONEPASS=0`` is set. Each kernel is compiled on its
+first call (about a second; numba caches it on disk, so later processes load it) and runs on as
+many threads as torch's intra-op pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+import threading
+import warnings
+from types import ModuleType
+
+import torch
+
+__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "ENV"]
+
+log = logging.getLogger(__name__)
+
+ENV = "RESPROBE_ONEPASS"  # "0" turns the kernels off: torch's formulas everywhere
+
+_DTYPES = (torch.float32, torch.float64)
+# float64 values' one-pass variance is kept where E[x^2]/var <= 16, as the torch formula's
+_FLOAT64_LIMIT = 16.0
+# serialises the kernels: numba's "workqueue" threading layer aborts the process when two
+# threads enter a parallel kernel at once, and two at once would oversubscribe the cores anyway
+_LOCK = threading.Lock()
+
+
+class OnePassWarning(UserWarning):
+    """The one-pass kernels failed to compile or run; the torch formulas serve from then on."""
+
+
+_failed = False  # the kernels failed once in this process: the torch formulas serve from then on
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    """The kernel module, or None when numba is absent or cannot load."""
+    try:
+        from probe.probes import _onepass_kernels
+    except Exception as e:  # noqa: BLE001 -- an absent or broken numba: the torch formulas serve
+        log.debug("one-pass statistics off: numba did not load (%s)", e)
+        return None
+    return _onepass_kernels
+
+
+def _kernels() -> ModuleType | None:
+    """The kernel module where it serves: numba loads, ``RESPROBE_ONEPASS`` is not "0" (read at
+    each call, so that it can be set at any time), and no kernel has failed."""
+    if _failed or os.environ.get(ENV, "1").strip() == "0":
+        return None
+    return _module()
+
+
+def available() -> bool:
+    """Whether the one-pass kernels serve this process (numba loads, not turned off by ENV).
+
+    Example:
+        >>> isinstance(available(), bool)
+        True
+    """
+    return _kernels() is not None
+
+
+def mode() -> str:
+    """Which formulas this process's CPU statistics take: "one-pass" (the kernels) or "torch"
+    (recorded with every capture's runtime settings). Does not import numba.
+
+    Example:
+        >>> mode() in ("one-pass", "torch")
+        True
+    """
+    if _failed or os.environ.get(ENV, "1").strip() == "0":
+        return "torch"
+    if _module.cache_info().currsize:  # tried already: whether it loaded
+        return "one-pass" if _module() is not None else "torch"
+    return "one-pass" if importlib.util.find_spec("numba") is not None else "torch"
+
+
+def _arrays(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[bool, list] | None:
+    """(rows?, numpy views [N, C, P] if rows else [N, P, C]) of ``tensors`` with channel axis
+    ``axis``, all of one supported dtype, shape and memory layout; None where a kernel does not
+    serve them. Taken with numpy's views: each torch view op costs a dispatch, and in a model's
+    pass, with Python's caches cold, those added up to ~1/5 of the kernels' own time."""
+    first = tensors[0]
+    dtype, shape = first.dtype, first.shape
+    if dtype not in _DTYPES or len(shape) < 3 or not first.is_cpu or first.numel() == 0:
+        return None
+    for t in tensors[1:]:
+        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
+            return None
+    try:  # a tensor numpy cannot view (a negated view, ...) is left to torch
+        arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
+    except (RuntimeError, TypeError):
+        return None
+    n, c = shape[0], shape[axis]
+    if axis != 1:  # the channel axis second: a view
+        order = (0, axis, *(d for d in range(1, len(shape)) if d != axis))
+        arrays = [a.transpose(order) for a in arrays]
+    if all(a.flags.c_contiguous for a in arrays):
+        return True, [a.reshape(n, c, -1) for a in arrays]
+    last = (0, *range(2, len(shape)), 1)  # channels last
+    moved = [a.transpose(last) for a in arrays]
+    if all(a.flags.c_contiguous for a in moved):
+        return False, [a.reshape(n, -1, c) for a in moved]
+    return None
+
+
+def _limit(dtype: torch.dtype, positions: int) -> float:
+    """The largest E[x^2]/var of a row whose one-pass variance is kept (see the module)."""
+    return _FLOAT64_LIMIT if dtype == torch.float64 else 2.0**27 / (3 * positions)
+
+
+def _run(kernel, *args) -> bool:
+    """Call ``kernel`` on as many threads as torch's pool; False (and the kernels off, with a
+    warning) where it fails to compile or run."""
+    import numba
+
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    try:
+        with _LOCK:
+            if numba.get_num_threads() != threads:
+                numba.set_num_threads(threads)
+            kernel(*args)
+    except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
+        global _failed
+        _failed = True
+        warnings.warn(
+            f"The one-pass statistics kernels failed ({type(e).__name__}: {e}); the torch "
+            f"formulas serve from now on (the same quantities, slower). Set {ENV}=0 to skip them.",
+            OnePassWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def block_sums(
+    f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, axis: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+    """A block's statistics from one read of F(x), S(x) and y (one shape, channel axis ``axis``):
+    ((||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S)) [N] each, (mean y, var y, mean F,
+    var F) [N, C] each), in the tensors' dtype; None where the kernels do not serve them.
+
+    Example:
+        >>> f, s = torch.ones(1, 1, 4), torch.zeros(1, 1, 4)
+        >>> out = block_sums(f, s, f + s, 1)
+        >>> out is None or [float(q) for q in out[0][:4]] == [2.0, 0.0, 2.0, 2.0]
+        True
+    """
+    kernels = _kernels()
+    found = None if kernels is None else _arrays((y, f, s), axis)
+    if found is None:
+        return None
+    rows, (ya, fa, sa) = found
+    n, c, positions = (*ya.shape,) if rows else (ya.shape[0], ya.shape[2], ya.shape[1])
+    moments_out = torch.empty((4, n, c), dtype=y.dtype, device="cpu")
+    sample = torch.empty((6, n), dtype=y.dtype, device="cpu")
+    kernel = kernels.block_rows if rows else kernels.block_columns
+    limit = _limit(y.dtype, positions)
+    if not _run(kernel, ya, fa, sa, limit, moments_out.numpy(), sample.numpy()):
+        return None
+    return sample.unbind(0), moments_out.unbind(0)
+
+
+def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample, per-channel mean and population variance of ``t`` (channel axis ``axis``, at
+    least one axis besides the sample's and the channel's) from one read, each [N, C] in ``t``'s
+    dtype; None where the kernels do not serve it.
+
+    Example:
+        >>> out = moments(torch.tensor([[[1.0, 3.0, 1.0, 3.0]]]), 1)
+        >>> out is None or [float(q) for q in out] == [2.0, 1.0]
+        True
+    """
+    kernels = _kernels()
+    found = None if kernels is None else _arrays((t,), axis)
+    if found is None:
+        return None
+    rows, (a,) = found
+    n, c, positions = (*a.shape,) if rows else (a.shape[0], a.shape[2], a.shape[1])
+    out = torch.empty((2, n, c), dtype=t.dtype, device="cpu")
+    kernel = kernels.moments_rows if rows else kernels.moments_columns
+    if not _run(kernel, a, _limit(t.dtype, positions), out.numpy()):
+        return None
+    mean, var = out.unbind(0)
+    return mean, var

@@ -1,0 +1,296 @@
+"""The one-pass CPU kernels (probe.probes.onepass): every quantity against numpy in float64, in
+both memory layouts and both precisions, rows whose one-pass variance would cancel, NaN rows,
+what they refuse, and what a capture records with them on and off."""
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import probe
+from probe.conformance import RawSites
+from probe.probes import onepass, statistics
+from probe.probes.statistics import ChannelStats, ResidualNorms
+
+pytestmark = pytest.mark.skipif(not onepass.available(), reason="needs numba")
+
+# float32 results are float64 sums rounded once: within 2 float32 ulps of numpy's float64 values
+F32 = 2 * 2**-24
+F64 = 1e-12
+
+
+def _reference(f: np.ndarray, s: np.ndarray, y: np.ndarray, axis: int) -> dict[str, np.ndarray]:
+    """The block quantities and channel moments in numpy float64 (channel axis ``axis``)."""
+    f, s, y = (a.astype(np.float64) for a in (f, s, y))
+    flat = {k: a.reshape(len(a), -1) for k, a in zip("fsy", (f, s, y))}
+    norm = {k: np.linalg.norm(a, axis=1) for k, a in flat.items()}
+    out = {
+        "f_norm": norm["f"],
+        "s_norm": norm["s"],
+        "y_norm": norm["y"],
+        "dev_norm": np.linalg.norm(flat["y"] - flat["s"], axis=1),
+        "cos_ys": (flat["y"] * flat["s"]).sum(1) / (norm["y"] * norm["s"]),
+        "cos_fs": (flat["f"] * flat["s"]).sum(1) / (norm["f"] * norm["s"]),
+    }
+    for prefix, a in (("", y), ("f_", f)):
+        rows = np.moveaxis(a, axis, 1).reshape(a.shape[0], a.shape[axis], -1)
+        out[f"{prefix}channel_mean"] = rows.mean(2)
+        out[f"{prefix}channel_var"] = rows.var(2)
+    return out
+
+
+def _block(shape, dtype, channels_last=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(shape, generator=g, dtype=torch.float64).relu().to(dtype)
+    f = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64) + 0.1).to(dtype)
+    y = (f + s).relu()
+    if channels_last:
+        f, s, y = (t.contiguous(memory_format=torch.channels_last) for t in (f, s, y))
+    return f, s, y
+
+
+def _named(found):
+    sample, channel = found
+    return {
+        **dict(zip(statistics._ONEPASS_NAMES, sample)),
+        **dict(zip(statistics._CHANNEL_NAMES, channel)),
+    }
+
+
+_KEYS = {
+    "channel_mean": "channel_mean",
+    "channel_var": "channel_var",
+    "f_channel_mean": "f_channel_mean",
+    "f_channel_var": "f_channel_var",
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape, axis, channels_last",
+    [
+        ((5, 3, 7, 6), 1, False),  # rows: channel-first, positions contiguous
+        ((5, 3, 7, 6), 1, True),  # columns: a channels-last map
+        ((4, 9, 16), 2, False),  # columns: [N, T, C] tokens, channel last
+        ((4, 9, 16), 1, False),  # rows: the same tokens read with T as the channel
+        ((1, 1, 1, 1), 1, False),  # one sample, one channel, one position
+        ((2, 5, 1, 1), 1, False),  # one position per channel: variance 0
+    ],
+)
+def test_block_sums_match_numpy_in_float64(shape, axis, channels_last, dtype):
+    f, s, y = _block(shape, dtype, channels_last)
+    got = _named(onepass.block_sums(f, s, y, axis))
+    want = _reference(f.numpy(), s.numpy(), y.numpy(), axis)
+    rtol = F32 if dtype == torch.float32 else F64
+    assert set(got) == set(want)
+    for q, w in want.items():
+        assert got[q].dtype == dtype, q
+        # a variance of 0 (one position) and a cosine of 0 are absolute: atol at the floor
+        np.testing.assert_allclose(got[q].numpy(), w, rtol=rtol, atol=1e-30, err_msg=q)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_variances_of_every_condition_match_numpy(dtype, channels_last):
+    """Rows of mean^2/var from 0 to 1e12, constant and all-zero rows side by side: the rows whose
+    one-pass sums would cancel take the two-pass formula, the others keep theirs."""
+    g = torch.Generator().manual_seed(2)
+    ratios = [0.0, 1.0, 1e2, 1e4, 1e6, 1e8, 1e12]
+    base = torch.randn(3, len(ratios) + 2, 9, 9, generator=g, dtype=torch.float64)
+    for j, r in enumerate(ratios):
+        base[:, j] += r**0.5  # unit variance around a mean of sqrt(r)
+    base[:, len(ratios)] = 3.25  # constant
+    base[:, len(ratios) + 1] = 0.0
+    t = base.to(dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    mean, var = onepass.moments(t, 1)
+    rows = t.double().numpy().reshape(3, len(ratios) + 2, -1)
+    rtol = F32 if dtype == torch.float32 else 1e-9
+    np.testing.assert_allclose(mean.numpy(), rows.mean(2), rtol=rtol)
+    np.testing.assert_allclose(var.numpy(), rows.var(2), rtol=rtol, atol=0)
+    # the block kernel's moments of the same map are the same to the bit or one rounding apart
+    f, s = torch.zeros_like(t), torch.ones_like(t)
+    block = _named(onepass.block_sums(f, s, t, 1))
+    np.testing.assert_allclose(block["channel_var"].numpy(), var.numpy(), rtol=rtol, atol=0)
+
+
+def test_a_nan_row_gives_nan_statistics_and_leaves_the_others_alone():
+    f, s, y = _block((3, 4, 5, 5), torch.float32)
+    y = y.clone()
+    y[1, 2, 0, 0] = float("nan")
+    y[2, 0, 1, 1] = float("inf")
+    got = _named(onepass.block_sums(f, s, y, 1))
+    assert torch.isnan(got["channel_var"][1, 2]) and torch.isnan(got["y_norm"][1])
+    assert torch.isinf(got["y_norm"][2]) and torch.isinf(got["channel_mean"][2, 0])
+    assert torch.isnan(got["channel_var"][2, 0])  # inf - inf
+    with np.errstate(invalid="ignore"):
+        want = _reference(f.numpy(), s.numpy(), y.numpy(), 1)
+    np.testing.assert_allclose(got["y_norm"][0].numpy(), want["y_norm"][0], rtol=F32)
+    ok = torch.ones(3, 4, dtype=torch.bool)
+    ok[1, 2] = ok[2, 0] = False
+    np.testing.assert_allclose(
+        got["channel_var"][ok].numpy(), want["channel_var"][ok.numpy()], rtol=F32
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bf16", "fp16", "mixed dtypes", "shapes differ", "strided", "meta", "complex", "2-D", "empty"],
+)
+def test_what_the_kernels_do_not_serve_is_left_to_torch(case):
+    f, s, y = _block((2, 3, 4, 4), torch.float32)
+    if case == "bf16":
+        f, s, y = (t.bfloat16() for t in (f, s, y))
+    elif case == "fp16":
+        f, s, y = (t.half() for t in (f, s, y))
+    elif case == "mixed dtypes":
+        s = s.double()
+    elif case == "shapes differ":
+        s = s[:, :2]
+    elif case == "strided":
+        f, s, y = (t[..., ::2] for t in (f, s, y))
+    elif case == "meta":
+        f, s, y = (t.to("meta") for t in (f, s, y))
+    elif case == "complex":
+        f, s, y = (t.to(torch.complex64) for t in (f, s, y))
+    elif case == "2-D":
+        f, s, y = (t.flatten(1) for t in (f, s, y))
+    elif case == "empty":
+        f, s, y = (t[:, :, :0] for t in (f, s, y))
+    assert onepass.block_sums(f, s, y, 1) is None
+    if case not in ("mixed dtypes", "shapes differ"):  # y alone is served there
+        assert onepass.moments(y, 1) is None
+
+
+def test_tensors_that_need_a_gradient_or_come_from_inference_mode_are_read_as_they_are():
+    f, s, y = _block((2, 3, 4, 4), torch.float32)
+    want = _named(onepass.block_sums(f, s, y, 1))
+    with torch.inference_mode():
+        fi, si, yi = (t.clone() for t in (f, s, y))
+    leaf = y.clone().requires_grad_(True)
+    for args in ((fi, si, yi), (f, s, leaf)):
+        got = _named(onepass.block_sums(*args, 1))
+        for q in want:
+            torch.testing.assert_close(got[q], want[q], rtol=0, atol=0)
+
+
+def test_the_environment_turns_them_off_and_a_capture_records_which_ran(monkeypatch, tmp_path):
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batches = [(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))]
+    on = probe.capture(model, batches, probes=[ResidualNorms()], out=tmp_path / "on.h5")
+    assert on.provenance["runtime"]["cpu_statistics"] == "one-pass"
+    monkeypatch.setenv(onepass.ENV, "0")
+    assert (
+        onepass.mode() == "torch"
+        and onepass.block_sums(*_block((1, 1, 2, 2), torch.float32), 1) is None
+    )
+    off = probe.capture(model, batches, probes=[ResidualNorms()], out=tmp_path / "off.h5")
+    assert off.provenance["runtime"]["cpu_statistics"] == "torch"
+    for layer in on.layers:
+        for q in on.quantities(layer):
+            np.testing.assert_allclose(on.read(layer, q), off.read(layer, q), rtol=2e-6)
+
+
+def test_a_failing_kernel_warns_once_and_the_torch_formulas_serve(monkeypatch):
+    module = onepass._module()
+
+    def broken(*args):
+        raise RuntimeError("LLVM ERROR: out of registers")
+
+    monkeypatch.setattr(onepass, "_failed", False)
+    monkeypatch.setattr(module, "block_rows", broken)
+    f, s, y = _block((2, 3, 4, 4), torch.float32)
+    with pytest.warns(onepass.OnePassWarning, match="out of registers"):
+        assert onepass.block_sums(f, s, y, 1) is None
+    assert onepass.mode() == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls are quietly torch's
+        assert onepass.block_sums(f, s, y, 1) is None
+        model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+        batch = [(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))]
+        cap = probe.capture(model, batch, probes=[ResidualNorms(), ChannelStats()])
+    assert np.isfinite(cap.read("stages.0.0", "channel_var")).all()
+
+
+def test_they_run_on_torchs_thread_count_and_one_call_at_a_time():
+    import numba
+
+    before = torch.get_num_threads()
+    f, s, y = _block((8, 4, 6, 6), torch.float32)
+    want = _named(onepass.block_sums(f, s, y, 1))
+    try:
+        torch.set_num_threads(1)
+        onepass.block_sums(f, s, y, 1)
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                results.append(_named(onepass.block_sums(f, s, y, 1)))
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 60
+    for got in results:
+        for q in want:
+            torch.testing.assert_close(got[q], want[q], rtol=0, atol=0)
+
+
+def _net():
+    torch.manual_seed(0)
+    return probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for n in (5, 3)
+    ]
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize(
+    "probes", [("residual", "channel"), ("channel", "residual"), ("residual",), ("channel",)]
+)
+def test_a_capture_gives_numpys_numbers_with_one_kernel_call_per_block(
+    probes, grouped, monkeypatch, statistics_reference
+):
+    """Each probe alone and the pair in either order, per call and grouped: numpy's float64
+    numbers to float32's rounding, and a block's tensors read by one kernel call that the pair
+    shares (the moments kernel only for ChannelStats alone)."""
+    calls = []
+    block_sums, moments = onepass.block_sums, onepass.moments
+    monkeypatch.setattr(onepass, "block_sums", lambda *a: calls.append("block") or block_sums(*a))
+    monkeypatch.setattr(onepass, "moments", lambda *a: calls.append("moments") or moments(*a))
+    kinds = {"residual": ResidualNorms, "channel": ChannelStats}
+    cap = probe.capture(
+        _net(), _batches(), probes=[*(kinds[p]() for p in probes), RawSites()], grouped=grouped
+    )
+    blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
+    assert len(blocks) == 3
+    for layer in blocks:
+        raw = {k: torch.from_numpy(cap.read(layer, k)) for k in "XFSY"}
+        want = statistics_reference(raw)
+        names = [q for q in cap.quantities(layer) if q in want]
+        assert names, layer
+        for q in names:
+            np.testing.assert_allclose(
+                cap.read(layer, q), want[q], rtol=4 * 2**-24, atol=1e-7, err_msg=f"{layer} {q}"
+            )
+    # per call: one kernel call per block and batch; grouped, per group of equal shapes
+    kernel = "moments" if probes == ("channel",) else "block"
+    assert set(calls) == {kernel}
+    n_calls = len(calls) // (2 if probes == ("channel",) else 1)  # y and F: two moments calls
+    assert n_calls == (3 * 2 if not grouped else n_calls) and n_calls <= 3 * 2
