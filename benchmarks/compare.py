@@ -27,7 +27,9 @@ Methods: ``hooks`` (hand-written ``register_forward_hook``, detached references)
 (cloned), ``raw_write`` (the dump's bytes written alone, no model), ``raw_thread`` (hooks hand
 each block output to a thread that writes its bytes to a flat file while the model runs, then
 fsync: no format, no checksum, the least any dump costs beside the model), ``nnsight``, ``captum`` (LayerActivation), ``torchlens``, ``resprobe``, and in the
-statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics). Peers that are
+statistics rows ``resprobe_fused`` (``fused=True``: compiled statistics) and ``resprobe_torch``
+(the eager statistics by torch's formulas: the one-pass CPU kernels off, as where numba is
+absent; probe.probes.onepass). Peers that are
 not installed (``pip install -e ".[bench]"``) are skipped with a note.
 
 ``--versus A,B`` (e.g. ``resprobe,nnsight``) times two methods head to head instead: per row,
@@ -86,11 +88,14 @@ ROWS = {
         f"block outputs to HDF5, {STREAM} batches per file",
         ["raw_write", "raw_thread", "hooks_h5py", "resprobe"],
     ),
-    "stats": ("ResidualNorms + ChannelStats, forward", ["hooks", "resprobe", "resprobe_fused"]),
+    "stats": (
+        "ResidualNorms + ChannelStats, forward",
+        ["hooks", "resprobe", "resprobe_fused", "resprobe_torch"],
+    ),
     "stats_disk": ("ResidualNorms + ChannelStats to HDF5, one batch per file", ["resprobe"]),
     "grad": (
         "statistics + gradient norms, forward + backward",
-        ["hooks", "resprobe", "resprobe_fused"],
+        ["hooks", "resprobe", "resprobe_fused", "resprobe_torch"],
     ),
     "grads": ("block outputs + their gradients, fwd + bwd", ["hooks", "nnsight", "resprobe"]),
 }
@@ -612,9 +617,10 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             del trace
 
         return fn, lambda: None, lambda: captured
-    if method in ("resprobe", "resprobe_fused", UNCHECKED):
+    if method in ("resprobe", "resprobe_fused", "resprobe_torch", UNCHECKED):
         import probe
         from probe.conformance import RawSites
+        from probe.probes import onepass
 
         fused = method == "resprobe_fused"  # compiled statistics; warm-up pays the compilation
         stats = [probe.ResidualNorms(fused=fused), probe.ChannelStats(fused=fused)]
@@ -666,6 +672,8 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             session._nonfinite.add = session._nonfinite.add_block = lambda *a, **k: None
 
         def fn():
+            # read at each call: one process may time both ways head to head (--versus)
+            os.environ[onepass.ENV] = "0" if method == "resprobe_torch" else "1"
             res, _ = session.run_batch(x, y)
             if not captured and row in ("stats", "grad"):
                 get = lambda site, q: res[site][q]  # noqa: E731
