@@ -2,7 +2,11 @@
 
 Part 1, inside the pass: ResNet-56 (batch 64) with ResidualNorms + ChannelStats, each variant in
 its own session on its own copy of the model, every pass paired with an unprobed twin timed
-right before it; printed is the median ratio. Variants take one part of the arithmetic out
+right before it; printed is the median ratio. "eager" is the default: the one-pass CPU kernels
+(probe.probes.onepass); "kernel, results unused" calls them and keeps zeros (what the Python
+around the kernel costs), "kernel skipped" does all but run the kernel (zeros: what the kernel's
+arithmetic costs in the pass); "torch formulas" turns them off, as without numba, and so do the
+variants after it, which take one part of torch's arithmetic out
 (stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
 against ``eager`` bounds what any faster formula for that part could save; "two-pass moments"
 puts back the channel-moment formula that the CPU used before the one-pass sums, "product y.S" the
@@ -59,6 +63,7 @@ import torch
 import probe
 from benchmarks.compare import _stat_hooks, build, ratio_ci, unprobed_pass
 from probe import nonfinite
+from probe.probes import onepass
 from probe.probes import statistics as st
 from probe.probes.layout import channel_axis
 
@@ -66,9 +71,10 @@ _BLOCK_QUANTITIES = st._block_quantities  # the original, for a variant that cal
 
 
 def _owner(name: str) -> tuple[object, str]:
-    """(module, attribute) of a stub's name: probe.probes.statistics's, or "nonfinite.NAME"."""
+    """(module, attribute) of a stub's name: probe.probes.statistics's, "nonfinite.NAME" or
+    "onepass.NAME"."""
     module, _, attr = name.rpartition(".")
-    return (nonfinite if module == "nonfinite" else st), attr
+    return {"nonfinite": nonfinite, "onepass": onepass}.get(module, st), attr
 
 
 @contextlib.contextmanager
@@ -167,23 +173,51 @@ class _HooksOnly(probe.Probe):
         return {"zero": call.output.new_zeros(call.batch_size)}
 
 
+def _no_kernels():
+    """The one-pass kernels off: torch's formulas, as without numba."""
+    return None
+
+
+def _kernel_only(f, s, y, axis):
+    """The one-pass kernel's call alone, its results thrown away for zeros: what the call's
+    Python around the kernel (views, outputs, the dicts) costs beside the kernel's arithmetic."""
+    onepass.block_sums(f, s, y, axis)
+    n, c = y.shape[0], y.shape[axis]
+    zeros = y.new_zeros(n)
+    return dict.fromkeys(st._ONEPASS_NAMES, zeros), dict.fromkeys(
+        st._CHANNEL_NAMES, y.new_zeros(n, c)
+    )
+
+
+def _kernel_skipped(kernel, *args) -> bool:
+    """The kernel not run, its outputs zeros: what the Python around it costs in the pass."""
+    for out in args[-2:]:
+        out.fill(0)
+    return True
+
+
 BOTH = (probe.ResidualNorms, probe.ChannelStats)
+_TORCH = ("onepass._kernels", _no_kernels)
 _OWN = ("_shared_channels", _unshared)  # with a stub of channel_moments: else it is not called
-# name -> (probes, the functions of probe.probes.statistics replaced for the variant)
+# name -> (probes, the functions of probe.probes.statistics replaced for the variant). The
+# variants after "torch formulas" take parts out of torch's formulas: the kernels are off there.
 VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] = {
     "eager": (BOTH, ()),
     "hooks, no arithmetic": ((_HooksOnly,), ()),
+    "kernel, results unused": (BOTH, (("_onepass_block", _kernel_only),)),
+    "kernel skipped": (BOTH, (("onepass._run", _kernel_skipped),)),
     "ResidualNorms alone": ((probe.ResidualNorms,), ()),
     "ChannelStats alone": ((probe.ChannelStats,), ()),
-    "norms of y, F alone": (BOTH, (_OWN,)),
-    "two-pass moments": (BOTH, (_OWN, ("channel_moments", _two_pass))),
-    "product y.S": (BOTH, (("polarized_dot", _product_dot),)),
-    "no cosines": (BOTH, (("_block_quantities", _without_cosines),)),
-    "channel means only": (BOTH, (_OWN, ("channel_moments", _means_only))),
+    "torch formulas": (BOTH, (_TORCH,)),
+    "norms of y, F alone": (BOTH, (_TORCH, _OWN)),
+    "two-pass moments": (BOTH, (_TORCH, _OWN, ("channel_moments", _two_pass))),
+    "product y.S": (BOTH, (_TORCH, ("polarized_dot", _product_dot))),
+    "no cosines": (BOTH, (_TORCH, ("_block_quantities", _without_cosines))),
+    "channel means only": (BOTH, (_TORCH, _OWN, ("channel_moments", _means_only))),
     # both at once: what the ~40 small ops a block spends on [N] and [N, C] results cost
     "reductions only": (
         BOTH,
-        (_OWN, ("_block_quantities", _reductions_only), ("channel_moments", _sums_only)),
+        (_TORCH, _OWN, ("_block_quantities", _reductions_only), ("channel_moments", _sums_only)),
     ),
 }
 
@@ -193,16 +227,24 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] =
 _OUTPUTS = (functools.partial(probe.Activations, dtype="fp32"),)  # kept as views, no cast
 CHANNELS_LAST_VARIANTS: dict[str, tuple[tuple[Callable, ...], tuple[tuple[str, Callable], ...]]] = {
     "eager": (BOTH, ()),
-    "norms of strided rows": (BOTH, (("_sum_squares", _norm_of_rows),)),
+    "torch formulas": (BOTH, (_TORCH,)),
+    "norms of strided rows": (BOTH, (_TORCH, ("_sum_squares", _norm_of_rows))),
     "block outputs": (_OUTPUTS, ()),
     "block outputs, reshaped row sums": (_OUTPUTS, (("nonfinite._row_sums", _reshaped_row_sums),)),
 }
 
 
-def inside_the_pass(rounds: int, batch: int = 64, channels_last: bool = False) -> None:
+def inside_the_pass(
+    rounds: int, batch: int = 64, channels_last: bool = False, only: list[str] | None = None
+) -> None:
     _, blocks, x, y = build("zoo")
     x, y = x[:batch], y[:batch]
     variants = CHANNELS_LAST_VARIANTS if channels_last else VARIANTS
+    if only:
+        unknown = sorted(set(only) - set(variants))
+        if unknown:
+            raise SystemExit(f"no variant {unknown}; the variants: {', '.join(variants)}")
+        variants = {name: variants[name] for name in only}
     if channels_last:  # the model's convolutions keep the layout of their input
         x = x.contiguous(memory_format=torch.channels_last)
     twin = build("zoo")[0]
@@ -240,16 +282,26 @@ def inside_the_pass(rounds: int, batch: int = 64, channels_last: bool = False) -
         print(f"{name:22s} {statistics.median(rs):.3f}")
     own = "norms of y, F alone"  # the variants that stub channel_moments take these norms too
     pairs = (
-        (("eager", "norms of strided rows"), ("block outputs", "block outputs, reshaped row sums"))
+        (
+            ("eager", "torch formulas"),
+            ("torch formulas", "norms of strided rows"),
+            ("block outputs", "block outputs, reshaped row sums"),
+        )
         if channels_last
         else (
-            ("eager", own),
+            ("eager", "torch formulas"),
+            ("eager", "kernel, results unused"),
+            ("eager", "kernel skipped"),
+            ("kernel skipped", "hooks, no arithmetic"),
+            ("torch formulas", own),
             (own, "two-pass moments"),
-            ("eager", "product y.S"),
+            ("torch formulas", "product y.S"),
             (own, "reductions only"),
         )
     )
     for one, other in pairs:
+        if one not in times or other not in times:
+            continue
         med, lo, hi = ratio_ci(times[one], times[other])
         print(f"{one} / {other}, round by round: {med:.3f} ({lo:.3f}-{hi:.3f}, 95%)")
 
@@ -531,6 +583,12 @@ def main() -> None:
     ap.add_argument("--norms", action="store_true", help="only part 2's per-sample norms")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     ap.add_argument(
+        "--variants",
+        default="",
+        help="only part 1, these of its variants (names separated by ';', e.g. 'eager;torch "
+        "formulas')",
+    )
+    ap.add_argument(
         "--channels-last",
         action="store_true",
         help="only part 1, on channels-last inputs, against the ways taken before that layout "
@@ -552,8 +610,9 @@ def main() -> None:
     if args.batch_sizes:
         by_batch_size(sizes, args.rounds, args.grad)
         return
-    if args.channels_last:
-        inside_the_pass(args.rounds, args.batch, channels_last=True)
+    only = [v.strip() for v in args.variants.split(";") if v.strip()]
+    if args.channels_last or only:
+        inside_the_pass(args.rounds, args.batch, channels_last=args.channels_last, only=only)
         return
     inside_the_pass(args.rounds, args.batch)
     alone()

@@ -32,6 +32,7 @@ import threading
 import warnings
 from types import ModuleType
 
+import numpy as np
 import torch
 
 __all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "ENV"]
@@ -133,16 +134,20 @@ def _limit(dtype: torch.dtype, positions: int) -> float:
     return _FLOAT64_LIMIT if dtype == torch.float64 else 2.0**27 / (3 * positions)
 
 
+_threads = threading.local()  # the thread count numba was last given, per calling thread
+
+
 def _run(kernel, *args) -> bool:
     """Call ``kernel`` on as many threads as torch's pool; False (and the kernels off, with a
     warning) where it fails to compile or run."""
     import numba
 
-    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    want = torch.get_num_threads()
     try:
         with _LOCK:
-            if numba.get_num_threads() != threads:
-                numba.set_num_threads(threads)
+            if getattr(_threads, "n", None) != want:  # numba's count is per calling thread
+                numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
+                _threads.n = want
             kernel(*args)
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
         global _failed
@@ -155,6 +160,13 @@ def _run(kernel, *args) -> bool:
         )
         return False
     return True
+
+
+def _tensors(out: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Each row of a kernel's output as a tensor of its own: numpy's rows and ``from_numpy``
+    cost a fraction of torch's ``unbind`` in a model's pass, whose views go through autograd's
+    bookkeeping."""
+    return tuple(torch.from_numpy(row) for row in out)
 
 
 def block_sums(
@@ -176,13 +188,12 @@ def block_sums(
         return None
     rows, (ya, fa, sa) = found
     n, c, positions = (*ya.shape,) if rows else (ya.shape[0], ya.shape[2], ya.shape[1])
-    moments_out = torch.empty((4, n, c), dtype=y.dtype, device="cpu")
-    sample = torch.empty((6, n), dtype=y.dtype, device="cpu")
+    moments_out = np.empty((4, n, c), dtype=ya.dtype)
+    sample = np.empty((6, n), dtype=ya.dtype)
     kernel = kernels.block_rows if rows else kernels.block_columns
-    limit = _limit(y.dtype, positions)
-    if not _run(kernel, ya, fa, sa, limit, moments_out.numpy(), sample.numpy()):
+    if not _run(kernel, ya, fa, sa, _limit(y.dtype, positions), moments_out, sample):
         return None
-    return sample.unbind(0), moments_out.unbind(0)
+    return _tensors(sample), _tensors(moments_out)
 
 
 def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -201,9 +212,9 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     rows, (a,) = found
     n, c, positions = (*a.shape,) if rows else (a.shape[0], a.shape[2], a.shape[1])
-    out = torch.empty((2, n, c), dtype=t.dtype, device="cpu")
+    out = np.empty((2, n, c), dtype=a.dtype)
     kernel = kernels.moments_rows if rows else kernels.moments_columns
-    if not _run(kernel, a, _limit(t.dtype, positions), out.numpy()):
+    if not _run(kernel, a, _limit(t.dtype, positions), out):
         return None
-    mean, var = out.unbind(0)
+    mean, var = _tensors(out)
     return mean, var

@@ -156,7 +156,7 @@ def _guard_is_cheap(t: torch.Tensor) -> bool:
     """Whether the one-read formulas' guard (a host read per call) suits ``t``: on the CPU. On
     an accelerator the read would wait for the device on every call, and a recorded pass
     (probe.replay) refuses it; the exact formulas serve there."""
-    return t.device.type == "cpu"
+    return t.is_cpu
 
 
 def _failed_rows(excess: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
