@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns"]
+__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "norm_dot"]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
 # NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
@@ -191,3 +191,35 @@ def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
         for j in range(c):
             moments[0, i, j] = s1[j] / p
             moments[1, i, j] = _variance(t[i, :, j], s1[j], s2[j], limit)
+
+
+_PIECE = 16384  # values per parallel piece of a row in norm_dot: a batch of one still splits
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def norm_dot(g, f, out):  # pragma: no cover -- compiled
+    """Per-sample ||g|| and g.f of ``g``, ``f`` [N, M] (each row in one order of memory, the same
+    for both) into ``out`` [2, N]; each row taken in pieces, in parallel, then added."""
+    n, m = g.shape
+    pieces = (m + _PIECE - 1) // _PIECE
+    part = np.empty((2, n * pieces))
+    for r in prange(n * pieces):
+        i = r // pieces
+        k0 = (r - i * pieces) * _PIECE
+        k1 = min(k0 + _PIECE, m)
+        gg = 0.0
+        gf = 0.0
+        for k in range(k0, k1):
+            a = np.float64(g[i, k])
+            gg += a * a
+            gf += a * np.float64(f[i, k])
+        part[0, r] = gg
+        part[1, r] = gf
+    for i in range(n):
+        gg = 0.0
+        gf = 0.0
+        for r in range(i * pieces, (i + 1) * pieces):
+            gg += part[0, r]
+            gf += part[1, r]
+        out[0, i] = np.sqrt(gg)
+        out[1, i] = gf

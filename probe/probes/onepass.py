@@ -35,7 +35,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "ENV"]
+__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "norm_dot", "ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -218,3 +218,49 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
         return None
     mean, var = _tensors(out)
     return mean, var
+
+
+def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray] | None:
+    """numpy views [N, M] of ``tensors`` (one shape and dtype) with each sample's values in the
+    order of memory, the same order for all; None where a sample's values are not one block of
+    memory or the tensors lie in different orders."""
+    first = tensors[0]
+    dtype, shape = first.dtype, first.shape
+    if dtype not in _DTYPES or len(shape) < 2 or not first.is_cpu or first.numel() == 0:
+        return None
+    for t in tensors[1:]:
+        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
+            return None
+    try:
+        arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
+    except (RuntimeError, TypeError):
+        return None
+    # the trailing axes outermost first by the first tensor's strides (a channels-last map: H, W,
+    # C); the sample axis stays first
+    order = (0, *sorted(range(1, len(shape)), key=lambda d: -arrays[0].strides[d]))
+    rows = [a.transpose(order) for a in arrays]
+    if not all(a.flags.c_contiguous for a in rows):
+        return None
+    return [a.reshape(shape[0], -1) for a in rows]
+
+
+def norm_dot(g: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample ||g|| and g.f from one read of ``g`` and ``f`` (one shape, dtype and memory
+    order), each [N] in their dtype: a gradient's norm and its product with F(x) for
+    GradNorms' cos(F, dL/dx); None where the kernels do not serve them.
+
+    Example:
+        >>> out = norm_dot(torch.full((1, 4), 2.0), torch.ones(1, 4))
+        >>> out is None or [float(q) for q in out] == [4.0, 8.0]
+        True
+    """
+    kernels = _kernels()
+    found = None if kernels is None else _rows_in_memory((g, f))
+    if found is None:
+        return None
+    ga, fa = found
+    out = np.empty((2, ga.shape[0]), dtype=ga.dtype)
+    if not _run(kernels.norm_dot, ga, fa, out):
+        return None
+    norm, dot = _tensors(out)
+    return norm, dot

@@ -211,6 +211,11 @@ def polarized_dot(
 _COS_EPS = 1e-12  # per_sample_cos's default floor of ||a|| ||b||
 
 
+def _cos(dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """cos(a, b) from a.b and the two norms, as :func:`per_sample_cos` takes it."""
+    return dot / (na * nb).clamp_min(_COS_EPS)
+
+
 def per_sample_cos(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -225,7 +230,7 @@ def per_sample_cos(
         tensor([0.7071])
     """
     na, nb = norms if norms is not None else (per_sample_norm(a), per_sample_norm(b))
-    return per_sample_dot(a, b) / (na * nb).clamp_min(eps)
+    return per_sample_dot(a, b) / (na * nb).clamp_min(eps)  # as _cos, with its own floor
 
 
 def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,14 +461,19 @@ class NormMemo:
         self._entries: deque = deque(maxlen=size)
 
     def norm(self, t: torch.Tensor) -> torch.Tensor:
+        found = self.get(t)
+        return found if found is not None else self.put(t, per_sample_norm(t))
+
+    def get(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The norm remembered for ``t`` as it is now, or None."""
         try:
             version = t._version
         except RuntimeError:  # inference-mode tensors have no version counter: no reuse
-            return per_sample_norm(t)
+            return None
         for ref, seen, n in self._entries:
             if ref() is t and seen == version:
                 return n
-        return self.put(t, per_sample_norm(t))
+        return None
 
     def put(self, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Remember ``n`` as the per-sample norm of ``t`` as it is now (taken by other means: from
@@ -927,11 +937,20 @@ class GradNorms(Probe):
         out = {}
         if call.grad_output is not None:
             out["grad_y_norm"] = self._norms.norm(call.grad_output)
-        if call.grad_input is not None:
-            out["grad_x_norm"] = self._norms.norm(call.grad_input)
-            if call.block is not None and call.block.f.shape == call.grad_input.shape:
+        g = call.grad_input
+        if g is not None:
+            with_f = call.block is not None and call.block.f.shape == g.shape
+            # with F(x) at hand, ||dL/dx|| and F.dL/dx from one read of the two on the CPU
+            found = onepass.norm_dot(g, call.block.f) if with_f else None
+            if found is not None:  # the norm already given to the same gradient, if any
+                nx = self._norms.get(g)
+                out["grad_x_norm"] = nx = self._norms.put(g, found[0]) if nx is None else nx
+                out["cos_f_grad"] = _cos(found[1], _f_norm(call), nx)
+                return out
+            out["grad_x_norm"] = self._norms.norm(g)
+            if with_f:
                 out["cos_f_grad"] = per_sample_cos(
-                    call.block.f, call.grad_input, norms=(_f_norm(call), out["grad_x_norm"])
+                    call.block.f, g, norms=(_f_norm(call), out["grad_x_norm"])
                 )
         return out
 
@@ -941,9 +960,14 @@ class GradNorms(Probe):
         if first.grad_output is not None:
             out["grad_y_norm"] = group.rowwise(grad_output_of, per_sample_norm)
         if first.grad_input is not None:
+            # the norms by rows of the stacks: a chain's dL/dy and dL/dx share one
             out["grad_x_norm"] = nx = group.rowwise(grad_input_of, per_sample_norm)
             if first.block is not None and first.block.f.shape == first.grad_input.shape:
                 f, g = group.stacked(f_of), group.stacked(grad_input_of)
                 nf = group.rowwise(f_of, per_sample_norm)
-                out["cos_f_grad"] = per_sample_cos(f, g, norms=(nf, nx))
+                found = onepass.norm_dot(g, f)  # F.dL/dx from one read of the two (see backward)
+                if found is not None:
+                    out["cos_f_grad"] = _cos(found[1], nf, nx)
+                else:
+                    out["cos_f_grad"] = per_sample_cos(f, g, norms=(nf, nx))
         return group.per_call(out)

@@ -294,3 +294,83 @@ def test_a_capture_gives_numpys_numbers_with_one_kernel_call_per_block(
     assert set(calls) == {kernel}
     n_calls = len(calls) // (2 if probes == ("channel",) else 1)  # y and F: two moments calls
     assert n_calls == (3 * 2 if not grouped else n_calls) and n_calls <= 3 * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [((5, 3, 7, 6), False), ((5, 3, 7, 6), True), ((4, 33), False), ((1, 3, 150, 150), False)],
+)
+def test_norm_dot_matches_numpy_in_float64(shape, channels_last, dtype):
+    """[1, 3, 150, 150] is a row of 67500 values, taken in five pieces in parallel."""
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    if channels_last:
+        a, b = (t.contiguous(memory_format=torch.channels_last) for t in (a, b))
+    norm, dot = onepass.norm_dot(a, b)
+    fa, fb = (t.double().numpy().reshape(shape[0], -1) for t in (a, b))
+    rtol = F32 if dtype == torch.float32 else F64
+    np.testing.assert_allclose(norm.numpy(), np.linalg.norm(fa, axis=1), rtol=rtol)
+    # a dot product's error is relative to sum |a b|, not to the (cancelling) sum
+    scale = np.abs(fa * fb).sum(1)
+    np.testing.assert_array_less(np.abs(dot.numpy() - (fa * fb).sum(1)), rtol * scale + 1e-300)
+    assert norm.dtype == dot.dtype == dtype
+
+
+def test_norm_dot_refuses_tensors_in_different_orders_of_memory():
+    a = torch.randn(2, 3, 4, 4)
+    assert onepass.norm_dot(a, a.contiguous(memory_format=torch.channels_last)) is None
+    assert onepass.norm_dot(a, a[..., ::2].contiguous()) is None  # shapes differ
+    assert onepass.norm_dot(a.bfloat16(), a.bfloat16()) is None
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gradient_statistics_match_autograd_in_float64(grouped, monkeypatch):
+    """GradNorms' norms and cos(F, dL/dx), with dL/dx and F.dL/dx from one read by the kernel,
+    against the gradients of the same model in float64."""
+    calls = []
+    real = onepass.norm_dot
+    monkeypatch.setattr(onepass, "norm_dot", lambda *a: calls.append(1) or real(*a))
+
+    def net20():
+        torch.manual_seed(0)
+        return probe.zoo.create("resnet20", in_channels=1, width=4).eval()
+
+    net, (x, y) = net20(), _batches()[0]
+    cap = probe.capture(
+        net, [(x, y)], probes=[probe.GradNorms(), RawSites(), probe.Gradients(dtype="fp32")],
+        grouped=grouped,
+    )  # fmt: skip
+    assert calls
+    net64 = net20().double()
+    blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
+    outputs, inputs = {}, {}
+    hooks = []
+    for name in blocks:
+        module = net64.get_submodule(name)
+        hooks.append(
+            module.register_forward_hook(lambda m, a, o, n=name: outputs.__setitem__(n, o))
+        )
+        hooks.append(
+            module.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
+        )
+    loss = torch.nn.functional.cross_entropy(net64(x.double()), y, reduction="sum")
+    for h in hooks:
+        h.remove()
+    tensors = [inputs[n] for n in blocks]
+    grads = dict(zip(blocks, torch.autograd.grad(loss, tensors)))
+    checked = 0
+    for name in blocks:
+        g = grads[name].flatten(1)
+        np.testing.assert_allclose(
+            cap.read(name, "grad_x_norm"), g.norm(dim=1).numpy(), rtol=1e-5, err_msg=name
+        )
+        if "cos_f_grad" in cap.quantities(name):
+            f = torch.from_numpy(cap.read(name, "F")).double().flatten(1)
+            want = (f * g).sum(1) / (f.norm(dim=1) * g.norm(dim=1))
+            np.testing.assert_allclose(
+                cap.read(name, "cos_f_grad"), want.numpy(), rtol=1e-4, atol=1e-6, err_msg=name
+            )
+            checked += 1
+    assert checked == 7  # the nine blocks but the two that downsample
