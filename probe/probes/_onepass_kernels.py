@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "norm_dot"]
+__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "dot"]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
 # NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
@@ -193,33 +193,26 @@ def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
             moments[1, i, j] = _variance(t[i, :, j], s1[j], s2[j], limit)
 
 
-_PIECE = 16384  # values per parallel piece of a row in norm_dot: a batch of one still splits
+_PIECE = 16384  # values per parallel piece of a row in dot: a batch of one still splits
 
 
 @njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def norm_dot(g, f, out):  # pragma: no cover -- compiled
-    """Per-sample ||g|| and g.f of ``g``, ``f`` [N, M] (each row in one order of memory, the same
-    for both) into ``out`` [2, N]; each row taken in pieces, in parallel, then added."""
-    n, m = g.shape
+def dot(a, b, out):  # pragma: no cover -- compiled
+    """Per-sample a.b of ``a``, ``b`` [N, M] (each row in one order of memory, the same for
+    both) into ``out`` [N]; each row taken in pieces, in parallel, then added."""
+    n, m = a.shape
     pieces = (m + _PIECE - 1) // _PIECE
-    part = np.empty((2, n * pieces))
+    part = np.empty(n * pieces)
     for r in prange(n * pieces):
         i = r // pieces
         k0 = (r - i * pieces) * _PIECE
         k1 = min(k0 + _PIECE, m)
-        gg = 0.0
-        gf = 0.0
+        ab = 0.0
         for k in range(k0, k1):
-            a = np.float64(g[i, k])
-            gg += a * a
-            gf += a * np.float64(f[i, k])
-        part[0, r] = gg
-        part[1, r] = gf
+            ab += np.float64(a[i, k]) * np.float64(b[i, k])
+        part[r] = ab
     for i in range(n):
-        gg = 0.0
-        gf = 0.0
+        ab = 0.0
         for r in range(i * pieces, (i + 1) * pieces):
-            gg += part[0, r]
-            gf += part[1, r]
-        out[0, i] = np.sqrt(gg)
-        out[1, i] = gf
+            ab += part[r]
+        out[i] = ab

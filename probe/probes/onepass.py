@@ -35,7 +35,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "norm_dot", "ENV"]
+__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "dot", "ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -244,23 +244,22 @@ def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray] | Non
     return [a.reshape(shape[0], -1) for a in rows]
 
 
-def norm_dot(g: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-sample ||g|| and g.f from one read of ``g`` and ``f`` (one shape, dtype and memory
-    order), each [N] in their dtype: a gradient's norm and its product with F(x) for
-    GradNorms' cos(F, dL/dx); None where the kernels do not serve them.
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample a.b from one read of ``a`` and ``b`` (one shape, dtype and memory order), [N] in
+    their dtype, summed in float64 (GradNorms' F.dL/dx); None where the kernels do not serve
+    them.
 
     Example:
-        >>> out = norm_dot(torch.full((1, 4), 2.0), torch.ones(1, 4))
-        >>> out is None or [float(q) for q in out] == [4.0, 8.0]
+        >>> out = dot(torch.full((1, 4), 2.0), torch.ones(1, 4))
+        >>> out is None or float(out[0]) == 8.0
         True
     """
     kernels = _kernels()
-    found = None if kernels is None else _rows_in_memory((g, f))
+    found = None if kernels is None else _rows_in_memory((a, b))
     if found is None:
         return None
-    ga, fa = found
-    out = np.empty((2, ga.shape[0]), dtype=ga.dtype)
-    if not _run(kernels.norm_dot, ga, fa, out):
+    aa, ba = found
+    out = np.empty(aa.shape[0], dtype=aa.dtype)
+    if not _run(kernels.dot, aa, ba, out):
         return None
-    norm, dot = _tensors(out)
-    return norm, dot
+    return torch.from_numpy(out)

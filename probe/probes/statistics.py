@@ -939,19 +939,9 @@ class GradNorms(Probe):
             out["grad_y_norm"] = self._norms.norm(call.grad_output)
         g = call.grad_input
         if g is not None:
-            with_f = call.block is not None and call.block.f.shape == g.shape
-            # with F(x) at hand, ||dL/dx|| and F.dL/dx from one read of the two on the CPU
-            found = onepass.norm_dot(g, call.block.f) if with_f else None
-            if found is not None:  # the norm already given to the same gradient, if any
-                nx = self._norms.get(g)
-                out["grad_x_norm"] = nx = self._norms.put(g, found[0]) if nx is None else nx
-                out["cos_f_grad"] = _cos(found[1], _f_norm(call), nx)
-                return out
-            out["grad_x_norm"] = self._norms.norm(g)
-            if with_f:
-                out["cos_f_grad"] = per_sample_cos(
-                    call.block.f, g, norms=(_f_norm(call), out["grad_x_norm"])
-                )
+            out["grad_x_norm"] = nx = self._norms.norm(g)
+            if call.block is not None and call.block.f.shape == g.shape:
+                out["cos_f_grad"] = _cos_f_grad(call.block.f, g, _f_norm(call), nx)
         return out
 
     def backward_group(self, group: CallGroup) -> list[dict[str, torch.Tensor]]:
@@ -965,9 +955,18 @@ class GradNorms(Probe):
             if first.block is not None and first.block.f.shape == first.grad_input.shape:
                 f, g = group.stacked(f_of), group.stacked(grad_input_of)
                 nf = group.rowwise(f_of, per_sample_norm)
-                found = onepass.norm_dot(g, f)  # F.dL/dx from one read of the two (see backward)
-                if found is not None:
-                    out["cos_f_grad"] = _cos(found[1], nf, nx)
-                else:
-                    out["cos_f_grad"] = per_sample_cos(f, g, norms=(nf, nx))
+                out["cos_f_grad"] = _cos_f_grad(f, g, nf, nx)
         return group.per_call(out)
+
+
+def _cos_f_grad(
+    f: torch.Tensor, g: torch.Tensor, nf: torch.Tensor, ng: torch.Tensor
+) -> torch.Tensor:
+    """cos(F(x), dL/dx) from the two norms: F.dL/dx from one read of the two on the CPU (the
+    one-pass kernel, in float64), else by their product. The norms stay those of
+    :func:`per_sample_norm`, taken per call or per group alike, so that a gradient's norm is the
+    same number whichever way its call was computed."""
+    found = onepass.dot(f, g)
+    if found is None:
+        return per_sample_cos(f, g, norms=(nf, ng))
+    return _cos(found, nf, ng)
