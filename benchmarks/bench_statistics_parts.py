@@ -16,9 +16,10 @@ variants that replace the channel moments take those passes too, and are compare
 "hooks, no arithmetic" reads each block's split and computes nothing: the floor of any eager
 statistic in a session.
 
-Part 2, alone: each candidate formula for the per-sample, per-channel moments and the
-per-sample dot products on one stage's tensors, with the caches flushed before each call (a
-model's pass leaves them cold), and its largest relative error against float64; then the
+Part 2, alone: a block's statistics by the one-pass kernel and by torch's formulas, then each
+candidate formula for the per-sample, per-channel moments and the per-sample dot products on one
+stage's tensors, with the caches flushed before each call (a model's pass leaves them cold), and
+its largest relative error against float64; then the
 per-sample norm, resprobe's against one norm of each row, on ResNet-56's, resnet50's and a ViT
 gradient's shapes (``--norms``: only these).
 
@@ -43,6 +44,7 @@ kept in memory against non-finite row sums of a [N, -1] reshape (a copy of a cha
 the ways both were taken before that layout had a path of its own.
 
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
+       [--variants 'eager;torch formulas'] [--alone | --norms]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
        [--channels-last]
 """
@@ -322,6 +324,16 @@ def _error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float(((got.double() - ref) / ref.abs().clamp_min(1e-300)).abs().max())
 
 
+def _torch_block(f: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> object:
+    """A block's statistics by torch's formulas, as the eager pair takes them without the
+    kernels: each map's channel sums, then ||y - S||, y.S from the norms and F.S."""
+    mean_y, var_y, square_y = st._sums(y, torch.float32)
+    mean_f, var_f, square_f = st._sums(f, torch.float32)
+    ny, nf = square_y.sum(1).sqrt_(), square_f.sum(1).sqrt_()
+    norms = (st.per_sample_norm(s), nf, st.per_sample_norm(s), ny)
+    return st._block_quantities(s, f, s, y, norms), (mean_y, var_y, mean_f, var_f)
+
+
 def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
     """Print each moment and dot-product formula's time and error on tensors of ``shape``."""
     g = torch.Generator().manual_seed(0)
@@ -332,7 +344,8 @@ def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
     ref_var = t.double().flatten(2).var(2, unbiased=False).flatten()
     ref_dot = (t.double() * other.double()).flatten(1).sum(1)
     moments = {
-        "one-pass sums, guarded (resprobe)": lambda: st.sum_moments(t, torch.float32)[1],
+        "one-pass kernel (resprobe)": lambda: onepass.moments(t, 1)[1],
+        "one-pass sums, guarded (torch)": lambda: st.sum_moments(t, torch.float32)[1],
         "two-pass": lambda: st.moments(t, torch.float32)[1],
         "var_mean (Welford)": lambda: torch.var_mean(t.flatten(2), 2, correction=0)[0],
         "batch_norm_update_stats": lambda: torch.batch_norm_update_stats(
@@ -349,11 +362,21 @@ def _formulas(shape: tuple[int, int, int, int], flush: torch.Tensor) -> None:
         "float64 sums": lambda: t.flatten(2).sum(2, dtype=torch.float64),
     }
     dots = {
-        "product, sum (resprobe)": lambda: st.per_sample_dot(t, other),
+        "one-pass kernel (resprobe)": lambda: onepass.dot(t, other),
+        "product, sum (torch)": lambda: st.per_sample_dot(t, other),
         "bmm": lambda: torch.bmm(t.view(n, 1, -1), other.view(n, -1, 1)).flatten(),
         "vecdot": lambda: torch.linalg.vecdot(t.flatten(1), other.flatten(1)),
     }
+    # a whole block's statistics: F, S and y as a post-activation block gives them
+    s, f = t, other
+    y = (f + s).relu()
+    blocks = {
+        "one-pass kernel (resprobe)": lambda: onepass.block_sums(f, s, y, 1),
+        "torch formulas": lambda: _torch_block(f, s, y),
+    }
     print(f"{tuple(shape)}")
+    for name, fn in blocks.items():
+        print(f"  block    {name:26s} {_cold(fn, flush):7.3f}")
     for name, fn in moments.items():
         err = "" if name == "float64 sums" else f"  err {_error(fn().flatten(), ref_var):.1e}"
         print(f"  moments  {name:26s} {_cold(fn, flush):7.3f}{err}")
@@ -581,6 +604,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="part 1's batch size (at most 64)")
     ap.add_argument("--batch-sizes", default="", help="only part 5, at these batch sizes")
     ap.add_argument("--norms", action="store_true", help="only part 2's per-sample norms")
+    ap.add_argument("--alone", action="store_true", help="only part 2")
     ap.add_argument("--grad", action="store_true", help="part 5 with GradNorms, fwd + bwd")
     ap.add_argument(
         "--variants",
@@ -606,6 +630,9 @@ def main() -> None:
         return
     if args.norms:
         _norm_formulas(torch.empty(16 * 1024 * 1024))
+        return
+    if args.alone:
+        alone()
         return
     if args.batch_sizes:
         by_batch_size(sizes, args.rounds, args.grad)
