@@ -39,6 +39,7 @@ from probe.hooks.sites import (
 )
 from probe.losses import check_labels, exact_cross_entropy
 from probe.nonfinite import NonFiniteCounter
+from probe.probes import onepass
 from probe.probes.base import BlockTensors, Call, Probe, first_tensor, input_tensor, logits_of
 from probe.probes.group import CallGroup, check_grouped, group_key, group_tensors, takes_groups
 from probe.probes.layout import check_auto_axes
@@ -400,7 +401,10 @@ _GROUP_BYTES = 512 << 20
 # the pass, and the stack's copy is small. A larger call is computed at once, while the cache
 # still holds its tensors; stacked later, they would be read back from memory, and copied
 # (ResNet-56, 2 threads: every block grouped took 0.75-0.78 x the per-call time at batch 1,
-# 1.10-1.14 x at batch 64; docs/performance.md, "Small blocks grouped on the CPU").
+# 1.10-1.14 x at batch 64; docs/performance.md, "Small blocks grouped on the CPU"). Blocks whose
+# statistics the one-pass kernels take are not grouped: with a handful of ops per call, a stack's
+# copy costs more than it shares (1.00 x at batch 1, 0.93-0.96 x per call at batch 8-16;
+# "The eager statistics in one read").
 _CPU_GROUP_CALL_BYTES = 2 << 20
 # Those small calls are computed once they hold this much: their small ops are already shared
 # many ways, and a deep model's chain of small blocks is not all held at once.
@@ -1274,7 +1278,11 @@ class HookSession:
         if limit == math.inf:
             return self._groupable[phase]
         reducing = self._reducing[phase]
-        if reducing and _distinct_bytes(group_tensors(call, phase)) <= limit:
+        if (
+            reducing
+            and not (call.block is not None and onepass.serves(call.block.y))
+            and _distinct_bytes(group_tensors(call, phase)) <= limit
+        ):
             return reducing
         return frozenset()
 

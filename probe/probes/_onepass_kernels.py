@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "dot"]
+__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "dot", "norm"]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
 # NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
@@ -222,3 +222,27 @@ def dot(a, b, out):  # pragma: no cover -- compiled
         for r in range(i * pieces, (i + 1) * pieces):
             ab += part[r]
         out[i] = ab
+
+
+@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
+def norm(a, out):  # pragma: no cover -- compiled
+    """Per-sample ||a|| of ``a`` [N, M] (each row in one order of memory) into ``out`` [N]: the
+    square root taken in float64, the result rounded once (see :func:`dot` for the pieces)."""
+    n, m = a.shape
+    pieces = (m + _PIECE - 1) // _PIECE
+    part = np.empty(n * pieces)
+    for r in prange(n * pieces):
+        i = r // pieces
+        k0 = (r - i * pieces) * _PIECE
+        k1 = min(k0 + _PIECE, m)
+        ar = a[i, k0:k1]
+        aa = 0.0
+        for k in range(ar.shape[0]):
+            v = np.float64(ar[k])
+            aa += v * v
+        part[r] = aa
+    for i in range(n):
+        aa = 0.0
+        for r in range(i * pieces, (i + 1) * pieces):
+            aa += part[r]
+        out[i] = np.sqrt(aa)

@@ -35,7 +35,17 @@ from types import ModuleType
 import numpy as np
 import torch
 
-__all__ = ["OnePassWarning", "available", "mode", "block_sums", "moments", "dot", "ENV"]
+__all__ = [
+    "OnePassWarning",
+    "available",
+    "mode",
+    "serves",
+    "block_sums",
+    "moments",
+    "dot",
+    "norm",
+    "ENV",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +108,17 @@ def mode() -> str:
     if _module.cache_info().currsize:  # tried already: whether it loaded
         return "one-pass" if _module() is not None else "torch"
     return "one-pass" if importlib.util.find_spec("numba") is not None else "torch"
+
+
+def serves(t: torch.Tensor) -> bool:
+    """Whether the kernels take statistics of tensors like ``t`` in this process (float32 or
+    float64 on the CPU, kernels on); their layout is checked at the call.
+
+    Example:
+        >>> serves(torch.ones(2, 3, dtype=torch.bfloat16))
+        False
+    """
+    return t.dtype in _DTYPES and t.is_cpu and mode() == "one-pass"
 
 
 def _arrays(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[bool, list] | None:
@@ -261,5 +282,26 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     aa, ba = found
     out = np.empty(aa.shape[0], dtype=aa.dtype)
     if not _run(kernels.dot, aa, ba, out):
+        return None
+    return torch.from_numpy(out)
+
+
+def norm(t: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample L2 norm of ``t`` [N, ...] from one read, summed and rooted in float64 and
+    rounded once to ``t``'s dtype, [N]; None where the kernels do not serve it (see
+    :func:`dot`). The block kernels' norms are taken the same way, so a norm of the same tensor
+    is the same number whichever took it.
+
+    Example:
+        >>> out = norm(torch.full((1, 4), 2.0))
+        >>> out is None or float(out[0]) == 4.0
+        True
+    """
+    kernels = _kernels()
+    found = None if kernels is None else _rows_in_memory((t,))
+    if found is None:
+        return None
+    out = np.empty(found[0].shape[0], dtype=found[0].dtype)
+    if not _run(kernels.norm, found[0], out):
         return None
     return torch.from_numpy(out)

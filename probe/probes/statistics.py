@@ -110,12 +110,20 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each sample over all non-batch dims (float32, float64 for a float64 input).
     [N, ...] -> [N]
 
+    On the CPU, float32 and float64 tensors whose samples each lie in one block of memory are
+    read once by :func:`probe.probes.onepass.norm` (float64 sums, one rounding); others take
+    torch's norm, piece by piece on long rows (below).
+
     Example:
         >>> per_sample_norm(torch.ones(2, 3, 4, dtype=torch.float64))
         tensor([3.4641, 3.4641], dtype=torch.float64)
     """
     if not (t.is_floating_point() or t.is_complex()):  # indices or masks: torch has no norm
         t = t.to(accumulation_dtype(t))  # of them
+    if t.ndim >= 2 and t.is_cpu:  # float32/64 on the CPU: one read, float64 sums, one rounding
+        found = onepass.norm(t)  # as the block kernels take theirs (probe.probes.onepass)
+        if found is not None:
+            return found
     dtype = accumulation_dtype(t)
     # torch's CPU norm adds a row's squares into one running sum per vector lane: on long rows,
     # and where a few values hold the row's mass (a ViT's gradient, 99.99 % of it in the class

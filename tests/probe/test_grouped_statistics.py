@@ -14,6 +14,7 @@ from probe.cli.main import cli
 from probe.conformance import RawSites
 from probe.errors import ProbeError
 from probe.nonfinite import NonFiniteCounter
+from probe.probes import onepass
 from probe.probes.base import BlockTensors, Call
 from probe.probes.group import CallGroup, group_key
 from probe.probes.statistics import per_sample_norm
@@ -255,7 +256,9 @@ def test_a_chain_of_blocks_is_stacked_once_for_its_inputs_and_outputs():
     torch.testing.assert_close(nx, torch.cat(ts[:3]).norm(dim=1))
     torch.testing.assert_close(ny, torch.cat(ts[1:]).norm(dim=1))
     parts = group.per_call({"n": ny})
-    assert [torch.equal(p["n"], t.norm(dim=1)) for p, t in zip(parts, ts[1:])] == [True] * 3
+    assert len(parts) == 3
+    for p, t in zip(parts, ts[1:]):
+        torch.testing.assert_close(p["n"], t.norm(dim=1))
 
 
 def test_gradients_in_backward_order_chain_as_well():
@@ -511,7 +514,9 @@ def _block_bytes(model, x, y):
 def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monkeypatch):
     """By default a CPU batch groups the reducing probes of the blocks whose tensors fit
     _CPU_GROUP_CALL_BYTES, computes every other block at its call, never groups a probe that
-    copies tensors (Activations), and gives the per-call numbers."""
+    copies tensors (Activations), and gives the per-call numbers (torch's formulas: with the
+    one-pass kernels no block is grouped, next test)."""
+    monkeypatch.setenv(onepass.ENV, "0")
     model, (x, y) = _net("resnet20"), _x()
     sizes = _block_bytes(model, x, y)
     limit = sorted(set(sizes.values()))[len(set(sizes.values())) // 2]
@@ -543,7 +548,31 @@ def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monke
     assert not session._group_unsafe
 
 
+@pytest.mark.skipif(not onepass.available(), reason="needs numba")
+def test_on_the_cpu_blocks_the_one_pass_kernels_take_are_not_grouped(monkeypatch):
+    """Their statistics cost a handful of ops per call: a stack's copy would cost more. A
+    bf16 model's blocks (torch's formulas) are still grouped."""
+    grouped_keys = []
+
+    class Recorded(CallGroup):
+        def __init__(self, calls):
+            grouped_keys.extend(c.name for c in calls)
+            super().__init__(calls)
+
+    monkeypatch.setattr(probe.session, "CallGroup", Recorded)
+    model, (x, y) = _net("resnet20"), _x()
+    alone, _ = _run(model, _stats(), False, x, y)
+    default, _ = _run(model, _stats(), None, x, y)
+    assert grouped_keys == []
+    for key, qs in alone.items():
+        for q, t in qs.items():
+            torch.testing.assert_close(default[key][q], t, rtol=0, atol=0, msg=f"{key}.{q}")
+    _run(model.bfloat16(), _stats(), None, x.bfloat16(), y)
+    assert grouped_keys
+
+
 def test_on_the_cpu_small_groups_are_computed_within_their_own_budget(monkeypatch):
+    monkeypatch.setenv(onepass.ENV, "0")  # torch's formulas: the kernels' blocks are not grouped
     model, (x, y) = _net("resnet20"), _x()
     alone, _ = _run(model, _stats(), False, x, y)
     sizes = _sizes(monkeypatch)
@@ -560,6 +589,7 @@ def test_on_the_cpu_small_groups_are_computed_within_their_own_budget(monkeypatc
 
 
 def test_on_the_cpu_no_call_is_grouped_when_none_is_small(monkeypatch):
+    monkeypatch.setenv(onepass.ENV, "0")  # torch's formulas: else no block is grouped anyway
     sizes = _sizes(monkeypatch)
     monkeypatch.setattr(probe.session, "_CPU_GROUP_CALL_BYTES", 0)
     _run(_net("resnet20"), _stats(), None, *_x())
