@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "dot", "norm"]
+__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "products"]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
 # NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
@@ -196,13 +196,15 @@ def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
             moments[1, i, j] = _variance(t[i, :, j], s1[j], s2[j], limit)
 
 
-_PIECE = 16384  # values per parallel piece of a row in dot: a batch of one still splits
+_PIECE = 16384  # values per parallel piece of a row in products
 
 
 @njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def dot(a, b, out):  # pragma: no cover -- compiled
-    """Per-sample a.b of ``a``, ``b`` [N, M] (each row in one order of memory, the same for
-    both) into ``out`` [N]; each row taken in pieces, in parallel, then added."""
+def products(a, b, root, out):  # pragma: no cover -- compiled
+    """Per-sample sum of a * b of ``a``, ``b`` [N, M] (each row in one order of memory, the same
+    for both) in float64, its square root where ``root`` (a norm: ``b`` is ``a``), into ``out``
+    [N], rounded once. Each row is taken in pieces, in parallel, then added: a batch of one
+    still splits."""
     n, m = a.shape
     pieces = (m + _PIECE - 1) // _PIECE
     part = np.empty(n * pieces)
@@ -221,28 +223,4 @@ def dot(a, b, out):  # pragma: no cover -- compiled
         ab = 0.0
         for r in range(i * pieces, (i + 1) * pieces):
             ab += part[r]
-        out[i] = ab
-
-
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def norm(a, out):  # pragma: no cover -- compiled
-    """Per-sample ||a|| of ``a`` [N, M] (each row in one order of memory) into ``out`` [N]: the
-    square root taken in float64, the result rounded once (see :func:`dot` for the pieces)."""
-    n, m = a.shape
-    pieces = (m + _PIECE - 1) // _PIECE
-    part = np.empty(n * pieces)
-    for r in prange(n * pieces):
-        i = r // pieces
-        k0 = (r - i * pieces) * _PIECE
-        k1 = min(k0 + _PIECE, m)
-        ar = a[i, k0:k1]
-        aa = 0.0
-        for k in range(ar.shape[0]):
-            v = np.float64(ar[k])
-            aa += v * v
-        part[r] = aa
-    for i in range(n):
-        aa = 0.0
-        for r in range(i * pieces, (i + 1) * pieces):
-            aa += part[r]
-        out[i] = np.sqrt(aa)
+        out[i] = np.sqrt(ab) if root else ab

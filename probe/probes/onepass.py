@@ -121,22 +121,32 @@ def serves(t: torch.Tensor) -> bool:
     return t.dtype in _DTYPES and t.is_cpu and mode() == "one-pass"
 
 
+def _numpy_views(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> list[np.ndarray] | None:
+    """numpy views of ``tensors`` as they lie: one supported dtype and shape, on the CPU, at
+    least ``min_ndim`` axes, not empty; None otherwise, or where numpy cannot view one (a
+    negated view, ...): torch's formulas serve those."""
+    first = tensors[0]
+    dtype, shape = first.dtype, first.shape
+    if dtype not in _DTYPES or len(shape) < min_ndim or not first.is_cpu or first.numel() == 0:
+        return None
+    for t in tensors[1:]:
+        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
+            return None
+    try:
+        return [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
+    except (RuntimeError, TypeError):
+        return None
+
+
 def _arrays(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[bool, list] | None:
     """(rows?, numpy views [N, C, P] if rows else [N, P, C]) of ``tensors`` with channel axis
     ``axis``, all of one supported dtype, shape and memory layout; None where a kernel does not
     serve them. Taken with numpy's views: each torch view op costs a dispatch, and in a model's
     pass, with Python's caches cold, those added up to ~1/5 of the kernels' own time."""
-    first = tensors[0]
-    dtype, shape = first.dtype, first.shape
-    if dtype not in _DTYPES or len(shape) < 3 or not first.is_cpu or first.numel() == 0:
+    arrays = _numpy_views(tensors, 3)
+    if arrays is None:
         return None
-    for t in tensors[1:]:
-        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
-            return None
-    try:  # a tensor numpy cannot view (a negated view, ...) is left to torch
-        arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
-    except (RuntimeError, TypeError):
-        return None
+    shape = tensors[0].shape
     n, c = shape[0], shape[axis]
     if axis != 1:  # the channel axis second: a view
         order = (0, axis, *(d for d in range(1, len(shape)) if d != axis))
@@ -245,17 +255,10 @@ def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray] | Non
     """numpy views [N, M] of ``tensors`` (one shape and dtype) with each sample's values in the
     order of memory, the same order for all; None where a sample's values are not one block of
     memory or the tensors lie in different orders."""
-    first = tensors[0]
-    dtype, shape = first.dtype, first.shape
-    if dtype not in _DTYPES or len(shape) < 2 or not first.is_cpu or first.numel() == 0:
+    arrays = _numpy_views(tensors, 2)
+    if arrays is None:
         return None
-    for t in tensors[1:]:
-        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
-            return None
-    try:
-        arrays = [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
-    except (RuntimeError, TypeError):
-        return None
+    shape = tensors[0].shape
     # the trailing axes outermost first by the first tensor's strides (a channels-last map: H, W,
     # C); the sample axis stays first
     order = (0, *sorted(range(1, len(shape)), key=lambda d: -arrays[0].strides[d]))
@@ -281,7 +284,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         return None
     aa, ba = found
     out = np.empty(aa.shape[0], dtype=aa.dtype)
-    if not _run(kernels.dot, aa, ba, out):
+    if not _run(kernels.products, aa, ba, False, out):
         return None
     return torch.from_numpy(out)
 
@@ -302,6 +305,6 @@ def norm(t: torch.Tensor) -> torch.Tensor | None:
     if found is None:
         return None
     out = np.empty(found[0].shape[0], dtype=found[0].dtype)
-    if not _run(kernels.norm, found[0], out):
+    if not _run(kernels.products, found[0], found[0], True, out):
         return None
     return torch.from_numpy(out)

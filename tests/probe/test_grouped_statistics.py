@@ -511,6 +511,19 @@ def _block_bytes(model, x, y):
     return out
 
 
+def _recorded_groups(monkeypatch) -> list[str]:
+    """The names of the calls the session groups from now on, as it groups them."""
+    names: list[str] = []
+
+    class Recorded(CallGroup):
+        def __init__(self, calls):
+            names.extend(c.name for c in calls)
+            super().__init__(calls)
+
+    monkeypatch.setattr(probe.session, "CallGroup", Recorded)
+    return names
+
+
 def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monkeypatch):
     """By default a CPU batch groups the reducing probes of the blocks whose tensors fit
     _CPU_GROUP_CALL_BYTES, computes every other block at its call, never groups a probe that
@@ -524,14 +537,7 @@ def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monke
     assert small and small != set(sizes)  # the limit splits the blocks
     probes = [*_stats(), probe.Activations(dtype="fp32")]
     alone, _ = _run(model, probes, False, x, y)
-    grouped_keys = []
-
-    class Recorded(CallGroup):
-        def __init__(self, calls):
-            grouped_keys.extend(c.name for c in calls)
-            super().__init__(calls)
-
-    monkeypatch.setattr(probe.session, "CallGroup", Recorded)
+    grouped_keys = _recorded_groups(monkeypatch)
     monkeypatch.setattr(probe.session, "_CPU_GROUP_CALL_BYTES", limit)
     copied = []
     monkeypatch.setattr(
@@ -552,14 +558,7 @@ def test_on_the_cpu_the_default_groups_the_statistics_of_small_blocks_only(monke
 def test_on_the_cpu_blocks_the_one_pass_kernels_take_are_not_grouped(monkeypatch):
     """Their statistics cost a handful of ops per call: a stack's copy would cost more. A
     bf16 model's blocks (torch's formulas) are still grouped."""
-    grouped_keys = []
-
-    class Recorded(CallGroup):
-        def __init__(self, calls):
-            grouped_keys.extend(c.name for c in calls)
-            super().__init__(calls)
-
-    monkeypatch.setattr(probe.session, "CallGroup", Recorded)
+    grouped_keys = _recorded_groups(monkeypatch)
     model, (x, y) = _net("resnet20"), _x()
     alone, _ = _run(model, _stats(), False, x, y)
     default, _ = _run(model, _stats(), None, x, y)
