@@ -77,12 +77,15 @@ def _module() -> ModuleType | None:
     return _onepass_kernels
 
 
+def _off() -> bool:
+    """Whether the kernels are off: ``RESPROBE_ONEPASS=0`` (read at each call, so that it can be
+    set at any time), or a kernel has failed in this process."""
+    return _failed or os.environ.get(ENV, "1").strip() == "0"
+
+
 def _kernels() -> ModuleType | None:
-    """The kernel module where it serves: numba loads, ``RESPROBE_ONEPASS`` is not "0" (read at
-    each call, so that it can be set at any time), and no kernel has failed."""
-    if _failed or os.environ.get(ENV, "1").strip() == "0":
-        return None
-    return _module()
+    """The kernel module where it serves: not :func:`_off`, and numba loads."""
+    return None if _off() else _module()
 
 
 def available() -> bool:
@@ -103,7 +106,7 @@ def mode() -> str:
         >>> mode() in ("one-pass", "torch")
         True
     """
-    if _failed or os.environ.get(ENV, "1").strip() == "0":
+    if _off():
         return "torch"
     if _module.cache_info().currsize:  # tried already: whether it loaded
         return "one-pass" if _module() is not None else "torch"

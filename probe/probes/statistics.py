@@ -219,9 +219,11 @@ def polarized_dot(
 _COS_EPS = 1e-12  # per_sample_cos's default floor of ||a|| ||b||
 
 
-def _cos(dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
-    """cos(a, b) from a.b and the two norms, as :func:`per_sample_cos` takes it."""
-    return dot / (na * nb).clamp_min(_COS_EPS)
+def _cos(
+    dot: torch.Tensor, na: torch.Tensor, nb: torch.Tensor, eps: float = _COS_EPS
+) -> torch.Tensor:
+    """cos(a, b) from a.b and the two norms, their product floored at ``eps``."""
+    return dot / (na * nb).clamp_min(eps)
 
 
 def per_sample_cos(
@@ -238,7 +240,7 @@ def per_sample_cos(
         tensor([0.7071])
     """
     na, nb = norms if norms is not None else (per_sample_norm(a), per_sample_norm(b))
-    return per_sample_dot(a, b) / (na * nb).clamp_min(eps)  # as _cos, with its own floor
+    return _cos(per_sample_dot(a, b), na, nb, eps)
 
 
 def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,19 +471,14 @@ class NormMemo:
         self._entries: deque = deque(maxlen=size)
 
     def norm(self, t: torch.Tensor) -> torch.Tensor:
-        found = self.get(t)
-        return found if found is not None else self.put(t, per_sample_norm(t))
-
-    def get(self, t: torch.Tensor) -> torch.Tensor | None:
-        """The norm remembered for ``t`` as it is now, or None."""
         try:
             version = t._version
         except RuntimeError:  # inference-mode tensors have no version counter: no reuse
-            return None
+            return per_sample_norm(t)
         for ref, seen, n in self._entries:
             if ref() is t and seen == version:
                 return n
-        return None
+        return self.put(t, per_sample_norm(t))
 
     def put(self, t: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
         """Remember ``n`` as the per-sample norm of ``t`` as it is now (taken by other means: from
@@ -557,7 +554,7 @@ class ResidualNorms(Probe):
         if self.fused and _compilable(y):
             shared = _shared_block(self, group, first, (x, f, s, y))
             return group.per_call(shared[0] if shared is not None else _fused_block(x, f, s, y))
-        found = _group_onepass(self, group, first, (f, s, y))
+        found = _group_onepass(self, group)
         if found is None and f.shape == s.shape == y.shape:
             found = _onepass_block(f, s, y, _auto_axis(y))
         if found is not None:
@@ -776,18 +773,20 @@ _GROUP_ONEPASS = "statistics.onepass"  # the memo's key of a group's shared kern
 
 
 def _group_onepass(
-    asker: Probe, group: CallGroup, first: Call, parts: tuple[torch.Tensor, ...]
+    asker: Probe, group: CallGroup
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """:func:`_onepass_block` of a group's stacked F, S and y, computed once for the session's
     eager pair (see :func:`_pair`) and shared through the group's memo; None where ``asker`` is
     not one of the pair or the kernels do not serve the group (each probe then computes its own,
-    as :func:`_shared_channels` says of a call)."""
+    as :func:`_shared_channels` says of a call). The tensors are stacked only for the pair (the
+    group stacks each once, whichever probe asks)."""
+    first = group.calls[0]
 
     def make() -> tuple[tuple[Probe, ...], object]:
         pair = _pair(first, False)
         if not pair or first.output is not first.block.y:
             return pair, None
-        f, s, y = parts
+        f, s, y = (group.stacked(get) for get in (f_of, s_of, y_of))
         try:
             axis = channel_axis(pair[1].layout, y)
         except ProbeError:  # a layout ChannelStats refuses: it says so itself
@@ -837,7 +836,7 @@ def _block_quantities(
         "s_norm": ns,
         "y_norm": ny,
         "dev_norm": dev,
-        "cos_ys": ys / (ny * ns).clamp_min(_COS_EPS),
+        "cos_ys": _cos(ys, ny, ns),
         "cos_fs": per_sample_cos(f, s, norms=(nf, ns)),
     }
 
@@ -897,13 +896,10 @@ class ChannelStats(Probe):
             shared = _shared_block(self, group, first, parts)
             if shared is not None:
                 return group.per_call(shared[1])
-        stacked = [group.stacked(get) for get in (output_of, f_of)]
-        found = _group_onepass(
-            self, group, first, tuple(group.stacked(g) for g in (f_of, s_of)) + (stacked[0],)
-        )
+        found = _group_onepass(self, group)
         if found is not None:
             return group.per_call(found[1])
-        return group.per_call(self._moments(stacked))
+        return group.per_call(self._moments([group.stacked(get) for get in (output_of, f_of)]))
 
     def _moments(self, tensors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         names = _CHANNEL_NAMES
