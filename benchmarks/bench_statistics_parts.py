@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 import probe
@@ -191,10 +192,13 @@ def _kernel_only(f, s, y, axis):
     )
 
 
-def _kernel_skipped(kernel, *args) -> bool:
-    """The kernel not run, its outputs zeros: what the Python around it costs in the pass."""
-    for out in args[-2:]:
-        out.fill(0)
+def _kernel_skipped(kernel, args, items, values, finish=None) -> bool:
+    """The kernel not run, its outputs zeros: what the Python around it costs in the pass. The
+    outputs are the arrays the wrapper made (numpy owns their memory; the inputs are views of the
+    model's tensors)."""
+    for a in (*args, *(finish.args if finish is not None else ())):
+        if isinstance(a, np.ndarray) and a.flags.owndata:
+            a.fill(0)
     return True
 
 

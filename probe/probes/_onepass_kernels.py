@@ -7,14 +7,29 @@ served, both as numpy views of the tensors (no copy): "rows", a channel-first ma
 positions are contiguous, and "columns", [N, P, C], a channels-last map or a [N, T, C] token
 tensor. A variance whose one-pass formula would cancel is taken again by the two-pass formula on
 that row only (see :func:`_variance`).
+
+The kernels are serial and release the GIL: each takes a span ``[lo, hi)`` of its work items
+(rows, samples or pieces of a row) and writes only what those items own, so
+:mod:`probe.probes.onepass` can hand the spans of a large call to threads of its own. A
+kernel whose items leave per-sample partial sums has a ``*_samples`` step that adds them once
+every span is done. numba's parallel threading layers are not used: the one found first on Linux
+is GNU OpenMP, a second OpenMP runtime beside torch's in the same process.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-__all__ = ["block_rows", "block_columns", "moments_rows", "moments_columns", "products"]
+__all__ = [
+    "block_rows",
+    "block_samples",
+    "block_columns",
+    "moments_rows",
+    "moments_columns",
+    "products",
+    "products_samples",
+]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
 # NaN and inf keep their IEEE meaning (no "nnan"/"ninf"), so a NaN row gives NaN statistics and
@@ -69,14 +84,13 @@ def _per_sample(part, i, rows, out):  # pragma: no cover -- compiled
     _write_sample(out, i, sums[0], sums[1], sums[2], sums[3], sums[4], sums[5])
 
 
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def block_rows(y, f, s, limit, moments, sample):  # pragma: no cover -- compiled
-    """A block's statistics from y, F, S as [N, C, P] (positions contiguous): ``moments`` [4, N,
-    C] gets mean and variance of y, then of F; ``sample`` [6, N] the six per-sample quantities of
-    :func:`_per_sample`."""
-    n, c, p = y.shape
-    part = np.empty((6, n * c))
-    for r in prange(n * c):
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def block_rows(y, f, s, limit, moments, part, lo, hi):  # pragma: no cover -- compiled
+    """Rows ``lo`` to ``hi`` (a row: sample r // C, channel r % C) of a block's statistics from
+    y, F, S as [N, C, P] (positions contiguous): ``moments`` [4, N, C] gets mean and variance of
+    y, then of F; ``part`` [6, N C] the row's sums that :func:`block_samples` adds per sample."""
+    c, p = y.shape[1], y.shape[2]
+    for r in range(lo, hi):
         i = r // c
         j = r - i * c
         yr = y[i, j]  # 1-D slices vectorise more often than 3-D indexing (see dot)
@@ -113,17 +127,26 @@ def block_rows(y, f, s, limit, moments, sample):  # pragma: no cover -- compiled
         part[3, r] = dd
         part[4, r] = ys
         part[5, r] = fs
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def block_samples(part, sample):  # pragma: no cover -- compiled
+    """The six per-sample quantities of :func:`_per_sample` into ``sample`` [6, N] from
+    :func:`block_rows`' sums ``part`` [6, N C] once all of its rows are done."""
+    n = sample.shape[1]
+    c = part.shape[1] // n
     for i in range(n):
         _per_sample(part, i, range(i * c, (i + 1) * c), sample)
 
 
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def block_columns(y, f, s, limit, moments, sample):  # pragma: no cover -- compiled
-    """:func:`block_rows` of y, F, S as [N, P, C] (channels contiguous). The sums only a sample
-    needs (S.S, (y - S)^2, y.S, F.S) are scalars, the four per channel arrays: eight arrays
-    updated per position were 2-4 x slower on narrow maps (C = 16)."""
-    n, p, c = y.shape
-    for i in prange(n):
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def block_columns(y, f, s, limit, moments, sample, lo, hi):  # pragma: no cover -- compiled
+    """Samples ``lo`` to ``hi`` of :func:`block_rows` and :func:`block_samples` for y, F, S as
+    [N, P, C] (channels contiguous): a sample is one item, its quantities written at once. The
+    sums only a sample needs (S.S, (y - S)^2, y.S, F.S) are scalars, the four per channel arrays:
+    eight arrays updated per position were 2-4 x slower on narrow maps (C = 16)."""
+    p, c = y.shape[1], y.shape[2]
+    for i in range(lo, hi):
         sy = np.zeros(c)
         yy = np.zeros(c)
         sf = np.zeros(c)
@@ -161,11 +184,12 @@ def block_columns(y, f, s, limit, moments, sample):  # pragma: no cover -- compi
         _write_sample(sample, i, total_ff, ss, total_yy, dd, ys, fs)
 
 
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def moments_rows(t, limit, moments):  # pragma: no cover -- compiled
-    """Mean and variance of each row of ``t`` [N, C, P] into ``moments`` [2, N, C]."""
-    n, c, p = t.shape
-    for r in prange(n * c):
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def moments_rows(t, limit, moments, lo, hi):  # pragma: no cover -- compiled
+    """Mean and variance of rows ``lo`` to ``hi`` of ``t`` [N, C, P] (a row: sample r // C,
+    channel r % C) into ``moments`` [2, N, C]."""
+    c, p = t.shape[1], t.shape[2]
+    for r in range(lo, hi):
         i = r // c
         j = r - i * c
         row = t[i, j]
@@ -179,11 +203,12 @@ def moments_rows(t, limit, moments):  # pragma: no cover -- compiled
         moments[1, i, j] = _variance(row, s1, s2, limit)
 
 
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
-    """:func:`moments_rows` of ``t`` as [N, P, C] (channels contiguous)."""
-    n, p, c = t.shape
-    for i in prange(n):
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def moments_columns(t, limit, moments, lo, hi):  # pragma: no cover -- compiled
+    """:func:`moments_rows` of samples ``lo`` to ``hi`` of ``t`` as [N, P, C] (channels
+    contiguous)."""
+    p, c = t.shape[1], t.shape[2]
+    for i in range(lo, hi):
         s1 = np.zeros(c)
         s2 = np.zeros(c)
         for k in range(p):
@@ -196,22 +221,21 @@ def moments_columns(t, limit, moments):  # pragma: no cover -- compiled
             moments[1, i, j] = _variance(t[i, :, j], s1[j], s2[j], limit)
 
 
-_PIECE = 16384  # values per parallel piece of a row in products
+PIECE = 16384  # values per piece of a row in products: a batch of one still splits
 
 
-@njit(parallel=True, fastmath=_FLAGS, nogil=True, cache=True)
-def products(a, b, root, out):  # pragma: no cover -- compiled
-    """Per-sample sum of a * b of ``a``, ``b`` [N, M] (each row in one order of memory, the same
-    for both) in float64, its square root where ``root`` (a norm: ``b`` is ``a``), into ``out``
-    [N], rounded once. Each row is taken in pieces, in parallel, then added: a batch of one
-    still splits."""
-    n, m = a.shape
-    pieces = (m + _PIECE - 1) // _PIECE
-    part = np.empty(n * pieces)
-    for r in prange(n * pieces):
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def products(a, b, part, lo, hi):  # pragma: no cover -- compiled
+    """Pieces ``lo`` to ``hi`` of the per-sample sum of a * b of ``a``, ``b`` [N, M] (each row in
+    one order of memory, the same for both), in float64: piece r is PIECE values of sample
+    r // pieces, its sum put in ``part`` [N pieces] for :func:`products_samples`. The pieces lie
+    where they lie whatever the span, so a sum is the same number however a call is split."""
+    m = a.shape[1]
+    pieces = part.shape[0] // a.shape[0]
+    for r in range(lo, hi):
         i = r // pieces
-        k0 = (r - i * pieces) * _PIECE
-        k1 = min(k0 + _PIECE, m)
+        k0 = (r - i * pieces) * PIECE
+        k1 = min(k0 + PIECE, m)
         # 1-D slices: LLVM vectorises this loop, not one over a 2-D array's bounded range (6 x)
         ar = a[i, k0:k1]
         br = b[i, k0:k1]
@@ -219,6 +243,14 @@ def products(a, b, root, out):  # pragma: no cover -- compiled
         for k in range(ar.shape[0]):
             ab += np.float64(ar[k]) * np.float64(br[k])
         part[r] = ab
+
+
+@njit(fastmath=_FLAGS, nogil=True, cache=True)
+def products_samples(part, root, out):  # pragma: no cover -- compiled
+    """Each sample's sum of :func:`products`' pieces ``part``, its square root where ``root`` (a
+    norm: ``b`` was ``a``), into ``out`` [N], rounded once."""
+    n = out.shape[0]
+    pieces = part.shape[0] // n
     for i in range(n):
         ab = 0.0
         for r in range(i * pieces, (i + 1) * pieces):

@@ -18,8 +18,16 @@ They serve float32 and float64 CPU tensors laid out channel-first ([N, C, ...], 
 contiguous) or channel-last (a channels-last map, a [N, T, C] token tensor); anything else
 (half precision, other strides, mixed dtypes, other devices) takes the torch formulas, as does
 every call when numba is absent or ``RESPROBE_ONEPASS=0`` is set. Each kernel is compiled on its
-first call (about a second; numba caches it on disk, so later processes load it) and runs on as
-many threads as torch's intra-op pool.
+first call (about a second; numba caches it on disk, so later processes load it).
+
+**Threads.** The kernels are serial and release the GIL. A call that reads enough values to
+repay a hand-off (:data:`MIN_VALUES` per thread) is cut into spans of rows or samples, one per
+thread of torch's intra-op count, the calling thread taking the first and a small pool of this
+module's the others. A row is always summed whole by one thread, so the numbers do not depend on
+the thread count. numba's own threading layers are not used: the one it picks first on Linux,
+GNU OpenMP, binds to the OpenMP runtime torch loaded and, when it starts, sets that runtime's
+thread count to every core and its nesting to 255 levels, overriding ``torch.set_num_threads``
+(a rank given one thread ran torch's ops on two).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 from types import ModuleType
 
 import numpy as np
@@ -45,6 +55,7 @@ __all__ = [
     "dot",
     "norm",
     "ENV",
+    "MIN_VALUES",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,9 +65,11 @@ ENV = "RESPROBE_ONEPASS"  # "0" turns the kernels off: torch's formulas everywhe
 _DTYPES = (torch.float32, torch.float64)
 # float64 values' one-pass variance is kept where E[x^2]/var <= 16, as the torch formula's
 _FLOAT64_LIMIT = 16.0
-# serialises the kernels: numba's "workqueue" threading layer aborts the process when two
-# threads enter a parallel kernel at once, and two at once would oversubscribe the cores anyway
-_LOCK = threading.Lock()
+# the values (elements of every tensor a call reads) a thread takes at the least before a call is
+# split. Inside a model's pass a hand-off cost more than it saved on a ResNet-56's blocks (3 M
+# values a call at batch 64): the pool's threads wake from a futex and share the cores with
+# torch's spinning OpenMP team (docs/performance.md, "The kernels' threads")
+MIN_VALUES = 1 << 21
 
 
 class OnePassWarning(UserWarning):
@@ -168,21 +181,59 @@ def _limit(dtype: torch.dtype, positions: int) -> float:
     return _FLOAT64_LIMIT if dtype == torch.float64 else 2.0**27 / (3 * positions)
 
 
-_threads = threading.local()  # the thread count numba was last given, per calling thread
+class _Pool:
+    """The threads that take the spans of a split call after the calling thread's: made at the
+    first split call, grown when torch's count grows, and made anew in a forked child (a fork
+    keeps the executor but not its threads, whose queue nobody would empty)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._size = 0
+        self._executor: ThreadPoolExecutor | None = None
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._executor is None or self._pid != os.getpid() or self._size < workers:
+                if self._executor is not None and self._pid == os.getpid():
+                    self._executor.shutdown(wait=False)  # idle threads end; running spans finish
+                self._executor = ThreadPoolExecutor(workers, thread_name_prefix="resprobe-onepass")
+                self._pid, self._size = os.getpid(), workers
+            return self._executor
 
 
-def _run(kernel, *args) -> bool:
-    """Call ``kernel`` on as many threads as torch's pool; False (and the kernels off, with a
-    warning) where it fails to compile or run."""
-    import numba
+_POOL = _Pool()
 
-    want = torch.get_num_threads()
+
+def _spans(items: int, values: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` spans of ``items`` work items, one per thread that a call reading ``values``
+    values repays (:data:`MIN_VALUES` each), up to torch's intra-op count."""
+    parts = max(1, min(torch.get_num_threads(), items, values // MIN_VALUES))
+    bounds = [items * k // parts for k in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run(
+    kernel, args: tuple, items: int, values: int, finish: Callable[[], None] | None = None
+) -> bool:
+    """``kernel(*args, lo, hi)`` over ``items`` work items, in spans on as many threads as
+    :func:`_spans` gives, then ``finish()``; False (and the kernels off, with a warning) where a
+    kernel fails to compile or run."""
+    spans = _spans(items, values)
     try:
-        with _LOCK:
-            if getattr(_threads, "n", None) != want:  # numba's count is per calling thread
-                numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
-                _threads.n = want
-            kernel(*args)
+        if len(spans) == 1:
+            kernel(*args, 0, items)
+        else:
+            pool = _POOL.get(len(spans) - 1)
+            futures = [pool.submit(kernel, *args, lo, hi) for lo, hi in spans[1:]]
+            try:
+                kernel(*args, *spans[0])
+            finally:
+                wait(futures)  # no span may still write into the outputs after a return
+            for future in futures:
+                future.result()  # raises a span's failure
+        if finish is not None:
+            finish()
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
         global _failed
         _failed = True
@@ -224,8 +275,16 @@ def block_sums(
     n, c, positions = (*ya.shape,) if rows else (ya.shape[0], ya.shape[2], ya.shape[1])
     moments_out = np.empty((4, n, c), dtype=ya.dtype)
     sample = np.empty((6, n), dtype=ya.dtype)
-    kernel = kernels.block_rows if rows else kernels.block_columns
-    if not _run(kernel, ya, fa, sa, _limit(y.dtype, positions), moments_out, sample):
+    limit, values = _limit(y.dtype, positions), 3 * ya.size
+    if rows:
+        part = np.empty((6, n * c))
+        finish = functools.partial(kernels.block_samples, part, sample)
+        done = _run(
+            kernels.block_rows, (ya, fa, sa, limit, moments_out, part), n * c, values, finish
+        )
+    else:
+        done = _run(kernels.block_columns, (ya, fa, sa, limit, moments_out, sample), n, values)
+    if not done:
         return None
     return _tensors(sample), _tensors(moments_out)
 
@@ -248,7 +307,7 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
     n, c, positions = (*a.shape,) if rows else (a.shape[0], a.shape[2], a.shape[1])
     out = np.empty((2, n, c), dtype=a.dtype)
     kernel = kernels.moments_rows if rows else kernels.moments_columns
-    if not _run(kernel, a, _limit(t.dtype, positions), out):
+    if not _run(kernel, (a, _limit(t.dtype, positions), out), n * c if rows else n, a.size):
         return None
     mean, var = _tensors(out)
     return mean, var
@@ -285,11 +344,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     found = None if kernels is None else _rows_in_memory((a, b))
     if found is None:
         return None
-    aa, ba = found
-    out = np.empty(aa.shape[0], dtype=aa.dtype)
-    if not _run(kernels.products, aa, ba, False, out):
-        return None
-    return torch.from_numpy(out)
+    return _products(kernels, *found, root=False)
 
 
 def norm(t: torch.Tensor) -> torch.Tensor | None:
@@ -307,7 +362,17 @@ def norm(t: torch.Tensor) -> torch.Tensor | None:
     found = None if kernels is None else _rows_in_memory((t,))
     if found is None:
         return None
-    out = np.empty(found[0].shape[0], dtype=found[0].dtype)
-    if not _run(kernels.products, found[0], found[0], True, out):
+    return _products(kernels, found[0], found[0], root=True)
+
+
+def _products(kernels: ModuleType, a: np.ndarray, b: np.ndarray, root: bool) -> torch.Tensor | None:
+    """Per-sample sum of a * b of ``a``, ``b`` [N, M] (its square root where ``root``) in their
+    dtype, by pieces of a row (a batch of one still splits); None where the kernel failed."""
+    n, m = a.shape
+    part = np.empty(n * -(-m // kernels.PIECE))
+    out = np.empty(n, dtype=a.dtype)
+    values = a.size if root else 2 * a.size
+    finish = functools.partial(kernels.products_samples, part, root, out)
+    if not _run(kernels.products, (a, b, part), part.shape[0], values, finish):
         return None
     return torch.from_numpy(out)

@@ -2,8 +2,11 @@
 both memory layouts and both precisions, rows whose one-pass variance would cancel, NaN rows,
 what they refuse, and what a capture records with them on and off."""
 
+import subprocess
+import sys
 import threading
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,36 +218,170 @@ def test_a_failing_kernel_warns_once_and_the_torch_formulas_serve(monkeypatch):
     assert np.isfinite(cap.read("stages.0.0", "channel_var")).all()
 
 
-def test_they_run_on_torchs_thread_count_and_one_call_at_a_time():
-    import numba
+def _every_kernel(dtype=torch.float32):
+    """Each entry point on inputs of both layouts: name -> a call returning its tensors."""
+    f, s, y = _block((6, 5, 9, 7), dtype)
+    fl, sl, yl = _block((6, 5, 9, 7), dtype, channels_last=True)
+    big = torch.randn(2, 3 * 16384 + 5, dtype=dtype)  # four pieces a row
+    return {
+        "block rows": lambda: _flat(onepass.block_sums(f, s, y, 1)),
+        "block columns": lambda: _flat(onepass.block_sums(fl, sl, yl, 1)),
+        "moments rows": lambda: onepass.moments(y, 1),
+        "moments columns": lambda: onepass.moments(yl, 1),
+        "dot": lambda: (onepass.dot(big, big.flip(1).contiguous()),),
+        "norm": lambda: (onepass.norm(big),),
+    }
 
+
+def _flat(found):
+    return (*found[0], *found[1])
+
+
+@pytest.fixture
+def threads():
+    """``threads(n)``: torch's intra-op count for the test (restored after it)."""
     before = torch.get_num_threads()
-    f, s, y = _block((8, 4, 6, 6), torch.float32)
-    want = _named(onepass.block_sums(f, s, y, 1))
-    try:
-        torch.set_num_threads(1)
-        onepass.block_sums(f, s, y, 1)
-        assert numba.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", list(_every_kernel()))
+def test_a_call_split_across_threads_gives_one_threads_numbers_bit_for_bit(
+    kernel, dtype, threads, monkeypatch
+):
+    """A row is summed by one thread whatever the split, so the thread count changes no bit."""
+    call = _every_kernel(dtype)[kernel]
+    threads(1)
+    want = call()
+    monkeypatch.setattr(onepass, "MIN_VALUES", 1)  # any call splits
+    threads(3)
+    used = []
+    get = onepass._POOL.get
+    monkeypatch.setattr(onepass._POOL, "get", lambda n: used.append(n) or get(n))
+    got = call()
+    assert used and used[0] == 2  # the calling thread and two of the pool's
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_torchs_thread_count_is_left_as_it_was_set(threads, monkeypatch):
+    """The kernels start no OpenMP team: torch.set_num_threads(1) still holds after them (numba's
+    OpenMP layer set torch's runtime to every core when it started)."""
+    monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    threads(1)
+    for call in _every_kernel().values():
+        call()
+    assert torch.get_num_threads() == 1
+    threads(2)
+    for call in _every_kernel().values():
+        call()
+    assert torch.get_num_threads() == 2
+
+
+def test_a_call_too_small_to_repay_a_hand_off_stays_on_the_calling_thread(threads, monkeypatch):
+    threads(4)
+    assert onepass._spans(100, onepass.MIN_VALUES - 1) == [(0, 100)]
+    assert onepass._spans(100, 2 * onepass.MIN_VALUES) == [(0, 50), (50, 100)]
+    assert onepass._spans(3, 100 * onepass.MIN_VALUES) == [(0, 1), (1, 2), (2, 3)]  # <= items
+    assert len(onepass._spans(10**6, 100 * onepass.MIN_VALUES)) == 4  # <= torch's count
+    monkeypatch.setattr(onepass._POOL, "get", lambda n: pytest.fail("small calls split"))
+    f, s, y = _block((2, 3, 4, 4), torch.float32)
+    assert onepass.block_sums(f, s, y, 1) is not None
+
+
+def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, monkeypatch):
+    monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    threads(2)
+    calls = _every_kernel()
+    want = {k: call() for k, call in calls.items()}
     results, errors = [], []
 
     def work():
         try:
-            for _ in range(20):
-                results.append(_named(onepass.block_sums(f, s, y, 1)))
+            for _ in range(10):
+                results.extend((k, call()) for k, call in calls.items())
         except Exception as e:  # noqa: BLE001 -- reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
+    workers = [threading.Thread(target=work) for _ in range(3)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    assert not errors and len(results) == 60
-    for got in results:
-        for q in want:
-            torch.testing.assert_close(got[q], want[q], rtol=0, atol=0)
+    assert not errors and len(results) == 3 * 10 * len(calls)
+    for k, got in results:
+        for g, w in zip(got, want[k], strict=True):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_a_span_failing_on_a_pool_thread_warns_once_and_torch_serves(threads, monkeypatch):
+    module = onepass._module()
+    rows = module.moments_rows
+
+    def fails_after_the_first_span(t, limit, out, lo, hi):
+        if lo > 0:
+            raise RuntimeError("a span's kernel broke")
+        rows(t, limit, out, lo, hi)
+
+    monkeypatch.setattr(onepass, "_failed", False)
+    monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    monkeypatch.setattr(module, "moments_rows", fails_after_the_first_span)
+    threads(2)
+    with pytest.warns(onepass.OnePassWarning, match="a span's kernel broke"):
+        assert onepass.moments(torch.randn(4, 3, 5), 1) is None
+    assert onepass.mode() == "torch"
+
+
+def _child_norm(queue, t) -> None:
+    out = onepass.norm(t)
+    queue.put(None if out is None else out.tolist())
+
+
+def test_a_forked_child_splits_its_calls_on_threads_of_its_own(threads, monkeypatch):
+    """A fork keeps the parent's pool but not its threads: the child must not hand spans to a
+    queue no thread empties (it would wait for ever). The child runs no torch op of its own:
+    torch's OpenMP pool does not survive a fork either."""
+    import multiprocessing
+
+    monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    threads(2)
+    t = torch.randn(4, 3 * 16384, generator=torch.Generator().manual_seed(3))
+    want = onepass.norm(t).tolist()  # the parent's pool exists now
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_norm, args=(queue, t))
+    child.start()
+    try:
+        got = queue.get(timeout=60)
+    finally:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+    assert got == want and child.exitcode == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_no_second_openmp_runtime_joins_torchs():
+    """numba's threading layers are not started: on Linux the first it tries is GNU OpenMP's,
+    a second OpenMP runtime beside the one torch ships, in one process."""
+    script = (
+        "import torch\n"
+        "from probe.probes import onepass\n"
+        "torch.set_num_threads(2); onepass.MIN_VALUES = 1\n"
+        "torch.randn(256, 256) @ torch.randn(256, 256)\n"
+        "assert onepass.block_sums(*(torch.randn(4, 8, 16, 16) for _ in range(3)), 1)\n"
+        "assert onepass.norm(torch.randn(4, 40000)) is not None\n"
+        "libs = {l.split()[-1] for l in open('/proc/self/maps') if '/' in l}\n"
+        "print('\\n'.join(sorted(libs)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    libs = out.stdout.split()
+    assert not [lib for lib in libs if "omppool" in lib or "tbbpool" in lib or "workqueue" in lib]
+    assert len([lib for lib in libs if "libgomp" in Path(lib).name]) <= 1, libs
 
 
 def _net():
