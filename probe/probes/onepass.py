@@ -195,8 +195,8 @@ class _Pool:
     def get(self, workers: int) -> ThreadPoolExecutor:
         with self._lock:
             if self._executor is None or self._pid != os.getpid() or self._size < workers:
-                if self._executor is not None and self._pid == os.getpid():
-                    self._executor.shutdown(wait=False)  # idle threads end; running spans finish
+                # the old executor is dropped, not shut down: a call on another thread may still
+                # be handing it spans; its threads end once the last reference to it goes
                 self._executor = ThreadPoolExecutor(workers, thread_name_prefix="resprobe-onepass")
                 self._pid, self._size = os.getpid(), workers
             return self._executor

@@ -333,6 +333,18 @@ def test_a_span_failing_on_a_pool_thread_warns_once_and_torch_serves(threads, mo
     assert onepass.mode() == "torch"
 
 
+def test_a_pool_grown_for_one_call_still_takes_the_spans_of_another():
+    """Growing the pool for a call on one thread (torch's count raised) leaves the executor that a
+    call on another thread is handing spans to open: a closed one would refuse them and turn the
+    kernels off for the process."""
+    pool = onepass._Pool()
+    first = pool.get(1)
+    grown = pool.get(2)
+    assert grown is not first
+    assert first.submit(lambda: 7).result(timeout=60) == 7
+    assert pool.get(2) is grown and pool.get(1) is grown
+
+
 def _child_norm(queue, t) -> None:
     out = onepass.norm(t)
     queue.put(None if out is None else out.tolist())
