@@ -13,7 +13,7 @@ The kernels are serial and release the GIL: each takes a span ``[lo, hi)`` of it
 :mod:`probe.probes.onepass` can hand the spans of a large call to threads of its own. A
 kernel whose items leave per-sample partial sums has a ``*_samples`` step that adds them once
 every span is done. numba's parallel threading layers are not used: the one found first on Linux
-is GNU OpenMP, a second OpenMP runtime beside torch's in the same process.
+is GNU OpenMP, which binds to torch's OpenMP runtime and resets its thread count when it starts.
 """
 
 from __future__ import annotations

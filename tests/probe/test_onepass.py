@@ -376,7 +376,7 @@ def test_a_forked_child_splits_its_calls_on_threads_of_its_own(threads, monkeypa
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
 def test_no_second_openmp_runtime_joins_torchs():
     """numba's threading layers are not started: on Linux the first it tries is GNU OpenMP's,
-    a second OpenMP runtime beside the one torch ships, in one process."""
+    whose module loads the system's libgomp beside the one torch ships."""
     script = (
         "import torch\n"
         "from probe.probes import onepass\n"
