@@ -74,17 +74,6 @@ def _write_sample(out, i, ff, ss, yy, dd, ys, fs):  # pragma: no cover -- compil
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
-def _per_sample(part, i, rows, out):  # pragma: no cover -- compiled
-    """:func:`_write_sample` of sample ``i`` from its rows' sums ``part[:, rows]`` (ff, ss, yy,
-    dd, ys, fs)."""
-    sums = np.zeros(6)
-    for r in rows:
-        for q in range(6):
-            sums[q] += part[q, r]
-    _write_sample(out, i, sums[0], sums[1], sums[2], sums[3], sums[4], sums[5])
-
-
-@njit(fastmath=_FLAGS, nogil=True, cache=True)
 def block_rows(y, f, s, limit, moments, part, lo, hi):  # pragma: no cover -- compiled
     """Rows ``lo`` to ``hi`` (a row: sample r // C, channel r % C) of a block's statistics from
     y, F, S as [N, C, P] (positions contiguous): ``moments`` [4, N, C] gets mean and variance of
@@ -131,12 +120,18 @@ def block_rows(y, f, s, limit, moments, part, lo, hi):  # pragma: no cover -- co
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
 def block_samples(part, sample):  # pragma: no cover -- compiled
-    """The six per-sample quantities of :func:`_per_sample` into ``sample`` [6, N] from
-    :func:`block_rows`' sums ``part`` [6, N C] once all of its rows are done."""
+    """The six per-sample quantities of :func:`_write_sample` into ``sample`` [6, N] from
+    :func:`block_rows`' sums ``part`` [6, N C] (ff, ss, yy, dd, ys, fs of each row) once all of
+    its rows are done. A sample's rows lie side by side: each sum is one slice's."""
     n = sample.shape[1]
     c = part.shape[1] // n
     for i in range(n):
-        _per_sample(part, i, range(i * c, (i + 1) * c), sample)
+        lo = i * c
+        hi = lo + c
+        _write_sample(
+            sample, i, part[0, lo:hi].sum(), part[1, lo:hi].sum(), part[2, lo:hi].sum(),
+            part[3, lo:hi].sum(), part[4, lo:hi].sum(), part[5, lo:hi].sum(),
+        )  # fmt: skip
 
 
 @njit(fastmath=_FLAGS, nogil=True, cache=True)
