@@ -38,6 +38,10 @@ every block grouped (``grouped=True``), and the hand-written statistics hooks of
 paired with the unprobed twin, at each batch size: where grouping pays on the CPU. ``--grad``
 adds GradNorms, forward and backward.
 
+Part 6 (``--kernel-time 262144,2097152``, alone): the time inside the one-pass kernels' calls per
+pass and the pass against its unprobed twin, at each split threshold (``onepass.MIN_VALUES``);
+``--batch`` may exceed 64 here.
+
 Part 1 with ``--channels-last`` (alone): the model fed channels-last inputs, the eager statistics
 against their channel sums of squares taken by the norm kernel on strided rows, and block outputs
 kept in memory against non-finite row sums of a [N, -1] reshape (a copy of a channels-last map):
@@ -46,7 +50,7 @@ the ways both were taken before that layout had a path of its own.
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
        [--variants 'eager;torch formulas'] [--alone | --norms]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
-       [--channels-last]
+       [--channels-last] [--kernel-time 262144,2097152 [--batch 256]]
 """
 
 from __future__ import annotations
@@ -596,6 +600,60 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
             h.remove()
 
 
+def kernel_time(rounds: int, batch: int, min_values: list[int]) -> None:
+    """Part 6: the time inside the one-pass kernels' calls (``onepass.block_sums``) per pass of a
+    session with ResidualNorms + ChannelStats, and the pass against an unprobed twin timed right
+    before it, at each split threshold of ``min_values`` (``onepass.MIN_VALUES``; a value past
+    every call's size keeps every call on the calling thread), rounds interleaved."""
+    import probe.runtime
+
+    probe.runtime.tune_allocator()  # as the CLI runs
+    twin, blocks, _, _ = build("zoo")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    spent = [0.0]
+    block_sums = onepass.block_sums
+
+    def timed(*a):
+        t0 = time.perf_counter()
+        try:
+            return block_sums(*a)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    default = onepass.MIN_VALUES
+    session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
+    inside: dict[int, list[float]] = {m: [] for m in min_values}
+    above: dict[int, list[float]] = {m: [] for m in min_values}
+    print(f"\n## the kernels' calls per pass (ResNet-56, batch {batch}, {torch.get_num_threads()} "
+          f"threads; median ms)")  # fmt: skip
+    print(f"{'split from (values a thread)':>30s} {'in the calls':>13s} {'pass - twin':>12s}")
+    try:
+        session.__enter__()
+        onepass.block_sums = timed
+        for r in range(rounds + 2):
+            for m in min_values:
+                onepass.MIN_VALUES = m
+                t0 = time.perf_counter()
+                unprobed_pass(twin, x, y, False)
+                base = time.perf_counter() - t0
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                session.run_batch(x, y)
+                if r >= 2:  # two rounds of warm-up
+                    above[m].append((time.perf_counter() - t0 - base) * 1e3)
+                    inside[m].append(spent[0] * 1e3)
+    finally:
+        onepass.block_sums, onepass.MIN_VALUES = block_sums, default
+        session.close()
+    for m in min_values:
+        label = f"{m}" + (" (default)" if m == default else "")
+        print(
+            f"{label:>30s} {statistics.median(inside[m]):13.2f} {statistics.median(above[m]):12.2f}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -617,6 +675,12 @@ def main() -> None:
         "formulas')",
     )
     ap.add_argument(
+        "--kernel-time",
+        default="",
+        metavar="MIN_VALUES,...",
+        help="only part 6, at these split thresholds (e.g. '262144,2097152,1099511627776')",
+    )
+    ap.add_argument(
         "--channels-last",
         action="store_true",
         help="only part 1, on channels-last inputs, against the ways taken before that layout "
@@ -626,6 +690,15 @@ def main() -> None:
     sizes = [int(n) for n in args.batch_sizes.split(",")] if args.batch_sizes else []
     if args.rounds < 2:  # a round-by-round interval needs two rounds
         ap.error(f"--rounds must be at least 2; got {args.rounds}.")
+    if args.kernel_time:  # a batch of its own making: any size
+        thresholds = [int(v) for v in args.kernel_time.split(",")]
+        if args.batch < 1 or min(thresholds) < 1:
+            ap.error(
+                f"--batch and the thresholds must be positive; got {args.batch}, {thresholds}."
+            )
+        torch.set_num_threads(args.threads)
+        kernel_time(args.rounds, args.batch, thresholds)
+        return
     if not all(1 <= n <= 64 for n in [args.batch, *sizes]):  # the rows of compare.py's batch
         ap.error(f"batch sizes must lie in 1..64; got {args.batch} and {sizes or 'none'}.")
     torch.set_num_threads(args.threads)
