@@ -154,10 +154,12 @@ def _numpy_views(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> list[np.nd
         return None
 
 
-def _arrays(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[bool, list] | None:
-    """(rows?, numpy views [N, C, P] if rows else [N, P, C]) of ``tensors`` with channel axis
-    ``axis``, all of one supported dtype, shape and memory layout; None where a kernel does not
-    serve them. Taken with numpy's views: each torch view op costs a dispatch, and in a model's
+def _arrays(
+    tensors: tuple[torch.Tensor, ...], axis: int
+) -> tuple[bool, list, tuple[int, int, int]] | None:
+    """(rows?, numpy views [N, C, P] if rows else [N, P, C], (N, C, P)) of ``tensors`` with
+    channel axis ``axis``, all of one supported dtype, shape and memory layout; None where a
+    kernel does not serve them. Taken with numpy's views: each torch view op costs a dispatch, and in a model's
     pass, with Python's caches cold, those added up to ~1/5 of the kernels' own time."""
     arrays = _numpy_views(tensors, 3)
     if arrays is None:
@@ -167,12 +169,13 @@ def _arrays(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[bool, list] |
     if axis != 1:  # the channel axis second: a view
         order = (0, axis, *(d for d in range(1, len(shape)) if d != axis))
         arrays = [a.transpose(order) for a in arrays]
+    dims = (n, c, arrays[0].size // (n * c))
     if all(a.flags.c_contiguous for a in arrays):
-        return True, [a.reshape(n, c, -1) for a in arrays]
+        return True, [a.reshape(n, c, -1) for a in arrays], dims
     last = (0, *range(2, len(shape)), 1)  # channels last
     moved = [a.transpose(last) for a in arrays]
     if all(a.flags.c_contiguous for a in moved):
-        return False, [a.reshape(n, -1, c) for a in moved]
+        return False, [a.reshape(n, -1, c) for a in moved], dims
     return None
 
 
@@ -271,8 +274,7 @@ def block_sums(
     found = None if kernels is None else _arrays((y, f, s), axis)
     if found is None:
         return None
-    rows, (ya, fa, sa) = found
-    n, c, positions = (*ya.shape,) if rows else (ya.shape[0], ya.shape[2], ya.shape[1])
+    rows, (ya, fa, sa), (n, c, positions) = found
     moments_out = np.empty((4, n, c), dtype=ya.dtype)
     sample = np.empty((6, n), dtype=ya.dtype)
     limit, values = _limit(y.dtype, positions), 3 * ya.size
@@ -303,8 +305,7 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
     found = None if kernels is None else _arrays((t,), axis)
     if found is None:
         return None
-    rows, (a,) = found
-    n, c, positions = (*a.shape,) if rows else (a.shape[0], a.shape[2], a.shape[1])
+    rows, (a,), (n, c, positions) = found
     out = np.empty((2, n, c), dtype=a.dtype)
     kernel = kernels.moments_rows if rows else kernels.moments_columns
     if not _run(kernel, (a, _limit(t.dtype, positions), out), n * c if rows else n, a.size):
