@@ -548,6 +548,17 @@ def profile_ops(passes: int = 6, fused: bool = False, welford: bool = False) -> 
         print(f"  {t:7.2f}  {n:5d} calls  {key[:100]}")
 
 
+def _after_twin(twin: Callable[[], object], run: Callable[[], object]) -> tuple[float, float]:
+    """(seconds of ``twin``, seconds of ``run``), the unprobed twin timed right before the run:
+    their ratio, pair by pair, is immune to the drift of the machine between pairs."""
+    t0 = time.perf_counter()
+    twin()
+    base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run()
+    return base, time.perf_counter() - t0
+
+
 def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
     """Part 5: per call, the default grouping and every block grouped, by batch size; with
     ``grad`` also GradNorms, forward and backward (the twin takes the gradient w.r.t. the input,
@@ -583,13 +594,12 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
             base_ms = []
             for r in range(rounds + 2):
                 for name, fn in runs.items():
-                    t0 = time.perf_counter()
-                    unprobed_pass(twin, xb, yb, grad)
-                    base = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    fn(xb, yb)
+                    base, probed = _after_twin(
+                        functools.partial(unprobed_pass, twin, xb, yb, grad),
+                        functools.partial(fn, xb, yb),
+                    )
                     if r >= 2:  # two rounds of warm-up
-                        ratios[name].append((time.perf_counter() - t0) / base)
+                        ratios[name].append(probed / base)
                         base_ms.append(base * 1e3)
             cells = " ".join(f"{statistics.median(v):18.3f}" for v in ratios.values())
             print(f"{n:5d} {statistics.median(base_ms):8.1f} {cells}")
@@ -635,14 +645,13 @@ def kernel_time(rounds: int, batch: int, min_values: list[int]) -> None:
         for r in range(rounds + 2):
             for m in min_values:
                 onepass.MIN_VALUES = m
-                t0 = time.perf_counter()
-                unprobed_pass(twin, x, y, False)
-                base = time.perf_counter() - t0
                 spent[0] = 0.0
-                t0 = time.perf_counter()
-                session.run_batch(x, y)
+                base, probed = _after_twin(
+                    functools.partial(unprobed_pass, twin, x, y, False),
+                    functools.partial(session.run_batch, x, y),
+                )
                 if r >= 2:  # two rounds of warm-up
-                    above[m].append((time.perf_counter() - t0 - base) * 1e3)
+                    above[m].append((probed - base) * 1e3)
                     inside[m].append(spent[0] * 1e3)
     finally:
         onepass.block_sums, onepass.MIN_VALUES = block_sums, default
