@@ -38,9 +38,10 @@ every block grouped (``grouped=True``), and the hand-written statistics hooks of
 paired with the unprobed twin, at each batch size: where grouping pays on the CPU. ``--grad``
 adds GradNorms, forward and backward.
 
-Part 6 (``--kernel-time 262144,2097152``, alone): the time inside the one-pass kernels' calls per
-pass and the pass against its unprobed twin, at each split threshold (``onepass.MIN_VALUES``);
-``--batch`` may exceed 64 here.
+Part 6 (``--kernel-time team,thread,pool``, alone): the time inside the one-pass kernels' calls
+per pass and the pass against its unprobed twin, with the kernels on torch's OpenMP team (the
+default), all on the calling thread, or split on resprobe's pool from 2^18 values a thread
+(:data:`PLACES`); ``--batch`` may exceed 64 here.
 
 Part 1 with ``--channels-last`` (alone): the model fed channels-last inputs, the eager statistics
 against their channel sums of squares taken by the norm kernel on strided rows, and block outputs
@@ -50,7 +51,7 @@ the ways both were taken before that layout had a path of its own.
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
        [--variants 'eager;torch formulas'] [--alone | --norms]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
-       [--channels-last] [--kernel-time 262144,2097152 [--batch 256]]
+       [--channels-last] [--kernel-time team,thread,pool [--batch 256]]
 """
 
 from __future__ import annotations
@@ -610,11 +611,21 @@ def by_batch_size(sizes: list[int], rounds: int, grad: bool = False) -> None:
             h.remove()
 
 
-def kernel_time(rounds: int, batch: int, min_values: list[int]) -> None:
+# where part 6 runs the kernels: (onepass.TEAM_VALUES, onepass.MIN_VALUES) of each setting; a
+# threshold past every call's size turns that way off
+_NEVER = 1 << 40
+PLACES = {
+    "team": (None, None),  # the defaults: torch's OpenMP team from TEAM_VALUES on
+    "thread": (_NEVER, _NEVER),  # every call on the calling thread
+    "pool": (_NEVER, 1 << 18),  # no team; spans on resprobe's pool from 2^18 values a thread
+}
+
+
+def kernel_time(rounds: int, batch: int, places: list[str]) -> None:
     """Part 6: the time inside the one-pass kernels' calls (``onepass.block_sums``) per pass of a
     session with ResidualNorms + ChannelStats, and the pass against an unprobed twin timed right
-    before it, at each split threshold of ``min_values`` (``onepass.MIN_VALUES``; a value past
-    every call's size keeps every call on the calling thread), rounds interleaved."""
+    before it, with the kernels run in each of ``places`` (keys of :data:`PLACES`), rounds
+    interleaved."""
     import probe.runtime
 
     probe.runtime.tune_allocator()  # as the CLI runs
@@ -632,34 +643,37 @@ def kernel_time(rounds: int, batch: int, min_values: list[int]) -> None:
         finally:
             spent[0] += time.perf_counter() - t0
 
-    default = onepass.MIN_VALUES
+    default = onepass.TEAM_VALUES, onepass.MIN_VALUES
     session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
-    inside: dict[int, list[float]] = {m: [] for m in min_values}
-    above: dict[int, list[float]] = {m: [] for m in min_values}
+    inside: dict[str, list[float]] = {p: [] for p in places}
+    above: dict[str, list[float]] = {p: [] for p in places}
     print(f"\n## the kernels' calls per pass (ResNet-56, batch {batch}, {torch.get_num_threads()} "
           f"threads; median ms)")  # fmt: skip
-    print(f"{'split from (values a thread)':>30s} {'in the calls':>13s} {'pass - twin':>12s}")
+    print(f"{'kernels on':>12s} {'in the calls':>13s} {'pass - twin':>12s}")
     try:
         session.__enter__()
         onepass.block_sums = timed
         for r in range(rounds + 2):
-            for m in min_values:
-                onepass.MIN_VALUES = m
+            for place in places:
+                team, split = PLACES[place]
+                onepass.TEAM_VALUES = default[0] if team is None else team
+                onepass.MIN_VALUES = default[1] if split is None else split
                 spent[0] = 0.0
                 base, probed = _after_twin(
                     functools.partial(unprobed_pass, twin, x, y, False),
                     functools.partial(session.run_batch, x, y),
                 )
                 if r >= 2:  # two rounds of warm-up
-                    above[m].append((probed - base) * 1e3)
-                    inside[m].append(spent[0] * 1e3)
+                    above[place].append((probed - base) * 1e3)
+                    inside[place].append(spent[0] * 1e3)
     finally:
-        onepass.block_sums, onepass.MIN_VALUES = block_sums, default
+        onepass.block_sums = block_sums
+        onepass.TEAM_VALUES, onepass.MIN_VALUES = default
         session.close()
-    for m in min_values:
-        label = f"{m}" + (" (default)" if m == default else "")
+    for place in places:
         print(
-            f"{label:>30s} {statistics.median(inside[m]):13.2f} {statistics.median(above[m]):12.2f}"
+            f"{place:>12s} {statistics.median(inside[place]):13.2f} "
+            f"{statistics.median(above[place]):12.2f}"
         )
 
 
@@ -686,8 +700,8 @@ def main() -> None:
     ap.add_argument(
         "--kernel-time",
         default="",
-        metavar="MIN_VALUES,...",
-        help="only part 6, at these split thresholds (e.g. '262144,2097152,1099511627776')",
+        metavar="PLACE,...",
+        help="only part 6, with the kernels in these places: team, thread, pool",
     )
     ap.add_argument(
         "--channels-last",
@@ -700,13 +714,14 @@ def main() -> None:
     if args.rounds < 2:  # a round-by-round interval needs two rounds
         ap.error(f"--rounds must be at least 2; got {args.rounds}.")
     if args.kernel_time:  # a batch of its own making: any size
-        thresholds = [int(v) for v in args.kernel_time.split(",")]
-        if args.batch < 1 or min(thresholds) < 1:
-            ap.error(
-                f"--batch and the thresholds must be positive; got {args.batch}, {thresholds}."
-            )
+        places = args.kernel_time.split(",")
+        unknown = sorted(set(places) - set(PLACES))
+        if unknown:
+            ap.error(f"--kernel-time: unknown {unknown}; choose from {sorted(PLACES)}.")
+        if args.batch < 1:
+            ap.error(f"--batch must be positive; got {args.batch}.")
         torch.set_num_threads(args.threads)
-        kernel_time(args.rounds, args.batch, thresholds)
+        kernel_time(args.rounds, args.batch, places)
         return
     if not all(1 <= n <= 64 for n in [args.batch, *sizes]):  # the rows of compare.py's batch
         ap.error(f"batch sizes must lie in 1..64; got {args.batch} and {sizes or 'none'}.")

@@ -29,20 +29,24 @@ def _allocator_untouched(monkeypatch):
     monkeypatch.setattr(probe.runtime, "tune_allocator", lambda: False)
 
 
-def test_the_kernel_time_part_puts_the_kernels_and_their_threshold_back(capsys):
-    block_sums, default = onepass.block_sums, onepass.MIN_VALUES
-    parts.kernel_time(rounds=2, batch=2, min_values=[1, 2**40])
-    assert onepass.block_sums is block_sums and default == onepass.MIN_VALUES
+def _settings():
+    return onepass.block_sums, onepass.TEAM_VALUES, onepass.MIN_VALUES
+
+
+def test_the_kernel_time_part_puts_the_kernels_and_their_thresholds_back(capsys):
+    before = _settings()
+    parts.kernel_time(rounds=2, batch=2, places=list(parts.PLACES))
+    assert _settings() == before
     out = capsys.readouterr().out
     assert "batch 2" in out and out.count("\n") >= 4
 
 
 def test_the_kernel_time_part_puts_them_back_when_a_pass_fails(monkeypatch):
-    block_sums, default = onepass.block_sums, onepass.MIN_VALUES
+    before = _settings()
     monkeypatch.setattr(parts.probe.HookSession, "run_batch", lambda *a: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        parts.kernel_time(rounds=2, batch=2, min_values=[1])
-    assert onepass.block_sums is block_sums and default == onepass.MIN_VALUES
+        parts.kernel_time(rounds=2, batch=2, places=["pool"])
+    assert _settings() == before
 
 
 def test_skipping_the_kernel_zeroes_its_outputs_and_leaves_the_models_tensors_alone():

@@ -10,16 +10,19 @@ that row only (see :func:`_variance`).
 
 The kernels are serial and release the GIL: each takes a span ``[lo, hi)`` of its work items
 (rows, samples or pieces of a row) and writes only what those items own, so
-:mod:`probe.probes.onepass` can hand the spans of a large call to threads of its own. A
-kernel whose items leave per-sample partial sums has a ``*_samples`` step that adds them once
-every span is done. numba's parallel threading layers are not used: the one found first on Linux
-is GNU OpenMP, which binds to torch's OpenMP runtime and resets its thread count when it starts.
+:mod:`probe.probes.onepass` can hand the spans of a large call to torch's OpenMP team
+(:func:`team_entries`, below) or to threads of its own. A kernel whose items leave
+per-sample partial sums has a ``*_samples`` step that adds them once every span is done. numba's
+parallel threading layers are not used: the one found first on Linux is GNU OpenMP, which binds
+to torch's OpenMP runtime and resets its thread count when it starts.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 
 __all__ = [
     "block_rows",
@@ -29,6 +32,8 @@ __all__ = [
     "moments_columns",
     "products",
     "products_samples",
+    "team_entries",
+    "WORDS",
 ]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
@@ -251,3 +256,208 @@ def products_samples(part, root, out):  # pragma: no cover -- compiled
         for r in range(i * pieces, (i + 1) * pieces):
             ab += part[r]
         out[i] = np.sqrt(ab) if root else ab
+
+
+# -- torch's OpenMP team ------------------------------------------------------------------------
+# A kernel call inside a model's pass takes 0.2-0.6 ms on a ResNet-56 block; only a team of
+# threads that spin between torch's operations starts in time for that (threads woken from a
+# futex wake too late, docs/performance.md). torch's intra-op team is such a team, and OpenMP
+# offers it to any caller: GOMP_parallel(fn, data, threads, 0) runs fn(data) on the calling
+# thread and threads - 1 of the team's, without touching the runtime's settings (its thread
+# count, its nesting), which numba's OpenMP layer did and this does not.
+#
+# Each entry of team_entries() is such an fn. ``data`` points at one int64 array, a call's
+# descriptor: word 0, the next chunk to take (each thread takes chunks by an atomic add on it);
+# 1, the number of chunks (chunk k is items [items k / chunks, items (k + 1) / chunks)); 2, the
+# number of work items (as the kernel's lo, hi); 3-5, the inputs' shape: [N, C, P], [N, P, C], or
+# [N, M, pieces of a row]; 6, the variance limit (a float64's bits); 7-11, the addresses of the
+# kernel's arrays in the order of its arguments. Every thread takes chunks until none is left,
+# so a thread that starts late takes fewer and the calling thread never waits for work nobody
+# has begun; each item is written by the one thread that took it, so the numbers are those of one
+# serial call, bit for bit.
+
+WORDS = 12  # the descriptor's length
+
+
+@intrinsic
+def _words(typingctx, data):  # pragma: no cover -- compiled
+    """``data`` (a void pointer) as a pointer to int64 words."""
+    sig = types.CPointer(types.int64)(data)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, zero):  # pragma: no cover -- compiled
+    """The int64 ``address`` as a pointer to values of ``zero``'s type."""
+    sig = types.CPointer(zero)(address, zero)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@intrinsic
+def _take(typingctx, words):  # pragma: no cover -- compiled
+    """``words[0]``'s value before adding one to it, atomically: the next chunk's number."""
+    sig = types.int64(words)
+
+    def codegen(context, builder, signature, args):
+        first = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.atomic_rmw("add", first, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return sig, codegen
+
+
+_TEAM_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
+
+
+@njit(**_TEAM_OPTIONS)
+def _descriptor(data):  # pragma: no cover -- compiled
+    """The call's descriptor and its variance limit."""
+    words = carray(_words(data), (WORDS,))
+    return words, words[6:7].view(np.float64)[0]
+
+
+@njit(**_TEAM_OPTIONS)
+def _chunk(words):  # pragma: no cover -- compiled
+    """The next chunk's span ``(lo, hi)`` of items, or ``(0, 0)`` where none is left."""
+    k = _take(words)
+    chunks, items = words[1], words[2]
+    if k >= chunks:
+        return 0, 0
+    return items * k // chunks, items * (k + 1) // chunks
+
+
+@njit(**_TEAM_OPTIONS)
+def _block_rows_team(data, zero):  # pragma: no cover -- compiled
+    words, limit = _descriptor(data)
+    n, c, p = words[3], words[4], words[5]
+    y = carray(_pointer(words[7], zero), (n, c, p))
+    f = carray(_pointer(words[8], zero), (n, c, p))
+    s = carray(_pointer(words[9], zero), (n, c, p))
+    moments = carray(_pointer(words[10], zero), (4, n, c))
+    part = carray(_pointer(words[11], np.float64(0)), (6, n * c))
+    lo, hi = _chunk(words)
+    while hi > lo:
+        block_rows(y, f, s, limit, moments, part, lo, hi)
+        lo, hi = _chunk(words)
+
+
+@njit(**_TEAM_OPTIONS)
+def _block_columns_team(data, zero):  # pragma: no cover -- compiled
+    words, limit = _descriptor(data)
+    n, p, c = words[3], words[4], words[5]
+    y = carray(_pointer(words[7], zero), (n, p, c))
+    f = carray(_pointer(words[8], zero), (n, p, c))
+    s = carray(_pointer(words[9], zero), (n, p, c))
+    moments = carray(_pointer(words[10], zero), (4, n, c))
+    sample = carray(_pointer(words[11], zero), (6, n))
+    lo, hi = _chunk(words)
+    while hi > lo:
+        block_columns(y, f, s, limit, moments, sample, lo, hi)
+        lo, hi = _chunk(words)
+
+
+@njit(**_TEAM_OPTIONS)
+def _moments_rows_team(data, zero):  # pragma: no cover -- compiled
+    words, limit = _descriptor(data)
+    n, c, p = words[3], words[4], words[5]
+    t = carray(_pointer(words[7], zero), (n, c, p))
+    moments = carray(_pointer(words[8], zero), (2, n, c))
+    lo, hi = _chunk(words)
+    while hi > lo:
+        moments_rows(t, limit, moments, lo, hi)
+        lo, hi = _chunk(words)
+
+
+@njit(**_TEAM_OPTIONS)
+def _moments_columns_team(data, zero):  # pragma: no cover -- compiled
+    words, limit = _descriptor(data)
+    n, p, c = words[3], words[4], words[5]
+    t = carray(_pointer(words[7], zero), (n, p, c))
+    moments = carray(_pointer(words[8], zero), (2, n, c))
+    lo, hi = _chunk(words)
+    while hi > lo:
+        moments_columns(t, limit, moments, lo, hi)
+        lo, hi = _chunk(words)
+
+
+@njit(**_TEAM_OPTIONS)
+def _products_team(data, zero):  # pragma: no cover -- compiled
+    words = carray(_words(data), (WORDS,))
+    n, m, pieces = words[3], words[4], words[5]
+    a = carray(_pointer(words[7], zero), (n, m))
+    b = carray(_pointer(words[8], zero), (n, m))
+    part = carray(_pointer(words[9], np.float64(0)), (n * pieces,))
+    lo, hi = _chunk(words)
+    while hi > lo:
+        products(a, b, part, lo, hi)
+        lo, hi = _chunk(words)
+
+
+def team_entries() -> dict[tuple[object, np.dtype], int]:
+    """(kernel, dtype of its inputs) -> the address of its team entry, ``void entry(void *data)``
+    for ``GOMP_parallel``: the kernel over the chunks of the call that ``data`` describes (see
+    "Torch's OpenMP team" above). Compiled at the first call (numba caches them beside the
+    kernels: one source file, so a change to a kernel recompiles its entries too)."""
+    signature = types.void(types.voidptr)
+    options = {"nopython": True, "cache": True, "error_model": "numpy"}
+
+    @cfunc(signature, **options)
+    def block_rows_32(data):  # pragma: no cover -- compiled
+        _block_rows_team(data, np.float32(0))
+
+    @cfunc(signature, **options)
+    def block_rows_64(data):  # pragma: no cover -- compiled
+        _block_rows_team(data, np.float64(0))
+
+    @cfunc(signature, **options)
+    def block_columns_32(data):  # pragma: no cover -- compiled
+        _block_columns_team(data, np.float32(0))
+
+    @cfunc(signature, **options)
+    def block_columns_64(data):  # pragma: no cover -- compiled
+        _block_columns_team(data, np.float64(0))
+
+    @cfunc(signature, **options)
+    def moments_rows_32(data):  # pragma: no cover -- compiled
+        _moments_rows_team(data, np.float32(0))
+
+    @cfunc(signature, **options)
+    def moments_rows_64(data):  # pragma: no cover -- compiled
+        _moments_rows_team(data, np.float64(0))
+
+    @cfunc(signature, **options)
+    def moments_columns_32(data):  # pragma: no cover -- compiled
+        _moments_columns_team(data, np.float32(0))
+
+    @cfunc(signature, **options)
+    def moments_columns_64(data):  # pragma: no cover -- compiled
+        _moments_columns_team(data, np.float64(0))
+
+    @cfunc(signature, **options)
+    def products_32(data):  # pragma: no cover -- compiled
+        _products_team(data, np.float32(0))
+
+    @cfunc(signature, **options)
+    def products_64(data):  # pragma: no cover -- compiled
+        _products_team(data, np.float64(0))
+
+    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+    return {
+        (block_rows, f32): block_rows_32.address,
+        (block_rows, f64): block_rows_64.address,
+        (block_columns, f32): block_columns_32.address,
+        (block_columns, f64): block_columns_64.address,
+        (moments_rows, f32): moments_rows_32.address,
+        (moments_rows, f64): moments_rows_64.address,
+        (moments_columns, f32): moments_columns_32.address,
+        (moments_columns, f64): moments_columns_64.address,
+        (products, f32): products_32.address,
+        (products, f64): products_64.address,
+    }

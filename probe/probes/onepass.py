@@ -20,18 +20,25 @@ contiguous) or channel-last (a channels-last map, a [N, T, C] token tensor); any
 every call when numba is absent or ``RESPROBE_ONEPASS=0`` is set. Each kernel is compiled on its
 first call (about a second; numba caches it on disk, so later processes load it).
 
-**Threads.** The kernels are serial and release the GIL. A call that reads enough values to
-repay a hand-off (:data:`MIN_VALUES` per thread) is cut into spans of rows or samples, one per
-thread of torch's intra-op count, the calling thread taking the first and a small pool of this
-module's the others. A row is always summed whole by one thread, so the numbers do not depend on
-the thread count. numba's own threading layers are not used: the one it picks first on Linux,
-GNU OpenMP, binds to the OpenMP runtime torch loaded and, when it starts, sets that runtime's
-thread count to every core and its nesting to 255 levels, overriding ``torch.set_num_threads``
-(a rank given one thread ran torch's ops on two).
+**Threads.** The kernels are serial and release the GIL. Where torch runs on several threads, a
+call runs on torch's own OpenMP team (:class:`_Team`), one thread per :data:`TEAM_VALUES` values
+it reads up to torch's count: ``GOMP_parallel`` of the runtime torch loaded, each thread
+taking chunks of the call's rows or samples until none is left
+(:func:`probe.probes._onepass_kernels.team_entries`). That team spins between torch's
+operations, so it starts on a block's sub-millisecond call in time, and none of its settings is
+touched. Where it does not serve (not OpenMP, not Linux,
+``RESPROBE_ONEPASS_TEAM=0``, a forked child), a call that reads :data:`MIN_VALUES` values per
+thread is cut into spans on the calling thread and a small pool of this module's. A row is always
+summed whole by one thread, so the numbers do not depend on the thread count or the place. numba's
+own threading layers are not used: the one it picks first on Linux, GNU OpenMP, binds to the
+OpenMP runtime torch loaded and, when it starts, sets that runtime's thread count to every core
+and its nesting to 255 levels, overriding ``torch.set_num_threads`` (a rank given one thread ran
+torch's ops on two).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
 import logging
@@ -56,6 +63,8 @@ __all__ = [
     "norm",
     "ENV",
     "MIN_VALUES",
+    "TEAM_ENV",
+    "TEAM_VALUES",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,11 @@ _FLOAT64_LIMIT = 16.0
 # values a call at batch 64): the pool's threads wake from a futex and share the cores with
 # torch's spinning OpenMP team (docs/performance.md, "The kernels' threads")
 MIN_VALUES = 1 << 21
+TEAM_ENV = "RESPROBE_ONEPASS_TEAM"  # "0": the kernels never run on torch's OpenMP team
+# the values a call reads per thread of torch's OpenMP team it takes: under it, a thread's start
+# costs about what it saves (a ResNet-56 block at batch 64, 0.8-3 M values, takes two threads)
+TEAM_VALUES = 1 << 16
+CHUNKS = 4  # chunks per thread of a call on the team: a thread that starts late takes fewer
 
 
 class OnePassWarning(UserWarning):
@@ -159,8 +173,9 @@ def _arrays(
 ) -> tuple[bool, list, tuple[int, int, int]] | None:
     """(rows?, numpy views [N, C, P] if rows else [N, P, C], (N, C, P)) of ``tensors`` with
     channel axis ``axis``, all of one supported dtype, shape and memory layout; None where a
-    kernel does not serve them. Taken with numpy's views: each torch view op costs a dispatch, and in a model's
-    pass, with Python's caches cold, those added up to ~1/5 of the kernels' own time."""
+    kernel does not serve them. Taken with numpy's views: each torch view op costs a dispatch,
+    and in a model's pass, with Python's caches cold, those added up to ~1/5 of the kernels' own
+    time."""
     arrays = _numpy_views(tensors, 3)
     if arrays is None:
         return None
@@ -185,9 +200,10 @@ def _limit(dtype: torch.dtype, positions: int) -> float:
 
 
 class _Pool:
-    """The threads that take the spans of a split call after the calling thread's: made at the
-    first split call, grown when torch's count grows, and made anew in a forked child (a fork
-    keeps the executor but not its threads, whose queue nobody would empty)."""
+    """The threads that take the spans of a split call after the calling thread's, where torch's
+    OpenMP team cannot (:class:`_Team`): made at the first split call, grown when torch's count
+    grows, and made anew in a forked child (a fork keeps the executor but not its threads, whose
+    queue nobody would empty)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -208,6 +224,116 @@ class _Pool:
 _POOL = _Pool()
 
 
+_RUNTIMES = ("libgomp", "libiomp5", "libomp")  # OpenMP runtimes that offer GOMP_parallel
+
+
+def _loaded_libraries() -> set[str]:
+    """The paths of the shared libraries this process has loaded (empty off Linux)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split(maxsplit=5)[-1].strip() for line in maps if ".so" in line}
+    except OSError:
+        return set()
+
+
+def _torchs_runtime(loaded: set[str], home: str) -> str | None:
+    """Which of the ``loaded`` libraries is the OpenMP runtime torch runs on: the one loaded, or
+    where several are, the one under torch's directory ``home`` (a wheel's torch/lib); None
+    where that is not certain."""
+    found = {p for p in loaded if os.path.basename(p).startswith(_RUNTIMES)}
+    if len(found) > 1:
+        found = {p for p in found if os.path.realpath(p).startswith(home + os.sep)}
+    return found.pop() if len(found) == 1 else None
+
+
+def _openmp_runtime() -> ctypes.CDLL | None:
+    """torch's OpenMP runtime, already loaded in this process; None where torch's parallel
+    backend is not OpenMP, off Linux, or where the runtime is not certain."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    home = os.path.dirname(os.path.realpath(torch.__file__))
+    path = _torchs_runtime(_loaded_libraries(), home)
+    if path is None:
+        log.debug("one-pass kernels: no OpenMP runtime of torch's found")
+        return None
+    try:
+        # RTLD_NOLOAD: the runtime already loaded, never a second copy
+        runtime = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        parallel = runtime.GOMP_parallel
+    except (OSError, AttributeError) as e:
+        log.debug("one-pass kernels: torch's OpenMP runtime %s is not usable (%s)", path, e)
+        return None
+    parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    parallel.restype = None
+    return runtime
+
+
+class _Team:
+    """torch's own OpenMP team, where this process may hand it a kernel's chunks: its threads
+    spin between torch's operations, so they start on a block's 0.2-0.6 ms call in time, where a
+    thread woken from a futex does not (docs/performance.md, "The kernels' threads").
+
+    Only ``GOMP_parallel`` is called, with the thread count given per call: the runtime's own
+    settings (torch's thread count, its nesting) are left as they are. Never used in a forked
+    child: there the parent's team is gone while the runtime still counts on it (torch's own
+    parallel operations hang in such a child), so the child's calls take :class:`_Pool`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._entries: dict | None = None
+        self._parallel = None
+        self._tried = False
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        self._pid = -1
+
+    def entry(self, kernel, dtype: np.dtype) -> int | None:
+        """The address of ``kernel``'s team entry for inputs of ``dtype``; None where the team
+        does not serve this process (see the class)."""
+        if self._pid != os.getpid():
+            return None
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self._load()
+        return None if self._entries is None else self._entries.get((kernel, dtype))
+
+    def _load(self) -> None:
+        runtime = None if os.environ.get(TEAM_ENV, "1").strip() == "0" else _openmp_runtime()
+        if runtime is not None:
+            kernels = _module()
+            try:
+                entries = None if kernels is None else kernels.team_entries()
+            except Exception as e:  # noqa: BLE001 -- entries that fail to build: the pool serves
+                log.debug("one-pass kernels: no team entries (%s)", e)
+            else:
+                self._parallel, self._entries = runtime.GOMP_parallel, entries
+        self._tried = True
+
+    def run(self, entry: int, args: tuple, items: int, threads: int) -> None:
+        """``entry``'s kernel over ``items`` work items of ``args`` (arrays, the variance limit)
+        in chunks on ``threads`` threads of the team, the calling thread one of them."""
+        words = np.zeros(_module().WORDS, dtype=np.int64)
+        words[1], words[2] = min(items, CHUNKS * threads), items
+        shape = args[0].shape  # [N, C, P] or [N, P, C]; [N, M] and its pieces per row
+        words[3:6] = shape if len(shape) == 3 else (*shape, items // shape[0])
+        k = 7
+        for a in args:
+            if isinstance(a, np.ndarray):
+                words[k] = a.ctypes.data
+                k += 1
+            else:
+                words[6:7].view(np.float64)[0] = a
+        self._parallel(entry, words.ctypes.data, threads, 0)
+
+
+_TEAM = _Team()
+
+
 def _spans(items: int, values: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` spans of ``items`` work items, one per thread that a call reading ``values``
     values repays (:data:`MIN_VALUES` each), up to torch's intra-op count."""
@@ -216,25 +342,42 @@ def _spans(items: int, values: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def _on_team(kernel, args: tuple, items: int, values: int) -> bool:
+    """Whether ``kernel`` ran on torch's OpenMP team: on one thread of torch's count for every
+    :data:`TEAM_VALUES` values the call reads (at most one per item), where that is two or more,
+    the team serves this process and the arrays are contiguous."""
+    threads = min(torch.get_num_threads(), items, values // max(TEAM_VALUES, 1))
+    if threads < 2:
+        return False
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    entry = _TEAM.entry(kernel, arrays[0].dtype)
+    if entry is None or not all(a.flags.c_contiguous for a in arrays):
+        return False
+    _TEAM.run(entry, args, items, threads)
+    return True
+
+
 def _run(
     kernel, args: tuple, items: int, values: int, finish: Callable[[], None] | None = None
 ) -> bool:
-    """``kernel(*args, lo, hi)`` over ``items`` work items, in spans on as many threads as
-    :func:`_spans` gives, then ``finish()``; False (and the kernels off, with a warning) where a
-    kernel fails to compile or run."""
-    spans = _spans(items, values)
+    """``kernel(*args, lo, hi)`` over ``items`` work items: on torch's OpenMP team where it
+    serves (:func:`_on_team`), else in spans on as many threads as :func:`_spans` gives, then
+    ``finish()``; False (and the kernels off, with a warning) where a kernel fails to compile or
+    run."""
     try:
-        if len(spans) == 1:
-            kernel(*args, 0, items)
-        else:
-            pool = _POOL.get(len(spans) - 1)
-            futures = [pool.submit(kernel, *args, lo, hi) for lo, hi in spans[1:]]
-            try:
-                kernel(*args, *spans[0])
-            finally:
-                wait(futures)  # no span may still write into the outputs after a return
-            for future in futures:
-                future.result()  # raises a span's failure
+        if not _on_team(kernel, args, items, values):
+            spans = _spans(items, values)
+            if len(spans) == 1:
+                kernel(*args, 0, items)
+            else:
+                pool = _POOL.get(len(spans) - 1)
+                futures = [pool.submit(kernel, *args, lo, hi) for lo, hi in spans[1:]]
+                try:
+                    kernel(*args, *spans[0])
+                finally:
+                    wait(futures)  # no span may still write into the outputs after a return
+                for future in futures:
+                    future.result()  # raises a span's failure
         if finish is not None:
             finish()
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves

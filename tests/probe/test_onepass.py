@@ -245,24 +245,109 @@ def threads():
     torch.set_num_threads(before)
 
 
+def _team_serves() -> bool:
+    return onepass._TEAM.entry(onepass._module().block_rows, np.dtype(np.float32)) is not None
+
+
+@pytest.fixture(params=["team", "pool"])
+def place(request, monkeypatch):
+    """Where a split call's other spans run: torch's OpenMP team (from any size on) or resprobe's
+    pool (the team off); yields the list each call that went there appends to."""
+    used = []
+    if request.param == "team":
+        if not _team_serves():
+            pytest.skip("torch's OpenMP team does not serve this process")
+        monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
+        run = onepass._TEAM.run
+        monkeypatch.setattr(onepass._TEAM, "run", lambda *a: used.append(a[3]) or run(*a))
+    else:
+        monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)
+        monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+        get = onepass._POOL.get
+        monkeypatch.setattr(onepass._POOL, "get", lambda n: used.append(n + 1) or get(n))
+    yield used
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kernel", list(_every_kernel()))
 def test_a_call_split_across_threads_gives_one_threads_numbers_bit_for_bit(
-    kernel, dtype, threads, monkeypatch
+    kernel, dtype, threads, place
 ):
     """A row is summed by one thread whatever the split, so the thread count changes no bit."""
     call = _every_kernel(dtype)[kernel]
     threads(1)
     want = call()
-    monkeypatch.setattr(onepass, "MIN_VALUES", 1)  # any call splits
+    assert not place  # one thread: no split
     threads(3)
-    used = []
-    get = onepass._POOL.get
-    monkeypatch.setattr(onepass._POOL, "get", lambda n: used.append(n) or get(n))
     got = call()
-    assert used and used[0] == 2  # the calling thread and two of the pool's
+    assert place and place[0] == 3  # the calling thread and two others
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux")
+    or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's team is used on Linux with torch's OpenMP backend",
+)
+def test_torchs_openmp_team_serves_where_torch_runs_on_openmp():
+    assert _team_serves()
+    runtime = onepass._openmp_runtime()
+    assert runtime is not None
+    assert runtime.omp_get_max_threads() == torch.get_num_threads()  # torch's own runtime
+
+
+def test_a_call_takes_one_thread_of_the_team_per_team_values_it_reads(threads, monkeypatch):
+    if not _team_serves():
+        pytest.skip("torch's OpenMP team does not serve this process")
+    taken = []
+    monkeypatch.setattr(onepass._TEAM, "run", lambda entry, args, items, n: taken.append(n))
+    kernel, a = onepass._module().moments_rows, np.zeros((4, 8, 16), np.float32)
+    args, k = (a, 1.0, np.zeros((2, 4, 8), np.float32)), onepass.TEAM_VALUES
+    threads(4)
+    assert not onepass._on_team(kernel, args, 32, 2 * k - 1)  # one thread's worth: not handed
+    assert onepass._on_team(kernel, args, 32, 3 * k) and taken == [3]
+    assert onepass._on_team(kernel, args, 32, 100 * k) and taken == [3, 4]  # <= torch's count
+    assert onepass._on_team(kernel, args, 2, 100 * k) and taken == [3, 4, 2]  # <= items
+    threads(1)
+    assert not onepass._on_team(kernel, args, 32, 100 * k)
+    threads(4)
+    assert not onepass._on_team(kernel, (a[:, :, ::2], 1.0, args[2]), 32, 100 * k)  # strided
+
+
+def test_the_runtime_is_the_one_loaded_or_torchs_own_copy():
+    home = "/env/site-packages/torch"
+    ours, system = f"{home}/lib/libgomp-a34b3233.so.1", "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    other = "/usr/lib/libfoo.so"
+    assert onepass._torchs_runtime({system, other}, home) == system
+    assert onepass._torchs_runtime({ours, system, other}, home) == ours
+    assert onepass._torchs_runtime({system, "/opt/libiomp5.so"}, home) is None  # which one?
+    assert onepass._torchs_runtime({other}, home) is None
+    assert onepass._torchs_runtime({f"{home}2/lib/libgomp.so.1", system}, home) is None
+
+
+def test_the_environment_keeps_the_kernels_off_torchs_team(monkeypatch):
+    monkeypatch.setenv(onepass.TEAM_ENV, "0")
+    team = onepass._Team()
+    assert team.entry(onepass._module().block_rows, np.dtype(np.float32)) is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
+def test_torchs_openmp_settings_are_left_as_they_were(threads, monkeypatch):
+    """Only GOMP_parallel is called, with the count given per call: the runtime's thread count,
+    nesting and active levels stay as torch (or the user) set them."""
+    if not _team_serves():
+        pytest.skip("torch's OpenMP team does not serve this process")
+    runtime = onepass._openmp_runtime()
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
+    for count in (3, 1, 2):
+        threads(count)
+        levels, nested = runtime.omp_get_max_active_levels(), runtime.omp_get_nested()
+        for call in _every_kernel().values():
+            call()
+        assert torch.get_num_threads() == runtime.omp_get_max_threads() == count
+        assert runtime.omp_get_max_active_levels() == levels
+        assert runtime.omp_get_nested() == nested
 
 
 def test_torchs_thread_count_is_left_as_it_was_set(threads, monkeypatch):
@@ -290,8 +375,7 @@ def test_a_call_too_small_to_repay_a_hand_off_stays_on_the_calling_thread(thread
     assert onepass.block_sums(f, s, y, 1) is not None
 
 
-def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, monkeypatch):
-    monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, place):
     threads(2)
     calls = _every_kernel()
     want = {k: call() for k, call in calls.items()}
@@ -310,6 +394,7 @@ def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, monke
     for t in workers:
         t.join()
     assert not errors and len(results) == 3 * 10 * len(calls)
+    assert len(place) == (3 * 10 + 1) * len(calls)  # every call split
     for k, got in results:
         for g, w in zip(got, want[k], strict=True):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
@@ -326,6 +411,7 @@ def test_a_span_failing_on_a_pool_thread_warns_once_and_torch_serves(threads, mo
 
     monkeypatch.setattr(onepass, "_failed", False)
     monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)  # the pool's spans, not the team's
     monkeypatch.setattr(module, "moments_rows", fails_after_the_first_span)
     threads(2)
     with pytest.warns(onepass.OnePassWarning, match="a span's kernel broke"):
@@ -347,30 +433,35 @@ def test_a_pool_grown_for_one_call_still_takes_the_spans_of_another():
 
 def _child_norm(queue, t) -> None:
     out = onepass.norm(t)
-    queue.put(None if out is None else out.tolist())
+    team = onepass._TEAM.entry(onepass._module().products, np.dtype(np.float32))
+    queue.put((None if out is None else out.tolist(), team))
 
 
 def test_a_forked_child_splits_its_calls_on_threads_of_its_own(threads, monkeypatch):
-    """A fork keeps the parent's pool but not its threads: the child must not hand spans to a
-    queue no thread empties (it would wait for ever). The child runs no torch op of its own:
-    torch's OpenMP pool does not survive a fork either."""
+    """A fork keeps the parent's pool and OpenMP team but not their threads: the child must hand
+    its spans neither to a queue no thread empties nor to a team that is gone (torch's own
+    parallel operations hang in such a child). The child runs no torch op of its own."""
     import multiprocessing
 
     monkeypatch.setattr(onepass, "MIN_VALUES", 1)
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
     threads(2)
     t = torch.randn(4, 3 * 16384, generator=torch.Generator().manual_seed(3))
-    want = onepass.norm(t).tolist()  # the parent's pool exists now
+    want = onepass.norm(t).tolist()  # on the parent's team, where it serves
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)
+    assert onepass.norm(t).tolist() == want  # the parent's pool exists now
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_norm, args=(queue, t))
     child.start()
     try:
-        got = queue.get(timeout=60)
+        got, team = queue.get(timeout=60)
     finally:
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
-    assert got == want and child.exitcode == 0
+    assert got == want and team is None and child.exitcode == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
