@@ -65,7 +65,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
 import probe
@@ -197,13 +196,12 @@ def _kernel_only(f, s, y, axis):
     )
 
 
-def _kernel_skipped(kernel, args, items, values, finish=None) -> bool:
-    """The kernel not run, its outputs zeros: what the Python around it costs in the pass. The
-    outputs are the arrays the wrapper made (numpy owns their memory; the inputs are views of the
-    model's tensors)."""
-    for a in (*args, *(finish.args if finish is not None else ())):
-        if isinstance(a, np.ndarray) and a.flags.owndata:
-            a.fill(0)
+def _kernel_skipped(kernel, dtype, words, data, outputs, items, values) -> bool:
+    """The kernel not run, its outputs zeros: what the Python around it costs in the pass (the
+    outputs are the arrays the wrapper made; the inputs, views of the model's tensors, are not
+    among them)."""
+    for a in outputs:
+        a.fill(0)
     return True
 
 
@@ -216,7 +214,7 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] =
     "eager": (BOTH, ()),
     "hooks, no arithmetic": ((_HooksOnly,), ()),
     "kernel, results unused": (BOTH, (("_onepass_block", _kernel_only),)),
-    "kernel skipped": (BOTH, (("onepass._run", _kernel_skipped),)),
+    "kernel skipped": (BOTH, (("onepass._launch", _kernel_skipped),)),
     "ResidualNorms alone": ((probe.ResidualNorms,), ()),
     "ChannelStats alone": ((probe.ChannelStats,), ()),
     "torch formulas": (BOTH, (_TORCH,)),

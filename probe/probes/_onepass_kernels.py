@@ -3,18 +3,18 @@
 Each kernel reads its tensors once, element by element, and keeps every sum a statistic needs in
 float64 accumulators: a row's sum and sum of squares for the channel moments, and for a block
 the sums of squares of F, S, y and y - S and the products y.S and F.S. Two memory layouts are
-served, both as numpy views of the tensors (no copy): "rows", a channel-first map [N, C, P] whose
+served, both as views of the tensors' memory (no copy): "rows", a channel-first map [N, C, P] whose
 positions are contiguous, and "columns", [N, P, C], a channels-last map or a [N, T, C] token
 tensor. A variance whose one-pass formula would cancel is taken again by the two-pass formula on
 that row only (see :func:`_variance`).
 
 The kernels are serial and release the GIL: each takes a span ``[lo, hi)`` of its work items
-(rows, samples or pieces of a row) and writes only what those items own, so
-:mod:`probe.probes.onepass` can hand the spans of a large call to torch's OpenMP team
-(:func:`team_entries`, below) or to threads of its own. A kernel whose items leave
-per-sample partial sums has a ``*_samples`` step that adds them once every span is done. numba's
-parallel threading layers are not used: the one found first on Linux is GNU OpenMP, which binds
-to torch's OpenMP runtime and resets its thread count when it starts.
+(rows, samples or pieces of a row) and writes only what those items own. A kernel whose items
+leave per-sample partial sums has a ``*_samples`` step that adds them once every span is done.
+:mod:`probe.probes.onepass` calls them through :func:`entry` (below), C functions that take a
+call's chunks on whichever threads enter them: the calling thread, resprobe's pool, or torch's
+own OpenMP team. numba's parallel threading layers are not used: the one found first on Linux is
+GNU OpenMP, which binds to torch's OpenMP runtime and resets its thread count when it starts.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ __all__ = [
     "moments_columns",
     "products",
     "products_samples",
-    "team_entries",
+    "entry",
     "WORDS",
+    "ARRAYS",
 ]
 
 # Reassociation lets LLVM vectorise the sums (several partial sums per row, added at the end);
@@ -258,25 +259,28 @@ def products_samples(part, root, out):  # pragma: no cover -- compiled
         out[i] = np.sqrt(ab) if root else ab
 
 
-# -- torch's OpenMP team ------------------------------------------------------------------------
-# A kernel call inside a model's pass takes 0.2-0.6 ms on a ResNet-56 block; only a team of
-# threads that spin between torch's operations starts in time for that (threads woken from a
-# futex wake too late, docs/performance.md). torch's intra-op team is such a team, and OpenMP
-# offers it to any caller: GOMP_parallel(fn, data, threads, 0) runs fn(data) on the calling
-# thread and threads - 1 of the team's, without touching the runtime's settings (its thread
-# count, its nesting), which numba's OpenMP layer did and this does not.
-#
-# Each entry of team_entries() is such an fn. ``data`` points at one int64 array, a call's
-# descriptor: word 0, the next chunk to take (each thread takes chunks by an atomic add on it);
-# 1, the number of chunks (chunk k is items [items k / chunks, items (k + 1) / chunks)); 2, the
-# number of work items (as the kernel's lo, hi); 3-5, the inputs' shape: [N, C, P], [N, P, C], or
-# [N, M, pieces of a row]; 6, the variance limit (a float64's bits); 7-11, the addresses of the
-# kernel's arrays in the order of its arguments. Every thread takes chunks until none is left,
-# so a thread that starts late takes fewer and the calling thread never waits for work nobody
-# has begun; each item is written by the one thread that took it, so the numbers are those of one
-# serial call, bit for bit.
+# -- entries: a call described by one array of words, on any threads ----------------------------
+# probe.probes.onepass calls a kernel through an entry, a C function ``void entry(void *data)``
+# (a numba cfunc): directly on the calling thread, on resprobe's pool, or on torch's own OpenMP
+# team through GOMP_parallel(entry, data, threads, 0). ``data`` points at one int64 array, the
+# call's descriptor (WORDS words):
+#   0      the next chunk to take (each thread takes chunks by an atomic add on it)
+#   1      the number of chunks: chunk k is items [items k / chunks, items (k + 1) / chunks)
+#   2      the number of work items (rows, samples or pieces of a row: the kernel's lo, hi)
+#   3-5    the inputs' shape: [N, C, P], [N, P, C], or [N, M, pieces of a row]
+#   6      the variance limit (a float64's bits), or for products 1 where the sum is rooted
+#   7      the chunks done (an atomic add after each: the thread that does the last one finishes
+#          the call, e.g. block_samples, once every other chunk's writes are seen)
+#   8-13   the addresses of the kernel's arrays, in the order of its arguments
+# Every thread that enters takes chunks until none is left, so a thread that starts late takes
+# fewer and the calling thread never waits for work nobody has begun; each item is written by
+# the one thread that took it, so the numbers are those of one serial call, bit for bit. The
+# Python around a call is a descriptor and one foreign call, where a numba dispatcher would check
+# the type of each of eight arguments (in a model's pass, with Python's caches cold, the wrapper
+# around a kernel had cost more than the kernel; docs/performance.md).
 
-WORDS = 12  # the descriptor's length
+WORDS = 14  # the descriptor's length
+ARRAYS = 8  # the word of the first array's address
 
 
 @intrinsic
@@ -302,162 +306,204 @@ def _pointer(typingctx, address, zero):  # pragma: no cover -- compiled
 
 
 @intrinsic
-def _take(typingctx, words):  # pragma: no cover -- compiled
-    """``words[0]``'s value before adding one to it, atomically: the next chunk's number."""
-    sig = types.int64(words)
+def _add_one(typingctx, words, index):  # pragma: no cover -- compiled
+    """``words[index]``'s value before adding one to it, atomically, with acquire-release order:
+    the writes a thread made before its add are seen by the thread whose add comes later."""
+    sig = types.int64(words, index)
 
     def codegen(context, builder, signature, args):
         first = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.atomic_rmw("add", first, ir.Constant(ir.IntType(64), 1), "monotonic")
+        word = builder.gep(first, [args[1]])
+        one = ir.Constant(ir.IntType(64), 1)
+        return builder.atomic_rmw("add", word, one, "acq_rel")
 
     return sig, codegen
 
 
-_TEAM_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
+_ENTRY_OPTIONS = {"nogil": True, "cache": True, "error_model": "numpy"}
 
 
-@njit(**_TEAM_OPTIONS)
+@njit(**_ENTRY_OPTIONS)
 def _descriptor(data):  # pragma: no cover -- compiled
-    """The call's descriptor and its variance limit."""
+    """The call's descriptor, and word 6 read as a float64 (the variance limit)."""
     words = carray(_words(data), (WORDS,))
     return words, words[6:7].view(np.float64)[0]
 
 
-@njit(**_TEAM_OPTIONS)
+@njit(**_ENTRY_OPTIONS)
 def _chunk(words):  # pragma: no cover -- compiled
     """The next chunk's span ``(lo, hi)`` of items, or ``(0, 0)`` where none is left."""
-    k = _take(words)
+    k = _add_one(words, 0)
     chunks, items = words[1], words[2]
     if k >= chunks:
         return 0, 0
     return items * k // chunks, items * (k + 1) // chunks
 
 
-@njit(**_TEAM_OPTIONS)
-def _block_rows_team(data, zero):  # pragma: no cover -- compiled
+@njit(**_ENTRY_OPTIONS)
+def _last(words):  # pragma: no cover -- compiled
+    """Whether the chunk this thread has just done was the call's last to be done."""
+    return _add_one(words, 7) == words[1] - 1
+
+
+@njit(**_ENTRY_OPTIONS)
+def _block_rows_entry(data, zero):  # pragma: no cover -- compiled
     words, limit = _descriptor(data)
     n, c, p = words[3], words[4], words[5]
-    y = carray(_pointer(words[7], zero), (n, c, p))
-    f = carray(_pointer(words[8], zero), (n, c, p))
-    s = carray(_pointer(words[9], zero), (n, c, p))
-    moments = carray(_pointer(words[10], zero), (4, n, c))
-    part = carray(_pointer(words[11], np.float64(0)), (6, n * c))
+    y = carray(_pointer(words[8], zero), (n, c, p))
+    f = carray(_pointer(words[9], zero), (n, c, p))
+    s = carray(_pointer(words[10], zero), (n, c, p))
+    moments = carray(_pointer(words[11], zero), (4, n, c))
+    part = carray(_pointer(words[12], np.float64(0)), (6, n * c))
+    sample = carray(_pointer(words[13], zero), (6, n))
     lo, hi = _chunk(words)
     while hi > lo:
         block_rows(y, f, s, limit, moments, part, lo, hi)
+        if _last(words):
+            block_samples(part, sample)
         lo, hi = _chunk(words)
 
 
-@njit(**_TEAM_OPTIONS)
-def _block_columns_team(data, zero):  # pragma: no cover -- compiled
+@njit(**_ENTRY_OPTIONS)
+def _block_columns_entry(data, zero):  # pragma: no cover -- compiled
     words, limit = _descriptor(data)
     n, p, c = words[3], words[4], words[5]
-    y = carray(_pointer(words[7], zero), (n, p, c))
-    f = carray(_pointer(words[8], zero), (n, p, c))
-    s = carray(_pointer(words[9], zero), (n, p, c))
-    moments = carray(_pointer(words[10], zero), (4, n, c))
-    sample = carray(_pointer(words[11], zero), (6, n))
+    y = carray(_pointer(words[8], zero), (n, p, c))
+    f = carray(_pointer(words[9], zero), (n, p, c))
+    s = carray(_pointer(words[10], zero), (n, p, c))
+    moments = carray(_pointer(words[11], zero), (4, n, c))
+    sample = carray(_pointer(words[12], zero), (6, n))
     lo, hi = _chunk(words)
     while hi > lo:
         block_columns(y, f, s, limit, moments, sample, lo, hi)
         lo, hi = _chunk(words)
 
 
-@njit(**_TEAM_OPTIONS)
-def _moments_rows_team(data, zero):  # pragma: no cover -- compiled
+@njit(**_ENTRY_OPTIONS)
+def _moments_rows_entry(data, zero):  # pragma: no cover -- compiled
     words, limit = _descriptor(data)
     n, c, p = words[3], words[4], words[5]
-    t = carray(_pointer(words[7], zero), (n, c, p))
-    moments = carray(_pointer(words[8], zero), (2, n, c))
+    t = carray(_pointer(words[8], zero), (n, c, p))
+    moments = carray(_pointer(words[9], zero), (2, n, c))
     lo, hi = _chunk(words)
     while hi > lo:
         moments_rows(t, limit, moments, lo, hi)
         lo, hi = _chunk(words)
 
 
-@njit(**_TEAM_OPTIONS)
-def _moments_columns_team(data, zero):  # pragma: no cover -- compiled
+@njit(**_ENTRY_OPTIONS)
+def _moments_columns_entry(data, zero):  # pragma: no cover -- compiled
     words, limit = _descriptor(data)
     n, p, c = words[3], words[4], words[5]
-    t = carray(_pointer(words[7], zero), (n, p, c))
-    moments = carray(_pointer(words[8], zero), (2, n, c))
+    t = carray(_pointer(words[8], zero), (n, p, c))
+    moments = carray(_pointer(words[9], zero), (2, n, c))
     lo, hi = _chunk(words)
     while hi > lo:
         moments_columns(t, limit, moments, lo, hi)
         lo, hi = _chunk(words)
 
 
-@njit(**_TEAM_OPTIONS)
-def _products_team(data, zero):  # pragma: no cover -- compiled
+@njit(**_ENTRY_OPTIONS)
+def _products_entry(data, zero):  # pragma: no cover -- compiled
     words = carray(_words(data), (WORDS,))
     n, m, pieces = words[3], words[4], words[5]
-    a = carray(_pointer(words[7], zero), (n, m))
-    b = carray(_pointer(words[8], zero), (n, m))
-    part = carray(_pointer(words[9], np.float64(0)), (n * pieces,))
+    a = carray(_pointer(words[8], zero), (n, m))
+    b = carray(_pointer(words[9], zero), (n, m))
+    part = carray(_pointer(words[10], np.float64(0)), (n * pieces,))
+    out = carray(_pointer(words[11], zero), (n,))
     lo, hi = _chunk(words)
     while hi > lo:
         products(a, b, part, lo, hi)
+        if _last(words):
+            products_samples(part, words[6] == 1, out)
         lo, hi = _chunk(words)
 
 
-def team_entries() -> dict[tuple[object, np.dtype], int]:
-    """(kernel, dtype of its inputs) -> the address of its team entry, ``void entry(void *data)``
-    for ``GOMP_parallel``: the kernel over the chunks of the call that ``data`` describes (see
-    "Torch's OpenMP team" above). Compiled at the first call (numba caches them beside the
-    kernels: one source file, so a change to a kernel recompiles its entries too)."""
-    signature = types.void(types.voidptr)
-    options = {"nopython": True, "cache": True, "error_model": "numpy"}
+def entry(kernel: str, dtype: np.dtype) -> int:
+    """The address of ``kernel``'s entry for inputs of ``dtype`` (float32 or float64), ``void
+    entry(void *data)``: the kernel over the chunks of the call that ``data`` describes (see
+    above), then its finishing step. Compiled at its first call (numba caches it beside the
+    kernels: one source file, so a change to a kernel recompiles its entries too).
 
-    @cfunc(signature, **options)
-    def block_rows_32(data):  # pragma: no cover -- compiled
-        _block_rows_team(data, np.float32(0))
+    Each kernel's arrays, in the order of the descriptor's addresses: ``block_rows`` y, F, S
+    [N, C, P], moments [4, N, C], part [6, N C] (float64), sample [6, N]; ``block_columns`` y, F,
+    S [N, P, C], moments, sample; ``moments_rows`` t [N, C, P], moments [2, N, C];
+    ``moments_columns`` t [N, P, C], moments; ``products`` a, b [N, M], part [N pieces]
+    (float64), out [N].
+    """
+    # one named function per entry: numba caches a function by its name, so one factory making
+    # each of them under one name would mix their cached code
+    single = dtype == np.float32
+    if kernel == "block_rows" and single:
 
-    @cfunc(signature, **options)
-    def block_rows_64(data):  # pragma: no cover -- compiled
-        _block_rows_team(data, np.float64(0))
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def block_rows_32(data):  # pragma: no cover -- compiled
+            _block_rows_entry(data, np.float32(0))
 
-    @cfunc(signature, **options)
-    def block_columns_32(data):  # pragma: no cover -- compiled
-        _block_columns_team(data, np.float32(0))
+        return block_rows_32.address
+    if kernel == "block_rows":
 
-    @cfunc(signature, **options)
-    def block_columns_64(data):  # pragma: no cover -- compiled
-        _block_columns_team(data, np.float64(0))
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def block_rows_64(data):  # pragma: no cover -- compiled
+            _block_rows_entry(data, np.float64(0))
 
-    @cfunc(signature, **options)
-    def moments_rows_32(data):  # pragma: no cover -- compiled
-        _moments_rows_team(data, np.float32(0))
+        return block_rows_64.address
+    if kernel == "block_columns" and single:
 
-    @cfunc(signature, **options)
-    def moments_rows_64(data):  # pragma: no cover -- compiled
-        _moments_rows_team(data, np.float64(0))
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def block_columns_32(data):  # pragma: no cover -- compiled
+            _block_columns_entry(data, np.float32(0))
 
-    @cfunc(signature, **options)
-    def moments_columns_32(data):  # pragma: no cover -- compiled
-        _moments_columns_team(data, np.float32(0))
+        return block_columns_32.address
+    if kernel == "block_columns":
 
-    @cfunc(signature, **options)
-    def moments_columns_64(data):  # pragma: no cover -- compiled
-        _moments_columns_team(data, np.float64(0))
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def block_columns_64(data):  # pragma: no cover -- compiled
+            _block_columns_entry(data, np.float64(0))
 
-    @cfunc(signature, **options)
-    def products_32(data):  # pragma: no cover -- compiled
-        _products_team(data, np.float32(0))
+        return block_columns_64.address
+    if kernel == "moments_rows" and single:
 
-    @cfunc(signature, **options)
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def moments_rows_32(data):  # pragma: no cover -- compiled
+            _moments_rows_entry(data, np.float32(0))
+
+        return moments_rows_32.address
+    if kernel == "moments_rows":
+
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def moments_rows_64(data):  # pragma: no cover -- compiled
+            _moments_rows_entry(data, np.float64(0))
+
+        return moments_rows_64.address
+    if kernel == "moments_columns" and single:
+
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def moments_columns_32(data):  # pragma: no cover -- compiled
+            _moments_columns_entry(data, np.float32(0))
+
+        return moments_columns_32.address
+    if kernel == "moments_columns":
+
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def moments_columns_64(data):  # pragma: no cover -- compiled
+            _moments_columns_entry(data, np.float64(0))
+
+        return moments_columns_64.address
+    if kernel == "products" and single:
+
+        @cfunc(_SIGNATURE, **_C_OPTIONS)
+        def products_32(data):  # pragma: no cover -- compiled
+            _products_entry(data, np.float32(0))
+
+        return products_32.address
+
+    @cfunc(_SIGNATURE, **_C_OPTIONS)
     def products_64(data):  # pragma: no cover -- compiled
-        _products_team(data, np.float64(0))
+        _products_entry(data, np.float64(0))
 
-    f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
-    return {
-        (block_rows, f32): block_rows_32.address,
-        (block_rows, f64): block_rows_64.address,
-        (block_columns, f32): block_columns_32.address,
-        (block_columns, f64): block_columns_64.address,
-        (moments_rows, f32): moments_rows_32.address,
-        (moments_rows, f64): moments_rows_64.address,
-        (moments_columns, f32): moments_columns_32.address,
-        (moments_columns, f64): moments_columns_64.address,
-        (products, f32): products_32.address,
-        (products, f64): products_64.address,
-    }
+    return products_64.address
+
+
+_SIGNATURE = types.void(types.voidptr)
+_C_OPTIONS = {"nopython": True, "cache": True, "error_model": "numpy"}

@@ -24,7 +24,7 @@ first call (about a second; numba caches it on disk, so later processes load it)
 call runs on torch's own OpenMP team (:class:`_Team`), one thread per :data:`TEAM_VALUES` values
 it reads up to torch's count: ``GOMP_parallel`` of the runtime torch loaded, each thread
 taking chunks of the call's rows or samples until none is left
-(:func:`probe.probes._onepass_kernels.team_entries`). That team spins between torch's
+(:func:`probe.probes._onepass_kernels.entry`). That team spins between torch's
 operations, so it starts on a block's sub-millisecond call in time, and none of its settings is
 touched. Where it does not serve (not OpenMP, not Linux,
 ``RESPROBE_ONEPASS_TEAM=0``, a forked child), a call that reads :data:`MIN_VALUES` values per
@@ -42,6 +42,7 @@ import ctypes
 import functools
 import importlib.util
 import logging
+import math
 import os
 import threading
 import warnings
@@ -84,6 +85,8 @@ TEAM_ENV = "RESPROBE_ONEPASS_TEAM"  # "0": the kernels never run on torch's Open
 # costs about what it saves (a ResNet-56 block at batch 64, 0.8-3 M values, takes two threads)
 TEAM_VALUES = 1 << 16
 CHUNKS = 4  # chunks per thread of a call on the team: a thread that starts late takes fewer
+# a call's descriptor: its length and where its addresses start (probe.probes._onepass_kernels)
+_WORDS, _ARRAYS = 14, 8
 
 
 class OnePassWarning(UserWarning):
@@ -151,46 +154,60 @@ def serves(t: torch.Tensor) -> bool:
     return t.dtype in _DTYPES and t.is_cpu and mode() == "one-pass"
 
 
-def _numpy_views(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> list[np.ndarray] | None:
-    """numpy views of ``tensors`` as they lie: one supported dtype and shape, on the CPU, at
-    least ``min_ndim`` axes, not empty; None otherwise, or where numpy cannot view one (a
-    negated view, ...): torch's formulas serve those."""
+def _views(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> tuple | None:
+    """(shape, strides, dtype, each tensor's address) shared by ``tensors``: one supported dtype,
+    shape and strides, dense tensors on the CPU of at least ``min_ndim`` axes, not empty, whose
+    memory holds their values as they are (no negated or conjugated view); None otherwise, and
+    where a tensor has no memory of its own to read (a functorch or fake tensor): torch's
+    formulas serve those."""
     first = tensors[0]
-    dtype, shape = first.dtype, first.shape
-    if dtype not in _DTYPES or len(shape) < min_ndim or not first.is_cpu or first.numel() == 0:
-        return None
-    for t in tensors[1:]:
-        if t.dtype != dtype or t.shape != shape or not t.is_cpu:
-            return None
     try:
-        return [(t.detach() if t.requires_grad else t).numpy() for t in tensors]
+        dtype, shape = first.dtype, first.shape
+        if dtype not in _DTYPES or len(shape) < min_ndim or first.numel() == 0:
+            return None
+        if first.layout != torch.strided or not first.is_cpu:
+            return None
+        strides = first.stride()
+        for t in tensors:
+            if t.dtype != dtype or t.shape != shape or t.layout != torch.strided:
+                return None
+            if t.stride() != strides or not t.is_cpu or t.is_neg() or t.is_conj():
+                return None
+        return shape, strides, dtype, [t.data_ptr() for t in tensors]
     except (RuntimeError, TypeError):
         return None
 
 
-def _arrays(
-    tensors: tuple[torch.Tensor, ...], axis: int
-) -> tuple[bool, list, tuple[int, int, int]] | None:
-    """(rows?, numpy views [N, C, P] if rows else [N, P, C], (N, C, P)) of ``tensors`` with
-    channel axis ``axis``, all of one supported dtype, shape and memory layout; None where a
-    kernel does not serve them. Taken with numpy's views: each torch view op costs a dispatch,
-    and in a model's pass, with Python's caches cold, those added up to ~1/5 of the kernels' own
-    time."""
-    arrays = _numpy_views(tensors, 3)
-    if arrays is None:
+def _dense_in(shape: tuple[int, ...], strides: tuple[int, ...], order: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` lies in memory as one block, its axes
+    outermost first in ``order`` (axes of size one may have any stride)."""
+    step = 1
+    for d in reversed(order):
+        if shape[d] != 1:
+            if strides[d] != step:
+                return False
+            step *= shape[d]
+    return True
+
+
+def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple | None:
+    """(rows?, the kernel's shape, dtype, addresses) of ``tensors`` with channel axis ``axis``,
+    all of one supported dtype, shape and strides: rows [N, C, P] where each channel's positions
+    lie together, else columns [N, P, C] where the channels are the innermost axis (a
+    channels-last map, [N, T, C] tokens); None where neither. Read from the strides: a numpy
+    view of each tensor costs a few dispatches, and in a model's pass, with Python's caches
+    cold, the views had cost ~1/5 of the kernels' own time."""
+    found = _views(tensors, 3)
+    if found is None:
         return None
-    shape = tensors[0].shape
+    shape, strides, dtype, addresses = found
     n, c = shape[0], shape[axis]
-    if axis != 1:  # the channel axis second: a view
-        order = (0, axis, *(d for d in range(1, len(shape)) if d != axis))
-        arrays = [a.transpose(order) for a in arrays]
-    dims = (n, c, arrays[0].size // (n * c))
-    if all(a.flags.c_contiguous for a in arrays):
-        return True, [a.reshape(n, c, -1) for a in arrays], dims
-    last = (0, *range(2, len(shape)), 1)  # channels last
-    moved = [a.transpose(last) for a in arrays]
-    if all(a.flags.c_contiguous for a in moved):
-        return False, [a.reshape(n, -1, c) for a in moved], dims
+    positions = math.prod(shape) // (n * c)
+    rest = tuple(d for d in range(1, len(shape)) if d != axis)
+    if _dense_in(shape, strides, (0, axis, *rest)):
+        return True, (n, c, positions), dtype, addresses
+    if _dense_in(shape, strides, (0, *rest, axis)):
+        return False, (n, positions, c), dtype, addresses
     return None
 
 
@@ -199,11 +216,23 @@ def _limit(dtype: torch.dtype, positions: int) -> float:
     return _FLOAT64_LIMIT if dtype == torch.float64 else 2.0**27 / (3 * positions)
 
 
+def _buffers(part: int, results: int, dtype: np.dtype) -> tuple:
+    """A call's memory: (its descriptor's words, ``part`` float64 partial sums, ``results``
+    values of ``dtype``, the words' address, the partial sums' address, the results' address).
+    The words and the partial sums share one allocation."""
+    scratch = np.empty(_WORDS + part, dtype=np.float64)
+    out = np.empty(results, dtype=dtype)
+    # addresses read through torch: numpy's ``ctypes.data`` runs Python code, slow in a pass
+    data, at = torch.from_numpy(scratch).data_ptr(), torch.from_numpy(out).data_ptr()
+    words = scratch[:_WORDS].view(np.int64)
+    return words, scratch[_WORDS:], out, data, data + 8 * _WORDS, at
+
+
 class _Pool:
-    """The threads that take the spans of a split call after the calling thread's, where torch's
-    OpenMP team cannot (:class:`_Team`): made at the first split call, grown when torch's count
-    grows, and made anew in a forked child (a fork keeps the executor but not its threads, whose
-    queue nobody would empty)."""
+    """The threads that enter a split call beside the calling thread, where torch's OpenMP team
+    cannot (:class:`_Team`): made at the first split call, grown when torch's count grows, and
+    made anew in a forked child (a fork keeps the executor but not its threads, whose queue
+    nobody would empty)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -215,14 +244,13 @@ class _Pool:
         with self._lock:
             if self._executor is None or self._pid != os.getpid() or self._size < workers:
                 # the old executor is dropped, not shut down: a call on another thread may still
-                # be handing it spans; its threads end once the last reference to it goes
+                # be handing it work; its threads end once the last reference to it goes
                 self._executor = ThreadPoolExecutor(workers, thread_name_prefix="resprobe-onepass")
                 self._pid, self._size = os.getpid(), workers
             return self._executor
 
 
 _POOL = _Pool()
-
 
 _RUNTIMES = ("libgomp", "libiomp5", "libomp")  # OpenMP runtimes that offer GOMP_parallel
 
@@ -269,9 +297,9 @@ def _openmp_runtime() -> ctypes.CDLL | None:
 
 
 class _Team:
-    """torch's own OpenMP team, where this process may hand it a kernel's chunks: its threads
-    spin between torch's operations, so they start on a block's 0.2-0.6 ms call in time, where a
-    thread woken from a futex does not (docs/performance.md, "The kernels' threads").
+    """torch's own OpenMP team, where this process may hand it a call: its threads spin between
+    torch's operations, so they start on a block's 0.2-0.6 ms call in time, where a thread woken
+    from a futex does not (docs/performance.md, "The kernels' threads").
 
     Only ``GOMP_parallel`` is called, with the thread count given per call: the runtime's own
     settings (torch's thread count, its nesting) are left as they are. Never used in a forked
@@ -282,7 +310,6 @@ class _Team:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._entries: dict | None = None
         self._parallel = None
         self._tried = False
         if hasattr(os, "register_at_fork"):
@@ -291,95 +318,82 @@ class _Team:
     def _forked(self) -> None:
         self._pid = -1
 
-    def entry(self, kernel, dtype: np.dtype) -> int | None:
-        """The address of ``kernel``'s team entry for inputs of ``dtype``; None where the team
-        does not serve this process (see the class)."""
+    def serves(self) -> bool:
+        """Whether calls may go to the team: torch's OpenMP runtime found, this process not a
+        fork of the one that found it, and ``RESPROBE_ONEPASS_TEAM`` not "0"."""
         if self._pid != os.getpid():
-            return None
+            return False
         if not self._tried:
             with self._lock:
                 if not self._tried:
-                    self._load()
-        return None if self._entries is None else self._entries.get((kernel, dtype))
+                    off = os.environ.get(TEAM_ENV, "1").strip() == "0"
+                    runtime = None if off else _openmp_runtime()
+                    self._parallel = None if runtime is None else runtime.GOMP_parallel
+                    self._tried = True
+        return self._parallel is not None
 
-    def _load(self) -> None:
-        runtime = None if os.environ.get(TEAM_ENV, "1").strip() == "0" else _openmp_runtime()
-        if runtime is not None:
-            kernels = _module()
-            try:
-                entries = None if kernels is None else kernels.team_entries()
-            except Exception as e:  # noqa: BLE001 -- entries that fail to build: the pool serves
-                log.debug("one-pass kernels: no team entries (%s)", e)
-            else:
-                self._parallel, self._entries = runtime.GOMP_parallel, entries
-        self._tried = True
-
-    def run(self, entry: int, args: tuple, items: int, threads: int) -> None:
-        """``entry``'s kernel over ``items`` work items of ``args`` (arrays, the variance limit)
-        in chunks on ``threads`` threads of the team, the calling thread one of them."""
-        words = np.zeros(_module().WORDS, dtype=np.int64)
-        words[1], words[2] = min(items, CHUNKS * threads), items
-        shape = args[0].shape  # [N, C, P] or [N, P, C]; [N, M] and its pieces per row
-        words[3:6] = shape if len(shape) == 3 else (*shape, items // shape[0])
-        k = 7
-        for a in args:
-            if isinstance(a, np.ndarray):
-                words[k] = a.ctypes.data
-                k += 1
-            else:
-                words[6:7].view(np.float64)[0] = a
-        self._parallel(entry, words.ctypes.data, threads, 0)
+    def run(self, entry: int, data: int, threads: int) -> None:
+        """The ``entry`` at ``data``'s call on ``threads`` threads of the team, the calling
+        thread one of them."""
+        self._parallel(entry, data, threads, 0)
 
 
 _TEAM = _Team()
 
-
-def _spans(items: int, values: int) -> list[tuple[int, int]]:
-    """``[lo, hi)`` spans of ``items`` work items, one per thread that a call reading ``values``
-    values repays (:data:`MIN_VALUES` each), up to torch's intra-op count."""
-    parts = max(1, min(torch.get_num_threads(), items, values // MIN_VALUES))
-    bounds = [items * k // parts for k in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
+_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # an entry called from Python (the GIL let go)
 
 
-def _on_team(kernel, args: tuple, items: int, values: int) -> bool:
-    """Whether ``kernel`` ran on torch's OpenMP team: on one thread of torch's count for every
-    :data:`TEAM_VALUES` values the call reads (at most one per item), where that is two or more,
-    the team serves this process and the arrays are contiguous."""
-    threads = min(torch.get_num_threads(), items, values // max(TEAM_VALUES, 1))
-    if threads < 2:
-        return False
-    arrays = [a for a in args if isinstance(a, np.ndarray)]
-    entry = _TEAM.entry(kernel, arrays[0].dtype)
-    if entry is None or not all(a.flags.c_contiguous for a in arrays):
-        return False
-    _TEAM.run(entry, args, items, threads)
-    return True
+@functools.cache
+def _entry(kernel: str, dtype: np.dtype) -> tuple[int, Callable[[int], None]]:
+    """(``kernel``'s entry for ``dtype`` inputs, the entry as a Python callable), compiled at
+    the first call; raises where it fails to compile (see :func:`_launch`)."""
+    address = _module().entry(kernel, dtype)
+    return address, _CALL(address)
 
 
-def _run(
-    kernel, args: tuple, items: int, values: int, finish: Callable[[], None] | None = None
+def _place(items: int, values: int) -> tuple[str, int]:
+    """Where a call of ``items`` work items reading ``values`` values runs, and on how many
+    threads: "team", one thread of torch's count per :data:`TEAM_VALUES` values (at most one
+    per item), where that is two or more and the team serves; else "pool", one per
+    :data:`MIN_VALUES`, where that is two or more; else "thread", the calling thread alone."""
+    count = torch.get_num_threads()
+    threads = min(count, items, values // max(TEAM_VALUES, 1))
+    if threads >= 2 and _TEAM.serves():
+        return "team", threads
+    threads = min(count, items, values // max(MIN_VALUES, 1))
+    return ("pool", threads) if threads >= 2 else ("thread", 1)
+
+
+def _launch(
+    kernel: str,
+    dtype: np.dtype,
+    words: np.ndarray,
+    data: int,
+    outputs: tuple[np.ndarray, ...],
+    items: int,
+    values: int,
 ) -> bool:
-    """``kernel(*args, lo, hi)`` over ``items`` work items: on torch's OpenMP team where it
-    serves (:func:`_on_team`), else in spans on as many threads as :func:`_spans` gives, then
-    ``finish()``; False (and the kernels off, with a warning) where a kernel fails to compile or
-    run."""
+    """Run ``kernel``'s call that ``words`` (at address ``data``) describes, its shape, scalar
+    and addresses filled in, where :func:`_place` says; it writes ``outputs``. False (and the
+    kernels off, with a warning) where the entry fails to compile or a thread's entry fails."""
     try:
-        if not _on_team(kernel, args, items, values):
-            spans = _spans(items, values)
-            if len(spans) == 1:
-                kernel(*args, 0, items)
-            else:
-                pool = _POOL.get(len(spans) - 1)
-                futures = [pool.submit(kernel, *args, lo, hi) for lo, hi in spans[1:]]
-                try:
-                    kernel(*args, *spans[0])
-                finally:
-                    wait(futures)  # no span may still write into the outputs after a return
-                for future in futures:
-                    future.result()  # raises a span's failure
-        if finish is not None:
-            finish()
+        address, call = _entry(kernel, dtype)
+        place, threads = _place(items, values)
+        words[0] = words[7] = 0  # no chunk taken, none done
+        words[1], words[2] = min(items, CHUNKS * threads), items
+        if place == "team":
+            _TEAM.run(address, data, threads)
+        elif place == "pool":
+            pool = _POOL.get(threads - 1)
+            futures = [pool.submit(call, data) for _ in range(threads - 1)]
+            try:
+                call(data)
+            finally:
+                wait(futures)  # no thread may still write into the outputs after a return
+            for future in futures:
+                future.result()  # raises a thread's failure
+        else:
+            call(data)
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
         global _failed
         _failed = True
@@ -391,6 +405,14 @@ def _run(
         )
         return False
     return True
+
+
+def _describe(words: np.ndarray, shape: tuple, limit: float, addresses: list[int]) -> None:
+    """Fill in a call's shape, its variance limit (word 6, a float64's bits) and the addresses
+    of its arrays, inputs then outputs, in the order of its kernel's arguments."""
+    words[3:6] = shape
+    words[6:7].view(np.float64)[0] = limit
+    words[_ARRAYS : _ARRAYS + len(addresses)] = addresses
 
 
 def _tensors(out: np.ndarray) -> tuple[torch.Tensor, ...]:
@@ -413,25 +435,27 @@ def block_sums(
         >>> out is None or [float(q) for q in out[0][:4]] == [2.0, 0.0, 2.0, 2.0]
         True
     """
-    kernels = _kernels()
-    found = None if kernels is None else _arrays((y, f, s), axis)
+    found = None if _kernels() is None else _layout((y, f, s), axis)
     if found is None:
         return None
-    rows, (ya, fa, sa), (n, c, positions) = found
-    moments_out = np.empty((4, n, c), dtype=ya.dtype)
-    sample = np.empty((6, n), dtype=ya.dtype)
-    limit, values = _limit(y.dtype, positions), 3 * ya.size
-    if rows:
-        part = np.empty((6, n * c))
-        finish = functools.partial(kernels.block_samples, part, sample)
-        done = _run(
-            kernels.block_rows, (ya, fa, sa, limit, moments_out, part), n * c, values, finish
-        )
-    else:
-        done = _run(kernels.block_columns, (ya, fa, sa, limit, moments_out, sample), n, values)
-    if not done:
+    rows, shape, dtype, inputs = found
+    n = shape[0]
+    c, positions = (shape[1], shape[2]) if rows else (shape[2], shape[1])
+    kind, nc = _NUMPY[dtype], n * c
+    # rows: each row's six sums, added per sample by the call's last chunk
+    memory = _buffers(6 * nc if rows else 0, 4 * nc + 6 * n, kind)
+    words, part, out, data, part_at, out_at = memory
+    moments, sample = out[: 4 * nc].reshape(4, n, c), out[4 * nc :].reshape(6, n)
+    sample_at = out_at + 4 * nc * kind.itemsize  # the per-sample quantities follow the moments
+    outputs = [out_at, part_at, sample_at] if rows else [out_at, sample_at]
+    _describe(words, shape, _limit(dtype, positions), inputs + outputs)
+    kernel, items = ("block_rows", nc) if rows else ("block_columns", n)
+    if not _launch(kernel, kind, words, data, (out, part), items, 3 * nc * positions):
         return None
-    return _tensors(sample), _tensors(moments_out)
+    return _tensors(sample), _tensors(moments)
+
+
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -444,34 +468,35 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
         >>> out is None or [float(q) for q in out] == [2.0, 1.0]
         True
     """
-    kernels = _kernels()
-    found = None if kernels is None else _arrays((t,), axis)
+    found = None if _kernels() is None else _layout((t,), axis)
     if found is None:
         return None
-    rows, (a,), (n, c, positions) = found
-    out = np.empty((2, n, c), dtype=a.dtype)
-    kernel = kernels.moments_rows if rows else kernels.moments_columns
-    if not _run(kernel, (a, _limit(t.dtype, positions), out), n * c if rows else n, a.size):
+    rows, shape, dtype, inputs = found
+    n = shape[0]
+    c, positions = (shape[1], shape[2]) if rows else (shape[2], shape[1])
+    kind = _NUMPY[dtype]
+    words, _, out, data, _, out_at = _buffers(0, 2 * n * c, kind)
+    _describe(words, shape, _limit(dtype, positions), [*inputs, out_at])
+    kernel, items = ("moments_rows", n * c) if rows else ("moments_columns", n)
+    if not _launch(kernel, kind, words, data, (out,), items, n * c * positions):
         return None
-    mean, var = _tensors(out)
+    mean, var = _tensors(out.reshape(2, n, c))
     return mean, var
 
 
-def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> list[np.ndarray] | None:
-    """numpy views [N, M] of ``tensors`` (one shape and dtype) with each sample's values in the
-    order of memory, the same order for all; None where a sample's values are not one block of
-    memory or the tensors lie in different orders."""
-    arrays = _numpy_views(tensors, 2)
-    if arrays is None:
+def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> tuple | None:
+    """(N, M, dtype, addresses) of ``tensors`` (one shape, dtype and strides) where each
+    sample's M values lie together in memory, in the same order for all (a channels-last map:
+    H, W, C); None otherwise."""
+    found = _views(tensors, 2)
+    if found is None:
         return None
-    shape = tensors[0].shape
-    # the trailing axes outermost first by the first tensor's strides (a channels-last map: H, W,
-    # C); the sample axis stays first
-    order = (0, *sorted(range(1, len(shape)), key=lambda d: -arrays[0].strides[d]))
-    rows = [a.transpose(order) for a in arrays]
-    if not all(a.flags.c_contiguous for a in rows):
+    shape, strides, dtype, addresses = found
+    # the trailing axes outermost first by their strides; the sample axis stays first
+    order = (0, *sorted(range(1, len(shape)), key=lambda d: -strides[d]))
+    if not _dense_in(shape, strides, order):
         return None
-    return [a.reshape(shape[0], -1) for a in rows]
+    return shape[0], math.prod(shape) // shape[0], dtype, addresses
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
@@ -484,11 +509,10 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         >>> out is None or float(out[0]) == 8.0
         True
     """
-    kernels = _kernels()
-    found = None if kernels is None else _rows_in_memory((a, b))
+    found = None if _kernels() is None else _rows_in_memory((a, b))
     if found is None:
         return None
-    return _products(kernels, *found, root=False)
+    return _products(*found, root=False)
 
 
 def norm(t: torch.Tensor) -> torch.Tensor | None:
@@ -502,21 +526,24 @@ def norm(t: torch.Tensor) -> torch.Tensor | None:
         >>> out is None or float(out[0]) == 4.0
         True
     """
-    kernels = _kernels()
-    found = None if kernels is None else _rows_in_memory((t,))
+    found = None if _kernels() is None else _rows_in_memory((t,))
     if found is None:
         return None
-    return _products(kernels, found[0], found[0], root=True)
+    n, m, dtype, (address,) = found
+    return _products(n, m, dtype, [address, address], root=True)
 
 
-def _products(kernels: ModuleType, a: np.ndarray, b: np.ndarray, root: bool) -> torch.Tensor | None:
-    """Per-sample sum of a * b of ``a``, ``b`` [N, M] (its square root where ``root``) in their
-    dtype, by pieces of a row (a batch of one still splits); None where the kernel failed."""
-    n, m = a.shape
-    part = np.empty(n * -(-m // kernels.PIECE))
-    out = np.empty(n, dtype=a.dtype)
-    values = a.size if root else 2 * a.size
-    finish = functools.partial(kernels.products_samples, part, root, out)
-    if not _run(kernels.products, (a, b, part), part.shape[0], values, finish):
+def _products(
+    n: int, m: int, dtype: torch.dtype, addresses: list[int], root: bool
+) -> torch.Tensor | None:
+    """Per-sample sum of a * b of the [N, M] rows in memory at ``addresses`` (a's, b's) in
+    ``dtype``, its square root where ``root``, [N]; by pieces of a row (a batch of one still
+    splits); None where the kernel failed."""
+    pieces = -(-m // _module().PIECE)
+    kind = _NUMPY[dtype]
+    words, part, out, data, part_at, out_at = _buffers(n * pieces, n, kind)
+    _describe(words, (n, m, pieces), 0.0, [*addresses, part_at, out_at])
+    words[6] = int(root)  # no limit: products read word 6 as the root flag
+    if not _launch("products", kind, words, data, (out, part), n * pieces, n * m * (2 - root)):
         return None
     return torch.from_numpy(out)

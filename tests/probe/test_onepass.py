@@ -141,7 +141,19 @@ def test_a_nan_row_gives_nan_statistics_and_leaves_the_others_alone():
 
 @pytest.mark.parametrize(
     "case",
-    ["bf16", "fp16", "mixed dtypes", "shapes differ", "strided", "meta", "complex", "2-D", "empty"],
+    [
+        "bf16",
+        "fp16",
+        "mixed dtypes",
+        "shapes differ",
+        "strided",
+        "meta",
+        "complex",
+        "2-D",
+        "empty",
+        "negated view",
+        "sparse",
+    ],
 )
 def test_what_the_kernels_do_not_serve_is_left_to_torch(case):
     f, s, y = _block((2, 3, 4, 4), torch.float32)
@@ -163,9 +175,22 @@ def test_what_the_kernels_do_not_serve_is_left_to_torch(case):
         f, s, y = (t.flatten(1) for t in (f, s, y))
     elif case == "empty":
         f, s, y = (t[:, :, :0] for t in (f, s, y))
+    elif case == "negated view":  # memory that holds -y: read as it lies, it would give y's sums
+        f, s, y = (t._neg_view() for t in (f, s, y))
+    elif case == "sparse":
+        f, s, y = (t.to_sparse() for t in (f, s, y))
     assert onepass.block_sums(f, s, y, 1) is None
     if case not in ("mixed dtypes", "shapes differ"):  # y alone is served there
         assert onepass.moments(y, 1) is None
+
+
+def test_tensors_without_memory_of_their_own_are_left_to_torch():
+    """Inside torch.func's transforms a tensor wraps others: no address to read."""
+    t = torch.randn(3, 2, 4, 5)
+    seen = []
+    torch.func.vmap(lambda u: seen.append(onepass.moments(u[None], 1)) or u.sum())(t)
+    assert seen == [None]
+    assert onepass.norm(torch.randn(2, 6)) is not None  # the same call outside
 
 
 def test_tensors_that_need_a_gradient_or_come_from_inference_mode_are_read_as_they_are():
@@ -197,14 +222,20 @@ def test_the_environment_turns_them_off_and_a_capture_records_which_ran(monkeypa
             np.testing.assert_allclose(on.read(layer, q), off.read(layer, q), rtol=2e-6)
 
 
-def test_a_failing_kernel_warns_once_and_the_torch_formulas_serve(monkeypatch):
-    module = onepass._module()
+@pytest.fixture
+def entries_made_again():
+    """Entries compiled anew for the test and after it (the test may replace how they are)."""
+    onepass._entry.cache_clear()
+    yield
+    onepass._entry.cache_clear()
 
+
+def test_a_failing_kernel_warns_once_and_the_torch_formulas_serve(monkeypatch, entries_made_again):
     def broken(*args):
         raise RuntimeError("LLVM ERROR: out of registers")
 
     monkeypatch.setattr(onepass, "_failed", False)
-    monkeypatch.setattr(module, "block_rows", broken)
+    monkeypatch.setattr(onepass._module(), "entry", broken)
     f, s, y = _block((2, 3, 4, 4), torch.float32)
     with pytest.warns(onepass.OnePassWarning, match="out of registers"):
         assert onepass.block_sums(f, s, y, 1) is None
@@ -246,7 +277,7 @@ def threads():
 
 
 def _team_serves() -> bool:
-    return onepass._TEAM.entry(onepass._module().block_rows, np.dtype(np.float32)) is not None
+    return onepass._TEAM.serves()
 
 
 @pytest.fixture(params=["team", "pool"])
@@ -259,7 +290,7 @@ def place(request, monkeypatch):
             pytest.skip("torch's OpenMP team does not serve this process")
         monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
         run = onepass._TEAM.run
-        monkeypatch.setattr(onepass._TEAM, "run", lambda *a: used.append(a[3]) or run(*a))
+        monkeypatch.setattr(onepass._TEAM, "run", lambda *a: used.append(a[2]) or run(*a))
     else:
         monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)
         monkeypatch.setattr(onepass, "MIN_VALUES", 1)
@@ -297,22 +328,32 @@ def test_torchs_openmp_team_serves_where_torch_runs_on_openmp():
     assert runtime.omp_get_max_threads() == torch.get_num_threads()  # torch's own runtime
 
 
-def test_a_call_takes_one_thread_of_the_team_per_team_values_it_reads(threads, monkeypatch):
-    if not _team_serves():
-        pytest.skip("torch's OpenMP team does not serve this process")
-    taken = []
-    monkeypatch.setattr(onepass._TEAM, "run", lambda entry, args, items, n: taken.append(n))
-    kernel, a = onepass._module().moments_rows, np.zeros((4, 8, 16), np.float32)
-    args, k = (a, 1.0, np.zeros((2, 4, 8), np.float32)), onepass.TEAM_VALUES
+def test_a_call_takes_a_thread_per_team_values_or_min_values_it_reads(threads, monkeypatch):
+    """On torch's team one thread per TEAM_VALUES values, at most torch's count and one per item;
+    without the team, one of the pool's per MIN_VALUES; one thread's worth stays on the calling
+    thread."""
+    k, m = onepass.TEAM_VALUES, onepass.MIN_VALUES
     threads(4)
-    assert not onepass._on_team(kernel, args, 32, 2 * k - 1)  # one thread's worth: not handed
-    assert onepass._on_team(kernel, args, 32, 3 * k) and taken == [3]
-    assert onepass._on_team(kernel, args, 32, 100 * k) and taken == [3, 4]  # <= torch's count
-    assert onepass._on_team(kernel, args, 2, 100 * k) and taken == [3, 4, 2]  # <= items
+    monkeypatch.setattr(onepass._TEAM, "serves", lambda: True)
+    assert onepass._place(32, 2 * k - 1) == ("thread", 1)
+    assert onepass._place(32, 3 * k) == ("team", 3)
+    assert onepass._place(32, 100 * k) == ("team", 4)  # <= torch's count
+    assert onepass._place(2, 100 * k) == ("team", 2)  # <= items
+    assert onepass._place(1, 100 * k) == ("thread", 1)
     threads(1)
-    assert not onepass._on_team(kernel, args, 32, 100 * k)
+    assert onepass._place(32, 100 * m) == ("thread", 1)
     threads(4)
-    assert not onepass._on_team(kernel, (a[:, :, ::2], 1.0, args[2]), 32, 100 * k)  # strided
+    monkeypatch.setattr(onepass._TEAM, "serves", lambda: False)
+    assert onepass._place(100, 2 * m - 1) == ("thread", 1)
+    assert onepass._place(100, 2 * m) == ("pool", 2)
+    assert onepass._place(3, 100 * m) == ("pool", 3)  # <= items
+    assert onepass._place(10**6, 100 * m) == ("pool", 4)  # <= torch's count
+
+
+def test_the_descriptor_is_laid_out_as_the_entries_read_it():
+    kernels = onepass._module()
+    assert (onepass._WORDS, onepass._ARRAYS) == (kernels.WORDS, kernels.ARRAYS)
+    assert onepass._ARRAYS + 6 <= onepass._WORDS  # block_rows' six arrays fit
 
 
 def test_the_runtime_is_the_one_loaded_or_torchs_own_copy():
@@ -328,8 +369,7 @@ def test_the_runtime_is_the_one_loaded_or_torchs_own_copy():
 
 def test_the_environment_keeps_the_kernels_off_torchs_team(monkeypatch):
     monkeypatch.setenv(onepass.TEAM_ENV, "0")
-    team = onepass._Team()
-    assert team.entry(onepass._module().block_rows, np.dtype(np.float32)) is None
+    assert not onepass._Team().serves()
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
@@ -366,11 +406,8 @@ def test_torchs_thread_count_is_left_as_it_was_set(threads, monkeypatch):
 
 def test_a_call_too_small_to_repay_a_hand_off_stays_on_the_calling_thread(threads, monkeypatch):
     threads(4)
-    assert onepass._spans(100, onepass.MIN_VALUES - 1) == [(0, 100)]
-    assert onepass._spans(100, 2 * onepass.MIN_VALUES) == [(0, 50), (50, 100)]
-    assert onepass._spans(3, 100 * onepass.MIN_VALUES) == [(0, 1), (1, 2), (2, 3)]  # <= items
-    assert len(onepass._spans(10**6, 100 * onepass.MIN_VALUES)) == 4  # <= torch's count
     monkeypatch.setattr(onepass._POOL, "get", lambda n: pytest.fail("small calls split"))
+    monkeypatch.setattr(onepass._TEAM, "run", lambda *a: pytest.fail("small calls split"))
     f, s, y = _block((2, 3, 4, 4), torch.float32)
     assert onepass.block_sums(f, s, y, 1) is not None
 
@@ -400,21 +437,21 @@ def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, place
             torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
-def test_a_span_failing_on_a_pool_thread_warns_once_and_torch_serves(threads, monkeypatch):
-    module = onepass._module()
-    rows = module.moments_rows
+def test_a_thread_of_the_pool_failing_warns_once_and_torch_serves(threads, monkeypatch):
+    address, call = onepass._entry("moments_rows", np.dtype(np.float32))
+    caller = threading.get_ident()
 
-    def fails_after_the_first_span(t, limit, out, lo, hi):
-        if lo > 0:
-            raise RuntimeError("a span's kernel broke")
-        rows(t, limit, out, lo, hi)
+    def fails_off_the_calling_thread(data):
+        if threading.get_ident() != caller:
+            raise RuntimeError("a pool thread broke")
+        call(data)
 
     monkeypatch.setattr(onepass, "_failed", False)
+    monkeypatch.setattr(onepass, "_entry", lambda *key: (address, fails_off_the_calling_thread))
     monkeypatch.setattr(onepass, "MIN_VALUES", 1)
-    monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)  # the pool's spans, not the team's
-    monkeypatch.setattr(module, "moments_rows", fails_after_the_first_span)
+    monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)  # the pool's threads, not the team's
     threads(2)
-    with pytest.warns(onepass.OnePassWarning, match="a span's kernel broke"):
+    with pytest.warns(onepass.OnePassWarning, match="a pool thread broke"):
         assert onepass.moments(torch.randn(4, 3, 5), 1) is None
     assert onepass.mode() == "torch"
 
@@ -433,8 +470,7 @@ def test_a_pool_grown_for_one_call_still_takes_the_spans_of_another():
 
 def _child_norm(queue, t) -> None:
     out = onepass.norm(t)
-    team = onepass._TEAM.entry(onepass._module().products, np.dtype(np.float32))
-    queue.put((None if out is None else out.tolist(), team))
+    queue.put((None if out is None else out.tolist(), onepass._TEAM.serves()))
 
 
 def test_a_forked_child_splits_its_calls_on_threads_of_its_own(threads, monkeypatch):
@@ -461,7 +497,7 @@ def test_a_forked_child_splits_its_calls_on_threads_of_its_own(threads, monkeypa
         child.join(timeout=30)
         if child.is_alive():
             child.kill()
-    assert got == want and team is None and child.exitcode == 0
+    assert got == want and not team and child.exitcode == 0
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps")
