@@ -18,22 +18,29 @@ They serve float32 and float64 CPU tensors laid out channel-first ([N, C, ...], 
 contiguous) or channel-last (a channels-last map, a [N, T, C] token tensor); anything else
 (half precision, other strides, mixed dtypes, other devices) takes the torch formulas, as does
 every call when numba is absent or ``RESPROBE_ONEPASS=0`` is set. Each kernel is compiled on its
-first call (about a second; numba caches it on disk, so later processes load it).
+first call (about a second; numba caches it on disk, so later processes load it). Tensors whose
+memory does not hold their values as they are (negated views, sparse tensors, the wrapped tensors
+of ``torch.func`` transforms) take the torch formulas too.
+
+**Calls.** A call is one descriptor (shape, the tensors' addresses from ``data_ptr``, the
+outputs') handed to a compiled C entry (:func:`probe.probes._onepass_kernels.entry`) that takes
+the call's chunks of rows, samples or pieces of a row on whichever threads enter it, the thread
+that finishes the last chunk adding the per-sample sums. In a model's pass, with Python's caches
+cold, the Python around a kernel had cost more than the kernel (numpy views, numba's dispatcher
+checking eight arguments); a descriptor and one foreign call cost a fraction of it.
 
 **Threads.** The kernels are serial and release the GIL. Where torch runs on several threads, a
 call runs on torch's own OpenMP team (:class:`_Team`), one thread per :data:`TEAM_VALUES` values
-it reads up to torch's count: ``GOMP_parallel`` of the runtime torch loaded, each thread
-taking chunks of the call's rows or samples until none is left
-(:func:`probe.probes._onepass_kernels.entry`). That team spins between torch's
-operations, so it starts on a block's sub-millisecond call in time, and none of its settings is
-touched. Where it does not serve (not OpenMP, not Linux,
+it reads up to torch's count, through ``GOMP_parallel`` of the runtime torch loaded. That team
+spins between torch's operations, so it starts on a block's sub-millisecond call in time, and
+none of its settings is touched. Where it does not serve (not OpenMP, not Linux,
 ``RESPROBE_ONEPASS_TEAM=0``, a forked child), a call that reads :data:`MIN_VALUES` values per
-thread is cut into spans on the calling thread and a small pool of this module's. A row is always
-summed whole by one thread, so the numbers do not depend on the thread count or the place. numba's
-own threading layers are not used: the one it picks first on Linux, GNU OpenMP, binds to the
-OpenMP runtime torch loaded and, when it starts, sets that runtime's thread count to every core
-and its nesting to 255 levels, overriding ``torch.set_num_threads`` (a rank given one thread ran
-torch's ops on two).
+thread is entered by the calling thread and threads of a small pool of this module's. A row is
+always summed whole by one thread, so the numbers do not depend on the thread count or the place.
+numba's own threading layers are not used: the one it picks first on Linux, GNU OpenMP, binds to
+the OpenMP runtime torch loaded and, when it starts, sets that runtime's thread count to every
+core and its nesting to 255 levels, overriding ``torch.set_num_threads`` (a rank given one thread
+ran torch's ops on two).
 """
 
 from __future__ import annotations
