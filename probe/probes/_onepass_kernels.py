@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, types
+from numba.core.ccallback import CFunc
 from numba.extending import intrinsic
 
 __all__ = [
@@ -270,7 +271,9 @@ def products_samples(part, root, out):  # pragma: no cover -- compiled
 #   3-5    the inputs' shape: [N, C, P], [N, P, C], or [N, M, pieces of a row]
 #   6      the variance limit (a float64's bits), or for products 1 where the sum is rooted
 #   7      the chunks done (an atomic add after each: the thread that does the last one finishes
-#          the call, e.g. block_samples, once every other chunk's writes are seen)
+#          the call, e.g. block_samples, once every other chunk's writes are seen; the caller
+#          checks after the call that it equals word 1, so a chunk that failed is never taken
+#          for one done)
 #   8-13   the addresses of the kernel's arrays, in the order of its arguments
 # Every thread that enters takes chunks until none is left, so a thread that starts late takes
 # fewer and the calling thread never waits for work nobody has begun; each item is written by
@@ -376,6 +379,7 @@ def _block_columns_entry(data, zero):  # pragma: no cover -- compiled
     lo, hi = _chunk(words)
     while hi > lo:
         block_columns(y, f, s, limit, moments, sample, lo, hi)
+        _last(words)  # counted: the caller checks that every chunk was done
         lo, hi = _chunk(words)
 
 
@@ -388,6 +392,7 @@ def _moments_rows_entry(data, zero):  # pragma: no cover -- compiled
     lo, hi = _chunk(words)
     while hi > lo:
         moments_rows(t, limit, moments, lo, hi)
+        _last(words)  # counted: the caller checks that every chunk was done
         lo, hi = _chunk(words)
 
 
@@ -400,6 +405,7 @@ def _moments_columns_entry(data, zero):  # pragma: no cover -- compiled
     lo, hi = _chunk(words)
     while hi > lo:
         moments_columns(t, limit, moments, lo, hi)
+        _last(words)  # counted: the caller checks that every chunk was done
         lo, hi = _chunk(words)
 
 
@@ -419,11 +425,12 @@ def _products_entry(data, zero):  # pragma: no cover -- compiled
         lo, hi = _chunk(words)
 
 
-def entry(kernel: str, dtype: np.dtype) -> int:
-    """The address of ``kernel``'s entry for inputs of ``dtype`` (float32 or float64), ``void
-    entry(void *data)``: the kernel over the chunks of the call that ``data`` describes (see
-    above), then its finishing step. Compiled at its first call (numba caches it beside the
-    kernels: one source file, so a change to a kernel recompiles its entries too).
+def entry(kernel: str, dtype: np.dtype) -> CFunc:
+    """``kernel``'s entry for inputs of ``dtype`` (float32 or float64), ``void entry(void
+    *data)``: the kernel over the chunks of the call that ``data`` describes (see above), then its
+    finishing step. Compiled at its first call (numba caches it beside the kernels: one source
+    file, so a change to a kernel recompiles its entries too). The caller keeps the object for as
+    long as it calls the entry's address: the compiled code is the object's.
 
     Each kernel's arrays, in the order of the descriptor's addresses: ``block_rows`` y, F, S
     [N, C, P], moments [4, N, C], part [6, N C] (float64), sample [6, N]; ``block_columns`` y, F,
@@ -442,69 +449,69 @@ def entry(kernel: str, dtype: np.dtype) -> int:
         def block_rows_32(data):  # pragma: no cover -- compiled
             _block_rows_entry(data, np.float32(0))
 
-        return block_rows_32.address
+        return block_rows_32
     if kernel == "block_rows":
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def block_rows_64(data):  # pragma: no cover -- compiled
             _block_rows_entry(data, np.float64(0))
 
-        return block_rows_64.address
+        return block_rows_64
     if kernel == "block_columns" and single:
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def block_columns_32(data):  # pragma: no cover -- compiled
             _block_columns_entry(data, np.float32(0))
 
-        return block_columns_32.address
+        return block_columns_32
     if kernel == "block_columns":
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def block_columns_64(data):  # pragma: no cover -- compiled
             _block_columns_entry(data, np.float64(0))
 
-        return block_columns_64.address
+        return block_columns_64
     if kernel == "moments_rows" and single:
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def moments_rows_32(data):  # pragma: no cover -- compiled
             _moments_rows_entry(data, np.float32(0))
 
-        return moments_rows_32.address
+        return moments_rows_32
     if kernel == "moments_rows":
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def moments_rows_64(data):  # pragma: no cover -- compiled
             _moments_rows_entry(data, np.float64(0))
 
-        return moments_rows_64.address
+        return moments_rows_64
     if kernel == "moments_columns" and single:
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def moments_columns_32(data):  # pragma: no cover -- compiled
             _moments_columns_entry(data, np.float32(0))
 
-        return moments_columns_32.address
+        return moments_columns_32
     if kernel == "moments_columns":
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def moments_columns_64(data):  # pragma: no cover -- compiled
             _moments_columns_entry(data, np.float64(0))
 
-        return moments_columns_64.address
+        return moments_columns_64
     if kernel == "products" and single:
 
         @cfunc(_SIGNATURE, **_C_OPTIONS)
         def products_32(data):  # pragma: no cover -- compiled
             _products_entry(data, np.float32(0))
 
-        return products_32.address
+        return products_32
 
     @cfunc(_SIGNATURE, **_C_OPTIONS)
     def products_64(data):  # pragma: no cover -- compiled
         _products_entry(data, np.float64(0))
 
-    return products_64.address
+    return products_64
 
 
 _SIGNATURE = types.void(types.voidptr)

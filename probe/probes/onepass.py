@@ -88,10 +88,12 @@ _FLOAT64_LIMIT = 16.0
 # torch's spinning OpenMP team (docs/performance.md, "The kernels' threads")
 MIN_VALUES = 1 << 21
 TEAM_ENV = "RESPROBE_ONEPASS_TEAM"  # "0": the kernels never run on torch's OpenMP team
-# the values a call reads per thread of torch's OpenMP team it takes: under it, a thread's start
-# costs about what it saves (a ResNet-56 block at batch 64, 0.8-3 M values, takes two threads)
+# the values a call reads per thread of torch's OpenMP team it takes. A block's statistics on two
+# threads of the team against one, right after a torch op: 82 against 87 us at 98 k values, 160
+# against 217 at 786 k; under ~10^5 values the second thread saves nothing (a ResNet-56 block at
+# batch 64, 0.8-3 M values, takes two)
 TEAM_VALUES = 1 << 16
-CHUNKS = 4  # chunks per thread of a call on the team: a thread that starts late takes fewer
+CHUNKS = 4  # chunks per thread of a split call: a thread that starts late takes fewer
 # a call's descriptor: its length and where its addresses start (probe.probes._onepass_kernels)
 _WORDS, _ARRAYS = 14, 8
 
@@ -347,15 +349,14 @@ class _Team:
 
 _TEAM = _Team()
 
-_CALL = ctypes.CFUNCTYPE(None, ctypes.c_void_p)  # an entry called from Python (the GIL let go)
-
 
 @functools.cache
-def _entry(kernel: str, dtype: np.dtype) -> tuple[int, Callable[[int], None]]:
-    """(``kernel``'s entry for ``dtype`` inputs, the entry as a Python callable), compiled at
-    the first call; raises where it fails to compile (see :func:`_launch`)."""
-    address = _module().entry(kernel, dtype)
-    return address, _CALL(address)
+def _entry(kernel: str, dtype: np.dtype) -> tuple[int, Callable[[int], None], object]:
+    """(``kernel``'s entry for ``dtype`` inputs: its address, it as a Python callable that lets
+    the GIL go, and the numba object that owns its code, kept alive with them), compiled at the
+    first call; raises where it fails to compile (see :func:`_launch`)."""
+    compiled = _module().entry(kernel, dtype)
+    return compiled.address, compiled.ctypes, compiled
 
 
 def _place(items: int, values: int) -> tuple[str, int]:
@@ -384,7 +385,7 @@ def _launch(
     and addresses filled in, where :func:`_place` says; it writes ``outputs``. False (and the
     kernels off, with a warning) where the entry fails to compile or a thread's entry fails."""
     try:
-        address, call = _entry(kernel, dtype)
+        address, call, _ = _entry(kernel, dtype)
         place, threads = _place(items, values)
         words[0] = words[7] = 0  # no chunk taken, none done
         words[1], words[2] = min(items, CHUNKS * threads), items
@@ -401,6 +402,8 @@ def _launch(
                 future.result()  # raises a thread's failure
         else:
             call(data)
+        if words[7] != words[1]:  # an entry's failure cannot raise through a foreign call
+            raise RuntimeError(f"{kernel} did {words[7]} of its {words[1]} chunks")
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
         global _failed
         _failed = True

@@ -438,7 +438,7 @@ def test_calls_from_several_threads_at_once_give_the_same_numbers(threads, place
 
 
 def test_a_thread_of_the_pool_failing_warns_once_and_torch_serves(threads, monkeypatch):
-    address, call = onepass._entry("moments_rows", np.dtype(np.float32))
+    address, call, compiled = onepass._entry("moments_rows", np.dtype(np.float32))
     caller = threading.get_ident()
 
     def fails_off_the_calling_thread(data):
@@ -447,12 +447,36 @@ def test_a_thread_of_the_pool_failing_warns_once_and_torch_serves(threads, monke
         call(data)
 
     monkeypatch.setattr(onepass, "_failed", False)
-    monkeypatch.setattr(onepass, "_entry", lambda *key: (address, fails_off_the_calling_thread))
+    failing = (address, fails_off_the_calling_thread, compiled)
+    monkeypatch.setattr(onepass, "_entry", lambda *key: failing)
     monkeypatch.setattr(onepass, "MIN_VALUES", 1)
     monkeypatch.setattr(onepass, "TEAM_VALUES", 1 << 62)  # the pool's threads, not the team's
     threads(2)
     with pytest.warns(onepass.OnePassWarning, match="a pool thread broke"):
         assert onepass.moments(torch.randn(4, 3, 5), 1) is None
+    assert onepass.mode() == "torch"
+
+
+@pytest.mark.parametrize("where", ["thread", "team"])
+def test_a_call_whose_chunks_were_not_all_done_is_not_taken_for_a_result(
+    where, threads, monkeypatch
+):
+    """A failure inside an entry cannot raise through the foreign call that ran it (numba prints
+    it and the entry returns): its outputs would be whatever memory held. The count of chunks
+    done is checked instead, and the torch formulas serve from then on."""
+    monkeypatch.setattr(onepass, "_failed", False)
+    if where == "team":
+        if not _team_serves():
+            pytest.skip("torch's OpenMP team does not serve this process")
+        monkeypatch.setattr(onepass, "TEAM_VALUES", 0)
+        monkeypatch.setattr(onepass._TEAM, "run", lambda *a: None)  # no thread entered
+        threads(2)
+    else:
+        address, _, compiled = onepass._entry("block_rows", np.dtype(np.float32))
+        monkeypatch.setattr(onepass, "_entry", lambda *key: (address, lambda data: None, compiled))
+    f, s, y = _block((2, 3, 4, 4), torch.float32)
+    with pytest.warns(onepass.OnePassWarning, match="did 0 of its"):
+        assert onepass.block_sums(f, s, y, 1) is None
     assert onepass.mode() == "torch"
 
 
