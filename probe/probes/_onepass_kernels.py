@@ -425,6 +425,66 @@ def _products_entry(data, zero):  # pragma: no cover -- compiled
         lo, hi = _chunk(words)
 
 
+# The entries' Python bodies, one named function each, compiled at first use by entry(). A
+# factory closing over the kernel recompiled in every process (numba keys a closure's cache by its
+# cells, pickled, and a dispatcher's pickle differs between processes), and one entry dispatching
+# on a word of the descriptor compiled all ten at once (12.5 s with numba's cache empty, against
+# ~2 s each).
+def _block_rows_32(data):  # pragma: no cover -- compiled
+    _block_rows_entry(data, np.float32(0))
+
+
+def _block_rows_64(data):  # pragma: no cover -- compiled
+    _block_rows_entry(data, np.float64(0))
+
+
+def _block_columns_32(data):  # pragma: no cover -- compiled
+    _block_columns_entry(data, np.float32(0))
+
+
+def _block_columns_64(data):  # pragma: no cover -- compiled
+    _block_columns_entry(data, np.float64(0))
+
+
+def _moments_rows_32(data):  # pragma: no cover -- compiled
+    _moments_rows_entry(data, np.float32(0))
+
+
+def _moments_rows_64(data):  # pragma: no cover -- compiled
+    _moments_rows_entry(data, np.float64(0))
+
+
+def _moments_columns_32(data):  # pragma: no cover -- compiled
+    _moments_columns_entry(data, np.float32(0))
+
+
+def _moments_columns_64(data):  # pragma: no cover -- compiled
+    _moments_columns_entry(data, np.float64(0))
+
+
+def _products_32(data):  # pragma: no cover -- compiled
+    _products_entry(data, np.float32(0))
+
+
+def _products_64(data):  # pragma: no cover -- compiled
+    _products_entry(data, np.float64(0))
+
+
+_F32, _F64 = np.dtype(np.float32), np.dtype(np.float64)
+_BODIES = {
+    ("block_rows", _F32): _block_rows_32,
+    ("block_rows", _F64): _block_rows_64,
+    ("block_columns", _F32): _block_columns_32,
+    ("block_columns", _F64): _block_columns_64,
+    ("moments_rows", _F32): _moments_rows_32,
+    ("moments_rows", _F64): _moments_rows_64,
+    ("moments_columns", _F32): _moments_columns_32,
+    ("moments_columns", _F64): _moments_columns_64,
+    ("products", _F32): _products_32,
+    ("products", _F64): _products_64,
+}
+
+
 def entry(kernel: str, dtype: np.dtype) -> CFunc:
     """``kernel``'s entry for inputs of ``dtype`` (float32 or float64), ``void entry(void
     *data)``: the kernel over the chunks of the call that ``data`` describes (see above), then its
@@ -438,81 +498,6 @@ def entry(kernel: str, dtype: np.dtype) -> CFunc:
     ``moments_columns`` t [N, P, C], moments; ``products`` a, b [N, M], part [N pieces]
     (float64), out [N].
     """
-    # one named function per entry, made at its first use. A factory closing over the kernel
-    # recompiled in every process (numba keys a closure's cache by its cells, pickled, and a
-    # dispatcher's pickle differs between processes), and one entry dispatching on a word of the
-    # descriptor compiled all ten at once (12.5 s with numba's cache empty, against ~2 s each)
-    single = dtype == np.float32
-    if kernel == "block_rows" and single:
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def block_rows_32(data):  # pragma: no cover -- compiled
-            _block_rows_entry(data, np.float32(0))
-
-        return block_rows_32
-    if kernel == "block_rows":
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def block_rows_64(data):  # pragma: no cover -- compiled
-            _block_rows_entry(data, np.float64(0))
-
-        return block_rows_64
-    if kernel == "block_columns" and single:
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def block_columns_32(data):  # pragma: no cover -- compiled
-            _block_columns_entry(data, np.float32(0))
-
-        return block_columns_32
-    if kernel == "block_columns":
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def block_columns_64(data):  # pragma: no cover -- compiled
-            _block_columns_entry(data, np.float64(0))
-
-        return block_columns_64
-    if kernel == "moments_rows" and single:
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def moments_rows_32(data):  # pragma: no cover -- compiled
-            _moments_rows_entry(data, np.float32(0))
-
-        return moments_rows_32
-    if kernel == "moments_rows":
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def moments_rows_64(data):  # pragma: no cover -- compiled
-            _moments_rows_entry(data, np.float64(0))
-
-        return moments_rows_64
-    if kernel == "moments_columns" and single:
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def moments_columns_32(data):  # pragma: no cover -- compiled
-            _moments_columns_entry(data, np.float32(0))
-
-        return moments_columns_32
-    if kernel == "moments_columns":
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def moments_columns_64(data):  # pragma: no cover -- compiled
-            _moments_columns_entry(data, np.float64(0))
-
-        return moments_columns_64
-    if kernel == "products" and single:
-
-        @cfunc(_SIGNATURE, **_C_OPTIONS)
-        def products_32(data):  # pragma: no cover -- compiled
-            _products_entry(data, np.float32(0))
-
-        return products_32
-
-    @cfunc(_SIGNATURE, **_C_OPTIONS)
-    def products_64(data):  # pragma: no cover -- compiled
-        _products_entry(data, np.float64(0))
-
-    return products_64
-
-
-_SIGNATURE = types.void(types.voidptr)
-_C_OPTIONS = {"nopython": True, "cache": True, "error_model": "numpy"}
+    return cfunc(types.void(types.voidptr), nopython=True, cache=True, error_model="numpy")(
+        _BODIES[kernel, np.dtype(dtype)]
+    )

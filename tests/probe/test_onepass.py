@@ -354,6 +354,10 @@ def test_the_descriptor_is_laid_out_as_the_entries_read_it():
     kernels = onepass._module()
     assert (onepass._WORDS, onepass._ARRAYS) == (kernels.WORDS, kernels.ARRAYS)
     assert onepass._ARRAYS + 6 <= onepass._WORDS  # block_rows' six arrays fit
+    with pytest.raises(KeyError):  # no other kernel's entry for a name or precision it lacks
+        kernels.entry("block_sums", np.float32)
+    with pytest.raises(KeyError):
+        kernels.entry("block_rows", np.float16)
 
 
 def test_the_runtime_is_the_one_loaded_or_torchs_own_copy():
