@@ -113,7 +113,7 @@ def tune_allocator() -> bool:
 
 def runtime_settings() -> dict:
     """The settings a result depends on beyond code and data: threads and determinism."""
-    from probe.probes import onepass  # the probes package imports this module's users
+    from probe.probes import onepass, onepass_cuda  # the probes package imports this module's users
 
     return {
         "threads": torch.get_num_threads(),
@@ -127,4 +127,6 @@ def runtime_settings() -> dict:
         "allocator_tuned": _allocator["tuned"],
         # the CPU statistics' formulas: float64 sums of one read, or torch's (probe.probes.onepass)
         "cpu_statistics": onepass.mode(),
+        # the CUDA statistics' formulas: Triton's one read, or torch's (probe.probes.onepass_cuda)
+        "cuda_statistics": onepass_cuda.mode(),
     }

@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from probe.errors import ProbeError
-from probe.probes import onepass
+from probe.probes import onepass, onepass_cuda
 from probe.probes.base import Call, Probe
 from probe.probes.fused import Fused, identity_quantities, residual_quantities
 from probe.probes.group import (
@@ -61,6 +61,13 @@ _SINGLE = (torch.float16, torch.bfloat16, torch.float32)  # accumulated in float
 # faster with cold caches; on shorter pieces the many short reductions cost more than they save.
 _CASCADE_ROW = 32768
 _PIECE = 128
+
+
+def _one_read(t: torch.Tensor):  # noqa: ANN202 -- one of two modules of the same functions
+    """The one-read kernels for ``t``'s device: Triton's on a CUDA device
+    (probe.probes.onepass_cuda), numba's elsewhere (probe.probes.onepass, CPU tensors only);
+    each says None where it does not serve a call."""
+    return onepass_cuda if t.device.type == "cuda" else onepass
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -110,9 +117,10 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """L2 norm of each sample over all non-batch dims (float32, float64 for a float64 input).
     [N, ...] -> [N]
 
-    On the CPU, float32 and float64 tensors whose samples each lie in one block of memory are
-    read once by :func:`probe.probes.onepass.norm` (float64 sums, one rounding); others take
-    torch's norm, piece by piece on long rows (below).
+    Tensors whose samples each lie in one block of memory are read once, with float64 sums and
+    one rounding: float32 and float64 ones on the CPU by :func:`probe.probes.onepass.norm`,
+    float32, bf16 and fp16 ones on a CUDA device by :func:`probe.probes.onepass_cuda.norm`;
+    others take torch's norm, piece by piece on long CPU rows (below).
 
     Example:
         >>> per_sample_norm(torch.ones(2, 3, 4, dtype=torch.float64))
@@ -120,8 +128,8 @@ def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
     """
     if not (t.is_floating_point() or t.is_complex()):  # indices or masks: torch has no norm
         t = t.to(accumulation_dtype(t))  # of them
-    if t.ndim >= 2 and t.is_cpu:  # float32/64 on the CPU: one read, float64 sums, one rounding
-        found = onepass.norm(t)  # as the block kernels take theirs (probe.probes.onepass)
+    if t.ndim >= 2:  # one read, float64 sums, one rounding, as the block kernels take theirs
+        found = _one_read(t).norm(t)  # (probe.probes.onepass, probe.probes.onepass_cuda)
         if found is not None:
             return found
     dtype = accumulation_dtype(t)
@@ -269,12 +277,14 @@ def channel_moments(t: torch.Tensor, layout: str = "auto") -> tuple[torch.Tensor
         return t, torch.zeros_like(t)
     if not t.is_floating_point():  # a layer giving indices or masks: no norm or difference
         t = t.to(dtype)  # of such tensors in torch
-    if not _guard_is_cheap(t):
-        return moments(t, dtype)
-    # on the CPU one read of each row where the kernels serve it (float32/64, one of the two
-    # layouts), else the guarded one-pass sums of torch (probe.probes.onepass)
-    found = onepass.moments(t, 1) if t.dtype == dtype else None
-    return found if found is not None else sum_moments(t, dtype)
+    # one read of each row where the kernels serve it (on the CPU float32/64, on a CUDA device
+    # float32/bf16/fp16; one of the two layouts), else torch's formulas: on the CPU the guarded
+    # one-pass sums, elsewhere the two-pass formula (the guard would read results on the host)
+    asked = t.is_cpu and t.dtype == dtype or t.is_cuda
+    found = _one_read(t).moments(t, 1) if asked else None
+    if found is not None:
+        return found
+    return sum_moments(t, dtype) if _guard_is_cheap(t) else moments(t, dtype)
 
 
 # Rows where E[x^2] <= ONE_PASS_MAX_RATIO * var take the one-pass formula of sum_moments: its
@@ -760,9 +770,9 @@ def _onepass_block(
     f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, axis: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     """ResidualNorms' quantities but x_norm, and ChannelStats' of y and F (channel axis
-    ``axis``), from one read of F, S and y by the CPU kernels; None where they do not serve
-    (probe.probes.onepass)."""
-    found = onepass.block_sums(f, s, y, axis)
+    ``axis``), from one read of F, S and y by the kernels of the tensors' device; None where they
+    do not serve (probe.probes.onepass on the CPU, probe.probes.onepass_cuda on a CUDA device)."""
+    found = _one_read(y).block_sums(f, s, y, axis)
     if found is None:
         return None
     sample, channel = found
@@ -966,11 +976,11 @@ class GradNorms(Probe):
 def _cos_f_grad(
     f: torch.Tensor, g: torch.Tensor, nf: torch.Tensor, ng: torch.Tensor
 ) -> torch.Tensor:
-    """cos(F(x), dL/dx) from the two norms: F.dL/dx from one read of the two on the CPU (the
-    one-pass kernel, in float64), else by their product. The norms stay those of
+    """cos(F(x), dL/dx) from the two norms: F.dL/dx from one read of the two where the one-pass
+    kernels serve them (in float64, on the CPU or a CUDA device), else by their product. The norms stay those of
     :func:`per_sample_norm`, taken per call or per group alike, so that a gradient's norm is the
     same number whichever way its call was computed."""
-    found = onepass.dot(f, g)
+    found = _one_read(f).dot(f, g)
     if found is None:
         return per_sample_cos(f, g, norms=(nf, ng))
     return _cos(found, nf, ng)

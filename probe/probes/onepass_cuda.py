@@ -1,0 +1,314 @@
+"""The statistics on a CUDA device in one read of each tensor (Triton kernels).
+
+On a GPU each of a block's statistics in PyTorch is its own pass over a map, with its own
+temporaries: a float32 copy of S(x), y - S(x), the products y S and F S, each channel's
+deviations, then a reduction of each. Recorded as a CUDA graph, so that the host's dispatch no
+longer counts, a ResNet-56 pass at batch 512 still spent ~8.7 ms of GPU time per forward on its
+statistics, 2.6 x the model's forward and ~30 x the time to read y, F and S once
+(docs/performance.md, "Fourth session"). The kernels of :mod:`probe.probes._triton_kernels` read
+each tensor once, widen it in registers and keep their sums in float64 (tile sums in float32):
+
+- :func:`block_sums`: a block's ||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S) and the
+  channel mean and variance of y and F, two launches;
+- :func:`moments`: the channel mean and variance of one map, one launch;
+- :func:`dot` and :func:`norm`: per-sample a.b and ||a||, two launches.
+
+They serve float32, bfloat16 and float16 tensors on a CUDA device, each in its own dtype, whose
+maps share one shape and strides, channel-first or channels-last (see :func:`_layout`); results
+are float32, the dtype of torch's formulas for those inputs. Anything else, every call where
+triton does not import, ``RESPROBE_ONEPASS=0`` (as for the CPU kernels), and every call after a
+kernel failed to compile or run (an :class:`~probe.probes.onepass.OnePassWarning`, once) takes
+torch's formulas. No result is read back on the host, so a recorded pass (probe.replay) records
+the kernels as it records torch's.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import math
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+__all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
+
+log = logging.getLogger(__name__)
+
+# triton's own switch: kernels run on the CPU by its interpreter (tests, without a GPU)
+INTERPRET_ENV = "TRITON_INTERPRET"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TILE = 2048  # values per tile of a map: 3 x 2048 float32 in registers over 4 warps
+_PIECE = 1 << 16  # values per program of a per-sample product (a long row takes several)
+_VECTOR = 1024  # values a products program loads at a time
+_PARTS = 128  # partial sums a finishing program loads at a time
+
+_failed = False  # a kernel failed once in this process: torch's formulas serve from then on
+
+
+@functools.cache
+def _module() -> ModuleType | None:
+    """The kernel module, or None where triton does not load."""
+    try:
+        from probe.probes import _triton_kernels
+    except Exception as e:  # noqa: BLE001 -- an absent or broken triton: torch's formulas serve
+        log.debug("one-pass CUDA statistics off: triton did not load (%s)", e)
+        return None
+    return _triton_kernels
+
+
+def _interpreted() -> bool:
+    return os.environ.get(INTERPRET_ENV, "0").strip() == "1"
+
+
+def _off() -> bool:
+    from probe.probes.onepass import ENV  # one switch for both devices
+
+    return _failed or os.environ.get(ENV, "1").strip() == "0"
+
+
+def available() -> bool:
+    """Whether the kernels serve CUDA tensors in this process (triton loads, not turned off).
+
+    Example:
+        >>> isinstance(available(), bool)
+        True
+    """
+    return not _off() and _module() is not None
+
+
+def mode() -> str:
+    """Which formulas this process's CUDA statistics take: "one-pass" (the kernels) or "torch"
+    (recorded with every capture's runtime settings). Does not import triton.
+
+    Example:
+        >>> mode() in ("one-pass", "torch")
+        True
+    """
+    if _off():
+        return "torch"
+    if _module.cache_info().currsize:  # tried already: whether it loaded
+        return "one-pass" if _module() is not None else "torch"
+    return "one-pass" if importlib.util.find_spec("triton") is not None else "torch"
+
+
+def _served(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> tuple | None:
+    """(shape, strides) shared by ``tensors``: dense tensors of a served dtype on one CUDA
+    device (any device under triton's interpreter), of at least ``min_ndim`` axes, not empty,
+    whose memory holds their values as they are; None otherwise, and where a tensor has no
+    memory to read (a functorch or fake tensor)."""
+    if _off():
+        return None
+    first = tensors[0]
+    try:
+        shape, strides, device = first.shape, first.stride(), first.device
+        if len(shape) < min_ndim or first.numel() == 0:
+            return None
+        if device.type != "cuda" and not _interpreted():
+            return None
+        for t in tensors:
+            if t.dtype not in _DTYPES or t.layout != torch.strided or t.device != device:
+                return None
+            if t.shape != shape or t.stride() != strides or t.is_neg() or t.is_conj():
+                return None
+            t.data_ptr()  # a wrapped or fake tensor has none: refused here, not in the kernel
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+    return (shape, strides) if _module() is not None else None
+
+
+def _dense_in(shape: tuple[int, ...], strides: tuple[int, ...], order: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` is one block of memory, its axes outermost
+    first in ``order`` (axes of size one may have any stride)."""
+    step = 1
+    for d in reversed(order):
+        if shape[d] != 1:
+            if strides[d] != step:
+                return False
+            step *= shape[d]
+    return True
+
+
+def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, ...] | None:
+    """(N, C, P, sample stride, channel stride, position stride) of ``tensors`` read as [N, C, P]
+    with channel axis ``axis``: positions contiguous (channel-first) or channels contiguous (a
+    channels-last map, [N, T, C] tokens); None where neither, or not served."""
+    found = _served(tensors, 3)
+    if found is None:
+        return None
+    shape, strides = found
+    n, c = shape[0], shape[axis]
+    p = math.prod(shape) // (n * c)
+    rest = tuple(d for d in range(1, len(shape)) if d != axis)
+    if _dense_in(shape, strides, (0, axis, *rest)):
+        return n, c, p, c * p, p, 1
+    if _dense_in(shape, strides, (0, *rest, axis)):
+        return n, c, p, c * p, 1, c
+    return None
+
+
+def _tile(channels: int, positions: int, channel_stride: int) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P) of a map's tile: its long side along the contiguous axis, _TILE
+    values in all (fewer for a small map)."""
+    if channel_stride == 1:  # channels contiguous
+        block_c = min(triton_power(channels), 128)
+        return block_c, min(triton_power(positions), max(_TILE // block_c, 1))
+    block_p = min(triton_power(positions), _TILE)
+    return min(triton_power(channels), max(_TILE // block_p, 1)), block_p
+
+
+def triton_power(n: int) -> int:
+    """The power of two at or above ``n`` (a tile's side must be one).
+
+    Example:
+        >>> [triton_power(k) for k in (1, 3, 64, 65)]
+        [1, 4, 64, 128]
+    """
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _run(launch) -> bool:
+    """Run ``launch``; on a failure (a compiler or driver error), warn once, turn the kernels
+    off for the process and say False, so that torch's formulas serve the call."""
+    global _failed
+    try:
+        launch()
+    except Exception as e:  # noqa: BLE001 -- any failure: torch's formulas serve, with a warning
+        from probe.probes.onepass import OnePassWarning
+
+        _failed = True
+        warnings.warn(
+            f"The one-pass CUDA statistics failed ({type(e).__name__}: {e}); torch's formulas "
+            f"serve from now on in this process. Set RESPROBE_ONEPASS=0 to skip the kernels.",
+            OnePassWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def block_sums(
+    f: torch.Tensor, s: torch.Tensor, y: torch.Tensor, axis: int
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]] | None:
+    """A block's statistics from one read of F(x), S(x) and y (one shape and strides, channel
+    axis ``axis``): ((||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S)) [N] each, (mean y,
+    var y, mean F, var F) [N, C] each), float32; None where the kernels do not serve them.
+
+    Example:
+        >>> f, s = torch.ones(1, 1, 4), torch.zeros(1, 1, 4)
+        >>> block_sums(f, s, f + s, 1) is None  # CPU tensors: the CPU's kernels serve those
+        True
+    """
+    found = _layout((y, f, s), axis)
+    if found is None:
+        return None
+    n, c, p, stride_n, stride_c, stride_p = found
+    block_c, block_p = _tile(c, p, stride_c)
+    runs = -(-c // block_c)
+    moments_out = torch.empty(4, n, c, dtype=torch.float32, device=y.device)
+    partial = torch.empty(n, runs, 6, dtype=torch.float64, device=y.device)
+    sample = torch.empty(6, n, dtype=torch.float32, device=y.device)
+    k = _module()
+
+    def launch() -> None:
+        k.channels[(n, runs)](
+            y, f, s, moments_out, partial, n, c, p, stride_n, stride_c, stride_p,
+            BLOCK=True, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_warps(block_c * block_p),
+        )  # fmt: skip
+        k.finish_block[(n,)](partial, sample, n, runs, BLOCK_R=min(triton_power(runs), _PARTS))
+
+    if not _run(launch):
+        return None
+    return tuple(sample.unbind(0)), tuple(moments_out.unbind(0))
+
+
+def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-sample, per-channel mean and population variance of ``t`` (channel axis ``axis``, at
+    least one axis besides the sample's and the channel's) from one read, [N, C] float32 each;
+    None where the kernels do not serve it.
+
+    Example:
+        >>> moments(torch.ones(1, 1, 4), 1) is None  # a CPU tensor
+        True
+    """
+    found = _layout((t,), axis)
+    if found is None:
+        return None
+    n, c, p, stride_n, stride_c, stride_p = found
+    block_c, block_p = _tile(c, p, stride_c)
+    out = torch.empty(2, n, c, dtype=torch.float32, device=t.device)
+    k = _module()
+
+    def launch() -> None:
+        k.channels[(n, -(-c // block_c))](
+            t, t, t, out, out, n, c, p, stride_n, stride_c, stride_p,
+            BLOCK=False, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_warps(block_c * block_p),
+        )  # fmt: skip
+
+    if not _run(launch):
+        return None
+    return out[0], out[1]
+
+
+def _warps(values: int) -> int:
+    return 8 if values >= 4096 else 4
+
+
+def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, int] | None:
+    """(N, M, sample stride) where each sample's M values of ``tensors`` lie together in memory,
+    in the same order for all (a channels-last map: H, W, C); None otherwise, or not served."""
+    found = _served(tensors, 2)
+    if found is None:
+        return None
+    shape, strides = found
+    order = (0, *sorted(range(1, len(shape)), key=lambda d: -strides[d]))
+    if not _dense_in((1, *shape[1:]), (0, *strides[1:]), order):
+        return None
+    m = math.prod(shape[1:])
+    return shape[0], m, strides[0] if shape[0] > 1 else m
+
+
+def _products(a: torch.Tensor, b: torch.Tensor, root: bool) -> torch.Tensor | None:
+    found = _rows((a,) if a is b else (a, b))
+    if found is None:
+        return None
+    n, m, stride_n = found
+    vector = min(_VECTOR, triton_power(m))
+    piece = min(-(-m // vector) * vector, _PIECE)  # whole vectors: no program loads past its piece
+    pieces = -(-m // piece)
+    partial = torch.empty(n, pieces, dtype=torch.float64, device=a.device)
+    out = torch.empty(n, dtype=torch.float32, device=a.device)
+    k = _module()
+
+    def launch() -> None:
+        k.products[(n, pieces)](a, b, partial, m, stride_n, piece, SAME=a is b, BLOCK=vector)
+        k.finish_rows[(n,)](
+            partial, out, pieces, ROOT=root, BLOCK_R=min(triton_power(pieces), _PARTS)
+        )
+
+    return out if _run(launch) else None
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample a.b from one read of ``a`` and ``b`` (one shape and strides), [N] float32,
+    summed in float64 (GradNorms' F.dL/dx); None where the kernels do not serve them.
+
+    Example:
+        >>> dot(torch.ones(1, 4), torch.ones(1, 4)) is None  # CPU tensors
+        True
+    """
+    return _products(a, b, root=False)
+
+
+def norm(t: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample L2 norm of ``t`` [N, ...] from one read, summed in float64 and rounded once,
+    [N] float32; None where the kernels do not serve it.
+
+    Example:
+        >>> norm(torch.ones(1, 4)) is None  # a CPU tensor
+        True
+    """
+    return _products(t, t, root=True)
