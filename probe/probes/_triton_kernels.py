@@ -26,36 +26,49 @@ import triton.language as tl
 
 __all__ = ["channels", "finish_block", "products", "finish_rows", "COS_EPS"]
 
-COS_EPS = 1e-12  # the floor of ||a|| ||b|| in a cosine, as probe.probes.statistics
+# the floor of ||a|| ||b|| in a cosine, as probe.probes.statistics (a constexpr: a kernel reads
+# no other global)
+COS_EPS = tl.constexpr(1e-12)
 
 
 @triton.jit
 def _chan(mean, m2, tile_mean, tile_m2, before, count):  # pragma: no cover -- compiled
     """Chan's update of a running (mean, sum of squared deviations) over ``before`` values with a
-    tile's over ``count`` more, in float64."""
-    total = before + count
+    tile's over ``count`` more, in float64. The weights are scalars, shared by the channels: one
+    division per tile, not one per channel."""
+    inv = 1.0 / (before + count)
     delta = tile_mean - mean
-    m2 = m2 + tile_m2.to(tl.float64) + delta * delta * (before * count / total)
-    # the weighted mean, not mean + delta * count / total: an infinite mean stays infinite
-    return (mean * before + tile_mean * count) / total, m2
+    m2 = m2 + tile_m2.to(tl.float64) + delta * delta * (before * count * inv)
+    # mean + delta count / total keeps a constant row's mean exact (its variance stays 0); where
+    # delta is not finite the weighted mean, so that an infinite mean stays infinite
+    step = mean + delta * (count * inv)
+    weighted = mean * (before * inv) + tile_mean * (count * inv)
+    return tl.where(tl.abs(delta) < float("inf"), step, weighted), m2
 
 
 @triton.jit
-def _tile_moments(v, mask, count):  # pragma: no cover -- compiled
-    """Per channel (axis 0) of a [BLOCK_C, BLOCK_P] tile: the mean of its ``count`` valid
+def _tile_moments(v, mask, count, AXIS: tl.constexpr):  # pragma: no cover -- compiled
+    """Per channel of a tile whose positions run along ``AXIS``: the mean of its ``count`` valid
     positions (float64) and the sum of squared deviations about it, by the corrected two-pass
     formula: the deviations from the float32 mean, less their own sum's square over ``count``,
     which removes what the mean's rounding adds (Chan, Golub & LeVeque 1983); the mean is then
-    corrected by that sum too."""
-    rough = tl.sum(v, 1) / count
-    d = tl.where(mask, v - rough[:, None], 0.0)
-    drift = tl.sum(d, 1)
-    m2 = tl.sum(d * d, 1) - drift * drift / count
+    corrected by that sum too. ``count`` is float64."""
+    inv = 1.0 / count
+    rough = tl.sum(v, AXIS) * inv.to(tl.float32)
+    d = tl.where(mask, v - tl.expand_dims(rough, AXIS), 0.0)
+    drift = tl.sum(d, AXIS)
+    m2 = tl.sum(d * d, AXIS) - drift * drift * inv.to(tl.float32)
     rough = rough.to(tl.float64)
     # a NaN drift comes of a NaN or an infinity in the tile, whose mean is the rough one's
-    mean = tl.where(drift == drift, rough + drift.to(tl.float64) / count, rough)
+    mean = tl.where(drift == drift, rough + drift.to(tl.float64) * inv, rough)
     # a rounded-negative m2 is 0; a NaN stays (tl.maximum need not propagate one)
     return mean, tl.where(m2 < 0.0, 0.0, m2)
+
+
+@triton.jit
+def _total(v):  # pragma: no cover -- compiled
+    """The float32 sum of a tile, widened (masked values were loaded as 0)."""
+    return tl.sum(tl.sum(v, 1), 0).to(tl.float64)
 
 
 @triton.jit
@@ -69,9 +82,8 @@ def channels(
     n_channels,
     n_positions,
     stride_n,
-    stride_c,
-    stride_p,
     BLOCK: tl.constexpr,
+    COLUMNS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):  # pragma: no cover -- compiled
@@ -83,31 +95,45 @@ def channels(
     run = tl.program_id(1)
     c = run * BLOCK_C + tl.arange(0, BLOCK_C)
     live = c < n_channels
-    row = n.to(tl.int64) * stride_n + c.to(tl.int64)[:, None] * stride_c  # [BLOCK_C, 1]
+    # the sample's first value; within a sample, 32-bit offsets. The contiguous axis is named by
+    # a constant, so that the compiler sees it and loads several neighbours per instruction
+    y_ptr += n.to(tl.int64) * stride_n
+    f_ptr += n.to(tl.int64) * stride_n
+    s_ptr += n.to(tl.int64) * stride_n
     zero = tl.zeros([BLOCK_C], dtype=tl.float64)
     y_mean, y_m2, f_mean, f_m2 = zero, zero, zero, zero
-    ff, ss, yy, dd, ys, fs = zero, zero, zero, zero, zero, zero
+    # the per-sample sums as scalars: [BLOCK_C] vectors of them, held by every thread of a
+    # channel's slice, spilled registers at BLOCK_C >= 16
+    nil = tl.full([], 0.0, dtype=tl.float64)
+    ff, ss, yy, dd, ys, fs = nil, nil, nil, nil, nil, nil
     for start in range(0, n_positions, BLOCK_P):
         p = start + tl.arange(0, BLOCK_P)
-        mask = live[:, None] & (p < n_positions)[None, :]
-        at = row + p.to(tl.int64)[None, :] * stride_p
+        # a tile [BLOCK_P, BLOCK_C] of channels contiguous ([N, P, C]), or [BLOCK_C, BLOCK_P] of
+        # positions contiguous ([N, C, P]): the contiguous axis last, as the compiler lays out
+        # threads along it (a transposed tile took twice the registers)
+        if COLUMNS:
+            mask = (p < n_positions)[:, None] & live[None, :]
+            at = p[:, None] * n_channels + c[None, :]
+        else:
+            mask = live[:, None] & (p < n_positions)[None, :]
+            at = c[:, None] * n_positions + p[None, :]
         count = tl.cast(tl.minimum(n_positions - start, BLOCK_P), tl.float64)
         before = tl.cast(start, tl.float64)  # a loop counter: an int where interpreted
         yv = tl.load(y_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        t_mean, t_m2 = _tile_moments(yv, mask, count.to(tl.float32))
+        t_mean, t_m2 = _tile_moments(yv, mask, count, 0 if COLUMNS else 1)
         y_mean, y_m2 = _chan(y_mean, y_m2, t_mean, t_m2, before, count)
         if BLOCK:
             fv = tl.load(f_ptr + at, mask=mask, other=0.0).to(tl.float32)
             sv = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            t_mean, t_m2 = _tile_moments(fv, mask, count.to(tl.float32))
+            t_mean, t_m2 = _tile_moments(fv, mask, count, 0 if COLUMNS else 1)
             f_mean, f_m2 = _chan(f_mean, f_m2, t_mean, t_m2, before, count)
             dv = yv - sv  # exact for bf16/fp16 values, rounded once for float32 ones
-            ff += tl.sum(fv * fv, 1).to(tl.float64)
-            ss += tl.sum(sv * sv, 1).to(tl.float64)
-            yy += tl.sum(yv * yv, 1).to(tl.float64)
-            dd += tl.sum(dv * dv, 1).to(tl.float64)
-            ys += tl.sum(yv * sv, 1).to(tl.float64)
-            fs += tl.sum(fv * sv, 1).to(tl.float64)
+            ff += _total(fv * fv)
+            ss += _total(sv * sv)
+            yy += _total(yv * yv)
+            dd += _total(dv * dv)
+            ys += _total(yv * sv)
+            fs += _total(fv * sv)
     out = n.to(tl.int64) * n_channels + c
     plane = tl.cast(n_samples, tl.int64) * n_channels
     tl.store(moments_ptr + out, y_mean.to(tl.float32), mask=live)
@@ -115,14 +141,13 @@ def channels(
     if BLOCK:
         tl.store(moments_ptr + 2 * plane + out, f_mean.to(tl.float32), mask=live)
         tl.store(moments_ptr + 3 * plane + out, (f_m2 / n_positions).to(tl.float32), mask=live)
-        # masked channels added zeros: every sum over the run is the live channels' sum
         at = (n.to(tl.int64) * tl.num_programs(1) + run) * 6
-        tl.store(partial_ptr + at, tl.sum(ff, 0))
-        tl.store(partial_ptr + at + 1, tl.sum(ss, 0))
-        tl.store(partial_ptr + at + 2, tl.sum(yy, 0))
-        tl.store(partial_ptr + at + 3, tl.sum(dd, 0))
-        tl.store(partial_ptr + at + 4, tl.sum(ys, 0))
-        tl.store(partial_ptr + at + 5, tl.sum(fs, 0))
+        tl.store(partial_ptr + at, ff)
+        tl.store(partial_ptr + at + 1, ss)
+        tl.store(partial_ptr + at + 2, yy)
+        tl.store(partial_ptr + at + 3, dd)
+        tl.store(partial_ptr + at + 4, ys)
+        tl.store(partial_ptr + at + 5, fs)
 
 
 @triton.jit

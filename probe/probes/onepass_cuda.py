@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 # triton's own switch: kernels run on the CPU by its interpreter (tests, without a GPU)
 INTERPRET_ENV = "TRITON_INTERPRET"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_TILE = 2048  # values per tile of a map: 3 x 2048 float32 in registers over 4 warps
+_TILE = 2048  # values per tile of a map: 3 x 2048 float32 in registers over _WARPS warps
+_WARPS = 8  # 4 took ~160-250 registers a thread at 2048 (cuobjdump), spilling past 255
 _PIECE = 1 << 16  # values per program of a per-sample product (a long row takes several)
 _VECTOR = 1024  # values a products program loads at a time
 _PARTS = 128  # partial sums a finishing program loads at a time
@@ -132,10 +133,10 @@ def _dense_in(shape: tuple[int, ...], strides: tuple[int, ...], order: tuple[int
     return True
 
 
-def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, ...] | None:
-    """(N, C, P, sample stride, channel stride, position stride) of ``tensors`` read as [N, C, P]
-    with channel axis ``axis``: positions contiguous (channel-first) or channels contiguous (a
-    channels-last map, [N, T, C] tokens); None where neither, or not served."""
+def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, int, int, int, bool] | None:
+    """(N, C, P, sample stride, columns?) of ``tensors`` with channel axis ``axis``: read as
+    [N, C, P] with positions contiguous (channel-first), or as [N, P, C] with channels
+    contiguous (a channels-last map, [N, T, C] tokens); None where neither, or not served."""
     found = _served(tensors, 3)
     if found is None:
         return None
@@ -143,17 +144,20 @@ def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, ...] | N
     n, c = shape[0], shape[axis]
     p = math.prod(shape) // (n * c)
     rest = tuple(d for d in range(1, len(shape)) if d != axis)
-    if _dense_in(shape, strides, (0, axis, *rest)):
-        return n, c, p, c * p, p, 1
-    if _dense_in(shape, strides, (0, *rest, axis)):
-        return n, c, p, c * p, 1, c
+    # the sample axis is left out: a sample's values are one block, wherever the next one starts
+    inner = ((1, *shape[1:]), (0, *strides[1:]))
+    stride_n = strides[0] if n > 1 else c * p
+    if _dense_in(*inner, (0, axis, *rest)):
+        return n, c, p, stride_n, False
+    if _dense_in(*inner, (0, *rest, axis)):
+        return n, c, p, stride_n, True
     return None
 
 
-def _tile(channels: int, positions: int, channel_stride: int) -> tuple[int, int]:
+def _tile(channels: int, positions: int, columns: bool) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P) of a map's tile: its long side along the contiguous axis, _TILE
     values in all (fewer for a small map)."""
-    if channel_stride == 1:  # channels contiguous
+    if columns:  # channels contiguous
         block_c = min(triton_power(channels), 128)
         return block_c, min(triton_power(positions), max(_TILE // block_c, 1))
     block_p = min(triton_power(positions), _TILE)
@@ -205,8 +209,8 @@ def block_sums(
     found = _layout((y, f, s), axis)
     if found is None:
         return None
-    n, c, p, stride_n, stride_c, stride_p = found
-    block_c, block_p = _tile(c, p, stride_c)
+    n, c, p, stride_n, columns = found
+    block_c, block_p = _tile(c, p, columns)
     runs = -(-c // block_c)
     moments_out = torch.empty(4, n, c, dtype=torch.float32, device=y.device)
     partial = torch.empty(n, runs, 6, dtype=torch.float64, device=y.device)
@@ -215,8 +219,8 @@ def block_sums(
 
     def launch() -> None:
         k.channels[(n, runs)](
-            y, f, s, moments_out, partial, n, c, p, stride_n, stride_c, stride_p,
-            BLOCK=True, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_warps(block_c * block_p),
+            y, f, s, moments_out, partial, n, c, p, stride_n,
+            BLOCK=True, COLUMNS=columns, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_WARPS,
         )  # fmt: skip
         k.finish_block[(n,)](partial, sample, n, runs, BLOCK_R=min(triton_power(runs), _PARTS))
 
@@ -237,24 +241,20 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
     found = _layout((t,), axis)
     if found is None:
         return None
-    n, c, p, stride_n, stride_c, stride_p = found
-    block_c, block_p = _tile(c, p, stride_c)
+    n, c, p, stride_n, columns = found
+    block_c, block_p = _tile(c, p, columns)
     out = torch.empty(2, n, c, dtype=torch.float32, device=t.device)
     k = _module()
 
     def launch() -> None:
         k.channels[(n, -(-c // block_c))](
-            t, t, t, out, out, n, c, p, stride_n, stride_c, stride_p,
-            BLOCK=False, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_warps(block_c * block_p),
+            t, t, t, out, out, n, c, p, stride_n,
+            BLOCK=False, COLUMNS=columns, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_WARPS,
         )  # fmt: skip
 
     if not _run(launch):
         return None
     return out[0], out[1]
-
-
-def _warps(values: int) -> int:
-    return 8 if values >= 4096 else 4
 
 
 def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, int] | None:

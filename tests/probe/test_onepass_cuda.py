@@ -391,3 +391,95 @@ def test_kernels_record_into_a_cuda_graph_and_replay_new_values(gpu):
     graph.replay()
     torch.cuda.synchronize()
     _assert_block(_named(found), _reference(f2, s2, y2, 1))
+
+
+def _compiled(fn, signature: dict, constexprs: dict, arch: int, values: dict | None = None):
+    """``fn`` compiled ahead of time for an NVIDIA GPU of compute capability ``arch`` (no GPU
+    needed: triton's own ptxas), specialised as a launch specialises it: pointers and the sample
+    stride 16-byte aligned, and each integer of ``values`` that 16 divides marked so."""
+    compiler = pytest.importorskip("triton.compiler")
+    target = pytest.importorskip("triton.backends.compiler").GPUTarget("cuda", arch, 32)
+    names = list(signature)
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, k in enumerate(names)
+        if signature[k].startswith("*") or k == "stride_n" or (values or {}).get(k, 1) % 16 == 0
+    }
+    source = compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned)
+    return compiler.compile(source, target=target, options={"num_warps": onepass_cuda._WARPS})
+
+
+def _registers(cubin: bytes, tmp_path) -> str:
+    """cuobjdump's resource line of a kernel (registers, stack), or "" without cuobjdump."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return ""
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    out = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    return next((line for line in out.stdout.splitlines() if "REG:" in line), "")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(
+    "channels, positions, columns",
+    [(16, 1024, False), (16, 1024, True), (64, 64, False), (256, 3136, True), (2048, 49, False)],
+)
+def test_the_map_kernel_compiles_for_a_gpu_without_spilling(
+    channels, positions, columns, arch, tmp_path
+):
+    """Every tile :func:`~probe.probes.onepass_cuda._tile` picks for ResNet-56's and ResNet-50's
+    maps, compiled for Ampere and Hopper: a kernel that does not compile would only show on a
+    GPU (as a warning, and torch's formulas). Loads of 16 bytes (vectorised along the contiguous
+    axis) and no spilled registers, both of which a streaming kernel needs to keep up with memory."""
+    if INTERPRETED:
+        pytest.skip("compiles kernels: triton's interpreter is on")
+    from probe.probes import _triton_kernels
+
+    block_c, block_p = onepass_cuda._tile(channels, positions, columns)
+    signature = {
+        **dict.fromkeys(["y_ptr", "f_ptr", "s_ptr"], "*bf16"),
+        "moments_ptr": "*fp32",
+        "partial_ptr": "*fp64",
+        **dict.fromkeys(["n_samples", "n_channels", "n_positions", "stride_n"], "i32"),
+        **dict.fromkeys(["BLOCK", "COLUMNS", "BLOCK_C", "BLOCK_P"], "constexpr"),
+    }
+    for block in (True, False):
+        constexprs = {"BLOCK": block, "COLUMNS": columns, "BLOCK_C": block_c, "BLOCK_P": block_p}
+        values = {"n_channels": channels, "n_positions": positions}
+        kernel = _compiled(_triton_kernels.channels, signature, constexprs, arch, values)
+        assert kernel.asm["cubin"]
+        if (channels if columns else positions) % 8 == 0:  # rows of whole 16-byte words
+            assert "ld.global.v4" in kernel.asm["ptx"]
+        usage = _registers(kernel.asm["cubin"], tmp_path)
+        assert "STACK:0 " in usage or not usage, usage
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_the_finishing_and_row_kernels_compile_for_a_gpu(arch, tmp_path):
+    if INTERPRETED:
+        pytest.skip("compiles kernels: triton's interpreter is on")
+    from probe.probes import _triton_kernels as k
+
+    rows = {"partial_ptr": "*fp64", "out_ptr": "*fp32"}
+    finish = {**rows, "n_samples": "i32", "n_parts": "i32", "BLOCK_R": "constexpr"}
+    assert _compiled(k.finish_block, finish, {"BLOCK_R": 8}, arch).asm["cubin"]
+    for root in (True, False):
+        signature = {**rows, "n_parts": "i32", "ROOT": "constexpr", "BLOCK_R": "constexpr"}
+        assert _compiled(k.finish_rows, signature, {"ROOT": root, "BLOCK_R": 4}, arch).asm["cubin"]
+    for same in (True, False):
+        signature = {
+            "a_ptr": "*bf16",
+            "b_ptr": "*fp32",
+            "partial_ptr": "*fp64",
+            **dict.fromkeys(["n_values", "stride_n", "piece"], "i32"),
+            **dict.fromkeys(["SAME", "BLOCK"], "constexpr"),
+        }
+        kernel = _compiled(k.products, signature, {"SAME": same, "BLOCK": 1024}, arch)
+        usage = _registers(kernel.asm["cubin"], tmp_path)
+        assert "STACK:0 " in usage or not usage, usage
