@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 import probe
 from benchmarks.common import device, graphed, header
 from probe.conformance import RawSites
+from probe.probes import onepass
 from probe.runtime import tune_allocator
 
 
@@ -48,6 +50,28 @@ def _times(fn: Callable[[], object], repeats: int, dev: torch.device) -> tuple[f
         wall.append((time.perf_counter() - t0) * 1e3)
         issue.append((t1 - t0) * 1e3)
     return statistics.median(wall), statistics.median(issue)
+
+
+_FORMULAS_OFF = object()  # a row's last field: run it with the one-read kernels off
+
+
+def _formulas_off(opened: Callable) -> Callable:
+    """``opened`` (a context giving a probed pass) run with ``RESPROBE_ONEPASS=0``."""
+
+    @contextlib.contextmanager
+    def run():
+        before = os.environ.get(onepass.ENV)
+        os.environ[onepass.ENV] = "0"
+        try:
+            with opened() as fn:
+                yield fn
+        finally:
+            if before is None:
+                del os.environ[onepass.ENV]
+            else:
+                os.environ[onepass.ENV] = before
+
+    return run
 
 
 def main() -> None:
@@ -89,7 +113,7 @@ def main() -> None:
         after, _ = _times(base, args.repeats, dev)
         base_wall = (before + after) / 2
         print(
-            f"{name:40s} {wall:8.2f} ms  issue {issue:8.2f} ms  unprobed {base_wall:8.2f} ms "
+            f"{name:56s} {wall:8.2f} ms  issue {issue:8.2f} ms  unprobed {base_wall:8.2f} ms "
             f"(+-{abs(after - before) / 2 / base_wall:4.0%})  {wall / base_wall:5.2f}x",
             flush=True,
         )
@@ -146,10 +170,21 @@ def main() -> None:
             "  the same (all three), fused": all_fused,
         }
         rows += [(f"{name}, cuda graph", probes, None, True) for name, probes in recorded.items()]
+    # the eager statistics with the one-read kernels off (torch's formulas), in the same process:
+    # numba's on the CPU, Triton's on a CUDA device (probe.probes.onepass, onepass_cuda)
+    rows += [
+        (f"{name}, torch's formulas", probes, *how, _FORMULAS_OFF)
+        for name, probes, *how in list(rows)
+        if name.startswith(("ResidualNorms + ChannelStats", "all three"))
+    ]
     for name, probes, *how in rows:
         grads = any(p.needs_grad for p in probes)
+        off = bool(how) and how[-1] is _FORMULAS_OFF
+        how = how[:-1] if off else how
         opened = functools.partial(session, probes, *(how or [None]))
-        report(name, opened, forward_backward if grads else forward)
+        report(
+            name, _formulas_off(opened) if off else opened, forward_backward if grads else forward
+        )
     if cuda:  # the unprobed passes recorded as graphs: the device's own time
         inp = x.detach().requires_grad_(True)
 

@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
 #                                           # training), and direct chunk writes on this disk
-#   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200)
+#   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200);
+#                                           # bench_breakdown times the statistics with the Triton
+#                                           # kernels and with torch's formulas side by side
 #   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager, fused
 #                                           # and eager with var_mean moments
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
@@ -24,7 +26,7 @@ case "${1:-}" in
   tests)
     python3 -m pytest -q -m gpu tests/test_acceptance.py tests/probe/train/test_cuda_graph.py \
       tests/probe/test_served_sites.py tests/probe/test_grouped_statistics.py \
-      tests/probe/test_replay.py
+      tests/probe/test_replay.py tests/probe/test_onepass_cuda.py
     # chunks past the page cache on this machine's disk (skips where it has no O_DIRECT)
     python3 -m pytest -q -rs tests/probe/test_direct_io.py --basetemp .data/pytest-direct ;;
   bench)
