@@ -24,6 +24,7 @@ the kernels as it records torch's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -174,12 +175,19 @@ def triton_power(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _run(launch) -> bool:
-    """Run ``launch``; on a failure (a compiler or driver error), warn once, turn the kernels
-    off for the process and say False, so that torch's formulas serve the call."""
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` made current for a launch: triton launches on the current CUDA device, which
+    need not be the tensors' (a model on cuda:1 in a process whose current device is cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _run(launch, device: torch.device) -> bool:
+    """Run ``launch`` on ``device``; on a failure (a compiler or driver error), warn once, turn
+    the kernels off for the process and say False, so that torch's formulas serve the call."""
     global _failed
     try:
-        launch()
+        with _on(device):
+            launch()
     except Exception as e:  # noqa: BLE001 -- any failure: torch's formulas serve, with a warning
         from probe.probes.onepass import OnePassWarning
 
@@ -224,7 +232,7 @@ def block_sums(
         )  # fmt: skip
         k.finish_block[(n,)](partial, sample, n, runs, BLOCK_R=min(triton_power(runs), _PARTS))
 
-    if not _run(launch):
+    if not _run(launch, y.device):
         return None
     return tuple(sample.unbind(0)), tuple(moments_out.unbind(0))
 
@@ -252,7 +260,7 @@ def moments(t: torch.Tensor, axis: int) -> tuple[torch.Tensor, torch.Tensor] | N
             BLOCK=False, COLUMNS=columns, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=_WARPS,
         )  # fmt: skip
 
-    if not _run(launch):
+    if not _run(launch, t.device):
         return None
     return out[0], out[1]
 
@@ -289,7 +297,7 @@ def _products(a: torch.Tensor, b: torch.Tensor, root: bool) -> torch.Tensor | No
             partial, out, pieces, ROOT=root, BLOCK_R=min(triton_power(pieces), _PARTS)
         )
 
-    return out if _run(launch) else None
+    return out if _run(launch, a.device) else None
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:

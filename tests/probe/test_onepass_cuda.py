@@ -255,6 +255,21 @@ def test_cpu_tensors_are_never_taken_without_the_interpreter(monkeypatch):
     assert statistics._one_read(f) is onepass  # the CPU's own kernels serve CPU tensors
 
 
+def test_every_launch_runs_with_the_tensors_device_current(monkeypatch, device):
+    """triton launches on the current CUDA device: each call makes its tensors' current first
+    (on the GPU with two devices: test_a_tensor_on_another_device_than_the_current_one_...)."""
+    import contextlib
+
+    seen = []
+    monkeypatch.setattr(onepass_cuda, "_on", lambda d: seen.append(d) or contextlib.nullcontext())
+    f, s, y = _block((2, 3, 4, 4), torch.float32, device)
+    onepass_cuda.block_sums(f, s, y, 1)
+    onepass_cuda.moments(y, 1)
+    onepass_cuda.dot(f, s)
+    onepass_cuda.norm(f)
+    assert seen == [device] * 4
+
+
 def test_the_environment_turns_them_off(monkeypatch, device):
     f, s, y = _block((2, 3, 4, 4), torch.float32, device)
     monkeypatch.setenv(onepass.ENV, "0")
@@ -483,3 +498,13 @@ def test_the_finishing_and_row_kernels_compile_for_a_gpu(arch, tmp_path):
         kernel = _compiled(k.products, signature, {"SAME": same, "BLOCK": 1024}, arch)
         usage = _registers(kernel.asm["cubin"], tmp_path)
         assert "STACK:0 " in usage or not usage, usage
+
+
+@pytest.mark.gpu
+def test_a_tensor_on_another_device_than_the_current_one_is_read_there(gpu):
+    """triton launches on the current device: the kernels make the tensors' device current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    other = torch.device("cuda", 1 - torch.cuda.current_device())
+    f, s, y = _block((4, 8, 16, 16), torch.bfloat16, other)
+    _assert_block(_named(onepass_cuda.block_sums(f, s, y, 1)), _reference(f, s, y, 1))
