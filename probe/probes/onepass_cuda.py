@@ -35,6 +35,9 @@ from types import ModuleType
 
 import torch
 
+# one switch and one warning for the kernels of both devices
+from probe.probes.onepass import ENV, OnePassWarning
+
 __all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,6 @@ def _interpreted() -> bool:
 
 
 def _off() -> bool:
-    from probe.probes.onepass import ENV  # one switch for both devices
-
     return _failed or os.environ.get(ENV, "1").strip() == "0"
 
 
@@ -189,8 +190,6 @@ def _run(launch, device: torch.device) -> bool:
         with _on(device):
             launch()
     except Exception as e:  # noqa: BLE001 -- any failure: torch's formulas serve, with a warning
-        from probe.probes.onepass import OnePassWarning
-
         _failed = True
         warnings.warn(
             f"The one-pass CUDA statistics failed ({type(e).__name__}: {e}); torch's formulas "
