@@ -9,6 +9,9 @@
 #   bash benchmarks/gpu_runbook.sh bench    # trainer, hook and Jacobian benchmarks (~4 min on an H200);
 #                                           # bench_breakdown times the statistics with the Triton
 #                                           # kernels and with torch's formulas side by side
+#   bash benchmarks/gpu_runbook.sh kernels  # the CUDA statistics' Triton kernels alone (~2 min):
+#                                           # their -m gpu tests, those of the statistics that use
+#                                           # them, and bench_breakdown with them on and off
 #   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager, fused
 #                                           # and eager with var_mean moments
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
@@ -36,6 +39,10 @@ case "${1:-}" in
     python3 -m benchmarks.bench_breakdown
     python3 -m benchmarks.bench_jacobian
     python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
+  kernels)
+    python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
+      tests/probe/test_grouped_statistics.py tests/probe/test_replay.py
+    python3 -m benchmarks.bench_breakdown ;;
   profile)
     python3 -m benchmarks.bench_statistics_parts --profile
     python3 -m benchmarks.bench_statistics_parts --profile --fused
@@ -57,5 +64,5 @@ case "${1:-}" in
     done
     if ((${#failed[@]})); then echo "### failed: ${failed[*]}" >&2; exit 1; fi ;;
   *)
-    echo "usage: $0 data|tests|bench|profile|compiled|study|dist|all" >&2; exit 2 ;;
+    echo "usage: $0 data|tests|bench|kernels|profile|compiled|study|dist|all" >&2; exit 2 ;;
 esac
