@@ -11,7 +11,9 @@
 #                                           # kernels and with torch's formulas side by side
 #   bash benchmarks/gpu_runbook.sh kernels  # the CUDA statistics' Triton kernels alone (~2 min):
 #                                           # their -m gpu tests, those of the statistics that use
-#                                           # them, and bench_breakdown with them on and off
+#                                           # them, their GPU time per block against torch's
+#                                           # formulas and a copy (bench_onepass_cuda), and
+#                                           # bench_breakdown with them on and off
 #   bash benchmarks/gpu_runbook.sh profile  # the statistics' kernels by GPU time, eager, fused
 #                                           # and eager with var_mean moments
 #   bash benchmarks/gpu_runbook.sh compiled # trainer with torch.compile reduce-overhead (~2 min compiling)
@@ -42,6 +44,7 @@ case "${1:-}" in
   kernels)
     python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
       tests/probe/test_grouped_statistics.py tests/probe/test_replay.py
+    python3 -m benchmarks.bench_onepass_cuda
     python3 -m benchmarks.bench_breakdown ;;
   profile)
     python3 -m benchmarks.bench_statistics_parts --profile

@@ -508,3 +508,19 @@ def test_a_tensor_on_another_device_than_the_current_one_is_read_there(gpu):
     other = torch.device("cuda", 1 - torch.cuda.current_device())
     f, s, y = _block((4, 8, 16, 16), torch.bfloat16, other)
     _assert_block(_named(onepass_cuda.block_sums(f, s, y, 1)), _reference(f, s, y, 1))
+
+
+def test_the_kernels_benchmark_runs_and_every_tile_gives_the_same_numbers(
+    device, monkeypatch, capsys
+):
+    """benchmarks/bench_onepass_cuda.py's smoke run: each layout, each tile and warp count, the
+    numbers of the default tile (the GPU session's timings depend on it running as written)."""
+    import sys
+
+    from benchmarks import bench_onepass_cuda
+
+    monkeypatch.setattr(sys, "argv", ["bench_onepass_cuda", "--smoke", "--tiles", "16,2048"])
+    bench_onepass_cuda.main()
+    out = capsys.readouterr().out
+    assert "channel-first" in out and "channels-last" in out
+    assert out.count("tile ") == 2 * 2 * 3 and "NUMBERS DIFFER" not in out
