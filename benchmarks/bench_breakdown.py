@@ -170,6 +170,13 @@ def main() -> None:
             "  the same (all three), fused": all_fused,
         }
         rows += [(f"{name}, cuda graph", probes, None, True) for name, probes in recorded.items()]
+        # recorded, launches cost nothing, while grouping copies each group's tensors into one
+        # stack: with the one-read kernels, per call may read less
+        rows += [
+            (f"{name}, cuda graph, per call", probes, False, True)
+            for name, probes in recorded.items()
+            if not name.startswith(" ")
+        ]
     # the eager statistics with the one-read kernels off (torch's formulas), in the same process:
     # numba's on the CPU, Triton's on a CUDA device (probe.probes.onepass, onepass_cuda)
     rows += [
