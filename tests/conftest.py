@@ -44,6 +44,37 @@ def _statistics_reference(raw):
     return ref
 
 
+def _block_reference(f, s, y, axis: int) -> dict[str, np.ndarray]:
+    """What the one-read kernels give for a block, in numpy float64, from its F, S and y (numpy
+    arrays or tensors of one shape, channel axis ``axis``): ||F||, ||S||, ||y||, ||y - S||,
+    cos(y, S), cos(F, S) per sample, and the channel mean and population variance of y and F."""
+    f, s, y = (
+        np.asarray(a.double().cpu() if torch.is_tensor(a) else a, np.float64) for a in (f, s, y)
+    )
+    flat = {k: a.reshape(len(a), -1) for k, a in zip("fsy", (f, s, y))}
+    norm = {k: np.linalg.norm(a, axis=1) for k, a in flat.items()}
+    out = {
+        "f_norm": norm["f"],
+        "s_norm": norm["s"],
+        "y_norm": norm["y"],
+        "dev_norm": np.linalg.norm(flat["y"] - flat["s"], axis=1),
+        "cos_ys": (flat["y"] * flat["s"]).sum(1) / (norm["y"] * norm["s"]),
+        "cos_fs": (flat["f"] * flat["s"]).sum(1) / (norm["f"] * norm["s"]),
+    }
+    for prefix, a in (("", y), ("f_", f)):
+        rows = np.moveaxis(a, axis, 1).reshape(a.shape[0], a.shape[axis], -1)
+        out[f"{prefix}channel_mean"] = rows.mean(2)
+        out[f"{prefix}channel_var"] = rows.var(2)
+    return out
+
+
+@pytest.fixture
+def block_reference():
+    """``ref(f, s, y, axis)``: the one-read kernels' quantities in numpy float64 (see
+    _block_reference)."""
+    return _block_reference
+
+
 @pytest.fixture
 def statistics_reference():
     """``ref(raw)``: a block's statistics in numpy float64 (see _statistics_reference)."""

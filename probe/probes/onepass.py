@@ -145,11 +145,18 @@ def mode() -> str:
         >>> mode() in ("one-pass", "torch")
         True
     """
-    if _off():
+    return _formulas(_off(), _module, "numba")
+
+
+def _formulas(off: bool, module: Callable, package: str) -> str:
+    """ "one-pass" or "torch": which formulas a device's statistics take, given whether the
+    kernels are ``off`` and the cached loader ``module`` of the kernels that need ``package``;
+    whether that loads is asked of the loader once tried, else of the package's presence."""
+    if off:
         return "torch"
-    if _module.cache_info().currsize:  # tried already: whether it loaded
-        return "one-pass" if _module() is not None else "torch"
-    return "one-pass" if importlib.util.find_spec("numba") is not None else "torch"
+    if module.cache_info().currsize:  # tried already: whether it loaded
+        return "one-pass" if module() is not None else "torch"
+    return "one-pass" if importlib.util.find_spec(package) is not None else "torch"
 
 
 def serves(t: torch.Tensor) -> bool:

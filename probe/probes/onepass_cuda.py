@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import math
 import os
@@ -35,8 +34,8 @@ from types import ModuleType
 
 import torch
 
-# one switch and one warning for the kernels of both devices
-from probe.probes.onepass import ENV, OnePassWarning
+# one switch and one warning for the kernels of both devices, and the same layout rules
+from probe.probes.onepass import ENV, OnePassWarning, _dense_in, _formulas
 
 __all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
 
@@ -91,11 +90,7 @@ def mode() -> str:
         >>> mode() in ("one-pass", "torch")
         True
     """
-    if _off():
-        return "torch"
-    if _module.cache_info().currsize:  # tried already: whether it loaded
-        return "one-pass" if _module() is not None else "torch"
-    return "one-pass" if importlib.util.find_spec("triton") is not None else "torch"
+    return _formulas(_off(), _module, "triton")
 
 
 def _served(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> tuple | None:
@@ -121,18 +116,6 @@ def _served(tensors: tuple[torch.Tensor, ...], min_ndim: int) -> tuple | None:
     except (RuntimeError, TypeError, NotImplementedError):
         return None
     return (shape, strides) if _module() is not None else None
-
-
-def _dense_in(shape: tuple[int, ...], strides: tuple[int, ...], order: tuple[int, ...]) -> bool:
-    """Whether a tensor of ``shape`` and ``strides`` is one block of memory, its axes outermost
-    first in ``order`` (axes of size one may have any stride)."""
-    step = 1
-    for d in reversed(order):
-        if shape[d] != 1:
-            if strides[d] != step:
-                return False
-            step *= shape[d]
-    return True
 
 
 def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, int, int, int, bool] | None:

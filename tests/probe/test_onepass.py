@@ -24,26 +24,6 @@ F32 = 2 * 2**-24
 F64 = 1e-12
 
 
-def _reference(f: np.ndarray, s: np.ndarray, y: np.ndarray, axis: int) -> dict[str, np.ndarray]:
-    """The block quantities and channel moments in numpy float64 (channel axis ``axis``)."""
-    f, s, y = (a.astype(np.float64) for a in (f, s, y))
-    flat = {k: a.reshape(len(a), -1) for k, a in zip("fsy", (f, s, y))}
-    norm = {k: np.linalg.norm(a, axis=1) for k, a in flat.items()}
-    out = {
-        "f_norm": norm["f"],
-        "s_norm": norm["s"],
-        "y_norm": norm["y"],
-        "dev_norm": np.linalg.norm(flat["y"] - flat["s"], axis=1),
-        "cos_ys": (flat["y"] * flat["s"]).sum(1) / (norm["y"] * norm["s"]),
-        "cos_fs": (flat["f"] * flat["s"]).sum(1) / (norm["f"] * norm["s"]),
-    }
-    for prefix, a in (("", y), ("f_", f)):
-        rows = np.moveaxis(a, axis, 1).reshape(a.shape[0], a.shape[axis], -1)
-        out[f"{prefix}channel_mean"] = rows.mean(2)
-        out[f"{prefix}channel_var"] = rows.var(2)
-    return out
-
-
 def _block(shape, dtype, channels_last=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(shape, generator=g, dtype=torch.float64).relu().to(dtype)
@@ -82,10 +62,10 @@ _KEYS = {
         ((2, 5, 1, 1), 1, False),  # one position per channel: variance 0
     ],
 )
-def test_block_sums_match_numpy_in_float64(shape, axis, channels_last, dtype):
+def test_block_sums_match_numpy_in_float64(shape, axis, channels_last, dtype, block_reference):
     f, s, y = _block(shape, dtype, channels_last)
     got = _named(onepass.block_sums(f, s, y, axis))
-    want = _reference(f.numpy(), s.numpy(), y.numpy(), axis)
+    want = block_reference(f, s, y, axis)
     rtol = F32 if dtype == torch.float32 else F64
     assert set(got) == set(want)
     for q, w in want.items():
@@ -120,7 +100,7 @@ def test_variances_of_every_condition_match_numpy(dtype, channels_last):
     np.testing.assert_allclose(block["channel_var"].numpy(), var.numpy(), rtol=rtol, atol=0)
 
 
-def test_a_nan_row_gives_nan_statistics_and_leaves_the_others_alone():
+def test_a_nan_row_gives_nan_statistics_and_leaves_the_others_alone(block_reference):
     f, s, y = _block((3, 4, 5, 5), torch.float32)
     y = y.clone()
     y[1, 2, 0, 0] = float("nan")
@@ -130,7 +110,7 @@ def test_a_nan_row_gives_nan_statistics_and_leaves_the_others_alone():
     assert torch.isinf(got["y_norm"][2]) and torch.isinf(got["channel_mean"][2, 0])
     assert torch.isnan(got["channel_var"][2, 0])  # inf - inf
     with np.errstate(invalid="ignore"):
-        want = _reference(f.numpy(), s.numpy(), y.numpy(), 1)
+        want = block_reference(f, s, y, 1)
     np.testing.assert_allclose(got["y_norm"][0].numpy(), want["y_norm"][0], rtol=F32)
     ok = torch.ones(3, 4, dtype=torch.bool)
     ok[1, 2] = ok[2, 0] = False

@@ -60,24 +60,14 @@ def gpu():
     return torch.device("cuda")
 
 
-def _reference(f, s, y, axis):
-    """The block quantities and channel moments in numpy float64 (channel axis ``axis``)."""
-    f, s, y = (t.double().cpu().numpy() for t in (f, s, y))
-    flat = {k: a.reshape(len(a), -1) for k, a in zip("fsy", (f, s, y))}
-    norm = {k: np.linalg.norm(a, axis=1) for k, a in flat.items()}
-    out = {
-        "f_norm": norm["f"],
-        "s_norm": norm["s"],
-        "y_norm": norm["y"],
-        "dev_norm": np.linalg.norm(flat["y"] - flat["s"], axis=1),
-        "cos_ys": (flat["y"] * flat["s"]).sum(1) / (norm["y"] * norm["s"]),
-        "cos_fs": (flat["f"] * flat["s"]).sum(1) / (norm["f"] * norm["s"]),
-    }
+def _scales(f, y, axis):
+    """Each channel's mean |value| and mean square of y and F: what a mean's and a variance's
+    rounding is relative to."""
+    out = {}
     for prefix, a in (("", y), ("f_", f)):
+        a = a.double().cpu().numpy()
         rows = np.moveaxis(a, axis, 1).reshape(a.shape[0], a.shape[axis], -1)
-        out[f"{prefix}channel_mean"] = rows.mean(2)
-        out[f"{prefix}channel_var"] = rows.var(2)
-        out[f"{prefix}channel_scale"] = np.abs(rows).mean(2)  # what a mean's error is relative to
+        out[f"{prefix}channel_scale"] = np.abs(rows).mean(2)
         out[f"{prefix}channel_square"] = (rows**2).mean(2)
     return out
 
@@ -99,20 +89,25 @@ def _block(shape, dtype, device, channels_last=False, seed=0):
     return tuple(t.to(device) for t in (f, s, y))
 
 
-def _assert_block(got, want):
-    """``got`` within the kernels' rounding of numpy's float64 numbers: sums relative to their
-    terms' magnitude, cosines absolutely (|y.S| <= ||y|| ||S||), a mean relative to its row's mean
-    magnitude, a variance relative to its row's mean square (the scale a rounding of the values
-    is taken against)."""
+def _assert_block(got, want, scales):
+    """``got`` within the kernels' rounding of numpy's float64 numbers ``want``: sums relative to
+    their terms' magnitude, cosines absolutely (|y.S| <= ||y|| ||S||), a mean relative to its
+    row's mean magnitude, a variance relative to its row's mean square (``scales``, the scale a
+    rounding of the values is taken against)."""
     for q in ("f_norm", "s_norm", "y_norm", "dev_norm"):
         np.testing.assert_allclose(got[q], want[q], rtol=SUM, atol=0, err_msg=q)
     for q in ("cos_ys", "cos_fs"):
         np.testing.assert_allclose(got[q], want[q], rtol=0, atol=4 * SUM, err_msg=q)
     for p in ("", "f_"):
         err = np.abs(got[f"{p}channel_mean"] - want[f"{p}channel_mean"])
-        assert (err <= SUM * want[f"{p}channel_scale"]).all(), f"{p}channel_mean"
+        assert (err <= SUM * scales[f"{p}channel_scale"]).all(), f"{p}channel_mean"
         err = np.abs(got[f"{p}channel_var"] - want[f"{p}channel_var"])
-        assert (err <= SUM * want[f"{p}channel_square"]).all(), f"{p}channel_var"
+        assert (err <= SUM * scales[f"{p}channel_square"]).all(), f"{p}channel_var"
+
+
+def _check(found, f, s, y, axis, reference):
+    """``found`` (block_sums of f, s, y) against ``reference`` (the block_reference fixture)."""
+    _assert_block(_named(found), reference(f, s, y, axis), _scales(f, y, axis))
 
 
 CASES = [
@@ -128,19 +123,21 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape, axis, channels_last", CASES)
-def test_block_sums_match_numpy_in_float64(shape, axis, channels_last, dtype, device):
+def test_block_sums_match_numpy_in_float64(
+    shape, axis, channels_last, dtype, device, block_reference
+):
     f, s, y = _block(shape, dtype, device, channels_last)
     found = onepass_cuda.block_sums(f, s, y, axis)
     assert all(t.dtype == torch.float32 for part in found for t in part)
-    _assert_block(_named(found), _reference(f, s, y, axis))
+    _check(found, f, s, y, axis, block_reference)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_mixed_dtypes_are_each_read_in_their_own(dtype, device):
+def test_mixed_dtypes_are_each_read_in_their_own(dtype, device, block_reference):
     """Under autocast a block's F may be bf16 and its S float32 (one shape and strides)."""
     f, s, y = _block((3, 4, 5, 5), torch.float32, device)
     f, y = f.to(dtype), y.to(dtype)
-    _assert_block(_named(onepass_cuda.block_sums(f, s, y, 1)), _reference(f, s, y, 1))
+    _check(onepass_cuda.block_sums(f, s, y, 1), f, s, y, 1, block_reference)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -166,7 +163,9 @@ def test_variances_of_every_condition_match_numpy(channels_last, device):
     np.testing.assert_allclose(var.cpu().numpy(), rows.var(2), rtol=SUM, atol=0)
 
 
-def test_a_nan_or_inf_gives_nan_or_inf_statistics_and_leaves_the_others_alone(device):
+def test_a_nan_or_inf_gives_nan_or_inf_statistics_and_leaves_the_others_alone(
+    device, block_reference
+):
     f, s, y = _block((3, 4, 5, 5), torch.float32, device)
     y = y.clone()
     y[1, 2, 0, 0] = float("nan")
@@ -178,7 +177,7 @@ def test_a_nan_or_inf_gives_nan_or_inf_statistics_and_leaves_the_others_alone(de
     assert np.isinf(got["y_norm"][2]) and np.isinf(got["channel_mean"][2, 0])
     assert np.isnan(got["channel_var"][2, 0])  # inf - inf
     with np.errstate(invalid="ignore"):
-        want = _reference(f, s, y, 1)
+        want = block_reference(f, s, y, 1)
     np.testing.assert_allclose(got["y_norm"][0], want["y_norm"][0], rtol=SUM)
     ok = np.ones((3, 4), dtype=bool)
     ok[1, 2] = ok[2, 0] = False
@@ -382,18 +381,20 @@ def test_gradient_statistics_match_autograd_through_the_kernels(grouped, counted
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape, axis, channels_last", CASES[:5])
-def test_compiled_kernels_match_numpy_on_a_gpu(shape, axis, channels_last, dtype, gpu):
+def test_compiled_kernels_match_numpy_on_a_gpu(
+    shape, axis, channels_last, dtype, gpu, block_reference
+):
     f, s, y = _block(shape, dtype, gpu, channels_last)
-    _assert_block(_named(onepass_cuda.block_sums(f, s, y, axis)), _reference(f, s, y, axis))
+    _check(onepass_cuda.block_sums(f, s, y, axis), f, s, y, axis, block_reference)
     mean, var = onepass_cuda.moments(y, axis)
-    want = _reference(f, s, y, axis)
+    want = block_reference(f, s, y, axis)
     np.testing.assert_allclose(var.cpu().double(), want["channel_var"], rtol=SUM, atol=1e-30)
     fa = f.double().cpu().flatten(1)
     np.testing.assert_allclose(onepass_cuda.norm(f).cpu(), fa.norm(dim=1), rtol=2 * U32)
 
 
 @pytest.mark.gpu
-def test_kernels_record_into_a_cuda_graph_and_replay_new_values(gpu):
+def test_kernels_record_into_a_cuda_graph_and_replay_new_values(gpu, block_reference):
     """Recorded once, replayed on new values in the same memory: the new values' numbers."""
     f, s, y = _block((64, 16, 32, 32), torch.bfloat16, gpu, channels_last=True)
     onepass_cuda.block_sums(f, s, y, 1)  # compiled before the recording
@@ -405,7 +406,7 @@ def test_kernels_record_into_a_cuda_graph_and_replay_new_values(gpu):
         t.copy_(new)
     graph.replay()
     torch.cuda.synchronize()
-    _assert_block(_named(found), _reference(f2, s2, y2, 1))
+    _check(found, f2, s2, y2, 1, block_reference)
 
 
 def _compiled(fn, signature: dict, constexprs: dict, arch: int, values: dict | None = None):
@@ -501,13 +502,13 @@ def test_the_finishing_and_row_kernels_compile_for_a_gpu(arch, tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_tensor_on_another_device_than_the_current_one_is_read_there(gpu):
+def test_a_tensor_on_another_device_than_the_current_one_is_read_there(gpu, block_reference):
     """triton launches on the current device: the kernels make the tensors' device current."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     other = torch.device("cuda", 1 - torch.cuda.current_device())
     f, s, y = _block((4, 8, 16, 16), torch.bfloat16, other)
-    _assert_block(_named(onepass_cuda.block_sums(f, s, y, 1)), _reference(f, s, y, 1))
+    _check(onepass_cuda.block_sums(f, s, y, 1), f, s, y, 1, block_reference)
 
 
 def test_the_kernels_benchmark_runs_and_every_tile_gives_the_same_numbers(
