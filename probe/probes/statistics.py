@@ -67,7 +67,7 @@ def _one_read(t: torch.Tensor):  # noqa: ANN202 -- one of two modules of the sam
     """The one-read kernels for ``t``'s device: Triton's on a CUDA device
     (probe.probes.onepass_cuda), numba's elsewhere (probe.probes.onepass, CPU tensors only);
     each says None where it does not serve a call."""
-    return onepass_cuda if t.device.type == "cuda" else onepass
+    return onepass_cuda if t.is_cuda else onepass  # is_cuda: no device object made per call
 
 
 def accumulation_dtype(*tensors: torch.Tensor) -> torch.dtype:
