@@ -113,7 +113,8 @@ def tune_allocator() -> bool:
 
 def runtime_settings() -> dict:
     """The settings a result depends on beyond code and data: threads and determinism."""
-    from probe.probes import onepass, onepass_cuda  # the probes package imports this module's users
+    # imported here: the probes package imports this module's users
+    from probe.probes import onepass, onepass_cuda
 
     return {
         "threads": torch.get_num_threads(),

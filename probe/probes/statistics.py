@@ -13,6 +13,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -63,7 +64,7 @@ _CASCADE_ROW = 32768
 _PIECE = 128
 
 
-def _one_read(t: torch.Tensor):  # noqa: ANN202 -- one of two modules of the same functions
+def _one_read(t: torch.Tensor) -> ModuleType:
     """The one-read kernels for ``t``'s device: Triton's on a CUDA device
     (probe.probes.onepass_cuda), numba's elsewhere (probe.probes.onepass, CPU tensors only);
     each says None where it does not serve a call."""
@@ -977,9 +978,9 @@ def _cos_f_grad(
     f: torch.Tensor, g: torch.Tensor, nf: torch.Tensor, ng: torch.Tensor
 ) -> torch.Tensor:
     """cos(F(x), dL/dx) from the two norms: F.dL/dx from one read of the two where the one-pass
-    kernels serve them (in float64, on the CPU or a CUDA device), else by their product. The norms stay those of
-    :func:`per_sample_norm`, taken per call or per group alike, so that a gradient's norm is the
-    same number whichever way its call was computed."""
+    kernels serve them (in float64, on the CPU or a CUDA device), else by their product. The
+    norms stay those of :func:`per_sample_norm`, taken per call or per group alike, so that a
+    gradient's norm is the same number whichever way its call was computed."""
     found = _one_read(f).dot(f, g)
     if found is None:
         return per_sample_cos(f, g, norms=(nf, ng))
