@@ -49,6 +49,10 @@ _WARPS = 8  # 4 took ~160-250 registers a thread at 2048 (cuobjdump), spilling p
 _PIECE = 1 << 16  # values per program of a per-sample product (a long row takes several)
 _VECTOR = 1024  # values a products program loads at a time
 _PARTS = 128  # partial sums a finishing program loads at a time
+# the values of one sample the map kernel addresses with 32-bit offsets: a larger sample would
+# wrap them, so it is left to torch's formulas
+_SAMPLE_VALUES = 2**31 - 1
+_GRID_Y = 65535  # CUDA's limit on a launch grid's second axis
 
 _failed = False  # a kernel failed once in this process: torch's formulas serve from then on
 
@@ -128,6 +132,8 @@ def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, int, int
     shape, strides = found
     n, c = shape[0], shape[axis]
     p = math.prod(shape) // (n * c)
+    if c * p > _SAMPLE_VALUES:
+        return None
     rest = tuple(d for d in range(1, len(shape)) if d != axis)
     # the sample axis is left out: a sample's values are one block, wherever the next one starts
     inner = ((1, *shape[1:]), (0, *strides[1:]))
@@ -269,6 +275,8 @@ def _products(a: torch.Tensor, b: torch.Tensor, root: bool) -> torch.Tensor | No
     vector = min(_VECTOR, triton_power(m))
     piece = min(-(-m // vector) * vector, _PIECE)  # whole vectors: no program loads past its piece
     pieces = -(-m // piece)
+    if pieces > _GRID_Y:  # a launch grid's second axis holds no more programs
+        return None
     partial = torch.empty(n, pieces, dtype=torch.float64, device=a.device)
     out = torch.empty(n, dtype=torch.float32, device=a.device)
     k = _module()

@@ -246,6 +246,16 @@ def test_what_the_kernels_do_not_serve_is_left_to_torch(case, device):
         assert onepass_cuda.norm(s) is None and onepass_cuda.dot(f, s) is None
 
 
+def test_a_sample_past_32_bit_offsets_is_left_to_torch(monkeypatch, device):
+    """The map kernel addresses a sample's values with 32-bit offsets: a sample of more values
+    (2^31, a 4 GiB bf16 map: stood for by a lower bound here) would wrap them."""
+    f, s, y = _block((2, 3, 4, 4), torch.float32, device)
+    monkeypatch.setattr(onepass_cuda, "_SAMPLE_VALUES", 3 * 16 - 1)
+    assert onepass_cuda.block_sums(f, s, y, 1) is None and onepass_cuda.moments(y, 1) is None
+    monkeypatch.setattr(onepass_cuda, "_SAMPLE_VALUES", 3 * 16)
+    assert onepass_cuda.block_sums(f, s, y, 1) is not None
+
+
 def test_cpu_tensors_are_never_taken_without_the_interpreter(monkeypatch):
     monkeypatch.delenv(onepass_cuda.INTERPRET_ENV, raising=False)
     f, s, y = _block((2, 3, 4, 4), torch.float32, "cpu")
