@@ -132,8 +132,10 @@ def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, int, int
     shape, strides = found
     n, c = shape[0], shape[axis]
     p = math.prod(shape) // (n * c)
-    if c * p > _SAMPLE_VALUES or c > _GRID_Y:  # (a run of channels is a program of the grid's
-        return None  # second axis: c > _GRID_Y is the bound's simplest sufficient form)
+    # past 32-bit offsets within a sample, or more runs of channels (at least one channel each)
+    # than the launch grid's second axis holds
+    if c * p > _SAMPLE_VALUES or c > _GRID_Y:
+        return None
     rest = tuple(d for d in range(1, len(shape)) if d != axis)
     # the sample axis is left out: a sample's values are one block, wherever the next one starts
     inner = ((1, *shape[1:]), (0, *strides[1:]))
