@@ -1,12 +1,13 @@
 """The Triton kernels behind :mod:`probe.probes.onepass_cuda` (imported only where triton is).
 
 The CUDA twins of :mod:`probe.probes._onepass_kernels`: each reads its tensors once and keeps
-every sum a statistic needs. A program loads a tile of values, reduces it in float32 (a tree, in
-registers) and adds the tile's sums into float64 accumulators, so a row of any length is summed
-with ~log2(tile) float32 roundings and one float64 rounding per tile. A channel's variance is
-combined tile by tile from each tile's mean and squared deviations, themselves taken in
-registers about the tile's own mean (Chan, Golub & LeVeque 1983): one read, no cancellation,
-and no guard that would read a result back on the host (which a recorded pass refuses).
+every sum a statistic needs. The per-sample sums (squares, y - S, products) are taken as the CPU
+kernels take them: each value widened to float64 before it is multiplied (every product exact),
+summed in float64, rounded once, so a norm is the same number whichever kernel took it. A
+channel's moments are taken per tile in float32 (a tree in registers: a tile's mean and squared
+deviations about it, corrected two-pass) and combined tile by tile in float64 (Chan, Golub &
+LeVeque 1983): one read, no cancellation, and no guard that would read a result back on the host
+(which a recorded pass refuses).
 
 Work that spans programs (a sample's sums over all its channels, or over the pieces of a long
 row) is written as float64 partial sums, one per program, and added by a finishing kernel in a
@@ -67,8 +68,10 @@ def _tile_moments(v, mask, count, AXIS: tl.constexpr):  # pragma: no cover -- co
 
 @triton.jit
 def _total(v):  # pragma: no cover -- compiled
-    """The float32 sum of a tile, widened (masked values were loaded as 0)."""
-    return tl.sum(tl.sum(v, 1), 0).to(tl.float64)
+    """The float64 sum of a tile of float32 products (masked values were loaded as 0): each
+    product widened before it is added, so the sum is float64's, as the products kernel's and
+    the CPU kernels' are, and a norm is the same number whichever kernel took it."""
+    return tl.sum(tl.sum(v, 1), 0)
 
 
 @triton.jit
@@ -127,13 +130,15 @@ def channels(
             sv = tl.load(s_ptr + at, mask=mask, other=0.0).to(tl.float32)
             t_mean, t_m2 = _tile_moments(fv, mask, count, 0 if COLUMNS else 1)
             f_mean, f_m2 = _chan(f_mean, f_m2, t_mean, t_m2, before, count)
-            dv = yv - sv  # exact for bf16/fp16 values, rounded once for float32 ones
-            ff += _total(fv * fv)
-            ss += _total(sv * sv)
-            yy += _total(yv * yv)
-            dd += _total(dv * dv)
-            ys += _total(yv * sv)
-            fs += _total(fv * sv)
+            # widened before they are multiplied: every product and y - S exact, as on the CPU
+            f64, s64, y64 = fv.to(tl.float64), sv.to(tl.float64), yv.to(tl.float64)
+            d64 = y64 - s64
+            ff += _total(f64 * f64)
+            ss += _total(s64 * s64)
+            yy += _total(y64 * y64)
+            dd += _total(d64 * d64)
+            ys += _total(y64 * s64)
+            fs += _total(f64 * s64)
     out = n.to(tl.int64) * n_channels + c
     plane = tl.cast(n_samples, tl.int64) * n_channels
     tl.store(moments_ptr + out, y_mean.to(tl.float32), mask=live)
@@ -215,9 +220,11 @@ def products(
     for start in range(0, piece, BLOCK):
         i = first + start + tl.arange(0, BLOCK)
         mask = i < n_values  # a piece is whole vectors (probe.probes.onepass_cuda)
-        a = tl.load(a_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
-        b = a if SAME else tl.load(b_ptr + row + i, mask=mask, other=0.0).to(tl.float32)
-        total += (a * b).to(tl.float64)
+        # widened before they are multiplied: each product exact (float32's 24 bits twice fit
+        # float64's 53), the sum float64's, as the map kernel's per-sample sums are
+        a = tl.load(a_ptr + row + i, mask=mask, other=0.0).to(tl.float64)
+        b = a if SAME else tl.load(b_ptr + row + i, mask=mask, other=0.0).to(tl.float64)
+        total += a * b
     tl.store(partial_ptr + n.to(tl.int64) * tl.num_programs(1) + k, tl.sum(total, 0))
 
 

@@ -6,7 +6,8 @@ deviations, then a reduction of each. Recorded as a CUDA graph, so that the host
 longer counts, a ResNet-56 pass at batch 512 still spent ~8.7 ms of GPU time per forward on its
 statistics, 2.6 x the model's forward and ~30 x the time to read y, F and S once
 (docs/performance.md, "Fourth session"). The kernels of :mod:`probe.probes._triton_kernels` read
-each tensor once, widen it in registers and keep their sums in float64 (tile sums in float32):
+each tensor once and widen it in registers: per-sample sums of exact float64 products in
+float64, channel moments per tile in float32 combined in float64:
 
 - :func:`block_sums`: a block's ||F||, ||S||, ||y||, ||y - S||, cos(y, S), cos(F, S) and the
   channel mean and variance of y and F, two launches;

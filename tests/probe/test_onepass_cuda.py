@@ -25,9 +25,10 @@ from probe.runtime import runtime_settings
 pytest.importorskip("triton")
 
 U32 = 2.0**-24
-# A tile's values are summed in float32 by a tree (at most log2(2048) = 11 roundings of float32's
-# unit, relative to the sum of the terms' magnitudes), the tiles' sums in float64, the result
-# rounded once: 16 units bound a sum, and a norm (a square root halves the relative error).
+# Per-sample sums are float64 sums of exact products, rounded once: 2 float32 units bound a norm
+# and a cosine. A channel's moments are a tile's float32 tree (at most log2(2048) = 11 roundings
+# of float32's unit, relative to its values' magnitudes) combined in float64: 16 units bound them.
+EXACT = 2 * U32
 SUM = 16 * U32
 
 
@@ -90,14 +91,14 @@ def _block(shape, dtype, device, channels_last=False, seed=0):
 
 
 def _assert_block(got, want, scales):
-    """``got`` within the kernels' rounding of numpy's float64 numbers ``want``: sums relative to
-    their terms' magnitude, cosines absolutely (|y.S| <= ||y|| ||S||), a mean relative to its
+    """``got`` within the kernels' rounding of numpy's float64 numbers ``want``: norms relative,
+    cosines absolutely (|y.S| <= ||y|| ||S||), a mean relative to its
     row's mean magnitude, a variance relative to its row's mean square (``scales``, the scale a
     rounding of the values is taken against)."""
     for q in ("f_norm", "s_norm", "y_norm", "dev_norm"):
-        np.testing.assert_allclose(got[q], want[q], rtol=SUM, atol=0, err_msg=q)
+        np.testing.assert_allclose(got[q], want[q], rtol=EXACT, atol=0, err_msg=q)
     for q in ("cos_ys", "cos_fs"):
-        np.testing.assert_allclose(got[q], want[q], rtol=0, atol=4 * SUM, err_msg=q)
+        np.testing.assert_allclose(got[q], want[q], rtol=0, atol=EXACT, err_msg=q)
     for p in ("", "f_"):
         err = np.abs(got[f"{p}channel_mean"] - want[f"{p}channel_mean"])
         assert (err <= SUM * scales[f"{p}channel_scale"]).all(), f"{p}channel_mean"
@@ -178,7 +179,7 @@ def test_a_nan_or_inf_gives_nan_or_inf_statistics_and_leaves_the_others_alone(
     assert np.isnan(got["channel_var"][2, 0])  # inf - inf
     with np.errstate(invalid="ignore"):
         want = block_reference(f, s, y, 1)
-    np.testing.assert_allclose(got["y_norm"][0], want["y_norm"][0], rtol=SUM)
+    np.testing.assert_allclose(got["y_norm"][0], want["y_norm"][0], rtol=EXACT)
     ok = np.ones((3, 4), dtype=bool)
     ok[1, 2] = ok[2, 0] = False
     np.testing.assert_allclose(got["channel_var"][ok], want["channel_var"][ok], rtol=SUM)
@@ -208,10 +209,10 @@ def test_dot_and_norm_match_numpy_in_float64(shape, channels_last, dtype, device
     fa, fb = (t.double().numpy().reshape(shape[0], -1) for t in (a, b))
     # float64 sums of float32 products: an error relative to sum |a b| (the sum itself cancels)
     err = np.abs(got - (fa * fb).sum(1))
-    np.testing.assert_array_less(err, 2 * U32 * np.abs(fa * fb).sum(1) + 1e-300)
+    np.testing.assert_array_less(err, EXACT * np.abs(fa * fb).sum(1) + 1e-300)
     norm = onepass_cuda.norm(a.to(device))
     assert norm.dtype == torch.float32 and norm.shape == (shape[0],)
-    np.testing.assert_allclose(norm.cpu().numpy(), np.linalg.norm(fa, axis=1), rtol=2 * U32)
+    np.testing.assert_allclose(norm.cpu().numpy(), np.linalg.norm(fa, axis=1), rtol=EXACT)
 
 
 def test_rows_of_a_larger_tensor_are_read_in_place(device):
@@ -221,7 +222,7 @@ def test_rows_of_a_larger_tensor_are_read_in_place(device):
     half = whole[:, 0]
     assert half.stride(0) == 600
     want = np.linalg.norm(half.double().numpy(), axis=1)
-    np.testing.assert_allclose(onepass_cuda.norm(half.to(device)).cpu(), want, rtol=2 * U32)
+    np.testing.assert_allclose(onepass_cuda.norm(half.to(device)).cpu(), want, rtol=EXACT)
 
 
 @pytest.mark.parametrize(
@@ -356,6 +357,22 @@ def test_a_capture_gives_numpys_numbers_through_the_kernels(grouped, counted, st
             )
 
 
+def test_grouped_and_per_call_statistics_are_the_same_bit_for_bit(counted):
+    """A sample's programs read the same values in the same order whether its block's tensors
+    were stacked with others of the group or not: equal numbers, not merely close."""
+    probes = lambda: [ResidualNorms(), ChannelStats(), GradNorms()]  # noqa: E731
+    caps = [probe.capture(_net(), _batches(), probes=probes(), grouped=g) for g in (False, True)]
+    assert {"block_sums", "norm", "dot"} <= set(counted)
+    layers = caps[0].layers
+    assert layers == caps[1].layers
+    compared = 0
+    for layer in layers:
+        for q in caps[0].quantities(layer):
+            np.testing.assert_array_equal(caps[0].read(layer, q), caps[1].read(layer, q), q)
+            compared += 1
+    assert compared > 9 * 10
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 def test_gradient_statistics_match_autograd_through_the_kernels(grouped, counted):
     """GradNorms' norms and cos(F, dL/dx) with F.dL/dx and every norm from the kernels, against
@@ -400,7 +417,7 @@ def test_compiled_kernels_match_numpy_on_a_gpu(
     want = block_reference(f, s, y, axis)
     np.testing.assert_allclose(var.cpu().double(), want["channel_var"], rtol=SUM, atol=1e-30)
     fa = f.double().cpu().flatten(1)
-    np.testing.assert_allclose(onepass_cuda.norm(f).cpu(), fa.norm(dim=1), rtol=2 * U32)
+    np.testing.assert_allclose(onepass_cuda.norm(f).cpu(), fa.norm(dim=1), rtol=EXACT)
 
 
 @pytest.mark.gpu
