@@ -13,9 +13,10 @@ Work that spans programs (a sample's sums over all its channels, or over the pie
 row) is written as float64 partial sums, one per program, and added by a finishing kernel in a
 fixed order: no atomics, so the numbers do not depend on the order the programs run in.
 
-Tensors are addressed by strides in elements: a map is read as [N, C, P] through (sample,
-channel, position) strides, which serve a channel-first map (positions contiguous) and a
-channels-last one or [N, T, C] tokens (channels contiguous) with one kernel; the tile's shape
+A map is read as [N, C, P] with positions contiguous (a channel-first map) or as [N, P, C] with
+channels contiguous (a channels-last map, [N, T, C] tokens): which is a constant of the kernel
+(``COLUMNS``), so that the compiler knows the contiguous axis and loads 16 bytes at a time along
+it; only the sample stride is given at run time. The tile's shape
 (:func:`probe.probes.onepass_cuda._tile`) puts its long side along the contiguous axis. Each
 tensor is loaded in its own dtype (float32, bfloat16 or float16) and widened in registers.
 """
@@ -68,9 +69,7 @@ def _tile_moments(v, mask, count, AXIS: tl.constexpr):  # pragma: no cover -- co
 
 @triton.jit
 def _total(v):  # pragma: no cover -- compiled
-    """The float64 sum of a tile of float32 products (masked values were loaded as 0): each
-    product widened before it is added, so the sum is float64's, as the products kernel's and
-    the CPU kernels' are, and a norm is the same number whichever kernel took it."""
+    """The float64 sum of a tile of float64 values (masked positions were loaded as 0)."""
     return tl.sum(tl.sum(v, 1), 0)
 
 
