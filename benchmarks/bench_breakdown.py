@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -25,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import probe
-from benchmarks.common import device, graphed, header
+from benchmarks.common import device, graphed, header, one_read_kernels_off
 from probe.conformance import RawSites
-from probe.probes import onepass
 from probe.runtime import tune_allocator
 
 
@@ -60,16 +58,8 @@ def _formulas_off(opened: Callable) -> Callable:
 
     @contextlib.contextmanager
     def run():
-        before = os.environ.get(onepass.ENV)
-        os.environ[onepass.ENV] = "0"
-        try:
-            with opened() as fn:
-                yield fn
-        finally:
-            if before is None:
-                del os.environ[onepass.ENV]
-            else:
-                os.environ[onepass.ENV] = before
+        with one_read_kernels_off(), opened() as fn:
+            yield fn
 
     return run
 

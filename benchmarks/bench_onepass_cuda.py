@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics as stats
 import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import graphed, header
-from probe.probes import onepass, onepass_cuda
+from benchmarks.common import graphed, header, one_read_kernels_off
+from probe.probes import onepass_cuda
 from probe.probes.statistics import (
     _block_quantities,
     channel_moments,
@@ -57,19 +56,6 @@ def _replayed_ms(step: Callable[[], object], calls: int, repeats: int, cuda: boo
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3 / calls)
     return stats.median(times)
-
-
-@contextlib.contextmanager
-def _kernels_off():
-    before = os.environ.get(onepass.ENV)
-    os.environ[onepass.ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[onepass.ENV]
-        else:
-            os.environ[onepass.ENV] = before
 
 
 def _torchs(f: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> None:
@@ -137,7 +123,7 @@ def _report(
     copies = [torch.empty_like(t) for t in maps]
     kernel = _replayed_ms(kernels, calls, repeats, cuda)
     copy = _replayed_ms(lambda: [o.copy_(t) for o, t in zip(copies, maps)], calls, repeats, cuda)
-    with _kernels_off():
+    with one_read_kernels_off():
         formulas = _replayed_ms(lambda: _torchs(f, s, y), calls, repeats, cuda)
     read = sum(t.numel() * t.element_size() for t in maps)
     print(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["device", "graphed", "median_ms", "header"]
+__all__ = ["device", "graphed", "median_ms", "header", "one_read_kernels_off"]
 
 
 def device() -> torch.device:
@@ -65,3 +67,20 @@ def header(title: str) -> None:
         else f"CPU ({torch.get_num_threads()} threads)"
     )
     print(f"# {title}\n# device: {name}; torch {torch.__version__}")
+
+
+@contextlib.contextmanager
+def one_read_kernels_off() -> Iterator[None]:
+    """The one-read statistics kernels off (``RESPROBE_ONEPASS=0``: torch's formulas, numba's
+    kernels on the CPU and Triton's on a GPU alike) inside the block, as they were after it."""
+    from probe.probes import onepass
+
+    before = os.environ.get(onepass.ENV)
+    os.environ[onepass.ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[onepass.ENV]
+        else:
+            os.environ[onepass.ENV] = before
