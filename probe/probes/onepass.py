@@ -217,14 +217,32 @@ def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple | None:
     if found is None:
         return None
     shape, strides, dtype, addresses = found
+    rows = _channel_order(shape, strides, axis)
+    if rows is None:
+        return None
     n, c = shape[0], shape[axis]
     positions = math.prod(shape) // (n * c)
+    return rows, ((n, c, positions) if rows else (n, positions, c)), dtype, addresses
+
+
+def _channel_order(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> bool | None:
+    """Whether a tensor of ``shape`` and ``strides`` (one block of memory, the sample axis
+    outermost) holds each channel's positions together (True), or its channels innermost
+    (False: a channels-last map, [N, T, C] tokens); None where neither. Shared with the CUDA
+    kernels (probe.probes.onepass_cuda), which pass a sample's axes alone."""
     rest = tuple(d for d in range(1, len(shape)) if d != axis)
     if _dense_in(shape, strides, (0, axis, *rest)):
-        return True, (n, c, positions), dtype, addresses
+        return True
     if _dense_in(shape, strides, (0, *rest, axis)):
-        return False, (n, positions, c), dtype, addresses
+        return False
     return None
+
+
+def _in_memory_order(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` and ``strides`` is one block of memory with the sample axis
+    outermost, its other axes in any order (a channels-last map: H, W, C)."""
+    order = (0, *sorted(range(1, len(shape)), key=lambda d: -strides[d]))
+    return _dense_in(shape, strides, order)
 
 
 def _limit(dtype: torch.dtype, positions: int) -> float:
@@ -509,9 +527,7 @@ def _rows_in_memory(tensors: tuple[torch.Tensor, ...]) -> tuple | None:
     if found is None:
         return None
     shape, strides, dtype, addresses = found
-    # the trailing axes outermost first by their strides; the sample axis stays first
-    order = (0, *sorted(range(1, len(shape)), key=lambda d: -strides[d]))
-    if not _dense_in(shape, strides, order):
+    if not _in_memory_order(shape, strides):
         return None
     return shape[0], math.prod(shape) // shape[0], dtype, addresses
 

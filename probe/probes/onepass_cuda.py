@@ -36,7 +36,13 @@ from types import ModuleType
 import torch
 
 # one switch and one warning for the kernels of both devices, and the same layout rules
-from probe.probes.onepass import ENV, OnePassWarning, _dense_in, _formulas
+from probe.probes.onepass import (
+    ENV,
+    OnePassWarning,
+    _channel_order,
+    _formulas,
+    _in_memory_order,
+)
 
 __all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
 
@@ -137,15 +143,16 @@ def _layout(tensors: tuple[torch.Tensor, ...], axis: int) -> tuple[int, int, int
     # than the launch grid's second axis holds
     if c * p > _SAMPLE_VALUES or c > _GRID_Y:
         return None
-    rest = tuple(d for d in range(1, len(shape)) if d != axis)
     # the sample axis is left out: a sample's values are one block, wherever the next one starts
-    inner = ((1, *shape[1:]), (0, *strides[1:]))
-    stride_n = strides[0] if n > 1 else c * p
-    if _dense_in(*inner, (0, axis, *rest)):
-        return n, c, p, stride_n, False
-    if _dense_in(*inner, (0, *rest, axis)):
-        return n, c, p, stride_n, True
-    return None
+    rows = _channel_order(*_one_sample(shape, strides), axis)
+    if rows is None:
+        return None
+    return n, c, p, strides[0] if n > 1 else c * p, not rows
+
+
+def _one_sample(shape: torch.Size, strides: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """``shape`` and ``strides`` of one sample: the kernels take the sample stride as given."""
+    return (1, *shape[1:]), (0, *strides[1:])
 
 
 def _tile(channels: int, positions: int, columns: bool) -> tuple[int, int]:
@@ -263,8 +270,7 @@ def _rows(tensors: tuple[torch.Tensor, ...]) -> tuple[int, int, int] | None:
     if found is None:
         return None
     shape, strides = found
-    order = (0, *sorted(range(1, len(shape)), key=lambda d: -strides[d]))
-    if not _dense_in((1, *shape[1:]), (0, *strides[1:]), order):
+    if not _in_memory_order(*_one_sample(shape, strides)):
         return None
     m = math.prod(shape[1:])
     return shape[0], m, strides[0] if shape[0] > 1 else m
