@@ -81,6 +81,69 @@ def statistics_reference():
     return _statistics_reference
 
 
+def _small_net(name: str) -> torch.nn.Module:
+    """Zoo ``name`` for 1x8x8 inputs at width 4, seeded: the same weights at every call."""
+    import probe
+
+    torch.manual_seed(0)
+    return probe.zoo.create(name, in_channels=1, width=4).eval()
+
+
+@pytest.fixture
+def small_net():
+    """``make(name)``: a seeded zoo net for 1x8x8 inputs (see _small_net)."""
+    return _small_net
+
+
+@pytest.fixture
+def two_batches():
+    """Two seeded batches of 1x8x8 inputs and labels, of 5 and 3 samples (calls of two sizes)."""
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
+        for n in (5, 3)
+    ]
+
+
+def _check_gradient_statistics(cap, name: str, x: torch.Tensor, y: torch.Tensor) -> None:
+    """GradNorms' ``grad_x_norm`` and ``cos_f_grad`` in capture ``cap`` (with RawSites' F) of
+    _small_net(``name``) on one batch against autograd's dL/dx of the same net in float64; the
+    cosine of every block whose F has x's shape (7 of a resnet20's 9)."""
+    net64 = _small_net(name).double()
+    blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
+    inputs = {}
+    hooks = [
+        net64.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: inputs.__setitem__(n, a[0])
+        )
+        for n in blocks
+    ]
+    loss = torch.nn.functional.cross_entropy(net64(x.double()), y, reduction="sum")
+    for h in hooks:
+        h.remove()
+    grads = dict(zip(blocks, torch.autograd.grad(loss, [inputs[n] for n in blocks])))
+    checked = 0
+    for name in blocks:
+        g = grads[name].flatten(1)
+        np.testing.assert_allclose(
+            cap.read(name, "grad_x_norm"), g.norm(dim=1).numpy(), rtol=1e-5, err_msg=name
+        )
+        if "cos_f_grad" in cap.quantities(name):
+            f = torch.from_numpy(cap.read(name, "F")).double().flatten(1)
+            want = (f * g).sum(1) / (f.norm(dim=1) * g.norm(dim=1))
+            np.testing.assert_allclose(
+                cap.read(name, "cos_f_grad"), want.numpy(), rtol=1e-4, atol=1e-6, err_msg=name
+            )
+            checked += 1
+    assert checked == 7  # the nine blocks but the two that downsample
+
+
+@pytest.fixture
+def gradient_statistics_check():
+    """``check(cap, net_name, x, y)``: see _check_gradient_statistics."""
+    return _check_gradient_statistics
+
+
 STRACE = shutil.which("strace")
 
 

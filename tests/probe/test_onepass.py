@@ -531,25 +531,12 @@ def test_no_second_openmp_runtime_joins_torchs():
     assert len([lib for lib in libs if "libgomp" in Path(lib).name]) <= 1, libs
 
 
-def _net():
-    torch.manual_seed(0)
-    return probe.zoo.create("resnet8", in_channels=1, width=4).eval()
-
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
-        for n in (5, 3)
-    ]
-
-
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize(
     "probes", [("residual", "channel"), ("channel", "residual"), ("residual",), ("channel",)]
 )
 def test_a_capture_gives_numpys_numbers_with_one_kernel_call_per_block(
-    probes, grouped, monkeypatch, statistics_reference
+    probes, grouped, monkeypatch, statistics_reference, small_net, two_batches
 ):
     """Each probe alone and the pair in either order, per call and grouped: numpy's float64
     numbers to float32's rounding, and a block's tensors read by one kernel call that the pair
@@ -560,7 +547,10 @@ def test_a_capture_gives_numpys_numbers_with_one_kernel_call_per_block(
     monkeypatch.setattr(onepass, "moments", lambda *a: calls.append("moments") or moments(*a))
     kinds = {"residual": ResidualNorms, "channel": ChannelStats}
     cap = probe.capture(
-        _net(), _batches(), probes=[*(kinds[p]() for p in probes), RawSites()], grouped=grouped
+        small_net("resnet8"),
+        two_batches,
+        probes=[*(kinds[p]() for p in probes), RawSites()],
+        grouped=grouped,
     )
     blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
     assert len(blocks) == 3
@@ -610,51 +600,18 @@ def test_dot_refuses_tensors_in_different_orders_of_memory():
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_gradient_statistics_match_autograd_in_float64(grouped, monkeypatch):
+def test_gradient_statistics_match_autograd_in_float64(
+    grouped, monkeypatch, small_net, two_batches, gradient_statistics_check
+):
     """GradNorms' norms and cos(F, dL/dx), F.dL/dx from one read by the kernel, against the
     gradients of the same model in float64."""
     calls = []
     real = onepass.dot
     monkeypatch.setattr(onepass, "dot", lambda *a: calls.append(1) or real(*a))
-
-    def net20():
-        torch.manual_seed(0)
-        return probe.zoo.create("resnet20", in_channels=1, width=4).eval()
-
-    net, (x, y) = net20(), _batches()[0]
+    x, y = two_batches[0]
     cap = probe.capture(
-        net, [(x, y)], probes=[probe.GradNorms(), RawSites(), probe.Gradients(dtype="fp32")],
-        grouped=grouped,
+        small_net("resnet20"), [(x, y)],
+        probes=[probe.GradNorms(), RawSites(), probe.Gradients(dtype="fp32")], grouped=grouped,
     )  # fmt: skip
     assert calls
-    net64 = net20().double()
-    blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
-    outputs, inputs = {}, {}
-    hooks = []
-    for name in blocks:
-        module = net64.get_submodule(name)
-        hooks.append(
-            module.register_forward_hook(lambda m, a, o, n=name: outputs.__setitem__(n, o))
-        )
-        hooks.append(
-            module.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
-        )
-    loss = torch.nn.functional.cross_entropy(net64(x.double()), y, reduction="sum")
-    for h in hooks:
-        h.remove()
-    tensors = [inputs[n] for n in blocks]
-    grads = dict(zip(blocks, torch.autograd.grad(loss, tensors)))
-    checked = 0
-    for name in blocks:
-        g = grads[name].flatten(1)
-        np.testing.assert_allclose(
-            cap.read(name, "grad_x_norm"), g.norm(dim=1).numpy(), rtol=1e-5, err_msg=name
-        )
-        if "cos_f_grad" in cap.quantities(name):
-            f = torch.from_numpy(cap.read(name, "F")).double().flatten(1)
-            want = (f * g).sum(1) / (f.norm(dim=1) * g.norm(dim=1))
-            np.testing.assert_allclose(
-                cap.read(name, "cos_f_grad"), want.numpy(), rtol=1e-4, atol=1e-6, err_msg=name
-            )
-            checked += 1
-    assert checked == 7  # the nine blocks but the two that downsample
+    gradient_statistics_check(cap, "resnet20", x, y)

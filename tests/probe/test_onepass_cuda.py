@@ -310,19 +310,6 @@ def test_a_failing_kernel_warns_once_and_torchs_formulas_serve(monkeypatch, devi
     assert onepass_cuda.mode() == "torch"
 
 
-def _net():
-    torch.manual_seed(0)
-    return probe.zoo.create("resnet20", in_channels=1, width=4).eval()
-
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [
-        (torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g))
-        for n in (5, 3)
-    ]
-
-
 @pytest.fixture
 def counted(monkeypatch, device):
     """Route the statistics' CPU tensors to the CUDA kernels (interpreted), counting calls."""
@@ -337,11 +324,16 @@ def counted(monkeypatch, device):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_a_capture_gives_numpys_numbers_through_the_kernels(grouped, counted, statistics_reference):
+def test_a_capture_gives_numpys_numbers_through_the_kernels(
+    grouped, counted, statistics_reference, small_net, two_batches
+):
     """The statistics probes' numbers, per call and grouped, with every one-read call going to
     the kernels: numpy's float64 numbers from the recorded x, F, S and y."""
     cap = probe.capture(
-        _net(), _batches(), probes=[ResidualNorms(), ChannelStats(), RawSites()], grouped=grouped
+        small_net("resnet20"),
+        two_batches,
+        probes=[ResidualNorms(), ChannelStats(), RawSites()],
+        grouped=grouped,
     )
     assert "block_sums" in counted
     blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
@@ -357,11 +349,14 @@ def test_a_capture_gives_numpys_numbers_through_the_kernels(grouped, counted, st
             )
 
 
-def test_grouped_and_per_call_statistics_are_the_same_bit_for_bit(counted):
+def test_grouped_and_per_call_statistics_are_the_same_bit_for_bit(counted, small_net, two_batches):
     """A sample's programs read the same values in the same order whether its block's tensors
     were stacked with others of the group or not: equal numbers, not merely close."""
     probes = lambda: [ResidualNorms(), ChannelStats(), GradNorms()]  # noqa: E731
-    caps = [probe.capture(_net(), _batches(), probes=probes(), grouped=g) for g in (False, True)]
+    caps = [
+        probe.capture(small_net("resnet20"), two_batches, probes=probes(), grouped=g)
+        for g in (False, True)
+    ]
     assert {"block_sums", "norm", "dot"} <= set(counted)
     layers = caps[0].layers
     assert layers == caps[1].layers
@@ -374,35 +369,17 @@ def test_grouped_and_per_call_statistics_are_the_same_bit_for_bit(counted):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_gradient_statistics_match_autograd_through_the_kernels(grouped, counted):
+def test_gradient_statistics_match_autograd_through_the_kernels(
+    grouped, counted, small_net, two_batches, gradient_statistics_check
+):
     """GradNorms' norms and cos(F, dL/dx) with F.dL/dx and every norm from the kernels, against
     the gradients of the same model in float64."""
-    net, (x, y) = _net(), _batches()[0]
-    cap = probe.capture(net, [(x, y)], probes=[GradNorms(), RawSites()], grouped=grouped)
+    x, y = two_batches[0]
+    cap = probe.capture(
+        small_net("resnet20"), [(x, y)], probes=[GradNorms(), RawSites()], grouped=grouped
+    )
     assert {"dot", "norm"} <= set(counted)
-    net64 = _net().double()
-    blocks = [layer for layer in cap.layers if "F" in cap.quantities(layer)]
-    inputs = {}
-    hooks = [
-        net64.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: inputs.__setitem__(n, a[0])
-        )
-        for n in blocks
-    ]
-    loss = torch.nn.functional.cross_entropy(net64(x.double()), y, reduction="sum")
-    for h in hooks:
-        h.remove()
-    grads = dict(zip(blocks, torch.autograd.grad(loss, [inputs[n] for n in blocks])))
-    checked = 0
-    for name in blocks:
-        g = grads[name].flatten(1)
-        np.testing.assert_allclose(cap.read(name, "grad_x_norm"), g.norm(dim=1), rtol=1e-5)
-        if "cos_f_grad" in cap.quantities(name):
-            f = torch.from_numpy(cap.read(name, "F")).double().flatten(1)
-            want = (f * g).sum(1) / (f.norm(dim=1) * g.norm(dim=1))
-            np.testing.assert_allclose(cap.read(name, "cos_f_grad"), want, rtol=1e-4, atol=1e-6)
-            checked += 1
-    assert checked == 7  # the nine blocks but the two that downsample
+    gradient_statistics_check(cap, "resnet20", x, y)
 
 
 @pytest.mark.gpu
