@@ -31,7 +31,7 @@ from probe.probes.group import check_grouped
 from probe.probes.registry import as_probes
 from probe.provenance import code_revision, command_line, library_versions
 from probe.replay import check_cuda_graph, check_device, check_replayable
-from probe.runtime import runtime_settings
+from probe.runtime import runtime_settings, settled_formulas
 from probe.session import HookSession, LossFn, NonFiniteWarning, NothingRecordedWarning
 from probe.store.memory import MemoryRows
 from probe.store.reader import CaptureReader, H5Capture, MemoryCapture
@@ -357,6 +357,19 @@ def _root_attrs(
     return {"config": json.dumps(config, default=str), "provenance": json.dumps(meta, default=str)}
 
 
+def _settled_provenance(attrs: dict) -> dict:
+    """``attrs``' provenance where the statistics' formulas changed during the capture (a kernel
+    failed, and torch's formulas took the later batches: probe.runtime.settled_formulas); else
+    nothing. The provenance is read at the start, before any kernel has run."""
+    meta = json.loads(attrs["provenance"])
+    runtime = meta.get("runtime")
+    settled = settled_formulas(runtime) if isinstance(runtime, dict) else {}
+    if not settled:
+        return {}
+    meta["runtime"] = {**runtime, **settled}
+    return {"provenance": json.dumps(meta, default=str)}
+
+
 def _sample_bound(data: object, limit: int | None) -> int | None:
     """At most how many samples ``data`` yields (None when unknown): the limit, a loader's
     ``num_samples``, a DataLoader's dataset length or the sum of a list's batch sizes, whichever
@@ -478,6 +491,8 @@ class CaptureJob:
                 elapsed = time.perf_counter() - t0
                 replayed = {"replayed_batches": session.replayed_batches} if self.cuda_graph else {}
                 bad = session.nonfinite  # numerics are data: recorded per layer, and warned about
+                settled = _settled_provenance(attrs)  # a kernel that failed in this capture
+                attrs.update(settled)
                 _warn_nonfinite(bad, seen)
                 if sample_offset == 0:  # a later shard may hold no sample a capped probe keeps
                     _warn_nothing_recorded(session, seen)
@@ -485,7 +500,12 @@ class CaptureJob:
                     for key, n in bad.items():
                         writer.layer_attrs.setdefault(key, {})["nonfinite_samples"] = n
                     path = writer.close(
-                        {"wall_seconds": elapsed, "nonfinite_layers": len(bad), **replayed},
+                        {
+                            "wall_seconds": elapsed,
+                            "nonfinite_layers": len(bad),
+                            **settled,
+                            **replayed,
+                        },
                         complete=complete,
                         before_commit=raise_if_terminated,  # a dropped SIGTERM: nothing committed
                     )

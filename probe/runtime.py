@@ -27,6 +27,8 @@ __all__ = [
     "choose_threads",
     "configure",
     "runtime_settings",
+    "statistics_formulas",
+    "settled_formulas",
     "available_cores",
     "tune_allocator",
 ]
@@ -113,9 +115,6 @@ def tune_allocator() -> bool:
 
 def runtime_settings() -> dict:
     """The settings a result depends on beyond code and data: threads and determinism."""
-    # imported here: the probes package imports this module's users
-    from probe.probes import onepass, onepass_cuda
-
     return {
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
@@ -126,8 +125,43 @@ def runtime_settings() -> dict:
         # TF32 convolutions (on by default on CUDA) change float32 results at ~1e-3 relative
         "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
         "allocator_tuned": _allocator["tuned"],
-        # the CPU statistics' formulas: float64 sums of one read, or torch's (probe.probes.onepass)
-        "cpu_statistics": onepass.mode(),
-        # the CUDA statistics' formulas: Triton's one read, or torch's (probe.probes.onepass_cuda)
-        "cuda_statistics": onepass_cuda.mode(),
+        **statistics_formulas(),
+    }
+
+
+def statistics_formulas() -> dict[str, str]:
+    """Which formulas the statistics probes take, per device: ``cpu_statistics`` is "one-pass"
+    (float64 sums of one read, probe.probes.onepass) or "torch" (torch's formulas);
+    ``cuda_statistics`` the same for CUDA tensors (Triton, probe.probes.onepass_cuda), or "none"
+    in a process without a CUDA device, where no CUDA statistics are taken.
+
+    Example:
+        >>> sorted(statistics_formulas())
+        ['cpu_statistics', 'cuda_statistics']
+    """
+    # imported here: the probes package imports this module's users
+    from probe.probes import onepass, onepass_cuda
+
+    cuda = onepass_cuda.mode() if torch.cuda.is_available() else "none"
+    return {"cpu_statistics": onepass.mode(), "cuda_statistics": cuda}
+
+
+def settled_formulas(recorded: dict) -> dict[str, str]:
+    """The statistics formulas of a run whose ``recorded`` runtime settings were read at its
+    start, where a kernel failed during the run: that turned its device's kernels off, so the
+    run's earlier statistics took the kernels and its later ones torch's formulas ("one-pass,
+    then torch"). Kernels that never loaded (a broken numba or triton) took nothing: "torch".
+    Empty where nothing changed.
+
+    Example:
+        >>> settled_formulas(runtime_settings())
+        {}
+    """
+    from probe.probes import onepass, onepass_cuda
+
+    failed = {"cpu_statistics": onepass.failed(), "cuda_statistics": onepass_cuda.failed()}
+    return {
+        key: f"{recorded[key]}, then {now}" if failed[key] else now
+        for key, now in statistics_formulas().items()
+        if key in recorded and recorded[key] != now
     }

@@ -215,7 +215,39 @@ def _root_attrs(
     else:
         root.update(shard_rank=-1, shard_count=len(caps), shards=json.dumps(rel))
     root.update(override)
+    root.update(_shards_formulas(caps, root))
     return root
+
+
+# the runtime settings that say which formulas took a shard's numbers (probe.runtime)
+_FORMULAS = ("cpu_statistics", "cuda_statistics")
+
+
+def _shards_formulas(caps: list[H5Capture], root: dict) -> dict:
+    """``root``'s provenance with the statistics formulas of every shard, where the shards did
+    not all take the same ones (a kernel that failed on one rank turned its kernels off there
+    alone): "rank 0: one-pass; rank 1: one-pass, then torch". Else nothing."""
+    if "provenance" not in root:
+        return {}
+    meta = json.loads(root["provenance"])
+    runtimes = [json.loads(c.attrs.get("provenance", "{}")).get("runtime") or {} for c in caps]
+    runtime = meta.get("runtime")
+    if not isinstance(runtime, dict):
+        return {}
+    joined = {}
+    for key in _FORMULAS:
+        values = [r.get(key) for r in runtimes]
+        if None in values or len(set(values)) == 1 and values[0] == runtime.get(key):
+            continue
+        if len(set(values)) == 1:
+            joined[key] = values[0]
+        else:
+            ranks = [int(c.attrs.get("shard_rank", i)) for i, c in enumerate(caps)]
+            joined[key] = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
+    if not joined:
+        return {}
+    meta["runtime"] = {**runtime, **joined}
+    return {"provenance": json.dumps(meta, default=str)}
 
 
 def _create_copy(f: h5py.File, name: str, src: h5py.Dataset, rows: int) -> h5py.Dataset:

@@ -25,23 +25,28 @@ def _data(n=22):
 
 def _shards(tmp_path, model, x, y, probes, cuts, **kw):
     """One capture per [a, b) of ``cuts``, as the ranks of a capture write them."""
-    paths = []
-    for rank, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
-        path = tmp_path / f"rank{rank}.h5"
-        idx = torch.arange(a, b)
-        after = x[b : b + 1] if b < len(x) else x[:1]
-        probe.capture(
-            model,
-            [(x[a:b], y[a:b], idx)],
-            probes=probes,
-            out=path,
-            shard=(rank, len(cuts) - 1),
-            sample_offset=a,
-            next_sample=after,
-            **kw,
-        ).close()
-        paths.append(path)
-    return paths
+    count = len(cuts) - 1
+    return [
+        _shard(tmp_path, model, x, y, probes, (a, b), (rank, count), **kw)
+        for rank, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))
+    ]
+
+
+def _shard(tmp_path, model, x, y, probes, rows, shard, **kw):
+    """Rank ``shard[0]``'s capture of ``rows`` [a, b) of the samples, of ``shard[1]`` ranks."""
+    (a, b), path = rows, tmp_path / f"rank{shard[0]}.h5"
+    after = x[b : b + 1] if b < len(x) else x[:1]
+    probe.capture(
+        model,
+        [(x[a:b], y[a:b], torch.arange(a, b))],
+        probes=probes,
+        out=path,
+        shard=shard,
+        sample_offset=a,
+        next_sample=after,
+        **kw,
+    ).close()
+    return path
 
 
 def _same(a, b, exact=True):
@@ -115,3 +120,32 @@ def test_a_shards_last_sample_pairs_with_the_next_shards_first(tmp_path):
     # without the next shard's first sample, sample 10 would pair with its own shard's first
     alone = probe.capture(model, [(x[:11], y[:11])], probes=probes)
     assert not np.allclose(alone.read("model", "acf")[10], whole.read("model", "acf")[10])
+
+
+def test_the_statistics_formulas_of_every_shard_survive_the_join(tmp_path, monkeypatch):
+    """A kernel that fails on one rank turns the kernels off on that rank alone: the joined
+    capture says which formulas took each shard's numbers, not what the first shard took."""
+    from probe.probes import onepass
+
+    if onepass.mode() != "one-pass":
+        pytest.skip("the CPU statistics kernels do not serve this process")
+    model, (x, y) = _model(), _data()
+    (tmp_path / "healthy").mkdir()
+    first, healthy = _shards(tmp_path / "healthy", model, x, y, ["residual"], [0, 11, 22])
+    monkeypatch.setattr(onepass, "_failed", False)
+    entry = onepass._entry
+
+    def broken(*key):
+        raise RuntimeError("LLVM ERROR: out of registers")
+
+    monkeypatch.setattr(onepass, "_entry", broken)
+    with pytest.warns(onepass.OnePassWarning):
+        failed = _shard(tmp_path, model, x, y, ["residual"], (11, 22), (1, 2))
+    monkeypatch.setattr(onepass, "_entry", entry)
+    monkeypatch.setattr(onepass, "_failed", False)
+    mixed = "rank 0: one-pass; rank 1: one-pass, then torch"
+    for copy in (False, True):
+        for shards, want in (([first, healthy], "one-pass"), ([first, failed], mixed)):
+            out = probe.join_shards(shards, tmp_path / f"j{copy}{len(want)}.h5", copy=copy)
+            with probe.open(out) as joined:
+                assert joined.provenance["runtime"]["cpu_statistics"] == want

@@ -229,6 +229,58 @@ def test_a_failing_kernel_warns_once_and_the_torch_formulas_serve(monkeypatch, e
     assert np.isfinite(cap.read("stages.0.0", "channel_var")).all()
 
 
+@pytest.mark.parametrize("out", ["h5", "memory"])
+def test_a_kernel_failing_during_a_capture_is_recorded_as_a_change_of_formulas(
+    out, monkeypatch, tmp_path
+):
+    """The provenance is read when a capture starts; a kernel that fails at its second batch
+    turns the kernels off for the rest of it. The capture records both formulas, in order, and
+    its numbers are torch's formulas' (within float32 rounding) for every batch."""
+    monkeypatch.setattr(onepass, "_failed", False)
+    entry, broken = onepass._entry, []
+
+    def breaks_at_the_second_batch(*key):
+        if broken:
+            raise RuntimeError("LLVM ERROR: out of registers")
+        return entry(*key)
+
+    monkeypatch.setattr(onepass, "_entry", breaks_at_the_second_batch)
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batches = [(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long)) for _ in range(2)]
+
+    def data():
+        yield batches[0]
+        broken.append(True)
+        yield batches[1]
+
+    probes = [ResidualNorms(), ChannelStats()]
+    path = tmp_path / "x.h5" if out == "h5" else None
+    with pytest.warns(onepass.OnePassWarning, match="out of registers"):
+        cap = probe.capture(model, data(), probes=probes, out=path)
+    if path is not None:
+        cap.close()
+        cap = probe.open(path)  # its attributes' digest covers the provenance written last
+    assert cap.provenance["runtime"]["cpu_statistics"] == "one-pass, then torch"
+    assert onepass.mode() == "torch"
+    torchs = probe.capture(model, batches, probes=probes)
+    assert torchs.provenance["runtime"]["cpu_statistics"] == "torch"
+    for layer in torchs.layers:
+        for q in torchs.quantities(layer):
+            want = torchs.read(layer, q)
+            # float32 sums of 64 positions: a mean near zero is within rounding of its values'
+            # scale, not of itself
+            scale = float(np.abs(want).max())
+            np.testing.assert_allclose(cap.read(layer, q), want, rtol=2e-6, atol=1e-6 * scale)
+
+
+def test_a_capture_whose_kernels_never_fail_records_one_formula(tmp_path):
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    batches = [(torch.randn(3, 1, 8, 8), torch.zeros(3, dtype=torch.long))] * 2
+    cap = probe.capture(model, batches, probes=[ResidualNorms()], out=tmp_path / "x.h5")
+    assert cap.provenance["runtime"]["cpu_statistics"] == "one-pass"
+    assert not onepass.failed()
+
+
 def _every_kernel(dtype=torch.float32):
     """Each entry point on inputs of both layouts: name -> a call returning its tensors."""
     f, s, y = _block((6, 5, 9, 7), dtype)

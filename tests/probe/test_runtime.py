@@ -94,3 +94,12 @@ def test_the_allocator_tuning_applies_on_glibc_and_is_recorded():
         assert applied
     assert runtime_settings()["allocator_tuned"] is applied
     assert tune_allocator() is applied  # idempotent
+
+
+def test_no_cuda_statistics_are_recorded_in_a_process_without_a_cuda_device(monkeypatch):
+    from probe.probes import onepass_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runtime_settings()["cuda_statistics"] == "none"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert runtime_settings()["cuda_statistics"] == onepass_cuda.mode()
