@@ -3,6 +3,9 @@
 # dependencies are importable but the package is not installed (hence PYTHONPATH=., put before
 # any PYTHONPATH already set, e.g. a folder of carried wheels).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
+#   bash benchmarks/gpu_runbook.sh targets  # every GPU target of docs/performance.md in one call
+#                                           # (~5 min on an H100, each command under a time
+#                                           # limit, going on past a failed one): for a short lease
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
 #                                           # training), and direct chunk writes on this disk
@@ -22,10 +25,65 @@
 #   bash benchmarks/gpu_runbook.sh all      # data, tests, bench, profile in one call (~6 min, H100),
 #                                           # each step's log under $LOGS (default .data/logs),
 #                                           # going on past a failed step; exits non-zero if any failed
+# RUNBOOK_SMOKE=1 runs a step's benchmarks at toy sizes on whatever device there is, without the
+# CIFAR-10 archive, writing under $RUNBOOK_OUT (tests/test_gpu_runbook.py does, on the CPU): a
+# GPU lease is not spent finding a broken command.
 set -euo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 ARCHIVE=${CIFAR_ARCHIVE:-.data/cifar10-jpg.tar.gz}
+OUT=${RUNBOOK_OUT:-.data}
+if [ "${RUNBOOK_SMOKE:-0}" = 1 ]; then
+  DATA=()  # synthetic CIFAR-shaped images
+  TRAIN=(--limit 64 --batch-size 32 --epochs 1)
+  HOOKS=(--batch 4 --samples 8 --repeats 1)
+  BREAKDOWN=(--batch 4 --repeats 1)
+  JACOBIAN=(--batch 2 --probes 2 --images 4 --width 4 --repeats 1)
+  SITES=(--batch 4 --depth 8)
+  ONEPASS=(--smoke)
+else
+  DATA=(--data "$ARCHIVE")
+  TRAIN=(--epochs 3)
+  HOOKS=(--samples 4096)
+  BREAKDOWN=()
+  JACOBIAN=()
+  SITES=(--batch 512 --depth 56)
+  ONEPASS=()
+fi
+cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+graph=$([ "$cuda" = 1 ] && echo ,graph || true)  # recorded training needs a CUDA device
+
+# timed NAME SECONDS COMMAND...: run COMMAND under a time limit, say how long it took, and note
+# NAME as failed (without stopping) where it fails or runs out of time
+failed=()
+timed() {
+  local name=$1 limit=$2 start=$SECONDS rc=0
+  shift 2
+  echo "### $name $(date +%T) (at most ${limit} s)"
+  timeout --kill-after=10 "$limit" "$@" || rc=$?
+  echo "### $name: rc $rc in $((SECONDS - start)) s"
+  if [ "$rc" -ne 0 ]; then failed+=("$name"); fi
+  return 0
+}
+verdict() {
+  if ((${#failed[@]})); then echo "### failed: ${failed[*]}" >&2; exit 1; fi
+}
+
 case "${1:-}" in
+  targets)
+    mkdir -p "$OUT"
+    if [ "${RUNBOOK_SMOKE:-0}" != 1 ]; then timed data 120 bash "$0" data; fi
+    # the kernels the statistics rows run on, checked on this GPU before they are timed
+    timed kernel-tests 150 python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
+      tests/probe/test_grouped_statistics.py tests/probe/test_replay.py
+    # capture <= 1.05 x at batch 512 bf16 (statistics, 27 blocks), per probe, recorded or not
+    timed breakdown 120 python3 -m benchmarks.bench_breakdown "${BREAKDOWN[@]}"
+    # the dump: >= 90 % of the disk's speed, against .cpu() hooks, peak memory over 4 x samples
+    timed hooks 180 python3 -m benchmarks.bench_hooks "${HOOKS[@]}" --out-dir "$OUT"
+    # <= 0.7 s/epoch, eager and recorded
+    timed train 150 python3 -m benchmarks.bench_train "${DATA[@]}" "${TRAIN[@]}" --modes "eager$graph"
+    # ||J - P||^2 within 1.2 x of the bare vmap(jvp), >= 300 x jacrev, 27 blocks in <= 30 s
+    timed jacobian 90 python3 -m benchmarks.bench_jacobian "${JACOBIAN[@]}"
+    verdict ;;
   data)
     python3 -c "import sys; from probe.data import load_dataset; d = load_dataset(sys.argv[1]); print(d.x_train.shape, d.x_test.shape)" "$ARCHIVE" ;;
   tests)
@@ -33,39 +91,38 @@ case "${1:-}" in
       tests/probe/test_served_sites.py tests/probe/test_grouped_statistics.py \
       tests/probe/test_replay.py tests/probe/test_onepass_cuda.py
     # chunks past the page cache on this machine's disk (skips where it has no O_DIRECT)
-    python3 -m pytest -q -rs tests/probe/test_direct_io.py --basetemp .data/pytest-direct ;;
+    python3 -m pytest -q -rs tests/probe/test_direct_io.py --basetemp "$OUT/pytest-direct" ;;
   bench)
-    mkdir -p .data
-    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes eager,graph,minimal
-    python3 -m benchmarks.bench_hooks --samples 4096 --out-dir .data
-    python3 -m benchmarks.bench_breakdown
-    python3 -m benchmarks.bench_jacobian
-    python3 -m benchmarks.bench_sites --batch 512 --depth 56 ;;
+    mkdir -p "$OUT"
+    python3 -m benchmarks.bench_train "${DATA[@]}" "${TRAIN[@]}" --modes "eager$graph,minimal"
+    python3 -m benchmarks.bench_hooks "${HOOKS[@]}" --out-dir "$OUT"
+    python3 -m benchmarks.bench_breakdown "${BREAKDOWN[@]}"
+    python3 -m benchmarks.bench_jacobian "${JACOBIAN[@]}"
+    python3 -m benchmarks.bench_sites "${SITES[@]}" ;;
   kernels)
     python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
       tests/probe/test_grouped_statistics.py tests/probe/test_replay.py
-    python3 -m benchmarks.bench_onepass_cuda
-    python3 -m benchmarks.bench_breakdown ;;
+    python3 -m benchmarks.bench_onepass_cuda "${ONEPASS[@]}"
+    python3 -m benchmarks.bench_breakdown "${BREAKDOWN[@]}" ;;
   profile)
     python3 -m benchmarks.bench_statistics_parts --profile
     python3 -m benchmarks.bench_statistics_parts --profile --fused
     python3 -m benchmarks.bench_statistics_parts --profile --welford ;;
   compiled)
-    python3 -m benchmarks.bench_train --data "$ARCHIVE" --epochs 3 --modes reduce-overhead ;;
+    python3 -m benchmarks.bench_train "${DATA[@]}" "${TRAIN[@]}" --modes reduce-overhead ;;
   study)
-    python3 -m probe study --preset he2016 --data "$ARCHIVE" --out .data/study-he2016 --cuda-graph ;;
+    python3 -m probe study --preset he2016 --data "$ARCHIVE" --out "$OUT/study-he2016" --cuda-graph ;;
   dist)
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
-    python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json .data/dist.json ;;
+    python3 -m benchmarks.bench_distributed --ranks "$gpus" --repeats 3 --json "$OUT/dist.json" ;;
   all)
-    logs=${LOGS:-.data/logs}
+    logs=${LOGS:-$OUT/logs}
     mkdir -p "$logs"
-    failed=()
     for step in data tests bench profile; do
       echo "### $step $(date +%T)"
       bash "$0" "$step" 2>&1 | tee "$logs/$step.log" || failed+=("$step")
     done
-    if ((${#failed[@]})); then echo "### failed: ${failed[*]}" >&2; exit 1; fi ;;
+    verdict ;;
   *)
-    echo "usage: $0 data|tests|bench|kernels|profile|compiled|study|dist|all" >&2; exit 2 ;;
+    echo "usage: $0 targets|data|tests|bench|kernels|profile|compiled|study|dist|all" >&2; exit 2 ;;
 esac
