@@ -4,8 +4,9 @@
 # any PYTHONPATH already set, e.g. a folder of carried wheels).
 # Steps are separate so that each fits a 10-minute command limit; the study resumes between calls.
 #   bash benchmarks/gpu_runbook.sh targets  # every GPU target of docs/performance.md in one call
-#                                           # (~5 min on an H100, each command under a time
-#                                           # limit, going on past a failed one): for a short lease
+#                                           # (~5 min on an H100; each command under a time limit,
+#                                           # 9 min in all, going on past a failed one): for a
+#                                           # short lease and one 10-minute command
 #   bash benchmarks/gpu_runbook.sh data     # decode CIFAR-10 JPEGs once (cached under data/cache)
 #   bash benchmarks/gpu_runbook.sh tests    # the -m gpu tests (CUDA capture and replay, CUDA-graph
 #                                           # training), and direct chunk writes on this disk
@@ -71,18 +72,18 @@ verdict() {
 case "${1:-}" in
   targets)
     mkdir -p "$OUT"
-    if [ "${RUNBOOK_SMOKE:-0}" != 1 ]; then timed data 120 bash "$0" data; fi
+    if [ "${RUNBOOK_SMOKE:-0}" != 1 ]; then timed data 60 bash "$0" data; fi
     # the kernels the statistics rows run on, checked on this GPU before they are timed
-    timed kernel-tests 150 python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
+    timed kernel-tests 120 python3 -m pytest -q -m gpu tests/probe/test_onepass_cuda.py \
       tests/probe/test_grouped_statistics.py tests/probe/test_replay.py
     # capture <= 1.05 x at batch 512 bf16 (statistics, 27 blocks), per probe, recorded or not
-    timed breakdown 120 python3 -m benchmarks.bench_breakdown "${BREAKDOWN[@]}"
+    timed breakdown 90 python3 -m benchmarks.bench_breakdown "${BREAKDOWN[@]}"
     # the dump: >= 90 % of the disk's speed, against .cpu() hooks, peak memory over 4 x samples
-    timed hooks 180 python3 -m benchmarks.bench_hooks "${HOOKS[@]}" --out-dir "$OUT"
+    timed hooks 120 python3 -m benchmarks.bench_hooks "${HOOKS[@]}" --out-dir "$OUT"
     # <= 0.7 s/epoch, eager and recorded
-    timed train 150 python3 -m benchmarks.bench_train "${DATA[@]}" "${TRAIN[@]}" --modes "eager$graph"
+    timed train 100 python3 -m benchmarks.bench_train "${DATA[@]}" "${TRAIN[@]}" --modes "eager$graph"
     # ||J - P||^2 within 1.2 x of the bare vmap(jvp), >= 300 x jacrev, 27 blocks in <= 30 s
-    timed jacobian 90 python3 -m benchmarks.bench_jacobian "${JACOBIAN[@]}"
+    timed jacobian 50 python3 -m benchmarks.bench_jacobian "${JACOBIAN[@]}"
     verdict ;;
   data)
     python3 -c "import sys; from probe.data import load_dataset; d = load_dataset(sys.argv[1]); print(d.x_train.shape, d.x_test.shape)" "$ARCHIVE" ;;

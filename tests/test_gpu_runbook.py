@@ -88,3 +88,13 @@ def test_an_unknown_step_is_refused_with_the_steps_there_are(tmp_path):
     done = _run("everything", tmp_path)
     assert done.returncode == 2
     assert "usage:" in done.stderr and "targets|" in done.stderr
+
+
+def test_the_targets_step_fits_one_ten_minute_command():
+    """A device command may run 10 minutes: the limits of the step's commands leave a minute for
+    the interpreter starts and the machine's own reporting."""
+    script = RUNBOOK.read_text()
+    step = script[script.index("  targets)") : script.index("verdict ;;")]
+    limits = dict(re.findall(r"timed (\S+) (\d+)", step))
+    assert set(limits) == {"data", *TARGETS}
+    assert sum(map(int, limits.values())) <= 540
