@@ -620,10 +620,19 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
     if method in ("resprobe", "resprobe_fused", "resprobe_torch", UNCHECKED):
         import probe
         from probe.conformance import RawSites
-        from probe.probes import onepass
 
         fused = method == "resprobe_fused"  # compiled statistics; warm-up pays the compilation
-        stats = [probe.ResidualNorms(fused=fused), probe.ChannelStats(fused=fused)]
+        # only what a method asks for: a tree of resprobe from before the fused statistics or
+        # the one-pass kernels (on PYTHONPATH, timed "before" by this script) has neither
+        kw = {"fused": True} if fused else {}
+        stats = [probe.ResidualNorms(**kw), probe.ChannelStats(**kw)]
+        switch = _onepass_switch()
+
+        def formulas():
+            # read at each call: one process may time both ways head to head (--versus)
+            if switch is not None:
+                os.environ[switch] = "0" if method == "resprobe_torch" else "1"
+
         probes = {
             "out": [probe.Activations(dtype="fp32")],
             "io": [RawSites()],
@@ -650,6 +659,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             state = {"i": 0}
 
             def fn():
+                formulas()
                 path = tmp / f"rp-{state['i']}.h5"
                 cap = probe.capture(
                     net, [(x, y)] * batches, layers=layers, probes=probes, out=path, name=model
@@ -672,8 +682,7 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
             session._nonfinite.add = session._nonfinite.add_block = lambda *a, **k: None
 
         def fn():
-            # read at each call: one process may time both ways head to head (--versus)
-            os.environ[onepass.ENV] = "0" if method == "resprobe_torch" else "1"
+            formulas()
             res, _ = session.run_batch(x, y)
             if not captured and row in ("stats", "grad"):
                 get = lambda site, q: res[site][q]  # noqa: E731
@@ -689,6 +698,14 @@ def make_pass(model: str, row: str, method: str, tmp: Path):
 
         return fn, session.close, lambda: captured[0] if row in ("stats", "grad") else captured
     raise SystemExit(f"no method {method!r} for row {row!r}")
+
+
+def _onepass_switch() -> str | None:
+    """The environment variable that turns the one-pass statistics kernels off, or None in a tree
+    of resprobe from before them."""
+    if importlib.util.find_spec("probe.probes.onepass") is None:
+        return None
+    return importlib.import_module("probe.probes.onepass").ENV
 
 
 def _resprobe_stats(read, sites: list[str], grads: bool) -> dict[str, torch.Tensor]:

@@ -250,3 +250,38 @@ def test_the_unchecked_diagnostic_captures_the_same_tensors_and_counts_no_nan(
         close()
     counted, unchecked = (s.nonfinite for s in made)
     assert counted and set(counted.values()) == {1} and unchecked == {}
+
+
+@pytest.mark.parametrize("row", ["stats", "stats_disk"])
+def test_torchs_formulas_are_what_resprobe_torch_times_in_every_statistics_row(
+    row, tmp_path, monkeypatch
+):
+    """resprobe_torch turns the one-pass kernels off for its passes, to a file as in memory;
+    resprobe turns them back on (one process may time both, --versus)."""
+    from probe.probes import onepass
+
+    monkeypatch.setenv(onepass.ENV, "1")  # restored after the test: the passes set it
+    seen = []
+    original = onepass.mode
+    monkeypatch.setattr(onepass, "mode", lambda: seen.append(original()) or seen[-1])
+    for method, want in (("resprobe_torch", "torch"), ("resprobe", onepass.mode())):
+        seen.clear()
+        fn, close, _ = compare.make_pass("zoo", row, method, tmp_path)
+        try:
+            fn()
+        finally:
+            close()
+        assert seen and set(seen) == {want}
+
+
+def test_a_tree_from_before_the_kernels_is_timed_without_their_switch(monkeypatch):
+    """A "before" run puts an older tree of resprobe first on PYTHONPATH: no onepass module, no
+    environment switch to set."""
+    assert compare._onepass_switch() == "RESPROBE_ONEPASS"
+    find = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "probe.probes.onepass" else find(name, *a),
+    )
+    assert compare._onepass_switch() is None
