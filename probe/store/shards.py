@@ -237,8 +237,8 @@ def _shards_formulas(caps: list[H5Capture], root: dict) -> dict:
     joined = {}
     for key in _FORMULAS:
         values = [r.get(key) for r in runtimes]
-        if None in values or len(set(values)) == 1 and values[0] == runtime.get(key):
-            continue
+        if None in values or (len(set(values)) == 1 and values[0] == runtime.get(key)):
+            continue  # a shard from before the record, or every shard as the root says
         if len(set(values)) == 1:
             joined[key] = values[0]
         else:
