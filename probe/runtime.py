@@ -159,7 +159,8 @@ def settled_formulas(recorded: dict) -> dict[str, str]:
     """
     from probe.probes import onepass, onepass_cuda
 
-    failed = {"cpu_statistics": onepass.failed(), "cuda_statistics": onepass_cuda.failed()}
+    # a kernel failed in this process: torch's formulas took that device's statistics since
+    failed = {"cpu_statistics": onepass._failed, "cuda_statistics": onepass_cuda._failed}
     return {
         key: f"{recorded[key]}, then {now}" if failed[key] else now
         for key, now in statistics_formulas().items()

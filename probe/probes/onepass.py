@@ -63,7 +63,6 @@ import torch
 __all__ = [
     "OnePassWarning",
     "available",
-    "failed",
     "mode",
     "serves",
     "block_sums",
@@ -136,17 +135,6 @@ def available() -> bool:
         True
     """
     return _kernels() is not None
-
-
-def failed() -> bool:
-    """Whether a kernel failed in this process, after which torch's formulas take the CPU
-    statistics (a capture running then records "one-pass, then torch": probe.runtime).
-
-    Example:
-        >>> isinstance(failed(), bool)
-        True
-    """
-    return _failed
 
 
 def mode() -> str:

@@ -44,7 +44,7 @@ from probe.probes.onepass import (
     _in_memory_order,
 )
 
-__all__ = ["available", "failed", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
+__all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -91,17 +91,6 @@ def available() -> bool:
         True
     """
     return not _off() and _module() is not None
-
-
-def failed() -> bool:
-    """Whether a kernel failed in this process, after which torch's formulas take the CUDA
-    statistics (a capture running then records "one-pass, then torch": probe.runtime).
-
-    Example:
-        >>> isinstance(failed(), bool)
-        True
-    """
-    return _failed
 
 
 def mode() -> str:
