@@ -98,3 +98,28 @@ def test_the_targets_step_fits_one_ten_minute_command():
     limits = dict(re.findall(r"timed (\S+) (\d+)", step))
     assert set(limits) == {"data", *TARGETS}
     assert sum(map(int, limits.values())) <= 540
+
+
+@pytest.mark.parametrize("archive", [True, False])
+def test_the_full_sized_step_on_a_cuda_machine_with_and_without_the_archive(tmp_path, archive):
+    """What each command is given on a CUDA machine: the data decoded first and the trainer on
+    it where the archive was carried; synthetic images, said so, where it was not."""
+    calls = tmp_path / "calls"
+    env = _fake_python(
+        tmp_path,
+        f'echo "$*" >> "{calls}"\n'
+        'case "$*" in *"print(int("*) echo 1 ;; *) exit 0 ;; esac',  # a CUDA device
+    )
+    path = tmp_path / "cifar10.tar.gz"
+    if archive:
+        path.write_bytes(b"")
+    done = _run("targets", tmp_path, RUNBOOK_SMOKE="0", CIFAR_ARCHIVE=str(path), **env)
+    assert done.returncode == 0, done.stderr
+    ran = calls.read_text().splitlines()
+    train = next(c for c in ran if "bench_train" in c)
+    assert train.endswith("--epochs 3 --modes eager,graph")
+    assert ("load_dataset" in " ".join(ran)) is archive
+    assert (f"--data {path}" in train) is archive
+    assert ("no " + str(path) in done.stderr) is not archive
+    assert _ran(done.stdout) == {**dict.fromkeys(TARGETS, 0), **({"data": 0} if archive else {})}
+    assert any("bench_hooks --samples 4096" in c for c in ran)
