@@ -432,14 +432,20 @@ def _launch(
     except Exception as e:  # noqa: BLE001 -- a compiler or runtime failure: torch serves
         global _failed
         _failed = True
-        warnings.warn(
-            f"The one-pass statistics kernels failed ({type(e).__name__}: {e}); the torch "
-            f"formulas serve from now on (the same quantities, slower). Set {ENV}=0 to skip them.",
-            OnePassWarning,
-            stacklevel=3,
-        )
+        _warn_failed("one-pass statistics kernels", e)
         return False
     return True
+
+
+def _warn_failed(kernels: str, e: Exception) -> None:
+    """Say once that ``kernels`` failed with ``e`` and torch's formulas serve from now on (the
+    caller turns its kernels off); shared with the CUDA kernels (probe.probes.onepass_cuda)."""
+    warnings.warn(
+        f"The {kernels} failed ({type(e).__name__}: {e}); torch's formulas serve from now on in "
+        f"this process (the same quantities, slower). Set {ENV}=0 to skip the kernels.",
+        OnePassWarning,
+        stacklevel=4,
+    )
 
 
 def _describe(words: np.ndarray, shape: tuple, limit: float, addresses: list[int]) -> None:

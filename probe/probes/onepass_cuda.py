@@ -30,7 +30,6 @@ import functools
 import logging
 import math
 import os
-import warnings
 from types import ModuleType
 
 import torch
@@ -38,10 +37,10 @@ import torch
 # one switch and one warning for the kernels of both devices, and the same layout rules
 from probe.probes.onepass import (
     ENV,
-    OnePassWarning,
     _channel_order,
     _formulas,
     _in_memory_order,
+    _warn_failed,
 )
 
 __all__ = ["available", "mode", "block_sums", "moments", "dot", "norm", "INTERPRET_ENV"]
@@ -190,12 +189,7 @@ def _run(launch, device: torch.device) -> bool:
             launch()
     except Exception as e:  # noqa: BLE001 -- any failure: torch's formulas serve, with a warning
         _failed = True
-        warnings.warn(
-            f"The one-pass CUDA statistics failed ({type(e).__name__}: {e}); torch's formulas "
-            f"serve from now on in this process. Set RESPROBE_ONEPASS=0 to skip the kernels.",
-            OnePassWarning,
-            stacklevel=3,
-        )
+        _warn_failed("one-pass CUDA statistics", e)
         return False
     return True
 
