@@ -10,7 +10,10 @@ and channel moments (and gradient norms) of every residual site are checked agai
 statistics, in float64, of the sites split by hand (``reference_statistics``). Each worker also
 times the unprobed pass on a twin of the model (same weights, no hooks) alternately with its
 method; ``paired`` is the median of those pass-by-pass ratios, which the drift between processes
-(often +-20 % here) does not reach.
+(often +-20 % here) does not reach, given with its 95 % bootstrap interval. Each row with a
+target (:data:`TARGETS`) ends with resprobe's verdict on it from that interval: "met" (all of it
+at or under the target), "missed" (all above) or "within the noise" (a longer ``--repeats``
+narrows it).
 
 Rows: ``out`` block outputs in memory; ``io`` block input + branch + output in memory; ``disk``
 block outputs to HDF5 (uncompressed) against a raw write of the same bytes; ``stream`` the same
@@ -111,6 +114,11 @@ STATS_TOLERANCE = 1e-3
 UNCHECKED = "resprobe_unchecked"
 PEERS = {"nnsight": "nnsight", "captum": "captum", "torchlens": "torchlens"}
 TWIN = "unprobed twin"  # the unprobed pass timed beside every method, for paired ratios
+# The targets for resprobe's paired ratio on the CPU (2 threads), by row. A dump's is relative:
+# DUMP_TARGET x max(forward, a raw write of the same bytes), the latter raw_write's paired ratio
+# in the same run. Block outputs also aim at <= nnsight's ratio in the same run.
+TARGETS = {"out": 1.05, "io": 1.10, "stats": 1.15, "grad": 1.20}
+DUMP_TARGET = 1.10
 
 
 # --------------------------------------------------------------------------- the model and data
@@ -755,6 +763,8 @@ def worker(
             if base:
                 result["paired"] = statistics.median(t / b for t, b in zip(times[m], base))
                 result["paired_base_ms"] = statistics.median(base)
+                if len(base) > 1:  # one round has no interval (the smoke runs of the tests)
+                    result["paired_ci"] = list(ratio_ci(times[m], base)[1:])
             got = captured()
             if isinstance(got, dict):  # statistics by site/quantity
                 result["ref_error"] = _stats_error(got, reference_statistics(model))
@@ -785,6 +795,49 @@ def _stats_error(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> 
     if not got or set(got) - set(ref) or {k.split("/")[0] for k in got} != sites:
         return float("inf")
     return max(_rel_error(v, ref[k]) for k, v in got.items())
+
+
+def judge(ci: tuple[float, float], bound: float) -> str:
+    """Whether a ratio whose 95 % interval is ``ci`` meets the target ``bound``: "met" where the
+    whole interval lies at or under it, "missed" where it lies above, else "within the noise"
+    (a single run cannot tell; a longer run, ``--repeats``, narrows the interval).
+
+    Example:
+        >>> judge((1.02, 1.04), 1.05), judge((1.07, 1.09), 1.05), judge((1.03, 1.07), 1.05)
+        ('met', 'missed', 'within the noise')
+    """
+    lo, hi = ci
+    return "met" if hi <= bound else "missed" if lo > bound else "within the noise"
+
+
+def targets(row: str, results: dict[str, dict]) -> dict[str, str]:
+    """resprobe's verdicts in ``row`` against the targets (:data:`TARGETS`, :data:`DUMP_TARGET`),
+    from the methods' ``results`` of one run: {target: verdict}. Empty where the row has no
+    target, resprobe did not run, or its rounds were too few for an interval; a dump's target
+    needs raw_write's ratio and block outputs' comparison with nnsight needs nnsight's, each
+    from the same run.
+
+    Example:
+        >>> targets("io", {"resprobe": {"paired": 1.08, "paired_ci": [1.06, 1.09]}})
+        {'<= 1.10': 'met'}
+    """
+    r = results.get("resprobe", {})
+    ci = r.get("paired_ci")
+    if ci is None:
+        return {}
+    out = {}
+    if row in TARGETS:
+        out[f"<= {TARGETS[row]:.2f}"] = judge(ci, TARGETS[row])
+    raw = results.get("raw_write", {}).get("paired")
+    if row in ("disk", "stream") and raw is not None:
+        bound = DUMP_TARGET * max(1.0, raw)
+        out[f"<= {DUMP_TARGET:.2f} x max(forward, raw write) = {bound:.2f}"] = judge(ci, bound)
+    peer = results.get("nnsight", {}).get("paired_ci")
+    if row == "out" and peer is not None:
+        # two intervals, each against its own unprobed twin: apart, or overlapping
+        apart = "met" if ci[1] < peer[0] else "missed" if ci[0] > peer[1] else "within the noise"
+        out["<= nnsight"] = apart
+    return out
 
 
 def ratio_ci(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -954,7 +1007,8 @@ def main() -> None:
     }
     for model in _models(args.models):
         print(
-            f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s}  reference check"
+            f"{'row':48s} {'method':14s} {'ms':>9s} {'ratio':>7s} {'paired':>7s} "
+            f"{'paired 95% CI':>16s}  reference check"
         )
         report["models"][model] = rows = {}
         for row in args.rows.split(","):
@@ -984,7 +1038,15 @@ def main() -> None:
                 r["ratio"] = r["ms"] / statistics.mean(b)
                 check = _check(r)
                 paired = f"{r['paired']:7.2f}" if "paired" in r else f"{'–':>7s}"
-                print(f"{'':48s} {method:14s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired}  {check}")
+                ci = r.get("paired_ci")
+                ci = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–"
+                print(
+                    f"{'':48s} {method:14s} {r['ms']:9.1f} {r['ratio']:7.2f} {paired} {ci:>16s}"
+                    f"  {check}"
+                )
+            rows[row]["targets"] = verdicts = targets(row, out)
+            for target, verdict in verdicts.items():
+                print(f"{'':48s} resprobe {target}: {verdict}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"\nwrote {args.json}")

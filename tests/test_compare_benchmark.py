@@ -58,6 +58,42 @@ def test_a_ratio_interval_tells_a_shift_from_the_noise():
     assert 1 < lo < med < hi and abs(med - 1.05) < 0.01
 
 
+def test_a_target_is_met_missed_or_within_the_noise_by_the_whole_interval():
+    assert compare.judge((1.02, 1.05), 1.05) == "met"  # at the bound counts as met
+    assert compare.judge((1.051, 1.08), 1.05) == "missed"
+    assert compare.judge((1.04, 1.06), 1.05) == "within the noise"
+
+
+def test_each_rows_verdicts_come_from_resprobes_interval_and_its_peers_in_the_run():
+    res = {"paired": 1.0}
+    assert compare.targets("io", {"resprobe": res}) == {}  # no interval: no verdict
+    assert compare.targets("grads", {"resprobe": {**res, "paired_ci": [1.0, 1.1]}}) == {}
+    got = compare.targets("stats", {"resprobe": {"paired_ci": [1.12, 1.16]}})
+    assert got == {"<= 1.15": "within the noise"}
+    # a dump's bound follows the raw write of the same run: 1.10 x max(forward, raw write)
+    fast_disk = {"resprobe": {"paired_ci": [1.3, 1.4]}, "raw_write": {"paired": 0.4}}
+    assert list(compare.targets("stream", fast_disk).values()) == ["missed"]
+    slow_disk = {"resprobe": {"paired_ci": [1.3, 1.4]}, "raw_write": {"paired": 1.5}}
+    ((target, verdict),) = compare.targets("stream", slow_disk).items()
+    assert "= 1.65" in target and verdict == "met"
+    assert compare.targets("disk", {"resprobe": {"paired_ci": [1.3, 1.4]}}) == {}
+    # block outputs: the absolute bound, and nnsight's interval of the same run
+    out = {"resprobe": {"paired_ci": [1.02, 1.04]}, "nnsight": {"paired_ci": [1.045, 1.06]}}
+    assert compare.targets("out", out) == {"<= 1.05": "met", "<= nnsight": "met"}
+    out["nnsight"]["paired_ci"] = [1.0, 1.03]
+    assert compare.targets("out", out)["<= nnsight"] == "within the noise"
+    out["nnsight"]["paired_ci"] = [1.0, 1.01]
+    assert compare.targets("out", out)["<= nnsight"] == "missed"
+
+
+def test_a_worker_gives_each_methods_paired_ratio_with_its_interval(tmp_path):
+    out = tmp_path / "r.json"
+    compare.worker("zoo", "stats", ["resprobe"], 3, 0, str(out), "default")
+    r = json.loads(out.read_text())["resprobe"]
+    lo, hi = r["paired_ci"]
+    assert len(r["times"]) == 3 and lo <= r["paired"] <= hi and r["ref_error"] < 1e-3
+
+
 def test_the_gradient_reference_is_each_block_output_and_its_gradient():
     ref = compare.reference_output_grads("zoo")
     outs, grads = ref[0::2], ref[1::2]
@@ -285,3 +321,9 @@ def test_a_tree_from_before_the_kernels_is_timed_without_their_switch(monkeypatc
         lambda name, *a: None if name == "probe.probes.onepass" else find(name, *a),
     )
     assert compare._onepass_switch() is None
+
+
+def test_the_scripts_examples_hold():
+    import doctest
+
+    assert doctest.testmod(compare).failed == 0
