@@ -703,7 +703,9 @@ class HookSession:
             self._handles.append(
                 branch.register_forward_hook(self._stash("_branch_out", info.name, clone))
             )
-            if shortcut is not None:
+            # An nn.Identity returns its input itself: S is the x the entry hook keeps (see
+            # _block_tensors), and a hook on it would cost a hooked call per block for nothing.
+            if shortcut is not None and type(shortcut) is not nn.Identity:
                 self._handles.append(
                     shortcut.register_forward_hook(self._stash("_shortcut_out", info.name, clone))
                 )
