@@ -29,6 +29,7 @@ __all__ = [
     "runtime_settings",
     "statistics_formulas",
     "settled_formulas",
+    "FORMULA_KEYS",
     "available_cores",
     "tune_allocator",
 ]
@@ -129,6 +130,11 @@ def runtime_settings() -> dict:
     }
 
 
+# The runtime settings that say which formulas took the statistics, per device (a capture's
+# provenance; a join of shards names each rank's where they differ, probe.store.shards).
+FORMULA_KEYS = ("cpu_statistics", "cuda_statistics")
+
+
 def statistics_formulas() -> dict[str, str]:
     """Which formulas the statistics probes take, per device: ``cpu_statistics`` is "one-pass"
     (float64 sums of one read, probe.probes.onepass) or "torch" (torch's formulas);
@@ -143,7 +149,7 @@ def statistics_formulas() -> dict[str, str]:
     from probe.probes import onepass, onepass_cuda
 
     cuda = onepass_cuda.mode() if torch.cuda.is_available() else "none"
-    return {"cpu_statistics": onepass.mode(), "cuda_statistics": cuda}
+    return dict(zip(FORMULA_KEYS, (onepass.mode(), cuda)))
 
 
 def settled_formulas(recorded: dict) -> dict[str, str]:
@@ -160,7 +166,7 @@ def settled_formulas(recorded: dict) -> dict[str, str]:
     from probe.probes import onepass, onepass_cuda
 
     # a kernel failed in this process: torch's formulas took that device's statistics since
-    failed = {"cpu_statistics": onepass._failed, "cuda_statistics": onepass_cuda._failed}
+    failed = dict(zip(FORMULA_KEYS, (onepass._failed, onepass_cuda._failed)))
     return {
         key: f"{recorded[key]}, then {now}" if failed[key] else now
         for key, now in statistics_formulas().items()

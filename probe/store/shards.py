@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 
 from probe.errors import ProbeError
+from probe.runtime import FORMULA_KEYS
 from probe.store.reader import H5Capture
 from probe.store.schema import LAYERS, attrs_digest, check_schema, read_attrs
 from probe.tempfiles import atomic_path
@@ -219,10 +220,6 @@ def _root_attrs(
     return root
 
 
-# the runtime settings that say which formulas took a shard's numbers (probe.runtime)
-_FORMULAS = ("cpu_statistics", "cuda_statistics")
-
-
 def _shards_formulas(caps: list[H5Capture], root: dict) -> dict:
     """``root``'s provenance with the statistics formulas of every shard, where the shards did
     not all take the same ones (a kernel that failed on one rank turned its kernels off there
@@ -235,7 +232,7 @@ def _shards_formulas(caps: list[H5Capture], root: dict) -> dict:
     if not isinstance(runtime, dict):
         return {}
     joined = {}
-    for key in _FORMULAS:
+    for key in FORMULA_KEYS:
         values = [r.get(key) for r in runtimes]
         if None in values or (len(set(values)) == 1 and values[0] == runtime.get(key)):
             continue  # a shard from before the record, or every shard as the root says
