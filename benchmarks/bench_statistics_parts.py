@@ -5,7 +5,8 @@ its own session on its own copy of the model, every pass paired with an unprobed
 right before it; printed is the median ratio. "eager" is the default: the one-pass CPU kernels
 (probe.probes.onepass); "kernel, results unused" calls them and keeps zeros (what the Python
 around the kernel costs), "kernel skipped" does all but run the kernel (zeros: what the kernel's
-arithmetic costs in the pass); "torch formulas" turns them off, as without numba, and so do the
+arithmetic costs in the pass), "kernel reads y alone" gives the kernel y in place of F and S (its
+arithmetic, a third of its reads: what reading F and S costs); "torch formulas" turns them off, as without numba, and so do the
 variants after it, which take one part of torch's arithmetic out
 (stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
 against ``eager`` bounds what any faster formula for that part could save; "two-pass moments"
@@ -196,6 +197,17 @@ def _kernel_only(f, s, y, axis):
     )
 
 
+def _y_thrice(f, s, y, axis):
+    """The one-pass kernel given y in place of F and S: its arithmetic as it is, a third of its
+    reads (y, just written, is the hottest of the three; F and S are read again only here). The
+    difference from "eager" is what reading F and S costs a pass beyond the sums (numbers
+    wrong on purpose)."""
+    return _BLOCK_SUMS(y, y, y, axis)
+
+
+_BLOCK_SUMS = onepass.block_sums  # the original, for the variant that calls it
+
+
 def _kernel_skipped(kernel, dtype, words, data, outputs, items, values) -> bool:
     """The kernel not run, its outputs zeros: what the Python around it costs in the pass (the
     outputs are the arrays the wrapper made; the inputs, views of the model's tensors, are not
@@ -215,6 +227,7 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] =
     "hooks, no arithmetic": ((_HooksOnly,), ()),
     "kernel, results unused": (BOTH, (("_onepass_block", _kernel_only),)),
     "kernel skipped": (BOTH, (("onepass._launch", _kernel_skipped),)),
+    "kernel reads y alone": (BOTH, (("onepass.block_sums", _y_thrice),)),
     "ResidualNorms alone": ((probe.ResidualNorms,), ()),
     "ChannelStats alone": ((probe.ChannelStats,), ()),
     "torch formulas": (BOTH, (_TORCH,)),
@@ -301,6 +314,8 @@ def inside_the_pass(
             ("eager", "torch formulas"),
             ("eager", "kernel, results unused"),
             ("eager", "kernel skipped"),
+            ("eager", "kernel reads y alone"),
+            ("kernel reads y alone", "kernel skipped"),
             ("kernel skipped", "hooks, no arithmetic"),
             ("torch formulas", own),
             (own, "two-pass moments"),

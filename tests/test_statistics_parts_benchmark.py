@@ -59,3 +59,24 @@ def test_skipping_the_kernel_zeroes_its_outputs_and_leaves_the_models_tensors_al
     assert launched and all(not a.any() for a in launched[0])
     assert all(not t.any() for t in (*found[0], *found[1]))
     assert (f == 1).all() and (s == 1).all() and (y == 2).all()
+
+
+def test_the_y_alone_variant_reads_y_for_f_and_s_and_is_put_back():
+    from probe.probes import statistics as st
+
+    stubs = parts.VARIANTS["kernel reads y alone"][1]
+    f, s = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
+    y = torch.arange(24.0).view(2, 3, 4)
+    with parts._stubbed(stubs):
+        found = st._onepass_block(f, s, y, 1)
+    assert onepass.block_sums is parts._BLOCK_SUMS
+    if found is None:
+        pytest.skip("the one-pass kernels do not serve this process")
+    block, channel = found
+    norm_y = y.flatten(1).norm(dim=1)
+    # F and S read as y: their norms are y's, y - S is zero, cos(F, S) = 1
+    torch.testing.assert_close(block["f_norm"], norm_y)
+    torch.testing.assert_close(block["s_norm"], norm_y)
+    assert not block["dev_norm"].any()
+    torch.testing.assert_close(block["cos_fs"], torch.ones(2))
+    torch.testing.assert_close(channel["f_channel_mean"], y.mean(2))
