@@ -81,15 +81,24 @@ def _factory_from_file(path: Path, fn: str, spec: str):
         raise ProbeError(
             f"--model {spec!r}: importing {path} failed: {type(e).__name__}: {e}"
         ) from e
-    return _attr(module, fn, spec)
+    return _attr(module, fn, spec, str(path))
 
 
-def _attr(module, fn: str, spec: str):
+def _attr(module, fn: str, spec: str, where: str | None = None):
+    """``module``'s callable ``fn``; a clear error naming ``where`` it was looked for (the
+    file, else the module's name: a file's module has an internal name) where there is none."""
     factory = getattr(module, fn, None)
     if not callable(factory):
-        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        names = sorted(
+            n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))
+        )
+        hint = did_you_mean(fn, names) or (
+            f" Its callables: {', '.join(names[:12])}{', ...' if len(names) > 12 else ''}."
+            if names
+            else " It defines no public callable."
+        )
         raise ProbeError(
-            f"--model {spec!r}: {module.__name__} has no callable {fn!r}.{did_you_mean(fn, names)}"
+            f"--model {spec!r}: {where or module.__name__} has no callable {fn!r}.{hint}"
         )
     return factory
 

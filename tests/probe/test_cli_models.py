@@ -172,6 +172,24 @@ def test_bad_model_arguments_are_clear_errors(tmp_path, args, message):
 
 
 @pytest.mark.parametrize(
+    ("function", "message"),
+    [("build_modl", "Did you mean 'build_model'?"), ("nothing_like_it", "Its callables: ")],
+)
+def test_a_missing_function_of_a_file_names_the_file_and_what_it_has(
+    tmp_path, user_file, function, message
+):
+    out = tmp_path / "bad.h5"
+    res = _capture(
+        "--model", f"{user_file}:{function}", "--data", "synthetic", "--input-size", "3,8,8",
+        "--out", out,
+    )  # fmt: skip
+    assert res.exit_code != 0, res.output
+    assert f"{user_file} has no callable {function!r}" in res.output and message in res.output
+    assert "_probe_user_model_" not in res.output  # the module's internal name
+    assert "build_model" in res.output and not out.exists()
+
+
+@pytest.mark.parametrize(
     "fix", [["--input-size", "3,8,8"], ["--model-arg", "in_channels=1"]], ids=["repeat", "build"]
 )
 def test_either_fix_the_one_channel_hint_gives_works(tmp_path, fix):
