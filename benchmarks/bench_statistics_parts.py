@@ -259,6 +259,11 @@ CHANNELS_LAST_VARIANTS: dict[str, tuple[tuple[Callable, ...], tuple[tuple[str, C
 def inside_the_pass(
     rounds: int, batch: int = 64, channels_last: bool = False, only: list[str] | None = None
 ) -> None:
+    import probe.runtime
+
+    # as the CLI runs: with glibc's default, an unprobed ResNet-56 pass alone in a process
+    # page-faulted ~50,000 pages and ran ~2 x slower, by how the heap happened to lie
+    probe.runtime.tune_allocator()
     _, blocks, x, y = build("zoo")
     x, y = x[:batch], y[:batch]
     variants = CHANNELS_LAST_VARIANTS if channels_last else VARIANTS

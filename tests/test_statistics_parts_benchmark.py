@@ -80,3 +80,13 @@ def test_the_y_alone_variant_reads_y_for_f_and_s_and_is_put_back():
     assert not block["dev_norm"].any()
     torch.testing.assert_close(block["cos_fs"], torch.ones(2))
     torch.testing.assert_close(channel["f_channel_mean"], y.mean(2))
+
+
+def test_the_pass_variants_run_with_the_allocator_the_cli_tunes(monkeypatch, capsys):
+    import probe.runtime
+
+    tuned = []
+    monkeypatch.setattr(probe.runtime, "tune_allocator", lambda: tuned.append(1) or False)
+    parts.inside_the_pass(rounds=2, batch=2, only=["hooks, no arithmetic"])
+    assert tuned
+    assert "hooks, no arithmetic" in capsys.readouterr().out
