@@ -6,7 +6,9 @@ right before it; printed is the median ratio. "eager" is the default: the one-pa
 (probe.probes.onepass); "kernel, results unused" calls them and keeps zeros (what the Python
 around the kernel costs), "kernel skipped" does all but run the kernel (zeros: what the kernel's
 arithmetic costs in the pass), "kernel reads y alone" gives the kernel y in place of F and S (its
-arithmetic, a third of its reads: what reading F and S costs); "torch formulas" turns them off, as without numba, and so do the
+arithmetic, a third of its reads: what reading F and S costs), "kernel skipped, one result a
+probe" hands the session each probe's first result alone (what its handling of the others
+costs); "torch formulas" turns them off, as without numba, and so do the
 variants after it, which take one part of torch's arithmetic out
 (stubbed with zeros or a mean, so their numbers are wrong on purpose): what a variant saves
 against ``eager`` bounds what any faster formula for that part could save; "two-pass moments"
@@ -79,10 +81,11 @@ _BLOCK_QUANTITIES = st._block_quantities  # the original, for a variant that cal
 
 
 def _owner(name: str) -> tuple[object, str]:
-    """(module, attribute) of a stub's name: probe.probes.statistics's, "nonfinite.NAME" or
-    "onepass.NAME"."""
+    """(module, attribute) of a stub's name: probe.probes.statistics's, "nonfinite.NAME",
+    "onepass.NAME" or "HookSession.NAME" (a method of the session)."""
     module, _, attr = name.rpartition(".")
-    return {"nonfinite": nonfinite, "onepass": onepass}.get(module, st), attr
+    owners = {"nonfinite": nonfinite, "onepass": onepass, "HookSession": probe.HookSession}
+    return owners.get(module, st), attr
 
 
 @contextlib.contextmanager
@@ -206,6 +209,13 @@ def _y_thrice(f, s, y, axis):
 
 
 _BLOCK_SUMS = onepass.block_sums  # the original, for the variant that calls it
+_MERGE = probe.HookSession._merge  # the original, for the variant that calls it
+
+
+def _first_result_merged(self, results, new, *args, **kwargs):
+    """The session's merge given a probe's first result alone: what the session's handling of
+    the others costs (their checks, the compaction, the non-finite check of the blocks)."""
+    return _MERGE(self, results, dict(list(new.items())[:1]), *args, **kwargs)
 
 
 def _kernel_skipped(kernel, dtype, words, data, outputs, items, values) -> bool:
@@ -228,6 +238,10 @@ VARIANTS: dict[str, tuple[tuple[type, ...], tuple[tuple[str, Callable], ...]]] =
     "kernel, results unused": (BOTH, (("_onepass_block", _kernel_only),)),
     "kernel skipped": (BOTH, (("onepass._launch", _kernel_skipped),)),
     "kernel reads y alone": (BOTH, (("onepass.block_sums", _y_thrice),)),
+    "kernel skipped, one result a probe": (
+        BOTH,
+        (("onepass._launch", _kernel_skipped), ("HookSession._merge", _first_result_merged)),
+    ),
     "ResidualNorms alone": ((probe.ResidualNorms,), ()),
     "ChannelStats alone": ((probe.ChannelStats,), ()),
     "torch formulas": (BOTH, (_TORCH,)),
@@ -321,6 +335,8 @@ def inside_the_pass(
             ("eager", "kernel skipped"),
             ("eager", "kernel reads y alone"),
             ("kernel reads y alone", "kernel skipped"),
+            ("kernel skipped", "kernel skipped, one result a probe"),
+            ("kernel skipped, one result a probe", "hooks, no arithmetic"),
             ("kernel skipped", "hooks, no arithmetic"),
             ("torch formulas", own),
             (own, "two-pass moments"),

@@ -90,3 +90,20 @@ def test_the_pass_variants_run_with_the_allocator_the_cli_tunes(monkeypatch, cap
     parts.inside_the_pass(rounds=2, batch=2, only=["hooks, no arithmetic"])
     assert tuned
     assert "hooks, no arithmetic" in capsys.readouterr().out
+
+
+def test_the_one_result_variant_merges_each_probes_first_result_and_is_put_back(capsys):
+    stubs = parts.VARIANTS["kernel skipped, one result a probe"][1]
+    parts.inside_the_pass(rounds=2, batch=2, only=["kernel skipped, one result a probe"])
+    assert parts.probe.HookSession._merge is parts._MERGE
+    assert onepass._launch is not parts._kernel_skipped
+    assert dict(stubs)["HookSession._merge"] is parts._first_result_merged
+    assert "one result a probe" in capsys.readouterr().out
+
+
+def test_merging_the_first_result_alone_hands_on_one_quantity_a_probe(monkeypatch):
+    seen = []
+    monkeypatch.setattr(parts, "_MERGE", lambda self, results, new, *a: seen.append((new, a)))
+    new = {"a": torch.ones(2), "b": torch.zeros(2)}
+    parts._first_result_merged("session", {}, new, "probe", "key", 2)
+    assert [list(n) for n, _ in seen] == [["a"]] and seen[0][1] == ("probe", "key", 2)
