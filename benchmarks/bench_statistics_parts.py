@@ -46,6 +46,11 @@ per pass and the pass against its unprobed twin, with the kernels on torch's Ope
 default), all on the calling thread, or split on resprobe's pool from 2^18 values a thread
 (:data:`PLACES`); ``--batch`` may exceed 64 here.
 
+Part 7 (``--cold kernel|skipped``, alone): each block's ``ResidualNorms.forward`` (the one-pass
+kernel's call and the Python around it) as the pass runs it, against the same call made again
+right after it: what coming after the block's convolutions costs that call, Python's code and data
+evicted by the model's tensors; ``skipped``: the Python alone.
+
 Part 1 with ``--channels-last`` (alone): the model fed channels-last inputs, the eager statistics
 against their channel sums of squares taken by the norm kernel on strided rows, and block outputs
 kept in memory against non-finite row sums of a [N, -1] reshape (a copy of a channels-last map):
@@ -54,7 +59,7 @@ the ways both were taken before that layout had a path of its own.
 Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [--batch 64]
        [--variants 'eager;torch formulas'] [--alone | --norms]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
-       [--channels-last] [--kernel-time team,thread,pool [--batch 256]]
+       [--channels-last] [--kernel-time team,thread,pool [--batch 256]] [--cold kernel|skipped]
 """
 
 from __future__ import annotations
@@ -711,6 +716,56 @@ def kernel_time(rounds: int, batch: int, places: list[str]) -> None:
         )
 
 
+def cold_calls(rounds: int, batch: int, skip_kernel: bool) -> None:
+    """Part 7: each block's ``ResidualNorms.forward`` (the pair's shared work: the one-pass
+    kernel's call and the Python around it) timed in the pass, then called again on the same
+    block right away, its memo cleared so that it computes anew: what running after the
+    block's convolutions, with Python's code and data out of the caches, costs that call.
+    ``skip_kernel``: the kernel's arithmetic skipped (the Python alone)."""
+    import probe.runtime
+
+    probe.runtime.tune_allocator()  # as the CLI runs
+    _, blocks, x, y = build("zoo")
+    x, y = x[:batch], y[:batch]
+    forward, launch = probe.ResidualNorms.forward, onepass._launch
+    first: list[float] = []
+    again: list[float] = []
+    timing = [False]
+
+    def timed(self, call):
+        if not timing[0]:
+            return forward(self, call)
+        t0 = time.perf_counter()
+        out = forward(self, call)
+        t1 = time.perf_counter()
+        kept = dict(call.memo)
+        call.memo.clear()
+        t2 = time.perf_counter()
+        forward(self, call)
+        t3 = time.perf_counter()
+        call.memo.clear()
+        call.memo.update(kept)  # ChannelStats reads the first call's work, as in the pass
+        first.append(t1 - t0)
+        again.append(t3 - t2)
+        return out
+
+    session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
+    try:
+        probe.ResidualNorms.forward = timed
+        if skip_kernel:
+            onepass._launch = _kernel_skipped
+        with session:
+            for r in range(rounds + 2):
+                timing[0] = r >= 2  # two rounds of warm-up
+                session.run_batch(x, y)
+    finally:
+        probe.ResidualNorms.forward, onepass._launch = forward, launch
+    what = "the kernel's arithmetic skipped" if skip_kernel else "with the kernel"
+    print(f"\n## ResidualNorms.forward per block (ResNet-56, batch {len(x)}, {what}; median us)")
+    print(f"in the pass {statistics.median(first) * 1e6:8.1f}")
+    print(f"right after {statistics.median(again) * 1e6:8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -738,6 +793,12 @@ def main() -> None:
         help="only part 6, with the kernels in these places: team, thread, pool",
     )
     ap.add_argument(
+        "--cold",
+        choices=("kernel", "skipped"),
+        help="only part 7: each block's statistics call in the pass against the same call "
+        "right after it, with the kernel or with its arithmetic skipped",
+    )
+    ap.add_argument(
         "--channels-last",
         action="store_true",
         help="only part 1, on channels-last inputs, against the ways taken before that layout "
@@ -760,6 +821,9 @@ def main() -> None:
     if not all(1 <= n <= 64 for n in [args.batch, *sizes]):  # the rows of compare.py's batch
         ap.error(f"batch sizes must lie in 1..64; got {args.batch} and {sizes or 'none'}.")
     torch.set_num_threads(args.threads)
+    if args.cold:
+        cold_calls(args.rounds, args.batch, skip_kernel=args.cold == "skipped")
+        return
     if args.profile:
         profile_ops(fused=args.fused, welford=args.welford)
         return

@@ -107,3 +107,20 @@ def test_merging_the_first_result_alone_hands_on_one_quantity_a_probe(monkeypatc
     new = {"a": torch.ones(2), "b": torch.zeros(2)}
     parts._first_result_merged("session", {}, new, "probe", "key", 2)
     assert [list(n) for n, _ in seen] == [["a"]] and seen[0][1] == ("probe", "key", 2)
+
+
+@pytest.mark.parametrize("skip_kernel", [True, False])
+def test_the_cold_call_part_times_both_calls_and_puts_the_probe_back(capsys, skip_kernel):
+    before = parts.probe.ResidualNorms.forward, onepass._launch
+    parts.cold_calls(rounds=2, batch=2, skip_kernel=skip_kernel)
+    assert (parts.probe.ResidualNorms.forward, onepass._launch) == before
+    out = capsys.readouterr().out
+    assert "in the pass" in out and "right after" in out
+
+
+def test_the_cold_call_part_puts_them_back_when_a_pass_fails(monkeypatch):
+    before = parts.probe.ResidualNorms.forward, onepass._launch
+    monkeypatch.setattr(parts.probe.HookSession, "run_batch", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        parts.cold_calls(rounds=2, batch=2, skip_kernel=True)
+    assert (parts.probe.ResidualNorms.forward, onepass._launch) == before
