@@ -1,24 +1,34 @@
 """What reading residual sites at the add costs, against an unprobed pass and against module
 adapters, side by side in one run.
 
-The same zoo ResNet is captured twice with ``probe.ResidualNorms``: through its registered
-adapter (hooks on the branch and shortcut modules) and through the site tracer (the adapter
-removed for the run, so the sites are found by tracing the add). Also a hand-built transformer
-(two sites per block). Prints median ms per batch and the ratios.
+The same zoo ResNet is captured with ``probe.ResidualNorms`` through its registered adapter
+(hooks on the branch and shortcut modules) and through the site tracer (the adapter removed
+while the session finds its sites), each session on its own copy of the model, beside an
+unprobed copy; also a hand-built transformer (two sites per block). The methods run in turns,
+one pass each per round in an order that rotates every round, so that the machine's drift falls
+on all alike; printed are each method's median ms and the round-by-round ratios with their 95 %
+bootstrap intervals. The allocator is tuned as the CLI tunes it: with glibc's default, how the
+heap happened to lie moved an unprobed ResNet-56 pass by ~2 x (docs/performance.md).
 
-Usage: python -m benchmarks.bench_sites [--batch 128] [--depth 56]
+Usage: python -m benchmarks.bench_sites [--batch 128] [--depth 56] [--rounds 20]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import probe
-from benchmarks.common import device, header, median_ms
+import probe.runtime
+from benchmarks.common import device, header
+from benchmarks.compare import ratio_ci
 from probe.hooks import residual
 
 
@@ -54,50 +64,118 @@ class Tiny(nn.Module):
         return self.head(self.blocks(x).mean(1))
 
 
+WARMUP = 3  # rounds before timing: the tracer's first batch finds the sites
+
+
+def _seconds(fn: Callable[[], object], cuda: bool) -> float:
+    """Wall time of one call of ``fn`` (the GPU's queue drained before and after it)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def in_turns(
+    methods: dict[str, Callable[[], object]], rounds: int, cuda: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of each of ``methods``, one call each per round in an order that rotates every
+    round (no method always runs after the same one), after :data:`WARMUP` rounds.
+
+    Example:
+        >>> times = in_turns({"a": lambda: None, "b": lambda: None}, rounds=2)
+        >>> sorted(times), [len(t) for t in times.values()]
+        (['a', 'b'], [2, 2])
+    """
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds + WARMUP):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            took = _seconds(methods[name], cuda)
+            if r >= WARMUP:
+                times[name].append(took)
+    return times
+
+
+def _report(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> None:
+    for name, ts in times.items():
+        print(f"  {name:18s} {statistics.median(ts) * 1e3:8.2f} ms")
+    for a, b in pairs:
+        med, lo, hi = ratio_ci(times[a], times[b])
+        print(f"  {a} / {b}: {med:.3f} [{lo:.3f}, {hi:.3f}] (round by round, 95 %)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--depth", type=int, default=56)
+    ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
+    if args.rounds < 2:  # a round-by-round interval needs two rounds
+        ap.error(f"--rounds must be at least 2; got {args.rounds}.")
+    probe.runtime.tune_allocator()  # as the CLI runs
     dev = device()
+    cuda = dev.type == "cuda"
     header("residual sites: tracer vs adapters vs unprobed")
     model = probe.zoo.create(f"resnet{args.depth}").to(dev).eval()
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
     y = torch.zeros(args.batch, dtype=torch.long, device=dev)
-
-    def unprobed():
-        with torch.no_grad():
-            model(x)
-
-    def probed(session):
-        return lambda: session.run_batch(x, y)
-
-    base = median_ms(unprobed)
-    with probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s:
-        adapter = median_ms(probed(s))
-    with (
-        without_adapter("probe.zoo.cifar_resnet.BasicBlock"),
-        probe.HookSession(model, "auto", [probe.ResidualNorms()]) as s,
-    ):
-        traced = median_ms(probed(s))
-        n_sites = len(s.layers)
-    print(f"resnet{args.depth} batch {args.batch}: {n_sites} sites")
-    print(f"  unprobed forward   {base:8.2f} ms")
-    print(f"  adapter hooks      {adapter:8.2f} ms  {adapter / base:.3f}x unprobed")
-    print(
-        f"  site tracer        {traced:8.2f} ms  {traced / base:.3f}x unprobed, "
-        f"{traced / adapter:.3f}x adapter"
-    )
     tiny = Tiny().to(dev).eval()
     t = torch.randn(args.batch, 16, 64, device=dev)
-    with torch.no_grad():
-        base_t = median_ms(lambda: tiny(t))
-    with probe.HookSession(tiny, "auto", [probe.ResidualNorms()]) as s:
-        traced_t = median_ms(lambda: s.run_batch(t, y))
-        n_t = sum(1 for i in s.layers if i.kind == "site")
-    print(f"transformer (6 blocks, {n_t} sites), batch {args.batch} x 16 tokens:")
-    print(f"  unprobed forward   {base_t:8.2f} ms")
-    print(f"  site tracer        {traced_t:8.2f} ms  {traced_t / base_t:.3f}x unprobed")
+    with contextlib.ExitStack() as stack:
+        adapter = stack.enter_context(
+            probe.HookSession(copy.deepcopy(model), "auto", [probe.ResidualNorms()])
+        )
+        with without_adapter("probe.zoo.cifar_resnet.BasicBlock"):
+            # made, entered and run once with the adapter away: its first batch finds the sites
+            tracer = stack.enter_context(
+                probe.HookSession(copy.deepcopy(model), "auto", [probe.ResidualNorms()])
+            )
+            tracer.run_batch(x, y)
+        tiny_tracer = stack.enter_context(
+            probe.HookSession(copy.deepcopy(tiny), "auto", [probe.ResidualNorms()])
+        )
+        tiny_tracer.run_batch(t, y)
+        n_sites, n_tiny = (sum(i.kind == "site" for i in s.layers) for s in (tracer, tiny_tracer))
+
+        def unprobed(net, inputs):
+            def run():
+                with torch.no_grad():
+                    net(inputs)
+
+            return run
+
+        print(f"resnet{args.depth} batch {args.batch}: {n_sites} sites, {args.rounds} rounds")
+        times = in_turns(
+            {
+                "unprobed forward": unprobed(model, x),
+                "adapter hooks": lambda: adapter.run_batch(x, y),
+                "site tracer": lambda: tracer.run_batch(x, y),
+            },
+            args.rounds,
+            cuda,
+        )
+        _report(
+            times,
+            [
+                ("adapter hooks", "unprobed forward"),
+                ("site tracer", "unprobed forward"),
+                ("site tracer", "adapter hooks"),
+            ],
+        )
+        print(f"transformer (6 blocks, {n_tiny} sites), batch {args.batch} x 16 tokens:")
+        times = in_turns(
+            {
+                "unprobed forward": unprobed(tiny, t),
+                "site tracer": lambda: tiny_tracer.run_batch(t, y),
+            },
+            args.rounds,
+            cuda,
+        )
+        _report(times, [("site tracer", "unprobed forward")])
 
 
 if __name__ == "__main__":
