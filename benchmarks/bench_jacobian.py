@@ -3,7 +3,9 @@
 Prints per-sample milliseconds for: the bare ``vmap(jvp)`` Hutchinson estimate of ||J - I||_F^2 (the
 reference figure), resprobe's ``hutchinson`` (||J||^2, ||J - P||^2, tr J with standard errors), and an
 exact ``jacrev`` Jacobian of one sample; then the wall time of the ``jacobian`` probe swept over all
-27 blocks of ResNet-56 on N images.
+27 blocks of ResNet-56 on N images. The bare estimate and resprobe's run in turns, one call each
+per round (``--repeats`` rounds), so that their ratio is taken round by round, with its 95 %
+bootstrap interval; the allocator is tuned as the CLI tunes it.
 
 Usage: python -m benchmarks.bench_jacobian [--batch 64] [--probes 16] [--images 1000] [--width 16]
 GPU targets (H100): ||J - P||^2 within 1.2x of 0.047 ms/sample, >= 300x faster than jacrev per
@@ -13,13 +15,16 @@ sample, the 27-block sweep on 1000 images in <= 30 s. On a CPU use a smaller --w
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from torch.func import jacrev, jvp, vmap
 
 import probe
-from benchmarks.common import device, header, median_ms
+import probe.runtime
+from benchmarks.common import device, header, in_turns, median_ms
+from benchmarks.compare import ratio_ci
 from probe.jacobian import JacobianNorms, hutchinson
 
 
@@ -30,9 +35,12 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=16)
     ap.add_argument("--images", type=int, default=1000 if gpu else 64)
     ap.add_argument("--width", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=20 if gpu else 3)
+    ap.add_argument("--repeats", type=int, default=20 if gpu else 15)
     ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1; got {args.repeats}.")
+    probe.runtime.tune_allocator()  # as the CLI runs
     torch.manual_seed(args.seed)  # the same model, inputs and sample on every run
     dev = device()
     header(
@@ -54,12 +62,15 @@ def main() -> None:
             block, x, args.probes, identity_shortcut=True, chunk_size=args.probes, v=v
         )
 
-    t_bare = median_ms(bare, args.repeats) / args.batch
-    t_ours = median_ms(ours, args.repeats) / args.batch
+    times = in_turns({"bare": bare, "ours": ours}, args.repeats)
+    t_bare, t_ours = (statistics.median(times[k]) * 1e3 / args.batch for k in ("bare", "ours"))
     x1 = x[:1]
     t_exact = median_ms(lambda: jacrev(lambda z: block(z[None])[0])(x1[0]), repeats=1, warmup=1)
     print(f"bare vmap(jvp) ||J-I||^2       {t_bare:9.4f} ms/sample")
     print(f"resprobe hutchinson (all three) {t_ours:9.4f} ms/sample  ({t_ours / t_bare:.2f}x bare)")
+    if args.repeats >= 2:  # an interval needs two rounds
+        med, lo, hi = ratio_ci(times["ours"], times["bare"])
+        print(f"  resprobe / bare, round by round: {med:.3f} [{lo:.3f}, {hi:.3f}] (95 %)")
     print(
         f"exact jacrev, one sample        {t_exact:9.1f} ms/sample  ({t_exact / t_ours:.0f}x resprobe)"
     )

@@ -19,15 +19,13 @@ import argparse
 import contextlib
 import copy
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import probe
 import probe.runtime
-from benchmarks.common import device, header
+from benchmarks.common import device, header, in_turns
 from benchmarks.compare import ratio_ci
 from probe.hooks import residual
 
@@ -67,39 +65,6 @@ class Tiny(nn.Module):
 WARMUP = 3  # rounds before timing: the tracer's first batch finds the sites
 
 
-def _seconds(fn: Callable[[], object], cuda: bool) -> float:
-    """Wall time of one call of ``fn`` (the GPU's queue drained before and after it)."""
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def in_turns(
-    methods: dict[str, Callable[[], object]], rounds: int, cuda: bool = False
-) -> dict[str, list[float]]:
-    """Seconds of each of ``methods``, one call each per round in an order that rotates every
-    round (no method always runs after the same one), after :data:`WARMUP` rounds.
-
-    Example:
-        >>> times = in_turns({"a": lambda: None, "b": lambda: None}, rounds=2)
-        >>> sorted(times), [len(t) for t in times.values()]
-        (['a', 'b'], [2, 2])
-    """
-    names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds + WARMUP):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            took = _seconds(methods[name], cuda)
-            if r >= WARMUP:
-                times[name].append(took)
-    return times
-
-
 def _report(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> None:
     for name, ts in times.items():
         print(f"  {name:18s} {statistics.median(ts) * 1e3:8.2f} ms")
@@ -118,7 +83,6 @@ def main() -> None:
         ap.error(f"--rounds must be at least 2; got {args.rounds}.")
     probe.runtime.tune_allocator()  # as the CLI runs
     dev = device()
-    cuda = dev.type == "cuda"
     header("residual sites: tracer vs adapters vs unprobed")
     model = probe.zoo.create(f"resnet{args.depth}").to(dev).eval()
     x = torch.randn(args.batch, 3, 32, 32, device=dev)
@@ -156,7 +120,7 @@ def main() -> None:
                 "site tracer": lambda: tracer.run_batch(x, y),
             },
             args.rounds,
-            cuda,
+            WARMUP,
         )
         _report(
             times,
@@ -173,7 +137,7 @@ def main() -> None:
                 "site tracer": lambda: tiny_tracer.run_batch(t, y),
             },
             args.rounds,
-            cuda,
+            WARMUP,
         )
         _report(times, [("site tracer", "unprobed forward")])
 

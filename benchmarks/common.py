@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["device", "graphed", "median_ms", "header", "one_read_kernels_off"]
+__all__ = ["device", "graphed", "median_ms", "in_turns", "header", "one_read_kernels_off"]
 
 
 def device() -> torch.device:
@@ -41,6 +41,42 @@ def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def _seconds(fn: Callable[[], object], cuda: bool) -> float:
+    """Wall time of one call of ``fn`` (the GPU's queue drained before and after it)."""
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def in_turns(
+    methods: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
+) -> dict[str, list[float]]:
+    """Seconds of each of ``methods``, one call each per round in an order that rotates every
+    round (no method always runs after the same one), after ``warmup`` rounds: round-by-round
+    ratios of two methods are then immune to the machine's drift between rounds
+    (CUDA-synchronised on the GPU).
+
+    Example:
+        >>> times = in_turns({"a": lambda: None, "b": lambda: None}, rounds=2)
+        >>> sorted(times), [len(t) for t in times.values()]
+        (['a', 'b'], [2, 2])
+    """
+    cuda = device().type == "cuda"
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds + warmup):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            took = _seconds(methods[name], cuda)
+            if r >= warmup:
+                times[name].append(took)
+    return times
 
 
 def graphed(step: Callable[[], object]) -> Callable[[], None]:

@@ -27,7 +27,7 @@ def _allocator_untouched(monkeypatch):
 def test_each_method_runs_once_a_round_in_a_rotating_order():
     order = []
     methods = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    times = sites.in_turns(methods, rounds=3)
+    times = sites.in_turns(methods, rounds=3, warmup=sites.WARMUP)
     assert all(len(t) == 3 for t in times.values())
     rounds = [order[i : i + 3] for i in range(0, len(order), 3)]
     assert len(rounds) == 3 + sites.WARMUP and all(sorted(r) == list("abc") for r in rounds)
