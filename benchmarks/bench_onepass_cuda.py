@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics as stats
-import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import graphed, header, one_read_kernels_off
+from benchmarks.common import graphed, header, one_read_kernels_off, seconds
 from probe.probes import onepass_cuda
 from probe.probes.statistics import (
     _block_quantities,
@@ -48,13 +47,7 @@ def _replayed_ms(step: Callable[[], object], calls: int, repeats: int, cuda: boo
         run()
     times = []
     for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3 / calls)
+        times.append(seconds(run, cuda) * 1e3 / calls)
     return stats.median(times)
 
 

@@ -10,7 +10,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-__all__ = ["device", "graphed", "median_ms", "in_turns", "header", "one_read_kernels_off"]
+__all__ = [
+    "device",
+    "graphed",
+    "median_ms",
+    "seconds",
+    "in_turns",
+    "header",
+    "one_read_kernels_off",
+]
 
 
 def device() -> torch.device:
@@ -43,7 +51,7 @@ def median_ms(fn: Callable[[], object], repeats: int = 20, warmup: int = 3) -> f
     return statistics.median(times)
 
 
-def _seconds(fn: Callable[[], object], cuda: bool) -> float:
+def seconds(fn: Callable[[], object], cuda: bool) -> float:
     """Wall time of one call of ``fn`` (the GPU's queue drained before and after it)."""
     if cuda:
         torch.cuda.synchronize()
@@ -73,7 +81,7 @@ def in_turns(
     for r in range(rounds + warmup):
         k = r % len(names)
         for name in names[k:] + names[:k]:
-            took = _seconds(methods[name], cuda)
+            took = seconds(methods[name], cuda)
             if r >= warmup:
                 times[name].append(took)
     return times
