@@ -6,7 +6,8 @@ Usage:
 Modes: ``eager``; ``graph`` (``--cuda-graph``: forward + backward replayed as CUDA graphs);
 ``compile`` and ``reduce-overhead`` (torch.compile modes; the first epoch pays the compilation);
 ``minimal`` and ``minimal-noaug``: a minimal hand-written loop on the same data, with and without
-the trainer's crops and flips, against which the trainer's own cost is read.
+the trainer's crops and flips, against which the trainer's own cost is read. The allocator is
+tuned as ``probe train`` tunes it.
 Without --data it trains on synthetic CIFAR-shaped data (50,000 images), which costs the same per
 epoch. GPU target: <= 0.7 s/epoch (a naive eager loop measured 2.9 s/epoch on an H100).
 """
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import probe.runtime
 from benchmarks.common import device, header
 from probe.data import DeviceLoader, ImageArrays, load_dataset
 from probe.train import TrainConfig, TrainResult, get_recipe, train
@@ -65,6 +67,9 @@ def main() -> None:
     unknown = sorted(set(modes) - set(_MODES))
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; allowed: {', '.join(_MODES)}")
+    # as `probe train` runs: with glibc's default the heap's trimming made CPU passes page-fault
+    # their activations in again, by how the heap happened to lie (docs/performance.md)
+    probe.runtime.tune_allocator()
     header(f"trainer speed: {args.model}, batch {args.batch_size}, modes {', '.join(modes)}")
     data = load_dataset(args.data) if args.data else synthetic()
     data = data.subset(args.limit)
