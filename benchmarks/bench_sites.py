@@ -62,9 +62,6 @@ class Tiny(nn.Module):
         return self.head(self.blocks(x).mean(1))
 
 
-WARMUP = 3  # rounds before timing: the tracer's first batch finds the sites
-
-
 def _report(times: dict[str, list[float]], pairs: list[tuple[str, str]]) -> None:
     for name, ts in times.items():
         print(f"  {name:18s} {statistics.median(ts) * 1e3:8.2f} ms")
@@ -120,7 +117,6 @@ def main() -> None:
                 "site tracer": lambda: tracer.run_batch(x, y),
             },
             args.rounds,
-            WARMUP,
         )
         _report(
             times,
@@ -137,7 +133,6 @@ def main() -> None:
                 "site tracer": lambda: tiny_tracer.run_batch(t, y),
             },
             args.rounds,
-            WARMUP,
         )
         _report(times, [("site tracer", "unprobed forward")])
 
