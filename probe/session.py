@@ -401,7 +401,7 @@ _GROUP_BYTES = 512 << 20
 # the pass, and the stack's copy is small. A larger call is computed at once, while the cache
 # still holds its tensors; stacked later, they would be read back from memory, and copied
 # (ResNet-56, 2 threads: every block grouped took 0.75-0.78 x the per-call time at batch 1,
-# 1.10-1.14 x at batch 64; docs/performance.md, "Small blocks grouped on the CPU"). Blocks whose
+# 1.10-1.14 x at batch 64; docs/performance-log.md, "Small blocks grouped on the CPU"). Blocks whose
 # statistics the one-pass kernels take are not grouped: with a handful of ops per call, a stack's
 # copy costs more than it shares (1.00 x at batch 1, 0.93-0.96 x per call at batch 8-16;
 # "The eager statistics in one read").

@@ -34,3 +34,29 @@ def test_the_schema_tables_in_the_docs_are_the_declared_schema():
     text = (DOCS / "schema.md").read_text()
     block = re.search(r"<!-- schema:begin.*?-->\n(.*?)\n<!-- schema:end -->", text, flags=re.S)
     assert block and block.group(1) == schema_markdown(), "regenerate with schema_markdown()"
+
+
+def _slug(heading: str) -> str:
+    """A heading's anchor as GitHub makes it: lower case, punctuation dropped, spaces to '-'."""
+    kept = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return kept.replace(" ", "-")
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    root = DOCS.parent
+    broken = []
+    for page in [root / "README.md", *sorted(DOCS.glob("*.md"))]:
+        # code (fenced blocks, inline spans) holds brackets that are not links
+        text = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):  # a URL
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+                if anchor not in {_slug(h) for h in headings}:
+                    broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)

@@ -85,7 +85,7 @@ _FLOAT64_LIMIT = 16.0
 # the values (elements of every tensor a call reads) a thread takes at the least before a call is
 # split. Inside a model's pass a hand-off cost more than it saved on a ResNet-56's blocks (3 M
 # values a call at batch 64): the pool's threads wake from a futex and share the cores with
-# torch's spinning OpenMP team (docs/performance.md, "The kernels' threads")
+# torch's spinning OpenMP team (docs/performance-log.md, "The kernels' threads")
 MIN_VALUES = 1 << 21
 TEAM_ENV = "RESPROBE_ONEPASS_TEAM"  # "0": the kernels never run on torch's OpenMP team
 # the values a call reads per thread of torch's OpenMP team it takes. A block's statistics on two
@@ -333,7 +333,7 @@ def _openmp_runtime() -> ctypes.CDLL | None:
 class _Team:
     """torch's own OpenMP team, where this process may hand it a call: its threads spin between
     torch's operations, so they start on a block's 0.2-0.6 ms call in time, where a thread woken
-    from a futex does not (docs/performance.md, "The kernels' threads").
+    from a futex does not (docs/performance-log.md, "The kernels' threads").
 
     Only ``GOMP_parallel`` is called, with the thread count given per call: the runtime's own
     settings (torch's thread count, its nesting) are left as they are. Never used in a forked

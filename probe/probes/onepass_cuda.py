@@ -5,7 +5,7 @@ temporaries: a float32 copy of S(x), y - S(x), the products y S and F S, each ch
 deviations, then a reduction of each. Recorded as a CUDA graph, so that the host's dispatch no
 longer counts, a ResNet-56 pass at batch 512 still spent ~8.7 ms of GPU time per forward on its
 statistics, 2.6 x the model's forward and ~30 x the time to read y, F and S once
-(docs/performance.md, "Fourth session"). The kernels of :mod:`probe.probes._triton_kernels` read
+(docs/performance-log.md, "Fourth session"). The kernels of :mod:`probe.probes._triton_kernels` read
 each tensor once and widen it in registers: per-sample sums of exact float64 products in
 float64, channel moments per tile in float32 combined in float64:
 
