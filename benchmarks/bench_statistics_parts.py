@@ -51,6 +51,12 @@ kernel's call and the Python around it) as the pass runs it, against the same ca
 right after it: what coming after the block's convolutions costs that call, Python's code and data
 evicted by the model's tensors; ``skipped``: the Python alone.
 
+Part 8 (``--steps``, alone): each step of a block's kernel call (``onepass.block_sums``) as the
+pass runs it, per block, each timed around the helper of probe.probes.onepass that takes it (the
+tensors' checks, the call's memory, its descriptor, the launch with the OpenMP team's run of the
+kernel apart, the result tensors), then the same call hot with its arithmetic skipped: what each
+step costs cold against warm.
+
 Part 1 with ``--channels-last`` (alone): the model fed channels-last inputs, the eager statistics
 against their channel sums of squares taken by the norm kernel on strided rows, and block outputs
 kept in memory against non-finite row sums of a [N, -1] reshape (a copy of a channels-last map):
@@ -60,6 +66,7 @@ Usage: python -m benchmarks.bench_statistics_parts [--rounds 40] [--threads 2] [
        [--variants 'eager;torch formulas'] [--alone | --norms]
        [--profile [--fused | --welford]] [--batch-sizes 1,8,16,32,64 [--grad]]
        [--channels-last] [--kernel-time team,thread,pool [--batch 256]] [--cold kernel|skipped]
+       [--steps]
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import contextlib
 import functools
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -766,6 +774,93 @@ def cold_calls(rounds: int, batch: int, skip_kernel: bool) -> None:
     print(f"right after {statistics.median(again) * 1e6:8.1f}")
 
 
+# part 8: the helpers onepass.block_sums takes its steps through, in their order, and what each does
+STEPS = {
+    "_layout": "the tensors' checks and layout",
+    "_buffers": "the call's memory (descriptor, outputs)",
+    "_describe": "filling in the descriptor",
+    "_launch": "the launch, the team's run apart",
+    "team": "the OpenMP team's run of the kernel",
+    "_tensors": "the result tensors",
+}
+
+
+def kernel_steps(rounds: int, batch: int) -> None:
+    """Part 8: each step of a block's one-pass kernel call in the pass (see :data:`STEPS`), per
+    block, the mean of a pass's blocks and the median over passes, in microseconds; then the
+    whole call on the last block's tensors, hot, its arithmetic skipped (``timeit``)."""
+    import probe.runtime
+
+    probe.runtime.tune_allocator()  # as the CLI runs
+    _, blocks, x, y = build("zoo")
+    x, y = x[:batch], y[:batch]
+    spent = dict.fromkeys([*STEPS, "block_sums"], 0.0)
+    calls: list = []  # each call's arguments: their count, and the last call's tensors
+    helpers = {name: getattr(onepass, name) for name in [*STEPS, "block_sums"] if name != "team"}
+    team_run = onepass._Team.run
+
+    def timed(name: str, fn: Callable) -> Callable:
+        def step(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[name] += time.perf_counter() - t0
+
+        return step
+
+    def launch(*args):  # the team's run is inside the launch: counted apart
+        before = spent["team"]
+        t0 = time.perf_counter()
+        try:
+            return helpers["_launch"](*args)
+        finally:
+            spent["_launch"] += time.perf_counter() - t0 - (spent["team"] - before)
+
+    def block_sums(*args):
+        calls.append(args)
+        return timed("block_sums", helpers["block_sums"])(*args)
+
+    per_pass: dict[str, list[float]] = {name: [] for name in [*spent, "rest"]}
+    session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
+    try:
+        for name, fn in helpers.items():
+            if name not in ("_launch", "block_sums"):
+                setattr(onepass, name, timed(name, fn))
+        onepass._launch, onepass.block_sums = launch, block_sums
+        onepass._Team.run = timed("team", team_run)
+        with session:
+            for r in range(rounds + 2):
+                spent.update(dict.fromkeys(spent, 0.0))
+                calls.clear()
+                session.run_batch(x, y)
+                if r >= 2 and calls:  # two rounds of warm-up
+                    for name, seconds in spent.items():
+                        per_pass[name].append(seconds / len(calls) * 1e6)
+                    steps = sum(spent[name] for name in STEPS)
+                    per_pass["rest"].append((spent["block_sums"] - steps) / len(calls) * 1e6)
+    finally:
+        for name, fn in helpers.items():
+            setattr(onepass, name, fn)
+        onepass._Team.run = team_run
+    if not calls:
+        print("\nthe one-pass kernels do not serve this process: nothing to time")
+        return
+    print(f"\n## onepass.block_sums per block in the pass (ResNet-56, batch {len(x)}; median us)")
+    for name, label in STEPS.items():
+        print(f"{label:42s} {statistics.median(per_pass[name]):8.1f}")
+    print(f"{'the rest (block_sums own lines)':42s} {statistics.median(per_pass['rest']):8.1f}")
+    print(f"{'the whole call':42s} {statistics.median(per_pass['block_sums']):8.1f}")
+    f, s, yy, axis = calls[-1]
+    launch_before = onepass._launch
+    try:
+        onepass._launch = _kernel_skipped
+        hot = min(timeit.repeat(lambda: onepass.block_sums(f, s, yy, axis), number=200, repeat=5))
+    finally:
+        onepass._launch = launch_before
+    print(f"{'hot, the arithmetic skipped (last block)':42s} {hot / 200 * 1e6:8.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=40)
@@ -799,6 +894,11 @@ def main() -> None:
         "right after it, with the kernel or with its arithmetic skipped",
     )
     ap.add_argument(
+        "--steps",
+        action="store_true",
+        help="only part 8: each step of a block's kernel call in the pass, and the call hot",
+    )
+    ap.add_argument(
         "--channels-last",
         action="store_true",
         help="only part 1, on channels-last inputs, against the ways taken before that layout "
@@ -823,6 +923,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.cold:
         cold_calls(args.rounds, args.batch, skip_kernel=args.cold == "skipped")
+        return
+    if args.steps:
+        kernel_steps(args.rounds, args.batch)
         return
     if args.profile:
         profile_ops(fused=args.fused, welford=args.welford)

@@ -124,3 +124,29 @@ def test_the_cold_call_part_puts_them_back_when_a_pass_fails(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         parts.cold_calls(rounds=2, batch=2, skip_kernel=True)
     assert (parts.probe.ResidualNorms.forward, onepass._launch) == before
+
+
+def _helpers():
+    return {
+        name: getattr(onepass, name) for name in [*parts.STEPS, "block_sums"] if name != "team"
+    } | {"team": onepass._Team.run}
+
+
+def test_the_steps_part_times_every_step_and_puts_the_helpers_back(capsys):
+    before = _helpers()
+    parts.kernel_steps(rounds=2, batch=2)
+    assert _helpers() == before
+    out = capsys.readouterr().out
+    if not onepass.available():
+        assert "nothing to time" in out
+        return
+    for label in [*parts.STEPS.values(), "the whole call", "hot, the arithmetic skipped"]:
+        assert label in out
+
+
+def test_the_steps_part_puts_the_helpers_back_when_a_pass_fails(monkeypatch):
+    before = _helpers()
+    monkeypatch.setattr(parts.probe.HookSession, "run_batch", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        parts.kernel_steps(rounds=2, batch=2)
+    assert _helpers() == before
