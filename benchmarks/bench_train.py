@@ -3,11 +3,15 @@ way of executing the steps, side by side, from the same seed and data.
 
 Usage:
     python -m benchmarks.bench_train [--data PATH_OR_NAME] [--epochs 3] [--modes eager,graph]
+        [--repeats 3]
 Modes: ``eager``; ``graph`` (``--cuda-graph``: forward + backward replayed as CUDA graphs);
 ``compile`` and ``reduce-overhead`` (torch.compile modes; the first epoch pays the compilation);
 ``minimal`` and ``minimal-noaug``: a minimal hand-written loop on the same data, with and without
 the trainer's crops and flips, against which the trainer's own cost is read. The allocator is
-tuned as ``probe train`` tunes it.
+tuned as ``probe train`` tunes it. With ``--repeats R`` every mode runs R times, in turns whose
+order rotates each repeat (no mode always runs after the same one, so a machine that drifts
+favours none), and each mode's steady s/epoch is given against the first mode's, repeat by
+repeat, with a 95 % interval.
 Without --data it trains on synthetic CIFAR-shaped data (50,000 images), which costs the same per
 epoch. GPU target: <= 0.7 s/epoch (a naive eager loop measured 2.9 s/epoch on an H100).
 """
@@ -62,11 +66,22 @@ def main() -> None:
         "(a hand-written loop, with and without the trainer's augmentation)",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the model and the inputs")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every mode, in turns whose order rotates each repeat; from 2 on, each "
+        "mode against the first, repeat by repeat, with a 95%% interval",
+    )
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(_MODES))
     if unknown:
         ap.error(f"unknown mode(s) {unknown}; allowed: {', '.join(_MODES)}")
+    if not modes or len(set(modes)) != len(modes):
+        ap.error(f"--modes must name each mode once; got {args.modes!r}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1; got {args.repeats}")
     # as `probe train` runs: with glibc's default the heap's trimming made CPU passes page-fault
     # their activations in again, by how the heap happened to lie (docs/performance.md)
     probe.runtime.tune_allocator()
@@ -74,26 +89,48 @@ def main() -> None:
     data = load_dataset(args.data) if args.data else synthetic()
     data = data.subset(args.limit)
     print(f"images/epoch {len(data.y_train)}")
-    steady = {}
-    for mode in modes:
-        torch.manual_seed(args.seed)  # the same model, inputs and sample order in every mode
-        if mode.startswith("minimal"):
-            secs, loss = minimal_loop(args, data, augment=mode == "minimal")
-            first, outcome = "", f"loss of the last batch {loss:.4f}"
-        else:
-            res = trainer_run(args, data, mode)
-            secs = [h["seconds"] for h in res.history if "seconds" in h]
-            first = " (includes warm-up/recording/compile)"
-            outcome = (
-                f"final train error {res.final['train_error']:.4f}, batch loss of the last epoch "
-                f"{res.history[-1]['batch_loss']:.4f}"
+    steady = in_turns(args, data, modes)
+    if args.repeats > 1 and len(modes) > 1:
+        from benchmarks.compare import ratio_ci
+
+        print(f"steady s/epoch against {modes[0]}, repeat by repeat (median [95 %]):")
+        for mode in modes[1:]:
+            med, lo, hi = ratio_ci(steady[mode], steady[modes[0]])
+            print(f"{mode:16s} {med:.3f} [{lo:.3f}, {hi:.3f}]")
+
+
+def in_turns(args: argparse.Namespace, data: ImageArrays, modes: list[str]) -> dict[str, list]:
+    """Each mode's steady seconds per epoch (the median past the first epoch), once per repeat,
+    the modes run in an order that rotates every repeat; each run printed as it ends."""
+    steady: dict[str, list[float]] = {mode: [] for mode in modes}
+    for r in range(args.repeats):
+        k = r % len(modes)
+        for mode in modes[k:] + modes[:k]:
+            torch.manual_seed(args.seed)  # the same model, inputs and sample order in every mode
+            secs, first, outcome = run_mode(args, data, mode)
+            steady[mode].append(float(np.median(secs[1:] or secs)))
+            if args.repeats == 1 and mode != modes[0]:
+                outcome = f"{steady[mode][-1] / steady[modes[0]][-1]:.2f}x {modes[0]}; {outcome}"
+            turn = f"repeat {r + 1}: " if args.repeats > 1 else ""
+            print(
+                f"{turn}{mode:16s} s/epoch: first {secs[0]:6.2f}{first}, steady median "
+                f"{steady[mode][-1]:.2f}; {outcome}"
             )
-        steady[mode] = float(np.median(secs[1:] or secs))
-        ratio = f" ({steady[mode] / steady[modes[0]]:.2f}x {modes[0]})" if mode != modes[0] else ""
-        print(
-            f"{mode:16s} s/epoch: first {secs[0]:6.2f}{first}, steady median {steady[mode]:.2f}"
-            f"{ratio}; {outcome}"
-        )
+    return steady
+
+
+def run_mode(args: argparse.Namespace, data: ImageArrays, mode: str) -> tuple[list, str, str]:
+    """One run of ``mode``: (seconds per epoch, a note on the first epoch, its outcome)."""
+    if mode.startswith("minimal"):
+        secs, loss = minimal_loop(args, data, augment=mode == "minimal")
+        return secs, "", f"loss of the last batch {loss:.4f}"
+    res = trainer_run(args, data, mode)
+    secs = [h["seconds"] for h in res.history if "seconds" in h]
+    outcome = (
+        f"final train error {res.final['train_error']:.4f}, batch loss of the last epoch "
+        f"{res.history[-1]['batch_loss']:.4f}"
+    )
+    return secs, " (includes warm-up/recording/compile)", outcome
 
 
 def trainer_run(args: argparse.Namespace, data: ImageArrays, mode: str) -> TrainResult:
