@@ -795,7 +795,9 @@ def kernel_steps(rounds: int, batch: int) -> None:
     _, blocks, x, y = build("zoo")
     x, y = x[:batch], y[:batch]
     spent = dict.fromkeys([*STEPS, "block_sums"], 0.0)
-    calls: list = []  # each call's arguments: their count, and the last call's tensors
+    # the pass's calls and the last one's arguments: only the last is kept, so that no block's
+    # tensors outlive the pass's own use of them
+    calls, last = [0], [None]
     helpers = {name: getattr(onepass, name) for name in [*STEPS, "block_sums"] if name != "team"}
     team_run = onepass._Team.run
 
@@ -817,9 +819,12 @@ def kernel_steps(rounds: int, batch: int) -> None:
         finally:
             spent["_launch"] += time.perf_counter() - t0 - (spent["team"] - before)
 
+    whole = timed("block_sums", helpers["block_sums"])
+
     def block_sums(*args):
-        calls.append(args)
-        return timed("block_sums", helpers["block_sums"])(*args)
+        calls[0] += 1
+        last[0] = args
+        return whole(*args)
 
     per_pass: dict[str, list[float]] = {name: [] for name in [*spent, "rest"]}
     session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
@@ -832,18 +837,18 @@ def kernel_steps(rounds: int, batch: int) -> None:
         with session:
             for r in range(rounds + 2):
                 spent.update(dict.fromkeys(spent, 0.0))
-                calls.clear()
+                calls[0] = 0
                 session.run_batch(x, y)
-                if r >= 2 and calls:  # two rounds of warm-up
+                if r >= 2 and calls[0]:  # two rounds of warm-up
                     for name, seconds in spent.items():
-                        per_pass[name].append(seconds / len(calls) * 1e6)
+                        per_pass[name].append(seconds / calls[0] * 1e6)
                     steps = sum(spent[name] for name in STEPS)
-                    per_pass["rest"].append((spent["block_sums"] - steps) / len(calls) * 1e6)
+                    per_pass["rest"].append((spent["block_sums"] - steps) / calls[0] * 1e6)
     finally:
         for name, fn in helpers.items():
             setattr(onepass, name, fn)
         onepass._Team.run = team_run
-    if not calls:
+    if last[0] is None:
         print("\nthe one-pass kernels do not serve this process: nothing to time")
         return
     print(f"\n## onepass.block_sums per block in the pass (ResNet-56, batch {len(x)}; median us)")
@@ -851,7 +856,7 @@ def kernel_steps(rounds: int, batch: int) -> None:
         print(f"{label:42s} {statistics.median(per_pass[name]):8.1f}")
     print(f"{'the rest (block_sums own lines)':42s} {statistics.median(per_pass['rest']):8.1f}")
     print(f"{'the whole call':42s} {statistics.median(per_pass['block_sums']):8.1f}")
-    f, s, yy, axis = calls[-1]
+    f, s, yy, axis = last[0]
     launch_before = onepass._launch
     try:
         onepass._launch = _kernel_skipped
