@@ -95,9 +95,16 @@ _BLOCK_QUANTITIES = st._block_quantities  # the original, for a variant that cal
 
 def _owner(name: str) -> tuple[object, str]:
     """(module, attribute) of a stub's name: probe.probes.statistics's, "nonfinite.NAME",
-    "onepass.NAME" or "HookSession.NAME" (a method of the session)."""
+    "onepass.NAME", "onepass._Team.NAME" (a method of the kernels' OpenMP team), or
+    "HookSession.NAME" / "ResidualNorms.NAME" (a method of the session, of the probe)."""
     module, _, attr = name.rpartition(".")
-    owners = {"nonfinite": nonfinite, "onepass": onepass, "HookSession": probe.HookSession}
+    owners = {
+        "nonfinite": nonfinite,
+        "onepass": onepass,
+        "onepass._Team": onepass._Team,
+        "HookSession": probe.HookSession,
+        "ResidualNorms": probe.ResidualNorms,
+    }
     return owners.get(module, st), attr
 
 
@@ -735,7 +742,7 @@ def cold_calls(rounds: int, batch: int, skip_kernel: bool) -> None:
     probe.runtime.tune_allocator()  # as the CLI runs
     _, blocks, x, y = build("zoo")
     x, y = x[:batch], y[:batch]
-    forward, launch = probe.ResidualNorms.forward, onepass._launch
+    forward = probe.ResidualNorms.forward
     first: list[float] = []
     again: list[float] = []
     timing = [False]
@@ -758,16 +765,11 @@ def cold_calls(rounds: int, batch: int, skip_kernel: bool) -> None:
         return out
 
     session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
-    try:
-        probe.ResidualNorms.forward = timed
-        if skip_kernel:
-            onepass._launch = _kernel_skipped
-        with session:
-            for r in range(rounds + 2):
-                timing[0] = r >= 2  # two rounds of warm-up
-                session.run_batch(x, y)
-    finally:
-        probe.ResidualNorms.forward, onepass._launch = forward, launch
+    skipped = (("onepass._launch", _kernel_skipped),) if skip_kernel else ()
+    with _stubbed((("ResidualNorms.forward", timed), *skipped)), session:
+        for r in range(rounds + 2):
+            timing[0] = r >= 2  # two rounds of warm-up
+            session.run_batch(x, y)
     what = "the kernel's arithmetic skipped" if skip_kernel else "with the kernel"
     print(f"\n## ResidualNorms.forward per block (ResNet-56, batch {len(x)}, {what}; median us)")
     print(f"in the pass {statistics.median(first) * 1e6:8.1f}")
@@ -798,8 +800,6 @@ def kernel_steps(rounds: int, batch: int) -> None:
     # the pass's calls and the last one's arguments: only the last is kept, so that no block's
     # tensors outlive the pass's own use of them
     calls, last = [0], [None]
-    helpers = {name: getattr(onepass, name) for name in [*STEPS, "block_sums"] if name != "team"}
-    team_run = onepass._Team.run
 
     def timed(name: str, fn: Callable) -> Callable:
         def step(*args):
@@ -815,11 +815,12 @@ def kernel_steps(rounds: int, batch: int) -> None:
         before = spent["team"]
         t0 = time.perf_counter()
         try:
-            return helpers["_launch"](*args)
+            return original_launch(*args)
         finally:
             spent["_launch"] += time.perf_counter() - t0 - (spent["team"] - before)
 
-    whole = timed("block_sums", helpers["block_sums"])
+    original_launch = onepass._launch
+    whole = timed("block_sums", onepass.block_sums)
 
     def block_sums(*args):
         calls[0] += 1
@@ -828,26 +829,23 @@ def kernel_steps(rounds: int, batch: int) -> None:
 
     per_pass: dict[str, list[float]] = {name: [] for name in [*spent, "rest"]}
     session = probe.HookSession(build("zoo")[0], blocks, [kind() for kind in BOTH])
-    try:
-        for name, fn in helpers.items():
-            if name not in ("_launch", "block_sums"):
-                setattr(onepass, name, timed(name, fn))
-        onepass._launch, onepass.block_sums = launch, block_sums
-        onepass._Team.run = timed("team", team_run)
-        with session:
-            for r in range(rounds + 2):
-                spent.update(dict.fromkeys(spent, 0.0))
-                calls[0] = 0
-                session.run_batch(x, y)
-                if r >= 2 and calls[0]:  # two rounds of warm-up
-                    for name, seconds in spent.items():
-                        per_pass[name].append(seconds / calls[0] * 1e6)
-                    steps = sum(spent[name] for name in STEPS)
-                    per_pass["rest"].append((spent["block_sums"] - steps) / calls[0] * 1e6)
-    finally:
-        for name, fn in helpers.items():
-            setattr(onepass, name, fn)
-        onepass._Team.run = team_run
+    plain = ("_layout", "_buffers", "_describe", "_tensors")  # the steps timed as they are
+    stubs = (
+        *((f"onepass.{name}", timed(name, getattr(onepass, name))) for name in plain),
+        ("onepass._launch", launch),
+        ("onepass._Team.run", timed("team", onepass._Team.run)),
+        ("onepass.block_sums", block_sums),
+    )
+    with _stubbed(stubs), session:
+        for r in range(rounds + 2):
+            spent.update(dict.fromkeys(spent, 0.0))
+            calls[0] = 0
+            session.run_batch(x, y)
+            if r >= 2 and calls[0]:  # two rounds of warm-up
+                for name, seconds in spent.items():
+                    per_pass[name].append(seconds / calls[0] * 1e6)
+                steps = sum(spent[name] for name in STEPS)
+                per_pass["rest"].append((spent["block_sums"] - steps) / calls[0] * 1e6)
     if last[0] is None:
         print("\nthe one-pass kernels do not serve this process: nothing to time")
         return
@@ -857,12 +855,8 @@ def kernel_steps(rounds: int, batch: int) -> None:
     print(f"{'the rest (block_sums own lines)':42s} {statistics.median(per_pass['rest']):8.1f}")
     print(f"{'the whole call':42s} {statistics.median(per_pass['block_sums']):8.1f}")
     f, s, yy, axis = last[0]
-    launch_before = onepass._launch
-    try:
-        onepass._launch = _kernel_skipped
+    with _stubbed((("onepass._launch", _kernel_skipped),)):
         hot = min(timeit.repeat(lambda: onepass.block_sums(f, s, yy, axis), number=200, repeat=5))
-    finally:
-        onepass._launch = launch_before
     print(f"{'hot, the arithmetic skipped (last block)':42s} {hot / 200 * 1e6:8.1f}")
 
 
