@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import probe.runtime
-from benchmarks.common import device, header
+from benchmarks.common import device, header, rotations
 from probe.data import DeviceLoader, ImageArrays, load_dataset
 from probe.train import TrainConfig, TrainResult, get_recipe, train
 from probe.zoo import create, parse_name
@@ -89,7 +89,7 @@ def main() -> None:
     data = load_dataset(args.data) if args.data else synthetic()
     data = data.subset(args.limit)
     print(f"images/epoch {len(data.y_train)}")
-    steady = in_turns(args, data, modes)
+    steady = steady_in_turns(args, data, modes)
     if args.repeats > 1 and len(modes) > 1:
         from benchmarks.compare import ratio_ci
 
@@ -99,13 +99,14 @@ def main() -> None:
             print(f"{mode:16s} {med:.3f} [{lo:.3f}, {hi:.3f}]")
 
 
-def in_turns(args: argparse.Namespace, data: ImageArrays, modes: list[str]) -> dict[str, list]:
+def steady_in_turns(
+    args: argparse.Namespace, data: ImageArrays, modes: list[str]
+) -> dict[str, list]:
     """Each mode's steady seconds per epoch (the median past the first epoch), once per repeat,
     the modes run in an order that rotates every repeat; each run printed as it ends."""
     steady: dict[str, list[float]] = {mode: [] for mode in modes}
-    for r in range(args.repeats):
-        k = r % len(modes)
-        for mode in modes[k:] + modes[:k]:
+    for r, order in rotations(modes, args.repeats):
+        for mode in order:
             torch.manual_seed(args.seed)  # the same model, inputs and sample order in every mode
             secs, first, outcome = run_mode(args, data, mode)
             steady[mode].append(float(np.median(secs[1:] or secs)))

@@ -15,6 +15,7 @@ __all__ = [
     "graphed",
     "median_ms",
     "seconds",
+    "rotations",
     "in_turns",
     "header",
     "one_read_kernels_off",
@@ -62,6 +63,19 @@ def seconds(fn: Callable[[], object], cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
+def rotations(names: list[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """(round, the order of ``names`` in it) for ``rounds`` rounds, the order rotating by one each
+    round: no name always comes after the same one.
+
+    Example:
+        >>> [order for _, order in rotations(["a", "b"], 3)]
+        [['a', 'b'], ['b', 'a'], ['a', 'b']]
+    """
+    for r in range(rounds):
+        k = r % len(names)
+        yield r, names[k:] + names[:k]
+
+
 def in_turns(
     methods: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
 ) -> dict[str, list[float]]:
@@ -76,11 +90,9 @@ def in_turns(
         (['a', 'b'], [2, 2])
     """
     cuda = device().type == "cuda"
-    names = list(methods)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds + warmup):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for r, order in rotations(list(methods), rounds + warmup):
+        for name in order:
             took = seconds(methods[name], cuda)
             if r >= warmup:
                 times[name].append(took)

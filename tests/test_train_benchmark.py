@@ -24,7 +24,7 @@ def test_modes_run_in_turns_whose_order_rotates(monkeypatch, capsys):
     monkeypatch.setattr(
         bench, "run_mode", lambda args, data, mode: ran.append(mode) or (secs[mode], "", "ok")
     )
-    steady = bench.in_turns(_args(3), None, ["eager", "minimal", "graph"])
+    steady = bench.steady_in_turns(_args(3), None, ["eager", "minimal", "graph"])
     assert ran == [
         *["eager", "minimal", "graph"],
         *["minimal", "graph", "eager"],
@@ -38,7 +38,7 @@ def test_modes_run_in_turns_whose_order_rotates(monkeypatch, capsys):
 def test_one_run_gives_each_mode_against_the_first(monkeypatch, capsys):
     secs = {"eager": [5.0, 2.0], "minimal": [5.0, 1.0]}
     monkeypatch.setattr(bench, "run_mode", lambda args, data, mode: (secs[mode], "", "ok"))
-    bench.in_turns(_args(1), None, ["eager", "minimal"])
+    bench.steady_in_turns(_args(1), None, ["eager", "minimal"])
     out = capsys.readouterr().out
     assert "0.50x eager" in out and "repeat" not in out
 
@@ -53,7 +53,7 @@ def test_one_run_gives_each_mode_against_the_first(monkeypatch, capsys):
 )
 def test_bad_arguments_are_refused_before_any_run(monkeypatch, capsys, argv, says):
     monkeypatch.setattr(sys, "argv", ["bench_train", *argv])
-    monkeypatch.setattr(bench, "in_turns", lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(bench, "steady_in_turns", lambda *a: pytest.fail("ran"))
     with pytest.raises(SystemExit) as e:
         bench.main()
     assert e.value.code == 2 and says in capsys.readouterr().err
