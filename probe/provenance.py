@@ -8,7 +8,13 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["library_versions", "code_revision", "command_line"]
+__all__ = ["library_versions", "code_revision", "command_line", "FORMULA_KEYS"]
+
+# The runtime settings that say which formulas took the statistics, per device (a capture's
+# provenance, probe.runtime.statistics_formulas; a join of shards names each rank's where they
+# differ, probe.store.shards). Here, not in probe.runtime, which loads torch: joining shards
+# loads none.
+FORMULA_KEYS = ("cpu_statistics", "cuda_statistics")
 
 _PACKAGES = ("resprobe", "torch", "numpy", "h5py", "safetensors", "scipy", "einops", "numba")
 

@@ -22,6 +22,7 @@ import os
 import torch
 
 from probe.errors import ProbeError
+from probe.provenance import FORMULA_KEYS
 
 __all__ = [
     "choose_threads",
@@ -128,11 +129,6 @@ def runtime_settings() -> dict:
         "allocator_tuned": _allocator["tuned"],
         **statistics_formulas(),
     }
-
-
-# The runtime settings that say which formulas took the statistics, per device (a capture's
-# provenance; a join of shards names each rank's where they differ, probe.store.shards).
-FORMULA_KEYS = ("cpu_statistics", "cuda_statistics")
 
 
 def statistics_formulas() -> dict[str, str]:

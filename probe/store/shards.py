@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from probe.errors import ProbeError
-from probe.runtime import FORMULA_KEYS
+from probe.provenance import FORMULA_KEYS
 from probe.store.reader import H5Capture
 from probe.store.schema import LAYERS, attrs_digest, check_schema, read_attrs
 from probe.tempfiles import atomic_path

@@ -1,6 +1,6 @@
-"""The command line answers --help and argument errors without loading torch (~2 s), a capture
-loads no table or plotting library, and the lazily loaded top-level names of ``import probe`` are
-the ones its type-checking imports name."""
+"""The command line answers --help and argument errors, and joins shards, without loading torch
+(~2 s), a capture loads no table or plotting library, and the lazily loaded top-level names of
+``import probe`` are the ones its type-checking imports name."""
 
 import ast
 import subprocess
@@ -134,3 +134,26 @@ def test_lazy_names_match_the_type_checking_imports(package):
 def test_a_submodule_imported_first_does_not_hide_the_function_of_its_name():
     code = "import probe.capture, probe; print(callable(probe.capture), probe.capture.__module__)"
     assert _fresh(code) == "True probe.capture"
+
+
+def test_joining_shards_loads_no_torch(tmp_path):
+    import torch
+
+    model = probe.zoo.create("resnet8", in_channels=1, width=4).eval()
+    x, y = torch.randn(6, 1, 8, 8), torch.zeros(6, dtype=torch.long)
+    parts = []
+    for rank, (a, b) in enumerate([(0, 3), (3, 6)]):
+        parts.append(tmp_path / f"rank{rank}.h5")
+        probe.capture(
+            model, [(x[a:b], y[a:b])], probes=["residual"], out=parts[-1], shard=(rank, 2),
+            sample_offset=a,
+        ).close()  # fmt: skip
+    code = f"""
+import sys
+from click.testing import CliRunner
+from probe.cli.main import cli
+result = CliRunner().invoke(cli, ["join", {str(tmp_path / "all.h5")!r}, *{list(map(str, parts))!r}])
+assert result.exit_code == 0 and "joined 2 shards" in result.output, result.output
+print("torch" in sys.modules)
+"""
+    assert _fresh(code) == "False"
